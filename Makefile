@@ -1,0 +1,41 @@
+# flf2v: `make demo` (tiny random checkpoint -> engines -> video) and `make test` on a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo
+CKPT ?= $(DEMO)/ckpt
+PRESET ?= 720p
+PRECISION ?= bf16
+ENGINES ?=
+
+.PHONY: setup test demo engines bench clean
+
+setup: $(VENV)/.installed
+
+# CPU machines get the CPU build of torch from local wheels (plain `torch` would pull a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/flf2v-make-tiny $(CKPT) --frames $(DEMO)
+	$(VENV)/bin/flf2v-run --ckpt_dir $(CKPT) --first_frame $(DEMO)/first.png --last_frame $(DEMO)/last.png \
+	  --prompt "A red ball rolls across a wooden table" --base_seed 42 --frame_num 9 --size 64*64 \
+	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
+
+engines: setup
+	@test -n "$(CKPT)" || { echo "make engines: set CKPT=<checkpoint dir>"; exit 2; }
+	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) --preset $(PRESET) --precision $(PRECISION) $(if $(ENGINES),--out $(ENGINES))
+
+bench: setup
+	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results
+	$(VENV)/bin/flf2v-bench --preset small --out bench/results
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

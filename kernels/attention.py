@@ -1,0 +1,331 @@
+"""Fused Wan self-attention in Triton: RMSNorm(q), RMSNorm(k) over the full model dim and the 3D RoPE
+are applied as q/k tiles load, then flash attention with an online softmax and fp32 accumulators.
+
+    q, k, v [B, L, dim] raw Linear outputs, dim = H * D
+      -> _rms_stats_kernel    rstd[b, l] = 1 / sqrt(mean_c x[b, l, c]^2 + eps), fp32, for q and for k
+                              (a pre-pass: the norm spans all heads, a (token, head) tile cannot see it)
+      -> _self_attn_fwd_kernel, one program per (query block, batch * head):
+            q tile = rope(norm(q tile)), each k tile likewise as it loads (NORM_K) or read from a
+            k normed and rotated once by _norm_rope_kernel (fuse_k=False), online softmax in fp32.
+The only extra memory is rstd (2 * B * L fp32) with fuse_k; fuse_k=False also writes one normed k.
+
+Cast points follow the official WanRMSNorm and rope_apply (and `wan_self_attention_ref` below):
+  n = (x.float() * rstd).to(x.dtype) * w     (stays fp32 when w is fp32, like torch's type promotion)
+  x' = rope(n.float()).to(x.dtype)           (RoPE in fp32; the official code uses fp64 here)
+then softmax(q' k'^T / sqrt(D)) v with fp32 scores, P rounded to v's dtype for the second matmul.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Decided when this module is imported, like triton.jit itself decides.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(P, stride_l, offs_l, L, offs_c, MASK: tl.constexpr):
+    """Rows offs_l (masked against L when MASK) and columns offs_c of a row-major tile."""
+    ptrs = P + offs_l[:, None] * stride_l + offs_c[None, :]
+    if MASK:
+        x = tl.load(ptrs, mask=offs_l[:, None] < L, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_norm_rope(X, stride_xl, R, W, COS, SIN, offs_l, L, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
+    """One head's [BLOCK, HEAD_DIM] tile of x, RMS-normed with rstd R, weighted by W and rotated."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x = _load_rows(X, stride_xl, offs_l, L, tl.arange(0, HEAD_DIM), MASK)
+    cos = _load_rows(COS, HALF, offs_l, L, tl.arange(0, HALF), MASK)
+    sin = _load_rows(SIN, HALF, offs_l, L, tl.arange(0, HALF), MASK)
+    rstd = tl.load(R + offs_l, mask=offs_l < L, other=0.0)
+    w = tl.load(W + tl.arange(0, HEAD_DIM))
+    # Rounded to x's dtype before the weight, as WanRMSNorm's `.type_as(x) * weight`.
+    n = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype) * w[None, :]).to(tl.float32)
+    BLOCK: tl.constexpr = x.shape[0]
+    ne, no = tl.split(tl.reshape(n, (BLOCK, HALF, 2)))
+    y = tl.join(ne * cos - no * sin, ne * sin + no * cos)
+    return tl.reshape(y, (BLOCK, HEAD_DIM)).to(x.dtype)
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, L, QK_SCALE: tl.constexpr, MASK: tl.constexpr):
+    """Fold one key block into the running (acc, row max m_i, row sum l_i); scores in log2 units."""
+    s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+    if MASK:
+        s = tl.where(offs_n[None, :] < L, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+    p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32x3")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _self_attn_range(acc, m_i, l_i, q, K, V, stride_kl, stride_vl, RK, WK, COS, SIN, L, lo, hi,
+                     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NORM_K: tl.constexpr, MASK: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if NORM_K:
+            k = _load_norm_rope(K, stride_kl, RK, WK, COS, SIN, offs_n, L, HEAD_DIM, MASK)
+        else:
+            k = _load_rows(K, stride_kl, offs_n, L, offs_d, MASK)
+        v = _load_rows(V, stride_vl, offs_n, L, offs_d, MASK)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, L, QK_SCALE, MASK)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _self_attn_fwd_kernel(
+    Q, K, V, WQ, WK, COS, SIN, RQ, RK,  # inputs first, scalars, then outputs: TensorRT's AOT order
+    L, H, stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
+    Out,
+    QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, NORM_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    col = (pid_bh % H) * HEAD_DIM
+    Q += b * stride_qb + col
+    K += b * stride_kb + col
+    V += b * stride_vb + col
+    RQ += b * L
+    RK += b * L
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_norm_rope(Q, stride_ql, RQ, WQ + col, COS, SIN, offs_m, L, HEAD_DIM, True)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Full key blocks without masks, then the ragged tail (75,600 is no multiple of any block).
+    n_full = (L // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _self_attn_range(acc, m_i, l_i, q, K, V, stride_kl, stride_vl, RK, WK + col, COS, SIN,
+                                     L, 0, n_full, QK_SCALE, HEAD_DIM, BLOCK_N, NORM_K, False)
+    acc, m_i, l_i = _self_attn_range(acc, m_i, l_i, q, K, V, stride_kl, stride_vl, RK, WK + col, COS, SIN,
+                                     L, n_full, L, QK_SCALE, HEAD_DIM, BLOCK_N, NORM_K, True)
+
+    dim = H * HEAD_DIM
+    out = acc / l_i[:, None]
+    O = Out + b * L * dim + col + offs_m[:, None] * dim + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(O, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < L)
+
+
+@triton.jit
+def _rms_stats_kernel(X, L, C, stride_xb, stride_xl, R, EPS: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.arange(0, BLOCK_C)
+    X += b * stride_xb
+    ss = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        mask = (offs_l[:, None] < L) & (c0 + offs_c[None, :] < C)
+        x = tl.load(X + offs_l[:, None] * stride_xl + c0 + offs_c[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        ss += x * x
+    ms = tl.sum(ss, 1) / C
+    tl.store(R + b * L + offs_l, tl.div_rn(1.0, tl.sqrt_rn(ms + EPS)), mask=offs_l < L)
+
+
+@triton.jit
+def _norm_rope_kernel(X, W, COS, SIN, R, L, H, stride_xb, stride_xl, Out,
+                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    col = (pid_bh % H) * HEAD_DIM
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    y = _load_norm_rope(X + b * stride_xb + col, stride_xl, R + b * L, W + col, COS, SIN, offs_l, L,
+                        HEAD_DIM, True)
+    dim = H * HEAD_DIM
+    O = Out + b * L * dim + col + offs_l[:, None] * dim + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(O, y, mask=offs_l[:, None] < L)
+
+
+# ---- autotune configs -----------------------------------------------------------------------------
+
+# Hopper (H100/H200): 128-row query tiles (one wgmma M per warpgroup), 64/128-key tiles, 2-4 stage
+# cp.async pipelines; 8 warps only with big tiles. All fit the 227 KB of shared memory in bf16/fp16
+# (checked by compiling for sm_90); fp32 (the check path) drops to the configs that fit.
+SELF_ATTN_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4))
+    for s in (2, 3, 4)
+]
+# The interpreter runs one program at a time in numpy: small blocks, one config, no tuning.
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+_self_attn_fwd = triton.autotune(
+    configs=[INTERPRET_CONFIG] if INTERPRET else SELF_ATTN_CONFIGS,
+    key=["L", "HEAD_DIM", "NORM_K"],
+)(_self_attn_fwd_kernel)
+
+
+# ---- host wrappers --------------------------------------------------------------------------------
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Same device for all; CUDA, or CPU when the kernels were built by the Triton interpreter."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type == "cuda" or (dev.type == "cpu" and INTERPRET):
+        return
+    raise RuntimeError(f"flf2v Triton kernels need CUDA tensors, got device {dev}; on CPU they run only "
+                       f"through the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                       f"flf2v.kernels (slow, for tests)")
+
+
+def check_heads(name: str, x: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
+    """x must be [B, L, dim] of `shape` (None entries free), unit stride along dim, in `dtype`."""
+    if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
+        raise ValueError(f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, "
+                         f"got {tuple(x.shape)}")
+    if x.dtype not in DTYPES or (dtype is not None and x.dtype != dtype):
+        raise ValueError(f"{name} must be {dtype or 'float16, bfloat16 or float32'}, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous along its last dim, got strides {x.stride()}")
+
+
+def head_dim_of(dim: int, num_heads: int) -> int:
+    if num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    d = dim // num_heads
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 (tl.arange, tl.dot), got {d}")
+    return d
+
+
+def check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_heads) -> int:
+    """Shape/dtype/stride checks (metadata only: also run on fake tensors); returns num_heads."""
+    check_heads("q", q, (None, None, None))
+    b, s, dim = q.shape
+    check_heads("k", k, (b, s, dim), q.dtype)
+    check_heads("v", v, (b, s, dim), q.dtype)
+    for name, w in (("norm_q_weight", norm_q_weight), ("norm_k_weight", norm_k_weight)):
+        if w.shape != (dim,) or w.dtype not in (q.dtype, torch.float32) or not w.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [{dim}] tensor in {q.dtype} or float32, got "
+                             f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
+    if cos.dim() != 2 or cos.shape[0] != s:
+        raise ValueError(f"cos must be [L={s}, head_dim/2], got {tuple(cos.shape)}")
+    if num_heads is None:
+        num_heads = dim // (2 * cos.shape[1]) if cos.shape[1] and dim % (2 * cos.shape[1]) == 0 else -1
+    d = head_dim_of(dim, num_heads)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (s, d // 2) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [{s}, {d // 2}] table, got "
+                             f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    return num_heads
+
+
+def new_output(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh output, or `out` checked to be a contiguous buffer of that shape, dtype and device."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if out.shape != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
+    return out
+
+
+def rms_stats(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token inverse RMS over the last dim, in fp32.
+
+    x    [B, L, C]  fp16/bf16/fp32, unit stride along C
+    out  [B, L]     fp32: 1 / sqrt(mean_c x^2 + eps)
+    """
+    check_heads("x", x, (None, None, None))
+    check_device(x)
+    b, s, c = x.shape
+    out = new_output(out, (b, s), torch.float32, x.device)
+    block_l, block_c = (16, 64) if INTERPRET else (16, 256)
+    _rms_stats_kernel[(triton.cdiv(s, block_l), b)](x, s, c, x.stride(0), x.stride(1), out, EPS=float(eps),
+                                                   BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def norm_rope(x, rstd, weight, cos, sin, num_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS-normed (given rstd), weighted and rotated x, materialised in x's dtype.
+
+    x [B, L, dim], rstd [B, L] fp32, weight [dim], cos/sin [L, head_dim/2] fp32 -> [B, L, dim]
+    """
+    num_heads = check_self_attention(x, x, x, weight, weight, cos, sin, num_heads)
+    if rstd.shape != x.shape[:2] or rstd.dtype != torch.float32 or not rstd.is_contiguous():
+        raise ValueError(f"rstd must be a contiguous float32 {tuple(x.shape[:2])} tensor, got "
+                         f"{tuple(rstd.shape)} {rstd.dtype}")
+    check_device(x, rstd, weight, cos, sin)
+    b, s, dim = x.shape
+    out = new_output(out, x.shape, x.dtype, x.device)
+    block_l = 16 if INTERPRET else 64
+    _norm_rope_kernel[(triton.cdiv(s, block_l), b * num_heads)](
+        x, weight, cos, sin, rstd, s, num_heads, x.stride(0), x.stride(1), out,
+        HEAD_DIM=dim // num_heads, BLOCK_L=block_l, num_warps=4)
+    return out
+
+
+def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: float,
+                       num_heads: int | None = None, *, fuse_k: bool = True,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Wan self-attention from the raw projections, RMSNorm and RoPE fused into the attention kernel.
+
+    q, k, v         [B, L, dim]     raw q/k/v Linear outputs (bias included), fp16/bf16/fp32,
+                                    unit stride along dim (any batch/token strides)
+    norm_q_weight,  [dim]           RMSNorm weights (norm over the full dim, across heads), in q's
+    norm_k_weight                   dtype or fp32
+    cos, sin        [L, D/2]        fp32 RoPE tables; pair i rotates channels (2i, 2i+1) of each head
+    num_heads       H               dim = H * D; None: D = 2 * cos.shape[1]
+    fuse_k          True: k tiles are normed and rotated as they load (no copy of k); False: one
+                    pre-pass writes the normed, rotated k (benchmark both on the target GPU)
+    returns         [B, L, dim]     softmax(q' k'^T / sqrt(D)) v in q's dtype, heads concatenated
+    """
+    num_heads = check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_heads)
+    check_device(q, k, v, norm_q_weight, norm_k_weight, cos, sin)
+    b, s, dim = q.shape
+    d = dim // num_heads
+    rq, rk = rms_stats(q, eps), rms_stats(k, eps)
+    if not fuse_k:
+        k = norm_rope(k, rk, norm_k_weight, cos, sin, num_heads)
+    out = new_output(out, q.shape, q.dtype, q.device)
+
+    def grid(meta):
+        return triton.cdiv(s, meta["BLOCK_M"]), b * num_heads
+
+    _self_attn_fwd[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
+                         s, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                         out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=fuse_k)
+    return out
+
+
+# ---- reference ------------------------------------------------------------------------------------
+
+def wan_self_attention_ref(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: float,
+                           num_heads: int | None = None) -> torch.Tensor:
+    """PyTorch reference of `wan_self_attention` (same arguments, same cast points)."""
+    b, s, dim = q.shape
+    d = 2 * cos.shape[1] if num_heads is None else dim // num_heads
+
+    def norm_rope_ref(x, w):
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+        ne, no = n.float().view(b, s, dim // d, d // 2, 2).unbind(-1)
+        c, sn = cos.view(1, s, 1, d // 2), sin.view(1, s, 1, d // 2)
+        return torch.stack([ne * c - no * sn, ne * sn + no * c], -1).flatten(3).to(x.dtype).transpose(1, 2)
+
+    qh, kh = norm_rope_ref(q, norm_q_weight), norm_rope_ref(k, norm_k_weight)
+    vh = v.view(b, s, dim // d, d).transpose(1, 2)
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, s, dim)

@@ -1,0 +1,186 @@
+"""Frozen configs for the four Wan2.1 networks, bundled into named presets.
+
+`flf2v-14B` and `i2v-14B` carry the real dimensions (the DiT part is re-read from a checkpoint's
+config.json when one is given); `tiny` keeps every structural choice of the real model (z_dim 16,
+in_dim 36, VAE dim_mult [1,2,4,4], per-layer T5 position bias, penultimate CLIP features) at toy
+widths so tests and the demo run in seconds on a CPU; `small` is wide enough that the DiT dominates
+a CPU run, for benchmarks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    model_type: str = "flf2v"  # "flf2v" (2 CLIP frames, learned emb_pos) or "i2v" (1 frame)
+    in_dim: int = 36  # 16 noise + 4 mask + 16 VAE latent channels
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096  # width of the T5 features (absent from the real config.json)
+    clip_dim: int = 1280  # width of the CLIP features fed to img_emb
+    out_dim: int = 16
+    num_heads: int = 40
+    num_layers: int = 40
+    text_len: int = 512
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    rope_max_pos: int = 1024
+    rope_theta: float = 10000.0
+    num_train_timesteps: int = 1000
+    # derived
+    head_dim: int = field(init=False)
+    rope_split: tuple[int, int, int] = field(init=False)  # complex pairs for (frame, height, width)
+    clip_tokens: int = field(init=False)  # image tokens prepended to the text context
+
+    def __post_init__(self):
+        if self.model_type not in ("flf2v", "i2v"):
+            raise ValueError(f"model_type must be 'flf2v' or 'i2v', got {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        d = self.dim // self.num_heads
+        if d % 2:
+            raise ValueError(f"head_dim {d} must be even for RoPE")
+        object.__setattr__(self, "head_dim", d)
+        # Wan splits the head dim as d - 4*(d//6), 2*(d//6), 2*(d//6) real channels: 44/42/42 for 128.
+        object.__setattr__(self, "rope_split", ((d - 4 * (d // 6)) // 2, d // 6, d // 6))
+        object.__setattr__(self, "clip_tokens", 257 * (2 if self.model_type == "flf2v" else 1))
+
+    @classmethod
+    def from_json_dict(cls, d: dict, base: "DiTConfig | None" = None) -> "DiTConfig":
+        """Config from an official config.json; keys it lacks come from `base` (or the defaults)."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        base = base or cls()
+        return dataclasses.replace(base, **kw)
+
+    def to_json_dict(self) -> dict:
+        """The official config.json keys (plus text_dim/clip_dim when they differ from the real model)."""
+        d = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": self.model_type,
+             "in_dim": self.in_dim, "dim": self.dim, "ffn_dim": self.ffn_dim, "freq_dim": self.freq_dim,
+             "out_dim": self.out_dim, "num_heads": self.num_heads, "num_layers": self.num_layers,
+             "text_len": self.text_len, "eps": self.eps, "patch_size": list(self.patch_size),
+             "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
+        if self.text_dim != 4096:
+            d["text_dim"] = self.text_dim
+        if self.clip_dim != 1280:
+            d["clip_dim"] = self.clip_dim
+        return d
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    ffn_dim: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    text_len: int = 512
+    eps: float = 1e-6
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.dim_attn % self.num_heads:
+            raise ValueError(f"dim_attn {self.dim_attn} is not divisible by num_heads {self.num_heads}")
+        object.__setattr__(self, "head_dim", self.dim_attn // self.num_heads)
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: int = 4
+    num_heads: int = 16
+    num_layers: int = 32  # the runtime runs num_layers - 1 of them: it takes penultimate features
+    out_dim: int = 1024  # projection head width (stored in the checkpoint, unused for video)
+    eps: float = 1e-5
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    num_patches: int = field(init=False)
+    num_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        n = (self.image_size // self.patch_size) ** 2
+        object.__setattr__(self, "num_patches", n)
+        object.__setattr__(self, "num_tokens", n + 1)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)  # official spelling
+    mean: tuple[float, ...] = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+    std: tuple[float, ...] = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+    stride: tuple[int, int, int] = field(init=False)  # (time, height, width) compression
+
+    def __post_init__(self):
+        if len(self.mean) != self.z_dim or len(self.std) != self.z_dim:
+            raise ValueError(f"mean/std need z_dim={self.z_dim} entries")
+        t = 2 ** sum(self.temperal_downsample)
+        s = 2 ** (len(self.dim_mult) - 1)
+        object.__setattr__(self, "stride", (t, s, s))
+
+
+# Output sizes ("W*H", the official --size spelling) each preset accepts.
+SIZES_14B = ("1280*720", "720*1280", "832*480", "480*832", "1024*1024")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dit: DiTConfig
+    t5: T5Config
+    clip: CLIPConfig
+    vae: VAEConfig
+    sizes: tuple[str, ...]
+    default_size: str
+    frame_num: int = 81
+    sample_steps: int = 50
+    sample_shift: float = 16.0
+    sample_guide_scale: float = 5.0
+
+
+def _tiny_parts(model_type: str):
+    dit = DiTConfig(model_type=model_type, dim=64, ffn_dim=128, text_dim=32, clip_dim=64, num_heads=2,
+                    num_layers=2)
+    t5 = T5Config(vocab=384, dim=32, dim_attn=32, ffn_dim=64, num_heads=4, num_layers=2)
+    clip = CLIPConfig(dim=64, num_heads=4, num_layers=3, out_dim=32)
+    vae = VAEConfig(dim=8)
+    return dit, t5, clip, vae
+
+
+PRESETS: dict[str, Preset] = {
+    "flf2v-14B": Preset("flf2v-14B", DiTConfig(model_type="flf2v"), T5Config(), CLIPConfig(), VAEConfig(),
+                        SIZES_14B, "1280*720"),
+    "i2v-14B": Preset("i2v-14B", DiTConfig(model_type="i2v"), T5Config(), CLIPConfig(), VAEConfig(),
+                      SIZES_14B, "1280*720", sample_steps=40, sample_shift=5.0),
+    "tiny": Preset("tiny", *_tiny_parts("flf2v"), sizes=("64*64", "96*64", "64*96"), default_size="64*64",
+                   frame_num=9, sample_steps=4),
+    "tiny-i2v": Preset("tiny-i2v", *_tiny_parts("i2v"), sizes=("64*64", "96*64", "64*96"),
+                       default_size="64*64", frame_num=9, sample_steps=4),
+    "small": Preset("small", DiTConfig(dim=512, ffn_dim=1536, text_dim=256, clip_dim=256, num_heads=4,
+                                       num_layers=4),
+                    T5Config(vocab=384, dim=256, dim_attn=256, ffn_dim=512, num_heads=4, num_layers=2),
+                    CLIPConfig(dim=256, num_heads=4, num_layers=3, out_dim=128), VAEConfig(dim=16),
+                    sizes=("256*144", "144*256", "128*128"), default_size="256*144", frame_num=17,
+                    sample_steps=10),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,156 @@
+"""`flf2v-make-tiny CKPT_DIR`: a complete checkpoint directory with random weights, in the official layout.
+
+Same file names, key names and formats as Wan2.1-FLF2V-14B-720P (config.json + sharded fp32 safetensors
+with an index, bf16 umT5 `.pth`, CLIP `.pth` holding both towers, fp32 VAE `.pth`, tokenizer folders),
+so tests and the demo always run the real loading code. The directory is written under a temporary
+name and renamed when complete: a crash never leaves something that looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import checkpoint as ck
+from .config import PRESETS, get_preset
+
+
+def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Seeded random weights of a sensible scale; norm gains and biases are randomised too, so that
+    a loader or a network that ignores them cannot pass a parity test."""
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        with torch.no_grad():
+            r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if leaf == "bias":
+                v = 0.02 * r
+            elif leaf == "gamma" or (p.ndim == 1 and "norm" in name) or (p.ndim == 1 and leaf == "weight"):
+                v = 1.0 + 0.1 * r
+            elif leaf in ("modulation", "emb_pos", "cls_embedding", "pos_embedding"):
+                v = 0.1 * r
+            elif p.ndim >= 2:
+                v = r / math.sqrt(p[0].numel())
+            else:
+                v = 1.0 + 0.1 * r
+            p.copy_(v.to(p.dtype))
+    return module
+
+
+def _split_shards(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    keys = list(sd)
+    per = math.ceil(len(keys) / n)
+    return [{k: sd[k].contiguous() for k in keys[i * per:(i + 1) * per]} for i in range(n)]
+
+
+def write_dit(out: Path, model: torch.nn.Module, cfg_json: dict, shards: int = 3) -> None:
+    (out / ck.DIT_CONFIG).write_text(json.dumps(cfg_json, indent=2))
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    parts = _split_shards(sd, shards)
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(parts):05d}.safetensors"
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (out / ck.DIT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2))
+
+
+def clip_file_state(visual: torch.nn.Module, cfg, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The official CLIP `.pth` holds the whole XLM-R/ViT-H CLIP: the visual tower (including its last
+    block, post-norm and head, which video generation skips), the text tower and `log_scale`."""
+    sd = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    last = cfg.num_layers - 1
+    for k, v in visual.state_dict().items():
+        if k.startswith("transformer.0."):
+            sd[f"visual.transformer.{last}." + k[len("transformer.0."):]] = torch.randn(v.shape, generator=gen)
+    sd["visual.post_norm.weight"] = torch.ones(cfg.dim)
+    sd["visual.post_norm.bias"] = torch.zeros(cfg.dim)
+    sd["visual.head"] = torch.randn(cfg.dim, cfg.out_dim, generator=gen) / math.sqrt(cfg.dim)
+    sd["textual.token_embedding.weight"] = torch.randn(16, 8, generator=gen)
+    sd["textual.head.0.weight"] = torch.randn(cfg.out_dim, 8, generator=gen)
+    sd["log_scale"] = torch.tensor(math.log(1 / 0.07))
+    return sd
+
+
+def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+    from .clip import CLIPVisual
+    from .dit import WanDiT
+    from .t5 import UMT5Encoder
+    from .tokenizer import write_tiny_tokenizer
+    from .vae import WanVAE
+
+    p = get_preset(preset)
+    if p.t5.vocab > 100_000:
+        raise ValueError(f"preset {preset!r} is full size; flf2v-make-tiny writes small test checkpoints only")
+    dest = Path(ckpt_dir)
+    gen = torch.Generator().manual_seed(seed)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write_dit(tmp, randomize_(WanDiT(p.dit), gen), p.dit.to_json_dict())
+        t5 = randomize_(UMT5Encoder(p.t5), gen)
+        torch.save({k: v.to(torch.bfloat16) for k, v in t5.state_dict().items()}, tmp / ck.T5_FILE)
+        write_tiny_tokenizer(tmp / ck.T5_TOKENIZER, p.t5.vocab)
+        write_tiny_tokenizer(tmp / ck.CLIP_TOKENIZER, p.t5.vocab)  # unused for video; kept for the layout
+        visual = randomize_(CLIPVisual(p.clip), gen)
+        torch.save(clip_file_state(visual, p.clip, gen), tmp / ck.CLIP_FILE)
+        torch.save(randomize_(WanVAE(p.vae), gen).state_dict(), tmp / ck.VAE_FILE)
+        (tmp / "flf2v_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_demo_frames(folder: str | os.PathLike, size: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
+    """Two sample frames for the demo: a red ball on a wooden-coloured table, left then right."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    paths = []
+    for name, cx in (("first.png", w // 4), ("last.png", 3 * w // 4)):
+        im = Image.new("RGB", size, (150, 111, 51))
+        d = ImageDraw.Draw(im)
+        d.rectangle([0, 0, w, h // 3], fill=(200, 220, 240))
+        r = h // 8
+        d.ellipse([cx - r, h // 2 - r, cx + r, h // 2 + r], fill=(210, 30, 30))
+        im.save(folder / name)
+        paths.append(folder / name)
+    return paths[0], paths[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flf2v-make-tiny", description=__doc__.split("\n")[0])
+    ap.add_argument("ckpt_dir", help="directory to write (replaced if it holds an earlier tiny checkpoint)")
+    ap.add_argument("--preset", default="tiny", choices=[k for k, v in PRESETS.items() if v.t5.vocab < 100_000])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frames", default=None, help="also write two sample frames first.png/last.png here")
+    args = ap.parse_args(argv)
+    dest = Path(args.ckpt_dir)
+    if dest.exists() and not (dest / "flf2v_tiny.json").exists() and any(dest.iterdir()):
+        print(f"flf2v-make-tiny: error: {dest} exists and is not a tiny checkpoint written by this tool; "
+              f"choose an empty or new directory", file=sys.stderr)
+        return 2
+    write_tiny_checkpoint(dest, args.preset, args.seed)
+    if args.frames:
+        write_demo_frames(args.frames)
+    print(f"wrote {args.preset} checkpoint (random weights, seed {args.seed}) to {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

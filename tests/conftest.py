@@ -1,0 +1,38 @@
+import os
+
+# The Triton interpreter must be chosen before triton is first imported anywhere in the session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (TensorRT, compiled Triton or CUDA graphs)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A complete tiny FLF2V checkpoint in the official layout (random weights, seed 0)."""
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.1-FLF2V-tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_frames(tmp_path_factory):
+    from flf2v.models.make_tiny import write_demo_frames
+    return write_demo_frames(tmp_path_factory.mktemp("frames"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error / max |b|) of a against the reference b."""
+    a, b = a.double(), b.double()
+    err = (a - b).abs().max().item()
+    return err, err / max(b.abs().max().item(), 1e-30)

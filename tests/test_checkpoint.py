@@ -1,0 +1,157 @@
+"""Checkpoint layout written by flf2v-make-tiny and the loaders that read it (and refuse bad files)."""
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flf2v.models import checkpoint as ck
+from flf2v.models.config import get_preset
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_official_layout(tiny_ckpt):
+    names = {p.name for p in tiny_ckpt.iterdir()}
+    for f in (ck.DIT_CONFIG, ck.DIT_INDEX, ck.T5_FILE, ck.CLIP_FILE, ck.VAE_FILE, "google", ck.CLIP_TOKENIZER):
+        assert f in names, f"{f} missing from {sorted(names)}"
+    index = json.loads((tiny_ckpt / ck.DIT_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"diffusion_pytorch_model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    cfg = json.loads((tiny_ckpt / ck.DIT_CONFIG).read_text())
+    assert cfg["model_type"] == "flf2v" and cfg["in_dim"] == 36 and cfg["out_dim"] == 16
+    # stored like the official files: DiT fp32, umT5 bf16, CLIP with both towers
+    dit = {}
+    for s in shards:
+        dit.update(load_file(tiny_ckpt / s))
+    assert all(v.dtype == torch.float32 for v in dit.values())
+    assert "img_emb.emb_pos" in dit and "blocks.1.cross_attn.k_img.weight" in dit
+    t5 = torch.load(tiny_ckpt / ck.T5_FILE, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in t5.values()) and "blocks.0.pos_embedding.embedding.weight" in t5
+    clip = torch.load(tiny_ckpt / ck.CLIP_FILE, weights_only=True)
+    assert "log_scale" in clip and any(k.startswith("textual.") for k in clip)
+    assert "visual.transformer.2.attn.to_qkv.weight" in clip  # the last block, unused for video
+
+
+def _assert_same(model, reference: dict, prefix=""):
+    sd = model.state_dict()
+    for k, v in sd.items():
+        ref = reference[prefix + k].to(v.dtype)
+        assert torch.equal(v, ref), f"{k}: loaded tensor differs from the file (max abs {(v - ref).abs().max()})"
+
+
+def test_loaders_read_the_files(tiny_ckpt):
+    index = json.loads((tiny_ckpt / ck.DIT_INDEX).read_text())
+    dit_file = {}
+    for s in set(index["weight_map"].values()):
+        dit_file.update(load_file(tiny_ckpt / s))
+    _assert_same(ck.load_dit(tiny_ckpt), dit_file)
+    _assert_same(ck.load_t5(tiny_ckpt), torch.load(tiny_ckpt / ck.T5_FILE, weights_only=True))
+    _assert_same(ck.load_clip(tiny_ckpt), torch.load(tiny_ckpt / ck.CLIP_FILE, weights_only=True), "visual.")
+    _assert_same(ck.load_vae(tiny_ckpt), torch.load(tiny_ckpt / ck.VAE_FILE, weights_only=True))
+
+
+def test_bf16_load_keeps_fp32_tables(tiny_ckpt):
+    dit = ck.load_dit(tiny_ckpt, torch.bfloat16)
+    assert {p.dtype for p in dit.parameters()} == {torch.bfloat16}
+    assert all(b.dtype in (torch.float32, torch.int64) for b in dit.buffers()), "RoPE/time tables must stay fp32"
+    assert not any(t.is_meta for t in list(dit.parameters()) + list(dit.buffers()))
+
+
+def test_preset_detection(tiny_ckpt):
+    assert ck.preset_for(tiny_ckpt).name == "tiny"
+
+
+def test_make_tiny_is_deterministic(tmp_path):
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    a = write_tiny_checkpoint(tmp_path / "a", seed=3)
+    b = write_tiny_checkpoint(tmp_path / "b", seed=3)
+    for name in (ck.VAE_FILE, ck.T5_FILE):
+        sa, sb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+# -- damaged checkpoints: one clear error naming the file (and key) ------------------------------------
+
+def _shard(ckpt, i=1):
+    return ckpt / f"diffusion_pytorch_model-{i:05d}-of-00003.safetensors"
+
+
+@pytest.mark.parametrize("case", ["missing_t5", "missing_config", "missing_shard", "truncated_shard",
+                                  "wrong_shape", "missing_key", "unexpected_key", "truncated_pth",
+                                  "no_tokenizer"])
+def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    load = ck.load_dit
+    if case == "missing_t5":
+        os.remove(c / ck.T5_FILE); load, match = ck.load_t5, ck.T5_FILE
+    elif case == "missing_config":
+        os.remove(c / ck.DIT_CONFIG); match = "config.json"
+    elif case == "missing_shard":
+        os.remove(_shard(c, 2)); match = "shard .*00002-of-00003.safetensors is listed but missing"
+    elif case == "truncated_shard":
+        data = _shard(c).read_bytes(); _shard(c).write_bytes(data[: len(data) // 2])
+        match = "00001-of-00003.safetensors"
+    elif case in ("wrong_shape", "missing_key", "unexpected_key"):
+        sd = load_file(_shard(c))
+        key = sorted(sd)[0]
+        if case == "wrong_shape":
+            sd[key] = torch.zeros(3, 3); match = f"{key}.*shape"
+        elif case == "missing_key":
+            del sd[key]; match = "index lists"
+        else:
+            sd["blocks.99.extra.weight"] = torch.zeros(2)
+            index = json.loads((c / ck.DIT_INDEX).read_text())
+            index["weight_map"]["blocks.99.extra.weight"] = _shard(c).name
+            (c / ck.DIT_INDEX).write_text(json.dumps(index)); match = "unexpected key 'blocks.99.extra.weight'"
+        save_file(sd, _shard(c))
+    elif case == "truncated_pth":
+        data = (c / ck.VAE_FILE).read_bytes(); (c / ck.VAE_FILE).write_bytes(data[: len(data) // 3])
+        load, match = ck.load_vae, ck.VAE_FILE
+    elif case == "no_tokenizer":
+        shutil.rmtree(c / ck.T5_TOKENIZER); load, match = ck.load_tokenizer, "umt5-xxl"
+    with pytest.raises(ck.CheckpointError, match=match) as e:
+        load(c)
+    assert "\n" not in str(e.value)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_malicious_pth_is_refused(tiny_ckpt, tmp_path, monkeypatch):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    sd = torch.load(c / ck.VAE_FILE, weights_only=True)
+    sd["evil"] = _Payload()
+    with open(c / ck.VAE_FILE, "wb") as f:
+        torch.save(sd, f, pickle_module=pickle)
+    with pytest.raises(ck.CheckpointError, match="refused"):
+        ck.load_vae(c)
+    assert not (tmp_path / "pwned_by_pickle").exists(), "the pickle payload ran"
+
+
+def test_preset_unknown_dims(tiny_ckpt, tmp_path):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    cfg = json.loads((c / ck.DIT_CONFIG).read_text()); cfg["dim"] = 96
+    (c / ck.DIT_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match="no preset has dim=96"):
+        ck.preset_for(c)
+
+
+def test_real_config_json_maps_to_14b():
+    real = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 5120, "eps": 1e-06,
+            "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36, "model_type": "flf2v", "num_heads": 40,
+            "num_layers": 40, "out_dim": 16, "text_len": 512}
+    from flf2v.models.config import DiTConfig
+    cfg = DiTConfig.from_json_dict(real)
+    assert cfg == get_preset("flf2v-14B").dit
+    assert (cfg.head_dim, cfg.rope_split, cfg.clip_tokens) == (128, (22, 21, 21), 514)
