@@ -1,13 +1,18 @@
-"""Fused Wan self-attention in Triton: RMSNorm(q), RMSNorm(k) over the full model dim and the 3D RoPE
-are applied as q/k tiles load, then flash attention with an online softmax and fp32 accumulators.
+"""Fused Wan self-attention in Triton: RMSNorm over the full model dim (across heads), its weight and the
+3D RoPE are applied to q (and optionally k) tiles as they load, then flash attention with an online
+softmax and fp32 accumulators. No normed or rotated copy of q is ever written.
 
     q, k, v [B, L, dim] raw Linear outputs, dim = H * D
       -> _rms_stats_kernel    rstd[b, l] = 1 / sqrt(mean_c x[b, l, c]^2 + eps), fp32, for q and for k
                               (a pre-pass: the norm spans all heads, a (token, head) tile cannot see it)
-      -> _self_attn_fwd_kernel, one program per (query block, batch * head):
-            q tile = rope(norm(q tile)), each k tile likewise as it loads (NORM_K) or read from a
-            k normed and rotated once by _norm_rope_kernel (fuse_k=False), online softmax in fp32.
-The only extra memory is rstd (2 * B * L fp32) with fuse_k; fuse_k=False also writes one normed k.
+      -> _norm_rope_kernel    k' = rope(norm(k)) written once (fuse_k=False, the default), or nothing
+      -> _self_attn_fwd_kernel, one program per (query block, batch * head): q tile = rope(norm(q tile))
+            as it loads; k' tiles loaded, or each raw k tile normed and rotated as it loads (NORM_K,
+            fuse_k=True: no copy of k at all); online softmax in fp32.
+Why fuse_k=False is the default: with NORM_K each of the L/BLOCK_M query blocks redoes the norm/rope of
+every k tile and streams fp32 cos/sin tiles as large as the k and v tiles together (double the bytes per
+key block on a loop that is close to L2-bound on Hopper), and needs ~1/3 more shared memory; writing k'
+once costs one pass over k (~0.5 ms at 720p against ~100+ ms of attention). Measure: bench/kernels.py.
 
 Cast points follow the official WanRMSNorm and rope_apply (and `wan_self_attention_ref` below):
   n = (x.float() * rstd).to(x.dtype) * w     (stays fp32 when w is fp32, like torch's type promotion)
@@ -15,15 +20,14 @@ Cast points follow the official WanRMSNorm and rope_apply (and `wan_self_attenti
 then softmax(q' k'^T / sqrt(D)) v with fp32 scores, P rounded to v's dtype for the second matmul.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Decided when this module is imported, like triton.jit itself decides.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this module is imported.
+INTERPRET = triton.knobs.runtime.interpret
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -159,21 +163,27 @@ def _norm_rope_kernel(X, W, COS, SIN, R, L, H, stride_xb, stride_xl, Out,
 
 # ---- autotune configs -----------------------------------------------------------------------------
 
-# Hopper (H100/H200): 128-row query tiles (one wgmma M per warpgroup), 64/128-key tiles, 2-4 stage
-# cp.async pipelines; 8 warps only with big tiles. All fit the 227 KB of shared memory in bf16/fp16
-# (checked by compiling for sm_90); fp32 (the check path) drops to the configs that fit.
-SELF_ATTN_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4))
-    for s in (2, 3, 4)
-]
-# The interpreter runs one program at a time in numpy: small blocks, one config, no tuning.
-INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+def _configs(*mnws):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in mnws]
 
-_self_attn_fwd = triton.autotune(
-    configs=[INTERPRET_CONFIG] if INTERPRET else SELF_ATTN_CONFIGS,
-    key=["L", "HEAD_DIM", "NORM_K"],
-)(_self_attn_fwd_kernel)
+
+# Hopper (H100/H200), bf16/fp16, checked by compiling for sm_90a on a CPU (trt_plugin.compile_*): 128-row
+# query tiles need 8 warps (4 spill: the fp32 accumulator alone is 128 registers a thread), 2-4 stage
+# cp.async pipelines, shared memory 98-229 KB of the 227 KB. With NORM_K the fp32 cos/sin tiles are
+# pipelined too (131 KB at 128x64x2): configs over the limit fail to launch and the autotuner skips them.
+SELF_ATTN_CONFIGS = _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                             (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2))
+# fp32 is the check path: tf32x3 dots (about fp32 accuracy on tensor cores) in small tiles, untuned.
+FP32_CONFIG = _configs((64, 32, 4, 1))[0]
+# The interpreter runs one program at a time in numpy: small blocks, no tuning.
+INTERPRET_CONFIG = _configs((16, 16, 4, 1))[0]
+
+_self_attn_fwd = triton.autotune(configs=SELF_ATTN_CONFIGS, key=["L", "HEAD_DIM", "NORM_K"])(_self_attn_fwd_kernel)
+
+
+def fixed_config(dtype: torch.dtype) -> triton.Config | None:
+    """The config to launch with when not autotuning (interpreter, fp32), else None."""
+    return INTERPRET_CONFIG if INTERPRET else FP32_CONFIG if dtype == torch.float32 else None
 
 
 # ---- host wrappers --------------------------------------------------------------------------------
@@ -279,7 +289,7 @@ def norm_rope(x, rstd, weight, cos, sin, num_heads: int, out: torch.Tensor | Non
 
 
 def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: float,
-                       num_heads: int | None = None, *, fuse_k: bool = True,
+                       num_heads: int | None = None, *, fuse_k: bool = False,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Wan self-attention from the raw projections, RMSNorm and RoPE fused into the attention kernel.
 
@@ -289,8 +299,10 @@ def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: flo
     norm_k_weight                   dtype or fp32
     cos, sin        [L, D/2]        fp32 RoPE tables; pair i rotates channels (2i, 2i+1) of each head
     num_heads       H               dim = H * D; None: D = 2 * cos.shape[1]
-    fuse_k          True: k tiles are normed and rotated as they load (no copy of k); False: one
-                    pre-pass writes the normed, rotated k (benchmark both on the target GPU)
+    fuse_k          True: k tiles are normed and rotated as they load (no copy of k; every query block
+                    redoes it and streams fp32 cos/sin tiles); False (default): a pre-pass writes the
+                    normed, rotated k once and the key loop is plain flash attention. q is always
+                    normed and rotated inside the attention kernel.
     returns         [B, L, dim]     softmax(q' k'^T / sqrt(D)) v in q's dtype, heads concatenated
     """
     num_heads = check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_heads)
@@ -305,9 +317,12 @@ def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: flo
     def grid(meta):
         return triton.cdiv(s, meta["BLOCK_M"]), b * num_heads
 
-    _self_attn_fwd[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
-                         s, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                         out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=fuse_k)
+    config = fixed_config(q.dtype)
+    kernel = _self_attn_fwd if config is None else _self_attn_fwd_kernel
+    kernel[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
+                 s, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                 out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=fuse_k,
+                 **(config.all_kwargs() if config else {}))
     return out
 
 

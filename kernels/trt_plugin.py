@@ -6,7 +6,8 @@ Plugins in namespace "flf2v", each one Triton kernel compiled to PTX and baked i
 Shapes and cast points are those of torch.ops.flf2v.* (attention.py, cross_attention.py). An AOT plugin
 launches a single kernel, so the RMS statistics of the raw q and k, rstd = 1 / sqrt(mean(x.float()^2) + eps)
 [B, L] fp32, are inputs here: the exporter computes them with standard ops (Cast, Mul, ReduceMean, Add,
-Sqrt, Reciprocal), which TensorRT fuses into one reduction.
+Sqrt, Reciprocal), which TensorRT fuses into one reduction. The plugin normalises and rotates k as its
+tiles load (NORM_K): with a k normed in the graph, TensorRT's own fused attention would do the job.
 
 In ONNX a plugin node has op_type = the plugin name, domain "flf2v" and the attributes num_heads (int),
 plugin_namespace = "flf2v" and aot = 1 (select the AOT implementation). I/O: contiguous tensors, one dtype
@@ -25,8 +26,6 @@ import triton
 from . import attention, cross_attention
 
 _IO_TYPES = "FP16|BF16|FP32"
-# fp32 tiles are twice the size: only the small configs fit shared memory (and fp32 is for checks).
-_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _registered = False
 
 
@@ -46,6 +45,10 @@ def _compile(fn, pointers: dict, constexprs: dict, config: triton.Config, target
     if target is None:
         target = triton.runtime.driver.active.get_current_target()
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if target.arch == 90:
+        # TensorRT hands the PTX to the driver's JIT: Triton would target the newest PTX ISA its ptxas
+        # knows (9.4 with Triton 3.9, CUDA 13.4 drivers); 8.4 has everything sm_90a needs (R550+ drivers).
+        options["ptx_version"] = 84
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
@@ -91,8 +94,8 @@ def aot_ptx(kernel) -> Tuple[bytes, bytes]:
 
 
 def _tactic_config(configs, tactic: int, dtype: str) -> triton.Config:
-    """TensorRT tactic t >= 1 is configs[t - 1]; the default tactic 0 is the first config."""
-    return _FP32_CONFIG if dtype == "fp32" else configs[max(tactic, 1) - 1]
+    """TensorRT tactic t >= 1 is configs[t - 1], the default tactic 0 the first; fp32 has one config."""
+    return attention.FP32_CONFIG if dtype == "fp32" else configs[max(tactic, 1) - 1]
 
 
 # ---- TensorRT registration ------------------------------------------------------------------------

@@ -137,6 +137,7 @@ def make_pipeline(args, device: torch.device):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flf2v.models.checkpoint import CheckpointError
+    from flf2v.runtime.denoise import NumericalError
     from flf2v.runtime.media import InputError, load_image, save_video
 
     t0 = time.perf_counter()
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                               progress=not args.quiet)
         with pipe.times("save"):
             save_video(video, save)
-    except (InputError, CheckpointError) as e:
+    except (InputError, CheckpointError, NumericalError) as e:
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from flf2v.models.clip import preprocess as clip_preprocess
 from flf2v.models.config import Preset
 
+from .denoise import DenoiseLoop
 from .media import InputError, image_to_tensor
 from .scheduler import make_sampler
 
@@ -167,27 +168,8 @@ class Pipeline:
 
     # -----------------------------------------------------------------------------------------------
     def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool):
-        """The 50-step loop. Every step is the same tensor program (`step`) fed with row i of the
-        device-side timestep and coefficient tables: no host sync, no Python work that scales with the
-        video, so the whole step can be captured once and replayed."""
-        dev = x.device
-        timesteps = sampler.timesteps.to(dev)
-        coefs = sampler.coefs.to(dev)
-        state = sampler.init_state(x)
-        ctx = context if cfg_batch == 2 else None
-        clip2 = clip_fea.expand(2, -1, -1) if cfg_batch == 2 else clip_fea
-        y2 = y.expand(2, -1, -1, -1, -1) if cfg_batch == 2 else y
-        denoise = self.backend.denoise
-
-        def step(x, t, coef):
-            if cfg_batch == 2:
-                v_cond, v_uncond = denoise(torch.cat([x, x]), t.expand(2), ctx, clip2, y2).float().chunk(2)
-            else:
-                v_cond = denoise(x, t.expand(1), context[:1], clip2, y2).float()
-                v_uncond = denoise(x, t.expand(1), context[1:], clip2, y2).float()
-            v = v_uncond + guide * (v_cond - v_uncond)
-            return sampler.step(coef, v, x, state)
-
-        for i in tqdm(range(len(timesteps)), desc="denoising", disable=not progress, leave=False):
-            x = step(x, timesteps[i], coefs[i])
-        return x
+        loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch)
+        if x.device.type == "cuda" and getattr(self.backend, "capturable", False):
+            loop.capture()
+        with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
+            return loop.run(bar)

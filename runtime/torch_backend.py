@@ -13,6 +13,7 @@ from flf2v.models.config import Preset
 
 class TorchBackend:
     name = "torch"
+    capturable = True  # the whole denoising step can be recorded as one CUDA graph
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool = False):

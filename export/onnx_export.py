@@ -1,0 +1,224 @@
+"""PyTorch reference networks -> ONNX (dynamo exporter, opset 23, static shapes).
+
+Two routes to the same graph:
+- direct: a real module (small networks, or one handed in by a test) is traced with real sample inputs.
+- streamed: for networks whose weights exceed `STREAM_BYTES` (the 14B DiT, umT5-XXL, CLIP-H), the network
+  is built on the meta device and traced with meta inputs, so no weight is ever materialised; each ONNX
+  initializer then gets a lazy tensor that reads its checkpoint tensor and casts it to the graph dtype
+  only when the external-data file is written, one tensor at a time. Peak memory is one tensor plus the
+  graph structure, whatever the model size. The fixed tables (RoPE, time sinusoid, T5 buckets, VAE
+  mean/std) are built real in `__init__` even under meta; their real values are taken before the module
+  moves to meta and attached the same way.
+Both routes finish with the exporter's own optimizer (fusing RMSNormalization etc.), then `passes.clean`,
+then `passes.check_graph`. Files are written in a private temporary folder beside the destination and
+renamed into place, data file first and graph last, so a killed export never leaves a graph that looks
+finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
+from torch import nn
+
+from flf2v.models import checkpoint as ck
+from flf2v.models.config import Preset
+
+from . import passes
+from .contracts import WEIGHT_PREFIX, Graph, module, sample_inputs
+
+OPSET = 23
+STREAM_BYTES = 1 << 30  # networks with more weight bytes (in the graph dtype) take the streamed route
+EXTERNAL_BYTES = 1 << 30  # direct exports with more initializer bytes store them as external data
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+# ---- networks and their checkpoint tensors --------------------------------------------------------
+
+def build_meta(ckpt_dir, component: str, preset: Preset) -> nn.Module:
+    """The network of `component` on the meta device (fixed tables real on the CPU)."""
+    from flf2v.models.clip import CLIPVisual
+    from flf2v.models.dit import WanDiT
+    from flf2v.models.t5 import UMT5Encoder
+    from flf2v.models.vae import WanVAE
+    with torch.device("meta"):
+        if component == "dit":
+            return WanDiT(ck.read_dit_config(ckpt_dir, preset.dit))
+        return {"t5": lambda: UMT5Encoder(preset.t5), "clip": lambda: CLIPVisual(preset.clip),
+                "vae": lambda: WanVAE(preset.vae)}[component]()
+
+
+def tensor_source(ckpt_dir, component: str) -> dict:
+    """name -> lazy getter of the checkpoint tensors of `component` (keys as the network names them)."""
+    d = Path(ckpt_dir)
+    if component == "dit":
+        return ck.dit_tensor_source(d)
+    if component == "clip":  # the file holds both CLIP towers; the network is the visual one
+        return ck.pth_tensor_source(d / ck.CLIP_FILE, prefix="visual.")
+    return ck.pth_tensor_source(d / {"t5": ck.T5_FILE, "vae": ck.VAE_FILE}[component])
+
+
+def load_component(ckpt_dir, component: str, dtype: torch.dtype, preset: Preset) -> nn.Module:
+    loader = {"dit": ck.load_dit, "t5": ck.load_t5, "clip": ck.load_clip, "vae": ck.load_vae}[component]
+    return loader(ckpt_dir, dtype, preset)
+
+
+def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the state dict once floating tensors are cast to `dtype` (works on meta modules)."""
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in net.state_dict().values())
+
+
+# ---- export routes --------------------------------------------------------------------------------
+
+def _trace(mod: nn.Module, graph: Graph, args, optimize: bool):
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
+                                 input_names=[s.name for s in graph.inputs],
+                                 output_names=[s.name for s in graph.outputs], verbose=False)
+
+
+def export_direct(graph: Graph, mod: nn.Module, folder: Path) -> Path:
+    """Trace a real adapter module (see `contracts.module`) into folder/<graph>.onnx."""
+    prog = _trace(mod, graph, sample_inputs(graph, 0), optimize=True)
+    path = folder / f"{graph.name}.onnx"
+    size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
+    prog.save(path, external_data=size > EXTERNAL_BYTES)
+    return path
+
+
+def _to_meta(net: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Move `net` to meta in place: state-dict floats in `dtype` (as `checkpoint.fill` loads them), the
+    non-persistent buffers in their own dtype. Returns the real values of those buffers by full name."""
+    tables = {}
+    for mod_name, mod in net.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                t = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device="meta")
+                mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+        for name, b in mod._buffers.items():
+            if b is None:
+                continue
+            if name in mod._non_persistent_buffers_set:
+                if b.is_meta:
+                    raise ExportError(f"buffer {prefix}{name} is empty under meta; build fixed tables with "
+                                      f"device='cpu' in __init__")
+                tables[prefix + name] = b.detach().clone()
+                mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+            else:
+                mod._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype,
+                                                 device="meta")
+    return tables
+
+
+def _lazy(get, key: str, dtype: torch.dtype, shape: tuple[int, ...], origin: str) -> ir.LazyTensor:
+    def load() -> TorchTensor:
+        t = get()
+        if tuple(t.shape) != shape:
+            raise ck.CheckpointError(f"{origin}: {key!r} has shape {tuple(t.shape)}, the network needs {shape}")
+        return TorchTensor(t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous())
+    return ir.LazyTensor(load, dtype=from_torch_dtype(dtype), shape=ir.Shape(shape))
+
+
+def _is_empty(value: ir.Value) -> bool:
+    t = value.const_value
+    return t is None or (isinstance(t, TorchTensor) and t.raw.is_meta)
+
+
+def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None) -> Path:
+    """Export without materialising the weights; they stream from the checkpoint (or `source`:
+    key -> getter) into folder/<graph>.onnx.data while the file is written."""
+    dtype = graph.compute_dtype
+    net = build_meta(ckpt_dir, graph.component, preset)
+    source = tensor_source(ckpt_dir, graph.component) if source is None else source
+    sd = net.state_dict()
+    want = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = sorted(set(want) - set(source))
+    if missing:
+        raise ck.CheckpointError(f"{ckpt_dir}: {graph.component} tensor {missing[0]!r} is missing"
+                                 + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tables = _to_meta(net, dtype)
+    mod = module(graph, {graph.component: net})
+    args = [torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in graph.inputs]
+    prog = _trace(mod, graph, args, optimize=False)
+
+    inits = prog.model.graph.initializers
+    for name, value in inits.items():
+        key = name[len(WEIGHT_PREFIX):] if name.startswith(WEIGHT_PREFIX) else name
+        if key in want:
+            to = dtype if sd[key].is_floating_point() else sd[key].dtype
+            value.const_value = _lazy(source[key], key, to, want[key], str(ckpt_dir))
+        elif key in tables:
+            value.const_value = TorchTensor(tables[key], name)
+    meta = [n for n, v in inits.items() if _is_empty(v)]
+    if meta:
+        raise ExportError(f"{graph.name}: initializers without real values after streaming: {meta[:5]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog.optimize()
+    path = folder / f"{graph.name}.onnx"
+    prog.save(path, external_data=True)
+    return path
+
+
+# ---- the entry point ------------------------------------------------------------------------------
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move tmp/<name>.onnx (+ .data) to `path`: old graph removed first, data next, graph last."""
+    data, new_data = path.with_name(path.name + ".data"), tmp / (path.name + ".data")
+    path.unlink(missing_ok=True)
+    if new_data.exists():
+        os.replace(new_data, data)
+    else:
+        data.unlink(missing_ok=True)
+    os.replace(tmp / path.name, path)
+
+
+def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, preset: Preset | None = None,
+                 stream: bool | None = None, source: dict | None = None, check: bool = True) -> Path:
+    """Export `graph` to `path` (a `.onnx` file, with `<path>.data` beside it when weights are external).
+
+    `module_or_ckpt` is either an adapter module (`contracts.module`) with real weights, exported
+    directly, or a checkpoint directory: its network is then streamed when `stream` is True, or when
+    None and its weights exceed STREAM_BYTES, else loaded and exported directly. `source` replaces the
+    checkpoint's tensors on the streamed route (key -> getter; used by the memory benchmark).
+    The graph goes through `passes.clean` and, if `check`, `passes.check_graph` (ExportError on failure).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
+    try:
+        if isinstance(module_or_ckpt, nn.Module):
+            out = export_direct(graph, module_or_ckpt, tmp)
+        else:
+            ckpt_dir = Path(module_or_ckpt)
+            preset = preset or ck.preset_for(ckpt_dir)
+            if stream is None:
+                stream = weight_bytes(build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
+            if stream or source is not None:
+                out = export_streamed(graph, ckpt_dir, preset, tmp, source)
+            else:
+                net = load_component(ckpt_dir, graph.component, graph.compute_dtype, preset)
+                out = export_direct(graph, module(graph, {graph.component: net}), tmp)
+        passes.clean(out)
+        if check:
+            problems = passes.check_graph(out, graph)
+            if problems:
+                raise ExportError(f"{graph.name}: " + "; ".join(problems))
+        _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,113 @@
+"""The denoising loop: one fixed tensor program per step, on static buffers.
+
+`DenoiseLoop.step()` reads the current timestep and sampler coefficients from device buffers, runs the
+DiT on cond + uncond, combines them (classifier-free guidance), applies the sampler update and writes
+the new latent back into the same buffer. Nothing in it depends on the step index on the host, so on
+CUDA it is captured once as a CUDA graph (after one eager warm-up, as graphs require) and replayed for
+every step; on the CPU it runs eagerly, and tests prove it is capturable with `torch.export`.
+
+Non-finite latents are not checked inside the loop (that would sync the host every step): the step
+records the first step whose output is not finite in a device scalar, read once after the loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from .scheduler import State
+
+
+class NumericalError(RuntimeError):
+    """The latents became NaN/Inf during denoising."""
+
+
+class DenoiseLoop(torch.nn.Module):
+    """`forward()` is one step; every tensor it touches is a registered buffer (static address)."""
+
+    def __init__(self, denoise, sampler, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
+                 y: torch.Tensor, guide_scale: float, cfg_batch: int = 2):
+        super().__init__()
+        if cfg_batch not in (1, 2):
+            raise ValueError(f"cfg_batch must be 1 or 2, got {cfg_batch}")
+        dev = x.device
+        self.denoise, self.sampler, self.guide, self.cfg_batch = denoise, sampler, float(guide_scale), cfg_batch
+        self.steps = len(sampler.timesteps)
+        buf = self.register_buffer
+        # device tables, row i fed to step i
+        buf("timesteps", sampler.timesteps.to(dev))
+        buf("coefs", sampler.coefs.to(dev))
+        buf("step_ids", torch.arange(self.steps, device=dev))
+        # what one step reads and writes
+        buf("x", x.float().clone())
+        buf("t", torch.zeros((), dtype=torch.int64, device=dev))
+        buf("coef", torch.zeros(sampler.coefs.shape[1], device=dev))
+        buf("i", torch.zeros((), dtype=torch.int64, device=dev))
+        buf("first_bad", torch.full((), self.steps, dtype=torch.int64, device=dev))
+        state = sampler.init_state(self.x)
+        buf("last", state.last)
+        buf("m1", state.m1)
+        buf("m2", state.m2)
+        b = cfg_batch
+        buf("ctx", context)
+        buf("clip", clip_fea.expand(b, -1, -1).contiguous())
+        buf("y", y.expand(b, -1, -1, -1, -1).contiguous())
+        self.graph = None
+
+    def forward(self) -> None:
+        self.step()
+
+    def step(self) -> None:
+        x = self.x
+        if self.cfg_batch == 2:
+            v = self.denoise(torch.cat([x, x]), self.t.expand(2), self.ctx, self.clip, self.y).float()
+            v_cond, v_uncond = v.chunk(2)
+        else:
+            t = self.t.expand(1)
+            v_cond = self.denoise(x, t, self.ctx[:1], self.clip, self.y).float()
+            v_uncond = self.denoise(x, t, self.ctx[1:], self.clip, self.y).float()
+        v = v_uncond + self.guide * (v_cond - v_uncond)
+        out = self.sampler.step(self.coef, v, x, State(self.last, self.m1, self.m2))
+        bad = ~torch.isfinite(out).all() & (self.first_bad == self.steps)
+        self.first_bad.copy_(torch.where(bad, self.i, self.first_bad))
+        self.x.copy_(out)
+
+    def _load(self, i: int) -> None:
+        self.t.copy_(self.timesteps[i])
+        self.coef.copy_(self.coefs[i])
+        self.i.copy_(self.step_ids[i])
+
+    def capture(self) -> None:
+        """Record `step` as a CUDA graph: one eager warm-up step, state restored, then capture."""
+        x0 = self.x.clone()
+        self._load(0)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.x.copy_(x0)
+        for buf in (self.last, self.m1, self.m2):
+            buf.zero_()
+        self.first_bad.fill_(self.steps)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def run(self, progress=None) -> torch.Tensor:
+        for i in range(self.steps):
+            self._load(i)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            if progress is not None:
+                progress.update(1)
+        self.check_finite()
+        return self.x
+
+    def check_finite(self) -> None:
+        bad = int(self.first_bad)  # the loop's only host sync, after the last step
+        if bad < self.steps:
+            raise NumericalError(f"the latents became NaN/Inf during denoising, first at step {bad + 1} of "
+                                 f"{self.steps} (steps {bad + 1}-{self.steps} affected); try --dtype fp32 or a "
+                                 f"smaller --sample_guide_scale, and check the checkpoint")

@@ -1,0 +1,97 @@
+"""Faults and fuzzing: a full disk, hostile bytes in images and checkpoint headers, random CLI flags."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from flf2v.models import checkpoint as ck
+from flf2v.runtime.cli import build_parser, check_args
+from flf2v.runtime.media import InputError, load_image
+
+
+def _limit_file_size():
+    # a size-limited target: writes past 4 KiB fail with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_full_disk_leaves_no_partial_video(tiny_ckpt, demo_frames, tmp_path):
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "flf2v.runtime.cli", "--ckpt_dir", str(tiny_ckpt), "--first_frame",
+           str(demo_frames[0]), "--last_frame", str(demo_frames[1]), "--prompt", "x", "--size", "64*64",
+           "--frame_num", "9", "--sample_steps", "1", "--save_file", str(out), "--quiet"]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_file_size, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "no video was written" in err[0], r.stderr
+    assert list(tmp_path.iterdir()) == [], "partial output left behind"
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    Image.new("1", (9000, 8000)).save(tmp_path / "big.png")
+    with pytest.raises(InputError, match="downscale"):
+        load_image(tmp_path / "big.png")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_image_loader_fuzz(tmp_path, data):
+    p = tmp_path / "fuzz.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + data if data[:1] == b"\x00" else data)
+    try:
+        im = load_image(p)
+    except InputError:
+        return
+    assert im.mode == "RGB"
+
+
+_flag = st.sampled_from(["--size", "--frame_num", "--sample_steps", "--sample_shift", "--sample_guide_scale",
+                         "--base_seed", "--sample_solver", "--task", "--backend", "--prompt", "--offload_model"])
+_value = st.one_of(st.text(max_size=12), st.integers(-2**70, 2**70).map(str),
+                   st.floats(allow_nan=True, allow_infinity=True).map(str))
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs=st.lists(st.tuples(_flag, _value), max_size=5))
+def test_cli_parser_fuzz(pairs):
+    argv = ["--ckpt_dir", "c", "--first_frame", "a.png", "--last_frame", "b.png", "--prompt", "p"]
+    for f, v in pairs:
+        argv += [f, v]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        assert e.code == 2
+        return
+    try:
+        check_args(args)
+    except InputError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.binary(max_size=256), which=st.sampled_from(["shard", "index", "config"]))
+def test_checkpoint_header_fuzz(tmp_path, header, which):
+    d = tmp_path / "c"
+    d.mkdir(exist_ok=True)
+    (d / ck.DIT_CONFIG).write_text(json.dumps({"model_type": "flf2v", "dim": 64}))
+    shard = "diffusion_pytorch_model-00001-of-00001.safetensors"
+    (d / ck.DIT_INDEX).write_text(json.dumps({"weight_map": {"a": shard}}))
+    # a safetensors file is an 8-byte little-endian header length, then a JSON header
+    (d / shard).write_bytes(len(header).to_bytes(8, "little") + header)
+    if which == "index":
+        (d / ck.DIT_INDEX).write_bytes(header)
+    elif which == "config":
+        (d / ck.DIT_CONFIG).write_bytes(header)
+    try:
+        ck.read_dit_config(d)
+        ck.dit_tensor_source(d)
+    except ck.CheckpointError as e:
+        assert "\n" not in str(e)
