@@ -71,12 +71,37 @@ def _keep_for_trt(node: gs.Node) -> bool:
     return False
 
 
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def _explicit_fp32_norms(model: onnx.ModelProto) -> None:
+    """The exporter fuses `x.float()` into the norm (bf16 X, fp32 scale and output, stash_type fp32);
+    put the Cast back in front so that the fp32 island is explicit to a strongly typed TensorRT build."""
+    types = _value_types(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "RMSNormalization") and len(node.input) > 1:
+            x, scale = types.get(node.input[0]), types.get(node.input[1])
+            if x is not None and scale is not None and x != scale:
+                name = f"{node.input[0]}_to_{onnx.TensorProto.DataType.Name(scale).lower()}"
+                nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [name], to=scale, name=name))
+                node.input[0] = name
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def clean(path: str | os.PathLike) -> None:
-    """Cleanup, toposort and constant folding, in place. External data stays where it is."""
+    """Explicit fp32 norms, cleanup, toposort, constant folding; in place, external data left as is."""
     path = Path(path)
     model = load_structure(path)
     _inline_small(model, path.parent)
     model = onnx.shape_inference.infer_shapes(model)
+    _explicit_fp32_norms(model)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     graph.fold_constants(partitioning="basic", size_threshold=FOLD_BYTES, should_exclude_node=_keep_for_trt)
@@ -134,10 +159,8 @@ def io_specs(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
 def unfused_norm_inputs(model: onnx.ModelProto) -> list[str]:
     """LayerNormalization / RMSNormalization nodes whose input is not fp32: the fp32 islands must hold."""
     model = onnx.shape_inference.infer_shapes(model)
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return [n.name for n in _nodes(g) if n.op_type in ("LayerNormalization", "RMSNormalization")
+    types = _value_types(model)
+    return [n.name for n in _nodes(model.graph) if n.op_type in ("LayerNormalization", "RMSNormalization")
             and types.get(n.input[0]) != onnx.TensorProto.FLOAT]
 
 

@@ -62,9 +62,10 @@ def rope_grid(cos: torch.Tensor, sin: torch.Tensor, split: tuple[int, ...], f: i
 # ---- attention ------------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32 (returns fp32)."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    """RMSNorm over the last dim (returns fp32). As the official WanRMSNorm under autocast: statistics
+    in fp32, the normed x rounded to x's dtype, then scaled by the (fp32 in the official run) weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x).float() * weight.float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,9 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, cos, sin, attn):
-        out = attn(self.q(x), self.k(x), self.v(x), self.norm_q.weight, self.norm_k.weight, cos, sin, self.eps)
+        # fp32 norm weights: the official checkpoint stores them fp32 and the product stays fp32
+        out = attn(self.q(x), self.k(x), self.v(x), self.norm_q.weight.float(), self.norm_k.weight.float(),
+                   cos, sin, self.eps)
         return self.o(out)
 
 

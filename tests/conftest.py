@@ -1,10 +1,12 @@
 import os
 
-# The Triton interpreter must be chosen before triton is first imported anywhere in the session.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run in the interpreter; the mode is fixed when flf2v.kernels is
+# first imported, so it is chosen here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

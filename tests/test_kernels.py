@@ -265,3 +265,37 @@ def test_trt_aot_compile_for_hopper():
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(AOT_SCRIPT)], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.gpu
+def test_trt_plugins_in_engine():
+    """Both AOT plugins inside a TensorRT engine agree with the torch ops (needs CUDA and TensorRT)."""
+    trt = pytest.importorskip("tensorrt")
+    if not GPU:
+        pytest.skip("needs CUDA and the compiled (not interpreted) kernels")
+    import tensorrt.plugin as trtp
+    from polygraphy.backend.trt import CreateConfig, TrtRunner, create_network, engine_from_network
+
+    trt_plugin.register_plugins()
+    dtype, b, s, h, d = torch.float16, 1, 333, 2, 128
+    q, k, v, wq, wk, cos, sin = self_inputs(b, s, h, d, dtype)
+    g = torch.Generator().manual_seed(3)
+    kt, vt, ki, vi = (torch.randn(b, n, h * d, generator=g).to(DEVICE, dtype) for n in (512, 512, 514, 514))
+    feeds = dict(q=q, k=k, v=v, wq=wq, wk=wk, cos=cos, sin=sin, rq=attention.rms_stats(q, EPS),
+                 rk=attention.rms_stats(k, EPS), kt=kt, vt=vt, ki=ki, vi=vi)
+    builder, network = create_network(strongly_typed=True)
+    types = {torch.float16: trt.float16, torch.float32: trt.float32}
+    t = {n: network.add_input(name=n, dtype=types[x.dtype], shape=tuple(x.shape)) for n, x in feeds.items()}
+    attn = network.add_plugin(trtp.op.flf2v.wan_self_attention(
+        t["q"], t["k"], t["v"], t["wq"], t["wk"], t["cos"], t["sin"], t["rq"], t["rk"], num_heads=h), aot=True)
+    cross = network.add_plugin(trtp.op.flf2v.wan_cross_attention(
+        attn.get_output(0), t["kt"], t["vt"], t["ki"], t["vi"], num_heads=h), aot=True)
+    for layer, name in ((attn, "x"), (cross, "y")):
+        layer.get_output(0).name = name
+        network.mark_output(layer.get_output(0))
+    with TrtRunner(engine_from_network((builder, network), CreateConfig())) as runner:
+        out = runner.infer(feeds)
+    x, y = (torch.as_tensor(out[n]).to(DEVICE) for n in ("x", "y"))
+    check("TensorRT self-attention plugin", x, torch.ops.flf2v.wan_self_attention(q, k, v, wq, wk, cos, sin, EPS, h),
+          TOL[dtype])
+    check("TensorRT cross-attention plugin", y, torch.ops.flf2v.wan_cross_attention(x, kt, vt, ki, vi, h), TOL[dtype])
