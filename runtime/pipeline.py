@@ -9,11 +9,13 @@ official one is hard-coded to 81 frames).
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,23 @@ class Pipeline:
         backend = TorchBackend(ckpt_dir, preset, dtype, device, **kw)
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device)
 
+    @classmethod
+    def from_engines(cls, folder, ckpt_dir=None, device=None) -> "Pipeline":
+        """Engines of a `flf2v-build` folder; the tokenizer (and fingerprint check) from `ckpt_dir`,
+        by default the checkpoint the folder was built from."""
+        from flf2v.models import checkpoint as ck
+
+        from .engines import MANIFEST, EngineError, open_backend
+        try:
+            m = json.loads((Path(folder) / MANIFEST).read_text())
+            kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EngineError(f"{folder}: not an engine folder ({e!r}); build one with `make engines`") from None
+        device = torch.device(device or ("cuda" if kind == "trt" else "cpu"))
+        preset = ck.preset_for(ckpt_dir)
+        return cls(open_backend(kind, folder, ckpt_dir, preset, device), ck.load_tokenizer(ckpt_dir, preset),
+                   preset, device)
+
     # -----------------------------------------------------------------------------------------------
     def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
                  size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
@@ -121,13 +140,17 @@ class Pipeline:
             raise InputError(f"{p.name} needs a last frame; pass --last_frame")
         if not flf2v and last_frame is not None:
             raise InputError(f"{p.name} is image-to-video and takes no last frame; drop --last_frame")
-        frame_num = check_frame_num(p.frame_num if frame_num is None else frame_num, p.dit.rope_max_pos)
+        fixed = getattr(self.backend, "video_shape", None)  # engines are built for one (H, W, frames)
+        if frame_num is None:
+            frame_num = fixed[2] if fixed else p.frame_num
+        frame_num = check_frame_num(frame_num, p.dit.rope_max_pos)
         steps = p.sample_steps if sample_steps is None else sample_steps
         shift = p.sample_shift if sample_shift is None else sample_shift
         guide = p.sample_guide_scale if guide_scale is None else guide_scale
         if not math.isfinite(guide):
             raise InputError(f"--sample_guide_scale {guide} is not a finite number")
-        w_max, h_max = parse_size(size or p.default_size, p)
+        w_max, h_max = parse_size(size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size), p)
+        cfg_batch = cfg_batch if cfg_batch in getattr(self.backend, "cfg_batches", (1, 2)) else 3 - cfg_batch
         self.seed = seed = random.randint(0, 2**63 - 1) if seed < 0 else seed
         sampler = make_sampler(sample_solver, steps, shift)
 
@@ -135,6 +158,11 @@ class Pipeline:
             first = image_to_tensor(first_frame)
             lat_h, lat_w = latent_grid(first.shape[1:], w_max * h_max, p.vae.stride[1], p.dit.patch_size[1])
             h, w = lat_h * p.vae.stride[1], lat_w * p.vae.stride[2]
+            if fixed and (h, w, frame_num) != tuple(fixed):
+                raise InputError(f"the engines were built for {fixed[1]}x{fixed[0]}, {fixed[2]} frames, but this "
+                                 f"run needs {w}x{h}, {frame_num} frames (from --size, --frame_num and the first "
+                                 f"frame's aspect ratio); build matching engines with `make engines` or use "
+                                 f"--backend torch")
             frames = [first] + ([image_to_tensor(last_frame)] if flf2v else [])
             t_lat = (frame_num - 1) // p.vae.stride[0] + 1
             # Noise is drawn on the CPU so a seed gives the same video on every device (the official

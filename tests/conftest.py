@@ -38,3 +38,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     a, b = a.double(), b.double()
     err = (a - b).abs().max().item()
     return err, err / max(b.abs().max().item(), 1e-30)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_ckpt, tmp_path_factory):
+    """ONNX Runtime engines (fp32) of the tiny checkpoint, built once per session by flf2v-build."""
+    from flf2v.export.build import build
+    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.mktemp("engines") / "cpu-ort", backend="ort",
+                 progress=False)
