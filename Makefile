@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 CKPT ?= $(DEMO)/ckpt
-PRESET ?= 720p
-PRECISION ?= bf16
+PRESET ?=
+PRECISION ?=
 ENGINES ?=
 
 .PHONY: setup test demo engines bench clean
@@ -23,15 +23,18 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# Tiny random checkpoint -> its engines (ONNX Runtime on a CPU, TensorRT on a GPU) -> flf2v-run.
 demo: setup
 	$(VENV)/bin/flf2v-make-tiny $(CKPT) --frames $(DEMO)
-	$(VENV)/bin/flf2v-run --ckpt_dir $(CKPT) --first_frame $(DEMO)/first.png --last_frame $(DEMO)/last.png \
-	  --prompt "A red ball rolls across a wooden table" --base_seed 42 --frame_num 9 --size 64*64 \
+	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) --out $(DEMO)/engines
+	$(VENV)/bin/flf2v-run --ckpt_dir $(CKPT) --engines $(DEMO)/engines --first_frame $(DEMO)/first.png --last_frame $(DEMO)/last.png \
+	  --prompt "A red ball rolls across a wooden table" --base_seed 42 \
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
+# make engines CKPT=<checkpoint dir> [PRESET=720p] [PRECISION=bf16|fp32] [ENGINES=<folder>]
 engines: setup
-	@test -n "$(CKPT)" || { echo "make engines: set CKPT=<checkpoint dir>"; exit 2; }
-	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) --preset $(PRESET) --precision $(PRECISION) $(if $(ENGINES),--out $(ENGINES))
+	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
+	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES))
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

@@ -281,23 +281,37 @@ class WanVAE(nn.Module):
     # ---- whole clips ------------------------------------------------------------------------------------
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, 1+4n, H, W] in [-1, 1] -> normalized latent [B, z_dim, 1+n, H/8, W/8] (fp32)."""
-        b, _, f, h, w = video.shape
-        if f % self.cfg.stride[0] != 1:
-            raise ValueError(f"frame count {f} is not 1 + {self.cfg.stride[0]}n")
+        b, _, _, h, w = video.shape
         caches = self.zero_caches(self.encoder_cache_shapes(b, h, w), video.device)
-        chunks = [video[:, :, :1], *video[:, :, 1:].split(self.cfg.stride[0], dim=2)]
-        out = []
-        for i, x in enumerate(chunks):
-            z, caches = self.encode_chunk(x, caches, first=i == 0)
-            out.append(z)
-        return torch.cat(out, dim=2)
+        return encode_chunks(self.encode_chunk, video, caches, self.cfg.stride[0])
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
         """normalized latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1] (fp32)."""
         b, _, _, h, w = z.shape
         caches = self.zero_caches(self.decoder_cache_shapes(b, h, w), z.device)
-        out = []
-        for i, zi in enumerate(z.split(1, dim=2)):
-            frames, caches = self.decode_chunk(zi, caches, first=i == 0)
-            out.append(frames)
-        return torch.cat(out, dim=2)
+        return decode_chunks(self.decode_chunk, z, caches, progress)
+
+
+# ---- the chunk loops, shared by the reference VAE and the engine backends ---------------------------
+
+def encode_chunks(step, video: torch.Tensor, caches: list, stride: int) -> torch.Tensor:
+    """Frame 0 alone, then chunks of `stride` frames; `step(x, caches, first) -> (z, caches)`."""
+    f = video.shape[2]
+    if f % stride != 1:
+        raise ValueError(f"frame count {f} is not 1 + {stride}n")
+    out = []
+    for i, x in enumerate([video[:, :, :1], *video[:, :, 1:].split(stride, dim=2)]):
+        z, caches = step(x, caches, i == 0)
+        out.append(z)
+    return torch.cat(out, dim=2)
+
+
+def decode_chunks(step, z: torch.Tensor, caches: list, progress=None) -> torch.Tensor:
+    """One latent frame at a time; `step(z_i, caches, first) -> (frames, caches)`. `progress`, if
+    given, wraps the chunk iterator (e.g. a tqdm partial)."""
+    chunks = z.split(1, dim=2)
+    out = []
+    for i, zi in enumerate(progress(chunks) if progress else chunks):
+        frames, caches = step(zi, caches, i == 0)
+        out.append(frames)
+    return torch.cat(out, dim=2)

@@ -17,7 +17,7 @@ import torch
 from flf2v.models.config import PRESETS
 
 TASKS = ("flf2v-14B", "i2v-14B")
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("auto", "torch", "ort", "trt")
 
 
 def _str2bool(v: str) -> bool:
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample_guide_scale", type=float, default=None)
     a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random")
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
-    a("--backend", default="torch", choices=BACKENDS)
-    a("--engines", default=None, help="engine folder (default: engines/<this GPU or cpu-ort>)")
+    a("--backend", default="auto", choices=BACKENDS,
+      help="auto: the engines of --engines (or of engines/<this machine>) when built, else torch")
+    a("--engines", default=None, help="engine folder from `make engines` (default: engines/<this GPU or cpu-ort>)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -112,6 +113,21 @@ def check_args(args) -> None:
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
 
 
+def auto_backend(engines: str | None) -> str:
+    from flf2v.export.build import trt_available
+    from flf2v.runtime.engines import MANIFEST, EngineError, default_folder
+    candidates = [Path(engines)] if engines else [default_folder("trt" if trt_available() else "ort")]
+    for folder in candidates:
+        try:
+            return json.loads((folder / MANIFEST).read_text())["backend"]
+        except FileNotFoundError:
+            if engines:
+                raise EngineError(f"--engines {engines}: no {MANIFEST}; build engines with `make engines`") from None
+        except (json.JSONDecodeError, KeyError, TypeError, OSError) as e:
+            raise EngineError(f"{folder / MANIFEST}: unreadable ({e!r}); rebuild with `make engines`") from None
+    return "torch"
+
+
 def make_pipeline(args, device: torch.device):
     from flf2v.models import checkpoint as ck
     from flf2v.runtime.media import InputError
@@ -122,6 +138,8 @@ def make_pipeline(args, device: torch.device):
     if preset.dit.model_type != want:
         raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
+    if args.backend == "auto":
+        args.backend = auto_backend(args.engines)
     if args.backend == "torch":
         from flf2v.runtime.torch_backend import TorchBackend
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flf2v.models.config import Preset
+from flf2v.models.vae import decode_chunks, encode_chunks
 
 from .media import InputError
 
@@ -121,25 +122,18 @@ class EngineBackend:
     def denoise(self, x, t, context, clip_fea, y):
         return self._run(f"dit_b{x.shape[0]}", [x, t, context, clip_fea, y])[0]
 
-    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
-        st = self.preset.vae.stride[0]
-        caches = self._zeros("vae_encode_first", "cache_in.")
-        zs = []
-        for i in range(1 + (video.shape[2] - 1) // st):  # frame 0 alone, then chunks of `st` frames
-            chunk = video[:, :, :1] if i == 0 else video[:, :, 1 + (i - 1) * st: 1 + i * st]
-            out = self._run("vae_encode_first" if i == 0 else "vae_encode_chunk", [chunk.float(), *caches])
-            zs.append(out[0].clone())  # TensorRT reuses its output buffers on the next call
-            caches = out[1:]
-        return torch.cat(zs, dim=2)
+    def _vae_step(self, kind: str):
+        def step(x, caches, first):
+            out = self._run(f"vae_{kind}_{'first' if first else 'chunk'}", [x.float(), *caches])
+            return out[0].clone(), out[1:]  # clone: TensorRT reuses its output buffers on the next call
+        return step
 
-    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        caches = self._zeros("vae_decode_first", "cache_in.")
-        frames = []
-        for i in range(z.shape[2]):
-            out = self._run("vae_decode_first" if i == 0 else "vae_decode_chunk", [z[:, :, i:i + 1].float(), *caches])
-            frames.append(out[0].clone())
-            caches = out[1:]
-        return torch.cat(frames, dim=2)
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        caches = self._zeros("vae_encode_first", "cache_in.")
+        return encode_chunks(self._vae_step("encode"), video, caches, self.preset.vae.stride[0])
+
+    def vae_decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
+        return decode_chunks(self._vae_step("decode"), z, self._zeros("vae_decode_first", "cache_in."), progress)
 
 
 class OrtBackend(EngineBackend):

@@ -15,6 +15,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -191,7 +192,8 @@ class Pipeline:
                                   cfg_batch, progress)
             self.backend.finish_denoise()
         with times("vae_decode", dev):
-            video = self.backend.vae_decode(latent)[0]
+            bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
+            video = self.backend.vae_decode(latent, bar)[0]
         return video
 
     # -----------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ class TorchBackend:
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(video.to(self.device, self.dtype)).float()
 
-    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z.to(self.device, self.dtype)).float()
+    def vae_decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
+        return self.vae.decode(z.to(self.device, self.dtype), progress).float()
 
     # -- denoiser ------------------------------------------------------------------------------------
     def prepare_denoise(self) -> None:

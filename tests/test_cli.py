@@ -16,7 +16,7 @@ def run(args):
 def _args(ckpt, frames, out, *extra):
     return ["--ckpt_dir", str(ckpt), "--first_frame", str(frames[0]), "--last_frame", str(frames[1]),
             "--prompt", "a red ball", "--size", "64*64", "--frame_num", "5", "--sample_steps", "2",
-            "--base_seed", "3", "--save_file", str(out), "--quiet", *extra]
+            "--base_seed", "3", "--save_file", str(out), "--quiet", "--backend", "torch", *extra]
 
 
 def test_run_writes_video_and_metrics(tiny_ckpt, demo_frames, tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_cfg_as_two_batch1_calls(tiny_ckpt, tiny_engines, demo_frames):
 def test_cli_ort_backend(tiny_ckpt, tiny_engines, demo_frames, tmp_path):
     out = tmp_path / "v.mp4"
     rc = main(["--ckpt_dir", str(tiny_ckpt), "--first_frame", str(demo_frames[0]), "--last_frame",
-               str(demo_frames[1]), "--prompt", "x", "--backend", "ort", "--engines", str(tiny_engines),
+               str(demo_frames[1]), "--prompt", "x", "--engines", str(tiny_engines),
                "--sample_steps", "2", "--save_file", str(out), "--quiet"])
     assert rc == 0 and read_video(out).shape == (9, 64, 64, 3)
 
