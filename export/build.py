@@ -9,8 +9,9 @@ Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/` 
 `engines/cpu-ort<onnxruntime version>/`, where the fp32 `<graph>.onnx` files are the engines ONNX Runtime
 opens. A folder serves one checkpoint, one precision and one output grid (`shape` in the manifest).
 
-manifest.json: {"schema": 1, "target", "backend", "model_preset", "model_type", "precision",
-"shape": {name, width, height, frame_num, latent [T, h, w]}, "checkpoint": {"dir", "fingerprint"},
+manifest.json: {"schema": 1, "target" (the tag above, whatever the folder is called), "backend",
+"model_preset", "model_type", "precision", "shape": {name, width, height, frame_num, latent [T, h, w]},
+"checkpoint": {"dir", "fingerprint"},
 "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs", "outputs" ([{name, shape, dtype}]),
 "precision", "checkpoint_fingerprint", "builder", "gpu", "files" ({name: bytes}), "key", "seconds"}}}.
 The checkpoint fingerprint hashes config.json and each weight file's name, size and mtime (cheap; any
@@ -260,10 +261,11 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     with folder_lock(folder):
         _remove_leftovers(folder)
         old = read_manifest(folder).get("engines", {})
-        manifest = {"schema": SCHEMA, "target": folder.name, "backend": backend, "model_preset": preset.name,
+        manifest = {"schema": SCHEMA, "target": target_tag(backend), "backend": backend, "model_preset": preset.name,
                     "model_type": preset.dit.model_type, "precision": precision, "shape": eshape.to_json(preset),
                     "checkpoint": {"dir": str(ckpt_dir.resolve()), "fingerprint": fingerprint}, "gpu": gpu,
-                    "engines": {g.name: old[g.name] for g in all_graphs if is_current(old.get(g.name), key_of(g), folder)}}
+                    "engines": {g.name: old[g.name] for g in all_graphs
+                                if is_current(old.get(g.name), key_of(g), folder)}}
         for name, entry in old.items():  # engines of another checkpoint, shape or precision: gone
             if name not in manifest["engines"]:
                 for f in entry.get("files", {}):

@@ -146,7 +146,8 @@ def graphs(preset: Preset, shape: EngineShape, precision: str, cfg_batch=(1, 2))
     out = [
         Graph("t5", "t5", precision, (S("ids", (2, L), i64, preset.t5.vocab), S("mask", (2, L), i64, 2)),
               (S("context", (2, L, preset.t5.dim), f32),)),
-        Graph("clip", "clip", precision, (S("pixels", (n_img, 3, preset.clip.image_size, preset.clip.image_size), f32),),
+        Graph("clip", "clip", precision, (S("pixels", (n_img, 3, preset.clip.image_size, preset.clip.image_size),
+                                            f32),),
               (S("clip_fea", (n_img, preset.clip.num_tokens, preset.clip.dim), f32),)),
     ]
     for b in cfg_batch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -83,6 +84,7 @@ def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
 # ---- export routes --------------------------------------------------------------------------------
 
 def _trace(mod: nn.Module, graph: Graph, args, optimize: bool):
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
@@ -138,6 +140,24 @@ def _is_empty(value: ir.Value) -> bool:
     return t is None or (isinstance(t, TorchTensor) and t.raw.is_meta)
 
 
+def _optimize_keeping_weights(model: ir.Model) -> None:
+    """The exporter's optimizer (`ONNXProgram.optimize`: constant folding, then fusions such as
+    RMSNormalization) minus folding any node that reads a streamed weight: by default it folds every
+    single-use Transpose of a weight whatever its size, which would hold all the transposed weights in
+    memory. Those Transposes stay in the graph; TensorRT folds them when it builds the engine."""
+    import onnxscript
+
+    def should_fold(node: ir.Node):
+        if any(v is not None and isinstance(v.const_value, ir.LazyTensor) for v in node.inputs):
+            return False
+        return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+        onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
 def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None) -> Path:
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
@@ -166,9 +186,7 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     meta = [n for n, v in inits.items() if _is_empty(v)]
     if meta:
         raise ExportError(f"{graph.name}: initializers without real values after streaming: {meta[:5]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog.optimize()
+    _optimize_keeping_weights(prog.model)
     path = folder / f"{graph.name}.onnx"
     prog.save(path, external_data=True)
     return path

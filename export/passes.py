@@ -16,6 +16,8 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 
 from .contracts import Graph
 
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # bf16 "no NumPy type" notes: handled below
+
 # ONNX operators the TensorRT 10.15 ONNX parser supports (onnx-tensorrt docs/operators.md, "Y" rows; opsets
 # 9..24). TensorRT 11 keeps them. Attention needs 10.14+ (one output only), RMSNormalization and
 # RotaryEmbedding 10.15+.
@@ -65,8 +67,8 @@ def _inline_small(model: onnx.ModelProto, base: Path) -> None:
 def _keep_for_trt(node: gs.Node) -> bool:
     for t in node.inputs:
         if isinstance(t, gs.Constant):
-            lazy = isinstance(t._values, gs.ir.tensor.LazyValues)
-            if lazy and (t._values.tensor.data_type == onnx.TensorProto.BFLOAT16 or uses_external_data(t._values.tensor)):
+            proto = t._values.tensor if isinstance(t._values, gs.ir.tensor.LazyValues) else None
+            if proto is not None and (proto.data_type == onnx.TensorProto.BFLOAT16 or uses_external_data(proto)):
                 return True
     return False
 
@@ -86,8 +88,8 @@ def _explicit_fp32_norms(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         if node.op_type in ("LayerNormalization", "RMSNormalization") and len(node.input) > 1:
             x, scale = types.get(node.input[0]), types.get(node.input[1])
-            if x is not None and scale is not None and x != scale:
-                name = f"{node.input[0]}_to_{onnx.TensorProto.DataType.Name(scale).lower()}"
+            if scale == onnx.TensorProto.FLOAT and x not in (None, scale):
+                name = f"{node.input[0]}_to_float"
                 nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [name], to=scale, name=name))
                 node.input[0] = name
         nodes.append(node)
@@ -107,7 +109,8 @@ def clean(path: str | os.PathLike) -> None:
     graph.fold_constants(partitioning="basic", size_threshold=FOLD_BYTES, should_exclude_node=_keep_for_trt)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
-    out.ir_version, out.producer_name, out.producer_version = model.ir_version, model.producer_name, model.producer_version
+    out.ir_version, out.producer_name = model.ir_version, model.producer_name
+    out.producer_version = model.producer_version
     tmp = path.with_name(path.name + ".clean")
     onnx.save(out, str(tmp))
     os.replace(tmp, path)
@@ -164,6 +167,22 @@ def unfused_norm_inputs(model: onnx.ModelProto) -> list[str]:
             and types.get(n.input[0]) != onnx.TensorProto.FLOAT]
 
 
+def attention_problems(model: onnx.ModelProto) -> list[str]:
+    """Attention nodes outside what TensorRT parses: Q, K, V (and mask) 4D, no KV-cache inputs, one output."""
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.input, *g.output, *g.value_info)}
+    ranks.update({t.name: len(t.dims) for t in g.initializer})
+    bad = []
+    for n in _nodes(g):
+        if n.op_type != "Attention":
+            continue
+        used = [i for i in n.input if i]
+        if (any(ranks.get(i) != 4 for i in used[:4]) or any(n.input[4:]) or sum(1 for o in n.output if o) != 1):
+            bad.append(n.name)
+    return bad
+
+
 def check_graph(path: str | os.PathLike, graph: Graph, plugins: tuple[str, ...] = ()) -> list[str]:
     """Every problem of the exported file against the contract and TensorRT; [] when it is fine."""
     model = load_structure(path)
@@ -181,6 +200,9 @@ def check_graph(path: str | os.PathLike, graph: Graph, plugins: tuple[str, ...] 
         problems.append(f"inputs {_diff(ins, want_in)}")
     if outs != want_out:
         problems.append(f"outputs {_diff(outs, want_out)}")
+    att = attention_problems(model)
+    if att:
+        problems.append(f"Attention nodes TensorRT cannot parse (need 4D Q/K/V/mask, one output): {', '.join(att[:5])}")
     norms = unfused_norm_inputs(model)
     if norms:
         problems.append(f"normalizations outside fp32: {', '.join(norms[:5])}")

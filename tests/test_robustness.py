@@ -26,7 +26,7 @@ def test_full_disk_leaves_no_partial_video(tiny_ckpt, demo_frames, tmp_path):
     out = tmp_path / "v.mp4"
     cmd = [sys.executable, "-m", "flf2v.runtime.cli", "--ckpt_dir", str(tiny_ckpt), "--first_frame",
            str(demo_frames[0]), "--last_frame", str(demo_frames[1]), "--prompt", "x", "--size", "64*64",
-           "--frame_num", "9", "--sample_steps", "1", "--save_file", str(out), "--quiet"]
+           "--frame_num", "9", "--sample_steps", "1", "--save_file", str(out), "--quiet", "--backend", "torch"]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_file_size, env=env, timeout=300)
     assert r.returncode == 2, r.stderr

@@ -1,0 +1,165 @@
+"""`flf2v-build`: engine folder and manifest, skipping current engines, partial files, bad input, the
+folder lock; TensorRT builds compared with ONNX Runtime through polygraphy (gpu)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from flf2v.export import build as B
+from flf2v.export import contracts as C
+from flf2v.models.config import get_preset
+
+PRESET = get_preset("tiny")
+NAMES = [g.name for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")]
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "engines-cpu"  # shared with test_export.py
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_folder_and_manifest(folder, tiny_ckpt):
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["backend"] == "ort" and m["precision"] == "fp32" and m["model_preset"] == "tiny"
+    assert m["target"] == B.target_tag("ort")
+    assert m["shape"] == {"name": "tiny", "width": 64, "height": 64, "frame_num": 9, "latent": [3, 8, 8]}
+    assert m["checkpoint"]["fingerprint"] == B.checkpoint_fingerprint(tiny_ckpt)
+    assert sorted(m["engines"]) == sorted(NAMES)
+    graphs = {g.name: g for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")}
+    for name, e in m["engines"].items():
+        assert e["file"] == f"{name}.onnx" and (folder / e["file"]).stat().st_size == e["files"][e["file"]]
+        assert e["onnx_sha256"] == B.file_sha256(folder / e["onnx"])
+        assert e["inputs"] == [s.to_json() for s in graphs[name].inputs]
+        assert e["outputs"] == [s.to_json() for s in graphs[name].outputs]
+        sess = ort.InferenceSession(str(folder / e["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == [s["name"] for s in e["inputs"]]
+    assert B.target_tag("ort") == f"cpu-ort{ort.__version__}"
+    assert B.default_folder("ort").parts[-2:] == ("engines", f"cpu-ort{ort.__version__}")
+
+
+def test_second_run_skips_current_engines(folder, tiny_ckpt):
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
+    t0 = time.perf_counter()
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(folder), "--quiet"]) == 0
+    assert time.perf_counter() - t0 < 10
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")} == before
+
+
+def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
+    work = tmp_path / "engines"
+    shutil.copytree(folder, work)
+    # a killed export: its private temporary folder; a damaged graph; a graph renamed into place
+    # but never recorded in the manifest
+    (work / ".t5.partial-1234").mkdir()
+    (work / ".t5.partial-1234" / "t5.onnx").write_bytes(b"half a graph")
+    with open(work / "clip.onnx", "r+b") as f:
+        f.truncate(1000)
+    m = json.loads((work / "manifest.json").read_text())
+    del m["engines"]["vae_encode_first"]
+    (work / "manifest.json").write_text(json.dumps(m))
+    untouched = (work / "dit_b1.onnx").stat().st_mtime_ns
+    stale = (work / "vae_encode_first.onnx").stat().st_mtime_ns
+
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(work), "--quiet"]) == 0
+    m = json.loads((work / "manifest.json").read_text())
+    assert sorted(m["engines"]) == sorted(NAMES)
+    assert not (work / ".t5.partial-1234").exists()
+    assert (work / "clip.onnx").stat().st_size == m["engines"]["clip"]["files"]["clip.onnx"] > 1000
+    assert (work / "vae_encode_first.onnx").stat().st_mtime_ns != stale
+    assert (work / "dit_b1.onnx").stat().st_mtime_ns == untouched
+    ort.InferenceSession(str(work / "clip.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt_dir", "/nonexistent/ckpt"], "no such directory"),
+    (["--preset", "720p"], "unknown shape preset '720p' for tiny; choose one of tiny, tiny-wide, tiny-tall"),
+    (["--precision", "bf16", "--backend", "ort"], "fp32 graphs only"),
+    (["--graphs", "t5,unet"], "unknown graph 'unet'"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, args, message):
+    argv = ["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path / "e"), "--quiet", *args]
+    assert B.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(B.trt_available(), reason="TensorRT is available here")
+def test_trt_backend_without_tensorrt_exits_2(tiny_ckpt, tmp_path, capsys):
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path), "--backend", "trt"]) == 2
+    assert "needs the tensorrt package" in capsys.readouterr().err
+
+
+def test_folder_lock_serialises(tmp_path):
+    order = []
+
+    def second():
+        with B.folder_lock(tmp_path):
+            order.append("second")
+
+    with B.folder_lock(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]
+
+
+def test_short_gpu_names():
+    assert B.short_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert B.short_gpu_name("NVIDIA H200") == "h200"
+    assert B.short_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert B.short_gpu_name("NVIDIA GeForce RTX 4090") == "rtx4090"
+
+
+# ---- TensorRT (gpu) --------------------------------------------------------------------------------
+
+def _max_rel_errors(onnx_path, engine_path, feed) -> dict[str, float]:
+    """Run an fp32 graph on ONNX Runtime and an engine on TensorRT through polygraphy's Comparator;
+    max |trt - ort| / max |ort| per output."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator
+    runners = [OnnxrtRunner(SessionFromOnnx(str(onnx_path))),
+               TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))]
+    (_, ref), (_, got) = list(Comparator.run(runners, data_loader=[feed]).items())
+    return {k: float(np.abs(np.asarray(got[0][k], np.float64) - ref[0][k]).max() / max(np.abs(ref[0][k]).max(), 1e-30))
+            for k in ref[0].keys()}
+
+
+@pytest.mark.gpu
+def test_trt_fp32_engines_match_onnxruntime(tiny_ckpt, tmp_path):
+    folder = B.build(tiny_ckpt, precision="fp32", out=tmp_path / "trt32", backend="trt", progress=False)
+    assert re.fullmatch(r"[a-z0-9]+-sm\d+-trt\d+\.\d+", B.target_tag("trt"))
+    m = json.loads((folder / "manifest.json").read_text())
+    assert sorted(m["engines"]) == sorted(NAMES) and (folder / "timing.cache").exists()
+    for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32"):
+        feed = {s.name: x.numpy() for s, x in zip(g.inputs, C.sample_inputs(g, seed=1))}
+        errs = _max_rel_errors(folder / f"{g.name}.onnx", folder / f"{g.name}.engine", feed)
+        assert max(errs.values()) < 1e-3, (g.name, errs)
+
+
+@pytest.mark.gpu
+def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
+    """bf16 engines (strongly typed) against the fp32 graphs on ONNX Runtime, within bf16 rounding. The
+    VAE engines take bf16 caches, which ONNX Runtime's fp32 graphs cannot be fed: here they are only
+    built (the fp32 engines above check the VAE numerics)."""
+    fp32 = B.build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", progress=False)
+    folder = B.build(tiny_ckpt, precision="bf16", out=tmp_path_factory.mktemp("trt16"), backend="trt",
+                     progress=False)
+    for g in C.graphs(PRESET, C.get_shape(PRESET), "bf16"):
+        if g.component == "vae":
+            continue
+        feed = {s.name: x.numpy() for s, x in zip(g.inputs, C.sample_inputs(g, seed=1))}
+        errs = _max_rel_errors(fp32 / f"{g.name}.onnx", folder / f"{g.name}.engine", feed)
+        assert max(errs.values()) < 5e-2, (g.name, errs)

@@ -1,0 +1,204 @@
+"""ONNX export: ONNX Runtime (fp32 graphs) against the PyTorch reference networks on the tiny preset, the
+VAE chunk loop driven as the runtime drives it, bf16 graph structure, the TensorRT op check, and the
+streamed (meta-device) export against the direct one."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import rel_err
+
+from flf2v.export import contracts as C
+from flf2v.export import passes as P
+from flf2v.export.build import build
+from flf2v.export.onnx_export import export_graph, load_component, tensor_source
+from flf2v.models.config import get_preset
+
+PRESET = get_preset("tiny")
+SHAPE = C.get_shape(PRESET)
+GRAPHS = {g.name: g for g in C.graphs(PRESET, SHAPE, "fp32")}
+TOL = 1e-4  # fp32 ONNX Runtime vs PyTorch, max |a - b| / max |b|
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_ckpt, tmp_path_factory):
+    # shared with test_build.py: whichever runs second finds every engine current
+    return build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_ckpt):
+    return {c: load_component(tiny_ckpt, c, torch.float32, PRESET) for c in ("t5", "clip", "dit", "vae")}
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, graph: C.Graph, inputs) -> list[torch.Tensor]:
+    feed = {s.name: x.numpy() for s, x in zip(graph.inputs, inputs)}
+    return [torch.from_numpy(o) for o in sess.run([s.name for s in graph.outputs], feed)]
+
+
+def reference(nets, graph: C.Graph, inputs) -> list[torch.Tensor]:
+    """The graph's outputs computed by the reference networks themselves (no adapter)."""
+    with torch.no_grad():
+        if graph.component == "vae":
+            vae, x, caches = nets["vae"], inputs[0], list(inputs[1:])
+            step = vae.decode_chunk if "decode" in graph.name else vae.encode_chunk
+            out, new = step(x, caches, graph.first)
+            return [out, *new]
+        return [nets[graph.component](*inputs).float()]
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_onnxruntime_matches_pytorch(folder, nets, name):
+    g = GRAPHS[name]
+    inputs = C.sample_inputs(g, seed=1)
+    got = run(session(folder / f"{name}.onnx"), g, inputs)
+    want = reference(nets, g, inputs)
+    assert len(got) == len(want) == len(g.outputs)
+    for spec, a, b in zip(g.outputs, got, want):
+        assert tuple(a.shape) == spec.shape
+        err, rel = rel_err(a, b)
+        assert rel < TOL, f"{name}:{spec.name} max abs {err:.3g}, max rel {rel:.3g}"
+
+
+def test_vae_chunk_loop_equals_whole_clip(folder, nets):
+    """Encode and decode a 9-frame clip with the four VAE sessions, caches fed back from step to step,
+    against the reference's whole-clip encode/decode."""
+    vae = nets["vae"]
+    t, h, w = SHAPE.latent(PRESET)
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, SHAPE.frame_num, SHAPE.height, SHAPE.width, generator=g) * 2 - 1
+    with torch.no_grad():
+        z_ref = vae.encode(video)
+        frames_ref = vae.decode(z_ref)
+    # the decode comparison means little if the final clamp saturates most pixels
+    assert (frames_ref.abs() < 0.999).float().mean() > 0.5
+
+    def loop(kind, chunks):
+        first, rest = GRAPHS[f"vae_{kind}_first"], GRAPHS[f"vae_{kind}_chunk"]
+        s_first, s_rest = session(folder / f"{first.name}.onnx"), session(folder / f"{rest.name}.onnx")
+        caches = [torch.zeros(s.shape) for s in first.inputs[1:]]
+        outs = []
+        for i, x in enumerate(chunks):
+            out, *caches = run(s_first if i == 0 else s_rest, first if i == 0 else rest, [x, *caches])
+            outs.append(out)
+        return torch.cat(outs, dim=2)
+
+    z = loop("encode", [video[:, :, :1], *video[:, :, 1:].split(4, dim=2)])
+    frames = loop("decode", list(z_ref.split(1, dim=2)))
+    assert z.shape == (1, 16, t, h, w) and frames.shape == video.shape
+    for what, a, b in (("encode", z, z_ref), ("decode", frames, frames_ref)):
+        err, rel = rel_err(a, b)
+        assert rel < TOL, f"{what}: max abs {err:.3g}, max rel {rel:.3g}"
+
+
+@pytest.fixture(scope="module")
+def bf16_files(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16")
+    # dit_b1 is dit_b2's code at batch 1: one DiT graph is enough for structure
+    graphs = C.graphs(PRESET, SHAPE, "bf16", cfg_batch=(2,))
+    return {g.name: (g, export_graph(g, tiny_ckpt, out / f"{g.name}.onnx", preset=PRESET)) for g in graphs}
+
+
+def test_bf16_graph_structure(bf16_files):
+    for name, (g, path) in bf16_files.items():
+        # contract I/O (names, shapes, dtypes), TensorRT ops only, no float64, norms in fp32
+        assert P.check_graph(path, g) == [], name
+        onnx.checker.check_model(str(path), full_check=True)  # types consistent after the passes
+        model = P.load_structure(path)
+        # matmul / conv / embedding weights (the fixed fp32 tables and small folded casts aside)
+        weights = [t for t in model.graph.initializer if t.name.startswith(C.WEIGHT_PREFIX) and len(t.dims) >= 2
+                   and t.name.endswith(".weight")]
+        assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights), \
+            f"{name}: weights not bf16: {[t.name for t in weights if t.data_type != onnx.TensorProto.BFLOAT16][:3]}"
+        if g.component == "vae":  # caches stay in the compute dtype, frames and latents fp32
+            assert all(s.dtype == "bfloat16" for s in g.inputs[1:] + g.outputs[1:])
+            assert g.inputs[0].dtype == g.outputs[0].dtype == "float32"
+
+
+def test_fp32_graphs_pass_the_checks(folder):
+    for name, g in GRAPHS.items():
+        assert P.check_graph(folder / f"{name}.onnx", g) == [], name
+
+
+def _tiny_model(nodes, inputs, outputs, opset=23, domains=()):
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs)
+    imports = [onnx.helper.make_opsetid("", opset)] + [onnx.helper.make_opsetid(d, 1) for d in domains]
+    return onnx.helper.make_model(graph, opset_imports=imports)
+
+
+def test_check_trt_ops_flags_unsupported_ops():
+    f = onnx.TensorProto.FLOAT
+    x = onnx.helper.make_tensor_value_info("x", f, [4])
+    y = onnx.helper.make_tensor_value_info("y", f, [None])
+    z = onnx.helper.make_tensor_value_info("z", f, [4])
+    nodes = [onnx.helper.make_node("Unique", ["x"], ["y"]),
+             onnx.helper.make_node("Relu", ["x"], ["r"]),
+             onnx.helper.make_node("FusedGemm", ["r"], ["z"], domain="com.microsoft")]
+    model = _tiny_model(nodes, [x], [y, z], domains=("com.microsoft",))
+    assert P.check_trt_ops(model) == ["Unique", "com.microsoft::FusedGemm"]
+    assert P.check_trt_ops(model, plugins=("FusedGemm",)) == ["Unique"]
+    ok = _tiny_model([onnx.helper.make_node("Relu", ["x"], ["z"])], [x], [z])
+    assert P.check_trt_ops(ok) == []
+
+
+def test_attention_outside_trt_limits_is_found():
+    f = onnx.TensorProto.FLOAT
+    q3 = onnx.helper.make_tensor_value_info("q", f, [1, 4, 8])  # 3D (heads as attributes): TensorRT wants 4D
+    y3 = onnx.helper.make_tensor_value_info("y", f, [1, 4, 8])
+    node = onnx.helper.make_node("Attention", ["q", "q", "q"], ["y"], q_num_heads=2, kv_num_heads=2, name="a3")
+    assert P.attention_problems(_tiny_model([node], [q3], [y3])) == ["a3"]
+    q4 = onnx.helper.make_tensor_value_info("q", f, [1, 2, 4, 4])
+    y4 = onnx.helper.make_tensor_value_info("y", f, [1, 2, 4, 4])
+    node = onnx.helper.make_node("Attention", ["q", "q", "q"], ["y"], name="a4")
+    assert P.attention_problems(_tiny_model([node], [q4], [y4])) == []
+
+
+def test_float64_is_found():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])
+    z = onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [4])
+    nodes = [onnx.helper.make_node("Cast", ["x"], ["d"], to=onnx.TensorProto.DOUBLE, name="to64"),
+             onnx.helper.make_node("Cast", ["d"], ["z"], to=onnx.TensorProto.FLOAT, name="to32")]
+    assert P.float64_tensors(_tiny_model(nodes, [x], [z])) == ["Cast to64"]
+
+
+def test_streamed_export_equals_direct(folder, tiny_ckpt, tmp_path):
+    """The meta-device route with weights streamed from the checkpoint gives the direct export's numbers;
+    every weight matrix is read exactly once, while the data file is written, never during optimisation."""
+    g = GRAPHS["dit_b1"]
+    reads = {}
+    src = tensor_source(tiny_ckpt, "dit")
+
+    def counting(key, get):
+        def read():
+            reads[key] = reads.get(key, 0) + 1
+            return get()
+        return read
+
+    path = export_graph(g, tiny_ckpt, tmp_path / "dit_b1.onnx", preset=PRESET, stream=True,
+                        source={k: counting(k, v) for k, v in src.items()})
+    assert path.with_name("dit_b1.onnx.data").exists()
+    # (the optimizer's pattern matcher may peek at a small operand such as emb_pos; it keeps nothing)
+    matrices = {k for k in src if k.endswith(".weight") and src[k]().ndim >= 2}
+    assert set(reads) == set(src) and all(reads[k] == 1 for k in matrices), \
+        {k: n for k, n in reads.items() if k in matrices and n != 1}
+    inputs = C.sample_inputs(g, seed=2)
+    streamed = run(session(path), g, inputs)[0]
+    direct = run(session(folder / "dit_b1.onnx"), g, inputs)[0]
+    err, rel = rel_err(streamed, direct)
+    assert rel < 1e-5, f"streamed vs direct: max abs {err:.3g}, max rel {rel:.3g}"
+
+
+def test_peak_rss_anon_sees_an_allocation():
+    from flf2v.bench.export_memory import PeakRssAnon, rss_anon_bytes
+    assert rss_anon_bytes() > 0
+    with PeakRssAnon(interval=0.001) as m:
+        a = np.ones(64 << 20, dtype=np.float32)  # 256 MiB, touched
+        a.sum()
+        del a
+    assert m.peak - m.start > 200 << 20, (m.start, m.peak)
