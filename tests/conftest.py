@@ -44,5 +44,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def tiny_engines(tiny_ckpt, tmp_path_factory):
     """ONNX Runtime engines (fp32) of the tiny checkpoint, built once per session by flf2v-build."""
     from flf2v.export.build import build
-    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.mktemp("engines") / "cpu-ort", backend="ort",
+    # the folder test_export.py / test_build.py use too: whoever comes later finds the engines current
+    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort",
                  progress=False)
