@@ -47,32 +47,16 @@ class ExportError(RuntimeError):
 
 # ---- networks and their checkpoint tensors --------------------------------------------------------
 
-def build_meta(ckpt_dir, component: str, preset: Preset) -> nn.Module:
-    """The network of `component` on the meta device (fixed tables real on the CPU)."""
-    from flf2v.models.clip import CLIPVisual
-    from flf2v.models.dit import WanDiT
-    from flf2v.models.t5 import UMT5Encoder
-    from flf2v.models.vae import WanVAE
-    with torch.device("meta"):
-        if component == "dit":
-            return WanDiT(ck.read_dit_config(ckpt_dir, preset.dit))
-        return {"t5": lambda: UMT5Encoder(preset.t5), "clip": lambda: CLIPVisual(preset.clip),
-                "vae": lambda: WanVAE(preset.vae)}[component]()
+build_meta = ck.build_meta
 
 
 def tensor_source(ckpt_dir, component: str) -> dict:
     """name -> lazy getter of the checkpoint tensors of `component` (keys as the network names them)."""
-    d = Path(ckpt_dir)
-    if component == "dit":
-        return ck.dit_tensor_source(d)
-    if component == "clip":  # the file holds both CLIP towers; the network is the visual one
-        return ck.pth_tensor_source(d / ck.CLIP_FILE, prefix="visual.")
-    return ck.pth_tensor_source(d / {"t5": ck.T5_FILE, "vae": ck.VAE_FILE}[component])
+    return ck.tensor_source(ckpt_dir, component)[0]
 
 
 def load_component(ckpt_dir, component: str, dtype: torch.dtype, preset: Preset) -> nn.Module:
-    loader = {"dit": ck.load_dit, "t5": ck.load_t5, "clip": ck.load_clip, "vae": ck.load_vae}[component]
-    return loader(ckpt_dir, dtype, preset)
+    return ck.load(ckpt_dir, component, dtype, preset)
 
 
 def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:

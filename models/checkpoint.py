@@ -168,41 +168,61 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
     return model.eval().requires_grad_(False)
 
 
-def _build(cls, *args, **kw) -> torch.nn.Module:
+COMPONENTS = ("dit", "t5", "clip", "vae")
+
+
+def build_meta(ckpt_dir, component: str, preset: Preset, **kw) -> torch.nn.Module:
+    """The network of `component` on the meta device (its fixed tables are built real on the CPU)."""
+    from .clip import CLIPVisual
+    from .dit import WanDiT
+    from .t5 import UMT5Encoder
+    from .vae import WanVAE
     with torch.device("meta"):
-        return cls(*args, **kw)
+        if component == "dit":
+            return WanDiT(read_dit_config(ckpt_dir, preset.dit), **kw)
+        return {"t5": lambda: UMT5Encoder(preset.t5), "clip": lambda: CLIPVisual(preset.clip),
+                "vae": lambda: WanVAE(preset.vae)}[component]()
+
+
+def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torch.Tensor]], str, Callable]:
+    """(lazy tensors keyed as the network names them, the file they come from, keys to skip)."""
+    d = Path(ckpt_dir)
+    if component == "dit":
+        return dit_tensor_source(d), str(d / DIT_INDEX), lambda k: False
+    if component == "clip":
+        from .clip import ignored_keys
+        ignored = ignored_keys(preset_for(d).clip)
+        # the file holds both CLIP towers; only `visual.*` (minus the unused tail) belongs to the model
+        return (pth_tensor_source(d / CLIP_FILE, prefix="visual."), str(d / CLIP_FILE),
+                lambda k: ignored("visual." + k))
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
+    path = d / {"t5": T5_FILE, "vae": VAE_FILE}[component]
+    return pth_tensor_source(path), str(path), lambda k: False
+
+
+def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, **kw) -> torch.nn.Module:
+    """`component` ("dit", "t5", "clip" or "vae") of an official checkpoint, weights in `dtype`."""
+    preset = preset or preset_for(ckpt_dir)
+    model = build_meta(ckpt_dir, component, preset, **kw)
+    source, origin, ignore = tensor_source(ckpt_dir, component)
+    return fill(model, source, dtype, origin, ignore)
 
 
 def load_dit(ckpt_dir, dtype=torch.float32, preset: Preset | None = None, **kw):
-    from .dit import WanDiT
-    preset = preset or preset_for(ckpt_dir)
-    cfg = read_dit_config(ckpt_dir, preset.dit)
-    model = _build(WanDiT, cfg, **kw)
-    return fill(model, dit_tensor_source(ckpt_dir), dtype, f"{Path(ckpt_dir) / DIT_INDEX}")
+    return load(ckpt_dir, "dit", dtype, preset, **kw)
 
 
 def load_t5(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
-    from .t5 import UMT5Encoder
-    preset = preset or preset_for(ckpt_dir)
-    path = Path(ckpt_dir) / T5_FILE
-    return fill(_build(UMT5Encoder, preset.t5), pth_tensor_source(path), dtype, str(path))
+    return load(ckpt_dir, "t5", dtype, preset)
 
 
 def load_clip(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
-    from .clip import CLIPVisual, ignored_keys
-    preset = preset or preset_for(ckpt_dir)
-    path = Path(ckpt_dir) / CLIP_FILE
-    ignored = ignored_keys(preset.clip)
-    # the file holds both CLIP towers; only `visual.*` (minus the unused tail) belongs to the model
-    src = pth_tensor_source(path, prefix="visual.")
-    return fill(_build(CLIPVisual, preset.clip), src, dtype, str(path), ignore=lambda k: ignored("visual." + k))
+    return load(ckpt_dir, "clip", dtype, preset)
 
 
 def load_vae(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
-    from .vae import WanVAE
-    preset = preset or preset_for(ckpt_dir)
-    path = Path(ckpt_dir) / VAE_FILE
-    return fill(_build(WanVAE, preset.vae), pth_tensor_source(path), dtype, str(path))
+    return load(ckpt_dir, "vae", dtype, preset)
 
 
 def load_tokenizer(ckpt_dir, preset: Preset | None = None):
