@@ -6,6 +6,7 @@ import torch
 
 from flf2v.models.clip import CHECKPOINT_PREFIX, CLIPVisual, ignored_keys, preprocess
 from flf2v.models.config import get_preset
+from flf2v.models.diffusers_format import clip_to_transformers
 
 CFG = get_preset("tiny").clip
 
@@ -33,25 +34,6 @@ def official_visual_keys(cfg):
     return keys
 
 
-def from_transformers(hf: dict, cfg) -> dict:
-    """CLIPVisionModel keys -> ours (the map in the spec); the HF model's last layer has no counterpart."""
-    hf = {k.removeprefix("vision_model."): v for k, v in hf.items()}
-    out = {"patch_embedding.weight": hf["embeddings.patch_embedding.weight"],
-           "cls_embedding": hf["embeddings.class_embedding"].view(1, 1, -1),
-           "pos_embedding": hf["embeddings.position_embedding.weight"][None],
-           "pre_norm.weight": hf["pre_layrnorm.weight"], "pre_norm.bias": hf["pre_layrnorm.bias"]}
-    names = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
-             "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
-    for i in range(cfg.num_layers - 1):
-        p = f"encoder.layers.{i}."
-        for t in ("weight", "bias"):
-            out[f"transformer.{i}.attn.to_qkv.{t}"] = torch.cat(
-                [hf[f"{p}self_attn.{n}_proj.{t}"] for n in "qkv"])
-            for a, b in names.items():
-                out[f"transformer.{i}.{b}.{t}"] = hf[f"{p}{a}.{t}"]
-    return out
-
-
 def test_keys_and_ignored_keys():
     model = CLIPVisual(CFG)
     official = {CHECKPOINT_PREFIX + k for k in official_visual_keys(CFG)}
@@ -77,9 +59,14 @@ def test_parity_vs_transformers_clip_vision():
                               num_attention_heads=CFG.num_heads, num_hidden_layers=CFG.num_layers,
                               image_size=CFG.image_size, patch_size=CFG.patch_size, hidden_act="gelu",
                               layer_norm_eps=CFG.eps, attn_implementation="eager")
-    ref = randomize(CLIPVisionModel(hf_cfg)).eval()
-    model = CLIPVisual(CFG).eval()
-    model.load_state_dict(from_transformers(ref.state_dict(), CFG), strict=True)
+    model = randomize(CLIPVisual(CFG)).eval()
+    ref = CLIPVisionModel(hf_cfg).eval()
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in ref.state_dict()) else ""  # transformers 4
+    missing, unexpected = ref.load_state_dict(clip_to_transformers(model.state_dict(), prefix), strict=False)
+    # ours stops at the penultimate block: the reference's last block and post-norm (unused by
+    # hidden_states[-2]) are all that is left unloaded
+    last = (f"{prefix}encoder.layers.{CFG.num_layers - 1}.", f"{prefix}post_layernorm.")
+    assert not unexpected and missing and all(k.startswith(last) for k in missing), (missing, unexpected)
     images = torch.randn(2, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(images)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flf2v.models.config import get_preset
+from flf2v.models.diffusers_format import t5_to_transformers
 from flf2v.models.t5 import UMT5Encoder, fp16_clamp
 
 CFG = get_preset("tiny").t5
@@ -32,24 +33,6 @@ def official_keys(cfg):
     return keys
 
 
-def to_transformers(sd: dict) -> dict:
-    """Our (official) keys -> UMT5EncoderModel keys (the map in the spec)."""
-    emb = sd["token_embedding.weight"]
-    out = {"shared.weight": emb, "encoder.embed_tokens.weight": emb,
-           "encoder.final_layer_norm.weight": sd["norm.weight"]}
-    names = {"attn.q": "layer.0.SelfAttention.q", "attn.k": "layer.0.SelfAttention.k",
-             "attn.v": "layer.0.SelfAttention.v", "attn.o": "layer.0.SelfAttention.o",
-             "pos_embedding.embedding": "layer.0.SelfAttention.relative_attention_bias",
-             "norm1": "layer.0.layer_norm", "norm2": "layer.1.layer_norm",
-             "ffn.gate.0": "layer.1.DenseReluDense.wi_0", "ffn.fc1": "layer.1.DenseReluDense.wi_1",
-             "ffn.fc2": "layer.1.DenseReluDense.wo"}
-    for k, v in sd.items():
-        if k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
-            out[f"encoder.block.{i}.{names[rest.removesuffix('.weight')]}.weight"] = v
-    return out
-
-
 def batch(cfg, lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, cfg.vocab, (len(lengths), cfg.text_len), generator=g)
@@ -73,7 +56,7 @@ def test_parity_vs_transformers_umt5():
                         relative_attention_max_distance=CFG.max_distance, dropout_rate=0.0,
                         layer_norm_epsilon=CFG.eps, feed_forward_proj="gated-gelu", attn_implementation="eager")
     ref = UMT5EncoderModel(hf_cfg).eval()
-    ref.load_state_dict(to_transformers(model.state_dict()), strict=True)
+    ref.load_state_dict(t5_to_transformers(model.state_dict()), strict=True)
 
     lengths = [CFG.text_len, 300, 7]  # full, beyond max_distance, short
     ids, mask = batch(CFG, lengths)

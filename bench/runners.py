@@ -1,0 +1,241 @@
+"""What the benchmark runs: our pipeline on each backend, and the peer, diffusers' WanImageToVideoPipeline.
+
+Every runner loads once, then `run(job)` makes one video and returns a `RunResult`: end-to-end time,
+per-stage time and peak memory, the time inside network calls (CPU) and the video [3, F, H, W] in
+[-1, 1]. A backend this machine cannot run raises `Unavailable` with the reason.
+"""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from flf2v.runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, Pipeline
+
+from .measure import CallMeter, Probe, StageProbe, TimedBackend
+
+STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
+BACKENDS = ("torch", "torch-triton", "ort", "trt", "diffusers")
+
+
+class Unavailable(RuntimeError):
+    """This backend cannot run on this machine; the message says why."""
+
+
+@dataclass
+class Job:
+    ckpt_dir: Path
+    preset: object  # models.config.Preset
+    width: int
+    height: int
+    frames: int
+    steps: int
+    shift: float
+    guide: float
+    seed: int = 42
+    prompt: str = "A red ball rolls across a wooden table, the camera slowly follows it"
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}*{self.height}"
+
+    def frames_in(self) -> tuple[Image.Image, Image.Image]:
+        """First and last frame at exactly the output size: both pipelines then resize nothing for the VAE."""
+        from flf2v.models.make_tiny import write_demo_frames
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            a, b = write_demo_frames(d, (self.width, self.height))
+            return Image.open(a).convert("RGB"), Image.open(b).convert("RGB")
+
+
+@dataclass
+class RunResult:
+    seconds: float  # end to end
+    stages: dict[str, float]
+    host_peak: dict[str, int]
+    cuda_peak: dict[str, int | None]
+    network_seconds: float | None  # time inside network calls (None where it cannot be told: GPU)
+    video: torch.Tensor = field(repr=False)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a closed runner held, and hand freed heap back to the OS so the next backend's RSS starts
+    near where this one's did."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """End-to-end time: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+class OursRunner:
+    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort or trt."""
+
+    def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
+        self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root
+        self.build_seconds = self.folder = None
+
+    def load(self) -> None:
+        from flf2v.models import checkpoint as ck
+        from flf2v.runtime.torch_backend import TorchBackend
+        job, kind = self.job, self.name
+        if kind in ("torch-triton", "trt") and self.device.type != "cuda":
+            raise Unavailable("needs a CUDA GPU")
+        if kind in ("torch", "torch-triton"):
+            backend = TorchBackend(job.ckpt_dir, job.preset, self.dtype, self.device,
+                                   attention="triton" if kind == "torch-triton" else "sdpa")
+        else:
+            try:
+                from flf2v.runtime.engines import open_backend
+            except ImportError as e:
+                raise Unavailable(f"flf2v.runtime.engines not importable ({e})") from None
+            self.folder = self.folder or self._build_engines(kind)
+            try:
+                backend = open_backend(kind, self.folder, job.ckpt_dir, job.preset, self.device)
+            except Exception as e:
+                raise Unavailable(f"open_backend failed: {type(e).__name__}: {e}") from None
+        self.meter = CallMeter()
+        self.probe = Probe(self.device)
+        timed = self.device.type == "cpu"  # on a GPU a host timer around a call measures the launch only
+        self.pipe = Pipeline(TimedBackend(backend, self.meter) if timed else backend,
+                             ck.load_tokenizer(job.ckpt_dir, job.preset), job.preset, self.device)
+        self.pipe.times = StageProbe(self.probe)
+        self.first, self.last = job.frames_in()
+
+    def _build_engines(self, kind: str) -> Path:
+        """Engines for this job's output grid, built once into engines_root by `flf2v-build` (a child process,
+        so the export's memory is not this process's)."""
+        try:
+            from flf2v.export.contracts import engine_shapes
+            shapes = engine_shapes(self.job.preset)
+        except (ImportError, ValueError) as e:
+            raise Unavailable(f"no engine shapes: {e}") from None
+        job = self.job
+        match = [s.name for s in shapes.values() if (s.width, s.height, s.frame_num) == (job.width, job.height,
+                                                                                          job.frames)]
+        if not match:
+            raise Unavailable(f"export/contracts.py has no engine shape {job.width}x{job.height}x{job.frames} for "
+                              f"model preset {job.preset.name}")
+        precision = "fp32" if self.dtype == torch.float32 else "bf16"
+        folder = self.engines_root / f"{kind}-{job.preset.name}-{match[0]}-{precision}"
+        cmd = [sys.executable, "-c", "import sys; from flf2v.export.build import main; sys.exit(main(sys.argv[1:]))",
+               "--ckpt_dir", str(job.ckpt_dir), "--preset", match[0], "--precision", precision, "--backend", kind,
+               "--cfg_batch", "2", "--out", str(folder), "--quiet"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        self.build_seconds = time.perf_counter() - t0
+        if proc.returncode:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+            raise Unavailable(f"flf2v-build failed (exit {proc.returncode}): {lines[-1]}")
+        return folder
+
+    def run(self) -> RunResult:
+        job = self.job
+        self.meter.clear()
+        self.probe.clear()
+        _sync(self.device)
+        with _Clock(self.device) as clock:  # as users run it: no extra grad mode
+            video = self.pipe.generate(job.prompt, self.first, self.last, size=job.size, frame_num=job.frames,
+                                       sample_steps=job.steps, sample_shift=job.shift, guide_scale=job.guide,
+                                       seed=job.seed, negative_prompt=job.negative_prompt, progress=False)
+        s = self.probe.samples
+        return RunResult(clock.seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
+                         {k: v.cuda_peak for k, v in s.items()},
+                         self.meter.total if self.device.type == "cpu" else None, video.float().cpu())
+
+    def close(self) -> None:
+        self.pipe = None
+        release_memory(self.device)
+
+
+class DiffusersRunner:
+    """The peer: diffusers' WanImageToVideoPipeline (with last_image) on the same checkpoint and settings.
+
+    Stages are its network calls (text encoder x2, image encoder, VAE encode, transformer x2 per step,
+    VAE decode); `denoise` spans from the first transformer call to the end of the last scheduler step."""
+
+    name = "diffusers"
+
+    def __init__(self, job: Job, device: torch.device, dtype: torch.dtype):
+        self.job, self.device, self.dtype = job, device, dtype
+        self.build_seconds = None
+
+    def load(self) -> None:
+        try:
+            from flf2v.models.diffusers_format import build_pipeline
+            self.pipe = build_pipeline(self.job.ckpt_dir, self.job.preset, self.dtype, self.device, self.job.shift)
+        except ImportError as e:
+            raise Unavailable(f"diffusers not importable ({e})") from None
+        self.pipe.set_progress_bar_config(disable=True)
+        self.meter, self.probe = CallMeter(), Probe(self.device)
+        p, m, pr = self.pipe, self.meter, self.probe
+        for stage, obj in (("text_encoder", p.text_encoder), ("image_encoder", p.image_encoder),
+                           ("denoise", p.transformer)):
+            obj.forward = m.wrap(stage, obj.forward, pr)
+        p.vae.encode = m.wrap("vae_encode", p.vae.encode, pr)
+        p.vae.decode = m.wrap("vae_decode", p.vae.decode, pr)
+        p.scheduler.step = m.wrap("scheduler", p.scheduler.step, pr)
+        self.first, self.last = self.job.frames_in()
+
+    def run(self) -> RunResult:
+        job = self.job
+        self.meter.clear()
+        self.probe.clear()
+        _sync(self.device)
+        with _Clock(self.device) as clock:  # as users run it: no extra grad mode
+            out = self.pipe(image=self.first, last_image=self.last, prompt=job.prompt,
+                            negative_prompt=job.negative_prompt, height=job.height, width=job.width,
+                            num_frames=job.frames, num_inference_steps=job.steps, guidance_scale=job.guide,
+                            generator=torch.Generator().manual_seed(job.seed), output_type="pt")
+        m, s = self.meter, self.probe.samples
+        stages = {k: m.seconds[k] for k in STAGES if k in m.seconds and k != "denoise"}
+        stages["denoise"] = m.last["scheduler"] - m.first["denoise"]
+        host = {k: s[k].host_peak for k in stages if k in s}
+        cuda = {k: s[k].cuda_peak for k in stages if k in s}
+        host["denoise"] = max(s["denoise"].host_peak, s["scheduler"].host_peak)
+        cuda["denoise"] = s["denoise"].cuda_peak
+        network = sum(v for k, v in m.seconds.items() if k != "scheduler")
+        video = out.frames[0].permute(1, 0, 2, 3).float().cpu() * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
+        return RunResult(clock.seconds, stages, host, cuda, network if self.device.type == "cpu" else None, video)
+
+    def close(self) -> None:
+        self.pipe = None
+        release_memory(self.device)
