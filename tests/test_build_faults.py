@@ -1,0 +1,59 @@
+"""Real faults during engine builds: a build process killed mid-export, two builds into one folder."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import onnxruntime as ort
+
+REDO = ("t5", "clip")
+
+
+def _build_cmd(ckpt, out):
+    return [sys.executable, "-m", "flf2v.export.build", "--ckpt_dir", str(ckpt), "--out", str(out), "--quiet"]
+
+
+def _forget(folder, names):
+    m = json.loads((folder / "manifest.json").read_text())
+    for n in names:
+        del m["engines"][n]
+        (folder / f"{n}.onnx").unlink()
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _complete(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    for name, e in m["engines"].items():
+        for f, size in e["files"].items():
+            assert (folder / f).stat().st_size == size, f"{f} recorded as finished but has another size"
+        ort.InferenceSession(str(folder / e["file"]), providers=["CPUExecutionProvider"])
+    return m
+
+
+def test_killed_build_leaves_nothing_taken_for_finished(tiny_engines, tiny_ckpt, tmp_path):
+    work = shutil.copytree(tiny_engines, tmp_path / "e")
+    _forget(work, REDO)
+    p = subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.glob(".*partial*")):  # an export under way
+        time.sleep(0.05)
+    assert list(work.glob(".*partial*")), "the build never started an export"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    m = _complete(work)  # what the manifest calls finished is whole
+    assert not set(REDO) <= set(m["engines"]), "the killed build cannot have finished both graphs"
+    assert subprocess.run(_build_cmd(tiny_ckpt, work), capture_output=True).returncode == 0
+    m = _complete(work)
+    assert set(REDO) <= set(m["engines"]) and not list(work.glob(".*partial*"))
+
+
+def test_two_builds_into_one_folder(tiny_engines, tiny_ckpt, tmp_path):
+    work = shutil.copytree(tiny_engines, tmp_path / "e")
+    _forget(work, REDO[:1])
+    procs = [subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    m = _complete(work)
+    assert REDO[0] in m["engines"] and not list(work.glob(".*partial*"))
