@@ -7,6 +7,7 @@ CKPT ?= $(DEMO)/ckpt
 PRESET ?=
 PRECISION ?=
 ENGINES ?=
+ATTENTION ?=
 
 .PHONY: setup test demo engines bench clean
 
@@ -31,10 +32,11 @@ demo: setup
 	  --prompt "A red ball rolls across a wooden table" --base_seed 42 \
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
-# make engines CKPT=<checkpoint dir> [PRESET=720p] [PRECISION=bf16|fp32] [ENGINES=<folder>]
+# make engines CKPT=<checkpoint dir> [PRESET=720p] [PRECISION=bf16|fp32] [ENGINES=<folder>] [ATTENTION=plugin]
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
-	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES))
+	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
+	  $(if $(ATTENTION),--attention $(ATTENTION))
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

@@ -9,10 +9,11 @@ Two routes to the same graph:
   graph structure, whatever the model size. The fixed tables (RoPE, time sinusoid, T5 buckets, VAE
   mean/std) are built real in `__init__` even under meta; their real values are taken before the module
   moves to meta and attached the same way.
-Both routes finish with the exporter's own optimizer (fusing RMSNormalization etc.), then `passes.clean`,
-then `passes.check_graph`. Files are written in a private temporary folder beside the destination and
-renamed into place, data file first and graph last, so a killed export never leaves a graph that looks
-finished.
+DiT graphs take `attention="plugin"` to carry the fused Triton attention as flf2v TensorRT plugin nodes
+instead of the standard Attention node (plugins.py). Both routes finish with the exporter's own
+optimizer (fusing RMSNormalization etc.), then `passes.clean`, then `passes.check_graph`. Files are
+written in a private temporary folder beside the destination and renamed into place, data file first
+and graph last, so a killed export never leaves a graph that looks finished.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import nn
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
 
-from . import passes
+from . import passes, plugins
 from .contracts import WEIGHT_PREFIX, Graph, module, sample_inputs
 
 OPSET = 23
@@ -67,18 +68,22 @@ def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
 
 # ---- export routes --------------------------------------------------------------------------------
 
-def _trace(mod: nn.Module, graph: Graph, args, optimize: bool):
+def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = "onnx"):
+    """attention="plugin": the DiT's attention as flf2v TensorRT plugin nodes (see plugins.py)."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    table = plugins.translation_table() if attention == "plugin" else None
+    ops = plugins.triton_attention(mod) if table else contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), ops:
         warnings.simplefilter("ignore")
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
                                  input_names=[s.name for s in graph.inputs],
-                                 output_names=[s.name for s in graph.outputs], verbose=False)
+                                 output_names=[s.name for s in graph.outputs], verbose=False,
+                                 custom_translation_table=table)
 
 
-def export_direct(graph: Graph, mod: nn.Module, folder: Path) -> Path:
+def export_direct(graph: Graph, mod: nn.Module, folder: Path, attention: str = "onnx") -> Path:
     """Trace a real adapter module (see `contracts.module`) into folder/<graph>.onnx."""
-    prog = _trace(mod, graph, sample_inputs(graph, 0), optimize=True)
+    prog = _trace(mod, graph, sample_inputs(graph, 0), optimize=True, attention=attention)
     path = folder / f"{graph.name}.onnx"
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     prog.save(path, external_data=size > EXTERNAL_BYTES)
@@ -142,7 +147,8 @@ def _optimize_keeping_weights(model: ir.Model) -> None:
         onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
-def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None) -> Path:
+def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None,
+                    attention: str = "onnx") -> Path:
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
     dtype = graph.compute_dtype
@@ -157,7 +163,7 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     tables = _to_meta(net, dtype)
     mod = module(graph, {graph.component: net})
     args = [torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in graph.inputs]
-    prog = _trace(mod, graph, args, optimize=False)
+    prog = _trace(mod, graph, args, optimize=False, attention=attention)
 
     inits = prog.model.graph.initializers
     for name, value in inits.items():
@@ -190,7 +196,8 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, preset: Preset | None = None,
-                 stream: bool | None = None, source: dict | None = None, check: bool = True) -> Path:
+                 stream: bool | None = None, source: dict | None = None, check: bool = True,
+                 attention: str = "onnx") -> Path:
     """Export `graph` to `path` (a `.onnx` file, with `<path>.data` beside it when weights are external).
 
     `module_or_ckpt` is either an adapter module (`contracts.module`) with real weights, exported
@@ -198,26 +205,32 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
     None and its weights exceed STREAM_BYTES, else loaded and exported directly. `source` replaces the
     checkpoint's tensors on the streamed route (key -> getter; used by the memory benchmark).
     The graph goes through `passes.clean` and, if `check`, `passes.check_graph` (ExportError on failure).
+    `attention` (DiT graphs): "onnx", TensorRT's own Attention node, or "plugin", the fused Triton kernels
+    as flf2v TensorRT plugin nodes (plugins.py; TensorRT only, ONNX Runtime cannot run them).
     """
+    if attention not in plugins.ATTENTION:
+        raise ValueError(f"attention must be one of {plugins.ATTENTION}, got {attention!r}")
+    if attention == "plugin" and graph.component != "dit":
+        raise ValueError(f"attention='plugin' applies to DiT graphs, not {graph.name!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
     try:
         if isinstance(module_or_ckpt, nn.Module):
-            out = export_direct(graph, module_or_ckpt, tmp)
+            out = export_direct(graph, module_or_ckpt, tmp, attention)
         else:
             ckpt_dir = Path(module_or_ckpt)
             preset = preset or ck.preset_for(ckpt_dir)
             if stream is None:
                 stream = weight_bytes(build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
             if stream or source is not None:
-                out = export_streamed(graph, ckpt_dir, preset, tmp, source)
+                out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention)
             else:
                 net = load_component(ckpt_dir, graph.component, graph.compute_dtype, preset)
-                out = export_direct(graph, module(graph, {graph.component: net}), tmp)
+                out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention)
         passes.clean(out)
         if check:
-            problems = passes.check_graph(out, graph)
+            problems = passes.check_graph(out, graph, plugins.PLUGINS if attention == "plugin" else ())
             if problems:
                 raise ExportError(f"{graph.name}: " + "; ".join(problems))
         _publish(tmp, path)

@@ -181,7 +181,9 @@ class TrtBackend(EngineBackend):
     def __init__(self, folder, ckpt_dir, preset, device="cuda"):
         super().__init__(folder, ckpt_dir, preset, device, "trt")
         import tensorrt as trt
-        self._trt = trt
+        if self.manifest.get("attention") == "plugin":  # DiT engines with the fused Triton attention plugins
+            from flf2v.kernels.trt_plugin import register_plugins
+            register_plugins()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict = {}
 
