@@ -106,6 +106,16 @@ class _Clock:
             self.seconds = time.perf_counter() - self.t0
 
 
+def _timed(runner, call):
+    """Reset the runner's meters, then run `call()` under the end-to-end clock: (seconds, result)."""
+    runner.meter.clear()
+    runner.probe.clear()
+    _sync(runner.device)
+    with _Clock(runner.device) as clock:  # as users run it: no extra grad mode
+        out = call()
+    return clock.seconds, out
+
+
 class OursRunner:
     """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort or trt."""
 
@@ -169,15 +179,12 @@ class OursRunner:
 
     def run(self) -> RunResult:
         job = self.job
-        self.meter.clear()
-        self.probe.clear()
-        _sync(self.device)
-        with _Clock(self.device) as clock:  # as users run it: no extra grad mode
-            video = self.pipe.generate(job.prompt, self.first, self.last, size=job.size, frame_num=job.frames,
-                                       sample_steps=job.steps, sample_shift=job.shift, guide_scale=job.guide,
-                                       seed=job.seed, negative_prompt=job.negative_prompt, progress=False)
+        seconds, video = _timed(self, lambda: self.pipe.generate(
+            job.prompt, self.first, self.last, size=job.size, frame_num=job.frames, sample_steps=job.steps,
+            sample_shift=job.shift, guide_scale=job.guide, seed=job.seed, negative_prompt=job.negative_prompt,
+            progress=False))
         s = self.probe.samples
-        return RunResult(clock.seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
+        return RunResult(seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
                          {k: v.cuda_peak for k, v in s.items()},
                          self.meter.total if self.device.type == "cpu" else None, video.float().cpu())
 
@@ -217,14 +224,10 @@ class DiffusersRunner:
 
     def run(self) -> RunResult:
         job = self.job
-        self.meter.clear()
-        self.probe.clear()
-        _sync(self.device)
-        with _Clock(self.device) as clock:  # as users run it: no extra grad mode
-            out = self.pipe(image=self.first, last_image=self.last, prompt=job.prompt,
-                            negative_prompt=job.negative_prompt, height=job.height, width=job.width,
-                            num_frames=job.frames, num_inference_steps=job.steps, guidance_scale=job.guide,
-                            generator=torch.Generator().manual_seed(job.seed), output_type="pt")
+        seconds, out = _timed(self, lambda: self.pipe(
+            image=self.first, last_image=self.last, prompt=job.prompt, negative_prompt=job.negative_prompt,
+            height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=job.steps,
+            guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"))
         m, s = self.meter, self.probe.samples
         stages = {k: m.seconds[k] for k in STAGES if k in m.seconds and k != "denoise"}
         stages["denoise"] = m.last["scheduler"] - m.first["denoise"]
@@ -234,7 +237,7 @@ class DiffusersRunner:
         cuda["denoise"] = s["denoise"].cuda_peak
         network = sum(v for k, v in m.seconds.items() if k != "scheduler")
         video = out.frames[0].permute(1, 0, 2, 3).float().cpu() * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
-        return RunResult(clock.seconds, stages, host, cuda, network if self.device.type == "cpu" else None, video)
+        return RunResult(seconds, stages, host, cuda, network if self.device.type == "cpu" else None, video)
 
     def close(self) -> None:
         self.pipe = None

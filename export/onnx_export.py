@@ -48,18 +48,6 @@ class ExportError(RuntimeError):
 
 # ---- networks and their checkpoint tensors --------------------------------------------------------
 
-build_meta = ck.build_meta
-
-
-def tensor_source(ckpt_dir, component: str) -> dict:
-    """name -> lazy getter of the checkpoint tensors of `component` (keys as the network names them)."""
-    return ck.tensor_source(ckpt_dir, component)[0]
-
-
-def load_component(ckpt_dir, component: str, dtype: torch.dtype, preset: Preset) -> nn.Module:
-    return ck.load(ckpt_dir, component, dtype, preset)
-
-
 def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the state dict once floating tensors are cast to `dtype` (works on meta modules)."""
     return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
@@ -152,8 +140,8 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
     dtype = graph.compute_dtype
-    net = build_meta(ckpt_dir, graph.component, preset)
-    source = tensor_source(ckpt_dir, graph.component) if source is None else source
+    net = ck.build_meta(ckpt_dir, graph.component, preset)
+    source = ck.tensor_source(ckpt_dir, graph.component)[0] if source is None else source
     sd = net.state_dict()
     want = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(want) - set(source))
@@ -222,11 +210,11 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
             ckpt_dir = Path(module_or_ckpt)
             preset = preset or ck.preset_for(ckpt_dir)
             if stream is None:
-                stream = weight_bytes(build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
+                stream = weight_bytes(ck.build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
             if stream or source is not None:
                 out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention)
             else:
-                net = load_component(ckpt_dir, graph.component, graph.compute_dtype, preset)
+                net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset)
                 out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention)
         passes.clean(out)
         if check:

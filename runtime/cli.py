@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from flf2v.models.config import PRESETS
 
 TASKS = ("flf2v-14B", "i2v-14B")
 BACKENDS = ("auto", "torch", "ort", "trt")

@@ -151,7 +151,9 @@ class Pipeline:
         if not math.isfinite(guide):
             raise InputError(f"--sample_guide_scale {guide} is not a finite number")
         w_max, h_max = parse_size(size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size), p)
-        cfg_batch = cfg_batch if cfg_batch in getattr(self.backend, "cfg_batches", (1, 2)) else 3 - cfg_batch
+        batches = getattr(self.backend, "cfg_batches", (1, 2))  # engines may hold only one CFG layout
+        if cfg_batch not in batches:
+            cfg_batch = batches[0]
         self.seed = seed = random.randint(0, 2**63 - 1) if seed < 0 else seed
         sampler = make_sampler(sample_solver, steps, shift)
 

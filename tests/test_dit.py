@@ -247,14 +247,3 @@ def test_attention_choice_is_checked():
     with pytest.raises(ValueError, match="clip_fea"):
         x, t, context, clip_fea, y = make_inputs(TINY, 1, 1, 2, 2, seed=0)
         WanDiT(TINY)(x, t, context, clip_fea[:, :257], y)
-
-
-def test_triton_choice_without_kernels_raises_clearly():
-    import flf2v.kernels  # noqa: F401
-
-    if hasattr(torch.ops.flf2v, "wan_self_attention"):
-        pytest.skip("flf2v kernels are registered; their parity tests live with the kernels")
-    model = WanDiT(TINY)
-    model.attention = "triton"
-    with pytest.raises(RuntimeError, match="wan_self_attention"):
-        model(*make_inputs(TINY, 1, 1, 2, 2, seed=0))

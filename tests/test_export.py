@@ -13,7 +13,9 @@ from conftest import rel_err
 from flf2v.export import contracts as C
 from flf2v.export import passes as P
 from flf2v.export.build import build
-from flf2v.export.onnx_export import export_graph, load_component, tensor_source
+from flf2v.export.onnx_export import export_graph
+from flf2v.models import checkpoint as ck
+from flf2v.models.checkpoint import load as load_component
 from flf2v.models.config import get_preset
 
 PRESET = get_preset("tiny")
@@ -172,7 +174,7 @@ def test_streamed_export_equals_direct(folder, tiny_ckpt, tmp_path):
     every weight matrix is read exactly once, while the data file is written, never during optimisation."""
     g = GRAPHS["dit_b1"]
     reads = {}
-    src = tensor_source(tiny_ckpt, "dit")
+    src = ck.tensor_source(tiny_ckpt, "dit")[0]
 
     def counting(key, get):
         def read():

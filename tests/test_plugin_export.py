@@ -20,7 +20,8 @@ from onnx.reference.op_run import OpRun
 from flf2v.export import build as B
 from flf2v.export import contracts as C
 from flf2v.export import passes as P
-from flf2v.export.onnx_export import export_graph, load_component
+from flf2v.export.onnx_export import export_graph
+from flf2v.models.checkpoint import load as load_component
 from flf2v.export.plugins import ATTENTION, CROSS_ATTENTION, DOMAIN, PLUGINS, SELF_ATTENTION
 from flf2v.kernels import attention, cross_attention
 from flf2v.models.config import get_preset
