@@ -9,16 +9,37 @@ PRECISION ?=
 ENGINES ?=
 ATTENTION ?=
 
-.PHONY: setup test demo engines bench clean
+.PHONY: setup test demo engines bench gpu-check clean
 
 setup: $(VENV)/.installed
 
-# CPU machines get the CPU build of torch from local wheels (plain `torch` would pull a multi-GB CUDA build).
+# GPU=auto|cu13|cu12|none picks the CUDA flavour of torch + TensorRT (auto: from the NVIDIA driver; see
+# README "GPU quick start"). CPU machines get the CPU build of torch (plain `torch` from PyPI is a multi-GB
+# CUDA 13 build). The TensorRT 11.4 Python bindings go to $(VENV)/trt-api/ on every machine, outside the
+# venv's import path: tests/test_trt_api.py reads the real API from them on a CPU.
+GPU ?= auto
+TORCH_VERSION := 2.13.0
+TRT_VERSION := 11.4.0.106
+TORCH_CU12_INDEX ?= https://download.pytorch.org/whl/cu128
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	flavour=$(GPU); \
+	if [ $$flavour = auto ]; then flavour=none; \
+	  drv=$$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1); \
+	  if [ -n "$$drv" ]; then major=$${drv%%.*}; \
+	    if [ $$major -ge 580 ]; then flavour=cu13; elif [ $$major -ge 525 ]; then flavour=cu12; \
+	    else echo "make setup: error: NVIDIA driver $$drv is older than R525; update it (R580+ for CUDA 13) or run make setup GPU=none"; exit 2; fi; \
+	  fi; \
+	fi; \
+	echo "make setup: GPU flavour $$flavour (override with GPU=cu13|cu12|none)"; \
+	case $$flavour in \
+	  cu13) $(PY) -m pip install -q torch==$(TORCH_VERSION) && $(PY) -m pip install -q -e '.[dev,gpu-cu13]' ;; \
+	  cu12) $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CU12_INDEX) && \
+	        $(PY) -m pip install -q -e '.[dev,gpu-cu12]' ;; \
+	  *) $(PY) -m pip install -q torch==$(TORCH_VERSION) && $(PY) -m pip install -q -e '.[dev]' ;; \
+	esac
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@
 
 test: setup
@@ -41,6 +62,17 @@ engines: setup
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results
 	$(VENV)/bin/flf2v-bench --preset small --out bench/results
+
+# Everything a GPU must prove, in one run of <= 8 minutes, random weights (bench/gpu_check.py): no `setup`,
+# so it also runs on a bare GPU image: with $(VENV) when there is one, else $(GPU_PY) with the checkout
+# importable as `flf2v` through a symlink in a temporary folder on PYTHONPATH. GPU_CHECK_ARGS e.g. --quick.
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if [ -x "$(PY)" ]; then exec "$(PY)" -m flf2v.bench.gpu_check $(GPU_CHECK_ARGS); fi; \
+	d=$$(mktemp -d) || exit 2; ln -s "$(CURDIR)" "$$d/flf2v" || exit 2; \
+	PYTHONPATH="$$d$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) -m flf2v.bench.gpu_check $(GPU_CHECK_ARGS); rc=$$?; \
+	rm -f "$$d/flf2v"; rmdir "$$d"; exit $$rc
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

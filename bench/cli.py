@@ -17,9 +17,12 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
+
+from flf2v.export.contracts import COMPUTE_DTYPE
 
 from . import cost
 from .measure import Stats, rss_bytes
@@ -45,16 +48,19 @@ BENCH_PRESETS = {
 }
 
 PEER_NOTES = [
-    "Peer: diffusers' WanImageToVideoPipeline with `last_image`, built by `flf2v.models.diffusers_format."
+    "Peer: diffusers' WanImageToVideoPipeline with `last_image`, built by `flf2v.bench.diffusers_peer."
     "build_pipeline` on the same checkpoint (same weights, dtype, size, frames, steps, guidance, negative prompt "
     "and seed), its UniPC scheduler given the official sigmas (timesteps and sigmas equal ours).",
     "Differences in the work that cannot be removed: diffusers runs classifier-free guidance as two batch-1 "
     "transformer calls per step and the text encoder once per prompt (ours: one batch-2 call each); it resizes "
     "with PIL (CLIP: bicubic with antialiasing; VAE input: Lanczos) where ours uses torch bicubic, so its video "
     "differs slightly from ours; its output is post-processed to [0, 1] (`output_type='pt'`).",
-    "Stages of ours are the pipeline's own stages; stages of diffusers are its network calls, its denoise loop "
-    "spans the first transformer call to the end of the last scheduler step. 'outside network' is end to end "
-    "minus the time inside network calls (tokenizer, preprocessing, sampler, CFG, copies): CPU only.",
+    "Both sides are instrumented alike: one probe (time, peak memory) per stage, none inside the denoising loop; "
+    "on the CPU the network calls are also timed with the host clock (for 'outside network'). Stages of ours are "
+    "the pipeline's own; stages of diffusers are its network calls, and the denoise loop of both spans from the "
+    "end of the VAE encode to the start of the VAE decode (loop setup, every step, the sampler; for diffusers "
+    "also the latent normalisation and conditioning mask it builds after encoding). 'outside network' is end "
+    "to end minus the time inside network calls (tokenizer, preprocessing, sampler, CFG, copies): CPU only.",
     "'1 step' is the denoise loop divided by the number of steps (both CFG passes and the sampler update).",
 ]
 
@@ -86,9 +92,65 @@ def _load_avg() -> list[float] | None:
         return None
 
 
+BUSY_PER_CPU = 1.0  # 1-minute load average per CPU above which the machine counts as busy
+
+
+def wait_for_idle(cpus: int, max_wait: float, per_cpu: float = BUSY_PER_CPU, poll: float = 5.0) -> dict:
+    """Before timing anything: when the 1-minute load average is above `per_cpu` x `cpus`, wait (at most
+    `max_wait` seconds) for it to drop. Returns what was seen, for the report."""
+    limit = per_cpu * cpus
+    first = last = _load_avg()
+    t0 = time.monotonic()
+    if first is not None and first[0] > limit:
+        print(f"flf2v-bench: the machine is busy (1-minute load average {first[0]:.2f} on {cpus} CPUs); "
+              + (f"waiting up to {max_wait:.0f} s for it to drop below {limit:.1f}" if max_wait > 0 else
+                 "not waiting (--idle_wait 0)"), file=sys.stderr, flush=True)
+        while last[0] > limit and time.monotonic() - t0 < max_wait:
+            time.sleep(max(0.0, min(poll, max_wait - (time.monotonic() - t0))))
+            last = _load_avg()
+    busy = last is not None and last[0] > limit
+    if busy:
+        print(f"flf2v-bench: warning: still busy (load average {last[0]:.2f}); timing anyway, the report says so",
+              file=sys.stderr, flush=True)
+    return {"cpus": cpus, "busy_above": limit, "first_seen": first, "before": last,
+            "waited_seconds": round(time.monotonic() - t0, 1) if first and first[0] > limit else 0.0,
+            "busy_before": busy}
+
+
+def compare_videos(runs: dict, reference: str = "torch") -> dict[str, dict]:
+    """Per backend: the largest |difference| of its video from the reference backend's (same seed, settings;
+    the last timed run of each), except for the reference itself, and between its own timed runs."""
+    ref = runs[reference][0][-1].video if reference in runs else None
+    out = {}
+    for name, (timed, _) in runs.items():
+        last = timed[-1].video
+        entry = {"video_reference": reference if ref is not None else None,
+                 "video_max_abs_diff": None if ref is None or name == reference
+                 else (last - ref).abs().max().item(),
+                 "video_run_to_run_max_abs_diff": max((r.video - timed[0].video).abs().max().item()
+                                                      for r in timed[1:]) if len(timed) > 1 else None}
+        out[name] = entry
+    return out
+
+
 def _steps(runner, job: Job, steps: int | None):
     runner.job = dataclasses.replace(job, steps=steps or job.steps)
     return runner
+
+
+def warm_run(runner, job: Job, warmup_steps: int | None):
+    """One untimed run with the warm-up step count; the runner's job is the timed one again afterwards."""
+    try:
+        return _steps(runner, job, warmup_steps).run()
+    finally:
+        _steps(runner, job, None)
+
+
+def reload_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, None]:
+    """Load a runner again for the timed rounds, and warm it up (nothing of it is reported)."""
+    runner.load()
+    warm_run(runner, job, warmup_steps)
+    return {}, None
 
 
 def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, object]:
@@ -98,9 +160,8 @@ def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, obj
     runner.load()
     entry["load_seconds"] = time.perf_counter() - t0
     entry["engine_build_seconds"] = runner.build_seconds
-    warm = _steps(runner, job, warmup_steps).run()
+    warm = warm_run(runner, job, warmup_steps)
     entry["warmup_seconds"] = warm.seconds
-    _steps(runner, job, None)
     return entry, warm
 
 
@@ -123,6 +184,10 @@ def summarize(entry: dict, runs: list, steps: int, memory_runs: list) -> dict:
     return entry
 
 
+def timed_run(runner) -> tuple[dict, object]:
+    return {}, runner.run()
+
+
 def _guard(name: str, fn):
     """fn() -> (entry, value); a backend that cannot run or fails gives its status, the others go on."""
     try:
@@ -140,7 +205,9 @@ def measure_sequential(runners: dict, job: Job, repeats: int, warmup_steps: int 
     for name, runner in runners.items():
         def go():
             entry, _ = load_and_warm(runner, job, warmup_steps)
-            return entry, [runner.run() for _ in range(repeats)]
+            runs = [runner.run() for _ in range(repeats)]
+            entry["load_avg_after"] = _load_avg()
+            return entry, runs
         entries[name], runs[name] = _guard(name, go)
         runner.close()
         _progress(name, entries[name])
@@ -152,12 +219,11 @@ def measure_interleaved(runners: dict, job: Job, repeats: int, warmup_steps: int
     `repeats` rounds of one run per backend, so that a slow spell of the machine hits every backend alike."""
     entries, warm = {}, {}
     for name, runner in runners.items():
-        entries[name], warm[name] = _guard(name, lambda: load_and_warm(runner, job, warmup_steps))
+        entries[name], warm[name] = _guard(name, partial(load_and_warm, runner, job, warmup_steps))
         runner.close()
     live = []
     for n in (n for n in runners if entries[n]["status"] == "ok"):
-        entry, _ = _guard(n, lambda: ({}, (runners[n].load(), _steps(runners[n], job, warmup_steps).run())))
-        _steps(runners[n], job, None)
+        entry, _ = _guard(n, partial(reload_and_warm, runners[n], job, warmup_steps))
         if entry.get("status"):
             entries[n] = entry
         else:
@@ -165,7 +231,7 @@ def measure_interleaved(runners: dict, job: Job, repeats: int, warmup_steps: int
     runs = {n: [] for n in live}
     for _ in range(repeats):
         for n in list(live):
-            _, res = _guard(n, lambda: ({}, runners[n].run()))
+            _, res = _guard(n, partial(timed_run, runners[n]))
             if res is None:
                 entries[n] = {"status": "failed during the timed rounds (see the log)"}
                 live.remove(n)
@@ -230,7 +296,7 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if bp.gpu_only and device.type != "cuda":
         raise SystemExit(f"flf2v-bench: error: --preset {args.preset} needs a CUDA GPU; use tiny or small here")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = COMPUTE_DTYPE[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     from flf2v.models.config import get_preset
     preset = get_preset(bp.model)
     width, height = (int(v) for v in bp.size.split("*"))
@@ -239,18 +305,19 @@ def run(args) -> dict:
     work_tmp = None if args.work else tempfile.TemporaryDirectory(prefix="flf2v-bench-")
     work = Path(args.work or work_tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    load_at_start = _load_avg()
     try:
         ckpt = _checkpoint(bp, args, work)
         job = Job(ckpt, preset, width, height, bp.frames, steps, preset.sample_shift, preset.sample_guide_scale)
         costs = cost.cost_table(preset, width, height, bp.frames, steps)
         machine = machine_info()
+        load = wait_for_idle(machine["cpu"]["cpus"], args.idle_wait)
         result = {"preset": args.preset, "machine": machine, "costs_note": cost.__doc__.strip(),
                   "job": {"task": preset.dit.model_type, "model_preset": preset.name, "width": width, "height": height,
                           "frames": bp.frames, "steps": steps, "shift": preset.sample_shift,
                           "guide": preset.sample_guide_scale, "seed": job.seed, "prompt": job.prompt,
                           "dtype": str(dtype).removeprefix("torch."), "device": str(device), "repeats": repeats,
-                          "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2},
+                          "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
+                          "negative_prompt": job.negative_prompt},
                   "cost": costs, "backends": {}, "notes": list(PEER_NOTES)}
         runners = {name: DiffusersRunner(job, device, dtype) if name == "diffusers"
                    else OursRunner(name, job, device, dtype, work / "engines") for name in args.backends}
@@ -258,19 +325,20 @@ def run(args) -> dict:
         measure = measure_interleaved if interleave else measure_sequential
         result["job"]["order"] = "interleaved" if interleave else "sequential"
         entries, runs = measure(runners, job, repeats, bp.warmup_steps)
-        reference = runs["torch"][0][-1].video if "torch" in runs else None
+        load["after"] = _load_avg()
+        videos = compare_videos(runs)
         for name, entry in entries.items():
             if name in runs:
                 timed, memory = runs[name]
                 entry = summarize(entry, timed, steps, memory)
-                if reference is not None:
-                    entry["video_max_abs_diff"] = (timed[-1].video - reference).abs().max().item()
+                entry.update(videos[name])
             result["backends"][name] = entry
-        result["load_avg_at_start"] = load_at_start
-        if load_at_start and load_at_start[0] > 0.5:
+        result["load"] = load
+        if load["busy_before"]:
             result["notes"].append(
-                f"The machine was not idle: 1-minute load average {load_at_start[0]:.1f} when the run started "
-                f"({machine['cpu']['cpus']} CPUs). Other processes on the cores inflate every time and its spread, "
+                f"The machine was busy: 1-minute load average {load['before'][0]:.1f} when the timing started "
+                f"({load['cpus']} CPUs; waited {load['waited_seconds']:.0f} s for it to drop below "
+                f"{load['busy_above']:.1f}). Other processes on the cores inflate every time and its spread, "
                 f"torch's OpenMP-threaded small ops most (each parallel region waits for a descheduled thread); "
                 f"compare only runs made on an idle machine.")
         add_ratios(result["backends"], costs, machine["gpu"]["name"] if machine["gpu"] else None)
@@ -304,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--interleave", default=None, action=argparse.BooleanOptionalAction,
                     help="time the backends in rounds, all loaded at once (default: yes, except 720p)")
+    ap.add_argument("--idle_wait", type=float, default=120.0,
+                    help=f"seconds to wait, before timing, for the 1-minute load average to drop below "
+                         f"{BUSY_PER_CPU:g} per CPU (0: do not wait); the load is reported either way")
     ap.add_argument("--cost_only", action="store_true", help="print the preset's cost model and floors, run nothing")
     args = ap.parse_args(argv)
     if args.cost_only:

@@ -85,9 +85,8 @@ def lazy_source(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
 def write_checkpoint(folder: Path, cfg, dtype=torch.bfloat16, shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
     """A random DiT checkpoint in the official layout (config.json, sharded safetensors + index),
     written one shard at a time."""
-    from safetensors.torch import save_file
+    from flf2v.models.make_tiny import write_dit_shards
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ck.DIT_CONFIG).write_text(json.dumps(cfg.to_json_dict(), indent=2))
     shapes = dit_shapes(cfg)
     groups, cur, size = [], [], 0
     for k, s in shapes.items():
@@ -98,14 +97,9 @@ def write_checkpoint(folder: Path, cfg, dtype=torch.bfloat16, shard_bytes: int =
         cur.append(k)
         size += n
     groups.append(cur)
-    weight_map = {}
-    for i, keys in enumerate(groups, 1):
-        name = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: _random(shapes[k], seed + j).to(dtype) for j, k in enumerate(keys)}, str(folder / name),
-                  metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    total = sum(math.prod(s) * dtype.itemsize for s in shapes.values())
-    (folder / ck.DIT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    source = lazy_source(shapes, seed)
+    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()},
+                     groups)
     return folder
 
 

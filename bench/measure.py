@@ -2,8 +2,9 @@
 
 Time: CUDA events on a GPU (device time between two points of the stream), `perf_counter` on the CPU.
 Memory: peak host RSS of a stage, by resetting the kernel's high-water mark (`VmHWM`, via
-`/proc/self/clear_refs`) when the stage starts and reading it when it ends; on CUDA also
-`torch.cuda.max_memory_allocated` since the stage started. Where the mark cannot be reset (not Linux),
+`/proc/self/clear_refs`) when the stage starts and reading it when it ends; on CUDA also the larger of
+`torch.cuda.max_memory_allocated` since the stage started and the device memory in use when it ends
+(`cudaMemGetInfo`: what TensorRT allocates itself, which torch's counters never see). Where the mark cannot be reset (not Linux),
 the process-wide peak is reported and flagged.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flf2v.runtime.pipeline import StageTimes
+from flf2v.runtime.pipeline import StageTimes, cuda_device_used
 
 
 def _status_kb(field_name: str) -> int | None:
@@ -54,6 +55,36 @@ def host_peak_bytes() -> int:
     return kb * 1024
 
 
+class Clock:
+    """Seconds from start() (or `with`) to stop(): CUDA events on a GPU (device time between two points of
+    the stream), perf_counter on the CPU. `seconds` holds the last measurement."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    def start(self) -> "Clock":
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        self._t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self._t0
+        return self.seconds
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 @dataclass
 class Sample:
     seconds: float = 0.0
@@ -62,39 +93,51 @@ class Sample:
 
 
 class Probe:
-    """`with probe.span(name): ...` adds the span's time to `name` and raises its peak memory."""
+    """Per-stage time and peak memory. `with probe.span(name): ...`, or `start(name)` ... `stop(name)` for a
+    stage whose two ends lie in different hooks, adds the span's time to `name` and raises its peak memory.
+
+    Each span costs a reset of the host high-water mark, two /proc reads and, on a GPU, two CUDA events and
+    a synchronisation: the benchmark opens one per stage on both sides, never one per step."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.samples: dict[str, Sample] = {}
+        self.log: list[tuple[str, float, float]] = []  # (name, host start, host end) of every span, in order
+        self._open: dict[str, tuple[float, object]] = {}
 
     def clear(self) -> None:
         self.samples.clear()
+        self.log.clear()
+        self._open.clear()
 
-    @contextmanager
-    def span(self, name: str):
+    def start(self, name: str) -> None:
+        if name in self._open:
+            raise RuntimeError(f"probe span {name!r} is already open")
         _reset_host_peak()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t0 = time.perf_counter()
+        self._open[name] = (time.perf_counter(), Clock(self.device).start())
+
+    def stop(self, name: str) -> None:
+        t0, clock = self._open.pop(name)
+        dt = clock.stop()
+        t1 = time.perf_counter()
+        s = self.samples.setdefault(name, Sample())
+        s.seconds += dt
+        s.host_peak = max(s.host_peak, host_peak_bytes())
+        if self.cuda:  # torch's allocator peak, or all memory in use (TensorRT's engines count) if higher
+            s.cuda_peak = max(s.cuda_peak or 0, torch.cuda.max_memory_allocated(self.device),
+                              cuda_device_used(self.device))
+        self.log.append((name, t0, t1))
+
+    @contextmanager
+    def span(self, name: str):
+        self.start(name)
         try:
             yield
         finally:
-            if self.cuda:
-                end.record()
-                end.synchronize()
-                dt = start.elapsed_time(end) / 1000
-            else:
-                dt = time.perf_counter() - t0
-            s = self.samples.setdefault(name, Sample())
-            s.seconds += dt
-            s.host_peak = max(s.host_peak, host_peak_bytes())
-            if self.cuda:
-                s.cuda_peak = max(s.cuda_peak or 0, torch.cuda.max_memory_allocated(self.device))
+            self.stop(name)
 
 
 class StageProbe(StageTimes):
@@ -126,8 +169,12 @@ class CallMeter:
         for d in (self.seconds, self.calls, self.first, self.last):
             d.clear()
 
-    def wrap(self, name: str, fn, probe: Probe | None = None):
+    def wrap(self, name: str, fn, probe: Probe | None = None, before=None, after=None):
+        """`fn` timed under `name` (and inside a probe span of that name when `probe` is given); `before()` and
+        `after()` run outside the timed part, right before and after it."""
         def timed(*args, **kw):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             if probe is None:
                 out = fn(*args, **kw)
@@ -139,6 +186,8 @@ class CallMeter:
             self.calls[name] = self.calls.get(name, 0) + 1
             self.first.setdefault(name, t0)
             self.last[name] = t1
+            if after is not None:
+                after()
             return out
         return timed
 

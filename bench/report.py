@@ -102,6 +102,30 @@ def _diff(x: float | None) -> str:
     return "–" if x is None else f"{x:.2e}"
 
 
+def _video_diff(name: str, b: dict) -> str:
+    if b.get("video_reference") == name:
+        return "(reference)"
+    return _diff(b.get("video_max_abs_diff"))
+
+
+def load_lines(result: dict) -> list[str]:
+    """How loaded the machine was: 1-minute load average before the timing started and after it ended."""
+    load = result.get("load")
+    if not load:
+        return []
+    la = lambda x: "unknown" if not x else f"{x[0]:.2f}"  # noqa: E731
+    waited = f" (after waiting {load['waited_seconds']:.0f} s; {la(load['first_seen'])} at first)" \
+        if load.get("waited_seconds") else ""
+    lines = [f"Machine load (1-minute load average, {load['cpus']} CPUs): {la(load['before'])} before the timing"
+             f"{waited}, {la(load.get('after'))} after it (that one includes this benchmark's own threads); busy "
+             f"above {load['busy_above']:.1f}."]
+    if load.get("busy_before"):
+        lines += ["", f"**Warning: the machine was busy when the timing started (load average "
+                      f"{la(load['before'])} on {load['cpus']} CPUs): these times are inflated and noisy; rerun on "
+                      f"an idle machine before comparing them.**"]
+    return lines
+
+
 def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
@@ -138,6 +162,7 @@ def markdown(result: dict) -> str:
            "backend loaded at a time)" if job.get("order") == "interleaved" else "one backend after another")
         + ". Seconds: median [min–max].",
         "",
+        *(load_lines(r) + [""] if r.get("load") else []),
         "## Time per stage (s)",
         "",
         "| backend | " + " | ".join(STAGE_LABELS[c] for c in cols) + " | warm-up | outside network | load avg |",
@@ -154,7 +179,7 @@ def markdown(result: dict) -> str:
                      + "→".join(f"{x:.1f}" for x in load) + " |")
     lines += ["", "## Speedups (ratio of medians, same process and machine)", "",
               "| backend | vs torch eager, end to end | vs torch eager, denoise loop | vs diffusers, end to end "
-              "| vs diffusers, denoise loop | max abs diff of the video vs torch |",
+              "| vs diffusers, denoise loop | max abs diff of the video vs the torch reference |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, b in ok.items():
         sp = b.get("speedup", {})
@@ -162,7 +187,7 @@ def markdown(result: dict) -> str:
                      f"{_ratio(sp.get('torch', {}).get('denoise'))} | "
                      f"{_ratio(sp.get('diffusers', {}).get('end_to_end'))} | "
                      f"{_ratio(sp.get('diffusers', {}).get('denoise'))} | "
-                     f"{_diff(b.get('video_max_abs_diff'))} |")
+                     f"{_video_diff(name, b)} |")
     if r.get("targets"):
         lines += ["", "Targets (measured, not asserted): " + "; ".join(r["targets"]) + "."]
     lines += ["", "## Peak memory per stage (GiB, host RSS" + (", CUDA max allocated" if m["gpu"] else "") + ")", "",

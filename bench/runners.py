@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from flf2v.runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, Pipeline
+from flf2v.runtime.pipeline import Pipeline
 
-from .measure import CallMeter, Probe, StageProbe, TimedBackend
+from .measure import CallMeter, Clock, Probe, StageProbe, TimedBackend
 
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
 BACKENDS = ("torch", "torch-triton", "ort", "trt", "diffusers")
@@ -40,7 +40,11 @@ class Job:
     guide: float
     seed: int = 42
     prompt: str = "A red ball rolls across a wooden table, the camera slowly follows it"
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    negative_prompt: str | None = None  # None: the official default of the preset's task
+
+    def __post_init__(self):
+        if self.negative_prompt is None:
+            self.negative_prompt = self.preset.sample_neg_prompt
 
     @property
     def size(self) -> str:
@@ -83,35 +87,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Clock:
-    """End-to-end time: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.end.record()
-            self.end.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.t0
-
-
 def _timed(runner, call):
     """Reset the runner's meters, then run `call()` under the end-to-end clock: (seconds, result)."""
     runner.meter.clear()
     runner.probe.clear()
     _sync(runner.device)
-    with _Clock(runner.device) as clock:  # as users run it: no extra grad mode
+    with Clock(runner.device) as clock:  # as users run it: no extra grad mode
         out = call()
     return clock.seconds, out
 
@@ -196,8 +177,11 @@ class OursRunner:
 class DiffusersRunner:
     """The peer: diffusers' WanImageToVideoPipeline (with last_image) on the same checkpoint and settings.
 
-    Stages are its network calls (text encoder x2, image encoder, VAE encode, transformer x2 per step,
-    VAE decode); `denoise` spans from the first transformer call to the end of the last scheduler step."""
+    Instrumented like ours (OursRunner): one probe span (time, peak memory) per stage and nothing per step.
+    Stages are its network calls (text encoder x2, image encoder, VAE encode, VAE decode) and `denoise`, which
+    spans, as ours does, from the end of the VAE encode to the start of the VAE decode: loop setup, every
+    step, and the latent normalisation around it. On the CPU the transformer calls and scheduler steps are
+    also timed with the host clock (no probe), like ours' network calls, for the 'outside network' share."""
 
     name = "diffusers"
 
@@ -207,19 +191,20 @@ class DiffusersRunner:
 
     def load(self) -> None:
         try:
-            from flf2v.models.diffusers_format import build_pipeline
+            from flf2v.bench.diffusers_peer import build_pipeline
             self.pipe = build_pipeline(self.job.ckpt_dir, self.job.preset, self.dtype, self.device, self.job.shift)
         except ImportError as e:
             raise Unavailable(f"diffusers not importable ({e})") from None
         self.pipe.set_progress_bar_config(disable=True)
         self.meter, self.probe = CallMeter(), Probe(self.device)
         p, m, pr = self.pipe, self.meter, self.probe
-        for stage, obj in (("text_encoder", p.text_encoder), ("image_encoder", p.image_encoder),
-                           ("denoise", p.transformer)):
+        for stage, obj in (("text_encoder", p.text_encoder), ("image_encoder", p.image_encoder)):
             obj.forward = m.wrap(stage, obj.forward, pr)
-        p.vae.encode = m.wrap("vae_encode", p.vae.encode, pr)
-        p.vae.decode = m.wrap("vae_decode", p.vae.decode, pr)
-        p.scheduler.step = m.wrap("scheduler", p.scheduler.step, pr)
+        p.vae.encode = m.wrap("vae_encode", p.vae.encode, pr, after=lambda: pr.start("denoise"))
+        p.vae.decode = m.wrap("vae_decode", p.vae.decode, pr, before=lambda: pr.stop("denoise"))
+        if self.device.type == "cpu":  # on a GPU a host timer around a call measures the launch only
+            p.transformer.forward = m.wrap("transformer", p.transformer.forward)
+            p.scheduler.step = m.wrap("scheduler", p.scheduler.step)
         self.first, self.last = self.job.frames_in()
 
     def run(self) -> RunResult:
@@ -229,12 +214,9 @@ class DiffusersRunner:
             height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=job.steps,
             guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"))
         m, s = self.meter, self.probe.samples
-        stages = {k: m.seconds[k] for k in STAGES if k in m.seconds and k != "denoise"}
-        stages["denoise"] = m.last["scheduler"] - m.first["denoise"]
-        host = {k: s[k].host_peak for k in stages if k in s}
-        cuda = {k: s[k].cuda_peak for k in stages if k in s}
-        host["denoise"] = max(s["denoise"].host_peak, s["scheduler"].host_peak)
-        cuda["denoise"] = s["denoise"].cuda_peak
+        stages = {k: s[k].seconds for k in STAGES if k in s}
+        host = {k: s[k].host_peak for k in stages}
+        cuda = {k: s[k].cuda_peak for k in stages}
         network = sum(v for k, v in m.seconds.items() if k != "scheduler")
         video = out.frames[0].permute(1, 0, 2, 3).float().cpu() * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
         return RunResult(seconds, stages, host, cuda, network if self.device.type == "cpu" else None, video)

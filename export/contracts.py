@@ -33,6 +33,7 @@ from torch import nn
 
 from flf2v.models.config import Preset
 
+OPSET = 23  # ONNX Attention and RMSNormalization (TensorRT parses both from 10.15)
 PRECISIONS = ("fp32", "bf16")
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int64: "int64"}
@@ -152,7 +153,8 @@ def graphs(preset: Preset, shape: EngineShape, precision: str, cfg_batch=(1, 2))
     ]
     for b in cfg_batch:
         out.append(Graph(f"dit_b{b}", "dit", precision, (
-            S("x", (b, d.out_dim, T, h, w), f32), S("t", (b,), i64, d.num_train_timesteps),
+            # t in 0..1000: dpm++ starts at t = 1000 (the official schedule)
+            S("x", (b, d.out_dim, T, h, w), f32), S("t", (b,), i64, d.num_train_timesteps + 1),
             S("context", (b, d.text_len, d.text_dim), f32), S("clip_fea", (b, d.clip_tokens, d.clip_dim), f32),
             S("y", (b, d.in_dim - d.out_dim, T, h, w), f32)), (S("v", (b, d.out_dim, T, h, w), f32),)))
     enc, dec = _vae_cache_shapes(preset, shape)

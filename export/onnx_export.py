@@ -35,9 +35,8 @@ from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
 
 from . import passes, plugins
-from .contracts import WEIGHT_PREFIX, Graph, module, sample_inputs
+from .contracts import OPSET, WEIGHT_PREFIX, Graph, module, sample_inputs
 
-OPSET = 23
 STREAM_BYTES = 1 << 30  # networks with more weight bytes (in the graph dtype) take the streamed route
 EXTERNAL_BYTES = 1 << 30  # direct exports with more initializer bytes store them as external data
 
@@ -59,9 +58,11 @@ def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
 def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = "onnx"):
     """attention="plugin": the DiT's attention as flf2v TensorRT plugin nodes (see plugins.py)."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
-    table = plugins.translation_table() if attention == "plugin" else None
-    ops = plugins.triton_attention(mod) if table else contextlib.nullcontext()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), ops:
+    table = None
+    if attention == "plugin":
+        plugins.check_triton_attention(mod)
+        table = plugins.translation_table()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
                                  input_names=[s.name for s in graph.inputs],
@@ -140,7 +141,7 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
     dtype = graph.compute_dtype
-    net = ck.build_meta(ckpt_dir, graph.component, preset)
+    net = ck.build_meta(ckpt_dir, graph.component, preset, **_network_options(attention))
     source = ck.tensor_source(ckpt_dir, graph.component)[0] if source is None else source
     sd = net.state_dict()
     want = {k: tuple(v.shape) for k, v in sd.items()}
@@ -171,6 +172,11 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
 
 
 # ---- the entry point ------------------------------------------------------------------------------
+
+def _network_options(attention: str) -> dict:
+    """Plugin exports trace a DiT built to call the flf2v custom ops (plugins.translation_table)."""
+    return {"attention": "triton"} if attention == "plugin" else {}
+
 
 def _publish(tmp: Path, path: Path) -> None:
     """Move tmp/<name>.onnx (+ .data) to `path`: old graph removed first, data next, graph last."""
@@ -214,7 +220,7 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
             if stream or source is not None:
                 out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention)
             else:
-                net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset)
+                net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **_network_options(attention))
                 out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention)
         passes.clean(out)
         if check:

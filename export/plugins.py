@@ -15,8 +15,6 @@ count or missing attribute fails `onnx.checker.check_model(..., full_check=True)
 """
 from __future__ import annotations
 
-import contextlib
-
 import onnx.defs
 import onnx_ir as ir
 import onnxscript
@@ -100,18 +98,13 @@ def translation_table() -> dict:
             torch.ops.flf2v.wan_cross_attention.default: cross_attention}
 
 
-@contextlib.contextmanager
-def triton_attention(mod: nn.Module):
-    """Every WanDiT inside `mod` calls the flf2v custom ops (attention="triton") while in the block."""
+def check_triton_attention(mod: nn.Module) -> None:
+    """The DiTs in `mod` must call the flf2v custom ops (`WanDiT(..., attention="triton")`), which
+    `translation_table` turns into plugin nodes."""
     from flf2v.models.dit import WanDiT
     dits = [m for m in mod.modules() if isinstance(m, WanDiT)]
     if not dits:
         raise ValueError(f"attention='plugin' applies to the DiT; {type(mod).__name__} holds none")
-    before = [m.attention for m in dits]
-    try:
-        for m in dits:
-            m.attention = "triton"
-        yield mod
-    finally:
-        for m, a in zip(dits, before):
-            m.attention = a
+    other = {m.attention for m in dits} - {"triton"}
+    if other:
+        raise ValueError(f"attention='plugin' exports a DiT built with attention='triton', not {other}")

@@ -6,7 +6,7 @@ softmax and fp32 accumulators. No normed or rotated copy of q is ever written.
       -> _rms_stats_kernel    rstd[b, l] = 1 / sqrt(mean_c x[b, l, c]^2 + eps), fp32, for q and for k
                               (a pre-pass: the norm spans all heads, a (token, head) tile cannot see it)
       -> _norm_rope_kernel    k' = rope(norm(k)) written once (fuse_k=False, the default), or nothing
-      -> _self_attn_fwd_kernel, one program per (query block, batch * head): q tile = rope(norm(q tile))
+      -> self_attn_fwd_kernel, one program per (query block, batch * head): q tile = rope(norm(q tile))
             as it loads; k' tiles loaded, or each raw k tile normed and rotated as it loads (NORM_K,
             fuse_k=True: no copy of k at all); online softmax in fp32.
 Why fuse_k=False is the default: with NORM_K each of the L/BLOCK_M query blocks redoes the norm/rope of
@@ -26,32 +26,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this module is imported.
-INTERPRET = triton.knobs.runtime.interpret
-LOG2E = 1.4426950408889634
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .common import (INTERPRET, LOG2E, check_device, check_heads, configs, fixed_config, head_dim_of,
+                     load_rows, new_output, online_softmax_step)
+
 
 
 # ---- kernels --------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(P, stride_l, offs_l, L, offs_c, MASK: tl.constexpr):
-    """Rows offs_l (masked against L when MASK) and columns offs_c of a row-major tile."""
-    ptrs = P + offs_l[:, None] * stride_l + offs_c[None, :]
-    if MASK:
-        x = tl.load(ptrs, mask=offs_l[:, None] < L, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
 def _load_norm_rope(X, stride_xl, R, W, COS, SIN, offs_l, L, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
     """One head's [BLOCK, HEAD_DIM] tile of x, RMS-normed with rstd R, weighted by W and rotated."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    x = _load_rows(X, stride_xl, offs_l, L, tl.arange(0, HEAD_DIM), MASK)
-    cos = _load_rows(COS, HALF, offs_l, L, tl.arange(0, HALF), MASK)
-    sin = _load_rows(SIN, HALF, offs_l, L, tl.arange(0, HALF), MASK)
+    x = load_rows(X, stride_xl, offs_l, L, tl.arange(0, HEAD_DIM), MASK)
+    cos = load_rows(COS, HALF, offs_l, L, tl.arange(0, HALF), MASK)
+    sin = load_rows(SIN, HALF, offs_l, L, tl.arange(0, HALF), MASK)
     rstd = tl.load(R + offs_l, mask=offs_l < L, other=0.0)
     w = tl.load(W + tl.arange(0, HEAD_DIM))
     # Rounded to x's dtype before the weight, as WanRMSNorm's `.type_as(x) * weight`.
@@ -60,20 +48,6 @@ def _load_norm_rope(X, stride_xl, R, W, COS, SIN, offs_l, L, HEAD_DIM: tl.conste
     ne, no = tl.split(tl.reshape(n, (BLOCK, HALF, 2)))
     y = tl.join(ne * cos - no * sin, ne * sin + no * cos)
     return tl.reshape(y, (BLOCK, HEAD_DIM)).to(x.dtype)
-
-
-@triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, L, QK_SCALE: tl.constexpr, MASK: tl.constexpr):
-    """Fold one key block into the running (acc, row max m_i, row sum l_i); scores in log2 units."""
-    s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
-    if MASK:
-        s = tl.where(offs_n[None, :] < L, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-    p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32x3")
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -86,14 +60,14 @@ def _self_attn_range(acc, m_i, l_i, q, K, V, stride_kl, stride_vl, RK, WK, COS, 
         if NORM_K:
             k = _load_norm_rope(K, stride_kl, RK, WK, COS, SIN, offs_n, L, HEAD_DIM, MASK)
         else:
-            k = _load_rows(K, stride_kl, offs_n, L, offs_d, MASK)
-        v = _load_rows(V, stride_vl, offs_n, L, offs_d, MASK)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, L, QK_SCALE, MASK)
+            k = load_rows(K, stride_kl, offs_n, L, offs_d, MASK)
+        v = load_rows(V, stride_vl, offs_n, L, offs_d, MASK)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, L, QK_SCALE, MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _self_attn_fwd_kernel(
+def self_attn_fwd_kernel(
     Q, K, V, WQ, WK, COS, SIN, RQ, RK,  # inputs first, scalars, then outputs: TensorRT's AOT order
     L, H, stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
     Out,
@@ -163,63 +137,16 @@ def _norm_rope_kernel(X, W, COS, SIN, R, L, H, stride_xb, stride_xl, Out,
 
 # ---- autotune configs -----------------------------------------------------------------------------
 
-def _configs(*mnws):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in mnws]
-
-
 # Hopper (H100/H200), bf16/fp16, checked by compiling for sm_90a on a CPU (trt_plugin.compile_*): 128-row
 # query tiles need 8 warps (4 spill: the fp32 accumulator alone is 128 registers a thread), 2-4 stage
 # cp.async pipelines, shared memory 98-229 KB of the 227 KB. With NORM_K the fp32 cos/sin tiles are
 # pipelined too (131 KB at 128x64x2): configs over the limit fail to launch and the autotuner skips them.
-SELF_ATTN_CONFIGS = _configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+SELF_ATTN_CONFIGS = configs((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
                              (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2))
-# fp32 is the check path: tf32x3 dots (about fp32 accuracy on tensor cores) in small tiles, untuned.
-FP32_CONFIG = _configs((64, 32, 4, 1))[0]
-# The interpreter runs one program at a time in numpy: small blocks, no tuning.
-INTERPRET_CONFIG = _configs((16, 16, 4, 1))[0]
-
-_self_attn_fwd = triton.autotune(configs=SELF_ATTN_CONFIGS, key=["L", "HEAD_DIM", "NORM_K"])(_self_attn_fwd_kernel)
-
-
-def fixed_config(dtype: torch.dtype) -> triton.Config | None:
-    """The config to launch with when not autotuning (interpreter, fp32), else None."""
-    return INTERPRET_CONFIG if INTERPRET else FP32_CONFIG if dtype == torch.float32 else None
+_self_attn_fwd = triton.autotune(configs=SELF_ATTN_CONFIGS, key=["L", "HEAD_DIM", "NORM_K"])(self_attn_fwd_kernel)
 
 
 # ---- host wrappers --------------------------------------------------------------------------------
-
-def check_device(*tensors: torch.Tensor) -> None:
-    """Same device for all; CUDA, or CPU when the kernels were built by the Triton interpreter."""
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
-    if dev.type == "cuda" or (dev.type == "cpu" and INTERPRET):
-        return
-    raise RuntimeError(f"flf2v Triton kernels need CUDA tensors, got device {dev}; on CPU they run only "
-                       f"through the Triton interpreter: set TRITON_INTERPRET=1 before importing "
-                       f"flf2v.kernels (slow, for tests)")
-
-
-def check_heads(name: str, x: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
-    """x must be [B, L, dim] of `shape` (None entries free), unit stride along dim, in `dtype`."""
-    if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
-        raise ValueError(f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, "
-                         f"got {tuple(x.shape)}")
-    if x.dtype not in DTYPES or (dtype is not None and x.dtype != dtype):
-        raise ValueError(f"{name} must be {dtype or 'float16, bfloat16 or float32'}, got {x.dtype}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous along its last dim, got strides {x.stride()}")
-
-
-def head_dim_of(dim: int, num_heads: int) -> int:
-    if num_heads <= 0 or dim % num_heads:
-        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-    d = dim // num_heads
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16 (tl.arange, tl.dot), got {d}")
-    return d
-
 
 def check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_heads) -> int:
     """Shape/dtype/stride checks (metadata only: also run on fake tensors); returns num_heads."""
@@ -241,16 +168,6 @@ def check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_he
             raise ValueError(f"{name} must be a contiguous float32 [{s}, {d // 2}] table, got "
                              f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
     return num_heads
-
-
-def new_output(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A fresh output, or `out` checked to be a contiguous buffer of that shape, dtype and device."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if out.shape != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
-    return out
 
 
 def rms_stats(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,7 +235,7 @@ def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: flo
         return triton.cdiv(s, meta["BLOCK_M"]), b * num_heads
 
     config = fixed_config(q.dtype)
-    kernel = _self_attn_fwd if config is None else _self_attn_fwd_kernel
+    kernel = _self_attn_fwd if config is None else self_attn_fwd_kernel
     kernel[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
                  s, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=fuse_k,

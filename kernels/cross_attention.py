@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention import (LOG2E, _configs, _load_rows, _online_softmax_step, check_device, check_heads,
-                        fixed_config, head_dim_of, new_output)
+from .common import (LOG2E, check_device, check_heads, configs, fixed_config, head_dim_of, load_rows,
+                     new_output, online_softmax_step)
 
 
 # ---- kernel ---------------------------------------------------------------------------------------
@@ -29,19 +29,19 @@ def _attention(q, K, V, stride_kl, stride_vl, LK, QK_SCALE: tl.constexpr, HEAD_D
     n_full = (LK // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, stride_kl, offs_n, LK, offs_d, False)
-        v = _load_rows(V, stride_vl, offs_n, LK, offs_d, False)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, LK, QK_SCALE, False)
+        k = load_rows(K, stride_kl, offs_n, LK, offs_d, False)
+        v = load_rows(V, stride_vl, offs_n, LK, offs_d, False)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, LK, QK_SCALE, False)
     for start in range(n_full, LK, BLOCK_N):  # the ragged tail (257, 514 keys): at most one block
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, stride_kl, offs_n, LK, offs_d, True)
-        v = _load_rows(V, stride_vl, offs_n, LK, offs_d, True)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, LK, QK_SCALE, True)
+        k = load_rows(K, stride_kl, offs_n, LK, offs_d, True)
+        v = load_rows(V, stride_vl, offs_n, LK, offs_d, True)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, offs_n, LK, QK_SCALE, True)
     return acc / l_i[:, None]
 
 
 @triton.jit
-def _cross_attn_fwd_kernel(
+def cross_attn_fwd_kernel(
     Q, KT, VT, KI, VI,  # inputs first, scalars, then outputs: TensorRT's AOT order
     LQ, LT, LI, H, stride_qb, stride_ql, stride_ktb, stride_ktl, stride_vtb, stride_vtl,
     stride_kib, stride_kil, stride_vib, stride_vil,
@@ -54,7 +54,7 @@ def _cross_attn_fwd_kernel(
     col = (pid_bh % H) * HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q + b * stride_qb + col, stride_ql, offs_m, LQ, offs_d, True)
+    q = load_rows(Q + b * stride_qb + col, stride_ql, offs_m, LQ, offs_d, True)
     out = _attention(q, KT + b * stride_ktb + col, VT + b * stride_vtb + col, stride_ktl, stride_vtl, LT,
                      QK_SCALE, HEAD_DIM, BLOCK_N)
     out += _attention(q, KI + b * stride_kib + col, VI + b * stride_vib + col, stride_kil, stride_vil, LI,
@@ -69,9 +69,9 @@ def _cross_attn_fwd_kernel(
 # Hopper, bf16/fp16 (compiled for sm_90a): few keys (1,026 in all), the query tile carries the work. The
 # first result stays live through the second softmax, so 128-row tiles need 8 warps and 64-key blocks
 # (128x64x4 and 128x128x8 spill); 98-131 KB of shared memory.
-CROSS_ATTN_CONFIGS = _configs((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3))
+CROSS_ATTN_CONFIGS = configs((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3))
 
-_cross_attn_fwd = triton.autotune(CROSS_ATTN_CONFIGS, key=["LQ", "LT", "LI", "HEAD_DIM"])(_cross_attn_fwd_kernel)
+_cross_attn_fwd = triton.autotune(CROSS_ATTN_CONFIGS, key=["LQ", "LT", "LI", "HEAD_DIM"])(cross_attn_fwd_kernel)
 
 
 # ---- host wrapper ---------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def wan_cross_attention(q, k_txt, v_txt, k_img, v_img, num_heads: int, *,
         return triton.cdiv(lq, meta["BLOCK_M"]), b * num_heads
 
     config = fixed_config(q.dtype)
-    kernel = _cross_attn_fwd if config is None else _cross_attn_fwd_kernel
+    kernel = _cross_attn_fwd if config is None else cross_attn_fwd_kernel
     kernel[grid](q, k_txt, v_txt, k_img, v_img, lq, k_txt.shape[1], k_img.shape[1], num_heads,
                  q.stride(0), q.stride(1), k_txt.stride(0), k_txt.stride(1), v_txt.stride(0), v_txt.stride(1),
                  k_img.stride(0), k_img.stride(1), v_img.stride(0), v_img.stride(1),

@@ -14,26 +14,59 @@ plugin_namespace = "flf2v" and aot = 1 (select the AOT implementation). I/O: con
 (fp16, bf16 or fp32) for q/k/v/weights/out, fp32 for cos/sin/rstd. TensorRT times the tactics (= Triton
 configs) at build time.
 
-tensorrt is imported only by `register_plugins()`; `compile_*` and `aot_ptx` need triton only (they run on a
-CPU machine for a given GPU target, e.g. to check that every config compiles for sm_90).
+Tactic t >= 1 is config t - 1 of the kernel's list (`tactic_configs`): the tuned configs for fp16/bf16, the one
+FP32_CONFIG for fp32. A config that needs more shared memory per block than the build GPU has cannot launch, so
+the autotune callback compiles every config and offers only those that fit (`tactics`); the kernels are cached,
+and aot_impl takes the one TensorRT picked from the cache.
+
+tensorrt is imported only by `register_plugins()`; `compile_*`, `tactics` and `aot_ptx` need triton only (they run
+on a CPU machine for a given GPU target when `build_target` is replaced, e.g. to check every config for sm_90).
 No `from __future__ import annotations` here: tensorrt.plugin reads the annotations as objects.
 """
+import functools
 import math
 from typing import List, Tuple, Union
 
+import numpy as np
+import numpy.typing as npt
 import triton
 
-from . import attention, cross_attention
+from . import attention, common, cross_attention
 
-_IO_TYPES = "FP16|BF16|FP32"
 _registered = False
+# The num_heads attribute arrives as a one-element array: TensorRT 10.x turns an `int` attribute into a Python int
+# with int(array), which numpy >= 2.4 refuses (TensorRT 11 takes array[0]); an array attribute works in both.
+Heads = npt.NDArray[np.int32]
 
 
 # ---- AOT compilation (triton only) ----------------------------------------------------------------
 
+def build_target():
+    """(Triton target, max opt-in shared memory per block in bytes) of the GPU TensorRT builds on: the current
+    CUDA device, on which TensorRT times the tactics. Tests replace it to build for a GPU on a CPU machine."""
+    driver = triton.runtime.driver.active
+    props = driver.utils.get_device_properties(driver.get_current_device())
+    return driver.get_current_target(), props["max_shared_mem"]
+
+
+# TensorRT keeps the PTX in the engine and the driver JIT-compiles it when the engine loads; a driver refuses a
+# PTX ISA newer than it knows, and Triton writes the newest its ptxas knows (9.4 with Triton 3.9: CUDA 13.4 drivers).
+# So each target gets the oldest ISA that has it; these kernels need nothing newer (Triton 3.9's PTX for them
+# assembles at these ISAs, checked with ptxas for every target below). Arch -> ISA, and the oldest driver for it:
+_PTX_ISA = {80: 70, 86: 71, 89: 78,  # Ampere, Ada (sm_80/86/89): CUDA 11.0 / 11.1 / 11.8 drivers, R450 / R455 / R520
+            90: 80,  # Hopper (sm_90a, wgmma): CUDA 12.0, R525
+            100: 86, 120: 87,  # Blackwell (sm_100a, sm_120a): CUDA 12.8, R570
+            103: 88, 121: 88}  # Blackwell Ultra, GB10 (sm_103a, sm_121a): CUDA 12.9, R575
+
+
+def ptx_isa(arch: int):
+    """PTX ISA version (84 = 8.4) for a target, or None (Triton's newest) for a GPU newer than the table."""
+    return _PTX_ISA.get(arch)
+
+
 def _compile(fn, pointers: dict, constexprs: dict, config: triton.Config, target, aligned_ints=()):
     """triton.compile `fn` for `target`: pointer args typed by `pointers`, other non-constexpr args i32."""
-    if attention.INTERPRET:
+    if common.INTERPRET:
         raise RuntimeError("AOT compilation needs the kernels built without TRITON_INTERPRET=1")
     from triton.compiler import ASTSource
 
@@ -43,33 +76,31 @@ def _compile(fn, pointers: dict, constexprs: dict, config: triton.Config, target
     # 16-byte aligned pointers (TensorRT allocates 256-byte aligned) and 16-divisible strides let loads vectorise.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in list(pointers) + list(aligned_ints)}
     if target is None:
-        target = triton.runtime.driver.active.get_current_target()
+        target = build_target()[0]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    if target.arch == 90:
-        # TensorRT hands the PTX to the driver's JIT: Triton would target the newest PTX ISA its ptxas
-        # knows (9.4 with Triton 3.9, CUDA 13.4 drivers); 8.4 has everything sm_90a needs (R550+ drivers).
-        options["ptx_version"] = 84
+    if ptx_isa(target.arch):
+        options["ptx_version"] = ptx_isa(target.arch)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
 
 
 def compile_self_attention(dtype: str, dim: int, num_heads: int, config: triton.Config, target=None):
     """The fused self-attention kernel (NORM_K) for q/k/v of `dtype` ("fp16", "bf16", "fp32")."""
-    d = attention.head_dim_of(dim, num_heads)
+    d = common.head_dim_of(dim, num_heads)
     p = f"*{dtype}"
     pointers = dict(Q=p, K=p, V=p, WQ=p, WK=p, COS="*fp32", SIN="*fp32", RQ="*fp32", RK="*fp32", Out=p)
     strides = [f"stride_{t}{a}" for t in "qkv" for a in "bl"] if dim % 16 == 0 else []
-    return _compile(attention._self_attn_fwd_kernel, pointers,
-                    dict(QK_SCALE=attention.LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=True), config, target, strides)
+    return _compile(attention.self_attn_fwd_kernel, pointers,
+                    dict(QK_SCALE=common.LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=True), config, target, strides)
 
 
 def compile_cross_attention(dtype: str, dim: int, num_heads: int, config: triton.Config, target=None):
     """The fused text + image cross-attention kernel for tensors of `dtype`."""
-    d = attention.head_dim_of(dim, num_heads)
+    d = common.head_dim_of(dim, num_heads)
     p = f"*{dtype}"
     pointers = dict(Q=p, KT=p, VT=p, KI=p, VI=p, Out=p)
     strides = [f"stride_{t}{a}" for t in ("q", "kt", "vt", "ki", "vi") for a in "bl"] if dim % 16 == 0 else []
-    return _compile(cross_attention._cross_attn_fwd_kernel, pointers,
-                    dict(QK_SCALE=attention.LOG2E / math.sqrt(d), HEAD_DIM=d), config, target, strides)
+    return _compile(cross_attention.cross_attn_fwd_kernel, pointers,
+                    dict(QK_SCALE=common.LOG2E / math.sqrt(d), HEAD_DIM=d), config, target, strides)
 
 
 def aot_ptx(kernel) -> Tuple[bytes, bytes]:
@@ -93,9 +124,34 @@ def aot_ptx(kernel) -> Tuple[bytes, bytes]:
     return md.name.encode(), ptx.encode()
 
 
-def _tactic_config(configs, tactic: int, dtype: str) -> triton.Config:
-    """TensorRT tactic t >= 1 is configs[t - 1], the default tactic 0 the first; fp32 has one config."""
-    return attention.FP32_CONFIG if dtype == "fp32" else configs[max(tactic, 1) - 1]
+def tactic_configs(kind: str, dtype: str) -> List[triton.Config]:
+    """The configs of the "self" or "cross" kernel for `dtype`: tactic t >= 1 is configs[t - 1]."""
+    if dtype == "fp32":
+        return [common.FP32_CONFIG]
+    return attention.SELF_ATTN_CONFIGS if kind == "self" else cross_attention.CROSS_ATTN_CONFIGS
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, dtype: str, dim: int, num_heads: int, tactic: int, target):
+    compile_fn = compile_self_attention if kind == "self" else compile_cross_attention
+    return compile_fn(dtype, dim, num_heads, tactic_configs(kind, dtype)[tactic - 1], target)
+
+
+def tactics(kind: str, dtype: str, dim: int, num_heads: int) -> List[int]:
+    """The tactics whose kernel fits in the build GPU's shared memory per block (the others cannot launch)."""
+    target, max_shared = build_target()
+    fit = [t for t in range(1, len(tactic_configs(kind, dtype)) + 1)
+           if _kernel(kind, dtype, dim, num_heads, t, target).metadata.shared <= max_shared]
+    if not fit:
+        raise ValueError(f"no flf2v {kind}-attention kernel ({dtype}, head dim {dim // num_heads}) fits in the "
+                         f"{max_shared} B of shared memory per block of sm_{target.arch}: use --attention onnx")
+    return fit
+
+
+def _kernel_for(kind: str, dtype: str, dim: int, num_heads: int, tactic: int):
+    """(kernel, config) for the tactic TensorRT picked; 0 (TensorRT's default, if it timed none) is the first."""
+    tactic = tactic or tactics(kind, dtype, dim, num_heads)[0]
+    return _kernel(kind, dtype, dim, num_heads, tactic, build_target()[0]), tactic_configs(kind, dtype)[tactic - 1]
 
 
 # ---- TensorRT registration ------------------------------------------------------------------------
@@ -132,7 +188,7 @@ def _static_dim(desc, name: str) -> int:
     e = desc.shape_expr[2]
     if not e.is_constant:
         raise ValueError(f"{name}: the model dim (last axis) must be static for the AOT kernel")
-    return e.constant_value
+    return e.constant_value()  # a method in tensorrt.plugin 10.9-11.4, though is_constant is a property
 
 
 def _launch(trtp, kernel, grid_x, grid_y):
@@ -146,27 +202,29 @@ def _launch(trtp, kernel, grid_x, grid_y):
 
 def _register_self_attention(trt, trtp):
     TD = trtp.TensorDesc
-    configs = attention.SELF_ATTN_CONFIGS
 
     @trtp.register("flf2v::wan_self_attention")
     def _desc(q: TD, k: TD, v: TD, norm_q_weight: TD, norm_k_weight: TD, cos: TD, sin: TD,
-              rstd_q: TD, rstd_k: TD, num_heads: int) -> TD:
+              rstd_q: TD, rstd_k: TD, num_heads: Heads) -> TD:
         return q.like()
 
     @trtp.autotune("flf2v::wan_self_attention")
     def _tune(q: TD, k: TD, v: TD, norm_q_weight: TD, norm_k_weight: TD, cos: TD, sin: TD,
-              rstd_q: TD, rstd_k: TD, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        types = ",".join([_IO_TYPES] * 5 + ["FP32"] * 4 + [_IO_TYPES])
-        return [trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(configs) + 1)))]
+              rstd_q: TD, rstd_k: TD, num_heads: Heads, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
+        # The descriptors carry the network's types, which a strongly typed network fixes: offer q's only.
+        dtype = _triton_type(trt, q.dtype)
+        types = ",".join([dtype.upper()] * 5 + ["FP32"] * 4 + [dtype.upper()])
+        fit = tactics("self", dtype, _static_dim(q, "q"), int(num_heads[0]))
+        return [trtp.AutoTuneCombination(types, "LINEAR", fit)]
 
     @trtp.aot_impl("flf2v::wan_self_attention")
     def _aot(q: TD, k: TD, v: TD, norm_q_weight: TD, norm_k_weight: TD, cos: TD, sin: TD,
-             rstd_q: TD, rstd_k: TD, num_heads: int, outputs: Tuple[TD], tactic: int
+             rstd_q: TD, rstd_k: TD, num_heads: Heads, outputs: Tuple[TD], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        num_heads = int(num_heads[0])
         dtype = _triton_type(trt, q.dtype)
         dim = _static_dim(q, "q")
-        config = _tactic_config(configs, tactic, dtype)
-        kernel = compile_self_attention(dtype, dim, num_heads, config)
+        kernel, config = _kernel_for("self", dtype, dim, num_heads, tactic)
         b, s = q.shape_expr[0], q.shape_expr[1]
         row, batch = dim, s * dim  # contiguous [B, L, dim]
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in
@@ -177,24 +235,25 @@ def _register_self_attention(trt, trtp):
 
 def _register_cross_attention(trt, trtp):
     TD = trtp.TensorDesc
-    configs = cross_attention.CROSS_ATTN_CONFIGS
 
     @trtp.register("flf2v::wan_cross_attention")
-    def _desc(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: int) -> TD:
+    def _desc(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: Heads) -> TD:
         return q.like()
 
     @trtp.autotune("flf2v::wan_cross_attention")
-    def _tune(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, outputs: Tuple[TD]
+    def _tune(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: Heads, outputs: Tuple[TD]
               ) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(",".join([_IO_TYPES] * 6), "LINEAR", list(range(1, len(configs) + 1)))]
+        dtype = _triton_type(trt, q.dtype)
+        fit = tactics("cross", dtype, _static_dim(q, "q"), int(num_heads[0]))
+        return [trtp.AutoTuneCombination(",".join([dtype.upper()] * 6), "LINEAR", fit)]
 
     @trtp.aot_impl("flf2v::wan_cross_attention")
-    def _aot(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: int, outputs: Tuple[TD],
+    def _aot(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: Heads, outputs: Tuple[TD],
              tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        num_heads = int(num_heads[0])
         dtype = _triton_type(trt, q.dtype)
         dim = _static_dim(q, "q")
-        config = _tactic_config(configs, tactic, dtype)
-        kernel = compile_cross_attention(dtype, dim, num_heads, config)
+        kernel, config = _kernel_for("cross", dtype, dim, num_heads, tactic)
         b, lq, lt, li = q.shape_expr[0], q.shape_expr[1], k_txt.shape_expr[1], k_img.shape_expr[1]
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (
             lq, lt, li, num_heads, lq * dim, dim, lt * dim, dim, lt * dim, dim, li * dim, dim, li * dim, dim)])

@@ -141,11 +141,12 @@ def pth_tensor_source(path: str | os.PathLike, prefix: str = "") -> dict[str, Ca
 
 
 def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], dtype: torch.dtype,
-         origin: str, ignore: Callable[[str], bool] = lambda k: False) -> torch.nn.Module:
+         origin: str, ignore: Callable[[str], bool] = lambda k: False, device=None) -> torch.nn.Module:
     """Assign every parameter/buffer of a meta-built `model` from `source`, cast one tensor at a time.
 
-    Floating tensors go to `dtype`; non-persistent buffers (RoPE tables, built real in `__init__`)
-    are left as they are. Key sets must match exactly, up to the keys `ignore` accepts.
+    Floating tensors go to `dtype` (and `device`, if given); non-persistent buffers (RoPE tables, built
+    real in `__init__`) are left as they are. Key sets must match exactly, up to the keys `ignore`
+    accepts. Keys that share one getter (tied weights) get one converted tensor and stay tied.
     """
     expected = model.state_dict()
     have = {k for k in source if not ignore(k)}
@@ -157,13 +158,16 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
     if unexpected:
         raise CheckpointError(f"{origin}: unexpected key {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)"
                               if len(unexpected) > 1 else "") + "; the file belongs to another model")
-    loaded = {}
+    loaded, converted = {}, {}
     for key, ref in expected.items():
         t = source[key]()
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{origin}: {key!r} has shape {tuple(t.shape)}, the model needs "
                                   f"{tuple(ref.shape)}; the checkpoint does not match its config")
-        loaded[key] = t.to(dtype) if t.is_floating_point() else t
+        getter = id(source[key])  # alive in `source` all along: a stable identity, unlike id(t)
+        if getter not in converted:
+            converted[getter] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+        loaded[key] = converted[getter]
     model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

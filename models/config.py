@@ -134,6 +134,15 @@ class VAEConfig:
         object.__setattr__(self, "stride", (t, s, s))
 
 
+# The official default negative prompt (github.com/Wan-Video/Wan2.1, wan/configs): shared_config.py's
+# sample_neg_prompt; wan_i2v_14B.py prefixes "镜头晃动，" (camera shake) for I2V, and __init__.py's
+# flf2v_14B, a copy of the I2V config, prefixes "镜头切换，" (shot change) to that.
+SHARED_NEG_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+SAMPLE_NEG_PROMPTS = {"i2v": "镜头晃动，" + SHARED_NEG_PROMPT, "flf2v": "镜头切换，镜头晃动，" + SHARED_NEG_PROMPT}
+
 # Output sizes ("W*H", the official --size spelling) each preset accepts.
 SIZES_14B = ("1280*720", "720*1280", "832*480", "480*832", "1024*1024")
 
@@ -151,6 +160,12 @@ class Preset:
     sample_steps: int = 50
     sample_shift: float = 16.0
     sample_guide_scale: float = 5.0
+    # used when no negative prompt is given; None: the official one of the DiT's model type (SAMPLE_NEG_PROMPTS)
+    sample_neg_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.sample_neg_prompt is None:
+            object.__setattr__(self, "sample_neg_prompt", SAMPLE_NEG_PROMPTS[self.dit.model_type])
 
 
 def _tiny_parts(model_type: str):

@@ -241,7 +241,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.img_emb = ImageEmbedding(cfg)
         cos, sin = rope_tables(cfg.rope_max_pos, cfg.rope_split, cfg.rope_theta)
-        self.register_buffer("time_table", sinusoid_table(cfg.num_train_timesteps, cfg.freq_dim).float(),
+        # rows t = 0..num_train_timesteps: dpm++ (official get_sampling_sigmas) starts at sigma 1, t = 1000
+        self.register_buffer("time_table", sinusoid_table(cfg.num_train_timesteps + 1, cfg.freq_dim).float(),
                              persistent=False)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)

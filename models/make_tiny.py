@@ -44,24 +44,28 @@ def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module
     return module
 
 
-def _split_shards(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
-    keys = list(sd)
-    per = math.ceil(len(keys) / n)
-    return [{k: sd[k].contiguous() for k in keys[i * per:(i + 1) * per]} for i in range(n)]
+def write_dit_shards(out: Path, cfg_json: dict, tensors: dict, shards: list[list[str]]) -> None:
+    """config.json + sharded safetensors + index, as the official DiT. `tensors`: key -> getter of the
+    tensor, called only while its shard is written, so a large random checkpoint never sits in memory."""
+    (out / ck.DIT_CONFIG).write_text(json.dumps(cfg_json, indent=2))
+    weight_map, total = {}, 0
+    for i, keys in enumerate(shards, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+        part = {k: tensors[k]().contiguous() for k in keys}
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    (out / ck.DIT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2))
 
 
 def write_dit(out: Path, model: torch.nn.Module, cfg_json: dict, shards: int = 3) -> None:
-    (out / ck.DIT_CONFIG).write_text(json.dumps(cfg_json, indent=2))
-    sd = {k: v.float() for k, v in model.state_dict().items()}
-    parts = _split_shards(sd, shards)
-    weight_map = {}
-    for i, part in enumerate(parts, 1):
-        name = f"diffusion_pytorch_model-{i:05d}-of-{len(parts):05d}.safetensors"
-        save_file(part, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (out / ck.DIT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2))
+    """`model`'s weights as an official fp32 DiT checkpoint in `shards` files."""
+    sd = model.state_dict()
+    keys = list(sd)
+    per = math.ceil(len(keys) / shards)
+    write_dit_shards(out, cfg_json, {k: (lambda v=v: v.float()) for k, v in sd.items()},
+                     [keys[i * per:(i + 1) * per] for i in range(shards)])
 
 
 def clip_file_state(visual: torch.nn.Module, cfg, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -27,40 +27,66 @@ def _str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other user mistake
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def help_preset(argv: list[str] | None):
+    """The model preset whose defaults `--help` shows: the checkpoint's (when --ckpt_dir is readable),
+    else the --task's."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.config import get_preset
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="flf2v-14B", choices=TASKS)
+    pre.add_argument("--ckpt_dir", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.ckpt_dir:
+        try:
+            return ck.preset_for(known.ckpt_dir)
+        except (ck.CheckpointError, OSError):
+            pass
+    return get_preset(known.task)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="flf2v-run", description=__doc__)
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = help_preset(sys.argv[1:] if argv is None else argv)
+    shift = (f"{p.sample_shift:g}" + (", 3 at 832*480 / 480*832 as the official code"
+                                      if p.dit.model_type == "i2v" else ""))
+    ap = argparse.ArgumentParser(prog="flf2v-run", usage=argparse.SUPPRESS,  # errors: one line, exit 2
+                                 description=__doc__,
+                                 epilog=f"Defaults shown are {p.name}'s; --task and --ckpt_dir choose the model.")
     a = ap.add_argument
-    a("--task", default="flf2v-14B", choices=TASKS)
-    a("--size", default=None, help="max output area as W*H, e.g. 1280*720 (default: the model's)")
-    a("--frame_num", type=int, default=None, help="frames to generate, 4n+1 (default 81)")
+    a("--task", default="flf2v-14B", choices=TASKS, help="the model (default flf2v-14B)")
+    a("--size", default=None, help=f"max output area as W*H, one of {', '.join(p.sizes)} (default: the "
+                                   f"engines' grid, else {p.default_size}); the first frame's aspect ratio is kept")
+    a("--frame_num", type=int, default=None,
+      help=f"frames to generate, 4n+1 (default: the engines' count, else {p.frame_num})")
     a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
     a("--first_frame", default=None, help="first frame image (FLF2V)")
     a("--last_frame", default=None, help="last frame image (FLF2V)")
     a("--image", default=None, help="input image (I2V; same as --first_frame)")
     a("--prompt", default=None, help="text prompt")
-    a("--negative_prompt", default="", help="negative prompt (default: the official one)")
+    a("--negative_prompt", default="", help=f"negative prompt (default: the official one of {p.name}: "
+                                            f"{p.sample_neg_prompt[:12]}...)")
     a("--offload_model", type=_str2bool, default=None,
-      help="keep encoders and DiT off the GPU when not in use (default true, as the official code)")
+      help="keep encoders and DiT off the GPU when not in use (default true on CUDA, as the official code)")
     a("--t5_cpu", action="store_true", help="accepted for compatibility; the text encoder is freed before "
                                               "denoising anyway")
-    a("--sample_solver", default="unipc", choices=("unipc", "dpm++"))
-    a("--sample_steps", type=int, default=None)
-    a("--sample_shift", type=float, default=None)
-    a("--sample_guide_scale", type=float, default=None)
-    a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random")
+    a("--sample_solver", default="unipc", choices=("unipc", "dpm++"), help="sampler (default unipc)")
+    a("--sample_steps", type=int, default=None, help=f"denoising steps (default {p.sample_steps})")
+    a("--sample_shift", type=float, default=None, help=f"flow-matching shift (default {shift})")
+    a("--sample_guide_scale", type=float, default=None,
+      help=f"classifier-free guidance scale (default {p.sample_guide_scale:g})")
+    a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random (default -1)")
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
+    a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
     a("--backend", default="auto", choices=BACKENDS,
-      help="auto: the engines of --engines (or of engines/<this machine>) when built, else torch")
-    a("--engines", default=None, help="engine folder from `make engines` (default: engines/<this GPU or cpu-ort>)")
+      help="auto (default): engines of this checkpoint that serve the run, under --engines or "
+           "engines/<this machine>*/, else the torch reference")
+    a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    a("--metrics", default=None, help="write per-stage seconds and peak memory as JSON here")
+    a("--cuda_graph", type=_str2bool, default=True,
+      help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
+           "eagerly, the fallback if capture fails on your setup")
+    a("--metrics", default=None, help="write per-stage seconds, memory, the values used and versions as JSON")
     a("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -80,11 +106,29 @@ def default_save_file(task: str, size: str, prompt: str) -> Path:
     return path
 
 
-def peak_memory(device: torch.device) -> dict[str, float]:
+def peak_memory(device: torch.device, device_used: dict[str, int]) -> dict[str, float]:
+    """Host peak RSS; on CUDA also torch's peak and the device memory in use at the end of each stage,
+    which includes what TensorRT allocates itself (engines, contexts), unlike torch's counters."""
     out = {"host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
         out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if device_used:
+            out["cuda_device_used_max_gib"] = max(device_used.values()) / 2**30
     return out
+
+
+def check_device(name: str | None) -> torch.device:
+    from flf2v.runtime.media import InputError
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {name} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {name}: only cuda and cpu are supported")
+    return device
 
 
 def check_args(args) -> None:
@@ -108,26 +152,69 @@ def check_args(args) -> None:
         raise InputError(f"--sample_shift {args.sample_shift} must be positive, e.g. 16")
     if not -1 <= args.base_seed < 2**63:
         raise InputError(f"--base_seed {args.base_seed} is out of range; use -1 or 0..2^63-1")
+    if not 1 <= args.fps <= 240:
+        raise InputError(f"--fps {args.fps} is out of range; use 1..240 (16 is the official rate)")
     if args.save_file and not args.save_file.lower().endswith(".mp4"):
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
 
 
-def auto_backend(engines: str | None) -> str:
-    from flf2v.export.build import trt_available
-    from flf2v.runtime.engines import MANIFEST, EngineError, default_folder
-    candidates = [Path(engines)] if engines else [default_folder("trt" if trt_available() else "ort")]
-    for folder in candidates:
+def engine_kind(device: torch.device) -> str:
+    """The engines this machine runs: TensorRT on a GPU where it imports, ONNX Runtime on a CPU."""
+    if device.type == "cpu":
+        return "ort"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "trt"
+
+
+def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device):
+    """(backend kind, engine folder or None, one line saying what runs). `--engines` may be a folder or a
+    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>*."""
+    from flf2v.export import manifest as M
+    from flf2v.export.contracts import engine_shapes
+    from flf2v.runtime.engines import check_backend, engine_video_shape, find_engines
+    from flf2v.runtime.media import InputError
+    from flf2v.runtime.pipeline import output_shape
+
+    kind = engine_kind(device) if args.backend == "auto" else args.backend
+    if kind == "torch":
+        return "torch", None, None
+    check_backend(kind, device)
+
+    def want(m) -> tuple[int, int, int]:
+        h, w, f = engine_video_shape(m)  # unset --size / --frame_num default to the engines' own
+        return output_shape(preset, first_hw, args.size or f"{w}*{h}", args.frame_num or f)
+
+    def serves(m) -> bool:
         try:
-            return json.loads((folder / MANIFEST).read_text())["backend"]
-        except FileNotFoundError:
-            if engines:
-                raise EngineError(f"--engines {engines}: no {MANIFEST}; build engines with `make engines`") from None
-        except (json.JSONDecodeError, KeyError, TypeError, OSError) as e:
-            raise EngineError(f"{folder / MANIFEST}: unreadable ({e!r}); rebuild with `make engines`") from None
-    return "torch"
+            return want(m) == engine_video_shape(m)
+        except InputError:
+            return False
+
+    roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
+    folder, why = find_engines(roots, args.ckpt_dir, preset, kind, serves)
+    if folder is not None:
+        return kind, folder, None
+    shapes = [s for s in engine_shapes(preset).values() if serves({"shape": s.to_json(preset)})]
+    if shapes:  # an engine shape that would serve this run
+        fix = M.rebuild_hint(args.ckpt_dir, Path(args.engines) / shapes[0].name if args.engines else None,
+                             shapes[0].name)
+    else:
+        fix = (f"no engine shape serves it: crop the first frame to the aspect ratio of one "
+               f"({', '.join(f'{s.name} {s.width}x{s.height}' for s in engine_shapes(preset).values())})")
+    run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
+        f", {args.frame_num} frames" if args.frame_num else "")
+    if args.engines or args.backend != "auto":
+        detail = f" ({why[0]})" if why else ""
+        raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "
+                            f"or use --backend torch")
+    note = f"no current {kind} engines for this checkpoint serve {run} under {roots[0]}; {fix}"
+    return "torch", None, note
 
 
-def make_pipeline(args, device: torch.device):
+def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
     from flf2v.models import checkpoint as ck
     from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import Pipeline
@@ -137,22 +224,50 @@ def make_pipeline(args, device: torch.device):
     if preset.dit.model_type != want:
         raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
-    if args.backend == "auto":
-        args.backend = auto_backend(args.engines)
-    if args.backend == "torch":
+    kind, folder, note = choose_engines(args, preset, first_hw, device)
+    args.backend = kind
+    if kind == "torch":
+        from flf2v.export.contracts import COMPUTE_DTYPE
         from flf2v.runtime.torch_backend import TorchBackend
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or
-                                                               ("bf16" if device.type == "cuda" else "fp32")]
+        precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         offload = device.type == "cuda" if args.offload_model is None else args.offload_model
-        backend = TorchBackend(args.ckpt_dir, preset, dtype, device, offload_model=offload)
+        backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device, offload_model=offload)
+        says = f"backend torch (PyTorch reference, {precision} on {device})"
+        says += f"; {note}" if note else ""
     else:
         from flf2v.runtime.engines import open_backend
-        backend = open_backend(args.backend, args.engines, args.ckpt_dir, preset, device)
-    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device)
+        backend = open_backend(kind, folder, args.ckpt_dir, preset, device)
+        h, w, f = backend.video_shape
+        says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {w}x{h}, {f} frames)"
+    print(f"flf2v-run: {says}", flush=True)
+    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph)
+
+
+def versions() -> dict[str, str]:
+    """Every package that computed the video, as installed (absent ones left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu13", "tensorrt-cu12",
+                "polygraphy", "av", "transformers", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def write_metrics(path: str, metrics: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.part")
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    from flf2v.export.manifest import EngineError
     from flf2v.models.checkpoint import CheckpointError
     from flf2v.runtime.denoise import NumericalError
     from flf2v.runtime.media import InputError, load_image, save_video
@@ -160,36 +275,37 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         check_args(args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
-        pipe = make_pipeline(args, device)
-        size = args.size or pipe.preset.default_size
-        save = Path(args.save_file) if args.save_file else default_save_file(args.task, size, args.prompt)
-        video = pipe.generate(args.prompt, first, last, size=size, frame_num=args.frame_num,
+        t_load = time.perf_counter()
+        pipe = make_pipeline(args, device, (first.height, first.width))
+        t_load = time.perf_counter() - t_load
+        video = pipe.generate(args.prompt, first, last, size=args.size, frame_num=args.frame_num,
                               sample_solver=args.sample_solver, sample_steps=args.sample_steps,
                               sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale,
                               seed=args.base_seed, negative_prompt=args.negative_prompt,
                               progress=not args.quiet)
+        save = Path(args.save_file) if args.save_file else default_save_file(
+            args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
         with pipe.times("save"):
-            save_video(video, save)
-    except (InputError, CheckpointError, NumericalError) as e:
+            save_video(video, save, fps=args.fps)
+    except (InputError, CheckpointError, NumericalError, EngineError) as e:
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
     total = time.perf_counter() - t0
-    mem = peak_memory(device)
+    mem = peak_memory(device, pipe.times.device_used)
     if args.metrics:
-        metrics = {"save_file": str(save), "seconds": pipe.times.seconds, "end_to_end_s": total,
-                   "memory": mem, "seed": pipe.seed, "backend": args.backend, "device": str(device),
-                   "preset": pipe.preset.name, "frames": int(video.shape[1]),
-                   "height": int(video.shape[2]), "width": int(video.shape[3]),
-                   "versions": {"torch": torch.__version__, "python": platform.python_version()},
-                   "args": vars(args)}
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{args.metrics}.part")
-        tmp.write_text(json.dumps(metrics, indent=2, default=str))
-        os.replace(tmp, args.metrics)
+        # the stages add up to the end-to-end time: "other" is argument checks and reading the images
+        seconds = {"load": t_load, **pipe.times.seconds}
+        seconds["other"] = total - sum(seconds.values())
+        write_metrics(args.metrics, {
+            "save_file": str(save), "seconds": seconds, "end_to_end_s": total, "memory": mem,
+            "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
+            "run": pipe.last_request.to_json(), "fps": args.fps, "backend": args.backend,
+            "engines": str(getattr(pipe.backend, "folder", "")) or None, "device": str(device),
+            "preset": pipe.preset.name, "versions": versions(), "args": vars(args)})
     mem_s = ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
     print(f"wrote {save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}) in "
           f"{total:.1f} s; peak memory: {mem_s}")

@@ -6,6 +6,11 @@ the new latent back into the same buffer. Nothing in it depends on the step inde
 CUDA it is captured once as a CUDA graph (after one eager warm-up, as graphs require) and replayed for
 every step; on the CPU it runs eagerly, and tests prove it is capturable with `torch.export`.
 
+The denoiser contract (every backend's `denoise(x, t, context, clip_fea, y)`): the result may alias a
+buffer the backend owns and overwrites on its next call (TensorRT binds one static output buffer per
+engine), so it is valid only until the next `denoise` call. The step therefore keeps what it needs of
+one call in its own buffer before making the next (the cond velocity of the batch-1 CFG layout).
+
 Non-finite latents are not checked inside the loop (that would sync the host every step): the step
 records the first step whose output is not finite in a device scalar, read once after the loop.
 """
@@ -50,6 +55,8 @@ class DenoiseLoop(torch.nn.Module):
         buf("ctx", context)
         buf("clip", clip_fea.expand(b, -1, -1).contiguous())
         buf("y", y.expand(b, -1, -1, -1, -1).contiguous())
+        if b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
+            buf("v_cond", torch.zeros_like(self.x))
         self.graph = None
 
     def forward(self) -> None:
@@ -62,7 +69,8 @@ class DenoiseLoop(torch.nn.Module):
             v_cond, v_uncond = v.chunk(2)
         else:
             t = self.t.expand(1)
-            v_cond = self.denoise(x, t, self.ctx[:1], self.clip, self.y).float()
+            v_cond = self.v_cond
+            v_cond.copy_(self.denoise(x, t, self.ctx[:1], self.clip, self.y))
             v_uncond = self.denoise(x, t, self.ctx[1:], self.clip, self.y).float()
         v = v_uncond + self.guide * (v_cond - v_uncond)
         out = self.sampler.step(self.coef, v, x, State(self.last, self.m1, self.m2))

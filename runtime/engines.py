@@ -1,74 +1,60 @@
 """Engine backends: the graphs of one `flf2v-build` folder behind the TorchBackend interface.
 
 `ort` runs the fp32 ONNX graphs with ONNX Runtime (CPU EP here, CUDA EP where onnxruntime-gpu is
-installed); `trt` runs TensorRT engines with static device buffers bound once. The manifest decides what
-a folder may serve: the same model preset, checkpoint, output grid and (for TensorRT) GPU and TensorRT
-version; anything else is refused with the `make engines` command that rebuilds it. The VAE chunk
-loop lives here: each chunk step's caches come back as outputs and go in as the next step's inputs.
+installed); `trt` runs TensorRT engines with static device buffers bound once. The manifest
+(export/manifest.py) decides what a folder may serve: the same model preset, checkpoint, output grid and
+(for TensorRT) GPU and TensorRT version; anything else is refused with the `make engines` command that
+rebuilds it. `find_engines` picks, among the folders of a root (one per shape), the one that serves a run.
+The VAE chunk loop lives here: each chunk step's caches come back as outputs and go in as the next
+step's inputs.
 """
 from __future__ import annotations
 
-import json
+import mmap
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flf2v.export import manifest as M
+from flf2v.export.contracts import TORCH_DTYPES
+from flf2v.export.manifest import EngineError
 from flf2v.models.config import Preset
 from flf2v.models.vae import decode_chunks, encode_chunks
 
-from .media import InputError
-
-MANIFEST = "manifest.json"
+ENCODER_GRAPHS = ("t5", "clip", "vae_encode_first", "vae_encode_chunk")
 
 
-class EngineError(InputError):
-    """An engine folder that cannot serve this run; the message names the command that fixes it."""
-
-
-def _rebuild_hint(ckpt_dir, preset: Preset, shape: str | None, precision: str | None) -> str:
-    args = f"CKPT={ckpt_dir}" + (f" PRESET={shape}" if shape else "") + (f" PRECISION={precision}" if precision else "")
-    return f"run `make engines {args}`"
-
-
-def default_folder(kind: str) -> Path:
-    from flf2v.export.build import default_folder as build_default
-    return build_default(kind)
-
-
-def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str) -> dict:
-    from flf2v.export.build import checkpoint_fingerprint, target_tag
-    path = folder / MANIFEST
-    hint = _rebuild_hint(ckpt_dir, preset, None, None)
-    if not path.is_file():
-        raise EngineError(f"{folder}: no engines here ({MANIFEST} missing); {hint}")
-    try:
-        m = json.loads(path.read_text())
-        engines, shape = m["engines"], m["shape"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise EngineError(f"{path}: unreadable manifest ({e!r}); {hint}") from None
-    hint = _rebuild_hint(ckpt_dir, preset, shape.get("name"), m.get("precision"))
-    if m.get("backend") != kind:
-        raise EngineError(f"{folder} holds {m.get('backend')} engines, not {kind}; pass --backend "
-                          f"{m.get('backend')} or {hint}")
-    if m.get("model_preset") != preset.name:
-        raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {hint}")
-    if m.get("checkpoint", {}).get("fingerprint") != checkpoint_fingerprint(ckpt_dir):
-        raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {hint}")
-    if kind == "trt" and m.get("target") != target_tag("trt"):
-        raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag('trt')}; {hint}")
-    for name, e in engines.items():
-        for f, size in e.get("files", {}).items():
-            p = folder / f
-            if not p.is_file() or p.stat().st_size != size:
-                raise EngineError(f"{p}: missing or damaged engine file ({name}); {hint}")
-        if kind == "ort":
+def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str, fingerprint: str | None = None) -> dict:
+    """The folder's validated manifest (export/manifest.py), its ONNX external data checked too."""
+    m = M.validate(folder, ckpt_dir, preset, kind, fingerprint)
+    if kind == "ort":
+        for e in m["engines"].values():
             check_external_data(folder / e["file"], folder)
-    missing = [g for g in ("t5", "clip", "vae_encode_first", "vae_encode_chunk", "vae_decode_first",
-                           "vae_decode_chunk") if g not in engines]
-    if missing or not any(g.startswith("dit_b") for g in engines):
-        raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing) or 'dit'}); {hint}")
     return m
+
+
+def engine_video_shape(m: dict) -> tuple[int, int, int]:
+    """(height, width, frames) a folder serves."""
+    return m["shape"]["height"], m["shape"]["width"], m["shape"]["frame_num"]
+
+
+def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves) -> tuple[Path | None, list[str]]:
+    """The first folder under `roots` whose engines are current for `ckpt_dir` on this machine and whose
+    video shape `serves(manifest) -> bool` accepts; (None, why each candidate was passed over) otherwise."""
+    fingerprint = M.checkpoint_fingerprint(ckpt_dir)  # read once for all candidates
+    why = []
+    for folder in (f for r in roots for f in M.folders_under(r)):
+        try:
+            m = read_manifest(folder, ckpt_dir, preset, kind, fingerprint)
+        except EngineError as e:
+            why.append(str(e))
+            continue
+        if serves(m):
+            return folder, why
+        h, w, f = engine_video_shape(m)
+        why.append(f"{folder} serves {w}x{h}, {f} frames")
+    return None, why
 
 
 def check_external_data(onnx_path: Path, folder: Path) -> None:
@@ -94,14 +80,16 @@ class EngineBackend:
         self.folder, self.preset, self.device = Path(folder), preset, torch.device(device)
         self.manifest = read_manifest(self.folder, ckpt_dir, preset, kind)
         s = self.manifest["shape"]
-        self.video_shape = (s["height"], s["width"], s["frame_num"])
+        self.hint = M.rebuild_hint(ckpt_dir, self.folder, s["name"], self.manifest.get("precision"),
+                                   self.manifest.get("attention"))
+        self.video_shape = engine_video_shape(self.manifest)
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
 
-    def _zeros(self, graph: str, prefix: str) -> list[torch.Tensor]:
-        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        return [torch.zeros(s["shape"], dtype=dt[s["dtype"]], device=self.device)
-                for s in self.specs[graph]["inputs"] if s["name"].startswith(prefix)]
+    def _caches(self, graph: str) -> list[torch.Tensor]:
+        """The zero caches a first VAE chunk step starts from."""
+        return [torch.zeros(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+                for s in self.specs[graph]["inputs"] if s["name"].startswith("cache_in.")]
 
     # -- the TorchBackend interface ------------------------------------------------------------------
     def encode_text(self, ids, mask):
@@ -129,11 +117,11 @@ class EngineBackend:
         return step
 
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
-        caches = self._zeros("vae_encode_first", "cache_in.")
+        caches = self._caches("vae_encode_first")
         return encode_chunks(self._vae_step("encode"), video, caches, self.preset.vae.stride[0])
 
     def vae_decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
-        return decode_chunks(self._vae_step("decode"), z, self._zeros("vae_decode_first", "cache_in."), progress)
+        return decode_chunks(self._vae_step("decode"), z, self._caches("vae_decode_first"), progress)
 
 
 class OrtBackend(EngineBackend):
@@ -162,7 +150,7 @@ class OrtBackend(EngineBackend):
         return self.sessions[graph]
 
     def release_encoders(self) -> None:
-        for g in ("t5", "clip", "vae_encode_first", "vae_encode_chunk"):
+        for g in ENCODER_GRAPHS:
             self.sessions.pop(g, None)
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -173,8 +161,13 @@ class OrtBackend(EngineBackend):
 
 
 class TrtBackend(EngineBackend):
-    """TensorRT engines on static CUDA buffers bound once; enqueued on the current stream, so the
-    denoising step can be captured in a CUDA graph. GPU-only: not exercised on a CPU machine."""
+    """TensorRT engines on static CUDA buffers bound once. Outside CUDA-graph capture every engine runs on
+    the backend's own stream (ordered after the caller's stream, and the caller's after it); inside a
+    capture on the capturing stream, so the denoising step can be recorded as one graph. Graphs are loaded
+    when first used and released when the pipeline moves on: encoders before denoising, the DiT before
+    VAE decoding (`finish_denoise`), so the 720p peaks of the stages do not add up. The VAE caches live in
+    two sets per direction, shared by the first and the chunk step and swapped each chunk (in -> out),
+    instead of one input and one output copy per engine. GPU-only: never run on a CPU machine."""
     name = "trt"
     capturable = True
 
@@ -184,42 +177,136 @@ class TrtBackend(EngineBackend):
         if self.manifest.get("attention") == "plugin":  # DiT engines with the fused Triton attention plugins
             from flf2v.kernels.trt_plugin import register_plugins
             register_plugins()
+        self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.stream = torch.cuda.Stream(self.device)
         self.engines: dict = {}
+        self.cache_sets: dict = {}  # "encode"/"decode" -> ([set A], [set B])
+
+    def _deserialize(self, graph: str):
+        path = self.folder / self.specs[graph]["file"]
+        # A memory map, not read_bytes(): a 14B DiT plan is ~33 GB that would otherwise be copied to host RAM.
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            engine = self.runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineError(f"{path}: TensorRT could not deserialize this engine (built by another TensorRT "
+                              f"version or GPU, or damaged; see the TensorRT log above); {self.hint}")
+        return engine
+
+    def check_io(self, graph: str, engine) -> None:
+        """The engine's I/O tensors must be exactly the manifest's (names, shapes, dtypes, directions)."""
+        trt = self.trt
+        names = {trt.DataType.FLOAT: "float32", trt.DataType.BF16: "bfloat16", trt.DataType.HALF: "float16",
+                 trt.DataType.INT64: "int64"}
+        spec = self.specs[graph]
+        want = {s["name"]: (mode, tuple(s["shape"]), s["dtype"])
+                for mode, group in (("input", spec["inputs"]), ("output", spec["outputs"])) for s in group}
+        have = {}
+        for i in range(engine.num_io_tensors):
+            n = engine.get_tensor_name(i)
+            mode = "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output"
+            dtype = engine.get_tensor_dtype(n)
+            have[n] = (mode, tuple(engine.get_tensor_shape(n)), names.get(dtype, str(dtype)))
+        if have != want:
+            diff = sorted(set(have.items()) ^ set(want.items()))
+            raise EngineError(f"{self.folder / spec['file']}: the engine's I/O differs from the manifest "
+                              f"({diff[:4]}); {self.hint}")
+
+    def _cache_set(self, graph: str, which: int) -> list[torch.Tensor]:
+        kind = "decode" if "decode" in graph else "encode"
+        if kind not in self.cache_sets:
+            self.cache_sets[kind] = (super()._caches(graph), super()._caches(graph))
+        return self.cache_sets[kind][which]
+
+    def _caches(self, graph: str) -> list[torch.Tensor]:
+        return [c.zero_() for c in self._cache_set(graph, 0)]
 
     def _load(self, graph: str):
         if graph not in self.engines:
-            engine = self.runtime.deserialize_cuda_engine((self.folder / self.specs[graph]["file"]).read_bytes())
+            engine = self._deserialize(graph)
+            self.check_io(graph, engine)
             ctx = engine.create_execution_context()
+            if ctx is None:
+                raise EngineError(f"{graph}: TensorRT could not create an execution context (out of GPU memory?)")
             bufs = {}
             for s in self.specs[graph]["inputs"] + self.specs[graph]["outputs"]:
-                dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}[s["dtype"]]
-                bufs[s["name"]] = torch.empty(s["shape"], dtype=dtype, device=self.device)
-                ctx.set_tensor_address(s["name"], bufs[s["name"]].data_ptr())
+                if s["name"].startswith(("cache_in.", "cache_out.")):
+                    continue  # bound per call to one of the two cache sets
+                bufs[s["name"]] = torch.empty(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+                self._bind(ctx, s["name"], bufs[s["name"]])
             self.engines[graph] = (engine, ctx, bufs)
         return self.engines[graph]
 
+    @staticmethod
+    def _bind(ctx, name: str, t: torch.Tensor) -> None:
+        if not ctx.set_tensor_address(name, t.data_ptr()):
+            raise RuntimeError(f"TensorRT refused the address of {name} ({tuple(t.shape)} {t.dtype})")
+
     def release_encoders(self) -> None:
-        for g in ("t5", "clip", "vae_encode_first", "vae_encode_chunk"):
-            self.engines.pop(g, None)
+        self._release(ENCODER_GRAPHS)
+
+    def finish_denoise(self) -> None:
+        self._release([g for g in self.engines if g.startswith("dit_b")])
+
+    def _release(self, graphs) -> None:
+        if any(g in self.engines for g in graphs):
+            self._synchronize()  # nothing may still run on what is freed
+            for g in graphs:
+                self.engines.pop(g, None)
+            if all(not g.startswith("vae_encode") for g in self.engines):
+                self.cache_sets.pop("encode", None)
+            torch.cuda.empty_cache()
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def _enqueue(self, graph: str, ctx) -> None:
+        caller = torch.cuda.current_stream(self.device)
+        if torch.cuda.is_current_stream_capturing():
+            stream = caller  # recorded into the caller's CUDA graph
+        else:  # not the legacy default stream, which would serialise with everything else on the device
+            stream = self.stream
+            stream.wait_stream(caller)
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {graph}")
+        if stream is not caller:
+            caller.wait_stream(stream)
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         _, ctx, bufs = self._load(graph)
         spec = self.specs[graph]
+        caches_in = [x for s, x in zip(spec["inputs"], inputs) if s["name"].startswith("cache_in.")]
+        if caches_in:  # ping-pong: outputs go to the set the inputs are not in
+            a, b = self._cache_set(graph, 0), self._cache_set(graph, 1)
+            src = b if caches_in[0].data_ptr() == b[0].data_ptr() else a
+            for c, x in zip(src, caches_in):
+                if c.data_ptr() != x.data_ptr():
+                    c.copy_(x)
+            dst = a if src is b else b
+            for i, (c_in, c_out) in enumerate(zip(src, dst)):
+                self._bind(ctx, f"cache_in.{i}", c_in)
+                self._bind(ctx, f"cache_out.{i}", c_out)
         for s, x in zip(spec["inputs"], inputs):
-            if x.data_ptr() != bufs[s["name"]].data_ptr():
+            if s["name"] in bufs and x.data_ptr() != bufs[s["name"]].data_ptr():
                 bufs[s["name"]].copy_(x)
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError(f"TensorRT failed to enqueue {graph}")
-        return [bufs[s["name"]] for s in spec["outputs"]]
+        self._enqueue(graph, ctx)
+        return [bufs[s["name"]] if s["name"] in bufs else dst[int(s["name"].split(".")[1])] for s in spec["outputs"]]
+
+
+def check_backend(kind: str, device) -> None:
+    """EngineError (one line naming the fix) unless this machine can run `kind` engines on `device`."""
+    if kind not in ("ort", "trt"):
+        raise EngineError(f"unknown backend {kind!r}; choose torch, ort or trt")
+    if kind == "trt":
+        if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+            raise EngineError("--backend trt needs a CUDA GPU; use --backend ort or torch here")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise EngineError(f"--backend trt needs TensorRT, which does not import here ({e}); "
+                              f"{M.TRT_INSTALL}") from None
 
 
 def open_backend(kind: str, folder, ckpt_dir, preset: Preset, device) -> EngineBackend:
-    folder = Path(folder) if folder else default_folder(kind)
-    if kind == "ort":
-        return OrtBackend(folder, ckpt_dir, preset, device)
-    if kind == "trt":
-        if not torch.cuda.is_available():
-            raise EngineError("--backend trt needs a CUDA GPU; use --backend ort or torch here")
-        return TrtBackend(folder, ckpt_dir, preset, device)
-    raise EngineError(f"unknown backend {kind!r}; choose torch, ort or trt")
+    check_backend(kind, device)
+    return (OrtBackend if kind == "ort" else TrtBackend)(folder, ckpt_dir, preset, device)

@@ -80,6 +80,9 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: int = 16, crf:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.mp4", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video gets the mode any new file would
     try:
         with av.open(tmp, mode="w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=fps)

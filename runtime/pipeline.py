@@ -9,14 +9,13 @@ official one is hard-coded to 81 frames).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,25 +29,27 @@ from .denoise import DenoiseLoop
 from .media import InputError, image_to_tensor
 from .scheduler import make_sampler
 
-# The official default negative prompt (wan/configs/shared_config.py), used when none is given.
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+def cuda_device_used(device: torch.device) -> int:
+    """Bytes in use on the GPU, whoever allocated them (TensorRT's engines and contexts too)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 @dataclass
 class StageTimes:
     seconds: dict[str, float] = field(default_factory=dict)
+    device_used: dict[str, int] = field(default_factory=dict)  # CUDA: bytes in use at each stage's end
 
     @contextmanager
     def __call__(self, name: str, device: torch.device | None = None):
-        if device is not None and device.type == "cuda":
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         yield
-        if device is not None and device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
+            self.device_used[name] = max(self.device_used.get(name, 0), cuda_device_used(device))
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
@@ -82,6 +83,15 @@ def check_frame_num(frame_num: int, max_latent_frames: int) -> int:
     return frame_num
 
 
+def output_shape(preset: Preset, first_hw: tuple[int, int], size: str, frame_num: int) -> tuple[int, int, int]:
+    """(height, width, frames) of the video made from a first frame of `first_hw` (H, W) pixels: the
+    official sizing within the area of `size`."""
+    frame_num = check_frame_num(frame_num, preset.dit.rope_max_pos)
+    w_max, h_max = parse_size(size, preset)
+    lat_h, lat_w = latent_grid(first_hw, w_max * h_max, preset.vae.stride[1], preset.dit.patch_size[1])
+    return lat_h * preset.vae.stride[1], lat_w * preset.vae.stride[2], frame_num
+
+
 def condition_mask(frame_num: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
     """[4, T_lat, lat_h, lat_w]: 1 where a pixel frame is given (first, and last for FLF2V)."""
     m = torch.ones(1, frame_num, lat_h, lat_w)
@@ -94,114 +104,191 @@ def resize(frame: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(frame[None], size=(h, w), mode="bicubic", align_corners=False)[0]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One generation with every default resolved: what `Pipeline.generate` ran (and --metrics records)."""
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    frame_num: int
+    sample_solver: str
+    sample_steps: int
+    sample_shift: float
+    guide_scale: float
+    seed: int
+    cfg_batch: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 class Pipeline:
     """`Pipeline(backend, tokenizer, preset).generate(prompt, first, last)` -> [3, F, H, W] in [-1, 1]."""
 
-    def __init__(self, backend, tokenizer, preset: Preset, device: str | torch.device = "cpu"):
+    def __init__(self, backend, tokenizer, preset: Preset, device: str | torch.device = "cpu",
+                 cuda_graph: bool = True):
         self.backend, self.tokenizer, self.preset = backend, tokenizer, preset
         self.device = torch.device(device)
+        self.cuda_graph = cuda_graph  # False: the denoising step runs eagerly on CUDA too
         self.times = StageTimes()
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", **kw) -> "Pipeline":
+    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", cuda_graph: bool = True,
+                        **kw) -> "Pipeline":
+        """The PyTorch reference networks of an official checkpoint folder.
+
+        dtype       torch.float32 (the CPU's, and the parity reference) or torch.bfloat16 (CUDA)
+        device      "cpu" or "cuda"; cuda_graph=False runs the denoising step eagerly on CUDA
+        kw          TorchBackend options: attention="triton" (the fused kernels, CUDA), offload_model=True
+                    (keep the DiT on the host until denoising, as the official --offload_model)
+        """
         from flf2v.models import checkpoint as ck
 
         from .torch_backend import TorchBackend
         preset = ck.preset_for(ckpt_dir)
         backend = TorchBackend(ckpt_dir, preset, dtype, device, **kw)
-        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device)
+        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)
 
     @classmethod
-    def from_engines(cls, folder, ckpt_dir=None, device=None) -> "Pipeline":
-        """Engines of a `flf2v-build` folder; the tokenizer (and fingerprint check) from `ckpt_dir`,
-        by default the checkpoint the folder was built from."""
+    def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True) -> "Pipeline":
+        """The engines of one `flf2v-build` folder (e.g. engines/h100-sm90-trt11.4/720p): TensorRT engines
+        run on CUDA, ONNX Runtime graphs on the CPU (device overrides). The tokenizer, and the check that
+        the engines were built from these weights, come from `ckpt_dir`, by default the checkpoint the
+        folder was built from. Its runs have the folder's grid and frame count (`video_shape`)."""
         from flf2v.models import checkpoint as ck
 
-        from .engines import MANIFEST, EngineError, open_backend
+        from flf2v.export import manifest as M
+
+        from .engines import open_backend
+        m = M.load(folder)
         try:
-            m = json.loads((Path(folder) / MANIFEST).read_text())
             kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EngineError(f"{folder}: not an engine folder ({e!r}); build one with `make engines`") from None
+        except (KeyError, TypeError) as e:
+            raise M.EngineError(f"{folder}: not an engine folder (no readable {M.MANIFEST}: {e!r}); build one "
+                                f"with `make engines`") from None
         device = torch.device(device or ("cuda" if kind == "trt" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
         return cls(open_backend(kind, folder, ckpt_dir, preset, device), ck.load_tokenizer(ckpt_dir, preset),
-                   preset, device)
+                   preset, device, cuda_graph)
 
     # -----------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
-                 size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
-                 sample_steps: int | None = None, sample_shift: float | None = None,
-                 guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
-                 cfg_batch: int = 2, progress: bool = True) -> torch.Tensor:
-        p, dev, times = self.preset, self.device, self.times
-        times.seconds.clear()
+    def request(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
+                size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
+                sample_steps: int | None = None, sample_shift: float | None = None,
+                guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
+                cfg_batch: int | None = None) -> Request:
+        """The run `generate` makes with these arguments: validated, every default resolved (the task's
+        official ones; the engines' grid and frame count when the backend has fixed shapes)."""
+        p = self.preset
         flf2v = p.dit.model_type == "flf2v"
         if flf2v and last_frame is None:
             raise InputError(f"{p.name} needs a last frame; pass --last_frame")
         if not flf2v and last_frame is not None:
             raise InputError(f"{p.name} is image-to-video and takes no last frame; drop --last_frame")
         fixed = getattr(self.backend, "video_shape", None)  # engines are built for one (H, W, frames)
-        if frame_num is None:
-            frame_num = fixed[2] if fixed else p.frame_num
-        frame_num = check_frame_num(frame_num, p.dit.rope_max_pos)
-        steps = p.sample_steps if sample_steps is None else sample_steps
-        shift = p.sample_shift if sample_shift is None else sample_shift
+        size = size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size)
+        frame_num = frame_num if frame_num is not None else fixed[2] if fixed else p.frame_num
+        h, w, frame_num = output_shape(p, (first_frame.height, first_frame.width), size, frame_num)
+        if fixed and (h, w, frame_num) != tuple(fixed):
+            raise InputError(f"the engines were built for {fixed[1]}x{fixed[0]}, {fixed[2]} frames, but this run "
+                             f"needs {w}x{h}, {frame_num} frames (from --size, --frame_num and the first frame's "
+                             f"aspect ratio); pass engines built for it (`make engines ... PRESET=<shape>`), "
+                             f"crop the first frame to {fixed[1]}:{fixed[0]}, or use --backend torch")
+        if sample_shift is None:
+            # official generate.py: I2V at 480p samples with shift 3, other sizes with the task's default
+            sample_shift = 3.0 if not flf2v and size in ("832*480", "480*832") else p.sample_shift
         guide = p.sample_guide_scale if guide_scale is None else guide_scale
         if not math.isfinite(guide):
             raise InputError(f"--sample_guide_scale {guide} is not a finite number")
-        w_max, h_max = parse_size(size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size), p)
         batches = getattr(self.backend, "cfg_batches", (1, 2))  # engines may hold only one CFG layout
-        if cfg_batch not in batches:
-            cfg_batch = batches[0]
-        self.seed = seed = random.randint(0, 2**63 - 1) if seed < 0 else seed
-        sampler = make_sampler(sample_solver, steps, shift)
+        if cfg_batch is not None and cfg_batch not in batches:
+            warnings.warn(f"cfg_batch {cfg_batch}: these engines hold only the batch-{batches[0]} DiT, so "
+                          f"classifier-free guidance runs as batch {batches[0]}", stacklevel=2)
+        cfg_batch = cfg_batch if cfg_batch in batches else 2 if 2 in batches else batches[0]
+        steps = p.sample_steps if sample_steps is None else sample_steps
+        try:
+            make_sampler(sample_solver, steps, sample_shift)  # the sampler is built per run: check it now
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return Request(prompt=prompt, negative_prompt=negative_prompt or p.sample_neg_prompt, height=h, width=w,
+                       frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
+                       sample_shift=float(sample_shift), guide_scale=float(guide),
+                       seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch)
 
-        with times("preprocess"):
-            first = image_to_tensor(first_frame)
-            lat_h, lat_w = latent_grid(first.shape[1:], w_max * h_max, p.vae.stride[1], p.dit.patch_size[1])
-            h, w = lat_h * p.vae.stride[1], lat_w * p.vae.stride[2]
-            if fixed and (h, w, frame_num) != tuple(fixed):
-                raise InputError(f"the engines were built for {fixed[1]}x{fixed[0]}, {fixed[2]} frames, but this "
-                                 f"run needs {w}x{h}, {frame_num} frames (from --size, --frame_num and the first "
-                                 f"frame's aspect ratio); build matching engines with `make engines` or use "
-                                 f"--backend torch")
-            frames = [first] + ([image_to_tensor(last_frame)] if flf2v else [])
-            t_lat = (frame_num - 1) // p.vae.stride[0] + 1
+    def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
+                 latents: torch.Tensor | None = None, output: str = "video", progress: bool = True,
+                 **options) -> torch.Tensor:
+        """A video from a prompt and its first (and, for FLF2V, last) frame.
+
+        options   size ("W*H", the max area), frame_num (4n+1), sample_solver ("unipc" | "dpm++"),
+                  sample_steps, sample_shift, guide_scale, seed (-1: random), negative_prompt ("" : the
+                  task's official one), cfg_batch (2: cond + uncond as one DiT batch, 1: two calls); unset
+                  ones take the task's official defaults (see `request`). `self.last_request` records them.
+        latents   initial noise [1, 16, T_lat, h, w] fp32 instead of the seed's (to reproduce or compare a run)
+        output    "video": [3, frames, H, W] in [-1, 1] (decoded); "latent": the final latents
+                  [1, 16, T_lat, h, w] fp32, not decoded
+        """
+        if output not in ("video", "latent"):
+            raise ValueError(f"output must be 'video' or 'latent', got {output!r}")
+        req = self.last_request = self.request(prompt, first_frame, last_frame, **options)
+        self.seed = req.seed
+        self.times.seconds.clear()
+        self.times.device_used.clear()
+        with self.times("preprocess"):
+            inputs = self.prepare(req, first_frame, last_frame, latents)
+        latent = self.denoise_video(req, inputs, progress)
+        if output == "latent":
+            return latent
+        with self.times("vae_decode", self.device):
+            bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
+            return self.backend.vae_decode(latent, bar)[0]
+
+    def prepare(self, req: Request, first_frame: Image.Image, last_frame: Image.Image | None,
+                latents: torch.Tensor | None = None) -> dict:
+        """Host-side inputs of the networks: noise, token ids, CLIP pixels, the VAE condition and its mask."""
+        p = self.preset
+        flf2v = last_frame is not None
+        frames = [image_to_tensor(first_frame)] + ([image_to_tensor(last_frame)] if flf2v else [])
+        h, w, n = req.height, req.width, req.frame_num
+        lat = (p.vae.z_dim, (n - 1) // p.vae.stride[0] + 1, h // p.vae.stride[1], w // p.vae.stride[2])
+        if latents is None:
             # Noise is drawn on the CPU so a seed gives the same video on every device (the official
             # code draws it on the GPU).
-            noise = torch.randn(1, p.vae.z_dim, t_lat, lat_h, lat_w, dtype=torch.float32,
-                                generator=torch.Generator().manual_seed(seed))
-            ids, mask = self.tokenizer([prompt, negative_prompt or DEFAULT_NEGATIVE_PROMPT])
-            pixels = torch.cat([clip_preprocess(f[None], p.clip) for f in frames])
-            sized = [resize(f, h, w) for f in frames]  # the official bug fix: last frame resized too
-            cond = torch.zeros(3, frame_num, h, w)
-            cond[:, 0] = sized[0]
-            if flf2v:
-                cond[:, -1] = sized[1]
-            msk = condition_mask(frame_num, lat_h, lat_w, flf2v)
+            latents = torch.randn(1, *lat, dtype=torch.float32, generator=torch.Generator().manual_seed(req.seed))
+        elif tuple(latents.shape) != (1, *lat):
+            raise InputError(f"latents must have shape {(1, *lat)} for this run, got {tuple(latents.shape)}")
+        ids, mask = self.tokenizer([req.prompt, req.negative_prompt])
+        sized = [resize(f, h, w) for f in frames]  # the official bug fix: last frame resized too
+        cond = torch.zeros(3, n, h, w)
+        cond[:, 0] = sized[0]
+        if flf2v:
+            cond[:, -1] = sized[1]
+        return {"noise": latents.float(), "ids": ids, "mask": mask, "cond": cond,
+                "pixels": torch.cat([clip_preprocess(f[None], p.clip) for f in frames]),
+                "msk": condition_mask(n, lat[2], lat[3], flf2v)}
 
+    def denoise_video(self, req: Request, inputs: dict, progress: bool = True) -> torch.Tensor:
+        """Encoders, then the denoising loop: the final latents [1, 16, T_lat, h, w] fp32."""
+        p, dev, times, b = self.preset, self.device, self.times, self.backend
         with times("text_encoder", dev):
-            context = self.backend.encode_text(ids, mask).float()
+            context = b.encode_text(inputs["ids"], inputs["mask"]).float()
         with times("image_encoder", dev):
-            clip_fea = self.backend.encode_image(pixels).float().reshape(1, -1, p.clip.dim)
+            clip_fea = b.encode_image(inputs["pixels"]).float().reshape(1, -1, p.clip.dim)
         with times("vae_encode", dev):
-            y = torch.cat([msk[None].to(dev), self.backend.vae_encode(cond[None]).to(dev)], dim=1)
-
+            y = torch.cat([inputs["msk"][None].to(dev), b.vae_encode(inputs["cond"][None]).to(dev)], dim=1)
+        sampler = make_sampler(req.sample_solver, req.sample_steps, req.sample_shift)
         with times("denoise", dev):
-            self.backend.prepare_denoise()
-            latent = self.denoise(sampler, noise.to(dev), context.to(dev), clip_fea.to(dev), y, guide,
-                                  cfg_batch, progress)
-            self.backend.finish_denoise()
-        with times("vae_decode", dev):
-            bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
-            video = self.backend.vae_decode(latent, bar)[0]
-        return video
+            b.prepare_denoise()
+            latent = self.denoise(sampler, inputs["noise"].to(dev), context.to(dev), clip_fea.to(dev), y,
+                                  req.guide_scale, req.cfg_batch, progress)
+            b.finish_denoise()
+        return latent
 
     # -----------------------------------------------------------------------------------------------
     def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool):
         loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch)
-        if x.device.type == "cuda" and getattr(self.backend, "capturable", False):
+        if self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False):
             loop.capture()
         with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
             return loop.run(bar)

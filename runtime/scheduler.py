@@ -95,7 +95,9 @@ def flow_schedule(solver: str, steps: int, shift: float):
         # back from a fp32 tensor (0.99900001287...), which decides a few truncated timesteps.
         s = np.linspace(float(np.float32(1 - 1 / NUM_TRAIN_TIMESTEPS)), 0.0, steps + 1)[:-1]
     else:
-        # get_sampling_sigmas of fm_solvers.py: starts at sigma = 1 exactly.
+        # get_sampling_sigmas of fm_solvers.py: starts at sigma = 1 exactly, so the DiT's first timestep is
+        # 1000 (one past the training range 0..999): the official model embeds it from the float value, and
+        # WanDiT's time table has that row (models/dit.py).
         s = np.linspace(1.0, 0.0, steps + 1)[:steps]
     s = shift * s / (1 + (shift - 1) * s)
     timesteps = (s * NUM_TRAIN_TIMESTEPS).astype(np.int64)

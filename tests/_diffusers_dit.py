@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from flf2v.models.config import DiTConfig
-from flf2v.models.diffusers_format import dit_diffusers_config as diffusers_config  # noqa: F401
-from flf2v.models.diffusers_format import dit_to_diffusers as official_to_diffusers
+from flf2v.bench.diffusers_peer import dit_diffusers_config as diffusers_config  # noqa: F401
+from flf2v.bench.diffusers_peer import dit_to_diffusers as official_to_diffusers
 
 
 def build_diffusers_dit(cfg: DiTConfig, official_state_dict: dict):

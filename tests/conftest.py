@@ -46,4 +46,4 @@ def tiny_engines(tiny_ckpt, tmp_path_factory):
     from flf2v.export.build import build
     # the folder test_export.py / test_build.py use too: whoever comes later finds the engines current
     return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort",
-                 progress=False)
+                 cfg_batch=(1, 2), progress=False)

@@ -12,7 +12,14 @@ from flf2v.bench import cost
 from flf2v.models.config import get_preset
 
 FULL = get_preset("flf2v-14B")
-LATENT_720P = (21, 90, 160)  # 81 frames at 1280x720
+LATENT_720P = (21, 90, 160)  # 81 frames at 1280x720 (spec wan21-flf2v.md, "FLF2V data flow" step 1)
+# Where the expected figures below come from:
+#   [E&T] /work/shared/spec/engines-and-targets.md (repo spec), "Cost of one FLF2V-14B video": per-layer FLOPs,
+#         6.55e15 per forward, ~71% self-attention, 662 s / 331 s floors at 989 dense bf16 TFLOP/s, DiT 32.8 GB
+#         and T5 11.4 GB in bf16.
+#   [W21] /work/shared/spec/wan21-flf2v.md: DiT size 16,395,536,704 (re-derived from the config dimensions in
+#         test_dit.official_size), VAE 126.9 M parameters, 75,600 tokens at 720p.
+#   [NV]  NVIDIA H100 / H200 SXM datasheets: 989 TFLOP/s dense bf16 (1979 fp8), HBM 3.35 TB/s (H100).
 
 
 def close(a: float, b: float, rel: float) -> bool:
@@ -23,36 +30,38 @@ def close(a: float, b: float, rel: float) -> bool:
 
 def test_dit_flops_match_spec():
     L = cost.dit_tokens(FULL.dit, LATENT_720P)
-    assert L == 75_600
+    assert L == 75_600  # [W21]
     layer = cost.dit_layer_flops(FULL.dit, L)
-    # the spec gives 3 significant digits: agree to rounding
+    # [E&T] gives 3 significant digits: agree to rounding
     for name, want in {"qkvo": 1.59e13, "self_attention": 1.17e14, "cross_attention": 9.6e12, "ffn": 2.14e13}.items():
         assert close(layer[name], want, 0.006), (name, layer[name], want)
     assert close(sum(layer.values()), 1.64e14, 0.005)
     assert close(sum(layer.values()) / cost.dit_forward_flops(FULL.dit, LATENT_720P), 1 / 40, 0.001)  # layers ~all
     fwd = cost.dit_forward_flops(FULL.dit, LATENT_720P)
-    assert close(fwd, 6.55e15, 0.005), fwd
-    assert close(layer["self_attention"] * 40 / fwd, 0.71, 0.01)  # "self-attention is ~71% of the work"
+    assert close(fwd, 6.55e15, 0.005), fwd  # [E&T]
+    assert close(layer["self_attention"] * 40 / fwd, 0.71, 0.01)  # [E&T] "self-attention is ~71% of the work"
 
 
 def test_dit_floor_and_weights_match_spec():
+    from test_dit import official_size
+
     loop = cost.dit_cost(FULL.dit, LATENT_720P, calls=100)  # 50 steps x CFG 2
-    assert close(loop.total_flops, 6.55e17, 0.005)
+    assert close(loop.total_flops, 6.55e17, 0.005)  # [E&T]
     h100 = cost.GPUS["H100"]
-    assert h100.bf16 == 989e12 and cost.GPUS["H200"].bf16 == 989e12
-    assert close(loop.floor(h100, "bf16"), 662, 0.005), loop.floor(h100, "bf16")
-    assert close(loop.floor(h100, "fp8"), 331, 0.005), loop.floor(h100, "fp8")
-    assert cost.dit_params(FULL.dit) == 16_395_536_704  # spec: DiT size (flf2v)
-    assert close(cost.dit_params(FULL.dit) * 2, 32.8e9, 0.002)  # 32.8 GB bf16
-    assert close(cost.t5_params(FULL.t5) * 2, 11.4e9, 0.005)  # T5 encoder 11.4 GB bf16
+    assert h100.bf16 == 989e12 and cost.GPUS["H200"].bf16 == 989e12  # [NV], [E&T]
+    assert close(loop.floor(h100, "bf16"), 662, 0.005), loop.floor(h100, "bf16")  # [E&T]
+    assert close(loop.floor(h100, "fp8"), 331, 0.005), loop.floor(h100, "fp8")  # [E&T]
+    assert cost.dit_params(FULL.dit) == official_size("flf2v")[0] == 16_395_536_704  # [W21], derived in test_dit
+    assert close(cost.dit_params(FULL.dit) * 2, 32.8e9, 0.002)  # [E&T] 32.8 GB bf16
+    assert close(cost.t5_params(FULL.t5) * 2, 11.4e9, 0.005)  # [E&T] T5 encoder 11.4 GB bf16 (the .pth's size)
     vae = cost.vae_params(FULL.vae, "enc") + cost.vae_params(FULL.vae, "dec")
-    assert close(vae, 126.9e6, 0.001), vae  # spec: 126.9 M parameters
+    assert close(vae, 126.9e6, 0.001), vae  # [W21] 126.9 M parameters
 
 
 def test_floor_is_compute_or_memory_bound():
     h100 = cost.GPUS["H100"]
     c = cost.Cost(flops=1e12, params=10**10, io_elements=0)  # 20 GB of bf16 weights, 1 TFLOP: memory bound
-    assert c.floor(h100, "bf16") == pytest.approx(20e9 / 3.35e12)
+    assert c.floor(h100, "bf16") == pytest.approx(20e9 / 3.35e12)  # [NV] H100 SXM HBM3: 3.35 TB/s
     assert c.floor(h100, "fp8") == pytest.approx(10e9 / 3.35e12)
     c = cost.Cost(flops=1e15, params=10, io_elements=0, calls=3)
     assert c.floor(h100, "bf16") == pytest.approx(3e15 / 989e12)
@@ -125,7 +134,7 @@ def test_cost_table_sums_stages():
 
 @pytest.fixture(scope="module")
 def peer(tiny_ckpt):
-    from flf2v.models.diffusers_format import build_pipeline
+    from flf2v.bench.diffusers_peer import build_pipeline
     pipe = build_pipeline(tiny_ckpt)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -144,7 +153,7 @@ def test_peer_schedule_equals_ours(peer):
 
 @torch.no_grad()
 def test_peer_networks_equal_ours(peer, tiny_ckpt):
-    """Each network of the peer, loaded from the checkpoint files through diffusers_format, against ours."""
+    """Each network of the peer, loaded from the checkpoint files through diffusers_peer, against ours."""
     from flf2v.models import checkpoint as ck
 
     p = get_preset("tiny")
@@ -203,7 +212,7 @@ def test_bench_cli_writes_json_markdown_chart(tmp_path, tiny_ckpt, capsys):
     from flf2v.bench.cli import main
 
     rc = main(["--preset", "tiny", "--out", str(tmp_path), "--ckpt_dir", str(tiny_ckpt), "--work", str(tmp_path / "w"),
-               "--backends", "torch,trt,diffusers", "--steps", "1", "--repeats", "1"])
+               "--backends", "torch,trt,diffusers", "--steps", "1", "--repeats", "2", "--idle_wait", "0"])
     assert rc == 0
     files = {p.suffix: p for p in tmp_path.iterdir() if p.is_file()}
     assert set(files) == {".json", ".md", ".png"}
@@ -217,12 +226,20 @@ def test_bench_cli_writes_json_markdown_chart(tmp_path, tiny_ckpt, capsys):
         assert b[name]["status"] == "ok", b[name]["status"]
         assert set(b[name]["stages"]) == {"text_encoder", "image_encoder", "vae_encode", "denoise", "denoise_step",
                                           "vae_decode", "end_to_end"}
-        assert all(v["n"] == 1 and v["median"] > 0 for v in b[name]["stages"].values())
+        assert all(v["n"] == 2 and v["median"] > 0 for v in b[name]["stages"].values())
         assert b[name]["host_peak"]["end_to_end"] > 0
+        assert b[name]["video_reference"] == "torch"
+        assert b[name]["video_run_to_run_max_abs_diff"] == 0.0  # same seed: the same video every run
     assert b["diffusers"]["speedup"]["torch"]["end_to_end"] > 0
-    assert b["torch"]["video_max_abs_diff"] == 0.0
+    # every backend against the torch reference, not the reference against itself
+    assert b["torch"]["video_max_abs_diff"] is None
+    # the peer resizes with PIL (CLIP input) where ours uses torch: close, never equal
+    assert 0 < b["diffusers"]["video_max_abs_diff"] < 0.5, b["diffusers"]["video_max_abs_diff"]
+    load = res["load"]
+    assert len(load["before"]) == len(load["after"]) == 3 and load["cpus"] == res["machine"]["cpu"]["cpus"]
     md = files[".md"].read_text()
     assert "| torch |" in md and "| diffusers |" in md and "unavailable" in md
+    assert "Machine load (1-minute load average" in md and "(reference)" in md
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -233,3 +250,73 @@ def test_export_memory_subcommand_is_wired(capsys):
         main(["export-memory", "--help"])
     assert e.value.code == 0
     assert "--work" in capsys.readouterr().out
+
+
+# ---- fairness: both sides instrumented alike, the same stage boundaries ----------------------------------
+
+def _spans(runner, job, steps):
+    import dataclasses
+    runner.job = dataclasses.replace(job, steps=steps)
+    runner.run()
+    return list(runner.probe.log)
+
+
+def test_ours_and_peer_are_instrumented_alike(tiny_ckpt):
+    """Probes are per stage on both sides (their number does not grow with the steps), and the denoise stage
+    of both runs from the end of the VAE encode to the start of the VAE decode."""
+    from flf2v.bench.runners import DiffusersRunner, Job, OursRunner
+
+    p = get_preset("tiny")
+    job = Job(tiny_ckpt, p, 64, 64, 5, 1, p.sample_shift, p.sample_guide_scale)
+    cpu = torch.device("cpu")
+    for runner in (OursRunner("torch", job, cpu, torch.float32, None), DiffusersRunner(job, cpu, torch.float32)):
+        runner.load()
+        try:
+            one, three = _spans(runner, job, 1), _spans(runner, job, 3)
+        finally:
+            runner.close()
+        names = [n for n, _, _ in three]
+        assert [n for n, _, _ in one] == names, (runner.name, names)
+        assert names.count("denoise") == 1 and {"vae_encode", "vae_decode"} <= set(names), (runner.name, names)
+        i = names.index("denoise")
+        (n0, _, enc_end), (_, start, end), (n2, dec_start, _) = three[i - 1:i + 2]
+        assert (n0, n2) == ("vae_encode", "vae_decode"), (runner.name, names)
+        assert 0 <= start - enc_end < 0.01 and 0 <= dec_start - end < 0.01, (runner.name, start - enc_end,
+                                                                             dec_start - end)
+
+
+def test_compare_videos_uses_the_reference():
+    from flf2v.bench.cli import compare_videos
+    from flf2v.bench.runners import RunResult
+
+    def res(v):
+        return RunResult(1.0, {}, {}, {}, None, torch.full((3, 2, 4, 4), v))
+
+    runs = {"torch": ([res(0.0), res(0.0)], []), "ort": ([res(0.25), res(0.5)], []), "diffusers": ([res(-0.125)], [])}
+    got = compare_videos(runs)
+    assert got["torch"] == {"video_reference": "torch", "video_max_abs_diff": None,
+                            "video_run_to_run_max_abs_diff": 0.0}
+    assert got["ort"] == {"video_reference": "torch", "video_max_abs_diff": 0.5, "video_run_to_run_max_abs_diff": 0.25}
+    assert got["diffusers"]["video_max_abs_diff"] == 0.125 and got["diffusers"]["video_run_to_run_max_abs_diff"] is None
+    assert compare_videos({"ort": ([res(0.5)], [])})["ort"]["video_max_abs_diff"] is None  # no reference run
+
+
+def test_busy_machine_waits_then_reports(monkeypatch, capsys):
+    from flf2v.bench import cli
+
+    seen = iter([[5.0, 4, 3], [4.5, 4, 3], [1.5, 3, 3], [9.0, 9, 9]])
+    clock = [0.0]
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: next(seen))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    load = cli.wait_for_idle(cpus=2, max_wait=60, poll=5)
+    assert load["first_seen"][0] == 5.0 and load["before"][0] == 1.5 and not load["busy_before"]
+    assert load["waited_seconds"] == 10.0 and "busy" in capsys.readouterr().err
+    # never idle: bounded wait, then timed anyway and flagged
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: [3.0, 3, 3])
+    clock[0] = 0.0
+    load = cli.wait_for_idle(cpus=2, max_wait=12, poll=5)
+    assert load["busy_before"] and load["waited_seconds"] == 12.0
+    from flf2v.bench.report import load_lines
+    text = "\n".join(load_lines({"load": {**load, "after": [2.0, 2, 2]}}))
+    assert "3.00 before the timing" in text and "2.00 after" in text and "Warning: the machine was busy" in text

@@ -14,6 +14,7 @@ import pytest
 
 from flf2v.export import build as B
 from flf2v.export import contracts as C
+from flf2v.export import manifest as M
 from flf2v.models.config import get_preset
 
 PRESET = get_preset("tiny")
@@ -23,16 +24,16 @@ NAMES = [g.name for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")]
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "engines-cpu"  # shared with test_export.py
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--cfg_batch", "both", "--quiet"]) == 0
     return out
 
 
 def test_folder_and_manifest(folder, tiny_ckpt):
     m = json.loads((folder / "manifest.json").read_text())
     assert m["backend"] == "ort" and m["precision"] == "fp32" and m["model_preset"] == "tiny"
-    assert m["target"] == B.target_tag("ort")
+    assert m["target"] == M.target_tag("ort") and m["schema"] == M.SCHEMA
     assert m["shape"] == {"name": "tiny", "width": 64, "height": 64, "frame_num": 9, "latent": [3, 8, 8]}
-    assert m["checkpoint"]["fingerprint"] == B.checkpoint_fingerprint(tiny_ckpt)
+    assert m["checkpoint"]["fingerprint"] == M.checkpoint_fingerprint(tiny_ckpt)
     assert sorted(m["engines"]) == sorted(NAMES)
     graphs = {g.name: g for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")}
     for name, e in m["engines"].items():
@@ -42,8 +43,8 @@ def test_folder_and_manifest(folder, tiny_ckpt):
         assert e["outputs"] == [s.to_json() for s in graphs[name].outputs]
         sess = ort.InferenceSession(str(folder / e["file"]), providers=["CPUExecutionProvider"])
         assert [i.name for i in sess.get_inputs()] == [s["name"] for s in e["inputs"]]
-    assert B.target_tag("ort") == f"cpu-ort{ort.__version__}"
-    assert B.default_folder("ort").parts[-2:] == ("engines", f"cpu-ort{ort.__version__}")
+    assert M.target_tag("ort") == f"cpu-ort{ort.__version__}"
+    assert M.default_folder("ort", "tiny").parts[-3:] == ("engines", f"cpu-ort{ort.__version__}", "tiny")
 
 
 def test_second_run_skips_current_engines(folder, tiny_ckpt):
@@ -92,10 +93,22 @@ def test_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, args, mess
     assert message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.skipif(B.trt_available(), reason="TensorRT is available here")
+@pytest.mark.skipif(M.trt_available(), reason="TensorRT is available here")
 def test_trt_backend_without_tensorrt_exits_2(tiny_ckpt, tmp_path, capsys):
     assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path), "--backend", "trt"]) == 2
-    assert "needs the tensorrt package" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs TensorRT" in err and "pip install tensorrt-cu13" in err and err.count("\n") == 1, err
+
+
+def test_auto_backend_with_a_gpu_but_no_tensorrt_refuses_cpu_engines(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Never fp32 ONNX Runtime CPU engines of a 14B model on a GPU machine that lacks TensorRT."""
+    monkeypatch.setattr(M, "trt_available", lambda: False)
+    monkeypatch.setattr(M, "gpu_info", lambda: ("NVIDIA H100 80GB HBM3", (9, 0)))
+    out = tmp_path / "e"
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "GPU is present but TensorRT" in err and "make setup" in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_folder_lock_serialises(tmp_path):
@@ -115,10 +128,10 @@ def test_folder_lock_serialises(tmp_path):
 
 
 def test_short_gpu_names():
-    assert B.short_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
-    assert B.short_gpu_name("NVIDIA H200") == "h200"
-    assert B.short_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
-    assert B.short_gpu_name("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert M.short_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert M.short_gpu_name("NVIDIA H200") == "h200"
+    assert M.short_gpu_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert M.short_gpu_name("NVIDIA GeForce RTX 4090") == "rtx4090"
 
 
 # ---- TensorRT (gpu) --------------------------------------------------------------------------------
@@ -139,8 +152,11 @@ def _max_rel_errors(onnx_path, engine_path, feed) -> dict[str, float]:
 
 @pytest.mark.gpu
 def test_trt_fp32_engines_match_onnxruntime(tiny_ckpt, tmp_path):
-    folder = B.build(tiny_ckpt, precision="fp32", out=tmp_path / "trt32", backend="trt", progress=False)
-    assert re.fullmatch(r"[a-z0-9]+-sm\d+-trt\d+\.\d+", B.target_tag("trt"))
+    pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package")
+    pytest.importorskip("polygraphy", reason="the engines are built and compared through polygraphy")
+    folder = B.build(tiny_ckpt, precision="fp32", out=tmp_path / "trt32", backend="trt", cfg_batch=(1, 2),
+                     progress=False)
+    assert re.fullmatch(r"[a-z0-9]+-sm\d+-trt\d+\.\d+", M.target_tag("trt"))
     m = json.loads((folder / "manifest.json").read_text())
     assert sorted(m["engines"]) == sorted(NAMES) and (folder / "timing.cache").exists()
     for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32"):
@@ -154,9 +170,12 @@ def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
     """bf16 engines (strongly typed) against the fp32 graphs on ONNX Runtime, within bf16 rounding. The
     VAE engines take bf16 caches, which ONNX Runtime's fp32 graphs cannot be fed: here they are only
     built (the fp32 engines above check the VAE numerics)."""
-    fp32 = B.build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", progress=False)
+    pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package")
+    pytest.importorskip("polygraphy", reason="the engines are built and compared through polygraphy")
+    fp32 = B.build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", cfg_batch=(1, 2),
+                   progress=False)
     folder = B.build(tiny_ckpt, precision="bf16", out=tmp_path_factory.mktemp("trt16"), backend="trt",
-                     progress=False)
+                     cfg_batch=(1, 2), progress=False)
     for g in C.graphs(PRESET, C.get_shape(PRESET), "bf16"):
         if g.component == "vae":
             continue

@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import onnxruntime as ort
@@ -50,10 +51,42 @@ def test_killed_build_leaves_nothing_taken_for_finished(tiny_engines, tiny_ckpt,
 
 
 def test_two_builds_into_one_folder(tiny_engines, tiny_ckpt, tmp_path):
+    """While the folder's lock is held (as by a build under way), two more builds into it both wait and
+    touch nothing; once it is released they run one after the other and leave a complete folder."""
+    from flf2v.export.build import folder_lock
+
     work = shutil.copytree(tiny_engines, tmp_path / "e")
     _forget(work, REDO[:1])
-    procs = [subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE) for _ in range(2)]
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0, 0], [p.stderr.read() for p in procs]
+    before = (work / "manifest.json").read_bytes()
+    procs, logs = [], []
+    try:
+        with folder_lock(work):
+            for _ in range(2):
+                p = subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE, text=True)
+                log = []
+                threading.Thread(target=lambda p=p, log=log: log.extend(p.stderr), daemon=True).start()
+                procs.append(p)
+                logs.append(log)
+            deadline = time.time() + 180
+            while time.time() < deadline and not all(_waiting(log) for log in logs):
+                if any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.05)
+            state = [(p.poll(), _waiting(log)) for p, log in zip(procs, logs)]
+            assert all(w for _, w in state), f"a build did not wait for the folder lock: (exit code, waited) {state}"
+            # nothing changed while the lock was held
+            assert (work / "manifest.json").read_bytes() == before
+            assert not (work / f"{REDO[0]}.onnx").exists() and not list(work.glob(".*partial*"))
+        codes = [p.wait(timeout=300) for p in procs]
+        assert codes == [0, 0], ["".join(log) for log in logs]
+    finally:
+        for p in procs:  # a build that did not wait may still be running when an assertion fails
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     m = _complete(work)
     assert REDO[0] in m["engines"] and not list(work.glob(".*partial*"))
+
+
+def _waiting(log: list[str]) -> bool:
+    return any("waiting for another build" in line for line in log)

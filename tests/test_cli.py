@@ -1,8 +1,11 @@
 """flf2v-run: a video and metrics from the tiny checkpoint; user mistakes end in one line and exit 2."""
 import json
+import os
+import stat
 
 import pytest
 
+from flf2v.models.config import get_preset
 from flf2v.runtime.cli import main
 
 
@@ -21,14 +24,44 @@ def _args(ckpt, frames, out, *extra):
 
 def test_run_writes_video_and_metrics(tiny_ckpt, demo_frames, tmp_path, capsys):
     out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
-    assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics))) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics), "--fps", "24")) == 0
+    finally:
+        os.umask(old)
+    import av
+
     from flf2v.runtime.media import read_video
     assert read_video(out).shape == (5, 64, 64, 3)
+    with av.open(str(out)) as f:
+        assert f.streams.video[0].average_rate == 24
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # like any new file under umask 022 (mkstemp: 0600)
     m = json.loads(metrics.read_text())
-    assert m["seed"] == 3 and m["frames"] == 5 and m["memory"]["host_peak_rss_gib"] > 0
-    assert {"text_encoder", "denoise", "vae_decode", "save"} <= set(m["seconds"])
-    line = capsys.readouterr().out
-    assert "wrote" in line and "random weights" in line
+    assert m["run"] == {"prompt": "a red ball", "negative_prompt": get_preset("tiny").sample_neg_prompt,
+                        "height": 64, "width": 64, "frame_num": 5, "sample_solver": "unipc", "sample_steps": 2,
+                        "sample_shift": 16.0, "guide_scale": 5.0, "seed": 3, "cfg_batch": 2}
+    assert m["memory"]["host_peak_rss_gib"] > 0 and m["fps"] == 24
+    assert {"load", "preprocess", "text_encoder", "denoise", "vae_decode", "save", "other"} <= set(m["seconds"])
+    assert abs(sum(m["seconds"].values()) - m["end_to_end_s"]) < 1e-6 and m["seconds"]["other"] >= 0
+    assert {"torch", "triton", "onnxruntime", "av"} <= set(m["versions"])
+    out_lines = capsys.readouterr().out
+    assert "flf2v-run: backend torch" in out_lines and "wrote" in out_lines and "random weights" in out_lines
+
+
+def test_help_shows_the_defaults_of_the_task(capsys):
+    for task, expect in (("flf2v-14B", ["default 50)", "default 16)", "镜头切换"]),
+                         ("i2v-14B", ["default 40)", "default 5, 3 at 832*480", "镜头晃动"])):
+        with pytest.raises(SystemExit):
+            main(["--task", task, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(e in text for e in expect), (task, text)
+
+
+def test_help_shows_the_checkpoints_defaults(tiny_ckpt, capsys):
+    with pytest.raises(SystemExit):
+        main(["--ckpt_dir", str(tiny_ckpt), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "else 9)" in text and "default 4)" in text, text
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -41,6 +74,9 @@ def test_run_writes_video_and_metrics(tiny_ckpt, demo_frames, tmp_path, capsys):
     (["--task", "i2v-14B"], "needs a i2v checkpoint"),
     (["--base_seed", str(2**64)], "out of range"),
     (["--save_file", "x.avi"], "must end in .mp4"),
+    (["--device", "tpu:0"], "--device tpu:0"),
+    (["--cuda_graph", "maybe"], "expected true/false"),
+    (["--fps", "0"], "--fps 0"),
 ])
 def test_bad_flags_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, match):
     out = tmp_path / "v.mp4"
@@ -57,3 +93,26 @@ def test_missing_image(tiny_ckpt, demo_frames, tmp_path, capsys):
     args = _args(tiny_ckpt, (tmp_path / "nope.png", demo_frames[1]), tmp_path / "v.mp4")
     assert main(args) == 2
     assert "nope.png not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("extra,match", [
+    (["--device", "cuda"], "no CUDA GPU is usable here"),
+    (["--backend", "trt", "--device", "cpu"], "--backend trt needs a CUDA GPU"),
+])
+def test_gpu_flags_without_gpu_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, match):
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+
+
+def test_trt_backend_without_tensorrt_names_the_install(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """With CUDA but no TensorRT: one line naming the install command, not an ImportError traceback."""
+    import sys
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--backend", "trt", "--device", "cuda")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs TensorRT" in err and "pip install tensorrt-cu13" in err and len(err.splitlines()) == 1, err

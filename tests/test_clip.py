@@ -6,7 +6,7 @@ import torch
 
 from flf2v.models.clip import CHECKPOINT_PREFIX, CLIPVisual, ignored_keys, preprocess
 from flf2v.models.config import get_preset
-from flf2v.models.diffusers_format import clip_to_transformers
+from flf2v.bench.diffusers_peer import clip_to_transformers
 
 CFG = get_preset("tiny").clip
 

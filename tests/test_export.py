@@ -21,13 +21,21 @@ from flf2v.models.config import get_preset
 PRESET = get_preset("tiny")
 SHAPE = C.get_shape(PRESET)
 GRAPHS = {g.name: g for g in C.graphs(PRESET, SHAPE, "fp32")}
-TOL = 1e-4  # fp32 ONNX Runtime vs PyTorch, max |a - b| / max |b|
+# fp32 ONNX Runtime vs PyTorch, max |a - b| / max |b|, by graph name prefix: ~3-4x the worst error measured
+# over sample_inputs seeds 1-5 (tiny checkpoint seed 0, onnxruntime 1.31.1, AMD EPYC Zen 4 / AVX-512):
+# t5 3.8e-6, clip 8.8e-7, dit_b1/dit_b2 5.4e-7, vae_encode_* 1.1e-6, vae_decode_* 4.9e-6; the chunk loop
+# against the whole clip: encode 6.0e-7, decode 3.6e-6.
+TOL = {"t5": 1.5e-5, "clip": 3e-6, "dit": 2e-6, "vae_encode": 4e-6, "vae_decode": 1.5e-5}
+
+
+def tol(name: str) -> float:
+    return next(v for k, v in TOL.items() if name.startswith(k))
 
 
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
     # shared with test_build.py: whichever runs second finds every engine current
-    return build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", progress=False)
+    return build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", cfg_batch=(1, 2), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,7 @@ def test_onnxruntime_matches_pytorch(folder, nets, name):
     for spec, a, b in zip(g.outputs, got, want):
         assert tuple(a.shape) == spec.shape
         err, rel = rel_err(a, b)
-        assert rel < TOL, f"{name}:{spec.name} max abs {err:.3g}, max rel {rel:.3g}"
+        assert rel < tol(name), f"{name}:{spec.name} max abs {err:.3g}, max rel {rel:.3g} (tol {tol(name):g})"
 
 
 def test_vae_chunk_loop_equals_whole_clip(folder, nets):
@@ -96,7 +104,7 @@ def test_vae_chunk_loop_equals_whole_clip(folder, nets):
     assert z.shape == (1, 16, t, h, w) and frames.shape == video.shape
     for what, a, b in (("encode", z, z_ref), ("decode", frames, frames_ref)):
         err, rel = rel_err(a, b)
-        assert rel < TOL, f"{what}: max abs {err:.3g}, max rel {rel:.3g}"
+        assert rel < tol(f"vae_{what}"), f"{what}: max abs {err:.3g}, max rel {rel:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +201,8 @@ def test_streamed_export_equals_direct(folder, tiny_ckpt, tmp_path):
     streamed = run(session(path), g, inputs)[0]
     direct = run(session(folder / "dit_b1.onnx"), g, inputs)[0]
     err, rel = rel_err(streamed, direct)
-    assert rel < 1e-5, f"streamed vs direct: max abs {err:.3g}, max rel {rel:.3g}"
+    # the same graph from the same weights: measured bit-identical (0); a few ulps allowed for rewrites
+    assert rel < 1e-6, f"streamed vs direct: max abs {err:.3g}, max rel {rel:.3g}"
 
 
 def test_peak_rss_anon_sees_an_allocation():

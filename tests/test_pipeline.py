@@ -1,12 +1,26 @@
 """The reference FLF2V pipeline on the tiny checkpoint, end to end, and its preprocessing rules."""
-import json
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from flf2v.models.config import get_preset
+from flf2v.models.config import PRESETS, get_preset
 from flf2v.runtime import pipeline as pl
 from flf2v.runtime.media import InputError, load_image, read_video, save_video
+from flf2v.runtime.scheduler import make_sampler
+
+# The official default negative prompts, copied from github.com/Wan-Video/Wan2.1 (commit 9737cba):
+# wan/configs/shared_config.py: wan_shared_cfg.sample_neg_prompt
+OFFICIAL_SHARED_NEG = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+# wan/configs/wan_i2v_14B.py: i2v_14B.sample_neg_prompt = "镜头晃动，" + i2v_14B.sample_neg_prompt
+OFFICIAL_I2V_NEG = "镜头晃动，" + OFFICIAL_SHARED_NEG
+# wan/configs/__init__.py: flf2v_14B = copy.deepcopy(i2v_14B);
+#                          flf2v_14B.sample_neg_prompt = "镜头切换，" + flf2v_14B.sample_neg_prompt
+OFFICIAL_FLF2V_NEG = "镜头切换，" + OFFICIAL_I2V_NEG
 
 
 def test_latent_grid_matches_the_spec():
@@ -70,13 +84,127 @@ def test_round_trip_to_mp4(pipe, demo_frames, tmp_path):
     assert set(pipe.times.seconds) >= {"text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode"}
 
 
-def test_last_frame_of_another_size_is_resized(pipe, demo_frames):
-    first, last = (load_image(p) for p in demo_frames)
-    video = pipe.generate("x", first, last.resize((200, 90)), size="64*64", frame_num=5, sample_steps=1, seed=1,
-                          progress=False)
-    assert video.shape == (3, 5, 64, 64)
-
-
 def test_flf2v_needs_last_frame(pipe, demo_frames):
     with pytest.raises(InputError, match="last frame"):
         pipe.generate("x", load_image(demo_frames[0]), None, progress=False)
+
+
+# ---- default negative prompt ---------------------------------------------------------------------
+
+def test_default_negative_prompt_is_the_official_one_per_task():
+    assert OFFICIAL_FLF2V_NEG.startswith("镜头切换，镜头晃动，色调艳丽，") and OFFICIAL_FLF2V_NEG.endswith("倒着走")
+    for name, p in PRESETS.items():  # tiny and small presets carry their model type's prompt
+        want = OFFICIAL_FLF2V_NEG if p.dit.model_type == "flf2v" else OFFICIAL_I2V_NEG
+        assert p.sample_neg_prompt == want, name
+    assert get_preset("flf2v-14B").sample_neg_prompt == OFFICIAL_FLF2V_NEG
+    assert get_preset("i2v-14B").sample_neg_prompt == OFFICIAL_I2V_NEG
+
+
+class _Stop(Exception):
+    pass
+
+
+def _prompts_given_to_t5(preset_name, demo_frames, **kw):
+    """The [prompt, negative prompt] the pipeline tokenizes (the run stops there)."""
+    seen = []
+
+    def tokenizer(texts):
+        seen.extend(texts)
+        raise _Stop
+
+    preset = get_preset(preset_name)
+    pipe = pl.Pipeline(object(), tokenizer, preset)
+    first, last = (load_image(p) for p in demo_frames)
+    with pytest.raises(_Stop):
+        pipe.generate("a prompt", first, last if preset.dit.model_type == "flf2v" else None, progress=False, **kw)
+    return seen
+
+
+@pytest.mark.parametrize("preset,want", [("tiny", OFFICIAL_FLF2V_NEG), ("tiny-i2v", OFFICIAL_I2V_NEG),
+                                         ("flf2v-14B", OFFICIAL_FLF2V_NEG), ("i2v-14B", OFFICIAL_I2V_NEG)])
+def test_pipeline_uses_the_task_default_negative_prompt(preset, want, demo_frames):
+    assert _prompts_given_to_t5(preset, demo_frames) == ["a prompt", want]
+    assert _prompts_given_to_t5(preset, demo_frames, negative_prompt="blurry") == ["a prompt", "blurry"]
+
+
+# ---- the last frame is resized (values, not shapes) ----------------------------------------------
+
+def _bicubic(im: Image.Image, h: int, w: int) -> torch.Tensor:
+    """The official first-frame preprocessing, written out: to [-1, 1], torch bicubic (align_corners=False)."""
+    a = torch.tensor(np.array(im.convert("RGB")), dtype=torch.float64).permute(2, 0, 1) / 255 * 2 - 1
+    return F.interpolate(a[None], size=(h, w), mode="bicubic", align_corners=False)[0].float()
+
+
+def _official_crop(last: Image.Image, first: Image.Image) -> Image.Image:
+    """What wan/first_last_frame2video.py does to a last frame of another size: scale by the larger ratio,
+    then TF.center_crop with (w, h) passed as (h, w) (areas outside the image are zero-padded)."""
+    r = max(first.size[0] / last.size[0], first.size[1] / last.size[1])
+    size = [round(last.size[0] * r), round(last.size[1] * r)]  # [w, h] ...
+    ch, cw = size  # ... read by center_crop as [h, w]
+    left, top = int(round((last.size[0] - cw) / 2)), int(round((last.size[1] - ch) / 2))
+    return last.crop((left, top, left + cw, top + ch))
+
+
+def test_last_frame_of_another_size_is_resized(pipe, demo_frames, monkeypatch):
+    first, last = (load_image(p) for p in demo_frames)
+    last = last.resize((200, 90))  # another size and aspect ratio than the 128x128 first frame
+    seen = []
+    real = pipe.backend.vae_encode
+    monkeypatch.setattr(pipe.backend, "vae_encode", lambda video: seen.append(video.clone()) or real(video))
+    video = pipe.generate("x", first, last, size="64*64", frame_num=5, sample_steps=1, seed=1, progress=False)
+    assert video.shape == (3, 5, 64, 64)
+    (cond,) = seen
+    assert cond.shape == (1, 3, 5, 64, 64)
+    err_first = (cond[0, :, 0] - _bicubic(first, 64, 64)).abs().max().item()
+    err_last = (cond[0, :, -1] - _bicubic(last, 64, 64)).abs().max().item()
+    assert err_first < 1e-5 and err_last < 1e-5, (err_first, err_last)  # fp32 vs float64 resize: ~1e-7
+    assert cond[0, :, 1:-1].abs().max() == 0
+    # the check can tell the resize from the official crop: that one gives another picture
+    assert (_bicubic(_official_crop(last, first), 64, 64) - cond[0, :, -1]).abs().max() > 0.5
+
+
+# ---- every sampler, step count and official shift through the tiny DiT -----------------------------
+
+@pytest.fixture(scope="module")
+def denoise_inputs(pipe, demo_frames):
+    """What generate() hands its denoising loop for the tiny checkpoint (real T5, CLIP and VAE outputs)."""
+    seen = {}
+    real = pipe.denoise
+
+    def spy(sampler, x, context, clip_fea, y, guide, cfg_batch, progress):
+        seen.update(x=x, context=context, clip_fea=clip_fea, y=y, guide=guide)
+        return real(sampler, x, context, clip_fea, y, guide, cfg_batch, progress)
+
+    pipe.denoise = spy
+    try:
+        first, last = (load_image(p) for p in demo_frames)
+        pipe.generate("a red ball rolls", first, last, size="64*64", frame_num=5, sample_steps=1, seed=3,
+                      progress=False)
+    finally:
+        del pipe.denoise
+    return seen
+
+
+# shifts: 16 (flf2v-14B), 5 (i2v-14B), 3 (i2v-14B at 480p): the official generate.py defaults
+@pytest.mark.parametrize("shift", [16.0, 5.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 2, 4, 50])
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_every_sampler_runs_the_tiny_dit(pipe, denoise_inputs, monkeypatch, solver, steps, shift):
+    sampler = make_sampler(solver, steps, shift)
+    given = []
+    real = pipe.backend.denoise
+    monkeypatch.setattr(pipe.backend, "denoise", lambda x, t, *a: given.append(t.clone()) or real(x, t, *a))
+    d = denoise_inputs
+    out = pipe.denoise(sampler, d["x"], d["context"], d["clip_fea"], d["y"], d["guide"], 2, False)
+    assert out.shape == d["x"].shape and torch.isfinite(out).all()
+    assert torch.equal(torch.stack(given)[:, 0], sampler.timesteps)  # every step reached the DiT
+    if solver == "dpm++":
+        assert given[0].tolist() == [1000, 1000]  # sigma 1: the top of the DiT's time table
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_generate_with_each_solver(pipe, demo_frames, solver):
+    first, last = (load_image(p) for p in demo_frames)
+    video = pipe.generate("x", first, last, size="64*64", frame_num=5, sample_solver=solver, sample_steps=2,
+                          seed=5, progress=False)
+    assert video.shape == (3, 5, 64, 64) and torch.isfinite(video).all()

@@ -6,7 +6,6 @@ import shutil
 
 import onnx
 import pytest
-import torch
 
 from flf2v.runtime.cli import main
 from flf2v.runtime.engines import EngineError, OrtBackend, check_external_data
@@ -16,14 +15,19 @@ from flf2v.runtime.pipeline import Pipeline
 KW = dict(size="64*64", frame_num=9, sample_steps=4, seed=11, progress=False)
 
 
-def test_ort_video_equals_torch_video(tiny_ckpt, tiny_engines, demo_frames):
+# Measured (tiny checkpoint seed 0, seeds 11-13, 4 steps, onnxruntime 1.31.1 on an AMD EPYC Zen 4): ORT vs
+# torch video max abs 2.6e-5..3.3e-5 (unipc), 1.9e-5..2.6e-5 (dpm++), PSNR 115-118 dB; tolerance 1e-4, 100 dB.
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_ort_video_equals_torch_video(tiny_ckpt, tiny_engines, demo_frames, solver):
+    # dpm++ starts at t = 1000: the engines' time table must have that row (it once failed in ORT's Gather)
     first, last = (load_image(p) for p in demo_frames)
-    ref = Pipeline.from_checkpoint(tiny_ckpt).generate("a red ball", first, last, **KW)
-    out = Pipeline.from_engines(tiny_engines).generate("a red ball", first, last, **KW)
+    kw = {**KW, "sample_solver": solver}
+    ref = Pipeline.from_checkpoint(tiny_ckpt).generate("a red ball", first, last, **kw)
+    out = Pipeline.from_engines(tiny_engines).generate("a red ball", first, last, **kw)
     err = (out - ref).abs().max().item()
     mse = ((out - ref) ** 2).mean().item()
     psnr = 10 * math.log10(4 / mse) if mse else math.inf  # peak-to-peak 2 for [-1, 1] video
-    assert err < 2e-4 and psnr > 80, f"ORT vs torch video: max abs {err:.2e}, PSNR {psnr:.1f} dB"
+    assert err < 1e-4 and psnr > 100, f"ORT vs torch video ({solver}): max abs {err:.2e}, PSNR {psnr:.1f} dB"
 
 
 def test_cfg_as_two_batch1_calls(tiny_ckpt, tiny_engines, demo_frames):
@@ -32,7 +36,8 @@ def test_cfg_as_two_batch1_calls(tiny_ckpt, tiny_engines, demo_frames):
     a = pipe.generate("x", first, last, cfg_batch=2, **KW)
     b = pipe.generate("x", first, last, cfg_batch=1, **KW)
     err = (a - b).abs().max().item()
-    assert err < 1e-4, f"batch-2 vs two batch-1 CFG: max abs {err:.2e}"
+    # measured 5.5e-6..1.3e-5 (seeds 11-13, both solvers, 4 steps); tolerance 4e-5
+    assert err < 4e-5, f"batch-2 vs two batch-1 CFG: max abs {err:.2e}"
 
 
 def test_cli_ort_backend(tiny_ckpt, tiny_engines, demo_frames, tmp_path):

@@ -1,11 +1,10 @@
 """umT5 encoder: parity with transformers' UMT5EncoderModel, checkpoint keys, export, meta build."""
 import dataclasses
 
-import pytest
 import torch
 
 from flf2v.models.config import get_preset
-from flf2v.models.diffusers_format import t5_to_transformers
+from flf2v.bench.diffusers_peer import t5_to_transformers
 from flf2v.models.t5 import UMT5Encoder, fp16_clamp
 
 CFG = get_preset("tiny").t5

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import rel_err
 from flf2v.models.config import VAEConfig, get_preset
 from flf2v.models.vae import WanVAE
 
@@ -37,11 +38,6 @@ def build(cfg: VAEConfig, sd: dict) -> WanVAE:
     return model.eval()
 
 
-def errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    err = (a.float() - b.float()).abs().max().item()
-    return err, err / b.float().abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def sd():
     with torch.device("meta"):
@@ -73,8 +69,8 @@ def test_encode_matches_diffusers(vae, sd, inputs):
     ref = (build_diffusers_vae(CFG, sd).encode(video).latent_dist.mean - mean) / std
     out = vae.encode(video)
     assert out.shape == ref.shape == (1, CFG.z_dim, T, H // 8, W // 8)
-    abs_err, rel_err = errors(out, ref)
-    assert rel_err < 1e-5, f"encode vs diffusers: max abs {abs_err:.3e}, max rel {rel_err:.3e}"
+    abs_err, rel = rel_err(out, ref)
+    assert rel < 1e-5, f"encode vs diffusers: max abs {abs_err:.3e}, max rel {rel:.3e}"
 
 
 @torch.no_grad()
@@ -85,8 +81,8 @@ def test_decode_matches_diffusers(vae, sd, inputs):
     assert (ref.abs() >= 1).float().mean() < 0.01, "test weights saturate the clamp"
     out = vae.decode(z)
     assert out.shape == ref.shape == (1, 3, FRAMES, H, W)
-    abs_err, rel_err = errors(out, ref)
-    assert rel_err < 1e-5, f"decode vs diffusers: max abs {abs_err:.3e}, max rel {rel_err:.3e}"
+    abs_err, rel = rel_err(out, ref)
+    assert rel < 1e-5, f"decode vs diffusers: max abs {abs_err:.3e}, max rel {rel:.3e}"
 
 
 def _drive(step, chunks, caches, shapes):
@@ -113,16 +109,16 @@ def test_chunk_steps_equal_whole_clip(vae, inputs):
     chunks = [video[:, :, :1]] + [video[:, :, 1 + 4 * i: 5 + 4 * i] for i in range(T - 1)]
     stepped = _drive(vae.encode_chunk, chunks, vae.zero_caches(shapes), shapes)
     whole = vae.encode(video)
-    assert torch.equal(stepped, whole), f"encode chunk steps differ: max abs {errors(stepped, whole)[0]:.3e}"
-    abs_err, rel_err = errors(whole[1:], vae.encode(video[1:]))
-    assert rel_err < 1e-5, f"batch row 1 vs alone: max abs {abs_err:.3e}, max rel {rel_err:.3e}"
+    assert torch.equal(stepped, whole), f"encode chunk steps differ: max abs {rel_err(stepped, whole)[0]:.3e}"
+    abs_err, rel = rel_err(whole[1:], vae.encode(video[1:]))
+    assert rel < 1e-5, f"batch row 1 vs alone: max abs {abs_err:.3e}, max rel {rel:.3e}"
 
     shapes = vae.decoder_cache_shapes(2, H // 8, W // 8)
     stepped = _drive(vae.decode_chunk, list(z.split(1, dim=2)), vae.zero_caches(shapes), shapes)
     whole = vae.decode(z)
-    assert torch.equal(stepped, whole), f"decode chunk steps differ: max abs {errors(stepped, whole)[0]:.3e}"
-    abs_err, rel_err = errors(whole[1:], vae.decode(z[1:]))
-    assert rel_err < 1e-5, f"batch row 1 vs alone: max abs {abs_err:.3e}, max rel {rel_err:.3e}"
+    assert torch.equal(stepped, whole), f"decode chunk steps differ: max abs {rel_err(stepped, whole)[0]:.3e}"
+    abs_err, rel = rel_err(whole[1:], vae.decode(z[1:]))
+    assert rel < 1e-5, f"batch row 1 vs alone: max abs {abs_err:.3e}, max rel {rel:.3e}"
 
 
 def test_chunk_shape_errors(vae):
@@ -160,5 +156,5 @@ def test_bf16_close_to_fp32(vae, sd, inputs):
     assert torch.isfinite(lat16).all() and torch.isfinite(frames16).all()
     # bf16 keeps 8 mantissa bits (rel. rounding 4e-3) and ~25 convs compound it: measured ~1e-2 here
     for name, a, b in (("encode", lat16, lat32), ("decode", frames16, frames32)):
-        abs_err, rel_err = errors(a, b)
-        assert rel_err < 5e-2, f"bf16 {name} vs fp32: max abs {abs_err:.3e}, max rel {rel_err:.3e}"
+        abs_err, rel = rel_err(a, b)
+        assert rel < 5e-2, f"bf16 {name} vs fp32: max abs {abs_err:.3e}, max rel {rel:.3e}"

@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import checkpoint as ck
-from .config import CLIPConfig, DiTConfig, Preset, T5Config, VAEConfig
+from flf2v.models import checkpoint as ck
+from flf2v.models.config import CLIPConfig, DiTConfig, Preset, T5Config, VAEConfig
 
 # ---- DiT: WanModel -> WanTransformer3DModel ---------------------------------------------------------
 
@@ -266,27 +266,15 @@ def _empty(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
-def _assign(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], dtype, device, origin: str):
-    """Load every tensor from its getter straight to (device, dtype), one at a time; tied entries (the same
-    source tensor under two names) are converted once."""
-    expected = set(model.state_dict())
-    if set(source) != expected:
-        missing, extra = sorted(expected - set(source)), sorted(set(source) - expected)
-        raise ck.CheckpointError(f"{origin}: key sets differ from {type(model).__name__}: missing {missing[:3]}, "
-                                 f"unexpected {extra[:3]}")
-    done: dict[int, torch.Tensor] = {}
-    sd = {}
-    for k, get in source.items():
-        t = get()
-        if id(t) not in done:
-            done[id(t)] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
-        sd[k] = done[id(t)]
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False)
+def _fill(model: torch.nn.Module, source: dict, dtype, device, origin: str) -> torch.nn.Module:
+    """checkpoint.fill straight to (device, dtype); buffers diffusers built real follow the model."""
+    return ck.fill(model, source, dtype, origin, device=device).to(device)
 
 
 def _eager(sd: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
-    return {k: (lambda v=v: v) for k, v in sd.items()}
+    """Getters of in-memory tensors; one tensor under several names (T5's tied embedding) gets one getter."""
+    getters: dict[int, Callable[[], torch.Tensor]] = {}
+    return {k: getters.setdefault(id(v), lambda v=v: v) for k, v in sd.items()}
 
 
 def build_pipeline(ckpt_dir: str | os.PathLike, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
@@ -305,19 +293,19 @@ def build_pipeline(ckpt_dir: str | os.PathLike, preset: Preset | None = None, dt
     device = torch.device(device)
 
     dit_src = {dit_key_to_diffusers(k): g for k, g in ck.dit_tensor_source(ckpt_dir).items()}
-    transformer = _assign(_empty(lambda: WanTransformer3DModel(**dit_diffusers_config(dit_cfg))), dit_src, dtype,
+    transformer = _fill(_empty(lambda: WanTransformer3DModel(**dit_diffusers_config(dit_cfg))), dit_src, dtype,
                           device, str(ckpt_dir / ck.DIT_INDEX))
     vae_src = {vae_key_to_diffusers(k, preset.vae.num_res_blocks): g
                for k, g in ck.pth_tensor_source(ckpt_dir / ck.VAE_FILE).items()}
-    vae = _assign(_empty(lambda: AutoencoderKLWan(**vae_diffusers_config(preset.vae))), vae_src, dtype, device,
+    vae = _fill(_empty(lambda: AutoencoderKLWan(**vae_diffusers_config(preset.vae))), vae_src, dtype, device,
                   str(ckpt_dir / ck.VAE_FILE))
     t5_sd = {k: g() for k, g in ck.pth_tensor_source(ckpt_dir / ck.T5_FILE).items()}
-    text_encoder = _assign(_empty(lambda: UMT5EncoderModel(t5_transformers_config(preset.t5))),
+    text_encoder = _fill(_empty(lambda: UMT5EncoderModel(t5_transformers_config(preset.t5))),
                            _eager(t5_to_transformers(t5_sd)), dtype, device, str(ckpt_dir / ck.T5_FILE))
     clip_sd = {k: g() for k, g in ck.pth_tensor_source(ckpt_dir / ck.CLIP_FILE, prefix="visual.").items()}
     image_encoder = _empty(lambda: CLIPVisionModel(clip_transformers_config(preset.clip)))
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in image_encoder.state_dict()) else ""
-    image_encoder = _assign(image_encoder, _eager(clip_to_transformers(clip_sd, prefix)), dtype, device,
+    image_encoder = _fill(image_encoder, _eager(clip_to_transformers(clip_sd, prefix)), dtype, device,
                             str(ckpt_dir / ck.CLIP_FILE))
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir / ck.T5_TOKENIZER), local_files_only=True)
     scheduler = official_unipc_scheduler(preset.sample_shift if shift is None else shift)

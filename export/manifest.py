@@ -1,0 +1,197 @@
+"""The engine folder and its `manifest.json`: one module for the build (which writes it) and the runtime
+(which reads and validates it). The runtime imports this module, never the build command.
+
+Folders: `engines/<target>[-plugin]/<shape>/`, where the target tag names the machine the engines run on
+(`h100-sm90-trt11.4`, `cpu-ort1.32.0`) and `<shape>` the output grid (`720p`, `480p-portrait`, ...), so
+several shapes live side by side and a run picks the folder that serves its grid.
+
+manifest.json: {"schema", "target", "backend", "model_preset", "model_type", "precision", "attention"
+("onnx" | "plugin"), "shape": {name, width, height, frame_num, latent [T, h, w]},
+"checkpoint": {"dir", "fingerprint"}, "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs",
+"outputs" ([{name, shape, dtype}]), "precision", "checkpoint_fingerprint", "builder", "gpu",
+"files" ({name: bytes}), "key", "seconds"; DiT engines also "attention"}}}.
+
+The checkpoint fingerprint is of content, not of file times, so a `cp -r` or `touch` of the checkpoint
+keeps its engines: config.json, and per weight file its name, size, first MiB (the safetensors header or
+the zip directory start of a .pth), last 64 KiB (a .pth's zip central directory) and 16 4-KiB samples
+spread over the file (weights that differ anywhere differ at the samples: fine-tunes change every tensor).
+That reads ~1.1 MiB a file: cheap on a 65 GB checkpoint, where a full hash would take minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from flf2v.models import checkpoint as ck
+from flf2v.models.config import Preset
+
+SCHEMA = 2  # 2: content fingerprints, a folder per shape
+MANIFEST = "manifest.json"
+ENGINES_ROOT = Path("engines")
+# What fixes a missing TensorRT (pyproject's gpu-cu13 / gpu-cu12 extras; README "GPU quick start").
+TRT_INSTALL = ("install it with `make setup` (driver R580+: CUDA 13; R525+: GPU=cu12) or "
+               "`pip install tensorrt-cu13==11.4.0.106 polygraphy` (tensorrt-cu12 for CUDA 12 drivers)")
+COMPONENT_GRAPHS = ("t5", "clip", "vae_encode_first", "vae_encode_chunk", "vae_decode_first", "vae_decode_chunk")
+
+
+class EngineError(ValueError):
+    """An engine folder that cannot serve this run; the message names the command that fixes it."""
+
+
+# ---- the machine -----------------------------------------------------------------------------------
+
+def trt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return gpu_info() is not None
+
+
+def gpu_info() -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of GPU 0, or None."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+    try:  # a CPU-only torch on a GPU machine: ask the driver
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.splitlines()[0]
+        name, cc = (s.strip() for s in out.split(","))
+        major, minor = cc.split(".")
+        return name, (int(major), int(minor))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def short_gpu_name(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA GeForce RTX 4090' -> 'rtx4090'."""
+    words = [w for w in re.split(r"[\s\-_]+", name.lower()) if w not in ("nvidia", "geforce", "tesla", "")]
+    if words and words[0] in ("rtx", "gtx", "quadro", "titan") and len(words) > 1:
+        return words[0] + words[1]
+    return words[0] if words else "gpu"
+
+
+def target_tag(backend: str) -> str:
+    """This machine's engine target: `<gpu>-sm<cc>-trt<x.y>` or `cpu-ort<version>`."""
+    if backend == "ort":
+        import onnxruntime
+        return f"cpu-ort{onnxruntime.__version__}"
+    import tensorrt as trt
+    info = gpu_info()
+    if info is None:
+        raise EngineError("TensorRT needs a CUDA GPU and none was found; use --backend ort")
+    name, (major, minor) = info
+    return f"{short_gpu_name(name)}-sm{major}{minor}-trt{'.'.join(trt.__version__.split('.')[:2])}"
+
+
+def target_root(backend: str, attention: str = "onnx") -> Path:
+    """`engines/<target>[-plugin]`: the folders of every shape built for this machine."""
+    return ENGINES_ROOT / (target_tag(backend) + ("-plugin" if attention == "plugin" else ""))
+
+
+def default_folder(backend: str, shape: str, attention: str = "onnx") -> Path:
+    return target_root(backend, attention) / shape
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------
+
+def _file_sample(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}\n".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        for i in range(16):
+            f.seek(size * i // 16)
+            h.update(f.read(4096))
+        f.seek(max(0, size - (1 << 16)))
+        h.update(f.read())
+
+
+def checkpoint_fingerprint(ckpt_dir) -> str:
+    d = Path(ckpt_dir)
+    h = hashlib.sha256((d / ck.DIT_CONFIG).read_bytes())
+    for f in ck.weight_files(d):
+        _file_sample(f, h)
+    return h.hexdigest()[:32]
+
+
+# ---- reading and writing ---------------------------------------------------------------------------
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write(folder: Path, manifest: dict) -> None:
+    write_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def load(folder) -> dict:
+    """The manifest as written; {} when the folder has none or it is damaged (nothing known current)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
+                 attention: str | None = None) -> str:
+    """The `make engines` command that builds `folder` (or the default one) as this run needs it."""
+    args = [f"CKPT={ckpt_dir}"] + [f"{k}={v}" for k, v in (("PRESET", shape), ("PRECISION", precision),
+                                                           ("ENGINES", folder)) if v]
+    if attention == "plugin":
+        args.append("ATTENTION=plugin")
+    return f"run `make engines {' '.join(args)}`"
+
+
+def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | None = None) -> dict:
+    """The manifest of `folder` if its engines can serve `ckpt_dir` on this machine, else EngineError
+    with the command that rebuilds the folder as given."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{folder}: no engines here ({MANIFEST} missing); "
+                          f"{rebuild_hint(ckpt_dir, folder)}")
+    m = load(folder)
+    try:
+        engines, shape = m["engines"], m["shape"]
+        hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"))
+    except (KeyError, TypeError) as e:
+        raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
+    if m.get("schema") != SCHEMA:
+        raise EngineError(f"{folder} was built by an older flf2v (manifest schema {m.get('schema')}, "
+                          f"need {SCHEMA}); {hint}")
+    if m.get("backend") != kind:
+        raise EngineError(f"{folder} holds {m.get('backend')} engines, not {kind}; pass --backend "
+                          f"{m.get('backend')} or {hint}")
+    if m.get("model_preset") != preset.name:
+        raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {hint}")
+    if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):
+        raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {hint}")
+    if kind == "trt" and m.get("target") != target_tag("trt"):
+        raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag('trt')}; {hint}")
+    for name, e in engines.items():
+        for f, size in e.get("files", {}).items():
+            p = folder / f
+            if not p.is_file() or p.stat().st_size != size:
+                raise EngineError(f"{p}: missing or damaged engine file ({name}); {hint}")
+    missing = [g for g in COMPONENT_GRAPHS if g not in engines]
+    if missing or not any(g.startswith("dit_b") for g in engines):
+        raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing) or 'dit'}); {hint}")
+    return m
+
+
+def folders_under(root) -> list[Path]:
+    """Engine folders at `root` or one level below it (a target root holds one folder per shape)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return [root]
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []

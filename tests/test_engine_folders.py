@@ -1,0 +1,103 @@
+"""Engine folders a user can live with: content fingerprints, one folder per shape side by side, the run
+picking the folder that serves it (and saying so), rebuild hints that fix the problem as given."""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flf2v.export import manifest as M
+from flf2v.models import checkpoint as ck
+from flf2v.runtime.cli import choose_engines, main
+
+
+def _shape(folder, name, w, h, f=9):
+    m = json.loads((folder / M.MANIFEST).read_text())
+    m["shape"] = {"name": name, "width": w, "height": h, "frame_num": f, "latent": [3, h // 8, w // 8]}
+    (folder / M.MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.fixture()
+def root(tiny_engines, tmp_path, monkeypatch):
+    """engines/<this machine>/{tiny, tiny-wide} in a fresh working directory (tiny-wide: the tiny graphs
+    relabelled, enough to test which folder is chosen)."""
+    monkeypatch.chdir(tmp_path)
+    r = M.target_root("ort")
+    for name in ("tiny", "tiny-wide"):
+        shutil.copytree(tiny_engines, r / name)
+    _shape(r / "tiny-wide", "tiny-wide", 96, 64)
+    return r
+
+
+def _args(**kw):
+    base = dict(backend="auto", engines=None, size=None, frame_num=None, ckpt_dir=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_fingerprint_is_of_content_not_file_times(tiny_ckpt, tmp_path):
+    before = M.checkpoint_fingerprint(tiny_ckpt)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_ckpt, copy)  # new mtimes, new path
+    for f in copy.rglob("*"):
+        os.utime(f, (1, 1))
+    assert M.checkpoint_fingerprint(copy) == before
+    shard = sorted(copy.glob("diffusion_pytorch_model*.safetensors"))[0]
+    with open(shard, "r+b") as f:  # one weight changed in the middle of the file
+        f.seek(shard.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert M.checkpoint_fingerprint(copy) != before
+
+
+def test_engines_survive_a_copied_checkpoint(tiny_engines, tiny_ckpt, tmp_path):
+    from flf2v.runtime.engines import read_manifest
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, copy)
+    read_manifest(tiny_engines, copy, ck.preset_for(copy), "ort")  # no EngineError
+
+
+@pytest.mark.parametrize("hw,shape", [((64, 64), "tiny"), ((64, 96), "tiny-wide"), ((480, 720), "tiny-wide")])
+def test_auto_picks_the_folder_whose_grid_serves_the_first_frame(root, tiny_ckpt, hw, shape):
+    preset = ck.preset_for(tiny_ckpt)
+    kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt), preset, hw, torch.device("cpu"))
+    assert (kind, folder, note) == ("ort", root / shape, None)
+
+
+def test_auto_falls_back_to_torch_and_says_what_to_build(root, tiny_ckpt):
+    preset = ck.preset_for(tiny_ckpt)
+    kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (96, 64), torch.device("cpu"))
+    assert kind == "torch" and folder is None
+    assert "a 64x96 first frame" in note and f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall`" in note, note
+
+
+def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
+    preset = ck.preset_for(tiny_ckpt)
+    args = _args(ckpt_dir=tiny_ckpt, engines=str(root / "tiny"))
+    with pytest.raises(M.EngineError) as e:  # a tall first frame against the square folder
+        choose_engines(args, preset, (96, 64), torch.device("cpu"))
+    msg = str(e.value)
+    assert f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall ENGINES={root / 'tiny' / 'tiny-tall'}" in msg, msg
+    assert "serves 64x64, 9 frames" in msg and "\n" not in msg
+
+
+def test_rebuild_hint_keeps_the_folder_given(root, tiny_ckpt, tmp_path):
+    from flf2v.runtime.engines import read_manifest
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(tiny_ckpt, other)
+    (other / ck.DIT_CONFIG).write_text((other / ck.DIT_CONFIG).read_text() + " ")
+    with pytest.raises(M.EngineError, match=rf"another checkpoint.*make engines CKPT={other} PRESET=tiny-wide "
+                                            rf"PRECISION=fp32 ENGINES={root / 'tiny-wide'}`"):
+        read_manifest(root / "tiny-wide", other, ck.preset_for(other), "ort")
+
+
+def test_cli_says_which_engines_run(root, tiny_ckpt, demo_frames, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    argv = ["--ckpt_dir", str(tiny_ckpt), "--first_frame", str(demo_frames[0]), "--last_frame", str(demo_frames[1]),
+            "--prompt", "a red ball", "--frame_num", "9", "--sample_steps", "2", "--save_file", str(out), "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().out
+    assert f"flf2v-run: backend ort, engines {root / 'tiny'} (fp32, 64x64, 9 frames)" in err, err
+    assert out.exists()

@@ -1,0 +1,210 @@
+"""`make gpu-check` (bench/gpu_check.py) on a CPU: the no-GPU exit, the hidden smoke mode run through the
+Makefile target's no-venv branch (the checkout imported as `flf2v` through a symlink on PYTHONPATH, as on a
+bare GPU image), and a failing part giving exit code 1 with its results written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "pytest"}
+
+
+def no_cuda_env(**extra) -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+    env.pop("TRITON_INTERPRET", None)  # gpu_check sets it itself
+    return env
+
+
+def run_check(args, tmp_path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flf2v.bench.gpu_check", *args], cwd=tmp_path, env=no_cuda_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def results(folder: Path) -> tuple[dict, str]:
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md"), files
+    assert files[0].startswith("gpu-check-cpu-smoke-"), files
+    return json.loads((folder / files[0]).read_text()), (folder / files[1]).read_text()
+
+
+def floats(x, path="$"):
+    if isinstance(x, float):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from floats(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from floats(v, f"{path}[{i}]")
+
+
+def test_no_gpu_one_line_exit_2_nothing_written(tmp_path):
+    out = tmp_path / "results"
+    r = run_check(["--out", str(out)], tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert r.stdout == "" and r.stderr.count("\n") == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("gpu-check: error: no CUDA GPU"), r.stderr
+    assert not out.exists()
+
+
+def test_smoke_through_make_target_without_venv(tmp_path):
+    """Every part's code end to end at tiny shapes, via `make gpu-check` with no venv: the checkout must be
+    imported through the target's symlink (not this venv's editable install)."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    out = tmp_path / "results"
+    args = f"--device cpu --smoke --out {out}"
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-check", f"VENV={tmp_path / 'no-venv'}",
+                        f"GPU_PY={sys.executable}", f"GPU_CHECK_ARGS={args}"], env=no_cuda_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    res, md = results(out)
+    assert res["exit_code"] == 0 and res["mode"].startswith("smoke")
+    assert set(res["parts"]) == PARTS
+    bad = {k: p.get("error") or p.get("reason") for k, p in res["parts"].items() if p["status"] != "ok"}
+    assert not bad, bad
+    for path, x in floats(res):
+        assert math.isfinite(x), path
+    m = res["machine"]
+    assert m["flf2v"].endswith("/flf2v") and not m["flf2v"].startswith(str(ROOT)), m["flf2v"]
+    assert m["checkout"] == str(ROOT) and m["TRITON_INTERPRET"] == "1"
+
+    p = {k: v["data"] for k, v in res["parts"].items()}
+    assert p["environment"]["packages"]["torch" if "torch" in p["environment"]["packages"] else "numpy"]
+    (shape, entry), = p["kernels"]["shapes"].items()
+    assert entry["tokens"] == 3 * 4 * 4 and p["kernels"]["text_tokens"] == 512 and p["kernels"]["image_tokens"] == 514
+    names = [row["name"] for row in entry["self"]["rows"] + entry["cross"]["rows"]]
+    assert sum(n.startswith("triton") for n in names) == 3 and any("SDPA alone" in n for n in names), names
+    for row in entry["self"]["rows"] + entry["cross"]["rows"]:
+        assert row["ms"] > 0, row
+        for key in ("vs_reference", "vs_fp64_rows"):
+            if key in row:
+                assert row[key]["max_rel"] < 1e-4, row  # fp32 in the interpreter
+    cases = p["cuda_graph"]["cases"]
+    assert {(c["dtype"], c["cfg_batch"]) for c in cases} == {(d, b) for d in ("float32", "bfloat16") for b in (1, 2)}
+    assert all(c["max_rel"] == 0 and c["eager_step_ms"] > 0 for c in cases), cases
+    sl = p["dit_slice"]
+    assert sl["blocks"] == 2 and sl["floor_s"] > 0 and sl["triton_vs_sdpa"]["max_rel"] < 1e-4
+    for name in ("torch eager (SDPA)", "torch + Triton kernels"):
+        b = sl["backends"][name]
+        assert b["block_s"] > 0 and b["video_denoise_s"] > 0 and b["vs_floor"] > 0, b
+    assert "skipped" in sl["backends"]["TensorRT engine (bf16)"]
+    (v,) = p["trt_tiny"]["variants"]
+    assert v["graphs"]["dit_b2"]["max_rel"] < 1e-4 and len(v["loops"]["cfg_batch=2"]["cosine_per_step"]) == 4
+    assert v["min_cosine"] > 0.9999
+    assert p["pytest"]["returncode"] == 0 and p["pytest"]["skipped"] >= 1 and not p["pytest"]["failures"]
+    for n in range(1, 7):
+        assert f"\n## {n}. " in md, n
+    assert "not a measurement" in md and "| part | status | seconds | note |" in md
+    assert "summary" in r.stdout and str(out) in r.stdout
+
+
+CASES = """
+import pytest
+
+@pytest.mark.gpu
+def test_passes():
+    pass
+
+@pytest.mark.gpu
+def test_fails():
+    assert 1 == 2, "deliberate"
+
+@pytest.mark.gpu
+def test_skips():
+    pytest.skip("no such thing here")
+
+def test_not_gpu_marked():
+    raise AssertionError("deselected by -m gpu")
+"""
+
+
+def test_failing_part_exits_1_with_results_written(tmp_path):
+    """Part 1 on a synthetic test folder: counts and failure names come from pytest's report, the part
+    fails, the run exits 1 after writing both files; parts not selected are reported skipped."""
+    tests = tmp_path / "synthetic"
+    tests.mkdir()
+    (tests / "conftest.py").write_text("def pytest_configure(config):\n"
+                                       "    config.addinivalue_line('markers', 'gpu: needs CUDA')\n")
+    (tests / "test_cases.py").write_text(textwrap.dedent(CASES))
+    (tests / "test_broken.py").write_text("raise RuntimeError('broken at import')  # a collection error\n")
+    (tests / "test_needs_absent.py").write_text("import flf2v_absent_package  # an absent package: not a failure\n")
+    out = tmp_path / "results"
+    r = run_check(["--device", "cpu", "--smoke", "--parts", "pytest", "--out", str(out), "--pytest-args", str(tests)],
+                  tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    res, md = results(out)
+    assert res["exit_code"] == 1
+    part = res["parts"]["pytest"]
+    assert part["status"] == "failed" and "1 failed, 1 errors" in part["error"], part
+    d = part["data"]
+    assert (d["passed"], d["failed"], d["errors"], d["skipped"], d["not_run_missing_module"]) == (1, 1, 1, 1, 1), d
+    assert list(d["missing_modules"]) == ["flf2v_absent_package"], d["missing_modules"]
+    failed = {f["test"].rsplit("::", 1)[-1].rsplit(".", 1)[-1]: f for f in d["failures"]}
+    assert set(failed) == {"test_fails", "test_broken"}, failed
+    assert "deliberate" in failed["test_fails"]["message"] and "broken at import" in failed["test_broken"]["message"]
+    assert d["skip_reasons"] == {"no such thing here": 1}
+    assert all(p["status"] == "skipped" for k, p in res["parts"].items() if k != "pytest")
+    assert "test_fails" in md and "failed" in md
+
+
+def test_time_guard_cuts_a_slow_part_and_keeps_its_figures(monkeypatch):
+    """In-process: a part past its limit is cut off by SIGALRM, reported failed, its data kept, and the next
+    part still runs."""
+    import argparse
+    import time
+
+    from flf2v.bench import gpu_check as G
+
+    def slow(run, data, part_end):
+        data["measured"] = 1.5
+        t = time.monotonic()
+        while time.monotonic() - t < 3:  # Python-level work, as between GPU calls; ends if the guard fails
+            time.sleep(0.01)
+
+    def quick(run, data, part_end):
+        data["measured"] = 2.5
+
+    monkeypatch.setattr(G, "MIN_PART_S", 0.0)
+    monkeypatch.setitem(G.PART_FUNCS, "kernels", slow)
+    monkeypatch.setitem(G.PART_FUNCS, "cuda_graph", quick)
+    args = argparse.Namespace(smoke=False, device="cpu", budget=60.0, quick=False, parts=["kernels", "cuda_graph"])
+    run = G.Run(args)
+    t0 = time.monotonic()
+    G.run_part(run, "kernels", cap=0.3, reserve_after=0)
+    G.run_part(run, "cuda_graph", cap=0.3, reserve_after=0)
+    assert time.monotonic() - t0 < 5
+    k, c = run.part("kernels"), run.part("cuda_graph")
+    assert k["status"] == "failed" and "cut off by the time guard" in k["error"] and k["data"] == {"measured": 1.5}, k
+    assert c["status"] == "ok" and c["data"] == {"measured": 2.5}, c
+    G.run_part(run, "pytest", cap=0.3, reserve_after=0)
+    assert run.part("pytest")["status"] == "skipped" and "not selected" in run.part("pytest")["reason"]
+    run.deadline = time.monotonic() + 0.5  # the global budget nearly spent: the next part is skipped, not run
+    monkeypatch.setattr(G, "MIN_PART_S", 1.0)
+    G.run_part(run, "cuda_graph", cap=10, reserve_after=0)
+    assert run.part("cuda_graph")["status"] == "skipped" and "time budget" in run.part("cuda_graph")["reason"]
+
+
+def test_gpu_check_imports_the_engine_folder_naming_on_a_bare_image():
+    """Result files are named like the engine folders: export/manifest.py's short_gpu_name, which must
+    import with only torch and safetensors (no onnx_ir, PIL, ftfy), as on the GPU test box."""
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] in ('onnx_ir', 'onnxscript', 'PIL', 'ftfy', 'onnx_graphsurgeon', 'av'):\n"
+            "        raise ImportError(name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from flf2v.export.manifest import short_gpu_name\n"
+            "print(short_gpu_name('NVIDIA H100 80GB HBM3'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "h100", r.stderr[-2000:]
+

@@ -1,0 +1,177 @@
+"""TrtBackend's logic on a CPU: buffers bound once and reused, VAE caches ping-ponged between two sets, the
+engines' I/O checked against the manifest, the DiT released before decoding. The TensorRT engines are
+stood in for by the tiny fp32 ONNX graphs (ONNX Runtime executes whatever tensors are bound by address,
+the way an execution context does), so a video through this backend must equal the ORT backend's."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from flf2v.export import manifest as M
+from flf2v.models import checkpoint as ck
+from flf2v.runtime import engines as E
+from flf2v.runtime.media import load_image
+from flf2v.runtime.pipeline import Pipeline
+
+FAKE_TRT = SimpleNamespace(DataType=SimpleNamespace(FLOAT="f32", BF16="bf16", HALF="f16", INT64="i64"),
+                           TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"))
+TYPES = {"float32": "f32", "bfloat16": "bf16", "int64": "i64"}
+
+
+class FakeEngine:
+    def __init__(self, backend, graph, spec, session):
+        self.backend, self.graph, self.session = backend, graph, session
+        self.io = [(s, "in") for s in spec["inputs"]] + [(s, "out") for s in spec["outputs"]]
+        self.num_io_tensors = len(self.io)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]["name"]
+
+    def _find(self, name):
+        return next((s, m) for s, m in self.io if s["name"] == name)
+
+    def get_tensor_mode(self, name):
+        return self._find(name)[1]
+
+    def get_tensor_shape(self, name):
+        return list(self._find(name)[0]["shape"])
+
+    def get_tensor_dtype(self, name):
+        return TYPES[self._find(name)[0]["dtype"]]
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    """Reads its inputs from, and writes its outputs to, whatever memory is bound by address."""
+
+    def __init__(self, engine):
+        self.engine, self.addresses = engine, {}
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream):
+        b = self.engine.backend
+        known = {t.data_ptr(): t for _, _, bufs in b.engines.values() for t in bufs.values()}
+        known.update({t.data_ptr(): t for pair in b.cache_sets.values() for ts in pair for t in ts})
+        b.executed.append((self.engine.graph, sorted(b.engines)))
+        ins = {s["name"]: known[self.addresses[s["name"]]].numpy() for s, m in self.engine.io if m == "in"}
+        out_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "out"}
+        in_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "in"}
+        assert not out_ptrs & in_ptrs, f"{self.engine.graph}: an output is bound to an input's memory"
+        outs = self.engine.session.run(None, ins)
+        for (s, _), o in zip([io for io in self.engine.io if io[1] == "out"], outs):
+            known[self.addresses[s["name"]]].copy_(torch.from_numpy(o))
+        return True
+
+
+class FakeTrtBackend(E.TrtBackend):
+    """TrtBackend with ONNX Runtime sessions as its engines and no CUDA streams."""
+
+    def __init__(self, folder, ckpt_dir, preset, ort_backend):
+        E.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
+        self.trt, self.ort, self.engines, self.cache_sets, self.executed = FAKE_TRT, ort_backend, {}, {}, []
+
+    def _deserialize(self, graph):
+        return FakeEngine(self, graph, self.specs[graph], self.ort.session(graph))
+
+    def _synchronize(self):
+        pass
+
+    def _enqueue(self, graph, ctx):
+        assert ctx.execute_async_v3(0)
+
+
+@pytest.fixture(scope="module")
+def trt_folder(tiny_engines, tmp_path_factory, tiny_ckpt):
+    """The tiny ORT folder relabelled as a TensorRT folder of this 'machine'."""
+    folder = tmp_path_factory.mktemp("fake-trt") / "engines"
+    shutil.copytree(tiny_engines, folder)
+    m = json.loads((folder / M.MANIFEST).read_text())
+    m.update(backend="trt", target="fake-sm90-trt11.4")
+    (folder / M.MANIFEST).write_text(json.dumps(m))
+    return folder
+
+
+@pytest.fixture()
+def backends(trt_folder, tiny_engines, tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
+    preset = ck.preset_for(tiny_ckpt)
+    ort = E.OrtBackend(tiny_engines, tiny_ckpt, preset)
+    return FakeTrtBackend(trt_folder, tiny_ckpt, preset, ort), ort, preset
+
+
+def run(backend, preset, tiny_ckpt, demo_frames, cfg_batch):
+    pipe = Pipeline(backend, ck.load_tokenizer(tiny_ckpt, preset), preset)
+    first, last = (load_image(p) for p in demo_frames)
+    return pipe.generate("a red ball", first, last, sample_steps=3, seed=7, cfg_batch=cfg_batch, progress=False)
+
+
+@pytest.mark.parametrize("cfg_batch", [1, 2])
+def test_video_equals_ort_backend(backends, tiny_ckpt, demo_frames, cfg_batch):
+    """Reused output buffers and ping-ponged caches give exactly the ORT backend's video."""
+    trt, ort, preset = backends
+    video = run(trt, preset, tiny_ckpt, demo_frames, cfg_batch)
+    ref = run(ort, preset, tiny_ckpt, demo_frames, cfg_batch)
+    err, rel = rel_err(video, ref)
+    assert err == 0.0, f"cfg_batch={cfg_batch}: TensorRT-style buffers vs ORT: max abs {err:.2e}, rel {rel:.2e}"
+
+
+def test_dit_released_before_decode_and_two_cache_sets(backends, tiny_ckpt, demo_frames):
+    trt, _, preset = backends
+    run(trt, preset, tiny_ckpt, demo_frames, 2)
+    decode_calls = [loaded for g, loaded in trt.executed if g.startswith("vae_decode")]
+    assert decode_calls and all(not any(n.startswith("dit_b") for n in loaded) for loaded in decode_calls), \
+        f"DiT engines still loaded while decoding: {decode_calls[0]}"
+    assert set(trt.cache_sets) == {"decode"}, f"encoder caches kept after encoding: {set(trt.cache_sets)}"
+    n_caches = sum(s["name"].startswith("cache_in.") for s in trt.specs["vae_decode_first"]["inputs"])
+    a, b = trt.cache_sets["decode"]
+    assert len(a) == len(b) == n_caches
+    for g in ("vae_decode_first", "vae_decode_chunk"):  # no per-engine cache buffers beside the two sets
+        assert not any(n.startswith("cache_") for n in trt.engines[g][2]), sorted(trt.engines[g][2])
+
+
+def test_engine_io_mismatch_is_refused(backends):
+    trt, _, _ = backends
+    engine = trt._deserialize("clip")
+    trt.check_io("clip", engine)  # the real thing passes
+    engine.io[0] = ({**engine.io[0][0], "shape": [9, 3, 8, 8]}, "in")
+    with pytest.raises(E.EngineError, match=r"I/O differs from the manifest.*make engines"):
+        trt.check_io("clip", engine)
+    engine.io[0] = ({**engine.io[0][0], "dtype": "bfloat16", "shape": trt.specs["clip"]["inputs"][0]["shape"]},
+                    "in")
+    with pytest.raises(E.EngineError, match="I/O differs"):
+        trt.check_io("clip", engine)
+
+
+def test_failed_deserialization_is_one_line(backends, monkeypatch, tmp_path):
+    trt, _, _ = backends
+    trt.runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: None)
+    monkeypatch.setattr(trt, "_deserialize", lambda g: E.TrtBackend._deserialize(trt, g))
+    with pytest.raises(E.EngineError, match=r"could not deserialize.*make engines") as e:
+        trt._load("clip")
+    assert "\n" not in str(e.value)
+
+
+def test_plan_is_memory_mapped_not_read(backends, monkeypatch):
+    """deserialize_cuda_engine gets a buffer over the file (a 33 GB plan is never copied to host RAM)."""
+    trt, _, _ = backends
+    seen = {}
+
+    def deserialize(plan):
+        seen["type"], seen["head"] = type(plan).__name__, bytes(memoryview(plan)[:4])
+        return trt._deserialize_fake("clip")
+
+    trt._deserialize_fake = FakeTrtBackend._deserialize.__get__(trt)
+    trt.runtime = SimpleNamespace(deserialize_cuda_engine=deserialize)
+    E.TrtBackend._deserialize(trt, "clip")
+    assert seen["type"] == "mmap", seen
+    assert seen["head"] == (trt.folder / trt.specs["clip"]["file"]).read_bytes()[:4]
+    assert np.frombuffer(seen["head"], np.uint8).size == 4
