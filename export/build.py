@@ -209,8 +209,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     for n in only or ():
         if n not in names:
             raise BuildError(f"--graphs: unknown graph {n!r}; choose from {', '.join(names)}")
-    dits = {f"dit_b{b}" for b in cfg_batch}
-    todo = [g for g in all_graphs if (not only or g.name in only) and (g.component != "dit" or g.name in dits)]
+    dits = {f"dit_b{b}" for b in cfg_batch}  # --graphs, when given, names the DiT layouts itself
+    todo = [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
 
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ That reads ~1.1 MiB a file: cheap on a 65 GB checkpoint, where a full hash would
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ def trt_available() -> bool:
     return gpu_info() is not None
 
 
+@functools.cache  # one answer per process: the nvidia-smi fallback may take seconds
 def gpu_info() -> tuple[str, tuple[int, int]] | None:
     """(name, compute capability) of GPU 0, or None."""
     import torch
@@ -164,7 +166,8 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     try:
         engines, shape = m["engines"], m["shape"]
         hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"))
-    except (KeyError, TypeError) as e:
+        _check_types(m)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
     if m.get("schema") != SCHEMA:
         raise EngineError(f"{folder} was built by an older flf2v (manifest schema {m.get('schema')}, "
@@ -187,6 +190,22 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     if missing or not any(g.startswith("dit_b") for g in engines):
         raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing) or 'dit'}); {hint}")
     return m
+
+
+def _check_types(m: dict) -> None:
+    """What the runtime reads from a manifest has the types it expects, and every file it names lies in
+    the folder (a damaged or hostile manifest is refused, never followed)."""
+    if not isinstance(m.get("checkpoint"), dict) or not isinstance(m["engines"], dict):
+        raise TypeError("checkpoint and engines must be objects")
+    for k in ("height", "width", "frame_num"):
+        int(m["shape"][k])
+    for name, e in m["engines"].items():
+        names = [e["file"], *e["files"]]
+        if not isinstance(e["files"], dict) or not all(isinstance(f, str) for f in names):
+            raise TypeError(f"{name}: file names must be strings")
+        bad = [f for f in names if Path(f).name != f or f in ("", ".", "..")]
+        if bad:
+            raise ValueError(f"{name}: file {bad[0]!r} is not a plain name inside the folder")
 
 
 def folders_under(root) -> list[Path]:

@@ -78,7 +78,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
     a("--backend", default="auto", choices=BACKENDS,
       help="auto (default): engines of this checkpoint that serve the run, under --engines or "
-           "engines/<this machine>*/, else the torch reference")
+           "engines/<this machine>[-plugin]/, else the torch reference")
     a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
@@ -171,14 +171,17 @@ def engine_kind(device: torch.device) -> str:
 
 def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device):
     """(backend kind, engine folder or None, one line saying what runs). `--engines` may be a folder or a
-    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>*."""
+    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/."""
     from flf2v.export import manifest as M
     from flf2v.export.contracts import engine_shapes
     from flf2v.runtime.engines import check_backend, engine_video_shape, find_engines
     from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import output_shape
 
-    kind = engine_kind(device) if args.backend == "auto" else args.backend
+    kind = args.backend
+    if kind == "auto":  # the kind of the engines given, else what this machine runs
+        given = [M.load(f).get("backend") for f in M.folders_under(args.engines)] if args.engines else []
+        kind = given[0] if given and given[0] in ("ort", "trt") else engine_kind(device)
     if kind == "torch":
         return "torch", None, None
     check_backend(kind, device)
@@ -190,7 +193,7 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     def serves(m) -> bool:
         try:
             return want(m) == engine_video_shape(m)
-        except InputError:
+        except (InputError, KeyError, TypeError, ValueError):
             return False
 
     roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
@@ -199,8 +202,10 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
         return kind, folder, None
     shapes = [s for s in engine_shapes(preset).values() if serves({"shape": s.to_json(preset)})]
     if shapes:  # an engine shape that would serve this run
-        fix = M.rebuild_hint(args.ckpt_dir, Path(args.engines) / shapes[0].name if args.engines else None,
-                             shapes[0].name)
+        root = Path(args.engines) if args.engines else None
+        if root is not None and (root / M.MANIFEST).is_file():
+            root = root.parent  # a shape folder was given: the new shape goes beside it
+        fix = M.rebuild_hint(args.ckpt_dir, root / shapes[0].name if root else None, shapes[0].name)
     else:
         fix = (f"no engine shape serves it: crop the first frame to the aspect ratio of one "
                f"({', '.join(f'{s.name} {s.width}x{s.height}' for s in engine_shapes(preset).values())})")

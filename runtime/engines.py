@@ -23,6 +23,7 @@ from flf2v.models.config import Preset
 from flf2v.models.vae import decode_chunks, encode_chunks
 
 ENCODER_GRAPHS = ("t5", "clip", "vae_encode_first", "vae_encode_chunk")
+DECODER_GRAPHS = ("vae_decode_first", "vae_decode_chunk")
 
 
 def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str, fingerprint: str | None = None) -> dict:
@@ -164,8 +165,8 @@ class TrtBackend(EngineBackend):
     """TensorRT engines on static CUDA buffers bound once. Outside CUDA-graph capture every engine runs on
     the backend's own stream (ordered after the caller's stream, and the caller's after it); inside a
     capture on the capturing stream, so the denoising step can be recorded as one graph. Graphs are loaded
-    when first used and released when the pipeline moves on: encoders before denoising, the DiT before
-    VAE decoding (`finish_denoise`), so the 720p peaks of the stages do not add up. The VAE caches live in
+    when first used and released when the pipeline moves on: encoders (and a previous run's decoder)
+    before denoising, the DiT before VAE decoding, so the 720p peaks of the stages do not add up. The VAE caches live in
     two sets per direction, shared by the first and the chunk step and swapped each chunk (in -> out),
     instead of one input and one output copy per engine. GPU-only: never run on a CPU machine."""
     name = "trt"
@@ -245,6 +246,9 @@ class TrtBackend(EngineBackend):
     def release_encoders(self) -> None:
         self._release(ENCODER_GRAPHS)
 
+    def prepare_denoise(self) -> None:  # the decoder of a previous run too: only the DiT stays for the loop
+        self._release(ENCODER_GRAPHS + DECODER_GRAPHS)
+
     def finish_denoise(self) -> None:
         self._release([g for g in self.engines if g.startswith("dit_b")])
 
@@ -253,8 +257,9 @@ class TrtBackend(EngineBackend):
             self._synchronize()  # nothing may still run on what is freed
             for g in graphs:
                 self.engines.pop(g, None)
-            if all(not g.startswith("vae_encode") for g in self.engines):
-                self.cache_sets.pop("encode", None)
+            for kind in ("encode", "decode"):
+                if all(not g.startswith(f"vae_{kind}") for g in self.engines):
+                    self.cache_sets.pop(kind, None)
             torch.cuda.empty_cache()
 
     def _synchronize(self) -> None:

@@ -182,3 +182,10 @@ def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
         feed = {s.name: x.numpy() for s, x in zip(g.inputs, C.sample_inputs(g, seed=1))}
         errs = _max_rel_errors(fp32 / f"{g.name}.onnx", folder / f"{g.name}.engine", feed)
         assert max(errs.values()) < 5e-2, (g.name, errs)
+
+
+def test_graphs_flag_names_the_dit_layout_itself(tiny_ckpt, tmp_path):
+    """--graphs dit_b1 builds dit_b1 although the default --cfg_batch is 2."""
+    out = tmp_path / "e"
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--graphs", "dit_b1", "--quiet"]) == 0
+    assert sorted(json.loads((out / "manifest.json").read_text())["engines"]) == ["dit_b1"]

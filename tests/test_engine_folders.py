@@ -79,7 +79,7 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
     with pytest.raises(M.EngineError) as e:  # a tall first frame against the square folder
         choose_engines(args, preset, (96, 64), torch.device("cpu"))
     msg = str(e.value)
-    assert f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall ENGINES={root / 'tiny' / 'tiny-tall'}" in msg, msg
+    assert f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall ENGINES={root / 'tiny-tall'}" in msg, msg
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
 
 
@@ -101,3 +101,25 @@ def test_cli_says_which_engines_run(root, tiny_ckpt, demo_frames, tmp_path, caps
     err = capsys.readouterr().out
     assert f"flf2v-run: backend ort, engines {root / 'tiny'} (fp32, 64x64, 9 frames)" in err, err
     assert out.exists()
+
+
+@pytest.mark.parametrize("damage", [
+    {"checkpoint": None}, {"engines": []}, {"shape": {"name": "tiny"}},
+    {"engines": {"t5": {"file": "../../etc/passwd", "files": {}}}},
+    {"engines": {"t5": {"file": "t5.onnx", "files": {"/abs/t5.onnx": 1}}}},
+])
+def test_damaged_or_hostile_manifest_is_one_line(root, tiny_ckpt, damage):
+    from flf2v.runtime.engines import read_manifest
+    folder = root / "tiny"
+    m = json.loads((folder / M.MANIFEST).read_text())
+    (folder / M.MANIFEST).write_text(json.dumps({**m, **damage}))
+    with pytest.raises(M.EngineError, match="unreadable manifest") as e:
+        read_manifest(folder, tiny_ckpt, ck.preset_for(tiny_ckpt), "ort")
+    assert "\n" not in str(e.value)
+
+
+def test_engines_given_pick_their_backend(root, tiny_ckpt):
+    """--engines with --backend auto runs those engines, whatever this machine would pick by itself."""
+    preset = ck.preset_for(tiny_ckpt)
+    args = _args(ckpt_dir=tiny_ckpt, engines=str(root / "tiny"))
+    assert choose_engines(args, preset, (64, 64), torch.device("cpu"))[:2] == ("ort", root / "tiny")

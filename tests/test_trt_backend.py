@@ -6,7 +6,6 @@ import json
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -124,18 +123,21 @@ def test_video_equals_ort_backend(backends, tiny_ckpt, demo_frames, cfg_batch):
     assert err == 0.0, f"cfg_batch={cfg_batch}: TensorRT-style buffers vs ORT: max abs {err:.2e}, rel {rel:.2e}"
 
 
-def test_dit_released_before_decode_and_two_cache_sets(backends, tiny_ckpt, demo_frames):
+def test_stages_release_each_other_and_two_cache_sets(backends, tiny_ckpt, demo_frames):
+    """Two runs: the DiT is never loaded with the decoder or an encoder (not even the previous run's)."""
     trt, _, preset = backends
     run(trt, preset, tiny_ckpt, demo_frames, 2)
-    decode_calls = [loaded for g, loaded in trt.executed if g.startswith("vae_decode")]
-    assert decode_calls and all(not any(n.startswith("dit_b") for n in loaded) for loaded in decode_calls), \
-        f"DiT engines still loaded while decoding: {decode_calls[0]}"
-    assert set(trt.cache_sets) == {"decode"}, f"encoder caches kept after encoding: {set(trt.cache_sets)}"
     n_caches = sum(s["name"].startswith("cache_in.") for s in trt.specs["vae_decode_first"]["inputs"])
     a, b = trt.cache_sets["decode"]
     assert len(a) == len(b) == n_caches
     for g in ("vae_decode_first", "vae_decode_chunk"):  # no per-engine cache buffers beside the two sets
         assert not any(n.startswith("cache_") for n in trt.engines[g][2]), sorted(trt.engines[g][2])
+    run(trt, preset, tiny_ckpt, demo_frames, 2)
+    dit = [loaded for g, loaded in trt.executed if g.startswith("dit_b")]
+    assert dit and all(loaded == ["dit_b2"] for loaded in dit), f"loaded beside the DiT: {dit[-1]}"
+    decode = [loaded for g, loaded in trt.executed if g.startswith("vae_decode")]
+    assert decode and all(not any(n.startswith("dit_b") for n in loaded) for loaded in decode), decode[0]
+    assert set(trt.cache_sets) == {"decode"}, f"encoder caches kept after encoding: {set(trt.cache_sets)}"
 
 
 def test_engine_io_mismatch_is_refused(backends):
@@ -174,4 +176,3 @@ def test_plan_is_memory_mapped_not_read(backends, monkeypatch):
     E.TrtBackend._deserialize(trt, "clip")
     assert seen["type"] == "mmap", seen
     assert seen["head"] == (trt.folder / trt.specs["clip"]["file"]).read_bytes()[:4]
-    assert np.frombuffer(seen["head"], np.uint8).size == 4
