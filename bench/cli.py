@@ -1,6 +1,6 @@
 """`flf2v-bench`: time one video on every backend this machine has, against diffusers, in one process.
 
-    flf2v-bench --preset tiny|small|720p [--out DIR] [--backends torch,ort,diffusers] [--repeats N]
+    flf2v-bench --preset tiny|small|720p [--out DIR] [--backends torch,ort,ort-numpy,diffusers] [--repeats N]
                 [--ckpt_dir DIR] [--work DIR]
     flf2v-bench --preset 720p --cost_only       (FLOPs, minimum bytes and H100/H200 floors; runs nothing)
     flf2v-bench export-memory --work DIR [...]   (peak RSS and time of the full-size DiT export)
@@ -351,7 +351,7 @@ def run(args) -> dict:
 
 def default_backends() -> list[str]:
     gpu = torch.cuda.is_available()
-    return [b for b in BACKENDS if gpu or b not in ("torch-triton", "trt")]
+    return [b for b in BACKENDS if (gpu or b not in ("torch-triton", "trt")) and b != "ort-numpy"]  # on request
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,10 @@ from flf2v.runtime.pipeline import Pipeline
 from .measure import CallMeter, Clock, Probe, StageProbe, TimedBackend
 
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
-BACKENDS = ("torch", "torch-triton", "ort", "trt", "diffusers")
+BACKENDS = ("torch", "torch-triton", "ort", "ort-numpy", "trt", "diffusers")
+# variants of an engine backend: the same engines, other options (ort-numpy: ONNX Runtime through NumPy
+# arrays instead of IO binding, the path before issue 17, for comparison in one run)
+VARIANTS = {"ort-numpy": ("ort", {"io_binding": False})}
 
 
 class Unavailable(RuntimeError):
@@ -98,7 +101,7 @@ def _timed(runner, call):
 
 
 class OursRunner:
-    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort or trt."""
+    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort, ort-numpy or trt."""
 
     def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
         self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root
@@ -118,9 +121,10 @@ class OursRunner:
                 from flf2v.runtime.engines import open_backend
             except ImportError as e:
                 raise Unavailable(f"flf2v.runtime.engines not importable ({e})") from None
-            self.folder = self.folder or self._build_engines(kind)
+            base, options = VARIANTS.get(kind, (kind, {}))
+            self.folder = self.folder or self._build_engines(base)
             try:
-                backend = open_backend(kind, self.folder, job.ckpt_dir, job.preset, self.device)
+                backend = open_backend(base, self.folder, job.ckpt_dir, job.preset, self.device, **options)
             except Exception as e:
                 raise Unavailable(f"open_backend failed: {type(e).__name__}: {e}") from None
         self.meter = CallMeter()

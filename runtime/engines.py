@@ -24,6 +24,9 @@ from flf2v.models.vae import decode_chunks, encode_chunks
 
 ENCODER_GRAPHS = ("t5", "clip", "vae_encode_first", "vae_encode_chunk")
 DECODER_GRAPHS = ("vae_decode_first", "vae_decode_chunk")
+# torch dtype -> what IOBinding.bind_input/bind_output take (bfloat16 has no NumPy type: the ONNX enum)
+ORT_ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                     torch.int32: np.int32, torch.bool: np.bool_, torch.bfloat16: 16}  # 16: TensorProto.BFLOAT16
 
 
 def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str, fingerprint: str | None = None) -> dict:
@@ -74,8 +77,10 @@ def check_external_data(onnx_path: Path, folder: Path) -> None:
 
 
 class EngineBackend:
-    """Shared logic; subclasses provide `_run(graph, inputs) -> outputs` (lists of tensors)."""
+    """Shared logic; subclasses provide `_run(graph, inputs) -> outputs` (lists of tensors). A backend with
+    `static_caches` keeps the VAE caches in two sets per direction (`cache_sets`), swapped each chunk."""
     capturable = False
+    static_caches = False
 
     def __init__(self, folder, ckpt_dir, preset: Preset, device, kind: str):
         self.folder, self.preset, self.device = Path(folder), preset, torch.device(device)
@@ -86,11 +91,44 @@ class EngineBackend:
         self.video_shape = engine_video_shape(self.manifest)
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
+        self.cache_sets: dict = {}  # "encode"/"decode" -> ([set A], [set B]), with static_caches
 
-    def _caches(self, graph: str) -> list[torch.Tensor]:
-        """The zero caches a first VAE chunk step starts from."""
+    def _zero_caches(self, graph: str) -> list[torch.Tensor]:
         return [torch.zeros(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
                 for s in self.specs[graph]["inputs"] if s["name"].startswith("cache_in.")]
+
+    def _caches(self, graph: str) -> list[torch.Tensor]:
+        """The zero caches a first VAE chunk step starts from: fresh ones, or with static buffers the
+        first of the two cache sets, zeroed."""
+        if not self.static_caches:
+            return self._zero_caches(graph)
+        return [c.zero_() for c in self._cache_set(graph, 0)]
+
+    # -- static VAE caches: two sets per direction, shared by the first and the chunk step -------------
+    def _cache_set(self, graph: str, which: int) -> list[torch.Tensor]:
+        kind = "decode" if "decode" in graph else "encode"
+        if kind not in self.cache_sets:
+            self.cache_sets[kind] = (self._zero_caches(graph), self._zero_caches(graph))
+        return self.cache_sets[kind][which]
+
+    def _cache_pair(self, graph: str, inputs: list[torch.Tensor]):
+        """(caches in, caches out) for one VAE chunk step, or None for a graph without caches. Ping-pong:
+        the outputs go to the set the inputs are not in (inputs from elsewhere are copied into set A)."""
+        caches_in = [x for s, x in zip(self.specs[graph]["inputs"], inputs) if s["name"].startswith("cache_in.")]
+        if not caches_in:
+            return None
+        a, b = self._cache_set(graph, 0), self._cache_set(graph, 1)
+        src = b if caches_in[0].data_ptr() == b[0].data_ptr() else a
+        for c, x in zip(src, caches_in):
+            if c.data_ptr() != x.data_ptr():
+                c.copy_(x)
+        return src, (a if src is b else b)
+
+    def _drop_cache_sets(self, loaded) -> None:
+        """Forget the cache sets of a direction none of whose graphs is still `loaded`."""
+        for kind in ("encode", "decode"):
+            if all(not g.startswith(f"vae_{kind}") for g in loaded):
+                self.cache_sets.pop(kind, None)
 
     # -- the TorchBackend interface ------------------------------------------------------------------
     def encode_text(self, ids, mask):
@@ -114,7 +152,7 @@ class EngineBackend:
     def _vae_step(self, kind: str):
         def step(x, caches, first):
             out = self._run(f"vae_{kind}_{'first' if first else 'chunk'}", [x.float(), *caches])
-            return out[0].clone(), out[1:]  # clone: TensorRT reuses its output buffers on the next call
+            return out[0].clone(), out[1:]  # clone: bound outputs are reused on the next call
         return step
 
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -126,12 +164,27 @@ class EngineBackend:
 
 
 class OrtBackend(EngineBackend):
+    """ONNX Runtime sessions, one per graph, loaded when first used.
+
+    With `io_binding` (the default) nothing crosses to NumPy: every input is bound to the torch tensor's
+    own memory (made contiguous, of the manifest's dtype, on the backend's device; no copy when it already
+    is), and every output to a torch buffer allocated once per graph from the manifest and reused by every
+    call, like TrtBackend's (so a result is valid until the graph's next call: the denoiser contract of
+    runtime/denoise.py). The VAE caches ping-pong between two static sets. `io_binding=False` is the
+    previous path (inputs to NumPy, fresh outputs back through `torch.from_numpy`), kept for comparison:
+    `flf2v-bench --backends ort,ort-numpy`. `host_transfers` counts the tensors that path moved.
+
+    On CUDA (onnxruntime-gpu) the same binding uses device "cuda", and the DiT sessions enable ORT's own
+    CUDA-graph capture (`enable_cuda_graph`, which needs fixed input and output addresses: their inputs
+    are copied into static buffers bound once). UNVERIFIED: written from the ONNX Runtime documentation,
+    never run (no GPU with onnxruntime-gpu here)."""
     name = "ort"
 
-    def __init__(self, folder, ckpt_dir, preset, device="cpu", threads: int | None = None):
+    def __init__(self, folder, ckpt_dir, preset, device="cpu", threads: int | None = None, io_binding: bool = True):
         super().__init__(folder, ckpt_dir, preset, device, "ort")
         import onnxruntime as ort
         self._ort = ort
+        self.io_binding = self.static_caches = io_binding
         self.opts = ort.SessionOptions()
         self.opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning ORT threads keep the cores busy between calls and starve the torch ops in between
@@ -139,25 +192,96 @@ class OrtBackend(EngineBackend):
         self.opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             self.opts.intra_op_num_threads = threads
-        avail = ort.get_available_providers()
-        self.providers = (["CUDAExecutionProvider"] if self.device.type == "cuda" and
-                          "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
+        self.cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        self.providers = (["CUDAExecutionProvider"] if self.cuda else []) + ["CPUExecutionProvider"]
         self.sessions: dict = {}
+        self.bindings: dict = {}  # (graph, cache set in) -> (IOBinding, {name: static buffer}), io_binding
+        self.host_transfers = 0
+
+    def _cuda_graph(self, graph: str) -> bool:  # gpu, unverified
+        return self.cuda and self.io_binding and graph.startswith("dit_b")
 
     def session(self, graph: str):
         if graph not in self.sessions:
             path = self.folder / self.specs[graph]["file"]
-            self.sessions[graph] = self._ort.InferenceSession(str(path), self.opts, providers=self.providers)
+            providers = self.providers
+            if self.cuda:  # gpu, unverified
+                cuda = {"device_id": str(self.device.index or 0)}
+                if self._cuda_graph(graph):
+                    cuda["enable_cuda_graph"] = "1"
+                providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+            self.sessions[graph] = self._ort.InferenceSession(str(path), self.opts, providers=providers)
         return self.sessions[graph]
 
     def release_encoders(self) -> None:
         for g in ENCODER_GRAPHS:
             self.sessions.pop(g, None)
+            for which in (0, 1):
+                self.bindings.pop((g, which), None)
+        self._drop_cache_sets(self.sessions)
+
+    # -- IO binding ----------------------------------------------------------------------------------
+    def _bind(self, bind, name: str, t: torch.Tensor) -> None:
+        bind(name, self.device.type, self.device.index or 0, ORT_ELEMENT_TYPES[t.dtype], list(t.shape), t.data_ptr())
+
+    def _binding(self, graph: str, which: int = 0):
+        """(IOBinding, {name: static buffer}) of a graph; a VAE graph has two, one per ping-pong direction
+        (caches in set `which`, out to the other), so its caches are bound once, not every chunk."""
+        if (graph, which) not in self.bindings:
+            spec, io = self.specs[graph], self.session(graph).io_binding()
+            other = next((v for (g, _), v in self.bindings.items() if g == graph), None)
+            bufs = other[1] if other else {}  # both directions share the other static buffers
+            static_in = self._cuda_graph(graph)
+            for s in spec["outputs"] + (spec["inputs"] if static_in else []):
+                if not s["name"].startswith(("cache_in.", "cache_out.")) and s["name"] not in bufs:
+                    bufs[s["name"]] = torch.empty(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+            for s in spec["outputs"]:
+                if s["name"] in bufs:
+                    self._bind(io.bind_output, s["name"], bufs[s["name"]])
+            for s in spec["inputs"]:
+                if static_in and s["name"] in bufs:  # static inputs (CUDA graphs): bound once, filled per call
+                    self._bind(io.bind_input, s["name"], bufs[s["name"]])
+            if any(s["name"].startswith("cache_in.") for s in spec["inputs"]):
+                src, dst = self._cache_set(graph, which), self._cache_set(graph, 1 - which)
+                for i, (c_in, c_out) in enumerate(zip(src, dst)):
+                    self._bind(io.bind_input, f"cache_in.{i}", c_in)
+                    self._bind(io.bind_output, f"cache_out.{i}", c_out)
+            self.bindings[(graph, which)] = (io, bufs)
+        return self.bindings[(graph, which)]
+
+    def _run_bound(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        spec = self.specs[graph]
+        pair = self._cache_pair(graph, inputs)
+        which = 0 if not pair or pair[0] is self._cache_set(graph, 0) else 1
+        io, bufs = self._binding(graph, which)
+        keep = []  # the bound tensors stay alive until the run is over
+        for s, x in zip(spec["inputs"], inputs):
+            name = s["name"]
+            if name.startswith("cache_in."):
+                continue
+            if name in bufs:  # gpu: a static input buffer
+                if x.data_ptr() != bufs[name].data_ptr():
+                    bufs[name].copy_(x)
+                continue
+            x = x.detach().to(self.device, TORCH_DTYPES[s["dtype"]]).contiguous()
+            if list(x.shape) != list(s["shape"]):
+                raise ValueError(f"{graph}: input {name} has shape {tuple(x.shape)}, the engine takes "
+                                 f"{tuple(s['shape'])}")
+            keep.append(x)
+            self._bind(io.bind_input, name, x)
+        if self.cuda:  # gpu, unverified: ORT runs on its own stream; torch's work on the inputs comes first
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session(graph).run_with_iobinding(io)
+        return [bufs[s["name"]] if s["name"] in bufs else pair[1][int(s["name"].split(".")[1])]
+                for s in spec["outputs"]]
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.io_binding:
+            return self._run_bound(graph, inputs)
         spec = self.specs[graph]
         feeds = {s["name"]: np.ascontiguousarray(x.detach().cpu().numpy()) for s, x in zip(spec["inputs"], inputs)}
         outs = self.session(graph).run(None, feeds)
+        self.host_transfers += len(feeds) + len(outs)
         return [torch.from_numpy(o).to(self.device) for o in outs]
 
 
@@ -171,6 +295,7 @@ class TrtBackend(EngineBackend):
     instead of one input and one output copy per engine. GPU-only: never run on a CPU machine."""
     name = "trt"
     capturable = True
+    static_caches = True
 
     def __init__(self, folder, ckpt_dir, preset, device="cuda"):
         super().__init__(folder, ckpt_dir, preset, device, "trt")
@@ -182,7 +307,6 @@ class TrtBackend(EngineBackend):
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.stream = torch.cuda.Stream(self.device)
         self.engines: dict = {}
-        self.cache_sets: dict = {}  # "encode"/"decode" -> ([set A], [set B])
 
     def _deserialize(self, graph: str):
         path = self.folder / self.specs[graph]["file"]
@@ -212,15 +336,6 @@ class TrtBackend(EngineBackend):
             diff = sorted(set(have.items()) ^ set(want.items()))
             raise EngineError(f"{self.folder / spec['file']}: the engine's I/O differs from the manifest "
                               f"({diff[:4]}); {self.hint}")
-
-    def _cache_set(self, graph: str, which: int) -> list[torch.Tensor]:
-        kind = "decode" if "decode" in graph else "encode"
-        if kind not in self.cache_sets:
-            self.cache_sets[kind] = (super()._caches(graph), super()._caches(graph))
-        return self.cache_sets[kind][which]
-
-    def _caches(self, graph: str) -> list[torch.Tensor]:
-        return [c.zero_() for c in self._cache_set(graph, 0)]
 
     def _load(self, graph: str):
         if graph not in self.engines:
@@ -257,9 +372,7 @@ class TrtBackend(EngineBackend):
             self._synchronize()  # nothing may still run on what is freed
             for g in graphs:
                 self.engines.pop(g, None)
-            for kind in ("encode", "decode"):
-                if all(not g.startswith(f"vae_{kind}") for g in self.engines):
-                    self.cache_sets.pop(kind, None)
+            self._drop_cache_sets(self.engines)
             torch.cuda.empty_cache()
 
     def _synchronize(self) -> None:
@@ -280,14 +393,9 @@ class TrtBackend(EngineBackend):
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         _, ctx, bufs = self._load(graph)
         spec = self.specs[graph]
-        caches_in = [x for s, x in zip(spec["inputs"], inputs) if s["name"].startswith("cache_in.")]
-        if caches_in:  # ping-pong: outputs go to the set the inputs are not in
-            a, b = self._cache_set(graph, 0), self._cache_set(graph, 1)
-            src = b if caches_in[0].data_ptr() == b[0].data_ptr() else a
-            for c, x in zip(src, caches_in):
-                if c.data_ptr() != x.data_ptr():
-                    c.copy_(x)
-            dst = a if src is b else b
+        pair = self._cache_pair(graph, inputs)
+        if pair:
+            src, dst = pair
             for i, (c_in, c_out) in enumerate(zip(src, dst)):
                 self._bind(ctx, f"cache_in.{i}", c_in)
                 self._bind(ctx, f"cache_out.{i}", c_out)
@@ -312,6 +420,7 @@ def check_backend(kind: str, device) -> None:
                               f"{M.TRT_INSTALL}") from None
 
 
-def open_backend(kind: str, folder, ckpt_dir, preset: Preset, device) -> EngineBackend:
+def open_backend(kind: str, folder, ckpt_dir, preset: Preset, device, **options) -> EngineBackend:
+    """`options`: backend keywords, e.g. io_binding=False for OrtBackend's NumPy path."""
     check_backend(kind, device)
-    return (OrtBackend if kind == "ort" else TrtBackend)(folder, ckpt_dir, preset, device)
+    return (OrtBackend if kind == "ort" else TrtBackend)(folder, ckpt_dir, preset, device, **options)
