@@ -18,6 +18,10 @@ setup: $(VENV)/.installed
 # CUDA 13 build). The TensorRT 11.4 Python bindings go to $(VENV)/trt-api/ on every machine, outside the
 # venv's import path: tests/test_trt_api.py reads the real API from them on a CPU.
 GPU ?= auto
+# ORT=gpu: onnxruntime-gpu (CUDA execution provider, the fallback where TensorRT is missing) in place of the
+# CPU onnxruntime; both install the module `onnxruntime`, so only one can be there.
+ORT ?= cpu
+ORT_GPU_VERSION := 1.31.1
 TORCH_VERSION := 2.13.0
 TRT_VERSION := 11.4.0.106
 TORCH_CU12_INDEX ?= https://download.pytorch.org/whl/cu128
@@ -38,6 +42,8 @@ $(VENV)/.installed: pyproject.toml
 	        $(PY) -m pip install -q -e '.[dev,gpu-cu12]' ;; \
 	  *) $(PY) -m pip install -q torch==$(TORCH_VERSION) && $(PY) -m pip install -q -e '.[dev]' ;; \
 	esac
+	if [ "$(ORT)" = gpu ]; then $(PY) -m pip uninstall -q -y onnxruntime && \
+	  $(PY) -m pip install -q onnxruntime-gpu==$(ORT_GPU_VERSION); fi
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@

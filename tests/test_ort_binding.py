@@ -124,3 +124,19 @@ def test_cfg_batch1_keeps_the_cond_velocity(tiny_engines, tiny_ckpt, preset):
     got = run(backend.denoise)
     want = run(lambda *a: backend.denoise(*a).clone())  # every result its own tensor
     assert torch.equal(got, want), f"bound outputs vs cloned ones, cfg_batch 1: max abs {(got - want).abs().max():.2e}"
+
+
+@pytest.mark.gpu
+def test_cuda_provider_matches_the_cpu(tiny_engines, tiny_ckpt, preset, demo_frames):
+    """onnxruntime-gpu (make setup ORT=gpu): the bound CUDA path, ORT's CUDA graph for the DiT, against the
+    CPU provider on the same fp32 graphs."""
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with the CUDA execution provider (make setup ORT=gpu)")
+    cpu = generate(ort(tiny_engines, tiny_ckpt, preset, True), preset, tiny_ckpt, demo_frames, 2)
+    cuda_backend = E.OrtBackend(tiny_engines, tiny_ckpt, preset, device="cuda")
+    pipe = Pipeline(cuda_backend, ck.load_tokenizer(tiny_ckpt, preset), preset, "cuda")
+    first, last = (load_image(p) for p in demo_frames)
+    video = pipe.generate("a red ball", first, last, sample_steps=STEPS, seed=7, cfg_batch=2, progress=False)
+    err = (video.cpu() - cpu).abs().max().item()
+    assert err < 1e-3, f"ORT CUDA vs CPU video: max abs {err:.2e} (TF32 convolutions on CUDA allow ~1e-4)"
