@@ -201,9 +201,9 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
         raise BuildError(str(e)) from None
     backend = resolve_backend(backend, attention)
     precision = precision or ("bf16" if backend == "trt" else "fp32")
-    if backend == "ort" and precision != "fp32":
-        raise BuildError(f"--precision {precision}: ONNX Runtime on the CPU runs fp32 graphs only; "
-                         f"use --precision fp32 (bf16 engines need TensorRT)")
+    if backend == "ort" and precision != "fp32" and not M.ort_cuda_available():
+        raise BuildError(f"--precision {precision}: ONNX Runtime on the CPU runs fp32 graphs only; use "
+                         f"--precision fp32 (bf16 engines need TensorRT, or onnxruntime-gpu: make setup ORT=gpu)")
     all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
     names = [g.name for g in all_graphs]
     for n in only or ():

@@ -53,6 +53,12 @@ def trt_available() -> bool:
     return gpu_info() is not None
 
 
+def ort_cuda_available() -> bool:
+    """onnxruntime-gpu with its CUDA execution provider and a GPU: bf16 ONNX Runtime engines can run."""
+    import onnxruntime
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and gpu_info() is not None
+
+
 @functools.cache  # one answer per process: the nvidia-smi fallback may take seconds
 def gpu_info() -> tuple[str, tuple[int, int]] | None:
     """(name, compute capability) of GPU 0, or None."""

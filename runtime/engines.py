@@ -194,6 +194,12 @@ class OrtBackend(EngineBackend):
             self.opts.intra_op_num_threads = threads
         self.cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         self.providers = (["CUDAExecutionProvider"] if self.cuda else []) + ["CPUExecutionProvider"]
+        precision = self.manifest["precision"]
+        if precision != "fp32" and not self.cuda:
+            # ORT's CPU provider has no bf16 kernels for these graphs: it would fail deep in a session
+            cpu_hint = self.hint.replace(f"PRECISION={precision}", "PRECISION=fp32")
+            raise EngineError(f"{self.folder} holds {precision} ONNX Runtime engines, which run on the CUDA "
+                              f"provider only (onnxruntime-gpu, --device cuda); {cpu_hint} for the CPU")
         self.sessions: dict = {}
         self.bindings: dict = {}  # (graph, cache set in) -> (IOBinding, {name: static buffer}), io_binding
         self.host_transfers = 0

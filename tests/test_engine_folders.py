@@ -123,3 +123,14 @@ def test_engines_given_pick_their_backend(root, tiny_ckpt):
     preset = ck.preset_for(tiny_ckpt)
     args = _args(ckpt_dir=tiny_ckpt, engines=str(root / "tiny"))
     assert choose_engines(args, preset, (64, 64), torch.device("cpu"))[:2] == ("ort", root / "tiny")
+
+
+def test_bf16_ort_engines_need_the_cuda_provider(root, tiny_ckpt):
+    """bf16 ONNX Runtime engines (built with onnxruntime-gpu) are refused on the CPU provider in one line."""
+    from flf2v.runtime.engines import OrtBackend
+    folder = root / "tiny"
+    m = json.loads((folder / M.MANIFEST).read_text())
+    (folder / M.MANIFEST).write_text(json.dumps({**m, "precision": "bf16"}))
+    with pytest.raises(M.EngineError, match=r"run on the CUDA provider only.*PRECISION=fp32") as e:
+        OrtBackend(folder, tiny_ckpt, ck.preset_for(tiny_ckpt))
+    assert "\n" not in str(e.value)
