@@ -59,7 +59,8 @@ demo: setup
 	  --prompt "A red ball rolls across a wooden table" --base_seed 42 \
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
-# make engines CKPT=<checkpoint dir> [PRESET=720p] [PRECISION=bf16|fp32] [ENGINES=<folder>] [ATTENTION=plugin]
+# make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
+#              [ENGINES=<folder>] [ATTENTION=plugin]   (default PRESET: dynamic, every size and aspect ratio)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \

@@ -1,6 +1,6 @@
 """`flf2v-bench`: time one video on every backend this machine has, against diffusers, in one process.
 
-    flf2v-bench --preset tiny|small|720p [--out DIR] [--backends torch,ort,ort-numpy,diffusers] [--repeats N]
+    flf2v-bench --preset tiny|small|720p [--out DIR] [--backends torch,ort,ort-dynamic,diffusers] [--repeats N]
                 [--ckpt_dir DIR] [--work DIR]
     flf2v-bench --preset 720p --cost_only       (FLOPs, minimum bytes and H100/H200 floors; runs nothing)
     flf2v-bench export-memory --work DIR [...]   (peak RSS and time of the full-size DiT export)
@@ -282,6 +282,12 @@ def targets(result: dict) -> list[str]:
             out.append(f"ORT ≥ 2× diffusers: {sp['diffusers']['end_to_end']:.2f}×")
     elif ort:
         out.append(f"ORT targets not measured ({ort.get('status')})")
+    dyn = b.get("ort-dynamic", {})
+    if ort.get("status") == "ok" and dyn.get("status") == "ok":
+        e2e = {n: b[n]["stages"]["end_to_end"]["median"] for n in ("ort", "ort-dynamic")}
+        den = {n: b[n]["stages"]["denoise"]["median"] for n in ("ort", "ort-dynamic")}
+        out.append(f"dynamic-shape engines within 5% of static ones: ort-dynamic / ort end to end "
+                   f"{e2e['ort-dynamic'] / e2e['ort']:.3f}, denoise {den['ort-dynamic'] / den['ort']:.3f}")
     for name in ("torch", "ort"):
         if b.get(name, {}).get("outside_network_fraction") is not None:
             out.append(f"{name} runtime work outside the networks ≤ 2%: "
@@ -351,7 +357,7 @@ def run(args) -> dict:
 
 def default_backends() -> list[str]:
     gpu = torch.cuda.is_available()
-    return [b for b in BACKENDS if (gpu or b not in ("torch-triton", "trt")) and b != "ort-numpy"]  # on request
+    return [b for b in BACKENDS if (gpu or b not in ("torch-triton", "trt", "trt-dynamic")) and b != "ort-numpy"]
 
 
 def main(argv: list[str] | None = None) -> int:

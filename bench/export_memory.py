@@ -112,7 +112,8 @@ def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 
 
     preset = get_preset("flf2v-14B")
     cfg = dataclasses.replace(preset.dit, num_layers=layers or preset.dit.num_layers)
-    graph = C.get_graph(preset, C.get_shape(preset, shape), "bf16", f"dit_b{batch}")
+    eshape = C.get_shape(preset, shape)
+    graph = C.get_graph(preset, eshape, "bf16", f"dit_b{batch}")
     ckpt = work / "ckpt"
     result = {"source": source, "graph": graph.name, "shape": shape, "layers": cfg.num_layers}
     if source == "ckpt":
@@ -128,7 +129,8 @@ def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 
     out = work / "onnx" / f"{graph.name}.onnx"
     t0 = time.perf_counter()
     with PeakRssAnon() as m:
-        export_graph(graph, ckpt, out, preset=preset, stream=True, source=src)
+        export_graph(graph, ckpt, out, preset=preset, stream=True, source=src,
+                     ranges=eshape.envelope() if graph.dynamic else None)
     result.update({
         "seconds": round(time.perf_counter() - t0, 1),
         "rss_anon_start_gib": round(m.start / 2**30, 3),

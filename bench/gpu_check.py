@@ -15,7 +15,9 @@ reason); one failing part never loses the others' figures):
                   time allows); per-block time, extrapolated 50-step denoising time vs bench/cost.py's floor
   4 trt_tiny      tiny TensorRT DiT engines (default attention and the Triton plugins, fp32 and bf16) built
                   by export.build.build from a tiny checkpoint, against the torch reference: per-graph max
-                  error and per-step latent cosine through the denoising loop (skipped without tensorrt)
+                  error and per-step latent cosine through the denoising loop; and the default `dynamic`
+                  build (bf16, two optimization profiles) at a landscape and a portrait grid, each vs
+                  torch (skipped without tensorrt)
   1 pytest        `pytest -m gpu` in a subprocess: passed / failed / skipped counts and the failures' names;
                   tests (or test modules) that fail only for a package absent from this python (a bare GPU
                   image has no PIL, ftfy, diffusers, onnxscript, ...) are listed as not run, not as failures

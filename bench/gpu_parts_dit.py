@@ -1,7 +1,8 @@
 """Parts 5 and 4 of `make gpu-check` (bench/gpu_check.py runs them): a full-width slice of the flf2v-14B DiT
 (torch eager, torch + Triton, a TensorRT engine) and tiny TensorRT DiT engines against the torch reference
-through the denoising loop. Box-safe at import: stdlib only (torch, tensorrt, onnxruntime and the export
-modules are imported inside the parts, and only when they can run)."""
+through the denoising loop (static engines) and at a landscape and a portrait grid (a dynamic engine).
+Box-safe at import: stdlib only (torch, tensorrt, onnxruntime and the export modules are imported inside
+the parts, and only when they can run)."""
 from __future__ import annotations
 
 import dataclasses
@@ -207,12 +208,16 @@ def _trt_slice(run: Run, model, slice_cfg, preset, shape, inputs, part_end: floa
 # ---- 4. tiny engines vs torch --------------------------------------------------------------------------
 
 class EngineRunner:
-    """One engine file on static buffers: TensorRT (as runtime.engines.TrtBackend binds them) or, for the
-    CPU smoke test, an ONNX Runtime session. __call__(inputs) -> outputs (TensorRT reuses its buffers)."""
+    """One engine file: TensorRT (as runtime.engines.TrtBackend binds it) or, for the CPU smoke test, an ONNX
+    Runtime session. __call__(inputs, dims, profile) -> outputs; TensorRT reuses its buffers. A dynamic
+    engine (manifest dims such as "2*hp") runs at the root dims `dims` ({"T": 3, "hp": 3, "wp": 5}) in the
+    optimization profile `profile` that holds them; ONNX Runtime takes any shape and ignores both."""
 
     def __init__(self, kind: str, path: Path, inputs: list[dict], outputs: list[dict], device):
         import torch
         self.kind, self.inputs, self.outputs, self.device = kind, inputs, outputs, torch.device(device)
+        self.dynamic = any(isinstance(d, str) for s in inputs for d in s["shape"])
+        self.bound = None  # (dims, profile) the context and buffers are set to
         if kind == "trt":
             import tensorrt as trt
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -220,18 +225,43 @@ class EngineRunner:
             if self.engine is None:
                 raise RuntimeError(f"TensorRT could not deserialize {path}")
             self.ctx = self.engine.create_execution_context()
-            dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int64": torch.int64}
-            self.bufs = {}
-            for s in inputs + outputs:
-                self.bufs[s["name"]] = torch.empty(s["shape"], dtype=dt[s["dtype"]], device=self.device)
-                self.ctx.set_tensor_address(s["name"], self.bufs[s["name"]].data_ptr())
+            if not self.dynamic:
+                self._bind({}, 0)
         else:
             import onnxruntime as ort
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    def __call__(self, xs):
+    def _bind(self, dims: dict, profile: int) -> None:
+        """TensorRT: the context set to this grid (profile first, then every input shape, as TrtBackend._load)
+        and bound to fresh buffers of its shapes; kept while the grid stays. Unverified on a GPU (written
+        against the TensorRT 10.x / 11.x Python API; the CPU smoke test runs ONNX Runtime instead)."""
+        import torch
+
+        from flf2v.export.contracts import TORCH_DTYPES, dim_value
+        key = (tuple(sorted(dims.items())), profile)
+        if key == self.bound:
+            return
+        self.bufs = {}  # the previous grid's buffers go before this grid's are allocated
+        if self.dynamic and self.engine.num_optimization_profiles > 1:
+            stream = torch.cuda.current_stream(self.device).cuda_stream  # the stream __call__ enqueues on
+            if not self.ctx.set_optimization_profile_async(profile, stream):
+                raise RuntimeError(f"TensorRT refused optimization profile {profile}")
+        for is_input, specs in ((True, self.inputs), (False, self.outputs)):
+            for s in specs:
+                shape = [dim_value(d, dims) for d in s["shape"]]
+                if is_input and self.dynamic and not self.ctx.set_input_shape(s["name"], shape):
+                    raise RuntimeError(f"TensorRT refused input {s['name']} of shape {shape} in profile {profile}")
+                t = self.bufs[s["name"]] = torch.empty(shape, dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+                if not self.ctx.set_tensor_address(s["name"], t.data_ptr()):
+                    raise RuntimeError(f"TensorRT refused the address of {s['name']} {shape}")
+        self.bound = key
+
+    def __call__(self, xs, dims: dict | None = None, profile: int = 0):
         import torch
         if self.kind == "trt":
+            if self.dynamic and dims is None:
+                raise ValueError("a dynamic engine runs at given dims (T, hp, wp)")
+            self._bind(dims or {}, profile)
             for s, x in zip(self.inputs, xs):
                 self.bufs[s["name"]].copy_(x)
             if not self.ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
@@ -243,6 +273,9 @@ class EngineRunner:
 
 # per-graph max rel error and minimum per-step latent cosine, engine vs torch of the same precision
 ENGINE_TOL = {"fp32": (1e-3, 0.9999), "bf16": (5e-2, 0.99)}
+# The dynamic variant's videos (frames, height, width): one per optimization profile of the tiny `dynamic`
+# folder, latent grids (T, h, w) (3, 6, 10) landscape and (2, 10, 6) portrait, neither a profile's opt.
+DYNAMIC_VIDEOS = {"landscape": (9, 48, 80), "portrait": (5, 80, 48)}
 
 
 def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
@@ -252,13 +285,16 @@ def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
         if missing:
             raise Skip(f"no {', '.join(missing)} on this python: TensorRT engines cannot be built here")
         backend, graphs = "trt", ["dit_b1", "dit_b2"]
-        variants = [(p, a) for a in ("onnx", "plugin") for p in ("fp32", "bf16")]
+        # the dynamic variant before the plugins: a dynamic onnx-attention folder is the default build
+        variants = [(p, "onnx", "tiny") for p in ("fp32", "bf16")] + [("bf16", "onnx", "dynamic")]
+        variants += [(p, "plugin", "tiny") for p in ("fp32", "bf16")]
     else:
         missing = [m for m in ("onnxruntime", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
                    if importlib.util.find_spec(m) is None]
         if missing:
             raise Skip(f"smoke stand-in (ONNX Runtime) needs {', '.join(missing)}")
-        backend, graphs, variants = "ort", ["dit_b2"], [("fp32", "onnx")]
+        backend, graphs = "ort", ["dit_b2"]
+        variants = [("fp32", "onnx", "tiny"), ("fp32", "onnx", "dynamic")]
         data["note"] = "smoke: ONNX Runtime fp32 engines stand in for TensorRT (no CUDA)"
     from flf2v.export import contracts as C
     from flf2v.export.build import build
@@ -273,7 +309,7 @@ def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
         tmp = Path(tmp)
         ckpt = write_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
         preset = ck.preset_for(ckpt)
-        shape = C.get_shape(preset)
+        shape = C.get_shape(preset, "tiny")  # static: the runners bind the manifest's shapes
         latent = shape.latent(preset)
         refs = {}
         x0, context, clip, y = loop_inputs(preset.dit, latent, run.device, seed=3)
@@ -297,64 +333,114 @@ def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
                         out.append(loop.x.clone())
             return xs
 
-        for precision, attention in variants:
-            v = {"precision": precision, "attention": attention}
+        def static_variant(v: dict, precision: str, attention: str, folder: Path) -> str | None:
+            """Static engines per graph, then through the denoising loop; the problem, if any."""
+            t0 = time.perf_counter()
+            folder = build(ckpt, shape.name, precision, out=folder, backend=backend,
+                           cfg_batch=tuple(int(g[-1]) for g in graphs), only=graphs, progress=False,
+                           attention=attention)
+            v["build_s"] = time.perf_counter() - t0
+            manifest = json.loads((folder / "manifest.json").read_text())
+            runners = {g: EngineRunner(backend, folder / manifest["engines"][g]["file"],
+                                       manifest["engines"][g]["inputs"], manifest["engines"][g]["outputs"],
+                                       run.device) for g in graphs}
+            ref = reference(precision)
+            v["graphs"] = {}
+            for g in graphs:
+                spec = C.get_graph(preset, shape, precision, g)
+                feed = [t.to(run.device) for t in C.sample_inputs(spec, seed=1)]
+                with torch.no_grad():
+                    want = C.module(spec, {"dit": ref})(*feed)[0]
+                    got = runners[g](feed)[0]
+                v["graphs"][g] = errors(got, want)
+            tol_graph, tol_cos = ENGINE_TOL[precision]
+            # as the runtime's engine backends: the output buffer is the engine's own, reused by its next call
+            engine_fn = (lambda x, t, c, cl, yy: runners[f"dit_b{x.shape[0]}"]([x, t, c, cl, yy])[0])
+            fns = [torch_denoiser(ref, C.COMPUTE_DTYPE[precision], run.device), engine_fn]
+            if precision != "fp32":
+                fns.append(torch_denoiser(reference("fp32"), torch.float32, run.device))
+            v["loops"] = {}
+            for g in graphs:
+                cfg_batch = int(g[-1])
+                xs = run_loop(fns, cfg_batch)
+                entry = {"cosine_per_step": [cosine(e, r) for e, r in zip(xs[1], xs[0])]}
+                if precision != "fp32":
+                    entry["cosine_per_step_vs_fp32_torch"] = [cosine(e, r) for e, r in zip(xs[1], xs[2])]
+                entry["min_cosine"] = min(entry["cosine_per_step"])
+                entry["final"] = errors(xs[1][-1], xs[0][-1])
+                v["loops"][f"cfg_batch={cfg_batch}"] = entry
+            worst_graph = max(e["max_rel"] for e in v["graphs"].values())
+            worst_cos = min(e["min_cosine"] for e in v["loops"].values())
+            v.update(max_rel=worst_graph, min_cosine=worst_cos, tol_max_rel=tol_graph, tol_min_cosine=tol_cos)
+            log(f"trt_tiny: {backend} {precision} attention={attention}: build {v['build_s']:.1f} s, max rel "
+                f"{worst_graph:.2e}, min per-step cosine {worst_cos:.6f}")
+            if not (worst_graph <= tol_graph and worst_cos >= tol_cos):
+                return (f"max rel {worst_graph:.3g} (tol {tol_graph:g}), "
+                        f"min cosine {worst_cos:.6f} (tol {tol_cos})")
+            return None
+
+        for precision, attention, shape_name in variants:
+            v = {"precision": precision, "attention": attention, "shape": shape_name}
             data["variants"].append(v)
+            label = f"{precision}/{attention}" + ("/dynamic" if shape_name == "dynamic" else "")
             left = part_end - time.monotonic()
-            if not run.smoke and left < 25:
+            need = 40 if shape_name == "dynamic" else 25  # a dynamic TensorRT build tunes two profiles
+            if not run.smoke and left < need:
                 v["skipped"] = f"time budget: {left:.0f} s left of the part"
                 continue
             try:
-                t0 = time.perf_counter()
-                folder = build(ckpt, None, precision, out=tmp / f"{backend}-{precision}-{attention}", backend=backend,
-                               cfg_batch=tuple(int(g[-1]) for g in graphs), only=graphs, progress=False,
-                               attention=attention)
-                v["build_s"] = time.perf_counter() - t0
-                manifest = json.loads((folder / "manifest.json").read_text())
                 if attention == "plugin":
                     from flf2v.kernels.trt_plugin import register_plugins
                     register_plugins()
-                runners = {g: EngineRunner(backend, folder / manifest["engines"][g]["file"],
-                                           manifest["engines"][g]["inputs"], manifest["engines"][g]["outputs"],
-                                           run.device) for g in graphs}
-                ref = reference(precision)
-                v["graphs"] = {}
-                for g in graphs:
-                    spec = C.get_graph(preset, shape, precision, g)
-                    feed = [t.to(run.device) for t in C.sample_inputs(spec, seed=1)]
-                    with torch.no_grad():
-                        want = C.module(spec, {"dit": ref})(*feed)[0]
-                        got = runners[g](feed)[0]
-                    v["graphs"][g] = errors(got, want)
-                tol_graph, tol_cos = ENGINE_TOL[precision]
-                # as the runtime's engine backends: the output buffer is the engine's own, reused by its next call
-                engine_fn = (lambda x, t, c, cl, yy: runners[f"dit_b{x.shape[0]}"]([x, t, c, cl, yy])[0])
-                fns = [torch_denoiser(ref, C.COMPUTE_DTYPE[precision], run.device), engine_fn]
-                if precision != "fp32":
-                    fns.append(torch_denoiser(reference("fp32"), torch.float32, run.device))
-                v["loops"] = {}
-                for g in graphs:
-                    cfg_batch = int(g[-1])
-                    xs = run_loop(fns, cfg_batch)
-                    entry = {"cosine_per_step": [cosine(e, r) for e, r in zip(xs[1], xs[0])]}
-                    if precision != "fp32":
-                        entry["cosine_per_step_vs_fp32_torch"] = [cosine(e, r) for e, r in zip(xs[1], xs[2])]
-                    entry["min_cosine"] = min(entry["cosine_per_step"])
-                    entry["final"] = errors(xs[1][-1], xs[0][-1])
-                    v["loops"][f"cfg_batch={cfg_batch}"] = entry
-                worst_graph = max(e["max_rel"] for e in v["graphs"].values())
-                worst_cos = min(e["min_cosine"] for e in v["loops"].values())
-                v.update(max_rel=worst_graph, min_cosine=worst_cos, tol_max_rel=tol_graph, tol_min_cosine=tol_cos)
-                log(f"trt_tiny: {backend} {precision} attention={attention}: build {v['build_s']:.1f} s, max rel "
-                    f"{worst_graph:.2e}, min per-step cosine {worst_cos:.6f}")
-                if not (worst_graph <= tol_graph and worst_cos >= tol_cos):
-                    problems.append(f"{precision}/{attention}: max rel {worst_graph:.3g} (tol {tol_graph:g}), "
-                                    f"min cosine {worst_cos:.6f} (tol {tol_cos})")
+                folder = tmp / f"{backend}-{precision}-{attention}-{shape_name}"
+                if shape_name == "dynamic":
+                    problem = _dynamic_variant(run, v, ckpt, preset, backend, folder, reference(precision))
+                else:
+                    problem = static_variant(v, precision, attention, folder)
+                if problem:
+                    problems.append(f"{label}: {problem}")
             except Exception as e:  # noqa: BLE001 - one variant fails, the others still run
                 v["error"] = one_line(e)
                 v["traceback"] = traceback.format_exc(limit=6)[-2000:]
-                problems.append(f"{precision}/{attention}: {v['error']}")
+                problems.append(f"{label}: {v['error']}")
             free_cuda(run)
         refs.clear()
     if problems:
         raise CheckFailed("; ".join(problems))
+
+
+def _dynamic_variant(run: Run, v: dict, ckpt, preset, backend: str, folder: Path, ref) -> str | None:
+    """The tiny `dynamic` folder's dit_b2 at one grid per optimization profile (DYNAMIC_VIDEOS), one engine
+    and context switched between them as the runtime's TrtBackend does, against the torch reference DiT at
+    the same inputs; the problem, if any. No denoising loop: the static variants cover it."""
+    import torch
+
+    from flf2v.export import contracts as C
+    from flf2v.export.build import build
+    shape = C.get_shape(preset, "dynamic")
+    t0 = time.perf_counter()
+    folder = build(ckpt, shape.name, v["precision"], out=folder, backend=backend, cfg_batch=(2,), only=["dit_b2"],
+                   progress=False, attention=v["attention"])
+    v["build_s"] = time.perf_counter() - t0
+    spec = json.loads((folder / "manifest.json").read_text())["engines"]["dit_b2"]
+    runner = EngineRunner(backend, folder / spec["file"], spec["inputs"], spec["outputs"], run.device)
+    graph = C.get_graph(preset, shape, v["precision"], "dit_b2")
+    v["grids"] = {}
+    for name, video in DYNAMIC_VIDEOS.items():
+        dims = dict(zip(C.DIMS, shape.dims(preset, *video)))
+        profile = shape.profile_of(preset, *video)  # as the runtime picks it for this video
+        if profile is None:
+            raise ValueError(f"{name} video {video} is in no profile of {shape.name}")
+        g = graph.at(dims)
+        feed = [t.to(run.device) for t in C.sample_inputs(g, seed=1)]
+        with torch.no_grad():
+            want = C.module(g, {"dit": ref})(*feed)[0]
+            got = runner(feed, dims, profile)[0]
+        v["grids"][name] = {"video": list(video), "latent": list(feed[0].shape[2:]), "dims": dims,
+                            "profile": profile, **errors(got, want)}
+    tol = ENGINE_TOL[v["precision"]][0]
+    v.update(max_rel=max(e["max_rel"] for e in v["grids"].values()), tol_max_rel=tol)
+    log(f"trt_tiny: {backend} {v['precision']} attention={v['attention']} dynamic: build {v['build_s']:.1f} s, "
+        + ", ".join(f"{n} (profile {e['profile']}) max rel {e['max_rel']:.2e}" for n, e in v["grids"].items()))
+    over = [f"{n} {e['max_rel']:.3g}" for n, e in v["grids"].items() if not e["max_rel"] <= tol]  # NaN too
+    return f"max rel {', '.join(over)} (tol {tol:g})" if over else None

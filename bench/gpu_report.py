@@ -139,14 +139,34 @@ def _md_slice(d, m):
 def _md_trt(d, m):
     out = [f"Backend {d.get('backend')}, graphs {', '.join(d.get('graphs', []))}, {d.get('steps')} denoising steps. "
            f"{d.get('note', '')}", "",
-           "| precision | attention | build s | max rel err per graph | min per-step cosine | tol (rel, cos) | note |",
-           "|---|---|---:|---|---:|---|---|"]
+           "| precision | attention | shape | build s | max rel err per graph | min per-step cosine | tol (rel, cos) "
+           "| note |",
+           "|---|---|---|---:|---|---:|---|---|"]
     for v in d.get("variants", []):
         graphs = ", ".join(f"{g} {e['max_rel']:.2e}" for g, e in v.get("graphs", {}).items())
+        graphs = graphs or ", ".join(f"dit_b2 {n} {e['max_rel']:.2e}" for n, e in v.get("grids", {}).items())
         note = v.get("skipped") or v.get("error") or ""
-        out.append(f"| {v['precision']} | {v['attention']} | {_f(v.get('build_s'), '{:.1f}')} | {graphs or '-'} | "
-                   f"{_f(v.get('min_cosine'), '{:.6f}')} | {v.get('tol_max_rel', '-')}, {v.get('tol_min_cosine', '-')} "
-                   f"| {note.replace('|', '/')} |")
+        out.append(f"| {v['precision']} | {v['attention']} | {v.get('shape', '-')} | {_f(v.get('build_s'), '{:.1f}')} "
+                   f"| {graphs or '-'} | {_f(v.get('min_cosine'), '{:.6f}')} | {v.get('tol_max_rel', '-')}, "
+                   f"{v.get('tol_min_cosine', '-')} | {note.replace('|', '/')} |")
+    for v in d.get("variants", []):
+        if v.get("grids"):
+            out += _md_grids(v)
+    return out
+
+
+def _md_grids(v):
+    """A dynamic variant: one engine run at each grid in the optimization profile the runtime would pick."""
+    out = ["", f"Dynamic engine ({v['precision']}, attention {v['attention']}): dit_b2 vs the torch reference DiT "
+               f"at the same inputs, one grid per optimization profile (no denoising loop).", "",
+           "| grid | video (frames, H, W) | latent (T, h, w) | dims (T, hp, wp) | profile | max abs err | "
+           "max rel err | tol |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+    for name, e in v["grids"].items():
+        ok = e["max_rel"] <= v.get("tol_max_rel", math.inf)
+        out.append(f"| {name} | {' x '.join(map(str, e['video']))} | {' x '.join(map(str, e['latent']))} | "
+                   f"{' x '.join(str(x) for x in e['dims'].values())} | {e['profile']} | {e['max_abs']:.2e} | "
+                   f"{e['max_rel']:.2e}{'' if ok else ' **over**'} | {v.get('tol_max_rel', '-')} |")
     return out
 
 

@@ -21,10 +21,12 @@ from flf2v.runtime.pipeline import Pipeline
 from .measure import CallMeter, Clock, Probe, StageProbe, TimedBackend
 
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
-BACKENDS = ("torch", "torch-triton", "ort", "ort-numpy", "trt", "diffusers")
-# variants of an engine backend: the same engines, other options (ort-numpy: ONNX Runtime through NumPy
-# arrays instead of IO binding, the path before issue 17, for comparison in one run)
-VARIANTS = {"ort-numpy": ("ort", {"io_binding": False})}
+BACKENDS = ("torch", "torch-triton", "ort", "ort-dynamic", "ort-numpy", "trt", "trt-dynamic", "diffusers")
+# variants of an engine backend: (base backend, its options, engine shape; None: the job's own static shape).
+# ort-numpy: ONNX Runtime through NumPy arrays instead of IO binding (the path before issue 17); *-dynamic:
+# the default `dynamic` build (one build for every shape, issue 12), against the static one in one run.
+VARIANTS = {"ort-numpy": ("ort", {"io_binding": False}, None), "ort-dynamic": ("ort", {}, "dynamic"),
+            "trt-dynamic": ("trt", {}, "dynamic")}
 
 
 class Unavailable(RuntimeError):
@@ -101,7 +103,8 @@ def _timed(runner, call):
 
 
 class OursRunner:
-    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort, ort-numpy or trt."""
+    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort (static engines),
+    ort-dynamic, ort-numpy, trt or trt-dynamic."""
 
     def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
         self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root
@@ -111,7 +114,7 @@ class OursRunner:
         from flf2v.models import checkpoint as ck
         from flf2v.runtime.torch_backend import TorchBackend
         job, kind = self.job, self.name
-        if kind in ("torch-triton", "trt") and self.device.type != "cuda":
+        if kind in ("torch-triton", "trt", "trt-dynamic") and self.device.type != "cuda":
             raise Unavailable("needs a CUDA GPU")
         if kind in ("torch", "torch-triton"):
             backend = TorchBackend(job.ckpt_dir, job.preset, self.dtype, self.device,
@@ -121,8 +124,8 @@ class OursRunner:
                 from flf2v.runtime.engines import open_backend
             except ImportError as e:
                 raise Unavailable(f"flf2v.runtime.engines not importable ({e})") from None
-            base, options = VARIANTS.get(kind, (kind, {}))
-            self.folder = self.folder or self._build_engines(base)
+            base, options, shape = VARIANTS.get(kind, (kind, {}, None))
+            self.folder = self.folder or self._build_engines(base, shape)
             try:
                 backend = open_backend(base, self.folder, job.ckpt_dir, job.preset, self.device, **options)
             except Exception as e:
@@ -135,24 +138,27 @@ class OursRunner:
         self.pipe.times = StageProbe(self.probe)
         self.first, self.last = job.frames_in()
 
-    def _build_engines(self, kind: str) -> Path:
-        """Engines for this job's output grid, built once into engines_root by `flf2v-build` (a child process,
-        so the export's memory is not this process's)."""
-        try:
-            from flf2v.export.contracts import engine_shapes
-            shapes = engine_shapes(self.job.preset)
-        except (ImportError, ValueError) as e:
-            raise Unavailable(f"no engine shapes: {e}") from None
+    def _build_engines(self, kind: str, shape: str | None = None) -> Path:
+        """Engines serving this job's output grid, built once into engines_root by `flf2v-build` (a child
+        process, so the export's memory is not this process's): the static shape of exactly that grid, or
+        the named (dynamic) `shape`."""
         job = self.job
-        match = [s.name for s in shapes.values() if (s.width, s.height, s.frame_num) == (job.width, job.height,
-                                                                                          job.frames)]
-        if not match:
-            raise Unavailable(f"export/contracts.py has no engine shape {job.width}x{job.height}x{job.frames} for "
-                              f"model preset {job.preset.name}")
+        if shape is None:
+            try:
+                from flf2v.export.contracts import engine_shapes
+                shapes = engine_shapes(job.preset)
+            except (ImportError, ValueError) as e:
+                raise Unavailable(f"no engine shapes: {e}") from None
+            match = [s.name for s in shapes.values()
+                     if (s.width, s.height, s.frame_num) == (job.width, job.height, job.frames)]
+            if not match:
+                raise Unavailable(f"export/contracts.py has no engine shape {job.width}x{job.height}x{job.frames} "
+                                  f"for model preset {job.preset.name}")
+            shape = match[0]
         precision = "fp32" if self.dtype == torch.float32 else "bf16"
-        folder = self.engines_root / f"{kind}-{job.preset.name}-{match[0]}-{precision}"
+        folder = self.engines_root / f"{kind}-{job.preset.name}-{shape}-{precision}"
         cmd = [sys.executable, "-c", "import sys; from flf2v.export.build import main; sys.exit(main(sys.argv[1:]))",
-               "--ckpt_dir", str(job.ckpt_dir), "--preset", match[0], "--precision", precision, "--backend", kind,
+               "--ckpt_dir", str(job.ckpt_dir), "--preset", shape, "--precision", precision, "--backend", kind,
                "--cfg_batch", "2", "--out", str(folder), "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

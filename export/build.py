@@ -1,14 +1,19 @@
 """`flf2v-build`: checkpoint -> ONNX graphs -> engines in one folder per target and shape, with a manifest.
 
-    flf2v-build --ckpt_dir CKPT [--preset 720p] [--precision bf16|fp32] [--backend auto|ort|trt]
+    flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
                 [--attention onnx|plugin]
 
 Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<shape>/` (for example
-`engines/h100-sm90-trt11.4/720p/`) holding `<graph>.onnx` and the `<graph>.engine` built from it
+`engines/h100-sm90-trt11.4/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine` built from it
 (export/trt_engine.py); otherwise `engines/cpu-ort<onnxruntime version>/<shape>/`, where the fp32
-`<graph>.onnx` files are the engines ONNX Runtime opens. A folder serves one checkpoint, one precision and
-one output grid; shapes live side by side. `--attention plugin` (TensorRT only) builds the DiT with the
+`<graph>.onnx` files are the engines ONNX Runtime opens. A folder serves one checkpoint and one precision.
+Shapes (export/contracts.py): `dynamic`, the default, serves every official size and first-frame aspect
+ratio from 1:2.4 to 2.4:1 and 5..81 frames with one build (DiT and VAE graphs with dynamic latent frames,
+height and width; TensorRT optimization profiles for landscape and portrait grids); `dynamic-480p` only
+the 480p area (smaller TensorRT activation memory); a static shape (`720p`, `480p-portrait`, ... or any
+`<W>x<H>x<frames>`) serves that one video shape, where TensorRT may pick faster tactics. Shapes live side
+by side. `--attention plugin` (TensorRT only) builds the DiT with the
 fused Triton attention kernels as TensorRT plugins (export/plugins.py, kernels/trt_plugin.py) instead of
 TensorRT's own attention (`onnx`, the default), under `engines/<target>-plugin/<shape>/`.
 
@@ -132,7 +137,7 @@ def resolve_backend(backend: str, attention: str) -> str:
 class Plan:
     """Everything that decides an engine's key: one build's settings, fingerprints and tool versions."""
 
-    def __init__(self, ckpt_dir: Path, preset, eshape: C.EngineShape, precision: str, backend: str,
+    def __init__(self, ckpt_dir: Path, preset, eshape: C.EngineShape | C.DynamicShape, precision: str, backend: str,
                  opt_level: int, attention: str):
         self.ckpt_dir, self.preset, self.eshape, self.precision = ckpt_dir, preset, eshape, precision
         self.backend, self.opt_level, self.attention = backend, opt_level, attention
@@ -151,10 +156,19 @@ class Plan:
     def key(self, g: C.Graph) -> str:
         spec = {"graph": g.name, "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
                 "precision": self.precision, "checkpoint": self.fingerprint, "code": self.code,
-                "builder": self.builder, "gpu": self.gpu}
+                "builder": self.builder, "gpu": self.gpu, "profiles": self.profiles_json(g)}
         if self.attention_of(g):  # a DiT engine of the other attention is never current
             spec.update(attention=self.attention, kernels=self.kernels)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+    def profiles(self, g: C.Graph) -> list[tuple[dict, dict, dict]] | None:
+        """TensorRT optimization profiles of a dynamic graph: (min, opt, max) root dims per profile."""
+        if not g.dynamic:
+            return None
+        return [tuple(dict(zip(C.DIMS, d)) for d in (p.min, p.opt, p.max)) for p in self.eshape.profiles]
+
+    def profiles_json(self, g: C.Graph) -> list | None:
+        return None if not g.dynamic else [p.to_json() for p in self.eshape.profiles]
 
     def manifest(self, engines: dict) -> dict:
         return {"schema": M.SCHEMA, "target": M.target_tag(self.backend), "backend": self.backend,
@@ -168,20 +182,22 @@ class Plan:
         from .onnx_export import export_graph
         t0 = time.perf_counter()
         onnx_path = export_graph(g, self.ckpt_dir, folder / f"{g.name}.onnx", preset=self.preset,
-                                 attention=self.attention_of(g).get("attention", "onnx"))
+                                 attention=self.attention_of(g).get("attention", "onnx"),
+                                 ranges=self.eshape.envelope() if g.dynamic else None)
         files = [onnx_path] + [p for p in [onnx_path.with_name(onnx_path.name + ".data")] if p.exists()]
         onnx_sha = file_sha256(*files)
         engine = onnx_path
         if self.backend == "trt":
             from .trt_engine import build_trt_engine
             engine = folder / f"{g.name}.engine"
-            build_trt_engine(onnx_path, engine, g, self.opt_level, folder / "timing.cache")
+            build_trt_engine(onnx_path, engine, g, self.opt_level, folder / "timing.cache", self.profiles(g))
             files.append(engine)
         return {"file": engine.name, "onnx": onnx_path.name, "onnx_sha256": onnx_sha,
                 "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
                 "precision": self.precision, "checkpoint_fingerprint": self.fingerprint, "builder": self.builder,
                 "gpu": self.gpu, "files": {f.name: f.stat().st_size for f in files}, "key": self.key(g),
-                "seconds": round(time.perf_counter() - t0, 1), **self.attention_of(g)}
+                "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
+                **self.attention_of(g)}
 
 
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
@@ -240,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flf2v-build", usage=argparse.SUPPRESS,  # errors: one line, exit 2
                                  description="Export a Wan2.1 checkpoint to ONNX and build engines.")
     ap.add_argument("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
-    ap.add_argument("--preset", default=None, help="engine shape preset, e.g. 720p, 480p, 720p-portrait "
-                                                   "(default: the model's default size and frame count)")
+    ap.add_argument("--preset", default=None,
+                    help="engine shape: dynamic (the default: every official size, first-frame aspect ratios "
+                         "1:2.4..2.4:1, 5..81 frames), dynamic-480p (the 480p area only), or a static shape: "
+                         "720p, 720p-portrait, 480p, 480p-portrait, 1024-square or <W>x<H>x<frames>")
     ap.add_argument("--precision", default=None, choices=C.PRECISIONS,
                     help="graph precision (default: bf16 for TensorRT, fp32 for ONNX Runtime)")
-    ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<shape>)")
+    ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<shape>, e.g. "
+                                                "engines/h100-sm90-trt11.4/dynamic)")
     ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt"))
     ap.add_argument("--opt_level", type=int, default=3, choices=range(6), metavar="{0..5}",
                     help="TensorRT builder optimization level")

@@ -26,12 +26,16 @@ VAE chunk steps: the runtime owns the loop. Encode = `vae_encode_first` on frame
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flf2v.models.config import Preset
+from flf2v.models.config import Preset, latent_grid
 
 OPSET = 23  # ONNX Attention and RMSNormalization (TensorRT parses both from 10.15)
 PRECISIONS = ("fp32", "bf16")
@@ -42,16 +46,45 @@ VAE_GRAPHS = ("vae_encode_first", "vae_encode_chunk", "vae_decode_first", "vae_d
 WEIGHT_PREFIX = "net."  # adapters hold the network as `net`: ONNX initializer = "net." + checkpoint key
 
 
+DIMS = ("T", "hp", "wp")  # root dims of dynamic graphs: latent frames, latent height / patch, width / patch
+
+
+def dim_value(d: int | str, dims: dict[str, int]) -> int:
+    """A spec dim at the given root dims: an int as is, "k*name" or "name" (name in DIMS) evaluated."""
+    if isinstance(d, int):
+        return d
+    k, _, name = d.rpartition("*")
+    return (int(k) if k else 1) * dims[name]
+
+
+def _dim(d) -> int | str:
+    """An int, or a sympy expression `k*name` of one root dim (graphs() computes shapes on symbols)."""
+    if isinstance(d, int) or getattr(d, "is_Integer", False):
+        return int(d)
+    text = str(d)
+    k, _, name = text.rpartition("*")
+    if name not in DIMS or (k and not k.isdigit()):
+        raise ValueError(f"dynamic dim {text!r} is not of the form k*{'|'.join(DIMS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # str: a dynamic dim "k*T" | "k*hp" | "k*wp" (see DIMS)
     dtype: str  # "float32" | "bfloat16" | "int64"
     high: int | None = None  # integer inputs: values lie in [0, high)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
+
+    @property
+    def dynamic(self) -> bool:
+        return any(isinstance(d, str) for d in self.shape)
+
+    def at(self, dims: dict[str, int]) -> "TensorSpec":
+        return dataclasses.replace(self, shape=tuple(dim_value(d, dims) for d in self.shape))
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -70,14 +103,24 @@ class Graph:
     def compute_dtype(self) -> torch.dtype:
         return COMPUTE_DTYPE[self.precision]
 
+    @property
+    def dynamic(self) -> bool:
+        return any(s.dynamic for s in self.inputs)
+
+    def at(self, dims: dict[str, int]) -> "Graph":
+        """The graph with every dynamic dim fixed at `dims` (T, hp, wp)."""
+        return dataclasses.replace(self, inputs=tuple(s.at(dims) for s in self.inputs),
+                                   outputs=tuple(s.at(dims) for s in self.outputs))
+
 
 @dataclass(frozen=True)
 class EngineShape:
-    """Output video an engine folder is built for: pixel width x height and frame count."""
+    """Output video a static engine folder is built for: pixel width x height and frame count."""
     name: str
     width: int
     height: int
     frame_num: int
+    dynamic = False
 
     def latent(self, preset: Preset) -> tuple[int, int, int]:
         """(T, h, w) of the latent grid."""
@@ -85,8 +128,89 @@ class EngineShape:
         return (self.frame_num - 1) // st + 1, self.height // sh, self.width // sw
 
     def to_json(self, preset: Preset) -> dict:
-        return {"name": self.name, "width": self.width, "height": self.height, "frame_num": self.frame_num,
-                "latent": list(self.latent(preset))}
+        return {"name": self.name, "dynamic": False, "width": self.width, "height": self.height,
+                "frame_num": self.frame_num, "latent": list(self.latent(preset))}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile of a dynamic engine: min / opt / max root dims (T, hp, wp)."""
+    min: tuple[int, int, int]
+    opt: tuple[int, int, int]
+    max: tuple[int, int, int]
+
+    def holds(self, dims: tuple[int, int, int]) -> bool:
+        return all(lo <= d <= hi for lo, d, hi in zip(self.min, dims, self.max))
+
+    def to_json(self) -> dict:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+@dataclass(frozen=True)
+class DynamicShape:
+    """The grids a dynamic engine folder serves: every latent grid that `latent_grid` gives for a first
+    frame of aspect ratio 1:max_aspect .. max_aspect:1 at the area of each of `sizes`, and frame counts
+    frames[0]..frames[1]. Two profiles (TensorRT optimization profiles; ONNX Runtime needs none), each a
+    box of (T, hp, wp): landscape (h <= w, opt at the model's default size) and portrait (h >= w, opt
+    at its transpose). Two boxes, not one: a single box over both orientations would span
+    long-side x long-side, which TensorRT sizes its activation memory for."""
+    name: str
+    sizes: tuple[str, ...]
+    frames: tuple[int, int]
+    max_aspect: float
+    profiles: tuple[Profile, ...]
+    dynamic = True
+
+    def dims(self, preset: Preset, frame_num: int, height: int, width: int) -> tuple[int, int, int]:
+        """Root dims (T, hp, wp) of an output video."""
+        sp = preset.vae.stride[1] * preset.dit.patch_size[1]
+        return (frame_num - 1) // preset.vae.stride[0] + 1, height // sp, width // sp
+
+    def profile_of(self, preset: Preset, frame_num: int, height: int, width: int) -> int | None:
+        """Index of the first profile serving this video, or None."""
+        sp = preset.vae.stride[1] * preset.dit.patch_size[1]
+        if height % sp or width % sp or (frame_num - 1) % preset.vae.stride[0]:
+            return None
+        d = self.dims(preset, frame_num, height, width)
+        return next((i for i, p in enumerate(self.profiles) if p.holds(d)), None)
+
+    def envelope(self) -> dict[str, tuple[int, int]]:
+        """Per root dim, (min, max) over every profile (the ranges the ONNX graph is exported for)."""
+        return {n: (min(p.min[i] for p in self.profiles), max(p.max[i] for p in self.profiles))
+                for i, n in enumerate(DIMS)}
+
+    def opt_dims(self) -> dict[str, int]:
+        return dict(zip(DIMS, self.profiles[0].opt))
+
+    def to_json(self, preset: Preset) -> dict:
+        return {"name": self.name, "dynamic": True, "sizes": list(self.sizes), "frames": list(self.frames),
+                "max_aspect": self.max_aspect, "profiles": [p.to_json() for p in self.profiles]}
+
+
+def grid_profiles(preset: Preset, sizes, frames: tuple[int, int], max_aspect: float) -> tuple[Profile, ...]:
+    """The landscape and portrait boxes of every grid `latent_grid` gives within these limits."""
+    st, s, patch = preset.vae.stride[0], preset.vae.stride[1], preset.dit.patch_size[1]
+    areas = [math.prod(int(v) for v in size.split("*")) for size in sizes]
+    aspects = [max_aspect ** (i / 400) for i in range(-400, 401)]  # first frame H/W, log-spaced
+    aspects += [int(h) / int(w) for w, h in (size.split("*") for size in sizes)]
+    grids = set()
+    for area in areas:
+        for a in aspects:
+            with contextlib.suppress(ValueError):  # too elongated for a small area: not an output grid
+                grids.add(latent_grid((a, 1.0), area, s, patch))
+    t_lo, t_hi = (frames[0] - 1) // st + 1, (frames[1] - 1) // st + 1
+    t_opt = min(max((preset.frame_num - 1) // st + 1, t_lo), t_hi)
+    # opt: the model's default size, or (a class without it) the default aspect at the class's largest area
+    w0, h0 = (int(v) for v in preset.default_size.split("*"))
+    oh, ow = latent_grid((h0, w0), w0 * h0 if preset.default_size in sizes else max(areas), s, patch)
+    out = []
+    for landscape in (True, False):
+        box = [(h // patch, w // patch) for h, w in grids if (h <= w if landscape else h >= w)]
+        opt = (min(oh, ow), max(oh, ow)) if landscape else (max(oh, ow), min(oh, ow))
+        out.append(Profile((t_lo, min(b[0] for b in box), min(b[1] for b in box)),
+                           (t_opt, opt[0] // patch, opt[1] // patch),
+                           (t_hi, max(b[0] for b in box), max(b[1] for b in box))))
+    return tuple(out)
 
 
 def _shapes(*rows) -> dict[str, EngineShape]:
@@ -96,8 +220,8 @@ def _shapes(*rows) -> dict[str, EngineShape]:
 _SHAPES_14B = _shapes(("720p", 1280, 720, 81), ("720p-portrait", 720, 1280, 81), ("480p", 832, 480, 81),
                       ("480p-portrait", 480, 832, 81), ("1024-square", 1024, 1024, 81))
 _SHAPES_TINY = _shapes(("tiny", 64, 64, 9), ("tiny-wide", 96, 64, 9), ("tiny-tall", 64, 96, 9))
-# Per model preset; the first entry is the default (the preset's default size and frame count). Each is
-# what `runtime.pipeline.latent_grid` gives for a first frame of exactly that aspect ratio.
+# Static shapes per model preset. Each is what `latent_grid` gives for a first frame of exactly that
+# aspect ratio at the preset's size of that area.
 ENGINE_SHAPES: dict[str, dict[str, EngineShape]] = {
     "flf2v-14B": _SHAPES_14B,
     "i2v-14B": _SHAPES_14B,
@@ -105,44 +229,94 @@ ENGINE_SHAPES: dict[str, dict[str, EngineShape]] = {
     "tiny-i2v": _SHAPES_TINY,
     "small": _shapes(("small", 256, 144, 17), ("small-portrait", 144, 256, 17), ("small-square", 128, 128, 17)),
 }
+MAX_ASPECT = 2.4  # dynamic shapes serve first frames from 1:2.4 to 2.4:1 (21:9 is 2.33)
+# Dynamic shapes per model preset: (name, sizes (None: all the preset's), frame range). The first is the
+# default build: every official size and aspect ratio, 5..81 frames for the 14B models.
+DYNAMIC_SHAPES: dict[str, tuple] = {
+    "flf2v-14B": (("dynamic", None, (5, 81)), ("dynamic-480p", ("832*480", "480*832"), (5, 81))),
+    "i2v-14B": (("dynamic", None, (5, 81)), ("dynamic-480p", ("832*480", "480*832"), (5, 81))),
+    "tiny": (("dynamic", None, (5, 17)),),
+    "tiny-i2v": (("dynamic", None, (5, 17)),),
+    "small": (("dynamic", None, (5, 33)),),
+}
+DEFAULT_SHAPE = "dynamic"
 
 
 def engine_shapes(preset: Preset) -> dict[str, EngineShape]:
+    """The named static shapes of `preset`."""
     if preset.name not in ENGINE_SHAPES:
         raise ValueError(f"no engine shapes for model preset {preset.name!r}; known: {', '.join(ENGINE_SHAPES)}")
     return ENGINE_SHAPES[preset.name]
 
 
-def get_shape(preset: Preset, name: str | None = None) -> EngineShape:
-    """The named engine shape of `preset` (its default one for None)."""
-    shapes = engine_shapes(preset)
+@functools.cache
+def dynamic_shapes(preset: Preset) -> dict[str, DynamicShape]:
+    """The named dynamic shapes of `preset`, the default build first."""
+    out = {}
+    for name, sizes, frames in DYNAMIC_SHAPES.get(preset.name, ()):
+        sizes = tuple(sizes or preset.sizes)
+        out[name] = DynamicShape(name, sizes, frames, MAX_ASPECT, grid_profiles(preset, sizes, frames, MAX_ASPECT))
+    return out
+
+
+def custom_shape(preset: Preset, name: str) -> EngineShape:
+    """A static shape spelled `<W>x<H>x<frames>`, e.g. 1232x512x81 (any grid the model can run)."""
+    try:
+        w, h, f = (int(v) for v in name.split("x"))
+    except ValueError:
+        raise ValueError(f"unknown shape {name!r} for {preset.name}; choose one of "
+                         f"{', '.join([*dynamic_shapes(preset), *engine_shapes(preset)])} or <W>x<H>x<frames>") from None
+    sp = preset.vae.stride[1] * preset.dit.patch_size[1]
+    if w <= 0 or h <= 0 or w % sp or h % sp or f < 1 or (f - 1) % preset.vae.stride[0]:
+        raise ValueError(f"shape {name}: width and height must be positive multiples of {sp} and frames 4n+1")
+    return EngineShape(name, w, h, f)
+
+
+def get_shape(preset: Preset, name: str | None = None) -> EngineShape | DynamicShape:
+    """The named shape of `preset`: dynamic (the default, `dynamic`), static, or `<W>x<H>x<frames>`."""
+    dyn = dynamic_shapes(preset)
     if name is None:
-        return next(iter(shapes.values()))
-    if name not in shapes:
-        raise ValueError(f"unknown shape preset {name!r} for {preset.name}; choose one of {', '.join(shapes)}")
-    return shapes[name]
+        return next(iter(dyn.values())) if dyn else next(iter(engine_shapes(preset).values()))
+    if name in dyn:
+        return dyn[name]
+    shapes = engine_shapes(preset)
+    return shapes[name] if name in shapes else custom_shape(preset, name)
 
 
-def _vae_cache_shapes(preset: Preset, shape: EngineShape) -> tuple[list, list]:
+def _root_dims(preset: Preset, shape) -> tuple:
+    """(T, hp, wp): ints for a static shape, sympy symbols for a dynamic one."""
+    if shape.dynamic:
+        import sympy
+        return sympy.symbols(" ".join(DIMS), integer=True, positive=True)
+    T, h, w = shape.latent(preset)
+    p = preset.dit.patch_size[1]
+    sp = preset.vae.stride[1] * p
+    if shape.height % sp or shape.width % sp:
+        raise ValueError(f"engine shape {shape.name}: {shape.width}x{shape.height} is not a multiple of {sp}")
+    return T, h // p, w // p
+
+
+def _vae_cache_shapes(preset: Preset, H, W, h, w) -> tuple[list, list]:
     from flf2v.models.vae import WanVAE
     with torch.device("meta"):
         vae = WanVAE(preset.vae)
-    _, h, w = shape.latent(preset)
-    return vae.encoder_cache_shapes(1, shape.height, shape.width), vae.decoder_cache_shapes(1, h, w)
+    return vae.encoder_cache_shapes(1, H, W), vae.decoder_cache_shapes(1, h, w)
 
 
-def graphs(preset: Preset, shape: EngineShape, precision: str, cfg_batch=(1, 2)) -> list[Graph]:
-    """Every graph of an engine folder, in build order."""
+def graphs(preset: Preset, shape: EngineShape | DynamicShape, precision: str, cfg_batch=(1, 2)) -> list[Graph]:
+    """Every graph of an engine folder, in build order. A dynamic shape gives graphs whose latent frames,
+    heights and widths are dims "k*T", "k*hp", "k*wp" (see DIMS; `Graph.at` fixes them)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     d, f32, i64 = preset.dit, "float32", "int64"
     cache = DTYPE_NAMES[COMPUTE_DTYPE[precision]]
-    T, h, w = shape.latent(preset)
-    H, W = shape.height, shape.width
-    sp = preset.vae.stride[1] * d.patch_size[1]
-    if H % sp or W % sp:
-        raise ValueError(f"engine shape {shape.name}: {W}x{H} is not a multiple of {sp}")
-    S = TensorSpec
+    T, hp, wp = _root_dims(preset, shape)
+    p, s = d.patch_size[1], preset.vae.stride[1]
+    h, w, H, W = p * hp, p * wp, s * p * hp, s * p * wp
+
+    def S(name, dims, dtype, high=None):
+        return TensorSpec(name, tuple(_dim(v) for v in dims), dtype, high)
+
     L, n_img = preset.t5.text_len, 2 if d.model_type == "flf2v" else 1
     out = [
         Graph("t5", "t5", precision, (S("ids", (2, L), i64, preset.t5.vocab), S("mask", (2, L), i64, 2)),
@@ -157,22 +331,22 @@ def graphs(preset: Preset, shape: EngineShape, precision: str, cfg_batch=(1, 2))
             S("x", (b, d.out_dim, T, h, w), f32), S("t", (b,), i64, d.num_train_timesteps + 1),
             S("context", (b, d.text_len, d.text_dim), f32), S("clip_fea", (b, d.clip_tokens, d.clip_dim), f32),
             S("y", (b, d.in_dim - d.out_dim, T, h, w), f32)), (S("v", (b, d.out_dim, T, h, w), f32),)))
-    enc, dec = _vae_cache_shapes(preset, shape)
+    enc, dec = _vae_cache_shapes(preset, H, W, h, w)
     z_dim, st = preset.vae.z_dim, preset.vae.stride[0]
     for name in VAE_GRAPHS:
         decode, first = "decode" in name, name.endswith("first")
         frames = (1, 3, 1 if first else st, H, W)
         latent = (1, z_dim, 1, h, w)
         caches = dec if decode else enc
-        cin = tuple(S(f"cache_in.{i}", tuple(s), cache) for i, s in enumerate(caches))
-        cout = tuple(S(f"cache_out.{i}", tuple(s), cache) for i, s in enumerate(caches))
+        cin = tuple(S(f"cache_in.{i}", tuple(c), cache) for i, c in enumerate(caches))
+        cout = tuple(S(f"cache_out.{i}", tuple(c), cache) for i, c in enumerate(caches))
         x = S("z", latent, f32) if decode else S("x", frames, f32)
         y = S("frames", frames, f32) if decode else S("z", latent, f32)
         out.append(Graph(name, "vae", precision, (x, *cin), (y, *cout), first=first))
     return out
 
 
-def get_graph(preset: Preset, shape: EngineShape, precision: str, name: str) -> Graph:
+def get_graph(preset: Preset, shape: EngineShape | DynamicShape, precision: str, name: str) -> Graph:
     for g in graphs(preset, shape, precision):
         if g.name == name:
             return g
@@ -181,6 +355,8 @@ def get_graph(preset: Preset, shape: EngineShape, precision: str, name: str) -> 
 
 def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
     """Random inputs that respect the contract (a prefix text mask, zero caches for a first VAE step)."""
+    if graph.dynamic:
+        raise ValueError(f"{graph.name} has dynamic dims; fix them first with graph.at(dims)")
     gen = torch.Generator().manual_seed(seed)
     out = []
     for s in graph.inputs:

@@ -2,14 +2,18 @@
 (which reads and validates it). The runtime imports this module, never the build command.
 
 Folders: `engines/<target>[-plugin]/<shape>/`, where the target tag names the machine the engines run on
-(`h100-sm90-trt11.4`, `cpu-ort1.32.0`) and `<shape>` the output grid (`720p`, `480p-portrait`, ...), so
-several shapes live side by side and a run picks the folder that serves its grid.
+(`h100-sm90-trt11.4`, `cpu-ort1.32.0`) and `<shape>` the grids it serves (`dynamic`: every official size
+and aspect ratio; a static `720p`, `480p-portrait`, ...), so several shapes live side by side and a run
+picks the folder that serves its grid (a static one first: TensorRT may be faster at a fixed shape).
 
 manifest.json: {"schema", "target", "backend", "model_preset", "model_type", "precision", "attention"
-("onnx" | "plugin"), "shape": {name, width, height, frame_num, latent [T, h, w]},
+("onnx" | "plugin"), "shape": static {name, "dynamic": false, width, height, frame_num, latent [T, h, w]}
+or dynamic {name, "dynamic": true, sizes, frames [min, max], max_aspect, profiles [{min, opt, max}: root
+dims [T, hp, wp] (contracts.DIMS)]},
 "checkpoint": {"dir", "fingerprint"}, "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs",
-"outputs" ([{name, shape, dtype}]), "precision", "checkpoint_fingerprint", "builder", "gpu",
-"files" ({name: bytes}), "key", "seconds"; DiT engines also "attention"}}}.
+"outputs" ([{name, shape, dtype}]; a dynamic dim is a string "k*T" | "k*hp" | "k*wp"), "precision",
+"checkpoint_fingerprint", "builder", "gpu", "files" ({name: bytes}), "key", "seconds", "profiles" (dynamic
+graphs: the optimization profiles built); DiT engines also "attention"}}}.
 
 The checkpoint fingerprint is of content, not of file times, so a `cp -r` or `touch` of the checkpoint
 keeps its engines: config.json, and per weight file its name, size, first MiB (the safetensors header or
@@ -30,7 +34,7 @@ from pathlib import Path
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
 
-SCHEMA = 2  # 2: content fingerprints, a folder per shape
+SCHEMA = 3  # 2: content fingerprints, a folder per shape; 3: dynamic shapes
 MANIFEST = "manifest.json"
 ENGINES_ROOT = Path("engines")
 # What fixes a missing TensorRT (pyproject's gpu-cu13 / gpu-cu12 extras; README "GPU quick start").
@@ -198,13 +202,47 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     return m
 
 
+def shape_of(m: dict):
+    """The manifest's shape as a contracts.EngineShape (static) or DynamicShape."""
+    from .contracts import DynamicShape, EngineShape, Profile
+    s = m["shape"]
+    if not s.get("dynamic"):
+        return EngineShape(str(s["name"]), int(s["width"]), int(s["height"]), int(s["frame_num"]))
+    profiles = tuple(Profile(*(tuple(int(v) for v in p[k]) for k in ("min", "opt", "max"))) for p in s["profiles"])
+    if not profiles or any(len(d) != 3 for p in profiles for d in (p.min, p.opt, p.max)):
+        raise ValueError("a dynamic shape needs profiles of three root dims")
+    lo, hi = (int(v) for v in s["frames"])
+    return DynamicShape(str(s["name"]), tuple(str(v) for v in s["sizes"]), (lo, hi), float(s["max_aspect"]),
+                        profiles)
+
+
+def serves(m: dict, preset: Preset, height: int, width: int, frame_num: int) -> bool:
+    """Whether the folder of manifest `m` can make a video of this shape."""
+    shape = shape_of(m)
+    if shape.dynamic:
+        return shape.profile_of(preset, frame_num, height, width) is not None
+    return (shape.height, shape.width, shape.frame_num) == (height, width, frame_num)
+
+
+def describe(m: dict) -> str:
+    """'1280x720, 81 frames' or 'dynamic: 5-81 frames, W x H 624-1584 x 400-1024 or 400-1024 x 624-1584, ...'."""
+    from flf2v.models.config import get_preset
+    shape = shape_of(m)
+    if not shape.dynamic:
+        return f"{shape.width}x{shape.height}, {shape.frame_num} frames"
+    p = get_preset(m["model_preset"])
+    sp = p.vae.stride[1] * p.dit.patch_size[1]
+    boxes = " or ".join(f"{sp * q.min[2]}-{sp * q.max[2]} x {sp * q.min[1]}-{sp * q.max[1]}" for q in shape.profiles)
+    return (f"{shape.name}: {shape.frames[0]}-{shape.frames[1]} frames, W x H {boxes} (sizes "
+            f"{', '.join(shape.sizes)}, first frames 1:{shape.max_aspect:g} to {shape.max_aspect:g}:1)")
+
+
 def _check_types(m: dict) -> None:
     """What the runtime reads from a manifest has the types it expects, and every file it names lies in
     the folder (a damaged or hostile manifest is refused, never followed)."""
     if not isinstance(m.get("checkpoint"), dict) or not isinstance(m["engines"], dict):
         raise TypeError("checkpoint and engines must be objects")
-    for k in ("height", "width", "frame_num"):
-        int(m["shape"][k])
+    shape_of(m)
     for name, e in m["engines"].items():
         names = [e["file"], *e["files"]]
         if not isinstance(e["files"], dict) or not all(isinstance(f, str) for f in names):

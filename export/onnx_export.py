@@ -1,4 +1,5 @@
-"""PyTorch reference networks -> ONNX (dynamo exporter, opset 23, static shapes).
+"""PyTorch reference networks -> ONNX (dynamo exporter, opset 23; static, or dynamic latent frames and
+grid for the graphs of a dynamic engine folder: contracts.DIMS, `ranges`).
 
 Two routes to the same graph:
 - direct: a real module (small networks, or one handed in by a test) is traced with real sample inputs.
@@ -55,8 +56,31 @@ def weight_bytes(net: nn.Module, dtype: torch.dtype) -> int:
 
 # ---- export routes --------------------------------------------------------------------------------
 
-def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = "onnx"):
-    """attention="plugin": the DiT's attention as flf2v TensorRT plugin nodes (see plugins.py)."""
+def _dynamic_shapes(graph: Graph, ranges: dict[str, tuple[int, int]] | None):
+    """torch.export dynamic_shapes for the adapter's positional inputs: every "k*name" dim of the contract
+    becomes k * Dim(name) over `ranges` (root dim -> (min, max)); None for a static graph."""
+    if not graph.dynamic:
+        return None
+    if not ranges:
+        raise ExportError(f"{graph.name} has dynamic dims but no ranges were given")
+    roots = {n: torch.export.Dim(n, min=lo, max=hi) for n, (lo, hi) in ranges.items()}
+
+    def dims(spec):
+        out = {}
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, str):
+                k, _, n = d.rpartition("*")
+                out[axis] = int(k) * roots[n] if k else roots[n]
+        return out or None
+    specs = [dims(s) for s in graph.inputs]
+    # the adapters take (*inputs) (one tuple) or, for VAE steps, (x, *caches)
+    return (specs[0], tuple(specs[1:])) if graph.component == "vae" else (tuple(specs),)
+
+
+def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = "onnx",
+           ranges: dict[str, tuple[int, int]] | None = None):
+    """attention="plugin": the DiT's attention as flf2v TensorRT plugin nodes (see plugins.py). `ranges`:
+    the root dims of a dynamic graph (contracts.DIMS) -> (min, max); `args` are sample inputs within them."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     table = None
     if attention == "plugin":
@@ -67,12 +91,26 @@ def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = 
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
                                  input_names=[s.name for s in graph.inputs],
                                  output_names=[s.name for s in graph.outputs], verbose=False,
-                                 custom_translation_table=table)
+                                 custom_translation_table=table, dynamic_shapes=_dynamic_shapes(graph, ranges))
 
 
-def export_direct(graph: Graph, mod: nn.Module, folder: Path, attention: str = "onnx") -> Path:
+def _sample_dims(ranges: dict[str, tuple[int, int]] | None) -> dict[str, int]:
+    """Root dims of the sample a dynamic graph is traced with: inside the ranges, neither 0 nor 1 (which
+    torch.export specialises) and, where the ranges allow, all different (no coincidence to trace in)."""
+    out = {}
+    for n, (lo, hi) in (ranges or {}).items():
+        v = max(lo, 2)
+        while v in out.values() and v < hi:
+            v += 1
+        out[n] = min(v, hi)
+    return out
+
+
+def export_direct(graph: Graph, mod: nn.Module, folder: Path, attention: str = "onnx",
+                  ranges: dict[str, tuple[int, int]] | None = None) -> Path:
     """Trace a real adapter module (see `contracts.module`) into folder/<graph>.onnx."""
-    prog = _trace(mod, graph, sample_inputs(graph, 0), optimize=True, attention=attention)
+    sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph
+    prog = _trace(mod, graph, sample_inputs(sample, 0), optimize=True, attention=attention, ranges=ranges)
     path = folder / f"{graph.name}.onnx"
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     prog.save(path, external_data=size > EXTERNAL_BYTES)
@@ -137,7 +175,7 @@ def _optimize_keeping_weights(model: ir.Model) -> None:
 
 
 def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None,
-                    attention: str = "onnx") -> Path:
+                    attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None) -> Path:
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
     dtype = graph.compute_dtype
@@ -151,8 +189,9 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
                                  + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     tables = _to_meta(net, dtype)
     mod = module(graph, {graph.component: net})
-    args = [torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in graph.inputs]
-    prog = _trace(mod, graph, args, optimize=False, attention=attention)
+    sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph
+    args = [torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in sample.inputs]
+    prog = _trace(mod, graph, args, optimize=False, attention=attention, ranges=ranges)
 
     inits = prog.model.graph.initializers
     for name, value in inits.items():
@@ -191,7 +230,7 @@ def _publish(tmp: Path, path: Path) -> None:
 
 def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, preset: Preset | None = None,
                  stream: bool | None = None, source: dict | None = None, check: bool = True,
-                 attention: str = "onnx") -> Path:
+                 attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None) -> Path:
     """Export `graph` to `path` (a `.onnx` file, with `<path>.data` beside it when weights are external).
 
     `module_or_ckpt` is either an adapter module (`contracts.module`) with real weights, exported
@@ -201,6 +240,7 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
     The graph goes through `passes.clean` and, if `check`, `passes.check_graph` (ExportError on failure).
     `attention` (DiT graphs): "onnx", TensorRT's own Attention node, or "plugin", the fused Triton kernels
     as flf2v TensorRT plugin nodes (plugins.py; TensorRT only, ONNX Runtime cannot run them).
+    `ranges` (dynamic graphs, required there): root dim -> (min, max), e.g. `DynamicShape.envelope()`.
     """
     if attention not in plugins.ATTENTION:
         raise ValueError(f"attention must be one of {plugins.ATTENTION}, got {attention!r}")
@@ -211,17 +251,17 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
     try:
         if isinstance(module_or_ckpt, nn.Module):
-            out = export_direct(graph, module_or_ckpt, tmp, attention)
+            out = export_direct(graph, module_or_ckpt, tmp, attention, ranges)
         else:
             ckpt_dir = Path(module_or_ckpt)
             preset = preset or ck.preset_for(ckpt_dir)
             if stream is None:
                 stream = weight_bytes(ck.build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
             if stream or source is not None:
-                out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention)
+                out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention, ranges)
             else:
                 net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **_network_options(attention))
-                out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention)
+                out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention, ranges)
         passes.clean(out)
         if check:
             problems = passes.check_graph(out, graph, plugins.PLUGINS if attention == "plugin" else ())

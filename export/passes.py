@@ -152,10 +152,11 @@ def float64_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def io_specs(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
-    """[(name, shape, dtype)] of the graph inputs and outputs."""
+    """[(name, shape, dtype)] of the graph inputs and outputs; a dynamic dim is its name ("2*hp")."""
     def spec(v):
         t = v.type.tensor_type
-        return v.name, tuple(d.dim_value for d in t.shape.dim), ONNX_DTYPE.get(t.elem_type, str(t.elem_type))
+        shape = tuple(d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim)
+        return v.name, shape, ONNX_DTYPE.get(t.elem_type, str(t.elem_type))
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 

@@ -1,7 +1,9 @@
 """ONNX -> TensorRT engine through polygraphy (GPU only; imported when a TensorRT build runs).
 
 Strongly typed (TensorRT 11 builds nothing else; on 10.x the flag is set so bf16 graphs keep their fp32
-islands), one static optimization profile, a timing cache shared by the folder's builds. The parser reads
+islands), a timing cache shared by the folder's builds. Static graphs get one fixed profile; dynamic
+graphs one optimization profile per box of the folder's DynamicShape (landscape, portrait), each
+min/opt/max of the root dims T, hp, wp turned into every input's shape by the contract. The parser reads
 the ONNX file by path so its external weights are found. Memory for the 14B DiT: the parser's copy of the
 weights (1x, 33 GB in bf16) plus the serialized plan (1x), written from TensorRT's own buffer without a
 Python copy: about 2-3x the weights in host RAM, within a 128 GB host; the GPU holds the weights and the
@@ -21,8 +23,20 @@ def has_plugin_nodes(onnx_path: Path) -> bool:
     return any(n.domain == DOMAIN for n in load_structure(onnx_path).graph.node)
 
 
-def build_trt_engine(onnx_path: Path, engine_path: Path, graph: C.Graph, opt_level: int, cache: Path) -> None:
-    """Strongly typed TensorRT engine with one static profile, via polygraphy; atomic."""
+def trt_profiles(graph: C.Graph, profiles=None) -> list[list[tuple[str, tuple, tuple, tuple]]]:
+    """Per optimization profile, (input name, min, opt, max shape) for every input. `profiles`: a dynamic
+    graph's (min, opt, max) root dims per profile; a static graph has one profile, its own shapes."""
+    if not graph.dynamic:
+        return [[(s.name, s.shape, s.shape, s.shape) for s in graph.inputs]]
+    if not profiles:
+        raise ValueError(f"{graph.name} has dynamic dims: it needs optimization profiles")
+    return [[(s.name, *(s.at(d).shape for d in p)) for s in graph.inputs] for p in profiles]
+
+
+def build_trt_engine(onnx_path: Path, engine_path: Path, graph: C.Graph, opt_level: int, cache: Path,
+                     profiles=None) -> None:
+    """Strongly typed TensorRT engine via polygraphy, with the optimization profiles of `trt_profiles`;
+    atomic."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
@@ -32,10 +46,13 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, graph: C.Graph, opt_lev
     # TensorRT 11 builds every network strongly typed and ignores the (deprecated) flag
     strongly = True if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else None
     network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly)
-    profile = Profile()
-    for s in graph.inputs:
-        profile.add(s.name, s.shape, s.shape, s.shape)
-    config = CreateConfig(profiles=[profile], builder_optimization_level=opt_level,
+    built = []
+    for rows in trt_profiles(graph, profiles):
+        profile = Profile()
+        for name, lo, opt, hi in rows:
+            profile.add(name, lo, opt, hi)
+        built.append(profile)
+    config = CreateConfig(profiles=built, builder_optimization_level=opt_level,
                           load_timing_cache=str(cache) if cache.exists() else None)
     engine = engine_bytes_from_network(network, config, save_timing_cache=str(cache))
     tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")

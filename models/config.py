@@ -9,6 +9,7 @@ a CPU run, for benchmarks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -195,6 +196,19 @@ PRESETS: dict[str, Preset] = {
                     sizes=("256*144", "144*256", "128*128"), default_size="256*144", frame_num=17,
                     sample_steps=10),
 }
+
+
+def latent_grid(img_hw: tuple[float, float], max_area: int, stride: int, patch: int) -> tuple[int, int]:
+    """Official sizing (wan/first_last_frame2video.py): the latent (h, w) keeps the first frame's aspect
+    ratio within `max_area` pixels, each a multiple of `patch`. ValueError when a side rounds to zero."""
+    h, w = img_hw
+    aspect = h / w
+    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
+    if lat_h < patch or lat_w < patch:
+        raise ValueError(f"a {w:g}x{h:g} frame is too elongated for max area {max_area}; crop it closer to the "
+                         f"output aspect ratio")
+    return lat_h, lat_w
 
 
 def get_preset(name: str) -> Preset:

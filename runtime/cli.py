@@ -53,10 +53,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                  epilog=f"Defaults shown are {p.name}'s; --task and --ckpt_dir choose the model.")
     a = ap.add_argument
     a("--task", default="flf2v-14B", choices=TASKS, help="the model (default flf2v-14B)")
-    a("--size", default=None, help=f"max output area as W*H, one of {', '.join(p.sizes)} (default: the "
-                                   f"engines' grid, else {p.default_size}); the first frame's aspect ratio is kept")
+    a("--size", default=None, help=f"max output area as W*H, one of {', '.join(p.sizes)} (default "
+                                   f"{p.default_size}, or a static engine folder's own); the first frame's aspect "
+                                   f"ratio is kept")
     a("--frame_num", type=int, default=None,
-      help=f"frames to generate, 4n+1 (default: the engines' count, else {p.frame_num})")
+      help=f"frames to generate, 4n+1 (default {p.frame_num}, or a static engine folder's own)")
     a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
     a("--first_frame", default=None, help="first frame image (FLF2V)")
     a("--last_frame", default=None, help="last frame image (FLF2V)")
@@ -171,10 +172,10 @@ def engine_kind(device: torch.device) -> str:
 
 def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device):
     """(backend kind, engine folder or None, one line saying what runs). `--engines` may be a folder or a
-    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/."""
+    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/.
+    A static folder of exactly the run's shape wins over a dynamic one that serves it."""
     from flf2v.export import manifest as M
-    from flf2v.export.contracts import engine_shapes
-    from flf2v.runtime.engines import check_backend, engine_video_shape, find_engines
+    from flf2v.runtime.engines import build_serving, check_backend, engine_video_shape, find_engines
     from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import output_shape
 
@@ -186,13 +187,14 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
         return "torch", None, None
     check_backend(kind, device)
 
-    def want(m) -> tuple[int, int, int]:
-        h, w, f = engine_video_shape(m)  # unset --size / --frame_num default to the engines' own
-        return output_shape(preset, first_hw, args.size or f"{w}*{h}", args.frame_num or f)
+    def want(fixed) -> tuple[int, int, int]:
+        # unset --size / --frame_num default to a static folder's own, else to the model's
+        size = args.size or (f"{fixed[1]}*{fixed[0]}" if fixed else preset.default_size)
+        return output_shape(preset, first_hw, size, args.frame_num or (fixed[2] if fixed else preset.frame_num))
 
     def serves(m) -> bool:
         try:
-            return want(m) == engine_video_shape(m)
+            return M.serves(m, preset, *want(engine_video_shape(m)))
         except (InputError, KeyError, TypeError, ValueError):
             return False
 
@@ -200,15 +202,11 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     folder, why = find_engines(roots, args.ckpt_dir, preset, kind, serves)
     if folder is not None:
         return kind, folder, None
-    shapes = [s for s in engine_shapes(preset).values() if serves({"shape": s.to_json(preset)})]
-    if shapes:  # an engine shape that would serve this run
-        root = Path(args.engines) if args.engines else None
-        if root is not None and (root / M.MANIFEST).is_file():
-            root = root.parent  # a shape folder was given: the new shape goes beside it
-        fix = M.rebuild_hint(args.ckpt_dir, root / shapes[0].name if root else None, shapes[0].name)
-    else:
-        fix = (f"no engine shape serves it: crop the first frame to the aspect ratio of one "
-               f"({', '.join(f'{s.name} {s.width}x{s.height}' for s in engine_shapes(preset).values())})")
+    name = build_serving(preset, *want(None))
+    root = Path(args.engines) if args.engines else None
+    if root is not None and (root / M.MANIFEST).is_file():
+        root = root.parent  # a shape folder was given: the new shape goes beside it
+    fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name)
     run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
         f", {args.frame_num} frames" if args.frame_num else "")
     if args.engines or args.backend != "auto":
@@ -241,9 +239,9 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
         says += f"; {note}" if note else ""
     else:
         from flf2v.runtime.engines import open_backend
+        from flf2v.export.manifest import describe
         backend = open_backend(kind, folder, args.ckpt_dir, preset, device)
-        h, w, f = backend.video_shape
-        says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {w}x{h}, {f} frames)"
+        says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"
     print(f"flf2v-run: {says}", flush=True)
     return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph)
 

@@ -58,6 +58,18 @@ class DenoiseLoop(torch.nn.Module):
         if b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
             buf("v_cond", torch.zeros_like(self.x))
         self.graph = None
+        self.token = None  # the backend's graph_token when the graph was captured
+
+    def reset(self, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor) -> None:
+        """A new run of the same shape and settings: new inputs into the same buffers (a captured graph
+        stays valid), sampler state cleared."""
+        self.x.copy_(x)
+        self.ctx.copy_(context)
+        self.clip.copy_(clip_fea.expand_as(self.clip))
+        self.y.copy_(y.expand_as(self.y))
+        for buf in (self.last, self.m1, self.m2):
+            buf.zero_()
+        self.first_bad.fill_(self.steps)
 
     def forward(self) -> None:
         self.step()

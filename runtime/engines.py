@@ -1,21 +1,29 @@
 """Engine backends: the graphs of one `flf2v-build` folder behind the TorchBackend interface.
 
 `ort` runs the fp32 ONNX graphs with ONNX Runtime (CPU EP here, CUDA EP where onnxruntime-gpu is
-installed); `trt` runs TensorRT engines with static device buffers bound once. The manifest
-(export/manifest.py) decides what a folder may serve: the same model preset, checkpoint, output grid and
-(for TensorRT) GPU and TensorRT version; anything else is refused with the `make engines` command that
-rebuilds it. `find_engines` picks, among the folders of a root (one per shape), the one that serves a run.
+installed); `trt` runs TensorRT engines with static device buffers bound once per video shape. The
+manifest (export/manifest.py) decides what a folder may serve: the same model preset, checkpoint, output
+grids and (for TensorRT) GPU and TensorRT version; anything else is refused with the `make engines`
+command that builds what would serve it. `find_engines` picks, among the folders of a root (one per
+shape), the one that serves a run.
+
+Shapes. A static folder serves one video shape. A dynamic one serves every grid inside one of its
+profiles (contracts.DynamicShape): `set_video(height, width, frames)` checks that and fixes the root dims
+(T, hp, wp) every dynamic I/O shape of the manifest is computed from (`io`); the buffers of a shape are
+allocated when it is first run.
 The VAE chunk loop lives here: each chunk step's caches come back as outputs and go in as the next
 step's inputs.
 """
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flf2v.export import contracts as C
 from flf2v.export import manifest as M
 from flf2v.export.contracts import TORCH_DTYPES
 from flf2v.export.manifest import EngineError
@@ -38,16 +46,18 @@ def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str, fingerprint
     return m
 
 
-def engine_video_shape(m: dict) -> tuple[int, int, int]:
-    """(height, width, frames) a folder serves."""
-    return m["shape"]["height"], m["shape"]["width"], m["shape"]["frame_num"]
+def engine_video_shape(m: dict) -> tuple[int, int, int] | None:
+    """(height, width, frames) a static folder serves; None for a dynamic one."""
+    s = M.shape_of(m)
+    return None if s.dynamic else (s.height, s.width, s.frame_num)
 
 
 def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves) -> tuple[Path | None, list[str]]:
-    """The first folder under `roots` whose engines are current for `ckpt_dir` on this machine and whose
-    video shape `serves(manifest) -> bool` accepts; (None, why each candidate was passed over) otherwise."""
+    """The folder under `roots` whose engines are current for `ckpt_dir` on this machine and whose shape
+    `serves(manifest) -> bool` accepts, a static one before a dynamic one (TensorRT may be faster at a
+    fixed shape); (None, why each candidate was passed over) otherwise."""
     fingerprint = M.checkpoint_fingerprint(ckpt_dir)  # read once for all candidates
-    why = []
+    why, dynamic = [], []
     for folder in (f for r in roots for f in M.folders_under(r)):
         try:
             m = read_manifest(folder, ckpt_dir, preset, kind, fingerprint)
@@ -55,10 +65,21 @@ def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves) -> tuple[Pa
             why.append(str(e))
             continue
         if serves(m):
-            return folder, why
-        h, w, f = engine_video_shape(m)
-        why.append(f"{folder} serves {w}x{h}, {f} frames")
-    return None, why
+            if not M.shape_of(m).dynamic:
+                return folder, why
+            dynamic.append(folder)
+        else:
+            why.append(f"{folder} serves {M.describe(m)}")
+    return (dynamic[0] if dynamic else None), why
+
+
+def build_serving(preset: Preset, height: int, width: int, frame_num: int) -> str:
+    """The shape (`flf2v-build --preset`) that serves a video: the first dynamic one holding it, else the
+    static `<W>x<H>x<frames>`."""
+    for name, shape in C.dynamic_shapes(preset).items():
+        if shape.profile_of(preset, frame_num, height, width) is not None:
+            return name
+    return f"{width}x{height}x{frame_num}"
 
 
 def check_external_data(onnx_path: Path, folder: Path) -> None:
@@ -84,18 +105,67 @@ class EngineBackend:
 
     def __init__(self, folder, ckpt_dir, preset: Preset, device, kind: str):
         self.folder, self.preset, self.device = Path(folder), preset, torch.device(device)
+        self.ckpt_dir = ckpt_dir
         self.manifest = read_manifest(self.folder, ckpt_dir, preset, kind)
-        s = self.manifest["shape"]
-        self.hint = M.rebuild_hint(ckpt_dir, self.folder, s["name"], self.manifest.get("precision"),
+        self.shape = M.shape_of(self.manifest)
+        self.hint = M.rebuild_hint(ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
                                    self.manifest.get("attention"))
-        self.video_shape = engine_video_shape(self.manifest)
+        self.video_shape = engine_video_shape(self.manifest)  # None: dynamic, any shape of its profiles
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
         self.cache_sets: dict = {}  # "encode"/"decode" -> ([set A], [set B]), with static_caches
+        self.dims: dict[str, int] | None = None if self.shape.dynamic else {}  # root dims of the current shape
+        self.profile = 0  # the optimization profile serving them
+        self._io: dict = {}
+
+    # -- video shape ---------------------------------------------------------------------------------
+    def check_video(self, height: int, width: int, frame_num: int) -> int:
+        """The optimization profile serving this video shape (0 for static engines); EngineError naming
+        the build that would serve it when these engines cannot."""
+        if not self.shape.dynamic:
+            profile = 0 if (height, width, frame_num) == self.video_shape else None
+        else:
+            profile = self.shape.profile_of(self.preset, frame_num, height, width)
+        if profile is None:
+            raise EngineError(self._outside(height, width, frame_num))
+        return profile
+
+    def set_video(self, height: int, width: int, frame_num: int) -> None:
+        """Fix the video shape of the next runs (checked as by `check_video`)."""
+        profile = self.check_video(height, width, frame_num)
+        if not self.shape.dynamic:
+            return
+        dims = dict(zip(C.DIMS, self.shape.dims(self.preset, frame_num, height, width)))
+        if dims != self.dims:
+            self.dims, self.profile = dims, profile
+            self._resized()
+
+    def _outside(self, height: int, width: int, frame_num: int) -> str:
+        name = build_serving(self.preset, height, width, frame_num)
+        hint = M.rebuild_hint(self.ckpt_dir, self.folder.parent / name, name, self.manifest.get("precision"),
+                              self.manifest.get("attention"))
+        return (f"the engines in {self.folder} serve {M.describe(self.manifest)}, but this run needs {width}x"
+                f"{height}, {frame_num} frames (from --size, --frame_num and the first frame's aspect ratio); "
+                f"{hint} for engines that serve it, or use --backend torch")
+
+    def _resized(self) -> None:
+        """The video shape changed: buffers of the old one are not reused (subclasses drop bindings)."""
+        self.cache_sets.clear()
+
+    def io(self, graph: str) -> tuple[list[dict], list[dict]]:
+        """(inputs, outputs) specs of `graph` at the current video shape: every dim an int."""
+        if self.dims is None:
+            raise RuntimeError(f"{graph}: dynamic engines run after set_video(height, width, frames)")
+        key = (graph, tuple(self.dims.values()))
+        if key not in self._io:
+            spec = self.specs[graph]
+            self._io[key] = tuple([{**s, "shape": [C.dim_value(d, self.dims) for d in s["shape"]]} for s in spec[k]]
+                                  for k in ("inputs", "outputs"))
+        return self._io[key]
 
     def _zero_caches(self, graph: str) -> list[torch.Tensor]:
         return [torch.zeros(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
-                for s in self.specs[graph]["inputs"] if s["name"].startswith("cache_in.")]
+                for s in self.io(graph)[0] if s["name"].startswith("cache_in.")]
 
     def _caches(self, graph: str) -> list[torch.Tensor]:
         """The zero caches a first VAE chunk step starts from: fresh ones, or with static buffers the
@@ -204,8 +274,12 @@ class OrtBackend(EngineBackend):
         self.bindings: dict = {}  # (graph, cache set in) -> (IOBinding, {name: static buffer}), io_binding
         self.host_transfers = 0
 
-    def _cuda_graph(self, graph: str) -> bool:  # gpu, unverified
-        return self.cuda and self.io_binding and graph.startswith("dit_b")
+    def _cuda_graph(self, graph: str) -> bool:  # gpu, unverified; ORT's graphs need one fixed shape
+        return self.cuda and self.io_binding and graph.startswith("dit_b") and not self.shape.dynamic
+
+    def _resized(self) -> None:
+        super()._resized()
+        self.bindings.clear()
 
     def session(self, graph: str):
         if graph not in self.sessions:
@@ -234,20 +308,20 @@ class OrtBackend(EngineBackend):
         """(IOBinding, {name: static buffer}) of a graph; a VAE graph has two, one per ping-pong direction
         (caches in set `which`, out to the other), so its caches are bound once, not every chunk."""
         if (graph, which) not in self.bindings:
-            spec, io = self.specs[graph], self.session(graph).io_binding()
+            (ins, outs), io = self.io(graph), self.session(graph).io_binding()
             other = next((v for (g, _), v in self.bindings.items() if g == graph), None)
             bufs = other[1] if other else {}  # both directions share the other static buffers
             static_in = self._cuda_graph(graph)
-            for s in spec["outputs"] + (spec["inputs"] if static_in else []):
+            for s in outs + (ins if static_in else []):
                 if not s["name"].startswith(("cache_in.", "cache_out.")) and s["name"] not in bufs:
                     bufs[s["name"]] = torch.empty(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
-            for s in spec["outputs"]:
+            for s in outs:
                 if s["name"] in bufs:
                     self._bind(io.bind_output, s["name"], bufs[s["name"]])
-            for s in spec["inputs"]:
+            for s in ins:
                 if static_in and s["name"] in bufs:  # static inputs (CUDA graphs): bound once, filled per call
                     self._bind(io.bind_input, s["name"], bufs[s["name"]])
-            if any(s["name"].startswith("cache_in.") for s in spec["inputs"]):
+            if any(s["name"].startswith("cache_in.") for s in ins):
                 src, dst = self._cache_set(graph, which), self._cache_set(graph, 1 - which)
                 for i, (c_in, c_out) in enumerate(zip(src, dst)):
                     self._bind(io.bind_input, f"cache_in.{i}", c_in)
@@ -256,12 +330,12 @@ class OrtBackend(EngineBackend):
         return self.bindings[(graph, which)]
 
     def _run_bound(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        spec = self.specs[graph]
+        ins, outs = self.io(graph)
         pair = self._cache_pair(graph, inputs)
         which = 0 if not pair or pair[0] is self._cache_set(graph, 0) else 1
         io, bufs = self._binding(graph, which)
         keep = []  # the bound tensors stay alive until the run is over
-        for s, x in zip(spec["inputs"], inputs):
+        for s, x in zip(ins, inputs):
             name = s["name"]
             if name.startswith("cache_in."):
                 continue
@@ -278,8 +352,7 @@ class OrtBackend(EngineBackend):
         if self.cuda:  # gpu, unverified: ORT runs on its own stream; torch's work on the inputs comes first
             torch.cuda.current_stream(self.device).synchronize()
         self.session(graph).run_with_iobinding(io)
-        return [bufs[s["name"]] if s["name"] in bufs else pair[1][int(s["name"].split(".")[1])]
-                for s in spec["outputs"]]
+        return [bufs[s["name"]] if s["name"] in bufs else pair[1][int(s["name"].split(".")[1])] for s in outs]
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.io_binding:
@@ -291,20 +364,41 @@ class OrtBackend(EngineBackend):
         return [torch.from_numpy(o).to(self.device) for o in outs]
 
 
+@dataclass
+class _Loaded:
+    """A deserialized engine, its execution context, and the buffers of each video shape it ran at (root
+    dims -> (generation, {tensor name: buffer})), the newest KEEP_SHAPES of them; `bound` is the shape
+    the context's input shapes and addresses are set to."""
+    engine: object
+    ctx: object
+    shapes: dict = field(default_factory=dict)
+    bound: tuple | None = None
+
+
 class TrtBackend(EngineBackend):
-    """TensorRT engines on static CUDA buffers bound once. Outside CUDA-graph capture every engine runs on
+    """TensorRT engines on static CUDA buffers bound once per video shape. Outside CUDA-graph capture every engine runs on
     the backend's own stream (ordered after the caller's stream, and the caller's after it); inside a
     capture on the capturing stream, so the denoising step can be recorded as one graph. Graphs are loaded
     when first used and released when the pipeline moves on: encoders (and a previous run's decoder)
     before denoising, the DiT before VAE decoding, so the 720p peaks of the stages do not add up. The VAE caches live in
     two sets per direction, shared by the first and the chunk step and swapped each chunk (in -> out),
-    instead of one input and one output copy per engine. GPU-only: never run on a CPU machine."""
+    instead of one input and one output copy per engine.
+
+    Dynamic engines: a context is set to a shape (its optimization profile, then every input shape) and
+    bound to that shape's buffers when the shape is first run, and again when a run switches shapes; the
+    buffers of the last KEEP_SHAPES shapes stay, so a CUDA graph captured at a shape stays valid while
+    its buffers do (`graph_token`). `keep_dit=True` keeps the DiT engine loaded between runs (a server on a
+    GPU with room for the DiT and the decoder together), so a repeated shape replays its captured graph
+    instead of loading the DiT and capturing again. GPU-only: never run on a CPU machine."""
     name = "trt"
     capturable = True
     static_caches = True
+    KEEP_SHAPES = 2
 
-    def __init__(self, folder, ckpt_dir, preset, device="cuda"):
+    def __init__(self, folder, ckpt_dir, preset, device="cuda", keep_dit: bool = False):
         super().__init__(folder, ckpt_dir, preset, device, "trt")
+        self.keep_dit = keep_dit
+        self._generation = 0  # numbers every buffer set ever allocated (a captured graph names its set)
         import tensorrt as trt
         if self.manifest.get("attention") == "plugin":  # DiT engines with the fused Triton attention plugins
             from flf2v.kernels.trt_plugin import register_plugins
@@ -330,7 +424,8 @@ class TrtBackend(EngineBackend):
         names = {trt.DataType.FLOAT: "float32", trt.DataType.BF16: "bfloat16", trt.DataType.HALF: "float16",
                  trt.DataType.INT64: "int64"}
         spec = self.specs[graph]
-        want = {s["name"]: (mode, tuple(s["shape"]), s["dtype"])
+        # a dynamic dim ("2*hp" in the manifest) is -1 in the engine
+        want = {s["name"]: (mode, tuple(d if isinstance(d, int) else -1 for d in s["shape"]), s["dtype"])
                 for mode, group in (("input", spec["inputs"]), ("output", spec["outputs"])) for s in group}
         have = {}
         for i in range(engine.num_io_tensors):
@@ -344,20 +439,49 @@ class TrtBackend(EngineBackend):
                               f"({diff[:4]}); {self.hint}")
 
     def _load(self, graph: str):
+        """(engine, context, buffers) of `graph`, the context set to the current video shape."""
         if graph not in self.engines:
             engine = self._deserialize(graph)
             self.check_io(graph, engine)
             ctx = engine.create_execution_context()
             if ctx is None:
                 raise EngineError(f"{graph}: TensorRT could not create an execution context (out of GPU memory?)")
-            bufs = {}
-            for s in self.specs[graph]["inputs"] + self.specs[graph]["outputs"]:
-                if s["name"].startswith(("cache_in.", "cache_out.")):
-                    continue  # bound per call to one of the two cache sets
-                bufs[s["name"]] = torch.empty(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
-                self._bind(ctx, s["name"], bufs[s["name"]])
-            self.engines[graph] = (engine, ctx, bufs)
-        return self.engines[graph]
+            self.engines[graph] = _Loaded(engine, ctx)
+        e = self.engines[graph]
+        ins, outs = self.io(graph)
+        key = tuple(self.dims.values())
+        if key not in e.shapes:
+            while len(e.shapes) >= self.KEEP_SHAPES:
+                e.shapes.pop(next(iter(e.shapes)))
+            self._generation += 1
+            # the caches are bound per call, to one of the two cache sets
+            e.shapes[key] = (self._generation, {
+                s["name"]: torch.empty(s["shape"], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+                for s in ins + outs if not s["name"].startswith(("cache_in.", "cache_out."))})
+        bufs = e.shapes[key][1]
+        if e.bound != key:
+            if any(isinstance(d, str) for s in self.specs[graph]["inputs"] for d in s["shape"]):
+                if e.engine.num_optimization_profiles > 1 and not e.ctx.set_optimization_profile_async(
+                        self.profile, self.stream.cuda_stream):
+                    raise EngineError(f"{graph}: TensorRT refused optimization profile {self.profile}; {self.hint}")
+                for s in ins:
+                    if not e.ctx.set_input_shape(s["name"], s["shape"]):
+                        raise EngineError(f"{graph}: TensorRT refused input {s['name']} of shape {s['shape']} "
+                                          f"(outside profile {self.profile}); {self.hint}")
+            for name, t in bufs.items():
+                self._bind(e.ctx, name, t)
+            e.bound = key
+        return e.engine, e.ctx, bufs
+
+    def graph_token(self, cfg_batch: int):
+        """Names the DiT buffers a CUDA graph captured now would use at the current shape (None when the
+        DiT is not loaded); a graph captured under another token must not be replayed. Sets the
+        context to the current shape, as the graph expects."""
+        graph = f"dit_b{cfg_batch}"
+        if graph not in self.engines or self.dims is None:
+            return None
+        self._load(graph)
+        return self.engines[graph].shapes[tuple(self.dims.values())][0]
 
     @staticmethod
     def _bind(ctx, name: str, t: torch.Tensor) -> None:
@@ -371,7 +495,8 @@ class TrtBackend(EngineBackend):
         self._release(ENCODER_GRAPHS + DECODER_GRAPHS)
 
     def finish_denoise(self) -> None:
-        self._release([g for g in self.engines if g.startswith("dit_b")])
+        if not self.keep_dit:
+            self._release([g for g in self.engines if g.startswith("dit_b")])
 
     def _release(self, graphs) -> None:
         if any(g in self.engines for g in graphs):
@@ -398,18 +523,18 @@ class TrtBackend(EngineBackend):
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         _, ctx, bufs = self._load(graph)
-        spec = self.specs[graph]
+        ins, outs = self.io(graph)
         pair = self._cache_pair(graph, inputs)
         if pair:
             src, dst = pair
             for i, (c_in, c_out) in enumerate(zip(src, dst)):
                 self._bind(ctx, f"cache_in.{i}", c_in)
                 self._bind(ctx, f"cache_out.{i}", c_out)
-        for s, x in zip(spec["inputs"], inputs):
+        for s, x in zip(ins, inputs):
             if s["name"] in bufs and x.data_ptr() != bufs[s["name"]].data_ptr():
                 bufs[s["name"]].copy_(x)
         self._enqueue(graph, ctx)
-        return [bufs[s["name"]] if s["name"] in bufs else dst[int(s["name"].split(".")[1])] for s in spec["outputs"]]
+        return [bufs[s["name"]] if s["name"] in bufs else dst[int(s["name"].split(".")[1])] for s in outs]
 
 
 def check_backend(kind: str, device) -> None:

@@ -13,6 +13,7 @@ import math
 import random
 import time
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -23,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flf2v.models.clip import preprocess as clip_preprocess
+from flf2v.models import config
 from flf2v.models.config import Preset
 
 from .denoise import DenoiseLoop
@@ -63,15 +65,11 @@ def parse_size(size: str, preset: Preset) -> tuple[int, int]:
 
 
 def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int) -> tuple[int, int]:
-    """Official sizing: keep the first frame's aspect ratio within max_area, multiple of stride*patch."""
-    h, w = img_hw
-    aspect = h / w
-    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
-    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
-    if lat_h < patch or lat_w < patch:
-        raise InputError(f"a {w}x{h} frame is too elongated for max area {max_area}; crop it closer to the "
-                         f"output aspect ratio")
-    return lat_h, lat_w
+    """Official sizing (models.config.latent_grid); a frame too elongated for it is an InputError."""
+    try:
+        return config.latent_grid(img_hw, max_area, stride, patch)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def check_frame_num(frame_num: int, max_latent_frames: int) -> int:
@@ -131,6 +129,7 @@ class Pipeline:
         self.backend, self.tokenizer, self.preset = backend, tokenizer, preset
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph  # False: the denoising step runs eagerly on CUDA too
+        self.loops: OrderedDict = OrderedDict()  # kept denoising loops (see `denoise`)
         self.times = StageTimes()
 
     @classmethod
@@ -155,7 +154,8 @@ class Pipeline:
         """The engines of one `flf2v-build` folder (e.g. engines/h100-sm90-trt11.4/720p): TensorRT engines
         run on CUDA, ONNX Runtime graphs on the CPU (device overrides). The tokenizer, and the check that
         the engines were built from these weights, come from `ckpt_dir`, by default the checkpoint the
-        folder was built from. Its runs have the folder's grid and frame count (`video_shape`)."""
+        folder was built from. A static folder's runs have its grid and frame count (`video_shape`); a
+        dynamic one's any grid and frame count of its profiles (EngineError naming the build otherwise)."""
         from flf2v.models import checkpoint as ck
 
         from flf2v.export import manifest as M
@@ -186,15 +186,12 @@ class Pipeline:
             raise InputError(f"{p.name} needs a last frame; pass --last_frame")
         if not flf2v and last_frame is not None:
             raise InputError(f"{p.name} is image-to-video and takes no last frame; drop --last_frame")
-        fixed = getattr(self.backend, "video_shape", None)  # engines are built for one (H, W, frames)
+        fixed = getattr(self.backend, "video_shape", None)  # static engines are built for one (H, W, frames)
         size = size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size)
         frame_num = frame_num if frame_num is not None else fixed[2] if fixed else p.frame_num
         h, w, frame_num = output_shape(p, (first_frame.height, first_frame.width), size, frame_num)
-        if fixed and (h, w, frame_num) != tuple(fixed):
-            raise InputError(f"the engines were built for {fixed[1]}x{fixed[0]}, {fixed[2]} frames, but this run "
-                             f"needs {w}x{h}, {frame_num} frames (from --size, --frame_num and the first frame's "
-                             f"aspect ratio); pass engines built for it (`make engines ... PRESET=<shape>`), "
-                             f"crop the first frame to {fixed[1]}:{fixed[0]}, or use --backend torch")
+        if hasattr(self.backend, "check_video"):  # engines: EngineError naming the build that serves it
+            self.backend.check_video(h, w, frame_num)
         if sample_shift is None:
             # official generate.py: I2V at 480p samples with shift 3, other sizes with the task's default
             sample_shift = 3.0 if not flf2v and size in ("832*480", "480*832") else p.sample_shift
@@ -235,6 +232,8 @@ class Pipeline:
         self.seed = req.seed
         self.times.seconds.clear()
         self.times.device_used.clear()
+        if hasattr(self.backend, "set_video"):
+            self.backend.set_video(req.height, req.width, req.frame_num)
         with self.times("preprocess"):
             inputs = self.prepare(req, first_frame, last_frame, latents)
         latent = self.denoise_video(req, inputs, progress)
@@ -280,15 +279,36 @@ class Pipeline:
         sampler = make_sampler(req.sample_solver, req.sample_steps, req.sample_shift)
         with times("denoise", dev):
             b.prepare_denoise()
+            key = (req.sample_solver, req.sample_steps, req.sample_shift)
             latent = self.denoise(sampler, inputs["noise"].to(dev), context.to(dev), clip_fea.to(dev), y,
-                                  req.guide_scale, req.cfg_batch, progress)
+                                  req.guide_scale, req.cfg_batch, progress, key)
             b.finish_denoise()
         return latent
 
     # -----------------------------------------------------------------------------------------------
-    def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool):
-        loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch)
-        if self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False):
-            loop.capture()
+    KEEP_LOOPS = 2  # denoising loops (and their captured CUDA graphs) kept, one per shape and settings
+
+    def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool,
+                sampler_key=None):
+        """The denoising loop. Loops are kept per (latent shape, CFG layout, guide scale, sampler settings
+        `sampler_key`), the newest KEEP_LOOPS of them, so a run at a shape already used reuses the loop's
+        buffers and, on CUDA, replays its captured graph: only while the backend's `graph_token` (naming
+        the DiT buffers the graph reads) is unchanged; otherwise it captures again."""
+        capture = self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False)
+        key = (tuple(x.shape), cfg_batch, float(guide), sampler_key)
+        loop = self.loops.pop(key, None) if sampler_key is not None else None
+        if loop is None:
+            loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch)
+        else:
+            loop.reset(x, context, clip_fea, y)
+        if sampler_key is not None:
+            self.loops[key] = loop
+            while len(self.loops) > self.KEEP_LOOPS:
+                self.loops.pop(next(iter(self.loops)))
+        if capture:
+            token = getattr(self.backend, "graph_token", lambda b: None)(cfg_batch)
+            if loop.graph is None or token is None or token != loop.token:
+                loop.capture()
+                loop.token = getattr(self.backend, "graph_token", lambda b: None)(cfg_batch)
         with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
-            return loop.run(bar)
+            return loop.run(bar).clone() if sampler_key is not None else loop.run(bar)

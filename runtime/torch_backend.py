@@ -20,6 +20,7 @@ class TorchBackend:
         self.preset = preset or ck.preset_for(ckpt_dir)
         self.ckpt_dir, self.dtype, self.device = ckpt_dir, dtype, torch.device(device)
         self.offload_model = offload_model
+        self._placements = 0  # counts the DiT's moves to the device: a captured CUDA graph reads its weights there
         # Encoders are loaded when first used and dropped once the denoiser needs the memory.
         self._t5 = self._clip = None
         self.vae = ck.load_vae(ckpt_dir, dtype, self.preset).to(self.device)
@@ -56,6 +57,12 @@ class TorchBackend:
         if self.offload_model:
             self.release_encoders()
             self.dit.to(self.device)
+            self._placements += 1
+
+    def graph_token(self, cfg_batch: int) -> int:
+        """Changes whenever the DiT's weights may have moved: a CUDA graph captured under another token
+        must not be replayed (runtime/pipeline.py keeps captured graphs per shape)."""
+        return self._placements
 
     def finish_denoise(self) -> None:
         if self.offload_model and self.device.type == "cuda":

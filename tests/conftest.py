@@ -47,3 +47,12 @@ def tiny_engines(tiny_ckpt, tmp_path_factory):
     # the folder test_export.py / test_build.py use too: whoever comes later finds the engines current
     return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort",
                  cfg_batch=(1, 2), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamic_engines(tiny_ckpt, tmp_path_factory):
+    """The default build (`dynamic`: every grid and frame count of its profiles) of the tiny checkpoint:
+    ONNX Runtime, fp32, CFG as batch 2."""
+    from flf2v.export.build import build
+    return build(tiny_ckpt, None, "fp32", out=tmp_path_factory.getbasetemp() / "engines-dynamic" / "dynamic",
+                 backend="ort", cfg_batch=(2,), progress=False)

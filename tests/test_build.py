@@ -18,13 +18,13 @@ from flf2v.export import manifest as M
 from flf2v.models.config import get_preset
 
 PRESET = get_preset("tiny")
-NAMES = [g.name for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")]
+NAMES = [g.name for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "fp32")]
 
 
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "engines-cpu"  # shared with test_export.py
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--cfg_batch", "both", "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--cfg_batch", "both", "--quiet"]) == 0
     return out
 
 
@@ -32,10 +32,11 @@ def test_folder_and_manifest(folder, tiny_ckpt):
     m = json.loads((folder / "manifest.json").read_text())
     assert m["backend"] == "ort" and m["precision"] == "fp32" and m["model_preset"] == "tiny"
     assert m["target"] == M.target_tag("ort") and m["schema"] == M.SCHEMA
-    assert m["shape"] == {"name": "tiny", "width": 64, "height": 64, "frame_num": 9, "latent": [3, 8, 8]}
+    assert m["shape"] == {"name": "tiny", "dynamic": False, "width": 64, "height": 64, "frame_num": 9,
+                          "latent": [3, 8, 8]}
     assert m["checkpoint"]["fingerprint"] == M.checkpoint_fingerprint(tiny_ckpt)
     assert sorted(m["engines"]) == sorted(NAMES)
-    graphs = {g.name: g for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32")}
+    graphs = {g.name: g for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "fp32")}
     for name, e in m["engines"].items():
         assert e["file"] == f"{name}.onnx" and (folder / e["file"]).stat().st_size == e["files"][e["file"]]
         assert e["onnx_sha256"] == B.file_sha256(folder / e["onnx"])
@@ -50,7 +51,7 @@ def test_folder_and_manifest(folder, tiny_ckpt):
 def test_second_run_skips_current_engines(folder, tiny_ckpt):
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
     t0 = time.perf_counter()
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(folder), "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(folder), "--quiet"]) == 0
     assert time.perf_counter() - t0 < 10
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")} == before
 
@@ -70,7 +71,7 @@ def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
     untouched = (work / "dit_b1.onnx").stat().st_mtime_ns
     stale = (work / "vae_encode_first.onnx").stat().st_mtime_ns
 
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(work), "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(work), "--quiet"]) == 0
     m = json.loads((work / "manifest.json").read_text())
     assert sorted(m["engines"]) == sorted(NAMES)
     assert not (work / ".t5.partial-1234").exists()
@@ -82,7 +83,9 @@ def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--ckpt_dir", "/nonexistent/ckpt"], "no such directory"),
-    (["--preset", "720p"], "unknown shape preset '720p' for tiny; choose one of tiny, tiny-wide, tiny-tall"),
+    (["--preset", "720p"], "unknown shape '720p' for tiny; choose one of dynamic, tiny, tiny-wide, tiny-tall or "
+                           "<W>x<H>x<frames>"),
+    (["--preset", "70x64x9"], "must be positive multiples of 16"),
     (["--precision", "bf16", "--backend", "ort"], "fp32 graphs only"),
     (["--graphs", "t5,unet"], "unknown graph 'unet'"),
 ])
@@ -105,7 +108,7 @@ def test_auto_backend_with_a_gpu_but_no_tensorrt_refuses_cpu_engines(tiny_ckpt, 
     monkeypatch.setattr(M, "trt_available", lambda: False)
     monkeypatch.setattr(M, "gpu_info", lambda: ("NVIDIA H100 80GB HBM3", (9, 0)))
     out = tmp_path / "e"
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--quiet"]) == 2
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "GPU is present but TensorRT" in err and "make setup" in err and err.count("\n") == 1, err
     assert not out.exists() or not any(out.iterdir())
@@ -154,12 +157,12 @@ def _max_rel_errors(onnx_path, engine_path, feed) -> dict[str, float]:
 def test_trt_fp32_engines_match_onnxruntime(tiny_ckpt, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package")
     pytest.importorskip("polygraphy", reason="the engines are built and compared through polygraphy")
-    folder = B.build(tiny_ckpt, precision="fp32", out=tmp_path / "trt32", backend="trt", cfg_batch=(1, 2),
+    folder = B.build(tiny_ckpt, "tiny", precision="fp32", out=tmp_path / "trt32", backend="trt", cfg_batch=(1, 2),
                      progress=False)
     assert re.fullmatch(r"[a-z0-9]+-sm\d+-trt\d+\.\d+", M.target_tag("trt"))
     m = json.loads((folder / "manifest.json").read_text())
     assert sorted(m["engines"]) == sorted(NAMES) and (folder / "timing.cache").exists()
-    for g in C.graphs(PRESET, C.get_shape(PRESET), "fp32"):
+    for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "fp32"):
         feed = {s.name: x.numpy() for s, x in zip(g.inputs, C.sample_inputs(g, seed=1))}
         errs = _max_rel_errors(folder / f"{g.name}.onnx", folder / f"{g.name}.engine", feed)
         assert max(errs.values()) < 1e-3, (g.name, errs)
@@ -172,11 +175,11 @@ def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
     built (the fp32 engines above check the VAE numerics)."""
     pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package")
     pytest.importorskip("polygraphy", reason="the engines are built and compared through polygraphy")
-    fp32 = B.build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", cfg_batch=(1, 2),
+    fp32 = B.build(tiny_ckpt, "tiny", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", cfg_batch=(1, 2),
                    progress=False)
-    folder = B.build(tiny_ckpt, precision="bf16", out=tmp_path_factory.mktemp("trt16"), backend="trt",
+    folder = B.build(tiny_ckpt, "tiny", precision="bf16", out=tmp_path_factory.mktemp("trt16"), backend="trt",
                      cfg_batch=(1, 2), progress=False)
-    for g in C.graphs(PRESET, C.get_shape(PRESET), "bf16"):
+    for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "bf16"):
         if g.component == "vae":
             continue
         feed = {s.name: x.numpy() for s, x in zip(g.inputs, C.sample_inputs(g, seed=1))}
@@ -187,5 +190,5 @@ def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
 def test_graphs_flag_names_the_dit_layout_itself(tiny_ckpt, tmp_path):
     """--graphs dit_b1 builds dit_b1 although the default --cfg_batch is 2."""
     out = tmp_path / "e"
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--graphs", "dit_b1", "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--graphs", "dit_b1", "--quiet"]) == 0
     assert sorted(json.loads((out / "manifest.json").read_text())["engines"]) == ["dit_b1"]

@@ -13,7 +13,8 @@ REDO = ("t5", "clip")
 
 
 def _build_cmd(ckpt, out):
-    return [sys.executable, "-m", "flf2v.export.build", "--ckpt_dir", str(ckpt), "--out", str(out), "--quiet"]
+    return [sys.executable, "-m", "flf2v.export.build", "--ckpt_dir", str(ckpt), "--preset", "tiny", "--out", str(out),
+            "--quiet"]
 
 
 def _forget(folder, names):

@@ -61,7 +61,7 @@ def test_help_shows_the_checkpoints_defaults(tiny_ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["--ckpt_dir", str(tiny_ckpt), "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "else 9)" in text and "default 4)" in text, text
+    assert "(default 9," in text and "default 4)" in text, text
 
 
 @pytest.mark.parametrize("extra,match", [

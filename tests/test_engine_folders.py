@@ -70,7 +70,7 @@ def test_auto_falls_back_to_torch_and_says_what_to_build(root, tiny_ckpt):
     preset = ck.preset_for(tiny_ckpt)
     kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (96, 64), torch.device("cpu"))
     assert kind == "torch" and folder is None
-    assert "a 64x96 first frame" in note and f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall`" in note, note
+    assert "a 64x96 first frame" in note and f"make engines CKPT={tiny_ckpt} PRESET=dynamic`" in note, note
 
 
 def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
@@ -79,7 +79,7 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
     with pytest.raises(M.EngineError) as e:  # a tall first frame against the square folder
         choose_engines(args, preset, (96, 64), torch.device("cpu"))
     msg = str(e.value)
-    assert f"make engines CKPT={tiny_ckpt} PRESET=tiny-tall ENGINES={root / 'tiny-tall'}" in msg, msg
+    assert f"make engines CKPT={tiny_ckpt} PRESET=dynamic ENGINES={root / 'dynamic'}" in msg, msg
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
 
 

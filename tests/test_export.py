@@ -19,7 +19,7 @@ from flf2v.models.checkpoint import load as load_component
 from flf2v.models.config import get_preset
 
 PRESET = get_preset("tiny")
-SHAPE = C.get_shape(PRESET)
+SHAPE = C.get_shape(PRESET, "tiny")
 GRAPHS = {g.name: g for g in C.graphs(PRESET, SHAPE, "fp32")}
 # fp32 ONNX Runtime vs PyTorch, max |a - b| / max |b|, by graph name prefix: ~3-4x the worst error measured
 # over sample_inputs seeds 1-5 (tiny checkpoint seed 0, onnxruntime 1.31.1, AMD EPYC Zen 4 / AVX-512):
@@ -35,7 +35,7 @@ def tol(name: str) -> float:
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
     # shared with test_build.py: whichever runs second finds every engine current
-    return build(tiny_ckpt, out=tmp_path_factory.getbasetemp() / "engines-cpu", cfg_batch=(1, 2), progress=False)
+    return build(tiny_ckpt, "tiny", out=tmp_path_factory.getbasetemp() / "engines-cpu", cfg_batch=(1, 2), progress=False)
 
 
 @pytest.fixture(scope="module")

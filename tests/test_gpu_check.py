@@ -98,9 +98,18 @@ def test_smoke_through_make_target_without_venv(tmp_path):
         b = sl["backends"][name]
         assert b["block_s"] > 0 and b["video_denoise_s"] > 0 and b["vs_floor"] > 0, b
     assert "skipped" in sl["backends"]["TensorRT engine (bf16)"]
-    (v,) = p["trt_tiny"]["variants"]
+    v, dyn = p["trt_tiny"]["variants"]
+    assert v["shape"] == "tiny" and dyn["shape"] == "dynamic", p["trt_tiny"]["variants"]
     assert v["graphs"]["dit_b2"]["max_rel"] < 1e-4 and len(v["loops"]["cfg_batch=2"]["cosine_per_step"]) == 4
     assert v["min_cosine"] > 0.9999
+    # the dynamic dit_b2 at a landscape and a portrait grid, one per optimization profile, vs torch
+    grids = dyn["grids"]
+    assert {n: (tuple(e["latent"]), e["profile"]) for n, e in grids.items()} == {
+        "landscape": ((3, 6, 10), 0), "portrait": ((2, 10, 6), 1)}, grids
+    assert grids["landscape"]["dims"] == {"T": 3, "hp": 3, "wp": 5}, grids
+    assert all(e["max_rel"] <= dyn["tol_max_rel"] == 1e-3 for e in grids.values()), grids
+    assert "error" not in dyn and dyn["max_rel"] < 1e-4 and dyn["build_s"] > 0, dyn
+    assert "| fp32 | onnx | dynamic |" in md and "| portrait | 5 x 80 x 48 | 2 x 10 x 6 | 2 x 5 x 3 | 1 |" in md
     assert p["pytest"]["returncode"] == 0 and p["pytest"]["skipped"] >= 1 and not p["pytest"]["failures"]
     for n in range(1, 7):
         assert f"\n## {n}. " in md, n
@@ -208,3 +217,57 @@ def test_gpu_check_imports_the_engine_folder_naming_on_a_bare_image():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "h100", r.stderr[-2000:]
 
+
+
+def test_engine_runner_drives_a_dynamic_tensorrt_context(monkeypatch, tmp_path):
+    """The TensorRT side of EngineRunner, on a fake tensorrt (no GPU here): per grid, the profile is set
+    before the input shapes, buffers of that grid's shapes are bound, and a repeated grid is not rebound."""
+    import types
+
+    import torch
+
+    from flf2v.bench.gpu_parts_dit import EngineRunner
+    calls = []
+
+    class Ctx:
+        def set_optimization_profile_async(self, index, stream):
+            calls.append(("profile", index))
+            return True
+
+        def set_input_shape(self, name, shape):
+            calls.append(("shape", name, tuple(shape)))
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            calls.append(("address", name))
+            return True
+
+        def execute_async_v3(self, stream):
+            calls.append(("run",))
+            return True
+
+    engine = types.SimpleNamespace(num_optimization_profiles=2, create_execution_context=Ctx)
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    logger = lambda level: None  # noqa: E731 - trt.Logger(trt.Logger.WARNING)
+    logger.WARNING = 0
+    fake = types.SimpleNamespace(Logger=logger, Runtime=lambda log: runtime)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    (tmp_path / "e.engine").write_bytes(b"")
+    x = {"name": "x", "shape": [2, 16, "T", "2*hp", "2*wp"], "dtype": "float32"}
+    t = {"name": "t", "shape": [2], "dtype": "int64"}
+    v = {"name": "v", "shape": [2, 16, "T", "2*hp", "2*wp"], "dtype": "float32"}
+    runner = EngineRunner("trt", tmp_path / "e.engine", [x, t], [v], "cpu")
+    assert runner.dynamic and not calls  # nothing bound before a grid is given
+    with pytest.raises(ValueError):
+        runner([torch.zeros(2, 16, 3, 6, 10), torch.zeros(2, dtype=torch.long)])
+    for dims, profile in (({"T": 3, "hp": 3, "wp": 5}, 0), ({"T": 2, "hp": 5, "wp": 3}, 1)):
+        calls.clear()
+        feed = [torch.randn(2, 16, dims["T"], 2 * dims["hp"], 2 * dims["wp"]), torch.arange(2)]
+        (out,) = runner(feed, dims, profile)
+        assert out.shape == feed[0].shape and torch.equal(runner.bufs["x"], feed[0])
+        assert calls == [("profile", profile), ("shape", "x", tuple(feed[0].shape)), ("address", "x"),
+                         ("shape", "t", (2,)), ("address", "t"), ("address", "v"), ("run",)], calls
+        calls.clear()
+        runner(feed, dims, profile)
+        assert calls == [("run",)], calls

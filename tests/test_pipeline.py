@@ -171,9 +171,9 @@ def denoise_inputs(pipe, demo_frames):
     seen = {}
     real = pipe.denoise
 
-    def spy(sampler, x, context, clip_fea, y, guide, cfg_batch, progress):
+    def spy(sampler, x, context, clip_fea, y, guide, cfg_batch, progress, *rest):
         seen.update(x=x, context=context, clip_fea=clip_fea, y=y, guide=guide)
-        return real(sampler, x, context, clip_fea, y, guide, cfg_batch, progress)
+        return real(sampler, x, context, clip_fea, y, guide, cfg_batch, progress, *rest)
 
     pipe.denoise = spy
     try:

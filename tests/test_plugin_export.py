@@ -29,7 +29,7 @@ from flf2v.kernels import attention, cross_attention
 from flf2v.models.config import get_preset
 
 PRESET = get_preset("tiny")
-SHAPE = C.get_shape(PRESET)
+SHAPE = C.get_shape(PRESET, "tiny")
 # name -> (precision, streamed route); the 14B DiT takes the streamed route in bf16
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-streamed": ("bf16", True)}
 # max |graph - torch| / max |torch|: fp32 is one rounding apart; bf16 rounds the norm weights to bf16
@@ -201,7 +201,7 @@ def test_trt_plugin_engines_match_default_engines(tiny_ckpt, tmp_path, precision
     from flf2v.kernels.trt_plugin import register_plugins
 
     dits = ["dit_b1", "dit_b2"]
-    folders = {a: B.build(tiny_ckpt, precision=precision, out=tmp_path / a, backend="trt", only=dits,
+    folders = {a: B.build(tiny_ckpt, "tiny", precision=precision, out=tmp_path / a, backend="trt", only=dits,
                           cfg_batch=(1, 2), progress=False, attention=a) for a in ATTENTION}
     manifests = {a: json.loads((f / "manifest.json").read_text()) for a, f in folders.items()}
     for a, m in manifests.items():

@@ -9,7 +9,7 @@ import pytest
 
 from flf2v.runtime.cli import main
 from flf2v.runtime.engines import EngineError, OrtBackend, check_external_data
-from flf2v.runtime.media import InputError, load_image, read_video
+from flf2v.runtime.media import load_image, read_video
 from flf2v.runtime.pipeline import Pipeline
 
 KW = dict(size="64*64", frame_num=9, sample_steps=4, seed=11, progress=False)
@@ -50,7 +50,7 @@ def test_cli_ort_backend(tiny_ckpt, tiny_engines, demo_frames, tmp_path):
 
 def test_engine_shape_mismatch(tiny_engines, demo_frames):
     first, last = (load_image(p) for p in demo_frames)
-    with pytest.raises(InputError, match="make engines"):
+    with pytest.raises(EngineError, match="make engines .*PRESET=dynamic"):
         Pipeline.from_engines(tiny_engines).generate("x", first, last, **{**KW, "frame_num": 5})
 
 

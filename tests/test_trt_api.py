@@ -37,7 +37,8 @@ SOURCES = ("export", "runtime", "kernels", "bench")
 ROOTS = ("tensorrt", "polygraphy")
 
 # Methods called on TensorRT and polygraphy objects, which the ast scan cannot type: (class, member, positional
-# arguments, or None for a property). runtime/engines.py loads engines; export/trt_engine.py sets profile shapes.
+# arguments, or None for a property). runtime/engines.py loads engines and sets dynamic shapes; export/trt_engine.py
+# sets profile shapes.
 METHODS = [("tensorrt.Runtime", "deserialize_cuda_engine", 1),
            ("tensorrt.ICudaEngine", "create_execution_context", 0),
            ("tensorrt.ICudaEngine", "num_io_tensors", None),
@@ -45,7 +46,10 @@ METHODS = [("tensorrt.Runtime", "deserialize_cuda_engine", 1),
            ("tensorrt.ICudaEngine", "get_tensor_shape", 1),
            ("tensorrt.ICudaEngine", "get_tensor_dtype", 1),
            ("tensorrt.ICudaEngine", "get_tensor_mode", 1),
+           ("tensorrt.ICudaEngine", "num_optimization_profiles", None),
            ("tensorrt.IExecutionContext", "set_tensor_address", 2),
+           ("tensorrt.IExecutionContext", "set_input_shape", 2),
+           ("tensorrt.IExecutionContext", "set_optimization_profile_async", 2),
            ("tensorrt.IExecutionContext", "execute_async_v3", 1),
            ("polygraphy.backend.trt.Profile", "add", 4)]
 # Calls the scan must find (a scan that silently finds nothing would pass).

@@ -1,5 +1,6 @@
 """TrtBackend's logic on a CPU: buffers bound once and reused, VAE caches ping-ponged between two sets, the
-engines' I/O checked against the manifest, the DiT released before decoding. The TensorRT engines are
+engines' I/O checked against the manifest, the DiT released before decoding; dynamic engines set to each
+shape's optimization profile and input shapes, their buffers kept per shape. The TensorRT engines are
 stood in for by the tiny fp32 ONNX graphs (ONNX Runtime executes whatever tensors are bound by address,
 the way an execution context does), so a video through this backend must equal the ORT backend's."""
 import json
@@ -14,6 +15,7 @@ from flf2v.export import manifest as M
 from flf2v.models import checkpoint as ck
 from flf2v.runtime import engines as E
 from flf2v.runtime.media import load_image
+from PIL import Image
 from flf2v.runtime.pipeline import Pipeline
 
 FAKE_TRT = SimpleNamespace(DataType=SimpleNamespace(FLOAT="f32", BF16="bf16", HALF="f16", INT64="i64"),
@@ -26,6 +28,7 @@ class FakeEngine:
         self.backend, self.graph, self.session = backend, graph, session
         self.io = [(s, "in") for s in spec["inputs"]] + [(s, "out") for s in spec["outputs"]]
         self.num_io_tensors = len(self.io)
+        self.num_optimization_profiles = len(spec.get("profiles") or [None])
 
     def get_tensor_name(self, i):
         return self.io[i][0]["name"]
@@ -36,8 +39,8 @@ class FakeEngine:
     def get_tensor_mode(self, name):
         return self._find(name)[1]
 
-    def get_tensor_shape(self, name):
-        return list(self._find(name)[0]["shape"])
+    def get_tensor_shape(self, name):  # TensorRT reports a dynamic dim as -1
+        return [d if isinstance(d, int) else -1 for d in self._find(name)[0]["shape"]]
 
     def get_tensor_dtype(self, name):
         return TYPES[self._find(name)[0]["dtype"]]
@@ -50,18 +53,35 @@ class FakeContext:
     """Reads its inputs from, and writes its outputs to, whatever memory is bound by address."""
 
     def __init__(self, engine):
-        self.engine, self.addresses = engine, {}
+        self.engine, self.addresses, self.shapes, self.profile = engine, {}, {}, 0
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
         return True
 
+    def set_optimization_profile_async(self, index, stream):
+        assert 0 <= index < self.engine.num_optimization_profiles
+        self.profile = index
+        self.engine.backend.calls.append(("profile", self.engine.graph, index))
+        return True
+
+    def set_input_shape(self, name, shape):
+        spec = self.engine._find(name)[0]
+        assert len(shape) == len(spec["shape"]) and all(
+            isinstance(d, str) or d == v for d, v in zip(spec["shape"], shape)), (name, shape, spec["shape"])
+        self.shapes[name] = tuple(shape)
+        self.engine.backend.calls.append(("shape", self.engine.graph, name, tuple(shape)))
+        return True
+
     def execute_async_v3(self, stream):
         b = self.engine.backend
-        known = {t.data_ptr(): t for _, _, bufs in b.engines.values() for t in bufs.values()}
+        known = {t.data_ptr(): t for e in b.engines.values() for _, bufs in e.shapes.values() for t in bufs.values()}
         known.update({t.data_ptr(): t for pair in b.cache_sets.values() for ts in pair for t in ts})
         b.executed.append((self.engine.graph, sorted(b.engines)))
         ins = {s["name"]: known[self.addresses[s["name"]]].numpy() for s, m in self.engine.io if m == "in"}
+        for name, x in ins.items():  # a dynamic engine runs at the shapes its context was set to
+            if any(isinstance(d, str) for d in self.engine._find(name)[0]["shape"]):
+                assert self.shapes.get(name) == x.shape, (self.engine.graph, name, self.shapes.get(name), x.shape)
         out_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "out"}
         in_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "in"}
         assert not out_ptrs & in_ptrs, f"{self.engine.graph}: an output is bound to an input's memory"
@@ -77,6 +97,7 @@ class FakeTrtBackend(E.TrtBackend):
     def __init__(self, folder, ckpt_dir, preset, ort_backend):
         E.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
         self.trt, self.ort, self.engines, self.cache_sets, self.executed = FAKE_TRT, ort_backend, {}, {}, []
+        self.keep_dit, self._generation, self.stream, self.calls = False, 0, SimpleNamespace(cuda_stream=0), []
 
     def _deserialize(self, graph):
         return FakeEngine(self, graph, self.specs[graph], self.ort.session(graph))
@@ -88,15 +109,19 @@ class FakeTrtBackend(E.TrtBackend):
         assert ctx.execute_async_v3(0)
 
 
-@pytest.fixture(scope="module")
-def trt_folder(tiny_engines, tmp_path_factory, tiny_ckpt):
-    """The tiny ORT folder relabelled as a TensorRT folder of this 'machine'."""
-    folder = tmp_path_factory.mktemp("fake-trt") / "engines"
-    shutil.copytree(tiny_engines, folder)
+def relabel(ort_folder, tmp_path_factory):
+    """An ORT folder relabelled as a TensorRT folder of this 'machine'."""
+    folder = tmp_path_factory.mktemp("fake-trt") / ort_folder.name
+    shutil.copytree(ort_folder, folder)
     m = json.loads((folder / M.MANIFEST).read_text())
     m.update(backend="trt", target="fake-sm90-trt11.4")
     (folder / M.MANIFEST).write_text(json.dumps(m))
     return folder
+
+
+@pytest.fixture(scope="module")
+def trt_folder(tiny_engines, tmp_path_factory):
+    return relabel(tiny_engines, tmp_path_factory)
 
 
 @pytest.fixture()
@@ -131,7 +156,8 @@ def test_stages_release_each_other_and_two_cache_sets(backends, tiny_ckpt, demo_
     a, b = trt.cache_sets["decode"]
     assert len(a) == len(b) == n_caches
     for g in ("vae_decode_first", "vae_decode_chunk"):  # no per-engine cache buffers beside the two sets
-        assert not any(n.startswith("cache_") for n in trt.engines[g][2]), sorted(trt.engines[g][2])
+        bufs = trt.engines[g].shapes[trt.engines[g].bound][1]
+        assert not any(n.startswith("cache_") for n in bufs), sorted(bufs)
     run(trt, preset, tiny_ckpt, demo_frames, 2)
     dit = [loaded for g, loaded in trt.executed if g.startswith("dit_b")]
     assert dit and all(loaded == ["dit_b2"] for loaded in dit), f"loaded beside the DiT: {dit[-1]}"
@@ -176,3 +202,39 @@ def test_plan_is_memory_mapped_not_read(backends, monkeypatch):
     E.TrtBackend._deserialize(trt, "clip")
     assert seen["type"] == "mmap", seen
     assert seen["head"] == (trt.folder / trt.specs["clip"]["file"]).read_bytes()[:4]
+
+
+# ---- dynamic engines ---------------------------------------------------------------------------------
+
+def frame_of(tmp_path, w, h):
+    path = tmp_path / f"{w}x{h}.png"
+    Image.new("RGB", (w, h), (w % 256, h % 256, 90)).save(path)
+    return load_image(path)
+
+
+def test_dynamic_engines_switch_profiles_and_shapes(tiny_dynamic_engines, tiny_ckpt, demo_frames, monkeypatch,
+                                                    tmp_path_factory, tmp_path):
+    """Landscape, portrait, landscape: each run sets the DiT's context to its profile and shapes, the
+    buffers of both shapes are kept, and every video equals the ORT backend's."""
+    monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
+    preset = ck.preset_for(tiny_ckpt)
+    ort = E.OrtBackend(tiny_dynamic_engines, tiny_ckpt, preset)
+    trt = FakeTrtBackend(relabel(tiny_dynamic_engines, tmp_path_factory), tiny_ckpt, preset, ort)
+    trt.keep_dit = True
+    tok = ck.load_tokenizer(tiny_ckpt, preset)
+    last = load_image(demo_frames[1])
+    kw = dict(sample_steps=2, seed=3, progress=False)
+    tokens = []
+    for w, h in ((640, 360), (360, 640), (640, 360)):
+        first = frame_of(tmp_path, w, h)
+        video = Pipeline(trt, tok, preset).generate("x", first, last, **kw)
+        ref = Pipeline(ort, tok, preset).generate("x", first, last, **kw)
+        err, rel = rel_err(video, ref)
+        assert err == 0.0, f"{w}x{h}: TensorRT-style dynamic buffers vs ORT: max abs {err:.2e}, rel {rel:.2e}"
+        tokens.append(trt.graph_token(2))
+    profiles = [c[2] for c in trt.calls if c[0] == "profile" and c[1] == "dit_b2"]
+    assert profiles == [0, 1, 0], profiles  # 80x48 landscape, 48x80 portrait, back
+    x_shapes = [c[3] for c in trt.calls if c[:3] == ("shape", "dit_b2", "x")]
+    assert x_shapes == [(2, 16, 3, 6, 10), (2, 16, 3, 10, 6), (2, 16, 3, 6, 10)], x_shapes
+    assert len(trt.engines["dit_b2"].shapes) == 2  # both shapes' buffers kept (KEEP_SHAPES)
+    assert tokens[0] == tokens[2] != tokens[1], tokens  # back at a kept shape: its captured graph stays valid
