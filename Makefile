@@ -8,6 +8,7 @@ PRESET ?=
 PRECISION ?=
 ENGINES ?=
 ATTENTION ?=
+LORA ?=
 
 .PHONY: setup test demo engines bench gpu-check clean
 
@@ -60,11 +61,12 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin]   (default PRESET: dynamic, every size and aspect ratio)
+#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."]
+#              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION))
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l))
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

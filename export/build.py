@@ -138,9 +138,10 @@ class Plan:
     """Everything that decides an engine's key: one build's settings, fingerprints and tool versions."""
 
     def __init__(self, ckpt_dir: Path, preset, eshape: C.EngineShape | C.DynamicShape, precision: str, backend: str,
-                 opt_level: int, attention: str):
+                 opt_level: int, attention: str, loras=()):
         self.ckpt_dir, self.preset, self.eshape, self.precision = ckpt_dir, preset, eshape, precision
         self.backend, self.opt_level, self.attention = backend, opt_level, attention
+        self.loras = list(loras)  # [(models.lora.LoRA, scale)], merged into the DiT at export
         info = M.gpu_info() if backend == "trt" else None
         self.gpu = {"name": info[0], "compute_capability": f"{info[1][0]}.{info[1][1]}"} if info else None
         self.fingerprint = M.checkpoint_fingerprint(ckpt_dir)
@@ -157,8 +158,8 @@ class Plan:
         spec = {"graph": g.name, "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
                 "precision": self.precision, "checkpoint": self.fingerprint, "code": self.code,
                 "builder": self.builder, "gpu": self.gpu, "profiles": self.profiles_json(g)}
-        if self.attention_of(g):  # a DiT engine of the other attention is never current
-            spec.update(attention=self.attention, kernels=self.kernels)
+        if self.attention_of(g):  # a DiT engine of the other attention or LoRAs is never current
+            spec.update(attention=self.attention, kernels=self.kernels, loras=self.loras_json())
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
     def profiles(self, g: C.Graph) -> list[tuple[dict, dict, dict]] | None:
@@ -170,20 +171,30 @@ class Plan:
     def profiles_json(self, g: C.Graph) -> list | None:
         return None if not g.dynamic else [p.to_json() for p in self.eshape.profiles]
 
+    def loras_json(self) -> list[dict]:
+        return [{"path": str(lora.path), "fingerprint": lora.fingerprint, "scale": scale} for lora, scale in self.loras]
+
     def manifest(self, engines: dict) -> dict:
         return {"schema": M.SCHEMA, "target": M.target_tag(self.backend), "backend": self.backend,
                 "model_preset": self.preset.name, "model_type": self.preset.dit.model_type,
                 "precision": self.precision, "attention": self.attention, "shape": self.eshape.to_json(self.preset),
                 "checkpoint": {"dir": str(self.ckpt_dir.resolve()), "fingerprint": self.fingerprint},
-                "gpu": self.gpu, "engines": engines}
+                "loras": self.loras_json(), "gpu": self.gpu, "engines": engines}
 
     def build_one(self, g: C.Graph, folder: Path) -> dict:
         """Export `g` (and build its TensorRT engine); its manifest entry."""
         from .onnx_export import export_graph
         t0 = time.perf_counter()
+        dit = g.component == "dit"
+        source = None
+        if dit and self.loras:
+            from flf2v.models.lora import merged_source
+            source = merged_source(ck.tensor_source(self.ckpt_dir, "dit")[0], self.loras)
+        # The DiT always takes the streamed route: its initializers keep the checkpoint's key names
+        # ("net." + key), which is what a LoRA swap at run time overrides (runtime/engines.py).
         onnx_path = export_graph(g, self.ckpt_dir, folder / f"{g.name}.onnx", preset=self.preset,
-                                 attention=self.attention_of(g).get("attention", "onnx"),
-                                 ranges=self.eshape.envelope() if g.dynamic else None)
+                                 attention=self.attention_of(g).get("attention", "onnx"), stream=True if dit else None,
+                                 source=source, ranges=self.eshape.envelope() if g.dynamic else None)
         files = [onnx_path] + [p for p in [onnx_path.with_name(onnx_path.name + ".data")] if p.exists()]
         onnx_sha = file_sha256(*files)
         engine = onnx_path
@@ -197,14 +208,15 @@ class Plan:
                 "precision": self.precision, "checkpoint_fingerprint": self.fingerprint, "builder": self.builder,
                 "gpu": self.gpu, "files": {f.name: f.stat().st_size for f in files}, "key": self.key(g),
                 "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
-                **self.attention_of(g)}
+                **self.attention_of(g), **({"loras": self.loras_json()} if dit else {})}
 
 
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
-          attention: str = "onnx") -> Path:
+          attention: str = "onnx", loras=()) -> Path:
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
-    "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins."""
+    "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
+    `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py)."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
@@ -216,6 +228,12 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     except (ck.CheckpointError, ValueError) as e:
         raise BuildError(str(e)) from None
     backend = resolve_backend(backend, attention)
+    if loras:
+        from flf2v.models.lora import LoRAError, load_loras
+        try:
+            loras = load_loras(list(loras), ckpt_dir)
+        except LoRAError as e:
+            raise BuildError(str(e)) from None
     precision = precision or ("bf16" if backend == "trt" else "fp32")
     if backend == "ort" and precision != "fp32" and not M.ort_cuda_available():
         raise BuildError(f"--precision {precision}: ONNX Runtime on the CPU runs fp32 graphs only; use "
@@ -230,7 +248,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
 
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention)
     folder.mkdir(parents=True, exist_ok=True)
-    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention)
+    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras)
     with folder_lock(folder):
         _remove_leftovers(folder)
         old = M.load(folder).get("engines", {})
@@ -275,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="onnx", choices=ATTENTION,
                     help="DiT attention: TensorRT's own (onnx) or the fused Triton kernels as TensorRT "
                          "plugins (plugin, TensorRT only; default folder engines/<target tag>-plugin/<shape>)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
+                         "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
+                         "LoRAs at run time without a rebuild (flf2v-run --lora)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
     only = [s for s in args.graphs.split(",") if s] if args.graphs else None
     try:
         folder = build(args.ckpt_dir, args.preset, args.precision, args.out, args.backend, args.opt_level,
-                       cfg_batch, only, progress=not args.quiet, attention=args.attention)
+                       cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2

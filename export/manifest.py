@@ -155,12 +155,15 @@ def load(folder) -> dict:
 
 
 def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
-                 attention: str | None = None) -> str:
-    """The `make engines` command that builds `folder` (or the default one) as this run needs it."""
+                 attention: str | None = None, loras: str = "") -> str:
+    """The `make engines` command that builds `folder` (or the default one) as this run needs it; `loras`
+    as `LORA=` takes them ("PATH:SCALE ...")."""
     args = [f"CKPT={ckpt_dir}"] + [f"{k}={v}" for k, v in (("PRESET", shape), ("PRECISION", precision),
                                                            ("ENGINES", folder)) if v]
     if attention == "plugin":
         args.append("ATTENTION=plugin")
+    if loras:
+        args.append(f'LORA="{loras}"' if " " in loras else f"LORA={loras}")
     return f"run `make engines {' '.join(args)}`"
 
 

@@ -262,7 +262,7 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
             else:
                 net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **_network_options(attention))
                 out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention, ranges)
-        passes.clean(out)
+        passes.clean(out, keep_named=WEIGHT_PREFIX if graph.component == "dit" else None)
         if check:
             problems = passes.check_graph(out, graph, plugins.PLUGINS if attention == "plugin" else ())
             if problems:

@@ -97,8 +97,11 @@ def _explicit_fp32_norms(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
-def clean(path: str | os.PathLike) -> None:
-    """Explicit fp32 norms, cleanup, toposort, constant folding; in place, external data left as is."""
+def clean(path: str | os.PathLike, keep_named: str | None = None) -> None:
+    """Explicit fp32 norms, cleanup, toposort, constant folding; in place, external data left as is.
+    `keep_named`: an initializer name prefix whose consumers are not folded, so those weights keep their
+    checkpoint names in the file (the DiT's "net.": an ONNX Runtime LoRA swap overrides them by name;
+    ONNX Runtime and TensorRT fold the transposes themselves when they load the graph)."""
     path = Path(path)
     model = load_structure(path)
     _inline_small(model, path.parent)
@@ -106,7 +109,10 @@ def clean(path: str | os.PathLike) -> None:
     _explicit_fp32_norms(model)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
-    graph.fold_constants(partitioning="basic", size_threshold=FOLD_BYTES, should_exclude_node=_keep_for_trt)
+    def exclude(node: gs.Node) -> bool:
+        return _keep_for_trt(node) or bool(keep_named) and any(
+            isinstance(t, gs.Constant) and t.name.startswith(keep_named) for t in node.inputs)
+    graph.fold_constants(partitioning="basic", size_threshold=FOLD_BYTES, should_exclude_node=exclude)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version, out.producer_name = model.ir_version, model.producer_name

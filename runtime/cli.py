@@ -74,6 +74,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     a("--sample_shift", type=float, default=None, help=f"flow-matching shift (default {shift})")
     a("--sample_guide_scale", type=float, default=None,
       help=f"classifier-free guidance scale (default {p.sample_guide_scale:g})")
+    a("--sample_timesteps", default=None,
+      help="few-step sampling of step-distilled models: descending timesteps in 1..1000, e.g. "
+           "1000,750,500,250 (LightX2V's 4-step list); runs their flow-matching update, with --sample_shift "
+           "applied as theirs (their Wan2.1 I2V configs use 5) and guide scale 1 unless --sample_guide_scale")
     a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random (default -1)")
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
     a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
@@ -88,6 +92,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
       help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
            "eagerly, the fallback if capture fails on your setup")
     a("--metrics", default=None, help="write per-stage seconds, memory, the values used and versions as JSON")
+    a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+      help="a LoRA (safetensors: diffusers/PEFT, official or kohya names) for the DiT, scale 1 unless given; "
+           "repeatable. Torch merges it while loading; ONNX Runtime engines swap it in without a rebuild; "
+           "TensorRT engines must have been built with it (make engines LORA=...)")
     a("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -151,6 +159,11 @@ def check_args(args) -> None:
             raise InputError(f"--{flag} {v} is not a finite number")
     if args.sample_shift is not None and args.sample_shift <= 0:
         raise InputError(f"--sample_shift {args.sample_shift} must be positive, e.g. 16")
+    if args.sample_timesteps is not None:  # checked before the models load, as Pipeline.request does
+        from flf2v.runtime.pipeline import few_steps
+        parts = [v.strip() for v in args.sample_timesteps.split(",") if v.strip()]
+        ts = [int(v) if re.fullmatch(r"[+-]?\d+", v) else v for v in parts]
+        args.sample_timesteps = few_steps(args.sample_solver, ts, args.sample_steps)[1]
     if not -1 <= args.base_seed < 2**63:
         raise InputError(f"--base_seed {args.base_seed} is out of range; use -1 or 0..2^63-1")
     if not 1 <= args.fps <= 240:
@@ -219,6 +232,7 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
 
 def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
     from flf2v.models import checkpoint as ck
+    from flf2v.models.lora import load_loras
     from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import Pipeline
 
@@ -227,6 +241,7 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
     if preset.dit.model_type != want:
         raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
+    loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
     kind, folder, note = choose_engines(args, preset, first_hw, device)
     args.backend = kind
     if kind == "torch":
@@ -234,14 +249,17 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
         from flf2v.runtime.torch_backend import TorchBackend
         precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         offload = device.type == "cuda" if args.offload_model is None else args.offload_model
-        backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device, offload_model=offload)
+        backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device, offload_model=offload,
+                               loras=loras)
         says = f"backend torch (PyTorch reference, {precision} on {device})"
         says += f"; {note}" if note else ""
     else:
         from flf2v.runtime.engines import open_backend
         from flf2v.export.manifest import describe
-        backend = open_backend(kind, folder, args.ckpt_dir, preset, device)
+        backend = open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras)
         says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"
+    if loras:
+        says += "; LoRAs " + ", ".join(f"{lo.path.name}:{scale:g}" for lo, scale in loras)
     print(f"flf2v-run: {says}", flush=True)
     return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph)
 
@@ -272,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     from flf2v.export.manifest import EngineError
     from flf2v.models.checkpoint import CheckpointError
+    from flf2v.models.lora import LoRAError
     from flf2v.runtime.denoise import NumericalError
     from flf2v.runtime.media import InputError, load_image, save_video
 
@@ -288,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
                               sample_solver=args.sample_solver, sample_steps=args.sample_steps,
                               sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale,
                               seed=args.base_seed, negative_prompt=args.negative_prompt,
-                              progress=not args.quiet)
+                              sample_timesteps=args.sample_timesteps, progress=not args.quiet)
         save = Path(args.save_file) if args.save_file else default_save_file(
             args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
         with pipe.times("save"):
             save_video(video, save, fps=args.fps)
-    except (InputError, CheckpointError, NumericalError, EngineError) as e:
+    except (InputError, CheckpointError, NumericalError, EngineError, LoRAError) as e:
         return _fail(str(e))
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")

@@ -2,14 +2,20 @@
 
 `DenoiseLoop.step()` reads the current timestep and sampler coefficients from device buffers, runs the
 DiT on cond + uncond, combines them (classifier-free guidance), applies the sampler update and writes
-the new latent back into the same buffer. Nothing in it depends on the step index on the host, so on
-CUDA it is captured once as a CUDA graph (after one eager warm-up, as graphs require) and replayed for
-every step; on the CPU it runs eagerly, and tests prove it is capturable with `torch.export`.
+the new latent back into the same buffer. Without CFG (`cfg=False`, guide scale 1, where
+uncond + 1 * (cond - uncond) = cond) the uncond forward is skipped: one DiT call on the cond context.
+Nothing in it depends on the step index on the host, so on CUDA it is captured once as a CUDA graph
+(after one eager warm-up, as graphs require) and replayed for every step; on the CPU it runs eagerly,
+and tests prove it is capturable with `torch.export`.
 
 The denoiser contract (every backend's `denoise(x, t, context, clip_fea, y)`): the result may alias a
 buffer the backend owns and overwrites on its next call (TensorRT binds one static output buffer per
 engine), so it is valid only until the next `denoise` call. The step therefore keeps what it needs of
 one call in its own buffer before making the next (the cond velocity of the batch-1 CFG layout).
+
+Layouts (`cfg`, `cfg_batch` = the DiT batch of each call): CFG as one batch-2 call on [x, x] with
+[cond, uncond] context, or as two batch-1 calls; without CFG one batch-1 call, or, for engines that hold
+only the batch-2 DiT, one batch-2 call on [x, x] with the cond context twice whose first half is kept.
 
 Non-finite latents are not checked inside the loop (that would sync the host every step): the step
 records the first step whose output is not finite in a device scalar, read once after the loop.
@@ -29,12 +35,13 @@ class DenoiseLoop(torch.nn.Module):
     """`forward()` is one step; every tensor it touches is a registered buffer (static address)."""
 
     def __init__(self, denoise, sampler, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
-                 y: torch.Tensor, guide_scale: float, cfg_batch: int = 2):
+                 y: torch.Tensor, guide_scale: float, cfg_batch: int = 2, cfg: bool = True):
         super().__init__()
         if cfg_batch not in (1, 2):
             raise ValueError(f"cfg_batch must be 1 or 2, got {cfg_batch}")
         dev = x.device
         self.denoise, self.sampler, self.guide, self.cfg_batch = denoise, sampler, float(guide_scale), cfg_batch
+        self.cfg = cfg
         self.steps = len(sampler.timesteps)
         buf = self.register_buffer
         # device tables, row i fed to step i
@@ -52,10 +59,10 @@ class DenoiseLoop(torch.nn.Module):
         buf("m1", state.m1)
         buf("m2", state.m2)
         b = cfg_batch
-        buf("ctx", context)
+        buf("ctx", context if cfg else context[:1].expand(b, -1, -1).contiguous())
         buf("clip", clip_fea.expand(b, -1, -1).contiguous())
         buf("y", y.expand(b, -1, -1, -1, -1).contiguous())
-        if b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
+        if cfg and b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
             buf("v_cond", torch.zeros_like(self.x))
         self.graph = None
         self.token = None  # the backend's graph_token when the graph was captured
@@ -64,7 +71,7 @@ class DenoiseLoop(torch.nn.Module):
         """A new run of the same shape and settings: new inputs into the same buffers (a captured graph
         stays valid), sampler state cleared."""
         self.x.copy_(x)
-        self.ctx.copy_(context)
+        self.ctx.copy_(context if self.cfg else context[:1].expand_as(self.ctx))
         self.clip.copy_(clip_fea.expand_as(self.clip))
         self.y.copy_(y.expand_as(self.y))
         for buf in (self.last, self.m1, self.m2):
@@ -76,7 +83,10 @@ class DenoiseLoop(torch.nn.Module):
 
     def step(self) -> None:
         x = self.x
-        if self.cfg_batch == 2:
+        if not self.cfg:
+            xx = x if self.cfg_batch == 1 else torch.cat([x, x])
+            v = self.denoise(xx, self.t.expand(self.cfg_batch), self.ctx, self.clip, self.y)[:1].float()
+        elif self.cfg_batch == 2:
             v = self.denoise(torch.cat([x, x]), self.t.expand(2), self.ctx, self.clip, self.y).float()
             v_cond, v_uncond = v.chunk(2)
         else:
@@ -84,7 +94,8 @@ class DenoiseLoop(torch.nn.Module):
             v_cond = self.v_cond
             v_cond.copy_(self.denoise(x, t, self.ctx[:1], self.clip, self.y))
             v_uncond = self.denoise(x, t, self.ctx[1:], self.clip, self.y).float()
-        v = v_uncond + self.guide * (v_cond - v_uncond)
+        if self.cfg:
+            v = v_uncond + self.guide * (v_cond - v_uncond)
         out = self.sampler.step(self.coef, v, x, State(self.last, self.m1, self.m2))
         bad = ~torch.isfinite(out).all() & (self.first_bad == self.steps)
         self.first_bad.copy_(torch.where(bad, self.i, self.first_bad))

@@ -103,10 +103,13 @@ class EngineBackend:
     capturable = False
     static_caches = False
 
-    def __init__(self, folder, ckpt_dir, preset: Preset, device, kind: str):
+    def __init__(self, folder, ckpt_dir, preset: Preset, device, kind: str, loras=()):
+        from . import loras as L
         self.folder, self.preset, self.device = Path(folder), preset, torch.device(device)
         self.ckpt_dir = ckpt_dir
         self.manifest = read_manifest(self.folder, ckpt_dir, preset, kind)
+        self.loras = list(loras)  # [(models.lora.LoRA, scale)] this run applies to the DiT (runtime/loras.py)
+        self.lora_swap = L.needs_swap(self.manifest, self.loras)
         self.shape = M.shape_of(self.manifest)
         self.hint = M.rebuild_hint(ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
                                    self.manifest.get("attention"))
@@ -202,7 +205,12 @@ class EngineBackend:
 
     # -- the TorchBackend interface ------------------------------------------------------------------
     def encode_text(self, ids, mask):
-        return self._run("t5", [ids, mask])[0]
+        # The T5 engine has a static batch of 2 ([prompt, negative prompt]); a CFG-free run brings the prompt
+        # alone, which fills both rows (a padding row would cost the same) and keeps the first.
+        rows = self.specs["t5"]["inputs"][0]["shape"][0]
+        if ids.shape[0] == rows:
+            return self._run("t5", [ids, mask])[0]
+        return self._run("t5", [ids.repeat(rows, 1), mask.repeat(rows, 1)])[0][:1]
 
     def encode_image(self, pixels):
         return self._run("clip", [pixels.float()])[0]
@@ -250,18 +258,13 @@ class OrtBackend(EngineBackend):
     never run (no GPU with onnxruntime-gpu here)."""
     name = "ort"
 
-    def __init__(self, folder, ckpt_dir, preset, device="cpu", threads: int | None = None, io_binding: bool = True):
-        super().__init__(folder, ckpt_dir, preset, device, "ort")
+    def __init__(self, folder, ckpt_dir, preset, device="cpu", threads: int | None = None, io_binding: bool = True,
+                 loras=()):
+        super().__init__(folder, ckpt_dir, preset, device, "ort", loras)
         import onnxruntime as ort
         self._ort = ort
         self.io_binding = self.static_caches = io_binding
-        self.opts = ort.SessionOptions()
-        self.opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning ORT threads keep the cores busy between calls and starve the torch ops in between
-        # (measured on the 2-vCPU dev machine: tiny end to end 0.3 s -> 0.2 s).
-        self.opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            self.opts.intra_op_num_threads = threads
+        self.opts = self._options(threads)
         self.cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         self.providers = (["CUDAExecutionProvider"] if self.cuda else []) + ["CPUExecutionProvider"]
         precision = self.manifest["precision"]
@@ -274,6 +277,27 @@ class OrtBackend(EngineBackend):
         self.bindings: dict = {}  # (graph, cache set in) -> (IOBinding, {name: static buffer}), io_binding
         self.host_transfers = 0
 
+    def _options(self, threads: int | None):
+        opts = self._ort.SessionOptions()
+        opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning ORT threads keep the cores busy between calls and starve the torch ops in between
+        # (measured on the 2-vCPU dev machine: tiny end to end 0.3 s -> 0.2 s).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+        return opts
+
+    def _model(self, graph: str):
+        """What a session opens: the graph's file, or for a DiT whose LoRAs differ from the build's the
+        graph with the run's LoRAs swapped in (runtime/loras.py)."""
+        path = self.folder / self.specs[graph]["file"]
+        if not (self.lora_swap and graph.startswith("dit_b")):
+            return str(path)
+        from . import loras as L
+        hint = M.rebuild_hint(self.ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
+                              self.manifest.get("attention"), L.lora_arg(self.loras))
+        return L.ort_model(path, self.manifest, self.ckpt_dir, self.loras, hint)
+
     def _cuda_graph(self, graph: str) -> bool:  # gpu, unverified; ORT's graphs need one fixed shape
         return self.cuda and self.io_binding and graph.startswith("dit_b") and not self.shape.dynamic
 
@@ -283,14 +307,13 @@ class OrtBackend(EngineBackend):
 
     def session(self, graph: str):
         if graph not in self.sessions:
-            path = self.folder / self.specs[graph]["file"]
             providers = self.providers
             if self.cuda:  # gpu, unverified
                 cuda = {"device_id": str(self.device.index or 0)}
                 if self._cuda_graph(graph):
                     cuda["enable_cuda_graph"] = "1"
                 providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-            self.sessions[graph] = self._ort.InferenceSession(str(path), self.opts, providers=providers)
+            self.sessions[graph] = self._ort.InferenceSession(self._model(graph), self.opts, providers=providers)
         return self.sessions[graph]
 
     def release_encoders(self) -> None:
@@ -395,8 +418,13 @@ class TrtBackend(EngineBackend):
     static_caches = True
     KEEP_SHAPES = 2
 
-    def __init__(self, folder, ckpt_dir, preset, device="cuda", keep_dit: bool = False):
-        super().__init__(folder, ckpt_dir, preset, device, "trt")
+    def __init__(self, folder, ckpt_dir, preset, device="cuda", keep_dit: bool = False, loras=()):
+        super().__init__(folder, ckpt_dir, preset, device, "trt", loras)
+        if self.lora_swap:
+            from . import loras as L
+            raise L.refuse(self.folder, self.manifest, self.loras, M.rebuild_hint(
+                ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
+                self.manifest.get("attention"), L.lora_arg(self.loras)))
         self.keep_dit = keep_dit
         self._generation = 0  # numbers every buffer set ever allocated (a captured graph names its set)
         import tensorrt as trt

@@ -1,8 +1,9 @@
 """The FLF2V / I2V generation pipeline, one code path for every backend.
 
 preprocess -> T5 (prompt + negative prompt) -> CLIP (first [+ last] frame) -> VAE encode of the
-condition -> flow-matching loop with classifier-free guidance -> VAE decode. Two bugs of the official
-`first_last_frame2video.py` are fixed here (see README, "Differences from the official code"):
+condition -> flow-matching loop with classifier-free guidance -> VAE decode. At guide scale 1 CFG is off
+(cond + 1 * (cond - uncond) = cond): the negative prompt is not encoded and each step runs the DiT once.
+Two bugs of the official `first_last_frame2video.py` are fixed here (see README, "Differences from the official code"):
 the last frame is resized to the output size like the first (the official code center-crops it with
 width and height swapped when the sizes differ), and the mask is built for any frame_num = 4n+1 (the
 official one is hard-coded to 81 frames).
@@ -29,7 +30,7 @@ from flf2v.models.config import Preset
 
 from .denoise import DenoiseLoop
 from .media import InputError, image_to_tensor
-from .scheduler import make_sampler
+from .scheduler import DISTILL, check_timesteps, make_sampler
 
 def cuda_device_used(device: torch.device) -> int:
     """Bytes in use on the GPU, whoever allocated them (TensorRT's engines and contexts too)."""
@@ -98,6 +99,22 @@ def condition_mask(frame_num: int, lat_h: int, lat_w: int, last_frame: bool) -> 
     return m.view(1, m.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)[0]
 
 
+def few_steps(solver: str, timesteps, steps: int | None) -> tuple[str, tuple[int, ...], int]:
+    """(solver, timesteps, steps) of a run given an explicit timestep list, which implies the DISTILL sampler
+    (the few-step one of step-distilled models); InputError for a bad list or a conflicting choice."""
+    if solver not in ("unipc", DISTILL):  # "unipc" is the default, not a choice to refuse
+        raise InputError(f"--sample_solver {solver} does not apply to --sample_timesteps (the few-step distill "
+                         f"sampler); drop one of them")
+    try:
+        timesteps = check_timesteps(timesteps)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if steps is not None and steps != len(timesteps):
+        raise InputError(f"--sample_steps {steps} disagrees with the {len(timesteps)} values of --sample_timesteps; "
+                         f"drop --sample_steps")
+    return DISTILL, timesteps, len(timesteps)
+
+
 def resize(frame: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(frame[None], size=(h, w), mode="bicubic", align_corners=False)[0]
 
@@ -106,7 +123,7 @@ def resize(frame: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class Request:
     """One generation with every default resolved: what `Pipeline.generate` ran (and --metrics records)."""
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None without CFG: not encoded
     height: int
     width: int
     frame_num: int
@@ -115,10 +132,18 @@ class Request:
     sample_shift: float
     guide_scale: float
     seed: int
-    cfg_batch: int
+    cfg_batch: int  # the DiT batch of each call (2: [x, x] in one call)
+    cfg: bool = True  # False at guide 1: the uncond forward and the negative prompt skipped
+    sample_timesteps: tuple[int, ...] | None = None  # the few-step list of the DISTILL sampler
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # keys of features not in use are left out, so the record of a plain run keeps its shape
+        d = {k: v for k, v in asdict(self).items() if k not in ("cfg", "sample_timesteps")}
+        if self.sample_timesteps is not None:
+            d["sample_timesteps"] = list(self.sample_timesteps)
+        if not self.cfg:
+            d["cfg"] = "off"
+        return d
 
 
 class Pipeline:
@@ -131,32 +156,38 @@ class Pipeline:
         self.cuda_graph = cuda_graph  # False: the denoising step runs eagerly on CUDA too
         self.loops: OrderedDict = OrderedDict()  # kept denoising loops (see `denoise`)
         self.times = StageTimes()
+        self.said: set[str] = set()  # warnings given once per pipeline
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", cuda_graph: bool = True,
-                        **kw) -> "Pipeline":
+                        loras=(), **kw) -> "Pipeline":
         """The PyTorch reference networks of an official checkpoint folder.
 
         dtype       torch.float32 (the CPU's, and the parity reference) or torch.bfloat16 (CUDA)
         device      "cpu" or "cuda"; cuda_graph=False runs the denoising step eagerly on CUDA
+        loras       [(path, scale)] or "PATH[:SCALE]" strings: LoRAs merged into the DiT as it loads
         kw          TorchBackend options: attention="triton" (the fused kernels, CUDA), offload_model=True
                     (keep the DiT on the host until denoising, as the official --offload_model)
         """
         from flf2v.models import checkpoint as ck
+        from flf2v.models.lora import load_loras
 
         from .torch_backend import TorchBackend
         preset = ck.preset_for(ckpt_dir)
-        backend = TorchBackend(ckpt_dir, preset, dtype, device, **kw)
+        backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(list(loras), ckpt_dir), **kw)
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)
 
     @classmethod
-    def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True) -> "Pipeline":
+    def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True, loras=()) -> "Pipeline":
         """The engines of one `flf2v-build` folder (e.g. engines/h100-sm90-trt11.4/720p): TensorRT engines
         run on CUDA, ONNX Runtime graphs on the CPU (device overrides). The tokenizer, and the check that
         the engines were built from these weights, come from `ckpt_dir`, by default the checkpoint the
         folder was built from. A static folder's runs have its grid and frame count (`video_shape`); a
-        dynamic one's any grid and frame count of its profiles (EngineError naming the build otherwise)."""
+        dynamic one's any grid and frame count of its profiles (EngineError naming the build otherwise).
+        `loras` are the run's LoRAs (none: the base model), whatever the folder was built with: ONNX Runtime
+        swaps them in, TensorRT refuses other ones than its build's (runtime/loras.py)."""
         from flf2v.models import checkpoint as ck
+        from flf2v.models.lora import load_loras
 
         from flf2v.export import manifest as M
 
@@ -169,15 +200,15 @@ class Pipeline:
                                 f"with `make engines`") from None
         device = torch.device(device or ("cuda" if kind == "trt" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
-        return cls(open_backend(kind, folder, ckpt_dir, preset, device), ck.load_tokenizer(ckpt_dir, preset),
-                   preset, device, cuda_graph)
+        backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
+        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)
 
     # -----------------------------------------------------------------------------------------------
     def request(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
                 size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
                 sample_steps: int | None = None, sample_shift: float | None = None,
                 guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
-                cfg_batch: int | None = None) -> Request:
+                cfg_batch: int | None = None, sample_timesteps=None) -> Request:
         """The run `generate` makes with these arguments: validated, every default resolved (the task's
         official ones; the engines' grid and frame count when the backend has fixed shapes)."""
         p = self.preset
@@ -195,23 +226,44 @@ class Pipeline:
         if sample_shift is None:
             # official generate.py: I2V at 480p samples with shift 3, other sizes with the task's default
             sample_shift = 3.0 if not flf2v and size in ("832*480", "480*832") else p.sample_shift
-        guide = p.sample_guide_scale if guide_scale is None else guide_scale
+        steps = p.sample_steps if sample_steps is None else sample_steps
+        if sample_timesteps is not None:  # the few-step sampler of step-distilled models
+            sample_solver, sample_timesteps, steps = few_steps(sample_solver, sample_timesteps, sample_steps)
+        # distilled models run without CFG (LightX2V: enable_cfg false), the others at the official scale
+        default_guide = 1.0 if sample_timesteps is not None else p.sample_guide_scale
+        guide = default_guide if guide_scale is None else guide_scale
         if not math.isfinite(guide):
             raise InputError(f"--sample_guide_scale {guide} is not a finite number")
-        batches = getattr(self.backend, "cfg_batches", (1, 2))  # engines may hold only one CFG layout
-        if cfg_batch is not None and cfg_batch not in batches:
-            warnings.warn(f"cfg_batch {cfg_batch}: these engines hold only the batch-{batches[0]} DiT, so "
-                          f"classifier-free guidance runs as batch {batches[0]}", stacklevel=2)
-        cfg_batch = cfg_batch if cfg_batch in batches else 2 if 2 in batches else batches[0]
-        steps = p.sample_steps if sample_steps is None else sample_steps
+        cfg = float(guide) != 1.0
+        cfg_batch = self._dit_batch(cfg, cfg_batch)
         try:
-            make_sampler(sample_solver, steps, sample_shift)  # the sampler is built per run: check it now
+            make_sampler(sample_solver, steps, sample_shift, sample_timesteps)  # built per run: check it now
         except ValueError as e:
             raise InputError(str(e)) from None
-        return Request(prompt=prompt, negative_prompt=negative_prompt or p.sample_neg_prompt, height=h, width=w,
-                       frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
+        return Request(prompt=prompt, negative_prompt=(negative_prompt or p.sample_neg_prompt) if cfg else None,
+                       height=h, width=w, frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
                        sample_shift=float(sample_shift), guide_scale=float(guide),
-                       seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch)
+                       seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch, cfg=cfg,
+                       sample_timesteps=sample_timesteps)
+
+    def _dit_batch(self, cfg: bool, asked: int | None) -> int:
+        """The DiT batch of each call (`asked`, else 2 with CFG and 1 without) among the layouts the backend
+        holds: engines may hold only one."""
+        batches = getattr(self.backend, "cfg_batches", (1, 2))
+        want = 2 if cfg else 1
+        batch = asked if asked in batches else want if want in batches else batches[0]
+        if not cfg and batch == 2 and 1 not in batches:
+            # CFG-free on batch-2-only engines: [x, x] with the cond context twice, one half thrown away
+            msg = ("guide scale 1 runs the DiT without CFG, but these engines hold only the batch-2 DiT, so each "
+                   "step runs it on two copies; `flf2v-build --cfg_batch 1|both` builds the batch-1 DiT that "
+                   "halves that work")
+            if msg not in self.said:
+                self.said.add(msg)
+                warnings.warn(msg, stacklevel=3)
+        elif asked is not None and asked != batch:
+            warnings.warn(f"cfg_batch {asked}: these engines hold only the batch-{batch} DiT, so the DiT runs "
+                          f"as batch {batch}", stacklevel=3)
+        return batch
 
     def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
                  latents: torch.Tensor | None = None, output: str = "video", progress: bool = True,
@@ -220,8 +272,11 @@ class Pipeline:
 
         options   size ("W*H", the max area), frame_num (4n+1), sample_solver ("unipc" | "dpm++"),
                   sample_steps, sample_shift, guide_scale, seed (-1: random), negative_prompt ("" : the
-                  task's official one), cfg_batch (2: cond + uncond as one DiT batch, 1: two calls); unset
-                  ones take the task's official defaults (see `request`). `self.last_request` records them.
+                  task's official one), cfg_batch (2: cond + uncond as one DiT batch, 1: two calls; at
+                  guide_scale 1, no uncond: the DiT batch of the one call, 2 = [x, x]), sample_timesteps
+                  (e.g. [1000, 750, 500, 250]: the few-step sampler of step-distilled models, guide scale 1
+                  unless given); unset ones take the task's official defaults (see `request`).
+                  `self.last_request` records them.
         latents   initial noise [1, 16, T_lat, h, w] fp32 instead of the seed's (to reproduce or compare a run)
         output    "video": [3, frames, H, W] in [-1, 1] (decoded); "latent": the final latents
                   [1, 16, T_lat, h, w] fp32, not decoded
@@ -257,7 +312,7 @@ class Pipeline:
             latents = torch.randn(1, *lat, dtype=torch.float32, generator=torch.Generator().manual_seed(req.seed))
         elif tuple(latents.shape) != (1, *lat):
             raise InputError(f"latents must have shape {(1, *lat)} for this run, got {tuple(latents.shape)}")
-        ids, mask = self.tokenizer([req.prompt, req.negative_prompt])
+        ids, mask = self.tokenizer([req.prompt, req.negative_prompt] if req.cfg else [req.prompt])
         sized = [resize(f, h, w) for f in frames]  # the official bug fix: last frame resized too
         cond = torch.zeros(3, n, h, w)
         cond[:, 0] = sized[0]
@@ -276,12 +331,12 @@ class Pipeline:
             clip_fea = b.encode_image(inputs["pixels"]).float().reshape(1, -1, p.clip.dim)
         with times("vae_encode", dev):
             y = torch.cat([inputs["msk"][None].to(dev), b.vae_encode(inputs["cond"][None]).to(dev)], dim=1)
-        sampler = make_sampler(req.sample_solver, req.sample_steps, req.sample_shift)
+        sampler = make_sampler(req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
         with times("denoise", dev):
             b.prepare_denoise()
-            key = (req.sample_solver, req.sample_steps, req.sample_shift)
+            key = (req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
             latent = self.denoise(sampler, inputs["noise"].to(dev), context.to(dev), clip_fea.to(dev), y,
-                                  req.guide_scale, req.cfg_batch, progress, key)
+                                  req.guide_scale, req.cfg_batch, progress, key, req.cfg)
             b.finish_denoise()
         return latent
 
@@ -289,16 +344,16 @@ class Pipeline:
     KEEP_LOOPS = 2  # denoising loops (and their captured CUDA graphs) kept, one per shape and settings
 
     def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool,
-                sampler_key=None):
-        """The denoising loop. Loops are kept per (latent shape, CFG layout, guide scale, sampler settings
-        `sampler_key`), the newest KEEP_LOOPS of them, so a run at a shape already used reuses the loop's
-        buffers and, on CUDA, replays its captured graph: only while the backend's `graph_token` (naming
+                sampler_key=None, cfg: bool = True):
+        """The denoising loop (`cfg=False`: no uncond forward, `context` may hold the prompt's row only).
+        Loops are kept per (latent shape, CFG layout, guide scale, sampler settings `sampler_key`), the
+        newest KEEP_LOOPS of them, so a run at a shape already used reuses the loop's buffers and, on CUDA, replays its captured graph: only while the backend's `graph_token` (naming
         the DiT buffers the graph reads) is unchanged; otherwise it captures again."""
         capture = self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False)
-        key = (tuple(x.shape), cfg_batch, float(guide), sampler_key)
+        key = (tuple(x.shape), cfg_batch, cfg, float(guide), sampler_key)
         loop = self.loops.pop(key, None) if sampler_key is not None else None
         if loop is None:
-            loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch)
+            loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch, cfg)
         else:
             loop.reset(x, context, clip_fea, y)
         if sampler_key is not None:

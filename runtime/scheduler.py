@@ -1,4 +1,5 @@
-"""Flow-matching samplers of Wan2.1: UniPC (bh2, the official default) and DPM-Solver++ (2M).
+"""Flow-matching samplers of Wan2.1: UniPC (bh2, the official default) and DPM-Solver++ (2M), and the
+few-step sampler of step-distilled models (`DistillSampler`, an explicit timestep list).
 
 Every step of both solvers is one fixed linear combination of the same tensors; only its
 coefficients change from step to step. They are worked out on the host in float64 once, so that
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 SOLVERS = ("unipc", "dpm++")
+DISTILL = "distill"  # the few-step sampler, chosen by giving its timesteps (--sample_timesteps)
 NUM_TRAIN_TIMESTEPS = 1000
 
 # Columns of FlowSampler.coefs.
@@ -71,13 +73,21 @@ class FlowSampler:
         return x
 
 
-def make_sampler(solver: str, steps: int, shift: float) -> FlowSampler:
-    if solver not in SOLVERS:
+def make_sampler(solver: str, steps: int, shift: float, timesteps=None) -> FlowSampler:
+    """`solver` "unipc" / "dpm++" with `steps` steps, or DISTILL with its `timesteps` (len == steps)."""
+    if solver not in (*SOLVERS, DISTILL):
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not (isinstance(shift, (int, float, np.floating)) and np.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    if solver == DISTILL or timesteps is not None:
+        if solver != DISTILL:
+            raise ValueError(f"explicit timesteps run the {DISTILL} sampler, not {solver}")
+        ts = check_timesteps(timesteps)
+        if len(ts) != steps:
+            raise ValueError(f"steps={steps} but {len(ts)} timesteps were given; drop the step count")
+        return distill_sampler(ts, float(shift))
     timesteps, sigmas = flow_schedule(solver, int(steps), float(shift))
     table = unipc_coefs(sigmas) if solver == "unipc" else dpmpp_coefs(sigmas)
     if not np.isfinite(table).all():
@@ -189,3 +199,56 @@ def dpmpp_coefs(sigmas: np.ndarray) -> np.ndarray:
             t[i, P_M0] -= 0.5 * a * inv_r0
             t[i, P_M1] = 0.5 * a * inv_r0
     return t
+
+
+# ---- few-step sampling of step-distilled models (LightX2V's WanStepDistillScheduler) -----------------
+
+@dataclass
+class DistillSampler(FlowSampler):
+    """x0 = x - sigma_i v, then back out to sigma_{i+1} along the same v: x + (sigma_{i+1} - sigma_i) v,
+    computed in LightX2V's order; the last step (sigma_{i+1} = 0) returns x0. Deterministic (no noise is
+    re-injected) and without history, so it is one fixed program like the multistep solvers.
+    coefs: float32 [N, 2] = (sigma_i, sigma_{i+1})."""
+
+    @staticmethod
+    def init_state(x: torch.Tensor) -> State:
+        # no history: empty buffers keep DenoiseLoop's layout (and a captured graph) unchanged
+        return State(*(torch.zeros(0, device=x.device) for _ in range(3)))
+
+    @staticmethod
+    def step(coef: torch.Tensor, v: torch.Tensor, x: torch.Tensor, state: State) -> torch.Tensor:
+        sigma, sigma_next = coef.float().unbind(0)
+        v = v.float()
+        return (x.float() - sigma * v) + sigma_next * v
+
+
+def check_timesteps(timesteps) -> tuple[int, ...]:
+    """The few-step list as ints; ValueError (one line naming the fix) unless it is at least one integer,
+    strictly descending, each in 1..1000 (LightX2V reads sigma at index 1000 - t of its 1000-entry table)."""
+    ts = tuple(timesteps) if timesteps is not None else ()
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ts):
+        why = "has values that are not integers"
+    elif not ts:
+        why = "is empty"
+    elif not all(1 <= t <= NUM_TRAIN_TIMESTEPS for t in ts):
+        why = f"has values outside 1..{NUM_TRAIN_TIMESTEPS}"
+    elif any(a <= b for a, b in zip(ts, ts[1:])):
+        why = "is not strictly descending"
+    else:
+        return tuple(int(t) for t in ts)
+    raise ValueError(f"--sample_timesteps {','.join(str(t) for t in ts)!r} {why}; give descending integers in "
+                     f"1..{NUM_TRAIN_TIMESTEPS}, e.g. 1000,750,500,250")
+
+
+def distill_sampler(timesteps: tuple[int, ...], shift: float) -> DistillSampler:
+    """LightX2V's set_denoising_timesteps: a 1000-entry fp32 table sigma = linspace(1, 0, 1001)[:-1],
+    shifted as shift*s / (1 + (shift-1)*s), and timestep t takes entry 1000 - t; the last sigma is 0."""
+    s = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)  # fp32, as theirs
+    s = s[[NUM_TRAIN_TIMESTEPS - t for t in timesteps]].double().numpy()
+    # LightX2V feeds the DiT the float t = 1000 sigma (e.g. 937.5); WanDiT and the engines embed integer
+    # timesteps (a float64 table row per integer), so the nearest one is fed: at most 0.5 off.
+    ts = np.floor(s * NUM_TRAIN_TIMESTEPS + 0.5).astype(np.int64)
+    sigmas = np.append(s, 0.0)
+    coefs = np.stack([sigmas[:-1], sigmas[1:]], axis=1)
+    return DistillSampler(DISTILL, torch.from_numpy(ts), torch.from_numpy(sigmas), torch.from_numpy(coefs).float())

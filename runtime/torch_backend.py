@@ -16,7 +16,8 @@ class TorchBackend:
     capturable = True  # the whole denoising step can be recorded as one CUDA graph
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool = False):
+                 device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool = False,
+                 loras=None):
         self.preset = preset or ck.preset_for(ckpt_dir)
         self.ckpt_dir, self.dtype, self.device = ckpt_dir, dtype, torch.device(device)
         self.offload_model = offload_model
@@ -24,7 +25,8 @@ class TorchBackend:
         # Encoders are loaded when first used and dropped once the denoiser needs the memory.
         self._t5 = self._clip = None
         self.vae = ck.load_vae(ckpt_dir, dtype, self.preset).to(self.device)
-        self.dit = ck.load_dit(ckpt_dir, dtype, self.preset, attention=attention)
+        self.loras = list(loras or [])  # [(models.lora.LoRA, scale)], merged into the DiT's weights
+        self.dit = ck.load_dit(ckpt_dir, dtype, self.preset, attention=attention, loras=self.loras)
         if not offload_model:
             self.dit.to(self.device)
 

@@ -56,3 +56,34 @@ def tiny_dynamic_engines(tiny_ckpt, tmp_path_factory):
     from flf2v.export.build import build
     return build(tiny_ckpt, None, "fp32", out=tmp_path_factory.getbasetemp() / "engines-dynamic" / "dynamic",
                  backend="ort", cfg_batch=(2,), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    """The torch reference pipeline of the tiny checkpoint (one per test module)."""
+    from flf2v.runtime.pipeline import Pipeline
+    return Pipeline.from_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def frames(demo_frames):
+    from flf2v.runtime.media import load_image
+    return [load_image(p) for p in demo_frames]
+
+
+@pytest.fixture(scope="module")
+def dit_setup():
+    """A tiny random DiT and loop inputs (x, context, clip, y) for denoising-loop tests."""
+    import torch
+
+    from flf2v.models.config import get_preset
+    from flf2v.models.dit import WanDiT
+    from flf2v.models.make_tiny import randomize_
+    cfg = get_preset("tiny").dit
+    dit = randomize_(WanDiT(cfg), torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 2, 4, 6, generator=g)
+    context = torch.randn(2, 512, cfg.text_dim, generator=g)
+    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
+    y = torch.randn(1, 20, 2, 4, 6, generator=g)
+    return dit, x, context, clip, y

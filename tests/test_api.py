@@ -14,17 +14,6 @@ from flf2v.runtime.pipeline import Pipeline
 KW = dict(size="64*64", frame_num=5, sample_steps=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return Pipeline.from_checkpoint(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def frames(demo_frames):
-    from flf2v.runtime.media import load_image
-    return [load_image(p) for p in demo_frames]
-
-
 def test_latents_in_and_out_reproduce_the_video(pipe, frames):
     video = pipe.generate("a red ball", *frames, seed=5, **KW)
     latent = pipe.generate("a red ball", *frames, seed=5, output="latent", **KW)

@@ -6,9 +6,6 @@ import torch
 from conftest import rel_err
 from test_scheduler import diffusers_unipc
 
-from flf2v.models.config import get_preset
-from flf2v.models.dit import WanDiT
-from flf2v.models.make_tiny import randomize_
 from flf2v.runtime.denoise import DenoiseLoop, NumericalError
 from flf2v.runtime.scheduler import make_sampler
 
@@ -16,15 +13,8 @@ STEPS, SHIFT, GUIDE = 6, 16.0, 5.0
 
 
 @pytest.fixture(scope="module")
-def setup():
-    cfg = get_preset("tiny").dit
-    dit = randomize_(WanDiT(cfg), torch.Generator().manual_seed(0)).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, 2, 4, 6, generator=g)
-    context = torch.randn(2, 512, cfg.text_dim, generator=g)
-    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
-    y = torch.randn(1, 20, 2, 4, 6, generator=g)
-    return dit, x, context, clip, y
+def setup(dit_setup):
+    return dit_setup
 
 
 def reference_loop(dit, x, context, clip, y):
@@ -57,9 +47,20 @@ def test_buffers_keep_their_addresses(setup):
     assert before == after
 
 
-def test_step_exports_without_data_dependent_control_flow(setup):
+DISTILL = [1000, 750, 500, 250]  # LightX2V's 4-step list (tests/test_fewstep.py)
+
+
+# the CFG layouts (batch 2, two batch-1 calls, CFG-free batch 1 / batch-2 fallback) and the few-step sampler
+@pytest.mark.parametrize("sampler_args,cfg,cfg_batch", [(("unipc", STEPS, SHIFT), True, 2),
+                                                        (("unipc", STEPS, SHIFT), True, 1),
+                                                        (("distill", 4, 5.0, DISTILL), False, 1),
+                                                        (("distill", 4, 5.0, DISTILL), False, 2),
+                                                        (("unipc", 4, 16.0), False, 1),
+                                                        (("distill", 4, 5.0, DISTILL), True, 2)])
+def test_step_exports_without_data_dependent_control_flow(setup, sampler_args, cfg, cfg_batch):
     dit, x, context, clip, y = setup
-    loop = DenoiseLoop(dit, make_sampler("unipc", STEPS, SHIFT), x, context, clip, y, GUIDE)
+    ctx = context if cfg else context[:1]
+    loop = DenoiseLoop(dit, make_sampler(*sampler_args), x, ctx, clip, y, GUIDE, cfg_batch, cfg=cfg)
     for i in range(2):  # a second-order step: every term of the update is live
         loop._load(i)
         loop.step()
