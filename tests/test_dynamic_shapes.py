@@ -131,17 +131,21 @@ def test_every_shape_matches_torch(pipes, tmp_path, demo_frames, first_wh, frame
 
 
 def test_kept_loops_give_the_same_video(dynamic_engines, demo_frames, tmp_path):
-    """A run at a shape already used reuses its kept denoising loop: same video as the first time."""
+    """A run at a shape already used reuses its kept denoising loop, with the new run's inputs: its video
+    equals a fresh pipeline's."""
     pipe = Pipeline.from_engines(dynamic_engines)
     first, last = load_image(demo_frames[0]), load_image(demo_frames[1])
     wide = frame(tmp_path, 640, 360)
     a = pipe.generate("x", first, last, **KW)
     b = pipe.generate("x", wide, last, **KW)
     loops = dict(pipe.loops)
-    c = pipe.generate("x", first, last, **KW)
+    again = dict(KW, seed=9)
+    c = pipe.generate("another prompt", last, first, **again)  # same grid as `a`: a kept loop, new inputs
     assert len(pipe.loops) == 2 and set(pipe.loops) == set(loops)
     assert all(pipe.loops[k] is loops[k] for k in loops)  # kept, not rebuilt
-    assert a.shape != b.shape and torch.equal(a, c), f"max abs {(a - c).abs().max().item():.2e}"
+    fresh = Pipeline.from_engines(dynamic_engines).generate("another prompt", last, first, **again)
+    assert a.shape != b.shape and not torch.equal(a, c)
+    assert torch.equal(c, fresh), f"kept loop vs a fresh pipeline: max abs {(c - fresh).abs().max().item():.2e}"
 
 
 def test_outside_the_ranges_exits_2_with_the_build_that_serves(tiny_ckpt, dynamic_engines, demo_frames, tmp_path,
