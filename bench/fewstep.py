@@ -16,10 +16,8 @@ Writes fewstep-<preset>-<machine>-<date>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -132,10 +130,9 @@ def markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     from flf2v.bench.cli import _load_avg
-    from flf2v.bench.report import machine_info, stem
+    from flf2v.bench.report import machine_info, side_study, write_side_study
     from flf2v.export.contracts import engine_shapes
     from flf2v.models.config import get_preset
-    from flf2v.models.make_tiny import write_tiny_checkpoint
     ap = argparse.ArgumentParser(prog="flf2v-bench fewstep", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small", choices=("tiny", "small"))
     ap.add_argument("--out", default="bench/results")
@@ -143,13 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50, help="steps of the CFG run (default 50, the official count)")
     args = ap.parse_args(argv)
     import onnxruntime
-    tmp = None if args.work else tempfile.TemporaryDirectory(prefix="flf2v-fewstep-")
-    work = Path(args.work or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        ckpt = work / "ckpt"
-        if not (ckpt / "config.json").exists():
-            write_tiny_checkpoint(ckpt, args.preset, seed=0)
+    with side_study("fewstep", args.preset, args.work) as (work, ckpt):
         preset = get_preset(args.preset)
         folder = work / "engines"
         build_s = _build(ckpt, folder, "--preset", next(iter(engine_shapes(preset))))  # the default static shape
@@ -159,16 +150,8 @@ def main(argv=None) -> int:
              "onnxruntime": onnxruntime.__version__, "build_s": build_s,
              "sampling": sampling(folder, ckpt, preset, args.steps), "lora": lora_costs(folder, ckpt, preset, work)}
         r["load"] = [load0, (_load_avg() or [0.0])[0]]
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        base = out / f"fewstep-{stem({'preset': args.preset, 'machine': machine})}"
-        base.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
-        base.with_suffix(".md").write_text(markdown(r))
-        print(base.with_suffix(".md").read_text())
-        return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        write_side_study(args.out, "fewstep", args.preset, machine, r, markdown(r))
+    return 0
 
 
 if __name__ == "__main__":

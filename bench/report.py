@@ -1,6 +1,7 @@
 """The machine description and the three outputs of a benchmark run: JSON (raw), Markdown, PNG chart."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -250,3 +251,36 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     paths["md"].write_text(markdown(result))
     chart(result, paths["png"])
     return paths
+
+
+# ---- side studies (flf2v-bench fewstep, cache): one random checkpoint in a work folder, one result file ----
+
+@contextlib.contextmanager
+def side_study(kind: str, preset_name: str, work=None):
+    """(work folder, random checkpoint of `preset_name` in it) for `flf2v-bench <kind>`; a temporary folder
+    unless `work` is given (then the checkpoint and engines are kept and reused)."""
+    import tempfile
+
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    tmp = None if work else tempfile.TemporaryDirectory(prefix=f"flf2v-{kind}-")
+    folder = Path(work or tmp.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt = folder / "ckpt"
+        if not (ckpt / "config.json").exists():
+            write_tiny_checkpoint(ckpt, preset_name, seed=0)
+        yield folder, ckpt
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def write_side_study(out, kind: str, preset_name: str, machine: dict, result: dict, markdown: str) -> Path:
+    """<out>/<kind>-<preset>-<machine>-<date>.{json,md}; prints the Markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{kind}-{stem({'preset': preset_name, 'machine': machine})}"
+    base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    base.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return base

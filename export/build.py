@@ -154,6 +154,10 @@ class Plan:
         """What the attention option adds to a graph's key and manifest entry (DiT graphs only)."""
         return {"attention": self.attention} if g.component == "dit" else {}
 
+    def graph_attention(self, g: C.Graph) -> str:
+        """The attention a graph is exported with: the cached DiT step has none (it skips the blocks)."""
+        return "onnx" if g.name.startswith("dit_cached") else self.attention_of(g).get("attention", "onnx")
+
     def key(self, g: C.Graph) -> str:
         spec = {"graph": g.name, "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
                 "precision": self.precision, "checkpoint": self.fingerprint, "code": self.code,
@@ -193,7 +197,7 @@ class Plan:
         # The DiT always takes the streamed route: its initializers keep the checkpoint's key names
         # ("net." + key), which is what a LoRA swap at run time overrides (runtime/engines.py).
         onnx_path = export_graph(g, self.ckpt_dir, folder / f"{g.name}.onnx", preset=self.preset,
-                                 attention=self.attention_of(g).get("attention", "onnx"), stream=True if dit else None,
+                                 attention=self.graph_attention(g), stream=True if dit else None,
                                  source=source, ranges=self.eshape.envelope() if g.dynamic else None)
         files = [onnx_path] + [p for p in [onnx_path.with_name(onnx_path.name + ".data")] if p.exists()]
         onnx_sha = file_sha256(*files)
@@ -243,7 +247,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     for n in only or ():
         if n not in names:
             raise BuildError(f"--graphs: unknown graph {n!r}; choose from {', '.join(names)}")
-    dits = {f"dit_b{b}" for b in cfg_batch}  # --graphs, when given, names the DiT layouts itself
+    # each DiT layout with its cached step (runtime/cache.py); --graphs, when given, names the DiT graphs itself
+    dits = {f"dit{kind}_b{b}" for b in cfg_batch for kind in ("", "_cached")}
     todo = [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
 
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention)

@@ -6,9 +6,16 @@ Graphs of one engine folder (one model preset, one output grid, one precision):
 |---|---|---|
 | `t5` | ids, mask int64 [2, text_len] (prompt, negative prompt) | context f32 [2, text_len, text_dim] |
 | `clip` | pixels f32 [n, 3, 224, 224] (n = 2 FLF2V, 1 I2V) | clip_fea f32 [n, 257, clip_dim] |
-| `dit_b1`, `dit_b2` | x f32 [B,16,T,h,w], t int64 [B], context f32 [B,text_len,text_dim], clip_fea f32 [B, clip_tokens, clip_dim], y f32 [B,20,T,h,w] | v f32 [B,16,T,h,w] |
+| `dit_b1`, `dit_b2` | x f32 [B,16,T,h,w], t int64 [B], context f32 [B,text_len,text_dim], clip_fea f32 [B, clip_tokens, clip_dim], y f32 [B,20,T,h,w] | v f32 [B,16,T,h,w], hidden f32 [B,T,h/2,w/2,dim] |
+| `dit_cached_b1`, `_b2` | x, x_prev f32 [B,16,T,h,w], t int64 [B], y f32 [B,20,T,h,w], hidden f32 [B,T,h/2,w/2,dim] | v f32 [B,16,T,h,w] |
 | `vae_encode_first` / `_chunk` | x f32 [1,3,1 or 4,H,W] in [-1,1], cache_in.{i} | z f32 [1,16,1,h,w], cache_out.{i} |
 | `vae_decode_first` / `_chunk` | z f32 [1,16,1,h,w], cache_in.{i} | frames f32 [1,3,1 or 4,H,W], cache_out.{i} |
+
+DiT step cache (runtime/cache.py): `dit_b*` also return `hidden`, the blocks' output, and `dit_cached_b*`
+(patch embedding, time embedding and head only: a few MB of weights) reuse it on a skipped step,
+adding the blocks' residual at the last computed step, hidden - tokens(x_prev), to this step's tokens.
+The residual travels as (hidden, x_prev), not as hidden - tokens: the engine need not keep the blocks'
+input alive through all the blocks (1.5 GB per batch row at 720p).
 
 Dtype rule. fp32 graphs are fp32 throughout. bf16 graphs hold bf16 weights and activations with the
 fp32 islands of the reference networks (norms, RoPE, modulation, time embedding, DiT residual stream and
@@ -325,12 +332,17 @@ def graphs(preset: Preset, shape: EngineShape | DynamicShape, precision: str, cf
                                             f32),),
               (S("clip_fea", (n_img, preset.clip.num_tokens, preset.clip.dim), f32),)),
     ]
+    if d.patch_size[0] != 1:
+        raise ValueError(f"DiT graphs assume a temporal patch of 1, got {d.patch_size}")
     for b in cfg_batch:
+        x, y = S("x", (b, d.out_dim, T, h, w), f32), S("y", (b, d.in_dim - d.out_dim, T, h, w), f32)
+        t = S("t", (b,), i64, d.num_train_timesteps + 1)  # t in 0..1000: dpm++ starts at t = 1000
+        v, hidden = S("v", (b, d.out_dim, T, h, w), f32), S("hidden", (b, T, hp, wp, d.dim), f32)
         out.append(Graph(f"dit_b{b}", "dit", precision, (
-            # t in 0..1000: dpm++ starts at t = 1000 (the official schedule)
-            S("x", (b, d.out_dim, T, h, w), f32), S("t", (b,), i64, d.num_train_timesteps + 1),
-            S("context", (b, d.text_len, d.text_dim), f32), S("clip_fea", (b, d.clip_tokens, d.clip_dim), f32),
-            S("y", (b, d.in_dim - d.out_dim, T, h, w), f32)), (S("v", (b, d.out_dim, T, h, w), f32),)))
+            x, t, S("context", (b, d.text_len, d.text_dim), f32), S("clip_fea", (b, d.clip_tokens, d.clip_dim), f32),
+            y), (v, hidden)))
+        out.append(Graph(f"dit_cached_b{b}", "dit", precision,
+                         (x, S("x_prev", x.shape, f32), t, y, hidden), (v,)))
     enc, dec = _vae_cache_shapes(preset, H, W, h, w)
     z_dim, st = preset.vae.z_dim, preset.vae.stride[0]
     for name in VAE_GRAPHS:
@@ -390,6 +402,28 @@ class OneOutput(nn.Module):
         return (self.net(*inputs).float(),)
 
 
+class DiTFull(nn.Module):
+    """The DiT returning the blocks' output too (graphs `dit_b*`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs):
+        return self.net(*inputs, return_hidden=True)
+
+
+class DiTCached(nn.Module):
+    """The DiT step that skips the blocks (graphs `dit_cached_b*`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs):
+        return (self.net.forward_cached(*inputs),)
+
+
 class VAEStep(nn.Module):
     def __init__(self, net: nn.Module, decode: bool, first: bool):
         super().__init__()
@@ -406,4 +440,6 @@ def module(graph: Graph, models) -> nn.Module:
     net = models[graph.component]
     if graph.component == "vae":
         return VAEStep(net, "decode" in graph.name, graph.first).eval()
+    if graph.component == "dit":
+        return (DiTCached if graph.name.startswith("dit_cached") else DiTFull)(net).eval()
     return OneOutput(net).eval()

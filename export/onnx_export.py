@@ -94,6 +94,25 @@ def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = 
                                  custom_translation_table=table, dynamic_shapes=_dynamic_shapes(graph, ranges))
 
 
+def _name_dims(prog, graph: Graph) -> None:
+    """Spell every dynamic dim of the graph's outputs as the contract's root dims. The exporter names an
+    input dim such as 2*s45 after its Dim ("2*hp") but leaves a bare s45 as is (the DiT's `hidden` token
+    grid [B, T, hp, wp, dim]); the symbols are read off the exported program's inputs."""
+    if not graph.dynamic:
+        return
+    names = {}
+    user = [n for n in prog.exported_program.graph.nodes if n.op == "placeholder"
+            and n.name in prog.exported_program.graph_signature.user_inputs]
+    for spec, node in zip(graph.inputs, user):
+        for d, size in zip(spec.shape, node.meta["val"].shape):
+            if isinstance(d, str) and isinstance(size, torch.SymInt):
+                k, _, root = d.rpartition("*")
+                names[str(size.node.expr / (int(k) if k else 1))] = root
+    for value in prog.model.graph.outputs:
+        dims = [names.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+        value.shape = ir.Shape([str(d) if isinstance(d, ir.SymbolicDim) else d for d in dims])
+
+
 def _sample_dims(ranges: dict[str, tuple[int, int]] | None) -> dict[str, int]:
     """Root dims of the sample a dynamic graph is traced with: inside the ranges, neither 0 nor 1 (which
     torch.export specialises) and, where the ranges allow, all different (no coincidence to trace in)."""
@@ -111,6 +130,7 @@ def export_direct(graph: Graph, mod: nn.Module, folder: Path, attention: str = "
     """Trace a real adapter module (see `contracts.module`) into folder/<graph>.onnx."""
     sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph
     prog = _trace(mod, graph, sample_inputs(sample, 0), optimize=True, attention=attention, ranges=ranges)
+    _name_dims(prog, graph)
     path = folder / f"{graph.name}.onnx"
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     prog.save(path, external_data=size > EXTERNAL_BYTES)
@@ -192,6 +212,7 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph
     args = [torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in sample.inputs]
     prog = _trace(mod, graph, args, optimize=False, attention=attention, ranges=ranges)
+    _name_dims(prog, graph)
 
     inits = prog.model.graph.initializers
     for name, value in inits.items():

@@ -270,29 +270,56 @@ class WanDiT(nn.Module):
         if f % p[0] or h % p[1] or w % p[2]:
             raise ValueError(f"latent size {(f, h, w)} is not a multiple of the patch size {p}")
 
-    def forward(self, x, t, context, clip_fea, y):
-        """x [B,16,F,H,W] noisy latent, t [B] int64, context [B,512,text_dim] (zero-padded T5 features),
-        clip_fea [B, clip_tokens, clip_dim], y [B,20,F,H,W] (mask + latent) -> flow [B,16,F,H,W] fp32."""
-        cfg = self.cfg
-        self.check_inputs(x, t, context, clip_fea, y)
-        attn_ops = attention_ops(self.attention)
-        dt = self.patch_embedding.weight.dtype
+    # ---- the forward in pieces: the step cache (runtime/cache.py) runs the blocks or skips them ---------
+    def tokens(self, x, y) -> torch.Tensor:
+        """Patch embedding of [x, y]: [B, T, hp, wp, dim] fp32 (the blocks' input, token grid frame-major)."""
+        b, _, f, hh, ww = x.shape
+        p = self.cfg.patch_size
+        # the grid spelled from x's dims, so an exporter sees T, H/2, W/2 (not the conv's own symbols)
+        grid = (b, self.cfg.dim, f // p[0], hh // p[1], ww // p[2])
+        h = self.patch_embedding(torch.cat([x, y], dim=1).to(self.patch_embedding.weight.dtype)).reshape(grid)
+        return h.permute(0, 2, 3, 4, 1).float()
 
-        x = self.patch_embedding(torch.cat([x, y], dim=1).to(dt))
-        b, _, f, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2).float()
-        cos, sin = rope_grid(self.rope_cos, self.rope_sin, cfg.rope_split, f, h, w)
-
+    def time(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e [B, dim] for the head, e0 [B, 6, dim] for the blocks' modulation), fp32."""
         e = linear32(F.silu(linear32(self.time_table.index_select(0, t), self.time_embedding[0])),
                      self.time_embedding[2])
-        e0 = linear32(F.silu(e), self.time_projection[1]).unflatten(1, (6, cfg.dim))
+        return e, linear32(F.silu(e), self.time_projection[1]).unflatten(1, (6, self.cfg.dim))
 
+    def blocks_forward(self, h, e0, context, clip_fea) -> torch.Tensor:
+        """The transformer blocks on the token grid h [B, T, hp, wp, dim] -> same shape, fp32."""
+        cfg, dt = self.cfg, self.patch_embedding.weight.dtype
+        b, f, hh, ww, _ = h.shape
+        cos, sin = rope_grid(self.rope_cos, self.rope_sin, cfg.rope_split, f, hh, ww)
+        attn_ops = attention_ops(self.attention)
         txt = self.text_embedding(context.to(dt))
         img = self.img_emb(clip_fea).to(dt)
+        x = h.flatten(1, 3)
         for block in self.blocks:
             x = block(x, e0, txt, img, cos, sin, attn_ops)
-        x = self.head(x, e)
+        return x.view(h.shape)
 
-        pf, ph, pw = cfg.patch_size
-        x = x.view(b, f, h, w, pf, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, cfg.out_dim, f * pf, h * ph, w * pw)
+    def unpatchify(self, h, e) -> torch.Tensor:
+        """Head on the blocks' output h [B, T, hp, wp, dim] -> flow [B, out_dim, F, H, W] fp32."""
+        b, f, hh, ww, _ = h.shape
+        pf, ph, pw = self.cfg.patch_size
+        x = self.head(h.flatten(1, 3), e)
+        x = x.view(b, f, hh, ww, pf, ph, pw, self.cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, self.cfg.out_dim, f * pf, hh * ph, ww * pw)
+
+    def forward(self, x, t, context, clip_fea, y, return_hidden: bool = False):
+        """x [B,16,F,H,W] noisy latent, t [B] int64, context [B,512,text_dim] (zero-padded T5 features),
+        clip_fea [B, clip_tokens, clip_dim], y [B,20,F,H,W] (mask + latent) -> flow [B,16,F,H,W] fp32;
+        with `return_hidden` also the blocks' output [B, T, hp, wp, dim] fp32 (what a cached step reuses)."""
+        self.check_inputs(x, t, context, clip_fea, y)
+        e, e0 = self.time(t)
+        hidden = self.blocks_forward(self.tokens(x, y), e0, context, clip_fea)
+        v = self.unpatchify(hidden, e)
+        return (v, hidden) if return_hidden else v
+
+    def forward_cached(self, x, x_prev, t, y, hidden):
+        """A step that skips the blocks: their residual at the last computed step, hidden - tokens(x_prev),
+        added to this step's tokens (TeaCache / MagCache). x, x_prev [B,16,F,H,W], t [B], y [B,20,F,H,W],
+        hidden [B, T, hp, wp, dim] (`forward(..., return_hidden=True)` at x_prev) -> flow, fp32."""
+        residual = hidden - self.tokens(x_prev, y)
+        return self.unpatchify(self.tokens(x, y) + residual, self.time(t)[0])

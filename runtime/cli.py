@@ -78,6 +78,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
       help="few-step sampling of step-distilled models: descending timesteps in 1..1000, e.g. "
            "1000,750,500,250 (LightX2V's 4-step list); runs their flow-matching update, with --sample_shift "
            "applied as theirs (their Wan2.1 I2V configs use 5) and guide scale 1 unless --sample_guide_scale")
+    a("--cache", default="off", choices=("off", "magcache", "teacache"),
+      help="step cache: skip the DiT's blocks on the steps a calibrated schedule, fixed before the loop, allows "
+           "(reusing the last computed step's residual; MagCache or TeaCache decisions). Default off")
+    a("--cache_threshold", type=float, default=None,
+      help="the cache's error budget: larger skips more steps, 0 skips none (default: magcache 0.24, teacache "
+           "0.2, the authors' Wan2.1 I2V 720p settings)")
+    a("--cache_max_skips", type=int, default=None,
+      help="most steps skipped in a row (default: magcache 6, teacache no limit)")
+    a("--cache_calibration", default=None,
+      help="calibration JSON from flf2v-calibrate-cache (default: <ckpt_dir>/flf2v_cache_calibration.json when "
+           "present, else the authors' published Wan2.1 I2V-14B calibration)")
     a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random (default -1)")
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
     a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
@@ -164,6 +175,18 @@ def check_args(args) -> None:
         parts = [v.strip() for v in args.sample_timesteps.split(",") if v.strip()]
         ts = [int(v) if re.fullmatch(r"[+-]?\d+", v) else v for v in parts]
         args.sample_timesteps = few_steps(args.sample_solver, ts, args.sample_steps)[1]
+    if args.cache == "off" and (args.cache_threshold is not None or args.cache_max_skips is not None
+                                or args.cache_calibration):
+        raise InputError("--cache_threshold, --cache_max_skips and --cache_calibration apply to a step cache; "
+                         "add --cache magcache or --cache teacache")
+    if args.cache != "off":  # checked before the models load, as Pipeline.request does
+        from flf2v.runtime.cache import CacheError, check_settings, read_calibration
+        try:
+            check_settings(args.cache, args.cache_threshold, args.cache_max_skips)
+            if args.cache_calibration:
+                read_calibration(args.cache_calibration)
+        except CacheError as e:
+            raise InputError(str(e)) from None
     if not -1 <= args.base_seed < 2**63:
         raise InputError(f"--base_seed {args.base_seed} is out of range; use -1 or 0..2^63-1")
     if not 1 <= args.fps <= 240:
@@ -307,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                               sample_solver=args.sample_solver, sample_steps=args.sample_steps,
                               sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale,
                               seed=args.base_seed, negative_prompt=args.negative_prompt,
-                              sample_timesteps=args.sample_timesteps, progress=not args.quiet)
+                              sample_timesteps=args.sample_timesteps, cache=args.cache,
+                              cache_threshold=args.cache_threshold, cache_max_skips=args.cache_max_skips,
+                              cache_calibration=args.cache_calibration, progress=not args.quiet)
         save = Path(args.save_file) if args.save_file else default_save_file(
             args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
         with pipe.times("save"):
@@ -327,9 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
             "run": pipe.last_request.to_json(), "fps": args.fps, "backend": args.backend,
             "engines": str(getattr(pipe.backend, "folder", "")) or None, "device": str(device),
-            "preset": pipe.preset.name, "versions": versions(), "args": vars(args)})
+            "preset": pipe.preset.name, "versions": versions(), "args": vars(args),
+            **({"cache": pipe.last_cache.to_json()} if pipe.last_cache else {})})
     mem_s = ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
-    print(f"wrote {save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}) in "
+    cached = ""
+    if pipe.last_cache:
+        c = pipe.last_cache.to_json()
+        cached = f", {c['method']} computed {c['steps_computed']} of {len(pipe.last_cache.compute)} steps"
+    print(f"wrote {save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}{cached}) in "
           f"{total:.1f} s; peak memory: {mem_s}")
     if pipe.preset.name.startswith("tiny") or pipe.preset.name == "small":
         print(f"note: {args.ckpt_dir} is a {pipe.preset.name} test checkpoint with random weights, so the video "

@@ -17,6 +17,12 @@ Layouts (`cfg`, `cfg_batch` = the DiT batch of each call): CFG as one batch-2 ca
 [cond, uncond] context, or as two batch-1 calls; without CFG one batch-1 call, or, for engines that hold
 only the batch-2 DiT, one batch-2 call on [x, x] with the cond context twice whose first half is kept.
 
+Step cache (runtime/cache.py): with `cache=(denoise_full, denoise_cached)` there are two step programs.
+`step()` runs the DiT in full and keeps what a skipped step needs, its blocks' output `hidden` (per CFG
+row) and the latent `x_prev` it ran at; `step_cached()` runs the DiT's cached form on them (embeddings and
+head only: the blocks' residual of the last full step added to this step's tokens). Which one each step
+runs is the run's schedule, a host list fixed before the loop; both programs are captured on CUDA.
+
 Non-finite latents are not checked inside the loop (that would sync the host every step): the step
 records the first step whose output is not finite in a device scalar, read once after the loop.
 """
@@ -35,7 +41,10 @@ class DenoiseLoop(torch.nn.Module):
     """`forward()` is one step; every tensor it touches is a registered buffer (static address)."""
 
     def __init__(self, denoise, sampler, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
-                 y: torch.Tensor, guide_scale: float, cfg_batch: int = 2, cfg: bool = True):
+                 y: torch.Tensor, guide_scale: float, cfg_batch: int = 2, cfg: bool = True, cache=None,
+                 hidden_shape: tuple[int, ...] | None = None):
+        """`cache`: (denoise_full, denoise_cached) of the backend, with `hidden_shape` the DiT's hidden output
+        per batch row (T, hp, wp, dim), to run cached steps as well."""
         super().__init__()
         if cfg_batch not in (1, 2):
             raise ValueError(f"cfg_batch must be 1 or 2, got {cfg_batch}")
@@ -64,8 +73,15 @@ class DenoiseLoop(torch.nn.Module):
         buf("y", y.expand(b, -1, -1, -1, -1).contiguous())
         if cfg and b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
             buf("v_cond", torch.zeros_like(self.x))
-        self.graph = None
-        self.token = None  # the backend's graph_token when the graph was captured
+        self.cache = cache
+        if cache is not None:
+            if hidden_shape is None:
+                raise ValueError("a cached loop needs hidden_shape (T, hp, wp, dim)")
+            # the DiT rows a step runs: [cond, uncond] with CFG (one batch-2 call or two batch-1 calls)
+            buf("hidden", torch.zeros(2 if cfg else b, *hidden_shape, device=dev))
+            buf("x_prev", torch.zeros_like(self.x))
+        self.graph = self.graph_cached = None
+        self.token = None  # the backend's graph_token when the graphs were captured
 
     def reset(self, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor) -> None:
         """A new run of the same shape and settings: new inputs into the same buffers (a captured graph
@@ -74,6 +90,9 @@ class DenoiseLoop(torch.nn.Module):
         self.ctx.copy_(context if self.cfg else context[:1].expand_as(self.ctx))
         self.clip.copy_(clip_fea.expand_as(self.clip))
         self.y.copy_(y.expand_as(self.y))
+        self._clear()
+
+    def _clear(self) -> None:
         for buf in (self.last, self.m1, self.m2):
             buf.zero_()
         self.first_bad.fill_(self.steps)
@@ -82,21 +101,44 @@ class DenoiseLoop(torch.nn.Module):
         self.step()
 
     def step(self) -> None:
+        """One step with the DiT in full (keeping its hidden output when the loop caches)."""
         x = self.x
+        v = self._guided(self._full)
+        if self.cache is not None:
+            self.x_prev.copy_(x)
+        self._update(v)
+
+    def step_cached(self) -> None:
+        """One step that reuses the blocks' residual of the last full step."""
+        self._update(self._guided(self._cached))
+
+    def _full(self, xx, t, ctx, rows: slice):
+        if self.cache is None:
+            return self.denoise(xx, t, ctx, self.clip, self.y)
+        v, hidden = self.cache[0](xx, t, ctx, self.clip, self.y)
+        self.hidden[rows].copy_(hidden)
+        return v
+
+    def _cached(self, xx, t, ctx, rows: slice):
+        return self.cache[1](xx, self.x_prev.expand_as(xx), t, self.y, self.hidden[rows])
+
+    def _guided(self, call) -> torch.Tensor:
+        """The guided velocity of this step, the DiT run through `call(x, t, context, rows)`."""
+        x, b = self.x, self.cfg_batch
         if not self.cfg:
-            xx = x if self.cfg_batch == 1 else torch.cat([x, x])
-            v = self.denoise(xx, self.t.expand(self.cfg_batch), self.ctx, self.clip, self.y)[:1].float()
-        elif self.cfg_batch == 2:
-            v = self.denoise(torch.cat([x, x]), self.t.expand(2), self.ctx, self.clip, self.y).float()
-            v_cond, v_uncond = v.chunk(2)
+            xx = x if b == 1 else torch.cat([x, x])
+            return call(xx, self.t.expand(b), self.ctx, slice(0, b))[:1].float()
+        if b == 2:
+            v_cond, v_uncond = call(torch.cat([x, x]), self.t.expand(2), self.ctx, slice(0, 2)).float().chunk(2)
         else:
             t = self.t.expand(1)
             v_cond = self.v_cond
-            v_cond.copy_(self.denoise(x, t, self.ctx[:1], self.clip, self.y))
-            v_uncond = self.denoise(x, t, self.ctx[1:], self.clip, self.y).float()
-        if self.cfg:
-            v = v_uncond + self.guide * (v_cond - v_uncond)
-        out = self.sampler.step(self.coef, v, x, State(self.last, self.m1, self.m2))
+            v_cond.copy_(call(x, t, self.ctx[:1], slice(0, 1)))
+            v_uncond = call(x, t, self.ctx[1:], slice(1, 2)).float()
+        return v_uncond + self.guide * (v_cond - v_uncond)
+
+    def _update(self, v: torch.Tensor) -> None:
+        out = self.sampler.step(self.coef, v, self.x, State(self.last, self.m1, self.m2))
         bad = ~torch.isfinite(out).all() & (self.first_bad == self.steps)
         self.first_bad.copy_(torch.where(bad, self.i, self.first_bad))
         self.x.copy_(out)
@@ -107,7 +149,8 @@ class DenoiseLoop(torch.nn.Module):
         self.i.copy_(self.step_ids[i])
 
     def capture(self) -> None:
-        """Record `step` as a CUDA graph: one eager warm-up step, state restored, then capture."""
+        """Record `step` (and `step_cached`) as CUDA graphs: one eager warm-up of each, state restored,
+        then capture."""
         x0 = self.x.clone()
         self._load(0)
         torch.cuda.synchronize()
@@ -115,22 +158,36 @@ class DenoiseLoop(torch.nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.step()
+            if self.cache is not None:
+                self.step_cached()
         torch.cuda.current_stream().wait_stream(side)
         self.x.copy_(x0)
-        for buf in (self.last, self.m1, self.m2):
-            buf.zero_()
-        self.first_bad.fill_(self.steps)
+        self._clear()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.step()
+        if self.cache is not None:
+            self.graph_cached = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph_cached):
+                self.step_cached()
 
-    def run(self, progress=None) -> torch.Tensor:
+    def run(self, progress=None, compute: tuple[bool, ...] | None = None) -> torch.Tensor:
+        """All steps; `compute[i]` False runs step i cached (a cached loop's schedule, step 0 computed)."""
+        if compute is not None:
+            if len(compute) != self.steps or not compute[0]:
+                raise ValueError(f"a schedule needs {self.steps} flags, the first True; got {compute}")
+            if not all(compute) and self.cache is None:
+                raise ValueError("this loop was built without the step cache")
         for i in range(self.steps):
             self._load(i)
-            if self.graph is not None:
-                self.graph.replay()
-            else:
+            full = compute is None or compute[i]
+            graph = self.graph if full else self.graph_cached
+            if graph is not None:
+                graph.replay()
+            elif full:
                 self.step()
+            else:
+                self.step_cached()
             if progress is not None:
                 progress.update(1)
         self.check_finite()

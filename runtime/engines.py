@@ -227,6 +227,19 @@ class EngineBackend:
     def denoise(self, x, t, context, clip_fea, y):
         return self._run(f"dit_b{x.shape[0]}", [x, t, context, clip_fea, y])[0]
 
+    @property
+    def steps_cache(self) -> bool:
+        """Whether the folder holds the step cache's graphs (dit_b* with `hidden`, dit_cached_b*)."""
+        return all(f"dit_cached_b{b}" in self.specs and len(self.specs[f"dit_b{b}"]["outputs"]) == 2
+                   for b in self.cfg_batches)
+
+    def denoise_full(self, x, t, context, clip_fea, y):
+        v, hidden = self._run(f"dit_b{x.shape[0]}", [x, t, context, clip_fea, y])
+        return v, hidden
+
+    def denoise_cached(self, x, x_prev, t, y, hidden):
+        return self._run(f"dit_cached_b{x.shape[0]}", [x, x_prev, t, y, hidden])[0]
+
     def _vae_step(self, kind: str):
         def step(x, caches, first):
             out = self._run(f"vae_{kind}_{'first' if first else 'chunk'}", [x.float(), *caches])
@@ -291,15 +304,16 @@ class OrtBackend(EngineBackend):
         """What a session opens: the graph's file, or for a DiT whose LoRAs differ from the build's the
         graph with the run's LoRAs swapped in (runtime/loras.py)."""
         path = self.folder / self.specs[graph]["file"]
-        if not (self.lora_swap and graph.startswith("dit_b")):
+        if not (self.lora_swap and graph.startswith("dit_")):
             return str(path)
         from . import loras as L
         hint = M.rebuild_hint(self.ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
                               self.manifest.get("attention"), L.lora_arg(self.loras))
-        return L.ort_model(path, self.manifest, self.ckpt_dir, self.loras, hint)
+        # the cached step holds only the embeddings and head: the LoRA keys it has, if any
+        return L.ort_model(path, self.manifest, self.ckpt_dir, self.loras, hint, subset=graph.startswith("dit_cached"))
 
     def _cuda_graph(self, graph: str) -> bool:  # gpu, unverified; ORT's graphs need one fixed shape
-        return self.cuda and self.io_binding and graph.startswith("dit_b") and not self.shape.dynamic
+        return self.cuda and self.io_binding and graph.startswith("dit_") and not self.shape.dynamic
 
     def _resized(self) -> None:
         super()._resized()
@@ -505,11 +519,12 @@ class TrtBackend(EngineBackend):
         """Names the DiT buffers a CUDA graph captured now would use at the current shape (None when the
         DiT is not loaded); a graph captured under another token must not be replayed. Sets the
         context to the current shape, as the graph expects."""
-        graph = f"dit_b{cfg_batch}"
-        if graph not in self.engines or self.dims is None:
+        loaded = [g for g in (f"dit_b{cfg_batch}", f"dit_cached_b{cfg_batch}") if g in self.engines]
+        if not loaded or self.dims is None:
             return None
-        self._load(graph)
-        return self.engines[graph].shapes[tuple(self.dims.values())][0]
+        for g in loaded:
+            self._load(g)
+        return tuple(self.engines[g].shapes[tuple(self.dims.values())][0] for g in loaded)
 
     @staticmethod
     def _bind(ctx, name: str, t: torch.Tensor) -> None:
@@ -524,7 +539,7 @@ class TrtBackend(EngineBackend):
 
     def finish_denoise(self) -> None:
         if not self.keep_dit:
-            self._release([g for g in self.engines if g.startswith("dit_b")])
+            self._release([g for g in self.engines if g.startswith("dit_")])
 
     def _release(self, graphs) -> None:
         if any(g in self.engines for g in graphs):

@@ -70,7 +70,7 @@ def _built_loras(manifest: dict, ckpt_dir, hint: str) -> list:
 MAX_SWAP_BYTES = 1 << 31  # a swapped graph is handed to ONNX Runtime as one protobuf, which caps at 2 GB
 
 
-def ort_model(onnx_path: Path, manifest: dict, ckpt_dir, loras, hint: str) -> bytes:
+def ort_model(onnx_path: Path, manifest: dict, ckpt_dir, loras, hint: str, subset: bool = False) -> bytes | str:
     """The DiT graph with the run's LoRAs in its weights, serialized for `InferenceSession(bytes)` (fp32
     graphs under 2 GB: the CPU's). Not `SessionOptions.add_initializer`: ONNX Runtime's constant folding
     folds the weights' Transposes from the file's values and drops the override (onnxruntime 1.32,
@@ -89,6 +89,10 @@ def ort_model(onnx_path: Path, manifest: dict, ckpt_dir, loras, hint: str) -> by
     if model.ByteSize() > MAX_SWAP_BYTES:
         raise EngineError(f"{onnx_path}: a LoRA swap holds the graph in memory, which caps at 2 GB; {hint}")
     inits = {t.name: t for t in model.graph.initializer}
+    if subset:  # a graph with part of the DiT's weights (the cached step): swap those it has, if any
+        keys = {k for k in keys if WEIGHT_PREFIX + k in inits}
+        if not keys:
+            return str(onnx_path)
     missing = sorted(k for k in keys if WEIGHT_PREFIX + k not in inits)
     if missing:
         raise EngineError(f"{onnx_path}: no initializer {WEIGHT_PREFIX + missing[0]} to swap a LoRA into (built "

@@ -28,6 +28,7 @@ from flf2v.models.clip import preprocess as clip_preprocess
 from flf2v.models import config
 from flf2v.models.config import Preset
 
+from . import cache as step_cache
 from .denoise import DenoiseLoop
 from .media import InputError, image_to_tensor
 from .scheduler import DISTILL, check_timesteps, make_sampler
@@ -135,14 +136,23 @@ class Request:
     cfg_batch: int  # the DiT batch of each call (2: [x, x] in one call)
     cfg: bool = True  # False at guide 1: the uncond forward and the negative prompt skipped
     sample_timesteps: tuple[int, ...] | None = None  # the few-step list of the DISTILL sampler
+    cache: str = "off"  # step cache (runtime/cache.py): "off" | "magcache" | "teacache"
+    cache_threshold: float = 0.0
+    cache_max_skips: int | None = None
+    cache_calibration: step_cache.Calibration | None = None
+
+    CACHE_KEYS = ("cache", "cache_threshold", "cache_max_skips", "cache_calibration")
 
     def to_json(self) -> dict:
         # keys of features not in use are left out, so the record of a plain run keeps its shape
-        d = {k: v for k, v in asdict(self).items() if k not in ("cfg", "sample_timesteps")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("cfg", "sample_timesteps", *self.CACHE_KEYS)}
         if self.sample_timesteps is not None:
             d["sample_timesteps"] = list(self.sample_timesteps)
         if not self.cfg:
             d["cfg"] = "off"
+        if self.cache != "off":
+            d.update(cache=self.cache, cache_threshold=self.cache_threshold, cache_max_skips=self.cache_max_skips,
+                     cache_calibration=self.cache_calibration.source)
         return d
 
 
@@ -157,6 +167,7 @@ class Pipeline:
         self.loops: OrderedDict = OrderedDict()  # kept denoising loops (see `denoise`)
         self.times = StageTimes()
         self.said: set[str] = set()  # warnings given once per pipeline
+        self.last_cache: step_cache.CachePlan | None = None  # the last run's step-cache schedule
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", cuda_graph: bool = True,
@@ -208,7 +219,9 @@ class Pipeline:
                 size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
                 sample_steps: int | None = None, sample_shift: float | None = None,
                 guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
-                cfg_batch: int | None = None, sample_timesteps=None) -> Request:
+                cfg_batch: int | None = None, sample_timesteps=None, cache: str = "off",
+                cache_threshold: float | None = None, cache_max_skips: int | None = None,
+                cache_calibration=None) -> Request:
         """The run `generate` makes with these arguments: validated, every default resolved (the task's
         official ones; the engines' grid and frame count when the backend has fixed shapes)."""
         p = self.preset
@@ -240,11 +253,30 @@ class Pipeline:
             make_sampler(sample_solver, steps, sample_shift, sample_timesteps)  # built per run: check it now
         except ValueError as e:
             raise InputError(str(e)) from None
+        cache_threshold, cache_max_skips, calibration = self._cache_settings(
+            cache, cache_threshold, cache_max_skips, cache_calibration, size)
         return Request(prompt=prompt, negative_prompt=(negative_prompt or p.sample_neg_prompt) if cfg else None,
                        height=h, width=w, frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
                        sample_shift=float(sample_shift), guide_scale=float(guide),
                        seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch, cfg=cfg,
-                       sample_timesteps=sample_timesteps)
+                       sample_timesteps=sample_timesteps, cache=cache, cache_threshold=cache_threshold,
+                       cache_max_skips=cache_max_skips, cache_calibration=calibration)
+
+    def _cache_settings(self, method: str, threshold, max_skips, calibration, size: str):
+        """(threshold, max_skips, Calibration or None) of a run's step cache; InputError when it cannot run."""
+        try:
+            threshold, max_skips = step_cache.check_settings(method, threshold, max_skips)
+            if method == "off":
+                return threshold, max_skips, None
+            if not getattr(self.backend, "steps_cache", False):
+                hint = getattr(self.backend, "hint", "rebuild the engines")
+                raise InputError(f"--cache {method}: the engines in {getattr(self.backend, 'folder', '?')} were "
+                                 f"built without the step cache's DiT graphs (dit_cached_b*); {hint}, or use "
+                                 f"--backend torch")
+            ckpt_dir = getattr(self.backend, "ckpt_dir", None)
+            return threshold, max_skips, step_cache.find_calibration(self.preset, ckpt_dir, size, calibration)
+        except step_cache.CacheError as e:
+            raise InputError(str(e)) from None
 
     def _dit_batch(self, cfg: bool, asked: int | None) -> int:
         """The DiT batch of each call (`asked`, else 2 with CFG and 1 without) among the layouts the backend
@@ -275,7 +307,11 @@ class Pipeline:
                   task's official one), cfg_batch (2: cond + uncond as one DiT batch, 1: two calls; at
                   guide_scale 1, no uncond: the DiT batch of the one call, 2 = [x, x]), sample_timesteps
                   (e.g. [1000, 750, 500, 250]: the few-step sampler of step-distilled models, guide scale 1
-                  unless given); unset ones take the task's official defaults (see `request`).
+                  unless given), cache ("off" | "magcache" | "teacache": skip the DiT's blocks on the steps
+                  the calibrated schedule allows, runtime/cache.py) with cache_threshold (0: none skipped),
+                  cache_max_skips, cache_calibration (a calibration file); unset ones take the task's
+                  official defaults (see `request`). `self.last_request` records them, `self.last_cache`
+                  the cache's schedule (None without a cache).
                   `self.last_request` records them.
         latents   initial noise [1, 16, T_lat, h, w] fp32 instead of the seed's (to reproduce or compare a run)
         output    "video": [3, frames, H, W] in [-1, 1] (decoded); "latent": the final latents
@@ -332,11 +368,16 @@ class Pipeline:
         with times("vae_encode", dev):
             y = torch.cat([inputs["msk"][None].to(dev), b.vae_encode(inputs["cond"][None]).to(dev)], dim=1)
         sampler = make_sampler(req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
+        self.last_cache = None
+        if req.cache != "off":
+            self.last_cache = step_cache.plan(req.cache, req.cache_threshold, req.cache_max_skips,
+                                              req.cache_calibration, sampler.timesteps, req.cfg, b.ckpt_dir, p)
         with times("denoise", dev):
             b.prepare_denoise()
             key = (req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
             latent = self.denoise(sampler, inputs["noise"].to(dev), context.to(dev), clip_fea.to(dev), y,
-                                  req.guide_scale, req.cfg_batch, progress, key, req.cfg)
+                                  req.guide_scale, req.cfg_batch, progress, key, req.cfg,
+                                  self.last_cache.compute if self.last_cache else None)
             b.finish_denoise()
         return latent
 
@@ -344,16 +385,21 @@ class Pipeline:
     KEEP_LOOPS = 2  # denoising loops (and their captured CUDA graphs) kept, one per shape and settings
 
     def denoise(self, sampler, x, context, clip_fea, y, guide: float, cfg_batch: int, progress: bool,
-                sampler_key=None, cfg: bool = True):
-        """The denoising loop (`cfg=False`: no uncond forward, `context` may hold the prompt's row only).
+                sampler_key=None, cfg: bool = True, compute: tuple[bool, ...] | None = None):
+        """The denoising loop (`cfg=False`: no uncond forward, `context` may hold the prompt's row only;
+        `compute`: the step cache's schedule, False = a cached step).
         Loops are kept per (latent shape, CFG layout, guide scale, sampler settings `sampler_key`), the
         newest KEEP_LOOPS of them, so a run at a shape already used reuses the loop's buffers and, on CUDA, replays its captured graph: only while the backend's `graph_token` (naming
         the DiT buffers the graph reads) is unchanged; otherwise it captures again."""
         capture = self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False)
-        key = (tuple(x.shape), cfg_batch, cfg, float(guide), sampler_key)
+        cached = compute is not None and not all(compute)
+        key = (tuple(x.shape), cfg_batch, cfg, float(guide), sampler_key, cached)
         loop = self.loops.pop(key, None) if sampler_key is not None else None
         if loop is None:
-            loop = DenoiseLoop(self.backend.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch, cfg)
+            b, p = self.backend, self.preset.dit.patch_size
+            hidden = (x.shape[2] // p[0], x.shape[3] // p[1], x.shape[4] // p[2], self.preset.dit.dim)
+            loop = DenoiseLoop(b.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch, cfg,
+                               (b.denoise_full, b.denoise_cached) if cached else None, hidden)
         else:
             loop.reset(x, context, clip_fea, y)
         if sampler_key is not None:
@@ -366,4 +412,5 @@ class Pipeline:
                 loop.capture()
                 loop.token = getattr(self.backend, "graph_token", lambda b: None)(cfg_batch)
         with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
-            return loop.run(bar).clone() if sampler_key is not None else loop.run(bar)
+            out = loop.run(bar, compute if cached else None)
+            return out.clone() if sampler_key is not None else out

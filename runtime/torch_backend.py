@@ -74,3 +74,14 @@ class TorchBackend:
     def denoise(self, x, t, context, clip_fea, y) -> torch.Tensor:
         d = self.dtype
         return self.dit(x.to(d), t, context.to(d), clip_fea.to(d), y.to(d))
+
+    # the step cache's two forms (runtime/cache.py): full with the blocks' output, and the one skipping them
+    steps_cache = True
+
+    def denoise_full(self, x, t, context, clip_fea, y) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dtype
+        return self.dit(x.to(d), t, context.to(d), clip_fea.to(d), y.to(d), return_hidden=True)
+
+    def denoise_cached(self, x, x_prev, t, y, hidden) -> torch.Tensor:
+        d = self.dtype
+        return self.dit.forward_cached(x.to(d), x_prev.to(d), t, y.to(d), hidden)

@@ -320,3 +320,38 @@ def test_busy_machine_waits_then_reports(monkeypatch, capsys):
     from flf2v.bench.report import load_lines
     text = "\n".join(load_lines({"load": {**load, "after": [2.0, 2, 2]}}))
     assert "3.00 before the timing" in text and "2.00 after" in text and "Warning: the machine was busy" in text
+
+
+# ---- the step-cache bench's video metrics (bench/cache.py) -------------------------------------------
+
+def test_psnr_of_a_known_offset():
+    from flf2v.bench.cache import psnr
+    a = torch.rand(3, 2, 16, 16) * 1.6 - 0.8
+    # +0.2 in [-1, 1] is +0.1 in [0, 1]: MSE 0.01, PSNR 20 dB
+    assert abs(psnr(a + 0.2, a) - 20.0) < 1e-4 and psnr(a, a) == float("inf")
+
+
+def test_ssim_equals_a_per_window_computation():
+    """SSIM (Wang et al. 2004, 11x11 Gaussian sigma 1.5) written out window by window in float64."""
+    import numpy as np
+
+    from flf2v.bench.cache import ssim
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 2, 14, 13, generator=gen) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=gen)).clamp(-1, 1)
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    x, y = (a.double().numpy() + 1) / 2, (b.double().numpy() + 1) / 2
+    vals = []
+    for c in range(3):
+        for f in range(2):
+            for i in range(14 - 10):
+                for j in range(13 - 10):
+                    p, q = x[c, f, i:i + 11, j:j + 11], y[c, f, i:i + 11, j:j + 11]
+                    mp, mq = (w * p).sum(), (w * q).sum()
+                    vp, vq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum()
+                    cov = (w * (p - mp) * (q - mq)).sum()
+                    vals.append((2 * mp * mq + 1e-4) * (2 * cov + 9e-4) / ((mp**2 + mq**2 + 1e-4) * (vp + vq + 9e-4)))
+    want = float(np.mean(vals))
+    assert abs(ssim(a, b) - want) < 1e-5, (ssim(a, b), want)
+    assert 0.2 < want < 0.95  # a real difference: the comparison means something

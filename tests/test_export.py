@@ -60,6 +60,10 @@ def reference(nets, graph: C.Graph, inputs) -> list[torch.Tensor]:
             step = vae.decode_chunk if "decode" in graph.name else vae.encode_chunk
             out, new = step(x, caches, graph.first)
             return [out, *new]
+        if graph.name.startswith("dit_cached"):
+            return [nets["dit"].forward_cached(*inputs)]
+        if graph.component == "dit":  # v and the blocks' output (the step cache's `hidden`)
+            return list(nets["dit"](*inputs, return_hidden=True))
         return [nets[graph.component](*inputs).float()]
 
 

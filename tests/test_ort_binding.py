@@ -70,7 +70,8 @@ def test_bound_video_equals_numpy_video(tiny_engines, tiny_ckpt, preset, demo_fr
 
 @pytest.mark.parametrize("cfg_batch", [1, 2])
 def test_host_crossings_per_denoising_step(tiny_engines, tiny_ckpt, preset, demo_frames, monkeypatch, cfg_batch):
-    """NumPy path: the DiT's 5 inputs and 1 output cross per call (1 call a step with cfg_batch 2, 2 with 1).
+    """NumPy path: the DiT's 5 inputs and 2 outputs (v, and the step cache's hidden) cross per call (1 call a
+    step with cfg_batch 2, 2 with 1).
     Bound path: none, in the DiT or any other graph."""
     seen = {}
     for io_binding in (False, True):
@@ -80,7 +81,7 @@ def test_host_crossings_per_denoising_step(tiny_engines, tiny_ckpt, preset, demo
             generate(backend, preset, tiny_ckpt, demo_frames, cfg_batch)
         assert crossings.calls[f"dit_b{cfg_batch}"] == STEPS * (3 - cfg_batch)
         seen[io_binding] = crossings
-    assert seen[False].per_step() == 6 * (3 - cfg_batch), seen[False].by_graph
+    assert seen[False].per_step() == 7 * (3 - cfg_batch), seen[False].by_graph
     assert seen[True].per_step() == 0 and not seen[True].by_graph, seen[True].by_graph
 
 

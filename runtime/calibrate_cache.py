@@ -1,0 +1,148 @@
+"""`flf2v-calibrate-cache`: one full run of the PyTorch reference that records the step cache's per-step
+curves for this checkpoint and writes them next to it (runtime/cache.py reads them on `--cache` runs).
+
+    flf2v-calibrate-cache --ckpt_dir CKPT --first_frame A.png [--last_frame B.png] --prompt "..."
+                          [--size 1280*720] [--frame_num 81] [--sample_steps 50] [--out FILE]
+
+What it records, as the methods' authors calibrate (runtime/cache.py names their code):
+- MagCache: per step and CFG branch, the mean over tokens of |r_i| / |r_{i-1}|, r the blocks' residual
+  (output minus input) and |.| the L2 norm over channels; rounded to 5 decimals, the first pair 1.0.
+- TeaCache: the degree-4 polynomial (np.polyfit) from the rel-L1 change of the time embedding e between
+  consecutive steps to the rel-L1 change of the DiT's output of each branch.
+One sample, as MagCache's authors calibrate; TeaCache's fitted over many videos, so more runs into one file
+is a possible refinement. The file records the checkpoint's fingerprint; a run refuses it for another one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cache as C
+
+
+MIN_STEPS = 8
+
+
+class Recorder:
+    """Wraps a TorchBackend: every DiT call runs in full and records, per batch row, the residual's
+    per-token norms, the output and the timestep."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def denoise(self, x, t, context, clip_fea, y):
+        b = self.backend
+        v, hidden = b.denoise_full(x, t, context, clip_fea, y)
+        tokens = b.dit.tokens(x.to(b.dtype), y.to(b.dtype))
+        norms = (hidden - tokens).float().norm(dim=-1).flatten(1)
+        self.calls.append((norms.cpu().clone(), v.float().cpu().clone(), t.cpu().clone()))  # t: a loop buffer
+        return v
+
+
+def branches(calls) -> list[list[tuple]]:
+    """Per CFG branch (the rows of a call: [cond, uncond] with CFG as one batch-2 call, or the one row
+    without CFG), the recorded (norms, output, timestep) of each step."""
+    return [[(n[r], v[r], t[r]) for n, v, t in calls] for r in range(calls[0][0].shape[0])]
+
+
+def calibration(calls, cfg: bool, ckpt_dir, preset) -> dict:
+    per_branch = branches(calls)
+    steps = len(per_branch[0])
+    if steps < MIN_STEPS:
+        raise ValueError(f"calibration needs at least {MIN_STEPS} steps, got {steps}")
+    ratios = [[1.0] * len(per_branch)]
+    for i in range(1, steps):
+        ratios.append([round(float((br[i][0] / br[i - 1][0]).mean()), 5) for br in per_branch])
+    if not cfg:
+        ratios = [[r[0], r[0]] for r in ratios]
+    timesteps = [int(t) for _, _, t in per_branch[0]]
+    change = C.embedding_change(C.time_embeddings(ckpt_dir, preset, timesteps))
+    points = [(float(change[i]), C.rel_l1(br[i][1], br[i - 1][1])) for br in per_branch for i in range(1, steps)]
+    xs, ys = np.array(points).T
+    return {"magcache": {"mag_ratios": [v for pair in ratios for v in pair], "steps": steps},
+            "teacache": {"coefficients": [float(c) for c in np.polyfit(xs, ys, 4)],
+                         "input": "rel-L1 change of the time embedding e (TeaCache use_ret_steps=False)",
+                         "points": [[round(x, 6), round(y, 6)] for x, y in points]},
+            "timesteps": timesteps}
+
+
+def run(ckpt_dir, first, last, prompt: str, out=None, device=None, dtype=None, progress: bool = True,
+        **options) -> Path:
+    """Calibrate `ckpt_dir` with one full generation; the calibration file written (atomically)."""
+    from flf2v.export.manifest import checkpoint_fingerprint, write_atomic
+    from flf2v.models import checkpoint as ck
+
+    from .pipeline import Pipeline
+    from .torch_backend import TorchBackend
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    preset = ck.preset_for(ckpt_dir)
+    out = Path(out) if out else Path(ckpt_dir) / C.CALIBRATION_FILE
+    if options.get("sample_steps") is None:  # a curve to resample needs points (the test presets run 4 steps)
+        options["sample_steps"] = max(preset.sample_steps, MIN_STEPS)
+    rec = Recorder(TorchBackend(ckpt_dir, preset, dtype, device, offload_model=device.type == "cuda"))
+    # eager steps, CFG as one batch-2 call (no CFG: batch 1): each call's rows are the branches in order
+    pipe = Pipeline(rec, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph=False)
+    t0 = time.perf_counter()
+    pipe.generate(prompt, first, last, output="latent", progress=progress, **options)
+    req = pipe.last_request
+    record = {"format": C.FORMAT, "model": preset.name, "checkpoint_fingerprint": checkpoint_fingerprint(ckpt_dir),
+              "run": req.to_json(), "seconds": round(time.perf_counter() - t0, 1),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"), **calibration(rec.calls, req.cfg, ckpt_dir, preset)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(record, indent=1).encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flf2v.models.checkpoint import CheckpointError
+    from flf2v.runtime.media import InputError, load_image
+    ap = argparse.ArgumentParser(prog="flf2v-calibrate-cache", usage=argparse.SUPPRESS, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
+    a("--first_frame", "--image", required=True, help="first frame (FLF2V) or input image (I2V)")
+    a("--last_frame", default=None, help="last frame (FLF2V)")
+    a("--prompt", required=True, help="text prompt of the calibration video")
+    a("--size", default=None, help="max output area W*H (default: the model's)")
+    a("--frame_num", type=int, default=None, help="frames, 4n+1 (default: the model's)")
+    a("--sample_steps", type=int, default=None, help=f"steps (default: the model's, at least {MIN_STEPS}; runs "
+                                                       f"with other step counts resample the curve)")
+    a("--sample_shift", type=float, default=None)
+    a("--sample_guide_scale", type=float, default=None)
+    a("--base_seed", type=int, default=0)
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--out", default=None, help=f"calibration file (default: <ckpt_dir>/{C.CALIBRATION_FILE}, which runs "
+                                  f"pick up themselves)")
+    a("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
+            raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")
+        first = load_image(args.first_frame)
+        last = load_image(args.last_frame) if args.last_frame else None
+        out = run(args.ckpt_dir, first, last, args.prompt, args.out, args.device, progress=not args.quiet,
+                  size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
+                  sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale, seed=args.base_seed)
+    except (InputError, CheckpointError) as e:
+        print(f"flf2v-calibrate-cache: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"flf2v-calibrate-cache: error: {e.strerror or e} ({e.filename or 'output'}); nothing was written "
+              f"(pass --out to write elsewhere)", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
