@@ -9,6 +9,7 @@ PRECISION ?=
 ENGINES ?=
 ATTENTION ?=
 LORA ?=
+BACKEND ?=
 
 .PHONY: setup test demo engines bench gpu-check clean
 
@@ -61,12 +62,13 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."]
-#              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT)
+#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti]
+#              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
+#               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l))
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND))
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

@@ -162,6 +162,8 @@ def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, obj
     runner.load()
     entry["load_seconds"] = time.perf_counter() - t0
     entry["engine_build_seconds"] = runner.build_seconds
+    folder = getattr(runner, "folder", None)  # engines: the bytes of the folder (ONNX files, packages)
+    entry["engine_bytes"] = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) if folder else None
     warm = warm_run(runner, job, warmup_steps)
     entry["warmup_seconds"] = warm.seconds
     return entry, warm

@@ -18,6 +18,9 @@ reason); one failing part never loses the others' figures):
                   error and per-step latent cosine through the denoising loop; and the default `dynamic`
                   build (bf16, two optimization profiles) at a landscape and a portrait grid, each vs
                   torch (skipped without tensorrt)
+  7 aoti          AOTInductor (`flf2v-build --backend aoti`): the part-5 DiT slice compiled into a .pt2 package
+                  (compile time, size, forward time and error vs torch eager) and the tiny model's whole AOTI
+                  folder through the pipeline vs the torch reference in bf16 (bench/gpu_parts_aoti.py)
   1 pytest        `pytest -m gpu` in a subprocess: passed / failed / skipped counts and the failures' names;
                   tests (or test modules) that fail only for a package absent from this python (a bare GPU
                   image has no PIL, ftfy, diffusers, onnxscript, ...) are listed as not run, not as failures
@@ -58,6 +61,7 @@ from pathlib import Path
 
 from flf2v.bench.gpu_common import ROOT, CheckFailed, PartTimeout, Skip, free_cuda, log, one_line
 from flf2v.bench.gpu_parts import part_cuda_graph, part_environment, part_kernels, part_pytest
+from flf2v.bench.gpu_parts_aoti import part_aoti
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
 from flf2v.bench.gpu_report import _f, render_md
 
@@ -73,6 +77,7 @@ PARTS = (
     ("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", 60, 15),
     ("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", 150, 30),
     ("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", 150, 5),
+    ("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", 150, 10),
     ("pytest", 1, "gpu-marked tests (pytest -m gpu)", 300, 40),
 )
 
@@ -185,7 +190,7 @@ def watchdog(run: Run) -> None:
 
 PART_FUNCS = {"environment": lambda run, data, end: part_environment(run, data), "kernels": part_kernels,
               "cuda_graph": part_cuda_graph, "dit_slice": part_dit_slice, "trt_tiny": part_trt_tiny,
-              "pytest": part_pytest}
+              "aoti": part_aoti, "pytest": part_pytest}
 
 
 def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:

@@ -47,7 +47,7 @@ def render_md(res: dict) -> str:
         if p.get("traceback"):
             lines += ["```", p["traceback"].rstrip(), "```", ""]
         renderer = {"environment": _md_env, "kernels": _md_kernels, "cuda_graph": _md_graph,
-                    "dit_slice": _md_slice, "trt_tiny": _md_trt, "pytest": _md_pytest}[key]
+                    "dit_slice": _md_slice, "trt_tiny": _md_trt, "aoti": _md_aoti, "pytest": _md_pytest}[key]
         if d:
             try:
                 lines += renderer(d, m)
@@ -152,6 +152,24 @@ def _md_trt(d, m):
     for v in d.get("variants", []):
         if v.get("grids"):
             out += _md_grids(v)
+    return out
+
+
+def _md_aoti(d, m):
+    s, t = d.get("dit_slice") or {}, d.get("tiny") or {}
+    err = (s.get("vs_eager") or {}).get("max_rel")
+    out = [f"DiT slice ({s.get('blocks')} blocks, {s.get('tokens')} tokens, {s.get('dtype')}): export "
+           f"{_f(s.get('export_s'), '{:.1f}')} s, compile {_f(s.get('compile_s'), '{:.1f}')} s, package "
+           f"{_f(s.get('package_mib'), '{:.0f}')} MiB; forward AOTI {_f(s.get('aoti_forward_s'))} s vs eager "
+           f"{_f(s.get('eager_forward_s'))} s ({_f(s.get('speedup_vs_eager'), '{:.2f}')}x), max rel err "
+           f"{_f(err, '{:.2e}')}", ""]
+    if t.get("skipped") or t.get("error"):
+        out.append(f"Tiny AOTI folder: {t.get('skipped') or t.get('error')}")
+    else:
+        e = (t.get("video_vs_torch_bf16") or {}).get("max_rel")
+        out.append(f"Tiny AOTI folder (bf16): build {_f(t.get('build_s'), '{:.1f}')} s, "
+                   f"{_f(t.get('folder_mib'), '{:.1f}')} MiB, first video {_f(t.get('first_run_s'), '{:.1f}')} s, "
+                   f"video vs torch bf16 max rel {_f(e, '{:.2e}')}")
     return out
 
 

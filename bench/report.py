@@ -202,6 +202,12 @@ def markdown(result: dict) -> str:
             h, g = b["host_peak"].get(c), b["cuda_peak"].get(c)
             cells.append(_gib(h) + (f" / {_gib(g)}" if g is not None else ""))
         lines.append(f"| {name} | {_gib(b['rss_before_load'])} | " + " | ".join(cells) + " |")
+    built = {n: b for n, b in ok.items() if b.get("engine_build_seconds") is not None}
+    if built:
+        lines += ["", "## Engine builds (`flf2v-build` in a child process, before the runs)", "",
+                  "| backend | build (s) | folder size (MiB) |", "|---|---:|---:|"]
+        lines += [f"| {n} | {b['engine_build_seconds']:.1f} | "
+                  f"{(b.get('engine_bytes') or 0) / 2**20:.1f} |" for n, b in built.items()]
     achieved = None
     if m["gpu"]:
         achieved = {stage: ", ".join(f"{n} {100 * b['floor_fraction'][stage]:.1f}%" for n, b in ok.items()

@@ -21,12 +21,13 @@ from flf2v.runtime.pipeline import Pipeline
 from .measure import CallMeter, Clock, Probe, StageProbe, TimedBackend
 
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
-BACKENDS = ("torch", "torch-triton", "ort", "ort-dynamic", "ort-numpy", "trt", "trt-dynamic", "diffusers")
+BACKENDS = ("torch", "torch-triton", "ort", "ort-dynamic", "ort-numpy", "trt", "trt-dynamic", "aoti", "aoti-dynamic",
+            "diffusers")
 # variants of an engine backend: (base backend, its options, engine shape; None: the job's own static shape).
 # ort-numpy: ONNX Runtime through NumPy arrays instead of IO binding (the path before issue 17); *-dynamic:
 # the default `dynamic` build (one build for every shape, issue 12), against the static one in one run.
 VARIANTS = {"ort-numpy": ("ort", {"io_binding": False}, None), "ort-dynamic": ("ort", {}, "dynamic"),
-            "trt-dynamic": ("trt", {}, "dynamic")}
+            "trt-dynamic": ("trt", {}, "dynamic"), "aoti-dynamic": ("aoti", {}, "dynamic")}
 
 
 class Unavailable(RuntimeError):
@@ -104,7 +105,7 @@ def _timed(runner, call):
 
 class OursRunner:
     """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort (static engines),
-    ort-dynamic, ort-numpy, trt or trt-dynamic."""
+    ort-dynamic, ort-numpy, trt, trt-dynamic, aoti (AOTInductor packages) or aoti-dynamic."""
 
     def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
         self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root

@@ -1,13 +1,16 @@
 """`flf2v-build`: checkpoint -> ONNX graphs -> engines in one folder per target and shape, with a manifest.
 
-    flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt]
+    flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt|aoti]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
                 [--attention onnx|plugin]
 
 Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<shape>/` (for example
 `engines/h100-sm90-trt11.4/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine` built from it
 (export/trt_engine.py); otherwise `engines/cpu-ort<onnxruntime version>/<shape>/`, where the fp32
-`<graph>.onnx` files are the engines ONNX Runtime opens. A folder serves one checkpoint and one precision.
+`<graph>.onnx` files are the engines ONNX Runtime opens. `--backend aoti` compiles each graph with PyTorch's
+AOTInductor instead (export/aoti.py; no ONNX): `engines/<gpu>-sm<cc>-aoti-torch<x.y>/<shape>/<graph>.pt2`
+on a GPU (bf16), `engines/cpu-aoti-torch<x.y>/...` on a CPU (fp32). A folder serves one checkpoint and one
+precision.
 Shapes (export/contracts.py): `dynamic`, the default, serves every official size and first-frame aspect
 ratio from 1:2.4 to 2.4:1 and 5..81 frames with one build (DiT and VAE graphs with dynamic latent frames,
 height and width; TensorRT optimization profiles for landscape and portrait grids); `dynamic-480p` only
@@ -73,8 +76,10 @@ def file_sha256(*paths: Path) -> str:
 
 
 def tool_versions(backend: str) -> dict:
-    import onnx
     import torch
+    if backend == "aoti":
+        return {"torch": torch.__version__, "device": str(_aoti_device())}
+    import onnx
     v = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": C.OPSET}
     if backend == "ort":
         import onnxruntime
@@ -116,6 +121,11 @@ def _remove_leftovers(folder: Path) -> None:
 
 # ---- the build -------------------------------------------------------------------------------------
 
+def _aoti_device():
+    from .aoti import aoti_device
+    return aoti_device()
+
+
 def resolve_backend(backend: str, attention: str) -> str:
     if backend == "auto":
         if not M.trt_available() and M.gpu_info() is not None:
@@ -128,7 +138,7 @@ def resolve_backend(backend: str, attention: str) -> str:
                          f"or use --backend ort")
     if attention not in ATTENTION:
         raise BuildError(f"--attention {attention}: choose one of {', '.join(ATTENTION)}")
-    if attention == "plugin" and backend != "trt":
+    if attention == "plugin" and backend != "trt":  # AOTInductor: the Triton kernels are not compiled in yet
         raise BuildError("--attention plugin needs TensorRT (--backend trt on a CUDA GPU): the plugin nodes "
                          "run the Triton kernels, which ONNX Runtime cannot; use --attention onnx")
     return backend
@@ -142,7 +152,7 @@ class Plan:
         self.ckpt_dir, self.preset, self.eshape, self.precision = ckpt_dir, preset, eshape, precision
         self.backend, self.opt_level, self.attention = backend, opt_level, attention
         self.loras = list(loras)  # [(models.lora.LoRA, scale)], merged into the DiT at export
-        info = M.gpu_info() if backend == "trt" else None
+        info = M.gpu_info() if backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda") else None
         self.gpu = {"name": info[0], "compute_capability": f"{info[1][0]}.{info[1][1]}"} if info else None
         self.fingerprint = M.checkpoint_fingerprint(ckpt_dir)
         self.code = code_fingerprint()
@@ -186,10 +196,20 @@ class Plan:
                 "loras": self.loras_json(), "gpu": self.gpu, "engines": engines}
 
     def build_one(self, g: C.Graph, folder: Path) -> dict:
-        """Export `g` (and build its TensorRT engine); its manifest entry."""
+        """Export `g` (and build its TensorRT engine, or compile its AOTInductor package); its manifest entry."""
         from .onnx_export import export_graph
         t0 = time.perf_counter()
         dit = g.component == "dit"
+        if self.backend == "aoti":
+            from .aoti import export_package
+            pkg = export_package(g, self.ckpt_dir, folder / f"{g.name}.pt2", preset=self.preset,
+                                 loras=self.loras, ranges=self.eshape.envelope() if g.dynamic else None)
+            return {"file": pkg.name, "inputs": [s.to_json() for s in g.inputs],
+                    "outputs": [s.to_json() for s in g.outputs], "precision": self.precision,
+                    "checkpoint_fingerprint": self.fingerprint, "builder": self.builder, "gpu": self.gpu,
+                    "files": {pkg.name: pkg.stat().st_size}, "key": self.key(g),
+                    "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
+                    **self.attention_of(g), **({"loras": self.loras_json()} if dit else {})}
         source = None
         if dit and self.loras:
             from flf2v.models.lora import merged_source
@@ -238,7 +258,11 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             loras = load_loras(list(loras), ckpt_dir)
         except LoRAError as e:
             raise BuildError(str(e)) from None
-    precision = precision or ("bf16" if backend == "trt" else "fp32")
+    on_gpu = backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda")
+    precision = precision or ("bf16" if on_gpu else "fp32")
+    if backend == "aoti" and precision != "fp32" and not on_gpu:
+        raise BuildError(f"--precision {precision}: AOTInductor packages on the CPU are fp32 (bf16 needs a CUDA "
+                         f"GPU); use --precision fp32")
     if backend == "ort" and precision != "fp32" and not M.ort_cuda_available():
         raise BuildError(f"--precision {precision}: ONNX Runtime on the CPU runs fp32 graphs only; use "
                          f"--precision fp32 (bf16 engines need TensorRT, or onnxruntime-gpu: make setup ORT=gpu)")
@@ -287,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="graph precision (default: bf16 for TensorRT, fp32 for ONNX Runtime)")
     ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<shape>, e.g. "
                                                 "engines/h100-sm90-trt11.4/dynamic)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt"))
+    ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt", "aoti"),
+                    help="auto: TensorRT where it imports with a GPU, else ONNX Runtime; aoti: PyTorch's "
+                         "AOTInductor packages (.pt2), on a GPU or a CPU")
     ap.add_argument("--opt_level", type=int, default=3, choices=range(6), metavar="{0..5}",
                     help="TensorRT builder optimization level")
     ap.add_argument("--cfg_batch", default="2", choices=("1", "2", "both"),

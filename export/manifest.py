@@ -88,10 +88,19 @@ def short_gpu_name(name: str) -> str:
 
 
 def target_tag(backend: str) -> str:
-    """This machine's engine target: `<gpu>-sm<cc>-trt<x.y>` or `cpu-ort<version>`."""
+    """This machine's engine target: `<gpu>-sm<cc>-trt<x.y>`, `cpu-ort<version>`, or for AOTInductor
+    packages (compiled code for one architecture and torch version) `<gpu>-sm<cc>-aoti-torch<x.y>` /
+    `cpu-aoti-torch<x.y>`."""
     if backend == "ort":
         import onnxruntime
         return f"cpu-ort{onnxruntime.__version__}"
+    if backend == "aoti":
+        import torch
+        version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        if not torch.cuda.is_available():
+            return f"cpu-aoti-torch{version}"
+        name, (major, minor) = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+        return f"{short_gpu_name(name)}-sm{major}{minor}-aoti-torch{version}"
     import tensorrt as trt
     info = gpu_info()
     if info is None:
@@ -155,11 +164,14 @@ def load(folder) -> dict:
 
 
 def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
-                 attention: str | None = None, loras: str = "") -> str:
+                 attention: str | None = None, loras: str = "", backend: str | None = None) -> str:
     """The `make engines` command that builds `folder` (or the default one) as this run needs it; `loras`
-    as `LORA=` takes them ("PATH:SCALE ...")."""
+    as `LORA=` takes them ("PATH:SCALE ..."); `backend` "aoti" adds BACKEND=aoti (the others are the
+    machine's default)."""
     args = [f"CKPT={ckpt_dir}"] + [f"{k}={v}" for k, v in (("PRESET", shape), ("PRECISION", precision),
                                                            ("ENGINES", folder)) if v]
+    if backend == "aoti":
+        args.append("BACKEND=aoti")
     if attention == "plugin":
         args.append("ATTENTION=plugin")
     if loras:
@@ -178,7 +190,8 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     m = load(folder)
     try:
         engines, shape = m["engines"], m["shape"]
-        hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"))
+        hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"),
+                            backend=m.get("backend"))
         _check_types(m)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
@@ -192,8 +205,8 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
         raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {hint}")
     if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):
         raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {hint}")
-    if kind == "trt" and m.get("target") != target_tag("trt"):
-        raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag('trt')}; {hint}")
+    if kind in ("trt", "aoti") and m.get("target") != target_tag(kind):
+        raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag(kind)}; {hint}")
     for name, e in engines.items():
         for f, size in e.get("files", {}).items():
             p = folder / f

@@ -16,7 +16,7 @@ import torch
 
 
 TASKS = ("flf2v-14B", "i2v-14B")
-BACKENDS = ("auto", "torch", "ort", "trt")
+BACKENDS = ("auto", "torch", "ort", "trt", "aoti")
 
 
 def _str2bool(v: str) -> bool:
@@ -94,7 +94,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
     a("--backend", default="auto", choices=BACKENDS,
       help="auto (default): engines of this checkpoint that serve the run, under --engines or "
-           "engines/<this machine>[-plugin]/, else the torch reference")
+           "engines/<this machine>[-plugin]/, else the torch reference; aoti: AOTInductor packages "
+           "(make engines BACKEND=aoti)")
     a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
@@ -218,7 +219,7 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     kind = args.backend
     if kind == "auto":  # the kind of the engines given, else what this machine runs
         given = [M.load(f).get("backend") for f in M.folders_under(args.engines)] if args.engines else []
-        kind = given[0] if given and given[0] in ("ort", "trt") else engine_kind(device)
+        kind = given[0] if given and given[0] in ("ort", "trt", "aoti") else engine_kind(device)
     if kind == "torch":
         return "torch", None, None
     check_backend(kind, device)

@@ -112,7 +112,7 @@ class EngineBackend:
         self.lora_swap = L.needs_swap(self.manifest, self.loras)
         self.shape = M.shape_of(self.manifest)
         self.hint = M.rebuild_hint(ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
-                                   self.manifest.get("attention"))
+                                   self.manifest.get("attention"), backend=kind)
         self.video_shape = engine_video_shape(self.manifest)  # None: dynamic, any shape of its profiles
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
@@ -146,7 +146,7 @@ class EngineBackend:
     def _outside(self, height: int, width: int, frame_num: int) -> str:
         name = build_serving(self.preset, height, width, frame_num)
         hint = M.rebuild_hint(self.ckpt_dir, self.folder.parent / name, name, self.manifest.get("precision"),
-                              self.manifest.get("attention"))
+                              self.manifest.get("attention"), backend=self.manifest.get("backend"))
         return (f"the engines in {self.folder} serve {M.describe(self.manifest)}, but this run needs {width}x"
                 f"{height}, {frame_num} frames (from --size, --frame_num and the first frame's aspect ratio); "
                 f"{hint} for engines that serve it, or use --backend torch")
@@ -582,8 +582,8 @@ class TrtBackend(EngineBackend):
 
 def check_backend(kind: str, device) -> None:
     """EngineError (one line naming the fix) unless this machine can run `kind` engines on `device`."""
-    if kind not in ("ort", "trt"):
-        raise EngineError(f"unknown backend {kind!r}; choose torch, ort or trt")
+    if kind not in ("ort", "trt", "aoti"):
+        raise EngineError(f"unknown backend {kind!r}; choose torch, ort, trt or aoti")
     if kind == "trt":
         if not torch.cuda.is_available() or torch.device(device).type != "cuda":
             raise EngineError("--backend trt needs a CUDA GPU; use --backend ort or torch here")
@@ -597,4 +597,7 @@ def check_backend(kind: str, device) -> None:
 def open_backend(kind: str, folder, ckpt_dir, preset: Preset, device, **options) -> EngineBackend:
     """`options`: backend keywords, e.g. io_binding=False for OrtBackend's NumPy path."""
     check_backend(kind, device)
+    if kind == "aoti":
+        from .aoti_backend import AotiBackend
+        return AotiBackend(folder, ckpt_dir, preset, device, **options)
     return (OrtBackend if kind == "ort" else TrtBackend)(folder, ckpt_dir, preset, device, **options)

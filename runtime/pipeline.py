@@ -191,7 +191,8 @@ class Pipeline:
     @classmethod
     def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True, loras=()) -> "Pipeline":
         """The engines of one `flf2v-build` folder (e.g. engines/h100-sm90-trt11.4/720p): TensorRT engines
-        run on CUDA, ONNX Runtime graphs on the CPU (device overrides). The tokenizer, and the check that
+        run on CUDA, ONNX Runtime graphs on the CPU, AOTInductor packages where they were compiled for
+        (device overrides). The tokenizer, and the check that
         the engines were built from these weights, come from `ckpt_dir`, by default the checkpoint the
         folder was built from. A static folder's runs have its grid and frame count (`video_shape`); a
         dynamic one's any grid and frame count of its profiles (EngineError naming the build otherwise).
@@ -209,7 +210,9 @@ class Pipeline:
         except (KeyError, TypeError) as e:
             raise M.EngineError(f"{folder}: not an engine folder (no readable {M.MANIFEST}: {e!r}); build one "
                                 f"with `make engines`") from None
-        device = torch.device(device or ("cuda" if kind == "trt" else "cpu"))
+        if kind == "aoti":  # the device the packages were compiled for
+            built = torch.device(next(iter(m["engines"].values()), {}).get("builder", {}).get("device", "cpu"))
+        device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
         backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)

@@ -58,6 +58,15 @@ def tiny_dynamic_engines(tiny_ckpt, tmp_path_factory):
                  backend="ort", cfg_batch=(2,), progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_aoti_engines(tiny_ckpt, tmp_path_factory):
+    """AOTInductor packages (fp32, CPU) of the tiny checkpoint at the static `tiny` shape, CFG as batch 2:
+    compiled once per session (~2.5 min on 2 cores: a C++ compile per graph)."""
+    from flf2v.export.build import build
+    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-aoti" / "tiny",
+                 backend="aoti", cfg_batch=(2,), progress=False)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpt):
     """The torch reference pipeline of the tiny checkpoint (one per test module)."""

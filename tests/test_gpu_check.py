@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "pytest"}
+PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "aoti", "pytest"}
 
 
 def no_cuda_env(**extra) -> dict:
@@ -79,6 +79,8 @@ def test_smoke_through_make_target_without_venv(tmp_path):
     assert m["checkout"] == str(ROOT) and m["TRITON_INTERPRET"] == "1"
 
     p = {k: v["data"] for k, v in res["parts"].items()}
+    s = p["aoti"]["dit_slice"]  # the AOTI package of the DiT slice against eager (fp32, CPU)
+    assert s["compile_s"] > 0 and s["vs_eager"]["max_rel"] < 1e-4, s
     assert p["environment"]["packages"]["torch" if "torch" in p["environment"]["packages"] else "numpy"]
     (shape, entry), = p["kernels"]["shapes"].items()
     assert entry["tokens"] == 3 * 4 * 4 and p["kernels"]["text_tokens"] == 512 and p["kernels"]["image_tokens"] == 514

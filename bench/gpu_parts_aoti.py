@@ -1,0 +1,107 @@
+"""Part 7 of `make gpu-check` (bench/gpu_check.py runs it): AOTInductor packages of ours on the GPU.
+
+- dit_slice: the full-width 2-block slice of the flf2v-14B DiT (as part 5) at 720p / 81 frames in bf16,
+  exported with torch.export and compiled by `torch._inductor.aoti_compile_and_package` (what
+  `flf2v-build --backend aoti` does per graph): compile time, package size, forward time against torch eager
+  on the same weights, and the error.
+- tiny: the tiny checkpoint's whole AOTI folder (`export.build.build(backend="aoti")`, bf16) and one video
+  through `Pipeline.from_engines` against the torch reference in bf16: build time, video error.
+In the CPU smoke test the slice is the tiny config at the tiny shape (fp32) and the tiny folder is skipped
+(tests/test_aoti.py builds and checks it on the CPU). Box-safe at import: stdlib only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flf2v.bench.gpu_common import Skip, errors, free_cuda, loop_inputs, model_preset, one_line, sync, timed_s, \
+    tokens_of, video_shapes
+
+if TYPE_CHECKING:
+    from flf2v.bench.gpu_check import Run
+
+
+def _slice(run: Run, data: dict) -> dict:
+    """Part 5's DiT slice compiled into one AOTI package, against torch eager on the same weights."""
+    import torch
+
+    from flf2v.bench.gpu_parts_dit import build_random_dit
+    from flf2v.export.contracts import DiTFull
+    preset = model_preset(run)
+    cfg = dataclasses.replace(preset.dit, num_layers=2)
+    dtype = torch.float32 if run.smoke else torch.bfloat16
+    L, latent, _ = tokens_of(preset, video_shapes(run)[0])
+    model = build_random_dit(cfg, dtype, run.device)
+    x, context, clip, y = loop_inputs(cfg, latent, run.device, seed=2)
+    inputs = (x[:1], torch.tensor([999], device=run.device), context[:1], clip, y[:1])
+    row = {"blocks": 2, "tokens": L, "dtype": str(dtype).removeprefix("torch.")}
+    with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-") as tmp, torch.no_grad():
+        mod = DiTFull(model).eval()
+        t0 = time.perf_counter()
+        ep = torch.export.export(mod, inputs)
+        row["export_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "dit_b1.pt2"))
+        row["compile_s"] = time.perf_counter() - t0
+        row["package_mib"] = Path(path).stat().st_size / 2**20
+        pkg = torch._inductor.aoti_load_package(path)
+        reps = 1 if run.smoke else 3
+        out = pkg(*inputs)[0]
+        row["aoti_forward_s"], _ = timed_s(run, lambda: pkg(*inputs), reps)
+        ref = mod(*inputs)[0]
+        row["eager_forward_s"], _ = timed_s(run, lambda: mod(*inputs), reps)
+        sync(run)
+        row["vs_eager"] = errors(out, ref)
+        row["speedup_vs_eager"] = row["eager_forward_s"] / row["aoti_forward_s"]
+    return row
+
+
+def _tiny(run: Run) -> dict:
+    import torch
+
+    from flf2v.export.build import build
+    from flf2v.models.make_tiny import write_demo_frames, write_tiny_checkpoint
+    from flf2v.runtime.media import load_image
+    from flf2v.runtime.pipeline import Pipeline
+    row = {}
+    with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-tiny-") as tmp:
+        tmp = Path(tmp)
+        ckpt = write_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
+        frames = [load_image(p) for p in write_demo_frames(tmp / "frames", (64, 64))]
+        t0 = time.perf_counter()
+        folder = build(ckpt, "tiny", "bf16", out=tmp / "aoti", backend="aoti", cfg_batch=(2,), progress=False)
+        row["build_s"] = time.perf_counter() - t0
+        row["folder_mib"] = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        kw = dict(size="64*64", frame_num=9, seed=1, sample_steps=4, progress=False)
+        ref = Pipeline.from_checkpoint(ckpt, dtype=torch.bfloat16, device=run.device).generate("a ball", *frames, **kw)
+        t0 = time.perf_counter()
+        got = Pipeline.from_engines(folder, device=run.device).generate("a ball", *frames, **kw)
+        sync(run)
+        row["first_run_s"] = time.perf_counter() - t0
+        row["video_vs_torch_bf16"] = errors(got.float(), ref.float())
+    return row
+
+
+def part_aoti(run: Run, data: dict, part_end: float) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise Skip("no torch on this python")
+    data["dit_slice"] = _slice(run, data)
+    free_cuda(run)  # the slice's weights and package went with _slice's frame
+    if run.smoke:
+        data["tiny"] = {"skipped": "smoke: tests/test_aoti.py builds and checks the tiny AOTI folder on a CPU"}
+        return
+    missing = [m for m in ("PIL", "ftfy", "regex", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        data["tiny"] = {"skipped": f"no {', '.join(missing)} on this python (the tokenizer and images need them)"}
+        return
+    if part_end - time.monotonic() < 60:
+        data["tiny"] = {"skipped": f"time budget: {part_end - time.monotonic():.0f} s left of the part"}
+        return
+    try:
+        data["tiny"] = _tiny(run)
+    except Exception as e:  # noqa: BLE001 - one row of the part; the slice's figures stay
+        data["tiny"] = {"error": one_line(e)}

@@ -1,0 +1,124 @@
+"""AOTInductor engines (`flf2v-build --backend aoti`, runtime/aoti_backend.py) on the CPU: every package
+against the reference networks, the video end to end against the torch backend, a dynamic DiT package at
+two grids, the CLI, and damaged or foreign packages refused in one line."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import rel_err
+from test_cli import _args, run
+from test_export import reference
+
+from flf2v.export import contracts as C
+from flf2v.export import manifest as M
+from flf2v.export.build import BuildError, build
+from flf2v.models import checkpoint as ck
+from flf2v.models.config import get_preset
+from flf2v.runtime.engines import open_backend
+from flf2v.runtime.pipeline import Pipeline
+
+PRESET = get_preset("tiny")
+TOL = 1e-4  # the fp32 engine tolerance
+KW = dict(size="64*64", frame_num=9, seed=3, sample_steps=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_ckpt):
+    return {c: ck.load(tiny_ckpt, c, torch.float32, PRESET) for c in ("t5", "clip", "dit", "vae")}
+
+
+def test_folder_is_tagged_for_this_machine(tiny_aoti_engines):
+    m = json.loads((tiny_aoti_engines / M.MANIFEST).read_text())
+    version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert m["backend"] == "aoti" and m["target"] == f"cpu-aoti-torch{version}"
+    assert sorted(m["engines"]) == sorted(["t5", "clip", "dit_b2", "dit_cached_b2", *C.VAE_GRAPHS])
+    assert all(e["file"].endswith(".pt2") and e["builder"]["device"] == "cpu" for e in m["engines"].values())
+
+
+def test_every_package_equals_its_network(tiny_aoti_engines, tiny_ckpt, nets):
+    backend = open_backend("aoti", tiny_aoti_engines, tiny_ckpt, PRESET, "cpu")
+    for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "fp32", cfg_batch=(2,)):
+        inputs = C.sample_inputs(g, seed=1)
+        got = backend._run(g.name, inputs)
+        want = reference(nets, g, inputs)
+        assert len(got) == len(want) == len(g.outputs), g.name
+        for spec, a, b in zip(g.outputs, got, want):
+            err, rel = rel_err(a, b)
+            print(f"{g.name}.{spec.name}: max abs {err:.2e}, rel {rel:.2e}")
+            assert rel < TOL, f"{g.name}.{spec.name} AOTI vs torch: max abs {err:.2e}, rel {rel:.2e}"
+
+
+def test_video_equals_the_torch_backend(tiny_aoti_engines, pipe, frames):
+    want = pipe.generate("a red ball", *frames, **KW)
+    aoti = Pipeline.from_engines(tiny_aoti_engines)
+    assert aoti.backend.name == "aoti" and aoti.device.type == "cpu"
+    got = aoti.generate("a red ball", *frames, **KW)
+    err, rel = rel_err(got, want)
+    print(f"AOTI vs torch video: max abs {err:.2e}, rel {rel:.2e}")
+    assert rel < TOL, f"AOTI vs torch video: max abs {err:.2e}, rel {rel:.2e}"
+
+
+def test_dynamic_dit_package_at_two_grids(tiny_ckpt, nets, tmp_path):
+    """The dynamic build's DiT (only it: a dynamic VAE package compiles ~50 s each here) at a landscape and
+    a portrait grid of the tiny `dynamic` shape's two profiles."""
+    shape = C.get_shape(PRESET, None)
+    folder = build(tiny_ckpt, None, "fp32", out=tmp_path / "dynamic", backend="aoti", cfg_batch=(2,),
+                   only=["dit_b2"], progress=False)
+    m = json.loads((folder / M.MANIFEST).read_text())
+    assert m["engines"]["dit_b2"]["inputs"][0]["shape"] == [2, 16, "T", "2*hp", "2*wp"]
+    g = C.get_graph(PRESET, shape, "fp32", "dit_b2")
+    model = torch._inductor.aoti_load_package(str(folder / "dit_b2.pt2"))
+    for dims in ({"T": 3, "hp": 2, "wp": 5}, {"T": 5, "hp": 6, "wp": 3}):
+        assert any(p.holds(tuple(dims.values())) for p in shape.profiles)
+        inputs = C.sample_inputs(g.at(dims), seed=2)
+        for spec, a, b in zip(g.outputs, model(*inputs), reference(nets, g, inputs)):
+            err, rel = rel_err(a, b)
+            assert rel < TOL, f"dynamic dit_b2.{spec.name} at {dims}: max abs {err:.2e}, rel {rel:.2e}"
+
+
+def test_cli_runs_aoti_engines(tiny_aoti_engines, tiny_ckpt, demo_frames, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    args = [a for a in _args(tiny_ckpt, demo_frames, out, "--engines", str(tiny_aoti_engines)) if a != "torch"]
+    args[args.index("--frame_num") + 1] = "9"
+    args.remove("--backend")  # auto: the folder's own kind
+    assert run(args) == 0 and out.exists()
+    assert "flf2v-run: backend aoti" in capsys.readouterr().out
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "engines"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_damaged_package_is_refused_in_one_line(tiny_aoti_engines, tiny_ckpt, demo_frames, tmp_path, capsys):
+    folder = _copy(tiny_aoti_engines, tmp_path)
+    pkg = folder / "t5.pt2"
+    data = bytearray(pkg.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # same size: only loading it can tell
+    pkg.write_bytes(bytes(data))
+    out = tmp_path / "v.mp4"
+    args = _args(tiny_ckpt, demo_frames, out, "--engines", str(folder))
+    args[args.index("--backend") + 1] = "aoti"
+    args[args.index("--frame_num") + 1] = "9"
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "t5.pt2: not a loadable AOTInductor package" in err and "BACKEND=aoti" in err, err
+    assert "\n" not in err and not out.exists()
+
+
+def test_foreign_package_is_refused_with_the_rebuild_command(tiny_aoti_engines, tiny_ckpt, tmp_path):
+    folder = _copy(tiny_aoti_engines, tmp_path)
+    m = json.loads((folder / M.MANIFEST).read_text())
+    m["target"] = "h100-sm90-aoti-torch2.12"
+    (folder / M.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(M.EngineError, match=r"built for h100-sm90-aoti-torch2.12, this machine is cpu-aoti-torch"
+                                            r".*make engines .*BACKEND=aoti"):
+        Pipeline.from_engines(folder)
+
+
+def test_bf16_on_the_cpu_is_refused(tiny_ckpt, tmp_path):
+    with pytest.raises(BuildError, match="AOTInductor packages on the CPU are fp32"):
+        build(tiny_ckpt, "tiny", "bf16", out=tmp_path / "x", backend="aoti", progress=False)
+    assert not (tmp_path / "x").exists()
