@@ -170,7 +170,7 @@ def test_skips_equal_a_hand_written_loop(dit_setup, cfg, cfg_batch):
     skipped = rel_err(out, full)[1]
     print(f"cfg={cfg} batch {cfg_batch}: cached loop vs hand-written: max abs {err:.2e}, rel {rel:.2e}; "
           f"vs no skip rel {skipped:.2e}")
-    # measured rel <= 1.4e-6: our fp32 sampler steps vs diffusers' (test_denoise.py)
+    # measured max rel 1.46e-6 (CFG batch 2), 2.6e-7 without CFG: our fp32 sampler steps vs diffusers'
     assert rel < 4e-6, f"cached loop vs the hand-written one: max abs {err:.2e}, rel {rel:.2e}"
     assert skipped > 1e-3, f"the skips changed nothing (rel {skipped:.2e} to the full run): nothing was tested"
 
@@ -265,7 +265,7 @@ def test_dynamic_engines_cache_at_two_shapes(pipe, frames, tiny_dynamic_engines,
     for size, frame_num in (("64*64", 5), ("96*64", 9)):  # a landscape grid (the dynamic tiny build's profiles)
         kw = dict(KW, size=size, frame_num=frame_num)
         a = pipe.generate("a red ball", *frames, cache="magcache", cache_threshold=0.3, cache_calibration=calibration,
-                          **{k: v for k, v in kw.items()})
+                          **kw)
         ort = Pipeline.from_engines(tiny_dynamic_engines)
         b = ort.generate("a red ball", *frames, cache="magcache", cache_threshold=0.3, cache_calibration=calibration,
                          **kw)
