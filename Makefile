@@ -50,8 +50,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist, whole files per worker): the engine builds and
+# compiles of one file use one core while another file's tests use the other. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Tiny random checkpoint -> its engines (ONNX Runtime on a CPU, TensorRT on a GPU) -> flf2v-run.
 demo: setup

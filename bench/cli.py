@@ -6,6 +6,7 @@
     flf2v-bench export-memory --work DIR [...]   (peak RSS and time of the full-size DiT export)
     flf2v-bench fewstep [--preset small]         (50 steps + CFG vs 4 steps CFG-free; LoRA merge/swap cost)
     flf2v-bench cache [--preset small]           (step cache: MagCache / TeaCache vs off, time and PSNR/SSIM)
+    flf2v-bench parallel [--preset tiny-4h]      (multi-process: comm cost model at 720p, measured overhead)
 
 Writes `<preset>-<machine>-<date>.{json,md,png}` into --out. tiny and small run on random weights written
 in the official layout (into --work, or a temporary folder); 720p needs a GPU and --ckpt_dir.
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cache"]:
         from . import cache
         return cache.main(argv[1:])
+    if argv[:1] == ["parallel"]:
+        from . import parallel
+        return parallel.main(argv[1:])
     ap = argparse.ArgumentParser(prog="flf2v-bench", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True, choices=list(BENCH_PRESETS))
     ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG")

@@ -4,6 +4,8 @@
   exported with torch.export and compiled by `torch._inductor.aoti_compile_and_package` (what
   `flf2v-build --backend aoti` does per graph): compile time, package size, forward time against torch eager
   on the same weights, and the error.
+- dit_slice_triton: the same slice with the flf2v Triton kernels (`--attention plugin`): whether AOTInductor
+  compiled them into the package (the kernel names in its code), its time and error against eager sdpa.
 - tiny: the tiny checkpoint's whole AOTI folder (`export.build.build(backend="aoti")`, bf16) and one video
   through `Pipeline.from_engines` against the torch reference in bf16: build time, video error.
 In the CPU smoke test the slice is the tiny config at the tiny shape (fp32) and the tiny folder is skipped
@@ -15,6 +17,7 @@ import dataclasses
 import importlib.util
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,12 +28,31 @@ if TYPE_CHECKING:
     from flf2v.bench.gpu_check import Run
 
 
-def _slice(run: Run, data: dict) -> dict:
-    """Part 5's DiT slice compiled into one AOTI package, against torch eager on the same weights."""
+# the flf2v Triton kernels (kernels/attention.py, cross_attention.py) as named in a package's code
+FLF2V_KERNELS = ("self_attn_fwd", "cross_attn_fwd", "rms_stats", "norm_rope")
+
+
+def kernels_in(path) -> list[str]:
+    """Which flf2v kernels a `.pt2` package's files name (file names and generated code)."""
+    found = set()
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            found |= {k for k in FLF2V_KERNELS if k in name}
+            if name.endswith((".cpp", ".h", ".py", ".json", ".txt")):
+                text = z.read(name).decode(errors="ignore")
+                found |= {k for k in FLF2V_KERNELS if k in text}
+    return sorted(found)
+
+
+def _slice(run: Run, attention: str = "sdpa") -> dict:
+    """Part 5's DiT slice compiled into one AOTI package, against torch eager (sdpa) on the same weights.
+    attention="triton": the DiT with the flf2v triton_ops (kernels/ops.py), which AOTInductor should compile
+    into the package; `kernels_in_package` says whether it did."""
     import torch
 
     from flf2v.bench.gpu_parts_dit import build_random_dit
     from flf2v.export.contracts import DiTFull
+    from flf2v.models.dit import WanDiT
     preset = model_preset(run)
     cfg = dataclasses.replace(preset.dit, num_layers=2)
     dtype = torch.float32 if run.smoke else torch.bfloat16
@@ -38,9 +60,17 @@ def _slice(run: Run, data: dict) -> dict:
     model = build_random_dit(cfg, dtype, run.device)
     x, context, clip, y = loop_inputs(cfg, latent, run.device, seed=2)
     inputs = (x[:1], torch.tensor([999], device=run.device), context[:1], clip, y[:1])
-    row = {"blocks": 2, "tokens": L, "dtype": str(dtype).removeprefix("torch.")}
+    row = {"blocks": 2, "tokens": L, "dtype": str(dtype).removeprefix("torch."), "attention": attention}
+    compiled = model
+    if attention == "triton":
+        import flf2v.kernels  # noqa: F401  (registers the ops)
+        with torch.device("meta"):
+            compiled = WanDiT(cfg, attention="triton")
+        compiled = compiled.to(dtype).to_empty(device=run.device)
+        compiled.load_state_dict(model.state_dict())
+        compiled.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-") as tmp, torch.no_grad():
-        mod = DiTFull(model).eval()
+        mod, ref_mod = DiTFull(compiled).eval(), DiTFull(model).eval()
         t0 = time.perf_counter()
         ep = torch.export.export(mod, inputs)
         row["export_s"] = time.perf_counter() - t0
@@ -48,12 +78,13 @@ def _slice(run: Run, data: dict) -> dict:
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "dit_b1.pt2"))
         row["compile_s"] = time.perf_counter() - t0
         row["package_mib"] = Path(path).stat().st_size / 2**20
+        row["kernels_in_package"] = kernels_in(path)
         pkg = torch._inductor.aoti_load_package(path)
         reps = 1 if run.smoke else 3
         out = pkg(*inputs)[0]
         row["aoti_forward_s"], _ = timed_s(run, lambda: pkg(*inputs), reps)
-        ref = mod(*inputs)[0]
-        row["eager_forward_s"], _ = timed_s(run, lambda: mod(*inputs), reps)
+        ref = ref_mod(*inputs)[0]
+        row["eager_forward_s"], _ = timed_s(run, lambda: ref_mod(*inputs), reps)
         sync(run)
         row["vs_eager"] = errors(out, ref)
         row["speedup_vs_eager"] = row["eager_forward_s"] / row["aoti_forward_s"]
@@ -89,8 +120,19 @@ def _tiny(run: Run) -> dict:
 def part_aoti(run: Run, data: dict, part_end: float) -> None:
     if importlib.util.find_spec("torch") is None:
         raise Skip("no torch on this python")
-    data["dit_slice"] = _slice(run, data)
+    data["dit_slice"] = _slice(run)
     free_cuda(run)  # the slice's weights and package went with _slice's frame
+    if run.smoke:
+        data["dit_slice_triton"] = {"skipped": "smoke: the Triton kernels compile into a package only on CUDA "
+                                               "(tests/test_aoti.py checks the ops export on a CPU)"}
+    elif part_end - time.monotonic() < 120:
+        data["dit_slice_triton"] = {"skipped": f"time budget: {part_end - time.monotonic():.0f} s left of the part"}
+    else:
+        try:
+            data["dit_slice_triton"] = _slice(run, "triton")
+        except Exception as e:  # noqa: BLE001 - one row of the part; the others' figures stay
+            data["dit_slice_triton"] = {"error": one_line(e)}
+        free_cuda(run)
     if run.smoke:
         data["tiny"] = {"skipped": "smoke: tests/test_aoti.py builds and checks the tiny AOTI folder on a CPU"}
         return

@@ -155,14 +155,24 @@ def _md_trt(d, m):
     return out
 
 
-def _md_aoti(d, m):
-    s, t = d.get("dit_slice") or {}, d.get("tiny") or {}
+def _md_aoti_slice(s, label):
+    if s.get("skipped") or s.get("error"):
+        return [f"{label}: {s.get('skipped') or s.get('error')}", ""]
     err = (s.get("vs_eager") or {}).get("max_rel")
-    out = [f"DiT slice ({s.get('blocks')} blocks, {s.get('tokens')} tokens, {s.get('dtype')}): export "
-           f"{_f(s.get('export_s'), '{:.1f}')} s, compile {_f(s.get('compile_s'), '{:.1f}')} s, package "
-           f"{_f(s.get('package_mib'), '{:.0f}')} MiB; forward AOTI {_f(s.get('aoti_forward_s'))} s vs eager "
-           f"{_f(s.get('eager_forward_s'))} s ({_f(s.get('speedup_vs_eager'), '{:.2f}')}x), max rel err "
-           f"{_f(err, '{:.2e}')}", ""]
+    kernels = s.get("kernels_in_package")
+    return [f"{label} ({s.get('blocks')} blocks, {s.get('tokens')} tokens, {s.get('dtype')}): export "
+            f"{_f(s.get('export_s'), '{:.1f}')} s, compile {_f(s.get('compile_s'), '{:.1f}')} s, package "
+            f"{_f(s.get('package_mib'), '{:.0f}')} MiB; forward AOTI {_f(s.get('aoti_forward_s'))} s vs eager sdpa "
+            f"{_f(s.get('eager_forward_s'))} s ({_f(s.get('speedup_vs_eager'), '{:.2f}')}x), max rel err "
+            f"{_f(err, '{:.2e}')}" + ("" if kernels is None else f"; flf2v kernels in the package: "
+                                     f"{', '.join(kernels) or 'none'}"), ""]
+
+
+def _md_aoti(d, m):
+    t = d.get("tiny") or {}
+    out = _md_aoti_slice(d.get("dit_slice") or {}, "DiT slice")
+    if d.get("dit_slice_triton"):
+        out += _md_aoti_slice(d["dit_slice_triton"], "DiT slice, flf2v Triton attention")
     if t.get("skipped") or t.get("error"):
         out.append(f"Tiny AOTI folder: {t.get('skipped') or t.get('error')}")
     else:

@@ -31,10 +31,14 @@ EPS = 1e-6
 
 def bench_ms(fn, cuda: bool = True, warmup_ms: float = 50, rep_ms: float = 500, cpu_reps: int = 3) -> float:
     """Median milliseconds of fn(): triton's do_bench on CUDA, perf_counter over cpu_reps runs on a CPU.
-    do_bench runs fn ~5 times to estimate, then max(1, warmup/est) and max(1, rep/est) times."""
+    do_bench runs fn ~5 times to estimate, then max(1, warmup/est) and max(1, rep/est) times. The kernels
+    launch as they do inside their ops in eager (common.eager_launches), not through torch's tracing wrapper."""
     if cuda:
         from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+        from flf2v.kernels.common import eager_launches
+        with eager_launches():
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     times = []
     for _ in range(max(1, cpu_reps)):
         t0 = time.perf_counter()

@@ -33,12 +33,20 @@ def aoti_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def export_package(graph: Graph, ckpt_dir, path, *, preset=None, loras=(), ranges=None, device=None) -> Path:
+def export_package(graph: Graph, ckpt_dir, path, *, preset=None, loras=(), ranges=None, device=None,
+                   attention: str = "onnx") -> Path:
     """Compile `graph` of the checkpoint's network into the AOTInductor package `path` (`<graph>.pt2`).
-    `ranges` (dynamic graphs): root dim -> (min, max); `loras` [(LoRA, scale)] merged into the DiT."""
+    `ranges` (dynamic graphs): root dim -> (min, max); `loras` [(LoRA, scale)] merged into the DiT;
+    `attention` (DiT graphs): "onnx", torch's attention compiled by Inductor, or "plugin", the flf2v Triton
+    kernels (kernels/ops.py triton_ops) compiled into the package (CUDA only)."""
     device = torch.device(device or aoti_device())
     preset = preset or ck.preset_for(ckpt_dir)
     kw = {"loras": list(loras)} if loras and graph.component == "dit" else {}
+    if attention == "plugin":
+        if graph.component != "dit" or device.type != "cuda":
+            raise ValueError(f"attention='plugin' compiles the Triton kernels into a CUDA DiT package, not "
+                             f"{graph.name!r} on {device.type}")
+        kw["attention"] = "triton"
     net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **kw).to(device)
     mod = module(graph, {graph.component: net})
     sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph

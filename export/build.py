@@ -16,9 +16,10 @@ ratio from 1:2.4 to 2.4:1 and 5..81 frames with one build (DiT and VAE graphs wi
 height and width; TensorRT optimization profiles for landscape and portrait grids); `dynamic-480p` only
 the 480p area (smaller TensorRT activation memory); a static shape (`720p`, `480p-portrait`, ... or any
 `<W>x<H>x<frames>`) serves that one video shape, where TensorRT may pick faster tactics. Shapes live side
-by side. `--attention plugin` (TensorRT only) builds the DiT with the
-fused Triton attention kernels as TensorRT plugins (export/plugins.py, kernels/trt_plugin.py) instead of
-TensorRT's own attention (`onnx`, the default), under `engines/<target>-plugin/<shape>/`.
+by side. `--attention plugin` (CUDA GPU) builds the DiT with the fused Triton attention kernels instead of
+the backend's own attention (`onnx`, the default): as TensorRT plugins (export/plugins.py,
+kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
+under `engines/<target>-plugin/<shape>/`.
 
 The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
 current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
@@ -138,9 +139,13 @@ def resolve_backend(backend: str, attention: str) -> str:
                          f"or use --backend ort")
     if attention not in ATTENTION:
         raise BuildError(f"--attention {attention}: choose one of {', '.join(ATTENTION)}")
-    if attention == "plugin" and backend != "trt":  # AOTInductor: the Triton kernels are not compiled in yet
-        raise BuildError("--attention plugin needs TensorRT (--backend trt on a CUDA GPU): the plugin nodes "
-                         "run the Triton kernels, which ONNX Runtime cannot; use --attention onnx")
+    if attention == "plugin" and backend == "ort":
+        raise BuildError("--attention plugin needs TensorRT or AOTInductor on a CUDA GPU (--backend trt|aoti): the "
+                         "plugin nodes run the Triton kernels, which ONNX Runtime cannot; use --attention onnx")
+    if attention == "plugin" and backend == "aoti" and _aoti_device().type != "cuda":
+        # the interpreter's kernels cannot be traced (kernels/ops.py): a CPU package cannot hold them
+        raise BuildError("--backend aoti --attention plugin compiles the Triton kernels into the packages, which "
+                         "needs a CUDA GPU; on this CPU use --attention onnx (C++ attention kernels)")
     return backend
 
 
@@ -203,7 +208,8 @@ class Plan:
         if self.backend == "aoti":
             from .aoti import export_package
             pkg = export_package(g, self.ckpt_dir, folder / f"{g.name}.pt2", preset=self.preset,
-                                 loras=self.loras, ranges=self.eshape.envelope() if g.dynamic else None)
+                                 loras=self.loras, ranges=self.eshape.envelope() if g.dynamic else None,
+                                 attention=self.graph_attention(g))
             return {"file": pkg.name, "inputs": [s.to_json() for s in g.inputs],
                     "outputs": [s.to_json() for s in g.outputs], "precision": self.precision,
                     "checkpoint_fingerprint": self.fingerprint, "builder": self.builder, "gpu": self.gpu,
@@ -322,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                          "its ONNX and as much for the engine, and its own build)")
     ap.add_argument("--graphs", default=None, help="comma-separated subset of the graphs to build")
     ap.add_argument("--attention", default="onnx", choices=ATTENTION,
-                    help="DiT attention: TensorRT's own (onnx) or the fused Triton kernels as TensorRT "
-                         "plugins (plugin, TensorRT only; default folder engines/<target tag>-plugin/<shape>)")
+                    help="DiT attention: the backend's own (onnx) or the fused Triton kernels (plugin, CUDA GPU: "
+                         "TensorRT plugins, or compiled into AOTI packages; default folder "
+                         "engines/<target tag>-plugin/<shape>)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "

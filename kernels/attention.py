@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, LOG2E, check_device, check_heads, configs, fixed_config, head_dim_of,
-                     load_rows, new_output, online_softmax_step)
+from .common import (INTERPRET, LOG2E, check_device, check_heads, config_kwargs, configs, fixed_config, head_dim_of,
+                     launch, load_rows, new_output, online_softmax_step)
 
 
 
@@ -181,7 +181,7 @@ def rms_stats(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> t
     b, s, c = x.shape
     out = new_output(out, (b, s), torch.float32, x.device)
     block_l, block_c = (16, 64) if INTERPRET else (16, 256)
-    _rms_stats_kernel[(triton.cdiv(s, block_l), b)](x, s, c, x.stride(0), x.stride(1), out, EPS=float(eps),
+    launch(_rms_stats_kernel)[(triton.cdiv(s, block_l), b)](x, s, c, x.stride(0), x.stride(1), out, EPS=float(eps),
                                                    BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4)
     return out
 
@@ -199,7 +199,7 @@ def norm_rope(x, rstd, weight, cos, sin, num_heads: int, out: torch.Tensor | Non
     b, s, dim = x.shape
     out = new_output(out, x.shape, x.dtype, x.device)
     block_l = 16 if INTERPRET else 64
-    _norm_rope_kernel[(triton.cdiv(s, block_l), b * num_heads)](
+    launch(_norm_rope_kernel)[(triton.cdiv(s, block_l), b * num_heads)](
         x, weight, cos, sin, rstd, s, num_heads, x.stride(0), x.stride(1), out,
         HEAD_DIM=dim // num_heads, BLOCK_L=block_l, num_warps=4)
     return out
@@ -207,7 +207,7 @@ def norm_rope(x, rstd, weight, cos, sin, num_heads: int, out: torch.Tensor | Non
 
 def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: float,
                        num_heads: int | None = None, *, fuse_k: bool = False,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, rstd=None) -> torch.Tensor:
     """Wan self-attention from the raw projections, RMSNorm and RoPE fused into the attention kernel.
 
     q, k, v         [B, L, dim]     raw q/k/v Linear outputs (bias included), fp16/bf16/fp32,
@@ -220,13 +220,22 @@ def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: flo
                     redoes it and streams fp32 cos/sin tiles); False (default): a pre-pass writes the
                     normed, rotated k once and the key loop is plain flash attention. q is always
                     normed and rotated inside the attention kernel.
+    rstd            None, or (rstd_q, rstd_k) [B, L] fp32: the tokens' 1/RMS over a wider dim than q's
+                    (Ulysses: q holds H/U of the heads, the norm spans all H; models/parallel.py)
     returns         [B, L, dim]     softmax(q' k'^T / sqrt(D)) v in q's dtype, heads concatenated
     """
     num_heads = check_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, num_heads)
     check_device(q, k, v, norm_q_weight, norm_k_weight, cos, sin)
     b, s, dim = q.shape
     d = dim // num_heads
-    rq, rk = rms_stats(q, eps), rms_stats(k, eps)
+    if rstd is None:
+        rq, rk = rms_stats(q, eps), rms_stats(k, eps)
+    else:
+        rq, rk = rstd
+        for name, r in (("rstd_q", rq), ("rstd_k", rk)):
+            if r.shape != (b, s) or r.dtype != torch.float32 or not r.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous float32 [{b}, {s}] tensor, got "
+                                 f"{tuple(r.shape)} {r.dtype}")
     if not fuse_k:
         k = norm_rope(k, rk, norm_k_weight, cos, sin, num_heads)
     out = new_output(out, q.shape, q.dtype, q.device)
@@ -236,10 +245,10 @@ def wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, eps: flo
 
     config = fixed_config(q.dtype)
     kernel = _self_attn_fwd if config is None else self_attn_fwd_kernel
-    kernel[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
+    launch(kernel)[grid](q, k, v, norm_q_weight, norm_k_weight, cos, sin, rq, rk,
                  s, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                  out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, NORM_K=fuse_k,
-                 **(config.all_kwargs() if config else {}))
+                 **config_kwargs(config))
     return out
 
 

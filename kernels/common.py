@@ -1,6 +1,8 @@
 """What both fused attention kernels share, in the tutorial's order: the Triton building blocks (row loads,
 one online-softmax step), the launch configs that are not tuned, and the host-side checks.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,33 @@ INTERPRET_CONFIG = configs((16, 16, 4, 1))[0]
 def fixed_config(dtype: torch.dtype) -> triton.Config | None:
     """The config to launch with when not autotuning (interpreter, fp32), else None."""
     return INTERPRET_CONFIG if INTERPRET else FP32_CONFIG if dtype == torch.float32 else None
+
+
+def config_kwargs(config: triton.Config | None) -> dict:
+    """A fixed config as launch kwargs. Not `Config.all_kwargs()`: it adds num_ctas, which torch's traced
+    launches (wrap_triton, what AOTInductor compiles) refuse."""
+    if config is None:
+        return {}
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+# ---- launching ------------------------------------------------------------------------------------
+
+def launch(kernel):
+    """`kernel` as torch's tracers see it (`torch.library.wrap_triton`): inside the flf2v triton_ops
+    (kernels/ops.py) torch.export and AOTInductor record the launch and compile the kernel into the package;
+    in eager the op turns wrapping off and this is the kernel itself. The interpreter's kernels cannot be
+    traced: wrap_triton hands them back as they are."""
+    return torch.library.wrap_triton(kernel)
+
+
+@contextlib.contextmanager
+def eager_launches():
+    """Direct calls of the kernel wrappers outside the ops (the kernel bench) without torch's
+    higher-order-op dispatch per launch (~1 ms, torch/_library/triton.py): what the ops do in eager."""
+    from torch._library.triton import set_wrap_triton_enabled
+    with set_wrap_triton_enabled(False):
+        yield
 
 
 

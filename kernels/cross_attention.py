@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, check_device, check_heads, configs, fixed_config, head_dim_of, load_rows,
-                     new_output, online_softmax_step)
+from .common import (LOG2E, check_device, check_heads, config_kwargs, configs, fixed_config, head_dim_of, launch,
+                     load_rows, new_output, online_softmax_step)
 
 
 # ---- kernel ---------------------------------------------------------------------------------------
@@ -110,10 +110,10 @@ def wan_cross_attention(q, k_txt, v_txt, k_img, v_img, num_heads: int, *,
 
     config = fixed_config(q.dtype)
     kernel = _cross_attn_fwd if config is None else cross_attn_fwd_kernel
-    kernel[grid](q, k_txt, v_txt, k_img, v_img, lq, k_txt.shape[1], k_img.shape[1], num_heads,
+    launch(kernel)[grid](q, k_txt, v_txt, k_img, v_img, lq, k_txt.shape[1], k_img.shape[1], num_heads,
                  q.stride(0), q.stride(1), k_txt.stride(0), k_txt.stride(1), v_txt.stride(0), v_txt.stride(1),
                  k_img.stride(0), k_img.stride(1), v_img.stride(0), v_img.stride(1),
-                 out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, **(config.all_kwargs() if config else {}))
+                 out, QK_SCALE=LOG2E / math.sqrt(d), HEAD_DIM=d, **config_kwargs(config))
     return out
 
 

@@ -106,6 +106,13 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
                 return handles[name].get_tensor(key)
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{ckpt_dir / name}: cannot read {key!r} ({e}); the file is damaged") from None
+
+        def rows(start: int, stop: int) -> torch.Tensor:  # only these rows leave the file (sharded loading)
+            try:
+                return handles[name].get_slice(key)[start:stop]
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{ckpt_dir / name}: cannot read {key!r} ({e}); the file is damaged") from None
+        get.rows = rows
         return get
 
     return {k: getter(k, n) for k, n in weight_map.items()}
@@ -140,15 +147,8 @@ def pth_tensor_source(path: str | os.PathLike, prefix: str = "") -> dict[str, Ca
 # ---------------------------------------------------------------------------------------------------
 
 
-def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], dtype: torch.dtype,
-         origin: str, ignore: Callable[[str], bool] = lambda k: False, device=None) -> torch.nn.Module:
-    """Assign every parameter/buffer of a meta-built `model` from `source`, cast one tensor at a time.
-
-    Floating tensors go to `dtype` (and `device`, if given); non-persistent buffers (RoPE tables, built
-    real in `__init__`) are left as they are. Key sets must match exactly, up to the keys `ignore`
-    accepts. Keys that share one getter (tied weights) get one converted tensor and stay tied.
-    """
-    expected = model.state_dict()
+def check_keys(expected, source: dict, origin: str, ignore: Callable[[str], bool] = lambda k: False) -> None:
+    """CheckpointError unless `source` holds exactly the `expected` keys (up to those `ignore` accepts)."""
     have = {k for k in source if not ignore(k)}
     missing = sorted(set(expected) - have)
     unexpected = sorted(have - set(expected))
@@ -158,6 +158,18 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
     if unexpected:
         raise CheckpointError(f"{origin}: unexpected key {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)"
                               if len(unexpected) > 1 else "") + "; the file belongs to another model")
+
+
+def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], dtype: torch.dtype,
+         origin: str, ignore: Callable[[str], bool] = lambda k: False, device=None) -> torch.nn.Module:
+    """Assign every parameter/buffer of a meta-built `model` from `source`, cast one tensor at a time.
+
+    Floating tensors go to `dtype` (and `device`, if given); non-persistent buffers (RoPE tables, built
+    real in `__init__`) are left as they are. Key sets must match exactly, up to the keys `ignore`
+    accepts. Keys that share one getter (tied weights) get one converted tensor and stay tied.
+    """
+    expected = model.state_dict()
+    check_keys(expected, source, origin, ignore)
     loaded, converted = {}, {}
     for key, ref in expected.items():
         t = source[key]()

@@ -169,8 +169,8 @@ class Preset:
             object.__setattr__(self, "sample_neg_prompt", SAMPLE_NEG_PROMPTS[self.dit.model_type])
 
 
-def _tiny_parts(model_type: str):
-    dit = DiTConfig(model_type=model_type, dim=64, ffn_dim=128, text_dim=32, clip_dim=64, num_heads=2,
+def _tiny_parts(model_type: str, num_heads: int = 2):
+    dit = DiTConfig(model_type=model_type, dim=64, ffn_dim=128, text_dim=32, clip_dim=64, num_heads=num_heads,
                     num_layers=2)
     t5 = T5Config(vocab=384, dim=32, dim_attn=32, ffn_dim=64, num_heads=4, num_layers=2)
     clip = CLIPConfig(dim=64, num_heads=4, num_layers=3, out_dim=32)
@@ -187,6 +187,9 @@ PRESETS: dict[str, Preset] = {
                    frame_num=9, sample_steps=4),
     "tiny-i2v": Preset("tiny-i2v", *_tiny_parts("i2v"), sizes=("64*64", "96*64", "64*96"),
                        default_size="64*64", frame_num=9, sample_steps=4),
+    # 4 attention heads, so Ulysses runs over 4 ranks (runtime/parallel.py tests)
+    "tiny-4h": Preset("tiny-4h", *_tiny_parts("flf2v", num_heads=4), sizes=("64*64", "96*64", "64*96"),
+                      default_size="64*64", frame_num=9, sample_steps=4),
     # DiT-dominated on a CPU (about 70% of the reference's time): the VAE's 3D convs run far below the
     # DiT's matmul rate there, so the VAE stays narrow.
     "small": Preset("small", DiTConfig(dim=768, ffn_dim=2304, text_dim=256, clip_dim=256, num_heads=6,

@@ -232,6 +232,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         self.cfg = cfg
         self.attention = attention
+        self.sp = None  # a models.parallel.SequenceParallel: Ulysses over its ranks
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -295,8 +296,14 @@ class WanDiT(nn.Module):
         txt = self.text_embedding(context.to(dt))
         img = self.img_emb(clip_fea).to(dt)
         x = h.flatten(1, 3)
+        if self.sp is not None:  # Ulysses (models/parallel.py): this rank's token shard through the blocks
+            n = x.shape[1]
+            attn_ops = (self.sp.attention(self.attention, cos, sin, n, cfg.num_heads), attn_ops[1])
+            x, cos, sin = self.sp.shard(x), self.sp.shard(cos, 0), self.sp.shard(sin, 0)
         for block in self.blocks:
             x = block(x, e0, txt, img, cos, sin, attn_ops)
+        if self.sp is not None:
+            x = self.sp.gather(x, n)
         return x.view(h.shape)
 
     def unpatchify(self, h, e) -> torch.Tensor:

@@ -35,6 +35,10 @@ class AotiBackend(EngineBackend):
         if built_on.type != self.device.type:
             raise EngineError(f"{self.folder} holds AOTInductor packages compiled for {built_on.type}, this run is "
                               f"on {self.device.type}; pass --device {built_on.type}, or {self.hint}")
+        if self.manifest.get("attention") == "plugin":
+            # the kernels are compiled into the DiT packages; registering the ops too keeps a package that
+            # kept them as op calls loadable
+            import flf2v.kernels  # noqa: F401
         self.capturable = self.device.type == "cuda"
         self.models: dict = {}
 

@@ -1,4 +1,8 @@
-"""`flf2v-run`: prompt + first frame + last frame -> mp4, with the official generate.py flag names."""
+"""`flf2v-run`: prompt + first frame + last frame -> mp4, with the official generate.py flag names.
+
+One video over several processes (GPUs): `torchrun --nproc_per_node N --no-python flf2v-run ...
+--ulysses_size U [--cfg_parallel] [--dit_fsdp] [--t5_fsdp]` (N = U, or 2U with --cfg_parallel;
+runtime/parallel.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -109,12 +114,42 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
            "repeatable. Torch merges it while loading; ONNX Runtime engines swap it in without a rebuild; "
            "TensorRT engines must have been built with it (make engines LORA=...)")
     a("--quiet", action="store_true", help="no progress bars")
+    a("--ulysses_size", type=int, default=1,
+      help="under torchrun: split the DiT's video tokens over this many processes (Ulysses sequence "
+           "parallelism; must divide the attention heads, 40 for the 14B models). Default 1")
+    a("--ring_size", type=int, default=1, help="official flag; ring attention is not implemented: only 1")
+    a("--cfg_parallel", action="store_true",
+      help="under torchrun: run the cond and uncond DiT calls on two halves of the processes (needs CFG)")
+    a("--dit_fsdp", action="store_true",
+      help="under torchrun: shard the DiT's weights over all processes (FSDP2); each reads only its rows")
+    a("--t5_fsdp", action="store_true", help="under torchrun: shard the text encoder's weights likewise")
+    a("--dist_timeout", type=float, default=600.0,
+      help="seconds a collective waits for the other processes before this one gives up (default 600)")
     return ap
 
 
-def _fail(msg: str) -> int:
-    print(f"flf2v-run: error: {msg}", file=sys.stderr)
-    return 2
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    if _rank() == 0 or code != 2:  # a user error is every rank's: said once; a failure by the rank it hit
+        where = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"flf2v-run: {where}error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    """torch.distributed's own errors, and gloo's, which come as plain RuntimeErrors naming gloo."""
+    return isinstance(e, torch.distributed.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection"))
+
+
+class Stopped(Exception):
+    """torchrun stopped this process (SIGTERM) because another one failed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
 
 
 def default_save_file(task: str, size: str, prompt: str) -> Path:
@@ -194,6 +229,16 @@ def check_args(args) -> None:
         raise InputError(f"--fps {args.fps} is out of range; use 1..240 (16 is the official rate)")
     if args.save_file and not args.save_file.lower().endswith(".mp4"):
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
+    from flf2v.runtime.parallel import check_layout, world_from_env
+    check_layout(world_from_env()[1], args.ulysses_size, args.cfg_parallel, args.ring_size)
+    if (args.dit_fsdp or args.t5_fsdp) and world_from_env()[1] == 1:
+        raise InputError("--dit_fsdp / --t5_fsdp shard weights over the processes of a torchrun job; launch with "
+                         "`torchrun --nproc_per_node N ...` or drop them")
+    if args.dit_fsdp and args.lora:
+        raise InputError("--dit_fsdp loads each process's rows of the checkpoint; LoRAs are merged whole: drop "
+                         "--dit_fsdp or --lora")
+    if args.dist_timeout <= 0:
+        raise InputError(f"--dist_timeout {args.dist_timeout} must be positive, e.g. 600")
 
 
 def engine_kind(device: torch.device) -> str:
@@ -254,7 +299,7 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     return "torch", None, note
 
 
-def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
+def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], parallel=None):
     from flf2v.models import checkpoint as ck
     from flf2v.models.lora import load_loras
     from flf2v.runtime.media import InputError
@@ -266,15 +311,24 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
         raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
     loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
-    kind, folder, note = choose_engines(args, preset, first_hw, device)
+    if args.ulysses_size > 1 and preset.dit.num_heads % args.ulysses_size:
+        raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
+                         f"attention heads")
+    torch_only = args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp
+    if torch_only and args.backend not in ("auto", "torch"):
+        raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
+                         f"sequences and weights; README \"Several GPUs\"); use --backend torch, or --cfg_parallel "
+                         f"alone with {args.backend} engines")
+    kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device)
     args.backend = kind
     if kind == "torch":
         from flf2v.export.contracts import COMPUTE_DTYPE
         from flf2v.runtime.torch_backend import TorchBackend
         precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         offload = device.type == "cuda" if args.offload_model is None else args.offload_model
-        backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device, offload_model=offload,
-                               loras=loras)
+        backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device,
+                               offload_model=offload and not args.dit_fsdp, loras=loras, parallel=parallel,
+                               dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
         says = f"backend torch (PyTorch reference, {precision} on {device})"
         says += f"; {note}" if note else ""
     else:
@@ -284,8 +338,19 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int]):
         says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"
     if loras:
         says += "; LoRAs " + ", ".join(f"{lo.path.name}:{scale:g}" for lo, scale in loras)
-    print(f"flf2v-run: {says}", flush=True)
-    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph)
+    if parallel is not None:
+        says += f"; {parallel.world} processes: " + describe_parallel(args)
+    if parallel is None or parallel.is_main:
+        print(f"flf2v-run: {says}", flush=True)
+    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph,
+                    parallel=parallel)
+
+
+def describe_parallel(args) -> str:
+    split = " x ".join(([f"Ulysses {args.ulysses_size}"] if args.ulysses_size > 1 else [])
+                       + (["CFG-parallel"] if args.cfg_parallel else [])) or "replicated"
+    return ", ".join([split] + [f"{n} weights sharded (FSDP2)" for n, on in (("DiT", args.dit_fsdp),
+                                                                            ("T5", args.t5_fsdp)) if on])
 
 
 def versions() -> dict[str, str]:
@@ -318,14 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     from flf2v.runtime.denoise import NumericalError
     from flf2v.runtime.media import InputError, load_image, save_video
 
+    from flf2v.runtime import parallel as P
+
     t0 = time.perf_counter()
+    par = None
     try:
         check_args(args)
         device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
         t_load = time.perf_counter()
-        pipe = make_pipeline(args, device, (first.height, first.width))
+        if P.world_from_env()[1] > 1:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            par = P.init(args.ulysses_size, args.cfg_parallel, device, args.dist_timeout, args.ring_size)
+            device = par.device
+            args.quiet = args.quiet or not par.is_main
+        pipe = make_pipeline(args, device, (first.height, first.width), par)
         t_load = time.perf_counter() - t_load
         video = pipe.generate(args.prompt, first, last, size=args.size, frame_num=args.frame_num,
                               sample_solver=args.sample_solver, sample_steps=args.sample_steps,
@@ -334,16 +407,33 @@ def main(argv: list[str] | None = None) -> int:
                               sample_timesteps=args.sample_timesteps, cache=args.cache,
                               cache_threshold=args.cache_threshold, cache_max_skips=args.cache_max_skips,
                               cache_calibration=args.cache_calibration, progress=not args.quiet)
-        save = Path(args.save_file) if args.save_file else default_save_file(
-            args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
-        with pipe.times("save"):
-            save_video(video, save, fps=args.fps)
+        if video is not None:  # rank 0 of a torchrun job, or the one process
+            save = Path(args.save_file) if args.save_file else default_save_file(
+                args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
+            with pipe.times("save"):
+                save_video(video, save, fps=args.fps)
     except (InputError, CheckpointError, NumericalError, EngineError, LoRAError) as e:
         return _fail(str(e))
+    except Stopped:
+        return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
+                     "written", 1)
+    except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
+        if par is None or not _collective_failure(e):
+            raise
+        msg = str(e).strip().splitlines()[0][:200]
+        return _fail(f"a collective with the other processes failed ({msg}); another process died or hung "
+                     f"(--dist_timeout {args.dist_timeout:g} s); no video was written", 1)
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
+    finally:
+        if par is not None:
+            P.shutdown()
     total = time.perf_counter() - t0
     mem = peak_memory(device, pipe.times.device_used)
+    if par is not None and not par.is_main:  # every rank reports its own memory; rank 0 the rest
+        print(f"flf2v-run: rank {par.rank}: peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()),
+              flush=True)
+        return 0
     if args.metrics:
         # the stages add up to the end-to-end time: "other" is argument checks and reading the images
         seconds = {"load": t_load, **pipe.times.seconds}
@@ -354,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": pipe.last_request.to_json(), "fps": args.fps, "backend": args.backend,
             "engines": str(getattr(pipe.backend, "folder", "")) or None, "device": str(device),
             "preset": pipe.preset.name, "versions": versions(), "args": vars(args),
+            **({"parallel": {"processes": par.world, "layout": describe_parallel(args)}} if par else {}),
             **({"cache": pipe.last_cache.to_json()} if pipe.last_cache else {})})
     mem_s = ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
     cached = ""
@@ -361,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         c = pipe.last_cache.to_json()
         cached = f", {c['method']} computed {c['steps_computed']} of {len(pipe.last_cache.compute)} steps"
     print(f"wrote {save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}{cached}) in "
-          f"{total:.1f} s; peak memory: {mem_s}")
+          f"{total:.1f} s; peak memory{' (rank 0)' if par else ''}: {mem_s}")
     if pipe.preset.name.startswith("tiny") or pipe.preset.name == "small":
         print(f"note: {args.ckpt_dir} is a {pipe.preset.name} test checkpoint with random weights, so the video "
               f"is noise. For real videos pass --ckpt_dir of Wan2.1-FLF2V-14B-720P.")

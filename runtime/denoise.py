@@ -23,6 +23,10 @@ row) and the latent `x_prev` it ran at; `step_cached()` runs the DiT's cached fo
 head only: the blocks' residual of the last full step added to this step's tokens). Which one each step
 runs is the run's schedule, a host list fixed before the loop; both programs are captured on CUDA.
 
+CFG-parallel (`cfg_split`, runtime/parallel.py): this process runs one branch's DiT call (batch 1, its own
+context row), one all-gather over the branch pair brings both velocities into `v_pair`, and the guidance
+and update follow as in one process: every rank of the pair holds the same latent after each step.
+
 Non-finite latents are not checked inside the loop (that would sync the host every step): the step
 records the first step whose output is not finite in a device scalar, read once after the loop.
 """
@@ -42,12 +46,17 @@ class DenoiseLoop(torch.nn.Module):
 
     def __init__(self, denoise, sampler, x: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor,
                  y: torch.Tensor, guide_scale: float, cfg_batch: int = 2, cfg: bool = True, cache=None,
-                 hidden_shape: tuple[int, ...] | None = None):
+                 hidden_shape: tuple[int, ...] | None = None, cfg_split=None):
         """`cache`: (denoise_full, denoise_cached) of the backend, with `hidden_shape` the DiT's hidden output
-        per batch row (T, hp, wp, dim), to run cached steps as well."""
+        per batch row (T, hp, wp, dim), to run cached steps as well. `cfg_split`: this rank's CFG branch
+        (runtime/parallel.py CfgSplit); needs CFG and cfg_batch 1."""
         super().__init__()
         if cfg_batch not in (1, 2):
             raise ValueError(f"cfg_batch must be 1 or 2, got {cfg_batch}")
+        if cfg_split is not None and (not cfg or cfg_batch != 1):
+            raise ValueError(f"a CFG-parallel loop runs one branch per rank: needs cfg and cfg_batch 1, got "
+                             f"cfg={cfg}, cfg_batch={cfg_batch}")
+        self.cfg_split = cfg_split
         dev = x.device
         self.denoise, self.sampler, self.guide, self.cfg_batch = denoise, sampler, float(guide_scale), cfg_batch
         self.cfg = cfg
@@ -68,17 +77,19 @@ class DenoiseLoop(torch.nn.Module):
         buf("m1", state.m1)
         buf("m2", state.m2)
         b = cfg_batch
-        buf("ctx", context if cfg else context[:1].expand(b, -1, -1).contiguous())
+        buf("ctx", self._context(context))
         buf("clip", clip_fea.expand(b, -1, -1).contiguous())
         buf("y", y.expand(b, -1, -1, -1, -1).contiguous())
-        if cfg and b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
+        if cfg_split is not None:  # (cond, uncond) velocities of the pair, gathered each step
+            buf("v_pair", torch.zeros(2, *self.x.shape[1:], device=dev))
+        elif cfg and b == 1:  # the cond velocity, kept across the uncond call (see the denoiser contract above)
             buf("v_cond", torch.zeros_like(self.x))
         self.cache = cache
         if cache is not None:
             if hidden_shape is None:
                 raise ValueError("a cached loop needs hidden_shape (T, hp, wp, dim)")
             # the DiT rows a step runs: [cond, uncond] with CFG (one batch-2 call or two batch-1 calls)
-            buf("hidden", torch.zeros(2 if cfg else b, *hidden_shape, device=dev))
+            buf("hidden", torch.zeros(1 if cfg_split else 2 if cfg else b, *hidden_shape, device=dev))
             buf("x_prev", torch.zeros_like(self.x))
         self.graph = self.graph_cached = None
         self.token = None  # the backend's graph_token when the graphs were captured
@@ -87,10 +98,17 @@ class DenoiseLoop(torch.nn.Module):
         """A new run of the same shape and settings: new inputs into the same buffers (a captured graph
         stays valid), sampler state cleared."""
         self.x.copy_(x)
-        self.ctx.copy_(context if self.cfg else context[:1].expand_as(self.ctx))
+        self.ctx.copy_(self._context(context))
         self.clip.copy_(clip_fea.expand_as(self.clip))
         self.y.copy_(y.expand_as(self.y))
         self._clear()
+
+    def _context(self, context: torch.Tensor) -> torch.Tensor:
+        """The context rows the DiT calls read: [cond, uncond], this rank's branch row, or cond (no CFG)."""
+        if self.cfg_split is not None:
+            i = self.cfg_split.index
+            return context[i:i + 1]
+        return context if self.cfg else context[:1].expand(self.cfg_batch, -1, -1).contiguous()
 
     def _clear(self) -> None:
         for buf in (self.last, self.m1, self.m2):
@@ -128,7 +146,10 @@ class DenoiseLoop(torch.nn.Module):
         if not self.cfg:
             xx = x if b == 1 else torch.cat([x, x])
             return call(xx, self.t.expand(b), self.ctx, slice(0, b))[:1].float()
-        if b == 2:
+        if self.cfg_split is not None:
+            self.cfg_split.gather(self.v_pair, call(x, self.t.expand(1), self.ctx, slice(0, 1)).float())
+            v_cond, v_uncond = self.v_pair[0:1], self.v_pair[1:2]
+        elif b == 2:
             v_cond, v_uncond = call(torch.cat([x, x]), self.t.expand(2), self.ctx, slice(0, 2)).float().chunk(2)
         else:
             t = self.t.expand(1)

@@ -160,8 +160,11 @@ class Pipeline:
     """`Pipeline(backend, tokenizer, preset).generate(prompt, first, last)` -> [3, F, H, W] in [-1, 1]."""
 
     def __init__(self, backend, tokenizer, preset: Preset, device: str | torch.device = "cpu",
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, parallel=None):
+        """`parallel` (runtime/parallel.py): this rank's place in a torchrun job; the loop runs CFG-parallel
+        over its CFG pair, and only rank 0 decodes (`generate` returns None on the others)."""
         self.backend, self.tokenizer, self.preset = backend, tokenizer, preset
+        self.parallel = parallel
         self.device = torch.device(device)
         self.cuda_graph = cuda_graph  # False: the denoising step runs eagerly on CUDA too
         self.loops: OrderedDict = OrderedDict()  # kept denoising loops (see `denoise`)
@@ -178,7 +181,8 @@ class Pipeline:
         device      "cpu" or "cuda"; cuda_graph=False runs the denoising step eagerly on CUDA
         loras       [(path, scale)] or "PATH[:SCALE]" strings: LoRAs merged into the DiT as it loads
         kw          TorchBackend options: attention="triton" (the fused kernels, CUDA), offload_model=True
-                    (keep the DiT on the host until denoising, as the official --offload_model)
+                    (keep the DiT on the host until denoising, as the official --offload_model); in a torchrun
+                    job parallel=runtime.parallel.init(...), dit_fsdp=True, t5_fsdp=True
         """
         from flf2v.models import checkpoint as ck
         from flf2v.models.lora import load_loras
@@ -186,10 +190,11 @@ class Pipeline:
         from .torch_backend import TorchBackend
         preset = ck.preset_for(ckpt_dir)
         backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(list(loras), ckpt_dir), **kw)
-        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)
+        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, kw.get("parallel"))
 
     @classmethod
-    def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True, loras=()) -> "Pipeline":
+    def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True, loras=(),
+                     parallel=None) -> "Pipeline":
         """The engines of one `flf2v-build` folder (e.g. engines/h100-sm90-trt11.4/720p): TensorRT engines
         run on CUDA, ONNX Runtime graphs on the CPU, AOTInductor packages where they were compiled for
         (device overrides). The tokenizer, and the check that
@@ -197,7 +202,8 @@ class Pipeline:
         folder was built from. A static folder's runs have its grid and frame count (`video_shape`); a
         dynamic one's any grid and frame count of its profiles (EngineError naming the build otherwise).
         `loras` are the run's LoRAs (none: the base model), whatever the folder was built with: ONNX Runtime
-        swaps them in, TensorRT refuses other ones than its build's (runtime/loras.py)."""
+        swaps them in, TensorRT refuses other ones than its build's (runtime/loras.py). `parallel`: CFG-parallel
+        in a torchrun job, each process running its branch on its own batch-1 DiT engine."""
         from flf2v.models import checkpoint as ck
         from flf2v.models.lora import load_loras
 
@@ -215,7 +221,9 @@ class Pipeline:
         device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
         backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
-        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph)
+        if parallel is not None and parallel.sp is not None:
+            raise InputError("Ulysses (--ulysses_size > 1) runs on the torch backend: engines hold whole sequences")
+        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------
     def request(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
@@ -251,6 +259,15 @@ class Pipeline:
         if not math.isfinite(guide):
             raise InputError(f"--sample_guide_scale {guide} is not a finite number")
         cfg = float(guide) != 1.0
+        if self.parallel is not None and self.parallel.cfg_parallel:
+            if not cfg:
+                raise InputError("--cfg_parallel splits the cond and uncond DiT calls, but guide scale 1 runs no "
+                                 "uncond call; drop --cfg_parallel (use --ulysses_size for all the processes)")
+            if 1 not in getattr(self.backend, "cfg_batches", (1, 2)):
+                raise InputError(f"--cfg_parallel runs the batch-1 DiT on each process, but the engines in "
+                                 f"{getattr(self.backend, 'folder', '?')} hold only the batch-2 one; build it with "
+                                 f"`flf2v-build --cfg_batch 1|both`")
+            cfg_batch = 1  # one branch per rank
         cfg_batch = self._dit_batch(cfg, cfg_batch)
         try:
             make_sampler(sample_solver, steps, sample_shift, sample_timesteps)  # built per run: check it now
@@ -333,6 +350,8 @@ class Pipeline:
         latent = self.denoise_video(req, inputs, progress)
         if output == "latent":
             return latent
+        if self.parallel is not None and not self.parallel.is_main:
+            return None  # rank 0 decodes and writes
         with self.times("vae_decode", self.device):
             bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
             return self.backend.vae_decode(latent, bar)[0]
@@ -401,8 +420,9 @@ class Pipeline:
         if loop is None:
             b, p = self.backend, self.preset.dit.patch_size
             hidden = (x.shape[2] // p[0], x.shape[3] // p[1], x.shape[4] // p[2], self.preset.dit.dim)
+            split = self.parallel.cfg if self.parallel is not None and cfg else None
             loop = DenoiseLoop(b.denoise, sampler, x, context, clip_fea, y, guide, cfg_batch, cfg,
-                               (b.denoise_full, b.denoise_cached) if cached else None, hidden)
+                               (b.denoise_full, b.denoise_cached) if cached else None, hidden, split)
         else:
             loop.reset(x, context, clip_fea, y)
         if sampler_key is not None:

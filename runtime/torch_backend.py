@@ -17,22 +17,41 @@ class TorchBackend:
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool = False,
-                 loras=None):
+                 loras=None, parallel=None, dit_fsdp: bool = False, t5_fsdp: bool = False):
+        """`parallel` (runtime/parallel.py): this rank's groups in a torchrun job; the DiT runs Ulysses over
+        its sequence-parallel group, and `dit_fsdp` / `t5_fsdp` shard those weights over all ranks."""
         self.preset = preset or ck.preset_for(ckpt_dir)
         self.ckpt_dir, self.dtype, self.device = ckpt_dir, dtype, torch.device(device)
         self.offload_model = offload_model
+        self.parallel, self.t5_fsdp = parallel, t5_fsdp
+        if (dit_fsdp or t5_fsdp) and parallel is None:
+            raise ValueError("dit_fsdp / t5_fsdp shard weights over the ranks of a torchrun job: needs `parallel`")
+        if dit_fsdp and (loras or offload_model):
+            raise ValueError("dit_fsdp loads each rank's shard of the checkpoint: without LoRAs and offload_model")
         self._placements = 0  # counts the DiT's moves to the device: a captured CUDA graph reads its weights there
         # Encoders are loaded when first used and dropped once the denoiser needs the memory.
         self._t5 = self._clip = None
         self.vae = ck.load_vae(ckpt_dir, dtype, self.preset).to(self.device)
         self.loras = list(loras or [])  # [(models.lora.LoRA, scale)], merged into the DiT's weights
-        self.dit = ck.load_dit(ckpt_dir, dtype, self.preset, attention=attention, loras=self.loras)
-        if not offload_model:
-            self.dit.to(self.device)
+        if dit_fsdp:
+            from flf2v.models.sharded import load_sharded
+            self.dit = load_sharded(ckpt_dir, "dit", dtype, self.preset, parallel.mesh, self.device,
+                                    attention=attention)
+            self.capturable = False  # FSDP2's all-gathers run outside a CUDA graph (models/sharded.py)
+        else:
+            self.dit = ck.load_dit(ckpt_dir, dtype, self.preset, attention=attention, loras=self.loras)
+            if not offload_model:
+                self.dit.to(self.device)
+        if parallel is not None and parallel.sp is not None:
+            parallel.sp.check_heads(self.preset.dit.num_heads)
+            self.dit.sp = parallel.sp
 
     # -- encoders ------------------------------------------------------------------------------------
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self._t5 is None:
+        if self._t5 is None and self.t5_fsdp:
+            from flf2v.models.sharded import load_sharded
+            self._t5 = load_sharded(self.ckpt_dir, "t5", self.dtype, self.preset, self.parallel.mesh, self.device)
+        elif self._t5 is None:
             self._t5 = ck.load_t5(self.ckpt_dir, self.dtype, self.preset).to(self.device)
         return self._t5(ids.to(self.device), mask.to(self.device))
 

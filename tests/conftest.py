@@ -8,7 +8,29 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per pytest-xdist worker (`make test` runs two), else up to two
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+
+def shared_dir(tmp_path_factory) -> "os.PathLike":
+    """A folder every pytest-xdist worker of this session sees (the session's own temp folder without
+    xdist): the expensive fixtures are built there once, the second worker finding them current."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once(tmp_path_factory, name: str, make):
+    """`make(path)` run by the first worker to ask for `name` in the shared folder; the others wait and
+    reuse its result (a marker file written after `make` returns)."""
+    from filelock import FileLock
+    root = shared_dir(tmp_path_factory)
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            make(path)
+            done.touch()
+    return path
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,13 +46,15 @@ def pytest_collection_modifyitems(config, items):
 def tiny_ckpt(tmp_path_factory):
     """A complete tiny FLF2V checkpoint in the official layout (random weights, seed 0)."""
     from flf2v.models.make_tiny import write_tiny_checkpoint
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.1-FLF2V-tiny", "tiny", seed=0)
+    return once(tmp_path_factory, "ckpt", lambda p: write_tiny_checkpoint(p / "Wan2.1-FLF2V-tiny", "tiny", seed=0)) \
+        / "Wan2.1-FLF2V-tiny"
 
 
 @pytest.fixture(scope="session")
 def demo_frames(tmp_path_factory):
     from flf2v.models.make_tiny import write_demo_frames
-    return write_demo_frames(tmp_path_factory.mktemp("frames"))
+    folder = once(tmp_path_factory, "frames", write_demo_frames)
+    return folder / "first.png", folder / "last.png"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -45,7 +69,7 @@ def tiny_engines(tiny_ckpt, tmp_path_factory):
     """ONNX Runtime engines (fp32) of the tiny checkpoint, built once per session by flf2v-build."""
     from flf2v.export.build import build
     # the folder test_export.py / test_build.py use too: whoever comes later finds the engines current
-    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort",
+    return build(tiny_ckpt, "tiny", "fp32", out=shared_dir(tmp_path_factory) / "engines-cpu", backend="ort",
                  cfg_batch=(1, 2), progress=False)
 
 
@@ -54,7 +78,7 @@ def tiny_dynamic_engines(tiny_ckpt, tmp_path_factory):
     """The default build (`dynamic`: every grid and frame count of its profiles) of the tiny checkpoint:
     ONNX Runtime, fp32, CFG as batch 2."""
     from flf2v.export.build import build
-    return build(tiny_ckpt, None, "fp32", out=tmp_path_factory.getbasetemp() / "engines-dynamic" / "dynamic",
+    return build(tiny_ckpt, None, "fp32", out=shared_dir(tmp_path_factory) / "engines-dynamic" / "dynamic",
                  backend="ort", cfg_batch=(2,), progress=False)
 
 
@@ -63,7 +87,7 @@ def tiny_aoti_engines(tiny_ckpt, tmp_path_factory):
     """AOTInductor packages (fp32, CPU) of the tiny checkpoint at the static `tiny` shape, CFG as batch 2:
     compiled once per session (~2.5 min on 2 cores: a C++ compile per graph)."""
     from flf2v.export.build import build
-    return build(tiny_ckpt, "tiny", "fp32", out=tmp_path_factory.getbasetemp() / "engines-aoti" / "tiny",
+    return build(tiny_ckpt, "tiny", "fp32", out=shared_dir(tmp_path_factory) / "engines-aoti" / "tiny",
                  backend="aoti", cfg_batch=(2,), progress=False)
 
 

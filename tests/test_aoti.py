@@ -122,3 +122,37 @@ def test_bf16_on_the_cpu_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(BuildError, match="AOTInductor packages on the CPU are fp32"):
         build(tiny_ckpt, "tiny", "bf16", out=tmp_path / "x", backend="aoti", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_plugin_attention_needs_a_gpu(tiny_ckpt, tmp_path):
+    with pytest.raises(BuildError, match="compiles the Triton kernels into the packages, which needs a CUDA GPU"):
+        build(tiny_ckpt, "tiny", "fp32", out=tmp_path / "x", backend="aoti", attention="plugin", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_triton_attention_exports_as_one_triton_op_per_call():
+    """The DiT with the fused Triton kernels (attention="triton") under torch.export: each attention call stays
+    one flf2v op node (what the ONNX plugin export translates), the exported program equals the sdpa DiT,
+    and the ops are triton_ops, whose rule under functionalization (AOTInductor's and torch.compile's
+    tracing) traces the body into the kernels' launches. That compilation needs compiled (CUDA) kernels:
+    make gpu-check part 7 checks the package holds them."""
+    from test_dit import TINY, make_inputs, randomize
+
+    from flf2v.export.contracts import DiTFull
+    from flf2v.models.dit import WanDiT
+    sdpa = randomize(WanDiT(TINY), seed=21).eval()
+    fused = WanDiT(TINY, attention="triton").eval()
+    fused.load_state_dict(sdpa.state_dict())
+    x, t, ctx, clip, y = make_inputs(TINY, 1, 2, 4, 6, seed=22)
+    with torch.no_grad():
+        ep = torch.export.export(DiTFull(fused).eval(), (x, t, ctx, clip, y))
+        got, want = ep.module()(x, t, ctx, clip, y)[0], sdpa(x, t, ctx, clip, y)
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "flf2v" in str(n.target)]
+    assert sorted(set(ops)) == ["flf2v.wan_cross_attention.default", "flf2v.wan_self_attention.default"], ops
+    assert len(ops) == 2 * TINY.num_layers, ops
+    err, rel = rel_err(got, want)
+    assert rel < 2e-6, f"exported triton DiT vs sdpa: max abs {err:.2e}, rel {rel:.2e}"
+    from torch._library.custom_ops import OPDEFS
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    for name in ("flf2v::wan_self_attention", "flf2v::wan_cross_attention"):
+        assert FunctionalTensorMode in OPDEFS[name]._torch_dispatch_fns, f"{name} is not a triton_op"

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import shared_dir
 
 from flf2v.export import build as B
 from flf2v.export import contracts as C
@@ -23,7 +24,7 @@ NAMES = [g.name for g in C.graphs(PRESET, C.get_shape(PRESET, "tiny"), "fp32")]
 
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "engines-cpu"  # shared with test_export.py
+    out = shared_dir(tmp_path_factory) / "engines-cpu"  # shared with test_export.py
     assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--cfg_batch", "both", "--quiet"]) == 0
     return out
 
@@ -176,7 +177,7 @@ def test_trt_bf16_engines_match_fp32_onnxruntime(tiny_ckpt, tmp_path_factory):
     built (the fp32 engines above check the VAE numerics)."""
     pytest.importorskip("tensorrt", reason="TensorRT engines need the tensorrt package")
     pytest.importorskip("polygraphy", reason="the engines are built and compared through polygraphy")
-    fp32 = B.build(tiny_ckpt, "tiny", out=tmp_path_factory.getbasetemp() / "engines-cpu", backend="ort", cfg_batch=(1, 2),
+    fp32 = B.build(tiny_ckpt, "tiny", out=shared_dir(tmp_path_factory) / "engines-cpu", backend="ort", cfg_batch=(1, 2),
                    progress=False)
     folder = B.build(tiny_ckpt, "tiny", precision="bf16", out=tmp_path_factory.mktemp("trt16"), backend="trt",
                      cfg_batch=(1, 2), progress=False)

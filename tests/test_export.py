@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, shared_dir
 
 from flf2v.export import contracts as C
 from flf2v.export import passes as P
@@ -35,7 +35,7 @@ def tol(name: str) -> float:
 @pytest.fixture(scope="module")
 def folder(tiny_ckpt, tmp_path_factory):
     # shared with test_build.py: whichever runs second finds every engine current
-    return build(tiny_ckpt, "tiny", out=tmp_path_factory.getbasetemp() / "engines-cpu", cfg_batch=(1, 2), progress=False)
+    return build(tiny_ckpt, "tiny", out=shared_dir(tmp_path_factory) / "engines-cpu", cfg_batch=(1, 2), progress=False)
 
 
 @pytest.fixture(scope="module")

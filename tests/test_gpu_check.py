@@ -80,7 +80,8 @@ def test_smoke_through_make_target_without_venv(tmp_path):
 
     p = {k: v["data"] for k, v in res["parts"].items()}
     s = p["aoti"]["dit_slice"]  # the AOTI package of the DiT slice against eager (fp32, CPU)
-    assert s["compile_s"] > 0 and s["vs_eager"]["max_rel"] < 1e-4, s
+    assert s["compile_s"] > 0 and s["vs_eager"]["max_rel"] < 1e-4 and isinstance(s["kernels_in_package"], list), s
+    assert p["aoti"]["dit_slice_triton"]["skipped"].startswith("smoke: the Triton kernels compile"), p["aoti"]
     assert p["environment"]["packages"]["torch" if "torch" in p["environment"]["packages"] else "numpy"]
     (shape, entry), = p["kernels"]["shapes"].items()
     assert entry["tokens"] == 3 * 4 * 4 and p["kernels"]["text_tokens"] == 512 and p["kernels"]["image_tokens"] == 514
@@ -273,3 +274,18 @@ def test_engine_runner_drives_a_dynamic_tensorrt_context(monkeypatch, tmp_path):
         calls.clear()
         runner(feed, dims, profile)
         assert calls == [("run",)], calls
+
+
+def test_kernels_in_package_reads_names_and_code(tmp_path):
+    """gpu-check part 7's evidence that AOTInductor compiled the flf2v kernels in: their names in the
+    package's file names or generated code (a .pt2 is a zip)."""
+    import zipfile
+
+    from flf2v.bench.gpu_parts_aoti import kernels_in
+    path = tmp_path / "p.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("p/data/aotinductor/model/self_attn_fwd_kernel_0.cubin", b"\0\1")
+        z.writestr("p/data/aotinductor/model/model.wrapper.cpp", "launch(cross_attn_fwd_kernel, grid);")
+        z.writestr("p/data/weights/w0.bin", b"norm_rope: a weight file's bytes are not code")
+        z.writestr("p/data/aotinductor/model/other.cpp", "cpp_fused_mul_0(...);")
+    assert kernels_in(path) == ["cross_attn_fwd", "self_attn_fwd"]
