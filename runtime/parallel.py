@@ -72,9 +72,6 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        dist.barrier()
-
 
 def init(ulysses_size: int = 1, cfg_parallel: bool = False, device: torch.device | None = None,
          timeout_s: float = 600.0, ring_size: int = 1) -> Parallel | None:
