@@ -1,6 +1,6 @@
 """`flf2v-bench parallel`: the multi-process run (runtime/parallel.py) on paper and on this machine.
 
-    flf2v-bench parallel [--preset tiny] [--out bench/results] [--work DIR]
+    flf2v-bench parallel [--preset tiny-4h|small] [--steps 8] [--out bench/results] [--work DIR]
 
 1. Cost model, 720p / 81 frames (paper): per step and per rank, the DiT compute (bench/cost.py's FLOPs over
    the ranks, at the H100's peak and at the efficiency the single-GPU target implies) against the bytes each
@@ -10,7 +10,7 @@
    (H100 SXM: 450 GB/s per direction) and PCIe Gen5 x16 (64 GB/s per direction). Communication is not
    overlapped with compute here (an upper bound). Expected end to end for 1, 2, 4, 8 GPUs, next to the
    official 238.8 s (8x H100, I2V 720p, 40 steps).
-2. Measured (this machine, gloo over loopback): each layout launched with torchrun on the tiny/small
+2. Measured (this machine, gloo over loopback): each layout launched with torchrun on the tiny-4h / small
    preset: the denoising loop's seconds per step, the DiT calls' part of it (Ulysses' collectives are inside
    the DiT; CFG-parallel's all-gather, the guidance and the sampler update are outside), and the rest,
    against one process.

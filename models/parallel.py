@@ -10,13 +10,16 @@ them, kernels/ops.py `wan_self_attention_heads`). Padded tokens never reach a re
 the first L tokens only (padding sits past them) and the blocks' output is un-padded after the final
 all-gather. Cross-attention needs no communication (every rank holds the text and image keys).
 Communication per block: 4 all-to-alls of [B, L, dim/U] per rank (q, k, v in, attention out), ~4 B L dim
-(U-1)/U^2 elements sent per rank; bench/parallel.py models its cost.
+(U-1)/U^2 elements sent per rank, plus, on the fused-kernel path, 2 all-gathers of the [B, L/U] RMS statistics;
+bench/parallel.py models its cost.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .dit import apply_rope, rms_norm
 
 
 class SequenceParallel:
@@ -85,7 +88,6 @@ class UlyssesSelfAttention:
         sp, n = self.sp, self.n
         heads = self.num_heads // sp.size
         if self.kind == "sdpa":
-            from .dit import apply_rope, rms_norm
             d = 2 * cos_local.shape[-1]
             q = apply_rope(rms_norm(q, norm_q_weight, eps).unflatten(-1, (-1, d)), cos_local, sin_local)
             k = apply_rope(rms_norm(k, norm_k_weight, eps).unflatten(-1, (-1, d)), cos_local, sin_local)

@@ -3,8 +3,11 @@ loaded from the official checkpoint files with each rank reading only its own ro
 
 `fully_shard` on each transformer block and on the root splits every parameter along dim 0 into
 `torch.chunk`-sized pieces, one per rank; a block's full weights exist on a rank only while that block runs
-(FSDP2 all-gathers them before its forward and frees them after). So a rank holds ~1/N of the weights plus one
-block: the 14B DiT in bf16 (~33 GB) fits GPUs that cannot hold it whole. Safetensors are read with
+(FSDP2 all-gathers them before its forward and frees them after). FSDP2 does not reshard the root's own
+weights after its forward: the DiT's embeddings, time MLPs and head (~0.25 B parameters, 0.5 GB in bf16) stay
+whole on every rank from the first step on (which the step cache's cached step, not a module call, relies on);
+T5's 1 B-parameter token embedding is sharded on its own. So a rank holds ~1/N of the blocks' weights plus one
+block and the DiT's root layers: the 14B DiT in bf16 (~33 GB) fits GPUs that cannot hold it whole. Safetensors are read with
 `get_slice` (only the rank's rows leave the disk); `.pth` files are memory-mapped, so only the rows'
 pages are touched. Every rank runs every block in the same order (Ulysses and CFG-parallel ranks alike),
 as FSDP's collectives need. The all-gathers are not captured in a CUDA graph: such a run's denoising
@@ -43,8 +46,10 @@ def load_sharded(ckpt_dir, component: str, dtype: torch.dtype, preset, mesh, dev
     ck.check_keys(model.state_dict().keys(), source, origin, ignore)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
+    if component == "t5":  # 1 B parameters: the root's own weights are not resharded after its forward
+        fully_shard(model.token_embedding, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    tables = dict(model.named_buffers())  # the fixed tables, built real; to_empty would leave them garbage
+    tables = dict(model.named_buffers())  # T5's bucket table is built real; to_empty would leave it garbage
     model.to_empty(device=device)
     for name, table in tables.items():
         owner, _, leaf = name.rpartition(".")

@@ -132,8 +132,10 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def _fail(msg: str, code: int = 2) -> int:
-    if _rank() == 0 or code != 2:  # a user error is every rank's: said once; a failure by the rank it hit
+def _fail(msg: str, code: int = 2, every_rank: bool = True) -> int:
+    """One line on stderr; `every_rank` False: said by rank 0 only (a mistake in the flags, which every
+    rank of a torchrun job finds alike)."""
+    if every_rank or _rank() == 0:
         where = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"flf2v-run: {where}error: {msg}", file=sys.stderr, flush=True)
     return code
@@ -241,6 +243,23 @@ def check_args(args) -> None:
         raise InputError(f"--dist_timeout {args.dist_timeout} must be positive, e.g. 600")
 
 
+def check_parallel(args) -> None:
+    """The parallel flags against the checkpoint's model, before any process group or weight exists."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.media import InputError
+    if args.ulysses_size == 1 and not args.cfg_parallel:
+        return
+    preset = ck.preset_for(args.ckpt_dir)
+    if preset.dit.num_heads % args.ulysses_size:
+        raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
+                         f"attention heads")
+    guide = args.sample_guide_scale if args.sample_guide_scale is not None else \
+        1.0 if args.sample_timesteps is not None else preset.sample_guide_scale
+    if args.cfg_parallel and guide == 1.0:
+        raise InputError("--cfg_parallel splits the cond and uncond DiT calls, but guide scale 1 runs no uncond "
+                         "call; drop --cfg_parallel (use --ulysses_size for all the processes)")
+
+
 def engine_kind(device: torch.device) -> str:
     """The engines this machine runs: TensorRT on a GPU where it imports, ONNX Runtime on a CPU."""
     if device.type == "cpu":
@@ -311,9 +330,6 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], paralle
         raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
     loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
-    if args.ulysses_size > 1 and preset.dit.num_heads % args.ulysses_size:
-        raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
-                         f"attention heads")
     torch_only = args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp
     if torch_only and args.backend not in ("auto", "torch"):
         raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
@@ -348,7 +364,7 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], paralle
 
 def describe_parallel(args) -> str:
     split = " x ".join(([f"Ulysses {args.ulysses_size}"] if args.ulysses_size > 1 else [])
-                       + (["CFG-parallel"] if args.cfg_parallel else [])) or "replicated"
+                       + (["CFG-parallel"] if args.cfg_parallel else []))  # one of them: check_layout
     return ", ".join([split] + [f"{n} weights sharded (FSDP2)" for n, on in (("DiT", args.dit_fsdp),
                                                                             ("T5", args.t5_fsdp)) if on])
 
@@ -389,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     par = None
     try:
         check_args(args)
+        check_parallel(args)
         device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
@@ -412,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.task, f"{video.shape[3]}*{video.shape[2]}", args.prompt)
             with pipe.times("save"):
                 save_video(video, save, fps=args.fps)
-    except (InputError, CheckpointError, NumericalError, EngineError, LoRAError) as e:
+    except InputError as e:
+        return _fail(str(e), every_rank=False)
+    except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
     except Stopped:
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "

@@ -10,8 +10,11 @@ Ranks are laid out CFG-major: rank = c * U + u, c = 0 the cond branch and 1 the 
 - --dit_fsdp / --t5_fsdp: the network's weights sharded over all N ranks with FSDP2 (`fully_shard` per block);
   each rank reads only its rows of every tensor from the official files (models/sharded.py).
 Every rank computes the encoders and the loop; rank 0 decodes, writes the mp4 and the metrics; every rank
-reports its own memory. A rank that dies makes torchrun stop the others (SIGTERM: one line, exit 1); a
-rank that hangs makes the others' collectives fail after --dist_timeout seconds.
+reports its own memory. A rank that dies makes the others' next collective fail (gloo: connection reset) and
+torchrun stop them (SIGTERM): one line each, exit 1; a rank that hangs makes the others' collectives fail after
+--dist_timeout seconds. Under NCCL a timed-out collective is ended by torch's NCCL watchdog, which aborts the
+process (no line of ours), and collectives replayed inside a captured CUDA graph are not watched at all: on
+GPUs, `--cuda_graph false` keeps the timeout in force (UNVERIFIED: no GPU here).
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class CfgSplit:
 
     def gather(self, pair: torch.Tensor, v: torch.Tensor) -> None:
         """pair [2, ...] <- (cond, uncond) velocities, v [1, ...] this rank's."""
-        dist.all_gather([pair[0:1], pair[1:2]], v.contiguous(), group=self.group)
+        dist.all_gather_into_tensor(pair, v.contiguous(), group=self.group)
 
 
 @dataclass
@@ -77,7 +80,7 @@ def init(ulysses_size: int = 1, cfg_parallel: bool = False, device: torch.device
          timeout_s: float = 600.0, ring_size: int = 1) -> Parallel | None:
     """The process group of this torchrun job and this rank's groups; None in a single process without
     parallel flags. InputError (before any collective) when the flags do not match the processes."""
-    rank, world, local = world_from_env()
+    _, world, local = world_from_env()
     check_layout(world, ulysses_size, cfg_parallel, ring_size)
     if world == 1:
         return None

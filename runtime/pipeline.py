@@ -220,9 +220,9 @@ class Pipeline:
             built = torch.device(next(iter(m["engines"].values()), {}).get("builder", {}).get("device", "cpu"))
         device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
-        backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
         if parallel is not None and parallel.sp is not None:
             raise InputError("Ulysses (--ulysses_size > 1) runs on the torch backend: engines hold whole sequences")
+        backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------

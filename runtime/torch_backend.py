@@ -23,7 +23,7 @@ class TorchBackend:
         self.preset = preset or ck.preset_for(ckpt_dir)
         self.ckpt_dir, self.dtype, self.device = ckpt_dir, dtype, torch.device(device)
         self.offload_model = offload_model
-        self.parallel, self.t5_fsdp = parallel, t5_fsdp
+        self.parallel, self.dit_fsdp, self.t5_fsdp = parallel, dit_fsdp, t5_fsdp
         if (dit_fsdp or t5_fsdp) and parallel is None:
             raise ValueError("dit_fsdp / t5_fsdp shard weights over the ranks of a torchrun job: needs `parallel`")
         if dit_fsdp and (loras or offload_model):
@@ -74,7 +74,10 @@ class TorchBackend:
 
     # -- denoiser ------------------------------------------------------------------------------------
     def prepare_denoise(self) -> None:
-        """Called once before the loop: `--offload_model` keeps the DiT on the host until now."""
+        """Called once before the loop: `--offload_model` keeps the DiT on the host until now; a sharded DiT
+        (GPUs too small for it whole) needs the encoders' memory back."""
+        if self.dit_fsdp:
+            self.release_encoders()
         if self.offload_model:
             self.release_encoders()
             self.dit.to(self.device)

@@ -22,14 +22,18 @@ def shared_dir(tmp_path_factory) -> "os.PathLike":
 
 def once(tmp_path_factory, name: str, make):
     """`make(path)` run by the first worker to ask for `name` in the shared folder; the others wait and
-    reuse its result (a marker file written after `make` returns)."""
+    reuse its result."""
+    import shutil
+
     from filelock import FileLock
     root = shared_dir(tmp_path_factory)
-    path, done = root / name, root / f"{name}.done"
+    path = root / name
     with FileLock(str(root / f"{name}.lock")):
-        if not done.exists():
-            make(path)
-            done.touch()
+        if not path.exists():  # made aside and renamed: a failed `make` leaves nothing the next one reuses
+            tmp = root / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make(tmp)
+            tmp.rename(path)
     return path
 
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N tests/dist_worker.py cases --ckpt DIR --frames DIR --out JSON CASE...
         each CASE ("u2", "u4", "cfg", "cfg-u2", with "+dit_fsdp", "+t5_fsdp", "+cache", "+ort" (--engines)
-        suffixes; "dit-triton-u2": one DiT forward only) runs one video over all N ranks; every rank also
+        suffixes; "dit-sdpa-u2", "dit-triton-u2": one DiT forward) runs one video over all N ranks; every rank also
         makes the single-process video in-process, and rank 0 writes {case: {"max_abs", "max_rel", ...}} to JSON.
     torchrun --nproc_per_node N tests/dist_worker.py cli [--kill RANK:STEP] [--hang RANK:STEP] -- FLF2V-RUN ARGS...
         flf2v-run's main(); with --kill, that rank SIGKILLs itself when its denoising loop reaches that step;
@@ -32,8 +32,8 @@ def parse_case(case: str) -> dict:
 
 
 def dit_case(ckpt, case: str) -> dict | None:
-    """"dit-triton-u2": one DiT forward with the fused kernels, Ulysses over the group, against the same DiT in
-    one process (a whole video through the interpreted kernels takes minutes)."""
+    """"dit-<sdpa|triton>-u<U>": one DiT forward, Ulysses over the group, against the same DiT in one process, at
+    27 tokens (padded to a multiple of U; a whole video through the interpreted kernels takes minutes)."""
     from flf2v.models import checkpoint as ck
     from flf2v.runtime import parallel as P
     kind, u = case.split("-")[1], int(case.split("-u")[-1])
