@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default=None)
     args = ap.parse_args(argv)
+    from flf2v.bench.cli import _load_avg
     from flf2v.bench.report import machine_info, side_study, write_side_study
     from flf2v.models.make_tiny import write_demo_frames
     model = cost_model()
@@ -208,9 +209,9 @@ def main(argv=None) -> int:
                              ours_1gpu_s=pick(i2v, 1)["end_to_end_nvlink_s"])
     with side_study("parallel", args.preset, args.work) as (work, ckpt):
         frames = write_demo_frames(work / "frames")[0].parent
-        before = os.getloadavg()[0]
+        before = (_load_avg() or [0.0])[0]
         measured = run_layouts(ckpt, frames, work, args.steps)
-        load = (before, os.getloadavg()[0])
+        load = (before, (_load_avg() or [0.0])[0])
     machine = machine_info()
     result = {"cost_model": model, "measured": measured, "preset": args.preset, "steps": args.steps,
               "machine": machine, "load": load, "date": time.strftime("%Y-%m-%d")}
