@@ -11,15 +11,18 @@ ATTENTION ?=
 LORA ?=
 BACKEND ?=
 
-.PHONY: setup test demo engines bench gpu-check clean
+.PHONY: setup test lock demo engines bench gpu-check clean
 
 setup: $(VENV)/.installed
 
 # GPU=auto|cu13|cu12|none picks the CUDA flavour of torch + TensorRT (auto: from the NVIDIA driver; see
 # README "GPU quick start"). CPU machines get the CPU build of torch (plain `torch` from PyPI is a multi-GB
-# CUDA 13 build). The TensorRT 11.4 Python bindings go to $(VENV)/trt-api/ on every machine, outside the
-# venv's import path: tests/test_trt_api.py reads the real API from them on a CPU.
+# CUDA 13 build). Every package is installed at the version of lock/<flavour>.txt, the set the suite last
+# passed with (`make lock` refreshes it; LOCK=none installs the newest versions instead). The TensorRT 11.4
+# Python bindings go to $(VENV)/trt-api/ on every machine, outside the venv's import path:
+# tests/test_trt_api.py reads the real API from them on a CPU.
 GPU ?= auto
+LOCK ?=
 # ORT=gpu: onnxruntime-gpu (CUDA execution provider, the fallback where TensorRT is missing) in place of the
 # CPU onnxruntime; both install the module `onnxruntime`, so only one can be there.
 ORT ?= cpu
@@ -27,7 +30,8 @@ ORT_GPU_VERSION := 1.31.1
 TORCH_VERSION := 2.13.0
 TRT_VERSION := 11.4.0.106
 TORCH_CU12_INDEX ?= https://download.pytorch.org/whl/cu128
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
+	rm -f $@
 	python3 -m venv $(VENV)
 	flavour=$(GPU); \
 	if [ $$flavour = auto ]; then flavour=none; \
@@ -37,24 +41,35 @@ $(VENV)/.installed: pyproject.toml
 	    else echo "make setup: error: NVIDIA driver $$drv is older than R525; update it (R580+ for CUDA 13) or run make setup GPU=none"; exit 2; fi; \
 	  fi; \
 	fi; \
-	echo "make setup: GPU flavour $$flavour (override with GPU=cu13|cu12|none)"; \
+	lock=lock/$${flavour/none/cpu}.txt; pins="-c $$lock"; \
+	if [ "$(LOCK)" = none ]; then pins=; lock="none (newest versions)"; fi; \
+	echo "make setup: GPU flavour $$flavour (override with GPU=cu13|cu12|none), pins $$lock"; \
+	pip="$(PY) -m pip install -q $$pins"; \
 	case $$flavour in \
-	  cu13) $(PY) -m pip install -q torch==$(TORCH_VERSION) && $(PY) -m pip install -q -e '.[dev,gpu-cu13]' ;; \
-	  cu12) $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CU12_INDEX) && \
-	        $(PY) -m pip install -q -e '.[dev,gpu-cu12]' ;; \
-	  *) $(PY) -m pip install -q torch==$(TORCH_VERSION) && $(PY) -m pip install -q -e '.[dev]' ;; \
-	esac
+	  cu13) $$pip torch==$(TORCH_VERSION) && $$pip -e '.[dev,gpu-cu13]' ;; \
+	  cu12) $$pip torch==$(TORCH_VERSION) --index-url $(TORCH_CU12_INDEX) && $$pip -e '.[dev,gpu-cu12]' ;; \
+	  *) $$pip torch==$(TORCH_VERSION) && $$pip -e '.[dev]' ;; \
+	esac && \
 	if [ "$(ORT)" = gpu ]; then $(PY) -m pip uninstall -q -y onnxruntime && \
-	  $(PY) -m pip install -q onnxruntime-gpu==$(ORT_GPU_VERSION); fi
+	  $$pip onnxruntime-gpu==$(ORT_GPU_VERSION); fi
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@
+
+# Refresh the pins: the newest versions into a fresh $(LOCK_VENV), the whole suite there, and only if it
+# passes, lock/{cpu,cu13,cu12}.txt rewritten from that venv (lock/refresh.py). Commit them with the figures.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(MAKE) setup VENV=$(LOCK_VENV) GPU=none LOCK=none
+	FLF2V_LOCK_REFRESH=1 $(MAKE) test VENV=$(LOCK_VENV)
+	$(LOCK_VENV)/bin/python lock/refresh.py --venv $(LOCK_VENV) --torch $(TORCH_VERSION) --trt $(TRT_VERSION)
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist, whole files per worker): the engine builds and
 # compiles of one file use one core while another file's tests use the other. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Tiny random checkpoint -> its engines (ONNX Runtime on a CPU, TensorRT on a GPU) -> flf2v-run.
 demo: setup

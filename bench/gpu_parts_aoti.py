@@ -63,7 +63,7 @@ def _slice(run: Run, attention: str = "sdpa") -> dict:
     row = {"blocks": 2, "tokens": L, "dtype": str(dtype).removeprefix("torch."), "attention": attention}
     compiled = model
     if attention == "triton":
-        import flf2v.kernels  # noqa: F401  (registers the ops)
+        import flf2v.kernels.ops  # noqa: F401  (registers the ops)
         with torch.device("meta"):
             compiled = WanDiT(cfg, attention="triton")
         compiled = compiled.to(dtype).to_empty(device=run.device)

@@ -93,7 +93,7 @@ def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export: the flf2v custom ops -> plugin nodes."""
     import torch
 
-    import flf2v.kernels  # noqa: F401  (registers torch.ops.flf2v.*)
+    import flf2v.kernels.ops  # noqa: F401  (registers torch.ops.flf2v.*)
     return {torch.ops.flf2v.wan_self_attention.default: self_attention,
             torch.ops.flf2v.wan_cross_attention.default: cross_attention}
 

@@ -105,7 +105,7 @@ def attention_ops(kind: str):
         return self_attention_ref, cross_attention_ref
     if kind == "triton":
         try:
-            import flf2v.kernels  # noqa: F401  (registers torch.ops.flf2v.*)
+            import flf2v.kernels.ops  # noqa: F401  (registers torch.ops.flf2v.*)
             return torch.ops.flf2v.wan_self_attention, torch.ops.flf2v.wan_cross_attention
         except (ImportError, AttributeError, RuntimeError) as err:
             raise RuntimeError(f"attention='triton' needs torch.ops.flf2v.wan_self_attention and "

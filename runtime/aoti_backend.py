@@ -38,7 +38,7 @@ class AotiBackend(EngineBackend):
         if self.manifest.get("attention") == "plugin":
             # the kernels are compiled into the DiT packages; registering the ops too keeps a package that
             # kept them as op calls loadable
-            import flf2v.kernels  # noqa: F401
+            import flf2v.kernels.ops  # noqa: F401
         self.capturable = self.device.type == "cuda"
         self.models: dict = {}
 

@@ -260,6 +260,20 @@ def check_parallel(args) -> None:
                          "call; drop --cfg_parallel (use --ulysses_size for all the processes)")
 
 
+def check_request(args, first_hw: tuple[int, int]) -> None:
+    """--size and --frame_num against the checkpoint's model, before any weight loads on any backend (a
+    static engine folder's own shape is checked when the folder is chosen, the torch backend's defaults in
+    `make_pipeline`)."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.pipeline import check_frame_num, output_shape
+    preset = ck.preset_for(args.ckpt_dir)
+    if args.frame_num is not None:
+        check_frame_num(args.frame_num, preset.dit.rope_max_pos)
+    if args.size is not None:
+        output_shape(preset, first_hw, args.size,
+                     args.frame_num if args.frame_num is not None else preset.frame_num)
+
+
 def engine_kind(device: torch.device) -> str:
     """The engines this machine runs: TensorRT on a GPU where it imports, ONNX Runtime on a CPU."""
     if device.type == "cpu":
@@ -291,7 +305,8 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     def want(fixed) -> tuple[int, int, int]:
         # unset --size / --frame_num default to a static folder's own, else to the model's
         size = args.size or (f"{fixed[1]}*{fixed[0]}" if fixed else preset.default_size)
-        return output_shape(preset, first_hw, size, args.frame_num or (fixed[2] if fixed else preset.frame_num))
+        frames = args.frame_num if args.frame_num is not None else fixed[2] if fixed else preset.frame_num
+        return output_shape(preset, first_hw, size, frames)
 
     def serves(m) -> bool:
         try:
@@ -339,7 +354,11 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], paralle
     args.backend = kind
     if kind == "torch":
         from flf2v.export.contracts import COMPUTE_DTYPE
+        from flf2v.runtime.pipeline import output_shape
         from flf2v.runtime.torch_backend import TorchBackend
+        # the run's shape with the model's defaults, before the 32.8 GB DiT loads
+        output_shape(preset, first_hw, args.size or preset.default_size,
+                     args.frame_num if args.frame_num is not None else preset.frame_num)
         precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         offload = device.type == "cuda" if args.offload_model is None else args.offload_model
         backend = TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device,
@@ -409,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
+        check_request(args, (first.height, first.width))
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
             signal.signal(signal.SIGTERM, _on_sigterm)

@@ -319,8 +319,9 @@ class Pipeline:
 
     def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
                  latents: torch.Tensor | None = None, output: str = "video", progress: bool = True,
-                 **options) -> torch.Tensor:
-        """A video from a prompt and its first (and, for FLF2V, last) frame.
+                 **options) -> torch.Tensor | None:
+        """A video from a prompt and its first (and, for FLF2V, last) frame; None on every process of a
+        torchrun job but rank 0, which alone decodes (`output="latent"` returns the latents on every rank).
 
         options   size ("W*H", the max area), frame_num (4n+1), sample_solver ("unipc" | "dpm++"),
                   sample_steps, sample_shift, guide_scale, seed (-1: random), negative_prompt ("" : the
@@ -332,7 +333,6 @@ class Pipeline:
                   cache_max_skips, cache_calibration (a calibration file); unset ones take the task's
                   official defaults (see `request`). `self.last_request` records them, `self.last_cache`
                   the cache's schedule (None without a cache).
-                  `self.last_request` records them.
         latents   initial noise [1, 16, T_lat, h, w] fp32 instead of the seed's (to reproduce or compare a run)
         output    "video": [3, frames, H, W] in [-1, 1] (decoded); "latent": the final latents
                   [1, 16, T_lat, h, w] fp32, not decoded

@@ -89,6 +89,21 @@ def test_bad_flags_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, match
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "ort", "aoti", "auto"])
+@pytest.mark.parametrize("extra,match", [(["--size", "1920*1080"], "not supported"),
+                                         (["--frame_num", "0"], "4n+1")])
+def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
+                                                 extra, match):
+    def loads(*a, **k):
+        raise AssertionError(f"--backend {backend} started loading weights before the request was checked")
+    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
+    monkeypatch.setattr("flf2v.runtime.engines.open_backend", loads)
+    args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + ["--backend", backend, *extra]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err
+
+
 def test_missing_image(tiny_ckpt, demo_frames, tmp_path, capsys):
     args = _args(tiny_ckpt, (tmp_path / "nope.png", demo_frames[1]), tmp_path / "v.mp4")
     assert main(args) == 2

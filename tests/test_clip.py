@@ -7,6 +7,9 @@ import torch
 from flf2v.models.clip import CHECKPOINT_PREFIX, CLIPVisual, ignored_keys, preprocess
 from flf2v.models.config import get_preset
 from flf2v.bench.diffusers_peer import clip_to_transformers
+# OpenAI CLIP's normalisation as transformers ships it for CLIPImageProcessor: an independent source, so a
+# wrong constant in models/config.py fails here instead of passing through both sides of a comparison
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 CFG = get_preset("tiny").clip
 
@@ -110,8 +113,8 @@ def test_preprocess_vs_float64_bicubic(hw):
     assert torch.equal(preprocess(frames), out)  # the default config has the same size, mean and std
     x = frames.double().numpy()
     x = bicubic_matrix(h, s) @ x @ bicubic_matrix(w, s).T
-    mean = np.array(CFG.mean).reshape(1, 3, 1, 1)
-    std = np.array(CFG.std).reshape(1, 3, 1, 1)
+    mean = np.array(OPENAI_CLIP_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(OPENAI_CLIP_STD).reshape(1, 3, 1, 1)
     want = torch.from_numpy(((x + 1) / 2 - mean) / std)
     assert out.shape == (2, 3, s, s) and out.dtype == torch.float32
     err = (out.double() - want).abs().max()
@@ -120,6 +123,14 @@ def test_preprocess_vs_float64_bicubic(hw):
     # from it by 4.8e-5 abs at 300 px); align_corners, antialias or another kernel would be off by ~1e-2.
     assert rel < 5e-5, f"max abs {err.item():.3e} rel {rel:.3e}"
     print(f"preprocess {hw}: max abs {err.item():.3e}, max rel {rel:.3e}")
+
+
+@pytest.mark.parametrize("preset", ["flf2v-14B", "i2v-14B", "tiny"])
+def test_normalisation_is_openai_clip(preset):
+    cfg = get_preset(preset).clip
+    for name, got, want in (("mean", cfg.mean, OPENAI_CLIP_MEAN), ("std", cfg.std, OPENAI_CLIP_STD)):
+        err = np.abs(np.array(got) - np.array(want)).max()
+        assert err < 1e-9, f"{preset} CLIP {name} {got} != OpenAI CLIP's {want} (max abs {err:.3e})"
 
 
 def test_export_matches_eager():

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="the flf2v attention kernels are Triton kernels")
 from conftest import rel_err
-from flf2v.kernels import attention, cross_attention, trt_plugin  # noqa: E402
+from flf2v.kernels import attention, cross_attention, ops, trt_plugin  # noqa: E402,F401  (ops: torch.ops.flf2v.*)
 
 GPU = torch.cuda.is_available() and not attention.INTERPRET
 DEVICE = "cuda" if GPU else "cpu"
@@ -236,7 +236,7 @@ AOT_SCRIPT = """
 import os, subprocess, torch
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from flf2v.kernels import attention, cross_attention, trt_plugin
+from flf2v.kernels import attention, cross_attention, ops, trt_plugin
 
 # Compiled kernels refuse CPU tensors with a clear error instead of crashing.
 x = torch.zeros(1, 4, 64)

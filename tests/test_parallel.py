@@ -170,7 +170,7 @@ def test_cli_flag_errors_are_said_once(tiny_ckpt, demo_frames, tmp_path, monkeyp
 def test_heads_op_equals_the_full_attention_on_those_heads():
     """Ulysses' kernel call: H/U of the heads, normed with the RMS over all H, equals those heads' columns of
     the full-width fused attention's reference."""
-    import flf2v.kernels  # noqa: F401
+    import flf2v.kernels.ops  # noqa: F401
     from flf2v.kernels.attention import wan_self_attention_ref
     g = torch.Generator().manual_seed(0)
     b, s, h, d, eps = 2, 21, 4, 16, 1e-6
