@@ -109,6 +109,11 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
         torch.save(clip_file_state(visual, p.clip, gen), tmp / ck.CLIP_FILE)
         torch.save(randomize_(WanVAE(p.vae), gen).state_dict(), tmp / ck.VAE_FILE)
         (tmp / "flf2v_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkdtemp makes 0700 and safetensors 0600: give everything the mode any new file or folder gets
+        for f in (tmp, *tmp.rglob("*")):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -145,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", default=None, help="also write two sample frames first.png/last.png here")
     args = ap.parse_args(argv)
     dest = Path(args.ckpt_dir)
+    if dest.exists() and not dest.is_dir():
+        print(f"flf2v-make-tiny: error: {dest} is a file; give a directory to write the checkpoint into",
+              file=sys.stderr)
+        return 2
     if dest.exists() and not (dest / "flf2v_tiny.json").exists() and any(dest.iterdir()):
         print(f"flf2v-make-tiny: error: {dest} exists and is not a tiny checkpoint written by this tool; "
               f"choose an empty or new directory", file=sys.stderr)

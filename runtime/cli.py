@@ -14,6 +14,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                  description=__doc__,
                                  epilog=f"Defaults shown are {p.name}'s; --task and --ckpt_dir choose the model.")
     a = ap.add_argument
-    a("--task", default="flf2v-14B", choices=TASKS, help="the model (default flf2v-14B)")
+    a("--task", default=None, choices=TASKS, help="the model (default: the checkpoint's, else flf2v-14B)")
     a("--size", default=None, help=f"max output area as W*H, one of {', '.join(p.sizes)} (default "
                                    f"{p.default_size}, or a static engine folder's own); the first frame's aspect "
                                    f"ratio is kept")
@@ -96,7 +97,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
            "present, else the authors' published Wan2.1 I2V-14B calibration)")
     a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random (default -1)")
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
-    a("--fps", type=int, default=16, help="frame rate of the mp4 (default 16, the official rate)")
+    a("--fps", type=float, default=16, help="frame rate of the mp4, e.g. 24 or 29.97 (default 16, the official rate)")
     a("--backend", default="auto", choices=BACKENDS,
       help="auto (default): engines of this checkpoint that serve the run, under --engines or "
            "engines/<this machine>[-plugin]/, else the torch reference; aoti: AOTInductor packages "
@@ -189,6 +190,36 @@ def check_device(name: str | None) -> torch.device:
     return device
 
 
+def check_output(flag: str, path: str) -> None:
+    """An output path can be written, checked before anything loads: refused after the generation, the
+    run would be lost. Folders that do not exist yet are made when the file is written."""
+    from flf2v.runtime.media import InputError
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path in it")
+    folder = p.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+    try:  # access() says yes to root even on a read-only mount: try it
+        fd, probe = tempfile.mkstemp(prefix=".flf2v-write-check.", dir=folder)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def infer_task(ckpt_dir: str) -> str:
+    """The task of the checkpoint's model (its config.json), so an I2V folder needs no --task."""
+    from flf2v.models import checkpoint as ck
+    try:
+        kind = ck.preset_for(ckpt_dir).dit.model_type
+    except (ck.CheckpointError, OSError):
+        return "flf2v-14B"  # the checkpoint's own error comes with the checks that read it
+    return "flf2v-14B" if kind == "flf2v" else "i2v-14B"
+
+
 def check_args(args) -> None:
     from flf2v.runtime.media import InputError
     if args.image and args.first_frame:
@@ -197,7 +228,7 @@ def check_args(args) -> None:
     if not args.first_frame:
         raise InputError("--first_frame is required (the image the video starts from)")
     if args.task.startswith("flf2v") and not args.last_frame:
-        raise InputError("--last_frame is required for flf2v-14B (the image the video ends on)")
+        raise InputError(f"--last_frame is required for {args.task} (the image the video ends on)")
     if args.prompt is None or not args.prompt.strip():
         raise InputError("--prompt is empty; describe the video to generate")
     if args.sample_steps is not None and args.sample_steps <= 0:
@@ -227,10 +258,13 @@ def check_args(args) -> None:
             raise InputError(str(e)) from None
     if not -1 <= args.base_seed < 2**63:
         raise InputError(f"--base_seed {args.base_seed} is out of range; use -1 or 0..2^63-1")
-    if not 1 <= args.fps <= 240:
-        raise InputError(f"--fps {args.fps} is out of range; use 1..240 (16 is the official rate)")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 240):
+        raise InputError(f"--fps {args.fps:g} is out of range; use 1..240 (16 is the official rate)")
     if args.save_file and not args.save_file.lower().endswith(".mp4"):
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
+    check_output("--save_file", args.save_file or "video.mp4")  # the default name goes to the current folder
+    if args.metrics:
+        check_output("--metrics", args.metrics)
     from flf2v.runtime.parallel import check_layout, world_from_env
     check_layout(world_from_env()[1], args.ulysses_size, args.cfg_parallel, args.ring_size)
     if (args.dit_fsdp or args.t5_fsdp) and world_from_env()[1] == 1:
@@ -423,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     par = None
     try:
+        args.task = args.task or infer_task(args.ckpt_dir)
         check_args(args)
         check_parallel(args)
         device = check_device(args.device)
@@ -453,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), every_rank=False)
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
+    except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left
+        return _fail("interrupted; no video was written", 130)
     except Stopped:
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)
@@ -477,14 +514,18 @@ def main(argv: list[str] | None = None) -> int:
         # the stages add up to the end-to-end time: "other" is argument checks and reading the images
         seconds = {"load": t_load, **pipe.times.seconds}
         seconds["other"] = total - sum(seconds.values())
-        write_metrics(args.metrics, {
-            "save_file": str(save), "seconds": seconds, "end_to_end_s": total, "memory": mem,
-            "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
-            "run": pipe.last_request.to_json(), "fps": args.fps, "backend": args.backend,
-            "engines": str(getattr(pipe.backend, "folder", "")) or None, "device": str(device),
-            "preset": pipe.preset.name, "versions": versions(), "args": vars(args),
-            **({"parallel": {"processes": par.world, "layout": describe_parallel(args)}} if par else {}),
-            **({"cache": pipe.last_cache.to_json()} if pipe.last_cache else {})})
+        try:
+            write_metrics(args.metrics, {
+                "save_file": str(save), "seconds": seconds, "end_to_end_s": total, "memory": mem,
+                "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
+                "run": pipe.last_request.to_json(), "fps": args.fps, "backend": args.backend,
+                "engines": str(getattr(pipe.backend, "folder", "")) or None, "device": str(device),
+                "preset": pipe.preset.name, "versions": versions(), "args": vars(args),
+                **({"parallel": {"processes": par.world, "layout": describe_parallel(args)}} if par else {}),
+                **({"cache": pipe.last_cache.to_json()} if pipe.last_cache else {})})
+        except OSError as e:  # checked before the run; the disk may still fill
+            return _fail(f"{e.strerror or e} ({args.metrics}); the video is {save}, the metrics were not "
+                         "written")
     mem_s = ", ".join(f"{k} {v:.2f}" for k, v in mem.items())
     cached = ""
     if pipe.last_cache:
@@ -493,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}{cached}) in "
           f"{total:.1f} s; peak memory{' (rank 0)' if par else ''}: {mem_s}")
     if pipe.preset.name.startswith("tiny") or pipe.preset.name == "small":
+        real = "Wan2.1-FLF2V-14B-720P" if pipe.preset.dit.model_type == "flf2v" else "Wan2.1-I2V-14B-720P"
         print(f"note: {args.ckpt_dir} is a {pipe.preset.name} test checkpoint with random weights, so the video "
-              f"is noise. For real videos pass --ckpt_dir of Wan2.1-FLF2V-14B-720P.")
+              f"is noise. For real videos pass --ckpt_dir of {real}.")
     return 0
 
 

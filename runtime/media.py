@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
-def save_video(video: torch.Tensor, path: str | os.PathLike, fps: int = 16, crf: int = 18) -> Path:
+def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
     """Write [3, F, H, W] in [-1, 1] as an H.264 mp4 (yuv420p), atomically."""
     import av
 
@@ -85,7 +86,8 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: int = 16, crf:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video gets the mode any new file would
     try:
         with av.open(tmp, mode="w", format="mp4") as out:
-            stream = out.add_stream("libx264", rate=fps)
+            # a rational rate: 29.97 is 2997/100 (an int-only rate refused NTSC-like rates)
+            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.options = {"crf": str(crf)}
             for frame in frames:

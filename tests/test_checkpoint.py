@@ -78,6 +78,27 @@ def test_make_tiny_is_deterministic(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
 
 
+def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys):
+    import os
+    import stat
+
+    from flf2v.models.make_tiny import main
+    old = os.umask(0o022)
+    try:
+        assert main([str(tmp_path / "ckpt")]) == 0
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    dirs = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt", *(tmp_path / "ckpt").rglob("*"))
+            if p.is_dir()}
+    assert modes == {0o644} and dirs == {0o755}, (sorted(map(oct, modes)), sorted(map(oct, dirs)))
+    (tmp_path / "photo.jpg").write_bytes(b"jpeg")
+    capsys.readouterr()
+    assert main([str(tmp_path / "photo.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "photo.jpg is a file" in err and len(err.splitlines()) == 1, err
+
+
 # -- damaged checkpoints: one clear error naming the file (and key) ------------------------------------
 
 def _shard(ckpt, i=1):

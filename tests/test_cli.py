@@ -89,19 +89,75 @@ def test_bad_flags_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, match
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+def _no_weights(monkeypatch):
+    def loads(*a, **k):
+        raise AssertionError("a backend started loading weights before the request was checked")
+    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
+    monkeypatch.setattr("flf2v.runtime.engines.open_backend", loads)
+
+
 @pytest.mark.parametrize("backend", ["torch", "ort", "aoti", "auto"])
 @pytest.mark.parametrize("extra,match", [(["--size", "1920*1080"], "not supported"),
                                          (["--frame_num", "0"], "4n+1")])
 def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
                                                  extra, match):
-    def loads(*a, **k):
-        raise AssertionError(f"--backend {backend} started loading weights before the request was checked")
-    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
-    monkeypatch.setattr("flf2v.runtime.engines.open_backend", loads)
+    _no_weights(monkeypatch)
     args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + ["--backend", backend, *extra]
     assert run(args) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag,where,match", [
+    ("--save_file", "dir.mp4", "is a folder"),          # an existing directory of that name
+    ("--save_file", "file/v.mp4", "is a file, not a folder"),
+    ("--metrics", "dir.mp4", "is a folder"),
+    ("--metrics", "file/deeper/m.json", "is a file, not a folder"),
+])
+def test_output_paths_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
+                                                       flag, where, match):
+    (tmp_path / "dir.mp4").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    _no_weights(monkeypatch)
+    target = str(tmp_path / where)
+    args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + [flag, target]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and target in err and len(err.splitlines()) == 1, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dir.mp4", "file"]  # nothing left behind
+
+
+def test_fractional_fps(tiny_ckpt, demo_frames, tmp_path):
+    from fractions import Fraction
+
+    import av
+    out = tmp_path / "v.mp4"
+    assert main(_args(tiny_ckpt, demo_frames, out, "--fps", "29.97")) == 0
+    with av.open(str(out)) as f:
+        assert f.streams.video[0].average_rate == Fraction(2997, 100)
+
+
+def test_ctrl_c_says_one_line_and_exits_130(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("flf2v.runtime.pipeline.Pipeline.generate", interrupted)
+    out = tmp_path / "v.mp4"
+    assert main(_args(tiny_ckpt, demo_frames, out)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "flf2v-run: error: interrupted; no video was written", err
+    assert not out.exists() and not list(tmp_path.glob("*.part*"))
+
+
+def test_task_is_the_checkpoints(demo_frames, tmp_path, capsys):
+    """An I2V checkpoint with --image and no --task runs I2V (and says so), as an FLF2V one runs FLF2V."""
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "i2v", "tiny-i2v")
+    out = tmp_path / "v.mp4"
+    args = ["--ckpt_dir", str(ckpt), "--image", str(demo_frames[0]), "--prompt", "a red ball", "--size", "64*64",
+            "--frame_num", "5", "--sample_steps", "2", "--save_file", str(out), "--quiet", "--backend", "torch"]
+    assert main(args) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert out.exists() and "Wan2.1-I2V-14B-720P" in said, said
 
 
 def test_missing_image(tiny_ckpt, demo_frames, tmp_path, capsys):
