@@ -262,6 +262,9 @@ def check_args(args) -> None:
         raise InputError(f"--fps {args.fps:g} is out of range; use 1..240 (16 is the official rate)")
     if args.save_file and not args.save_file.lower().endswith(".mp4"):
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
+    if args.engines and not Path(args.engines).is_dir():
+        raise InputError(f"--engines {args.engines}: no such folder; give a folder `make engines` built, or drop "
+                         f"--engines to use engines/<this machine>/")
     check_output("--save_file", args.save_file or "video.mp4")  # the default name goes to the current folder
     if args.metrics:
         check_output("--metrics", args.metrics)
@@ -295,10 +298,11 @@ def check_parallel(args) -> None:
 
 
 def check_request(args, first_hw: tuple[int, int]) -> None:
-    """--size and --frame_num against the checkpoint's model, before any weight loads on any backend (a
-    static engine folder's own shape is checked when the folder is chosen, the torch backend's defaults in
-    `make_pipeline`)."""
+    """--size, --frame_num and the step cache's calibration against the checkpoint's model, before any weight
+    loads on any backend (a static engine folder's own shape is checked when the folder is chosen, the torch
+    backend's defaults in `make_pipeline`)."""
     from flf2v.models import checkpoint as ck
+    from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import check_frame_num, output_shape
     preset = ck.preset_for(args.ckpt_dir)
     if args.frame_num is not None:
@@ -306,6 +310,12 @@ def check_request(args, first_hw: tuple[int, int]) -> None:
     if args.size is not None:
         output_shape(preset, first_hw, args.size,
                      args.frame_num if args.frame_num is not None else preset.frame_num)
+    if args.cache != "off":  # the calibration the schedule needs (reads the checkpoint's headers, no weights)
+        from flf2v.runtime.cache import CacheError, find_calibration
+        try:
+            find_calibration(preset, args.ckpt_dir, args.size or preset.default_size, args.cache_calibration)
+        except CacheError as e:
+            raise InputError(str(e)) from None
 
 
 def engine_kind(device: torch.device) -> str:

@@ -98,7 +98,9 @@ def _no_weights(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "ort", "aoti", "auto"])
 @pytest.mark.parametrize("extra,match", [(["--size", "1920*1080"], "not supported"),
-                                         (["--frame_num", "0"], "4n+1")])
+                                         (["--frame_num", "0"], "4n+1"),
+                                         (["--cache", "magcache"], "no step-cache calibration"),
+                                         (["--engines", "/no/such/folder"], "no such folder")])
 def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
                                                  extra, match):
     _no_weights(monkeypatch)
