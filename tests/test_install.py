@@ -21,18 +21,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "lock" / "cpu.txt"
 
-# Prints {name: [where it resolves, how importing it ends]} for the names in argv[1] (JSON).
-PROBE = r"""
-import importlib, importlib.util, json, sys, warnings
-warnings.simplefilter("ignore")
-out = {}
-for name in json.loads(sys.argv[1]):
+# Fills `out` with {name: [the paths it resolves to, None]} for `names`, without importing them.
+RESOLVE = r"""
+import importlib.util
+for name in names:
     try:
         spec = importlib.util.find_spec(name)
-        where = None if spec is None else [spec.origin] + list(spec.submodule_search_locations or [])
-    except BaseException as e:
-        where = [type(e).__name__]
-    out[name] = [where, None]
+        out[name] = [None if spec is None else [spec.origin, *(spec.submodule_search_locations or [])], None]
+    except (ImportError, ValueError) as e:
+        out[name] = [None, type(e).__name__]
+"""
+# A process's answer for the names in argv[1] (JSON); with argv[2] "import", how importing each ends.
+PROBE = "import importlib, json, sys, warnings\nwarnings.simplefilter('ignore')\n" \
+        "names, out = json.loads(sys.argv[1]), {}\n" + RESOLVE + r"""
 if sys.argv[2] == "import":
     for name in out:
         try:
@@ -70,8 +71,13 @@ def probe(cmd: list[str], cwd: Path, names: list[str], mode: str) -> dict:
 def in_checkout(where) -> list[str]:
     """The paths of a resolution that lie in the checkout but outside the venv (which may live in it)."""
     venv = Path(sys.prefix).resolve()
-    return [p for p in where or () if p and Path(p).resolve().is_relative_to(ROOT)
-            and not Path(p).resolve().is_relative_to(venv)]
+    paths = [Path(p).resolve() for p in where or () if p and Path(p).is_absolute()]  # not "built-in"
+    return [str(p) for p in paths if p.is_relative_to(ROOT) and not p.is_relative_to(venv)]
+
+
+def shadowed(found: dict) -> dict:
+    """{name: its paths in the checkout} of a probe's {name: [where, outcome]}."""
+    return {n: in_checkout(w) for n, (w, _) in found.items() if in_checkout(w)}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,7 @@ def test_no_installed_name_is_shadowed_by_python_c_in_the_root(names, tmp_path):
     """`python -c` in the root: every name resolves and imports as it does from an empty folder."""
     root = probe([sys.executable, "-c"], ROOT, names, "import")
     away = probe([sys.executable, "-c"], tmp_path, names, "import")
-    shadowed = {n: in_checkout(w) for n, (w, _) in root.items() if in_checkout(w)}
-    assert not shadowed, f"installed names resolved into the checkout: {shadowed}"
+    assert not shadowed(root), f"installed names resolved into the checkout: {shadowed(root)}"
     differ = {n: (away[n][1], root[n][1]) for n in names if away[n][1] != root[n][1]}
     assert not differ, f"imports that end differently in the root (empty folder, root): {differ}"
     print(f"{len(names)} top-level names; {sum(v[1] == 'ok' for v in root.values())} import here")
@@ -94,17 +99,10 @@ def test_no_installed_name_is_shadowed_by_python_c_in_the_root(names, tmp_path):
 
 def test_no_installed_name_is_shadowed_in_this_pytest_process(names):
     """The process `make test` / `python -m pytest` / `pytest` started (its sys.path as pytest made it)."""
-    import importlib.util
-    shadowed = {}
-    for n in names:
-        try:
-            spec = importlib.util.find_spec(n)
-        except (ImportError, ValueError):
-            continue
-        where = [spec.origin, *(spec.submodule_search_locations or [])] if spec else None
-        if in_checkout(where):
-            shadowed[n] = in_checkout(where)
-    assert not shadowed, f"installed names resolved into the checkout under pytest: {shadowed} (sys.path {sys.path})"
+    found = {}
+    exec(compile(RESOLVE, "resolve", "exec"), {"names": names, "out": found})
+    assert not shadowed(found), (f"installed names resolved into the checkout under pytest: {shadowed(found)} "
+                                 f"(sys.path {sys.path})")
 
 
 def test_no_installed_name_is_shadowed_by_torchrun_in_the_root(names):
@@ -112,34 +110,24 @@ def test_no_installed_name_is_shadowed_by_torchrun_in_the_root(names):
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1", "--no-python",
            sys.executable, "-c"]
     found = probe(cmd, ROOT, names, "resolve")
-    shadowed = {n: in_checkout(w) for n, (w, _) in found.items() if in_checkout(w)}
-    assert not shadowed, f"torchrun in the root: installed names resolved into the checkout: {shadowed}"
+    assert not shadowed(found), f"torchrun in the root: installed names resolved into the checkout: {shadowed(found)}"
 
 
 def test_no_installed_name_is_shadowed_by_plain_pytest_in_the_root(names, tmp_path):
     """The `pytest` console script started in the root on a file in tests/ (so with tests/ on sys.path and
     tests/conftest.py loaded, as `pytest tests/test_x.py` runs)."""
     found = _pytest_probe(Path(sys.executable).parent, tmp_path, names)
-    shadowed = {n: in_checkout(w) for n, (w, _) in found.items() if in_checkout(w)}
-    assert not shadowed, f"pytest in the root: installed names resolved into the checkout: {shadowed}"
+    assert not shadowed(found), f"pytest in the root: installed names resolved into the checkout: {shadowed(found)}"
 
 
 def _pytest_probe(bindir: Path, tmp_path: Path, names: list[str]) -> dict:
     names_file = tmp_path / "names.json"
     names_file.write_text(json.dumps(names))
     test = ROOT / "tests" / f"_probe_shadow_{os.getpid()}.py"  # not test_*: never collected by the suite
-    test.write_text(
-        "import importlib.util, json, sys\n"
-        "def test_probe():\n"
-        f"    names = json.load(open({str(names_file)!r}))\n"
-        "    out = {}\n"
-        "    for n in names:\n"
-        "        try:\n"
-        "            s = importlib.util.find_spec(n)\n"
-        "        except (ImportError, ValueError):\n"
-        "            continue\n"
-        "        out[n] = [None if s is None else [s.origin, *(s.submodule_search_locations or [])], None]\n"
-        "    print('PROBE' + json.dumps(out))\n")
+    test.write_text("import json\ndef test_probe():\n"
+                    f"    names, out = json.load(open({str(names_file)!r})), {{}}\n"
+                    + "".join(f"    {line}\n" for line in RESOLVE.strip().splitlines())
+                    + "    print('PROBE' + json.dumps(out))\n")
     try:
         r = subprocess.run([str(bindir / "pytest"), "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist",
                             str(test.relative_to(ROOT))], cwd=ROOT, capture_output=True, text=True, timeout=300,
