@@ -222,6 +222,7 @@ def infer_task(ckpt_dir: str) -> str:
 
 def check_args(args) -> None:
     from flf2v.runtime.media import InputError
+    args.task = args.task or infer_task(args.ckpt_dir)
     if args.image and args.first_frame:
         raise InputError("give the input image once: --image or --first_frame, not both")
     args.first_frame = args.first_frame or args.image
@@ -467,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     par = None
     try:
-        args.task = args.task or infer_task(args.ckpt_dir)
         check_args(args)
         check_parallel(args)
         device = check_device(args.device)
