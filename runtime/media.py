@@ -5,6 +5,7 @@ crash or a full disk never leaves a playable-looking partial video.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8k x 8k; anything bigger is refused before it is decoded
 
@@ -23,7 +24,7 @@ class InputError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image from disk; grey, palette, RGBA and 16-bit images are converted to 8-bit RGB."""
+    """An 8-bit RGB image from disk as an image viewer shows it (see `to_rgb`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image {path} not found; pass an existing PNG/JPEG file")
@@ -35,7 +36,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     raise InputError(f"image {path} is {im.width}x{im.height}, over the "
                                      f"{MAX_IMAGE_PIXELS // 2**20} Mpixel limit; downscale it first")
                 im.load()
-                return _to_rgb(im)
+                return to_rgb(im)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -44,13 +45,50 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"image {path} cannot be read ({e}); pass a valid PNG/JPEG file") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+def as_image(x) -> Image.Image:
+    """A frame given as a path, a PIL image or an array ([H, W] or [H, W, 3|4]; uint8, uint16, or float in
+    [0, 1]) -> 8-bit RGB, the same whichever way it came: the API and the CLI read a photo alike."""
+    if isinstance(x, (str, os.PathLike)):
+        return load_image(x)
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    a = np.asarray(x)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or a.size == 0:
+        raise InputError(f"a frame array must be [H, W] or [H, W, 3|4], got shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = a.astype(np.float64) / 65535.0
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise InputError("a frame array holds NaN or infinite values")
+        a = (np.clip(a, 0.0, 1.0) * 255.0).round()
+    elif a.dtype != np.uint8:
+        raise InputError(f"a frame array must be uint8, uint16 or float in [0, 1], got {a.dtype}")
+    return to_rgb(Image.fromarray(a.astype(np.uint8)))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit sRGB as viewers show it: EXIF orientation applied (phone photos are stored sideways), colours
+    through the embedded ICC profile (CMYK, wide-gamut), 16-bit samples scaled by the type's range (not by
+    the image's own maximum, which brightened dark frames), transparency composited on white."""
+    im = ImageOps.exif_transpose(im)
+    icc = im.info.get("icc_profile")
+    if icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            # most photos embed sRGB itself: their samples are kept bit-exact, as the official code reads them
+            if "srgb" not in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
+                im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"),
+                                               outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+        except (ImageCms.PyCMSError, OSError) as e:  # a damaged profile: the samples as they are
+            warnings.warn(f"the image's ICC profile cannot be applied ({e}); reading its colours as sRGB",
+                          stacklevel=3)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNGs (Pillow reads some as 32-bit "I")
         a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray((a * (255.0 / max(a.max(), 1.0))).round().astype(np.uint8))
+        im = Image.fromarray((np.clip(a, 0, 65535) * (255.0 / 65535.0)).round().astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
         bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
         return bg
     return im.convert("RGB")
 

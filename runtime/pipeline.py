@@ -30,7 +30,7 @@ from flf2v.models.config import Preset
 
 from . import cache as step_cache
 from .denoise import DenoiseLoop
-from .media import InputError, image_to_tensor
+from .media import InputError, as_image, image_to_tensor
 from .scheduler import DISTILL, check_timesteps, make_sampler
 
 def cuda_device_used(device: torch.device) -> int:
@@ -226,7 +226,7 @@ class Pipeline:
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------
-    def request(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
+    def request(self, prompt: str, first_frame, last_frame=None, *,
                 size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
                 sample_steps: int | None = None, sample_shift: float | None = None,
                 guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
@@ -237,6 +237,7 @@ class Pipeline:
         official ones; the engines' grid and frame count when the backend has fixed shapes)."""
         p = self.preset
         flf2v = p.dit.model_type == "flf2v"
+        first_frame = as_image(first_frame)
         if flf2v and last_frame is None:
             raise InputError(f"{p.name} needs a last frame; pass --last_frame")
         if not flf2v and last_frame is not None:
@@ -317,11 +318,12 @@ class Pipeline:
                           f"as batch {batch}", stacklevel=3)
         return batch
 
-    def generate(self, prompt: str, first_frame: Image.Image, last_frame: Image.Image | None = None, *,
+    def generate(self, prompt: str, first_frame, last_frame=None, *,
                  latents: torch.Tensor | None = None, output: str = "video", progress: bool = True,
                  **options) -> torch.Tensor | None:
-        """A video from a prompt and its first (and, for FLF2V, last) frame; None on every process of a
-        torchrun job but rank 0, which alone decodes (`output="latent"` returns the latents on every rank).
+        """A video from a prompt and its first (and, for FLF2V, last) frame, each a path, a PIL image or an
+        array (runtime.media.as_image); None on every process of a torchrun job but rank 0, which alone
+        decodes (`output="latent"` returns the latents on every rank).
 
         options   size ("W*H", the max area), frame_num (4n+1), sample_solver ("unipc" | "dpm++"),
                   sample_steps, sample_shift, guide_scale, seed (-1: random), negative_prompt ("" : the
@@ -339,6 +341,9 @@ class Pipeline:
         """
         if output not in ("video", "latent"):
             raise ValueError(f"output must be 'video' or 'latent', got {output!r}")
+        # paths, PIL images and arrays alike, read as the CLI reads them (orientation, bit depth, alpha)
+        first_frame = as_image(first_frame)
+        last_frame = as_image(last_frame) if last_frame is not None else None
         req = self.last_request = self.request(prompt, first_frame, last_frame, **options)
         self.seed = req.seed
         self.times.seconds.clear()

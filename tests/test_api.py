@@ -27,6 +27,14 @@ def test_latents_in_and_out_reproduce_the_video(pipe, frames):
     assert rel_err(other, video)[0] > 1e-3
 
 
+def test_frames_as_paths_images_and_arrays(pipe, demo_frames, frames):
+    import numpy as np
+    want = pipe.generate("a red ball", *frames, seed=5, output="latent", **KW)
+    for given in ([str(p) for p in demo_frames], demo_frames, [np.asarray(f) for f in frames]):
+        got = pipe.generate("a red ball", *given, seed=5, output="latent", **KW)
+        assert torch.equal(got, want), type(given[0])
+
+
 def test_wrong_latents_shape_is_refused(pipe, frames):
     from flf2v.runtime.media import InputError
     with pytest.raises(InputError, match=r"latents must have shape \(1, 16, 2, 8, 8\)"):

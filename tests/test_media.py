@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flf2v.runtime.media import InputError, image_to_tensor, load_image, read_video, save_video
+from flf2v.runtime.media import InputError, as_image, image_to_tensor, load_image, read_video, save_video
 
 
 def smooth_video(f=9, h=48, w=64):
@@ -45,6 +45,84 @@ def test_image_modes_become_rgb(tmp_path, mode):
     im.save(tmp_path / "x.png")
     out = load_image(tmp_path / "x.png")
     assert out.mode == "RGB" and out.size == (8, 6)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored 400x200 with orientation 6 (rotate 90 degrees clockwise to view, EXIF 2.3 table 4)
+    is a 200x400 portrait: what was the stored left (red) is the viewed top."""
+    a = np.zeros((200, 400, 3), np.uint8)
+    a[:, :200] = (220, 20, 20)
+    a[:, 200:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    out = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert out.shape == (400, 200, 3), out.shape
+    top, bottom = out[:150].reshape(-1, 3).mean(0), out[250:].reshape(-1, 3).mean(0)
+    assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0], (top, bottom)
+
+
+def test_16_bit_scaled_by_the_types_range(tmp_path):
+    """A uniform 16-bit 16384 is 16384 / 65535 of full scale: 63.75 -> 64 in 8 bits, not white."""
+    Image.fromarray(np.full((6, 8), 16384, np.uint16)).save(tmp_path / "g16.png")
+    out = np.asarray(load_image(tmp_path / "g16.png"))
+    assert (out == 64).all(), np.unique(out)
+
+
+def _variants(tmp_path):
+    """Files that need care: alpha, palette transparency, grey + alpha, CMYK, 16-bit, EXIF, an sRGB profile."""
+    from PIL import ImageCms
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    paths = {}
+    for name, im, kw in (
+            ("rgba.png", Image.fromarray(rgba), {}),
+            ("palette.png", Image.fromarray(rgba[..., :3]).convert("P"), {"transparency": 3}),
+            ("la.png", Image.fromarray(rgba[..., :2].copy(), "LA"), {}),
+            ("cmyk.jpg", Image.fromarray(rgba, "CMYK"), {}),
+            ("g16.png", Image.fromarray(rng.integers(0, 65536, (12, 10), dtype=np.uint16)), {}),
+            ("exif.jpg", Image.fromarray(rgba[..., :3]), {"exif": _orientation(8)}),
+            ("srgb.png", Image.fromarray(rgba[..., :3]),
+             {"icc_profile": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()})):
+        im.save(tmp_path / name, **kw)
+        paths[name] = tmp_path / name
+    return paths, rgba
+
+
+def _orientation(v):
+    exif = Image.Exif()
+    exif[0x0112] = v
+    return exif
+
+
+def test_cli_and_api_read_a_frame_alike(tmp_path):
+    paths, rgba = _variants(tmp_path)
+    for name, path in paths.items():
+        cli = np.asarray(load_image(path))
+        with Image.open(path) as im:
+            api = np.asarray(as_image(im))
+        assert np.array_equal(cli, api) and np.array_equal(cli, np.asarray(as_image(str(path)))), name
+    # RGBA over white, as viewers show it: c * a + 255 * (1 - a), to the rounding of Pillow's blend
+    want = rgba[..., :3] * (rgba[..., 3:] / 255.0) + 255.0 * (1 - rgba[..., 3:] / 255.0)
+    for got in (np.asarray(load_image(paths["rgba.png"])), np.asarray(as_image(rgba))):
+        assert np.abs(got - want).max() <= 1.0, np.abs(got - want).max()
+    # an embedded sRGB profile keeps the samples bit-exact (as the official code reads them)
+    assert np.array_equal(np.asarray(load_image(paths["srgb.png"])), rgba[..., :3])
+    assert np.asarray(load_image(paths["exif.jpg"])).shape == (10, 12, 3)  # orientation 8: a quarter turn
+
+
+@pytest.mark.parametrize("bad,match", [(np.zeros((4, 4, 2), np.uint8), r"\[H, W, 3\|4\]"),
+                                       (np.zeros((4, 4), np.int64), "uint8, uint16 or float"),
+                                       (np.full((4, 4), np.nan), "NaN")])
+def test_bad_arrays(bad, match):
+    with pytest.raises(InputError, match=match):
+        as_image(bad)
+
+
+def test_arrays_of_every_dtype_read_alike():
+    a8 = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    for a in (a8, a8.astype(np.uint16) * 257, a8 / 255.0):
+        assert np.array_equal(np.asarray(as_image(a)), a8), a.dtype
 
 
 def test_bad_images(tmp_path):
