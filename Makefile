@@ -10,6 +10,8 @@ ENGINES ?=
 ATTENTION ?=
 LORA ?=
 BACKEND ?=
+FORCE ?=
+CFG_BATCH ?=
 
 .PHONY: setup test lock demo engines bench gpu-check clean
 
@@ -80,13 +82,17 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti]
+#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
 #              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
-#               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages)
+#               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
+#               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;
+#               FORCE=1: replace another checkpoint's engines in ENGINES; CFG_BATCH=1|2|both: the DiT
+#               layouts, both for torchrun --cfg_parallel)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND))
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
+	  $(if $(CFG_BATCH),--cfg_batch $(CFG_BATCH)) $(if $(FORCE),--force)
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

@@ -1,16 +1,18 @@
-"""`flf2v-build`: checkpoint -> ONNX graphs -> engines in one folder per target and shape, with a manifest.
+"""`flf2v-build`: checkpoint -> ONNX graphs -> engines in one folder per target, build and shape, with a manifest.
 
     flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt|aoti]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
-                [--attention onnx|plugin]
+                [--attention onnx|plugin] [--lora PATH[:SCALE]] [--force]
 
-Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<shape>/` (for example
-`engines/h100-sm90-trt11.4/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine` built from it
-(export/trt_engine.py); otherwise `engines/cpu-ort<onnxruntime version>/<shape>/`, where the fp32
-`<graph>.onnx` files are the engines ONNX Runtime opens. `--backend aoti` compiles each graph with PyTorch's
-AOTInductor instead (export/aoti.py; no ONNX): `engines/<gpu>-sm<cc>-aoti-torch<x.y>/<shape>/<graph>.pt2`
-on a GPU (bf16), `engines/cpu-aoti-torch<x.y>/...` on a CPU (fp32). A folder serves one checkpoint and one
-precision.
+Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<key>/<shape>/` (for example
+`engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine`
+built from it (export/trt_engine.py); otherwise `engines/cpu-ort<onnxruntime version>/<key>/<shape>/`, where
+the fp32 `<graph>.onnx` files are the engines ONNX Runtime opens. `--backend aoti` compiles each graph with
+PyTorch's AOTInductor instead (export/aoti.py; no ONNX): `engines/<gpu>-sm<cc>-aoti-torch<x.y>/<key>/<shape>/
+<graph>.pt2` on a GPU (bf16), `engines/cpu-aoti-torch<x.y>/...` on a CPU (fp32). The build key
+(`<model>-<precision>-<checkpoint fingerprint>[-lora<set>]`, export/manifest.py) keeps two checkpoints,
+precisions or LoRA sets apart; a build into a folder holding another one's engines (`--out`) is refused
+unless `--force`.
 Shapes (export/contracts.py): `dynamic`, the default, serves every official size and first-frame aspect
 ratio from 1:2.4 to 2.4:1 and 5..81 frames with one build (DiT and VAE graphs with dynamic latent frames,
 height and width; TensorRT optimization profiles for landscape and portrait grids); `dynamic-480p` only
@@ -19,7 +21,7 @@ the 480p area (smaller TensorRT activation memory); a static shape (`720p`, `480
 by side. `--attention plugin` (CUDA GPU) builds the DiT with the fused Triton attention kernels instead of
 the backend's own attention (`onnx`, the default): as TensorRT plugins (export/plugins.py,
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
-under `engines/<target>-plugin/<shape>/`.
+under `engines/<target>-plugin/<key>/<shape>/`.
 
 The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
 current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
@@ -243,10 +245,11 @@ class Plan:
 
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
-          attention: str = "onnx", loras=()) -> Path:
+          attention: str = "onnx", loras=(), force: bool = False) -> Path:
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
     "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
-    `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py)."""
+    `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
+    holding another model's, checkpoint's, precision's or LoRA set's engines is refused unless `force`."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
@@ -281,11 +284,19 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     dits = {f"dit{kind}_b{b}" for b in cfg_batch for kind in ("", "_cached")}
     todo = [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
 
-    folder = Path(out) if out else M.default_folder(backend, eshape.name, attention)
-    folder.mkdir(parents=True, exist_ok=True)
     plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras)
+    settings = (preset.name, precision, plan.fingerprint, plan.loras_json())
+    folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, M.build_key(*settings))
+    if folder.exists() and not folder.is_dir():
+        raise BuildError(f"--out {folder} is a file; give a folder")
+    folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
+        other = M.holds_other(M.load(folder), *settings)
+        if other and not force:
+            raise BuildError(f"{folder} holds the engines of another build ({other}); this build would replace "
+                             f"them: leave out --out (ENGINES=) for a folder of its own, or add --force (FORCE=1) "
+                             f"to replace them")
         old = M.load(folder).get("engines", {})
         manifest = plan.manifest({g.name: old[g.name] for g in all_graphs
                                   if is_current(old.get(g.name), plan.key(g), folder)})
@@ -315,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                          "720p, 720p-portrait, 480p, 480p-portrait, 1024-square or <W>x<H>x<frames>")
     ap.add_argument("--precision", default=None, choices=C.PRECISIONS,
                     help="graph precision (default: bf16 for TensorRT, fp32 for ONNX Runtime)")
-    ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<shape>, e.g. "
-                                                "engines/h100-sm90-trt11.4/dynamic)")
+    ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<build key>/<shape>, "
+                                                "e.g. engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic)")
     ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt", "aoti"),
                     help="auto: TensorRT where it imports with a GPU, else ONNX Runtime; aoti: PyTorch's "
                          "AOTInductor packages (.pt2), on a GPU or a CPU")
@@ -330,18 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="onnx", choices=ATTENTION,
                     help="DiT attention: the backend's own (onnx) or the fused Triton kernels (plugin, CUDA GPU: "
                          "TensorRT plugins, or compiled into AOTI packages; default folder "
-                         "engines/<target tag>-plugin/<shape>)")
+                         "engines/<target tag>-plugin/<build key>/<shape>)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
                          "LoRAs at run time without a rebuild (flf2v-run --lora)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the engines of another model, checkpoint, precision or LoRA set in --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
     only = [s for s in args.graphs.split(",") if s] if args.graphs else None
     try:
         folder = build(args.ckpt_dir, args.preset, args.precision, args.out, args.backend, args.opt_level,
-                       cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora)
+                       cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora,
+                       force=args.force)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2

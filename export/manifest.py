@@ -1,10 +1,12 @@
 """The engine folder and its `manifest.json`: one module for the build (which writes it) and the runtime
 (which reads and validates it). The runtime imports this module, never the build command.
 
-Folders: `engines/<target>[-plugin]/<shape>/`, where the target tag names the machine the engines run on
-(`h100-sm90-trt11.4`, `cpu-ort1.32.0`) and `<shape>` the grids it serves (`dynamic`: every official size
-and aspect ratio; a static `720p`, `480p-portrait`, ...), so several shapes live side by side and a run
-picks the folder that serves its grid (a static one first: TensorRT may be faster at a fixed shape).
+Folders: `engines/<target>[-plugin]/<key>/<shape>/`, where the target tag names the machine the engines run
+on (`h100-sm90-trt11.4`, `cpu-ort1.32.0`), the build key what they were built from (`flf2v-14B-bf16-3f9a2c1b`:
+model, precision, checkpoint fingerprint, and the LoRA set's when LoRAs are merged), and `<shape>` the grids
+they serve (`dynamic`: every official size and aspect ratio; a static `720p`, `480p-portrait`, ...), so
+checkpoints never share a folder, several shapes live side by side, and a run picks the folder of its
+checkpoint that serves its grid (a static one first: TensorRT may be faster at a fixed shape).
 
 manifest.json: {"schema", "target", "backend", "model_preset", "model_type", "precision", "attention"
 ("onnx" | "plugin"), "shape": static {name, "dynamic": false, width, height, frame_num, latent [T, h, w]}
@@ -110,12 +112,23 @@ def target_tag(backend: str) -> str:
 
 
 def target_root(backend: str, attention: str = "onnx") -> Path:
-    """`engines/<target>[-plugin]`: the folders of every shape built for this machine."""
+    """`engines/<target>[-plugin]`: the engines built for this machine, one folder per build key."""
     return ENGINES_ROOT / (target_tag(backend) + ("-plugin" if attention == "plugin" else ""))
 
 
-def default_folder(backend: str, shape: str, attention: str = "onnx") -> Path:
-    return target_root(backend, attention) / shape
+def build_key(preset_name: str, precision: str, fingerprint: str, loras: list[dict]) -> str:
+    """`<model>-<precision>-<checkpoint>[-lora<set>]`: what a default folder holds, so that two checkpoints,
+    precisions or LoRA sets never share one (a build replaces its folder's engines; at 14B, hours of work)."""
+    key = f"{preset_name}-{precision}-{fingerprint[:8]}"
+    if loras:
+        ids = json.dumps([[e["fingerprint"], e["scale"]] for e in loras]).encode()
+        key += f"-lora{hashlib.sha256(ids).hexdigest()[:8]}"
+    return key
+
+
+def default_folder(backend: str, shape: str, attention: str = "onnx", key: str = "") -> Path:
+    """`engines/<target>[-plugin]/<build key>/<shape>`."""
+    return target_root(backend, attention) / key / shape
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------
@@ -164,12 +177,13 @@ def load(folder) -> dict:
 
 
 def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
-                 attention: str | None = None, loras: str = "", backend: str | None = None) -> str:
+                 attention: str | None = None, loras: str = "", backend: str | None = None,
+                 cfg_batch: str | None = None) -> str:
     """The `make engines` command that builds `folder` (or the default one) as this run needs it; `loras`
     as `LORA=` takes them ("PATH:SCALE ..."); `backend` "aoti" adds BACKEND=aoti (the others are the
-    machine's default)."""
+    machine's default); `cfg_batch` the DiT layouts (CFG_BATCH=both for --cfg_parallel)."""
     args = [f"CKPT={ckpt_dir}"] + [f"{k}={v}" for k, v in (("PRESET", shape), ("PRECISION", precision),
-                                                           ("ENGINES", folder)) if v]
+                                                           ("ENGINES", folder), ("CFG_BATCH", cfg_batch)) if v]
     if backend == "aoti":
         args.append("BACKEND=aoti")
     if attention == "plugin":
@@ -269,8 +283,26 @@ def _check_types(m: dict) -> None:
 
 
 def folders_under(root) -> list[Path]:
-    """Engine folders at `root` or one level below it (a target root holds one folder per shape)."""
+    """Engine folders at `root` or up to two levels below it (a target root holds a folder per build key,
+    each a folder per shape)."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         return [root]
-    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted({p.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for p in root.glob(pattern)})
+
+
+def holds_other(m: dict, preset_name: str, precision: str, fingerprint: str, loras: list[dict]) -> str | None:
+    """What a folder's manifest `m` holds that a build of these settings would replace: another model,
+    checkpoint, precision or LoRA set (None: the same, or nothing)."""
+    if not m.get("engines"):
+        return None
+    ids = [[e.get("fingerprint"), e.get("scale")] for e in m.get("loras") or []]
+    differs = [what for what, same in (
+        (f"model {m.get('model_preset')}", m.get("model_preset") == preset_name),
+        (f"checkpoint {m.get('checkpoint', {}).get('dir')}", m.get("checkpoint", {}).get("fingerprint") == fingerprint),
+        (f"precision {m.get('precision')}", m.get("precision") == precision),
+        ("LoRAs " + (", ".join(Path(str(e.get("path"))).name for e in m.get("loras") or []) or "none"),
+         ids == [[e["fingerprint"], e["scale"]] for e in loras])) if not same]
+    return ", ".join(differs) or None

@@ -115,6 +115,9 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
         for f in (tmp, *tmp.rglob("*")):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         if dest.exists():
+            for f in dest.iterdir():  # the user's own files (a step-cache calibration, notes) stay
+                if not (tmp / f.name).exists():
+                    os.replace(f, tmp / f.name)
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     except BaseException:
@@ -123,28 +126,36 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
     return dest
 
 
-def write_demo_frames(folder: str | os.PathLike, size: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
-    """Two sample frames for the demo: a red ball on a wooden-coloured table, left then right."""
+def demo_frames(size: tuple[int, int] = (128, 128)):
+    """Two sample frames: a red ball on a wooden-coloured table, left then right (PIL images)."""
     from PIL import Image, ImageDraw
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     w, h = size
-    paths = []
-    for name, cx in (("first.png", w // 4), ("last.png", 3 * w // 4)):
+    frames = []
+    for cx in (w // 4, 3 * w // 4):
         im = Image.new("RGB", size, (150, 111, 51))
         d = ImageDraw.Draw(im)
         d.rectangle([0, 0, w, h // 3], fill=(200, 220, 240))
         r = h // 8
         d.ellipse([cx - r, h // 2 - r, cx + r, h // 2 + r], fill=(210, 30, 30))
-        im.save(folder / name)
-        paths.append(folder / name)
-    return paths[0], paths[1]
+        frames.append(im)
+    return frames[0], frames[1]
+
+
+def write_demo_frames(folder: str | os.PathLike, size: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
+    """`demo_frames` as first.png and last.png in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = (folder / "first.png", folder / "last.png")
+    for path, im in zip(paths, demo_frames(size)):
+        im.save(path)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flf2v-make-tiny", description=__doc__.split("\n")[0])
-    ap.add_argument("ckpt_dir", help="directory to write (replaced if it holds an earlier tiny checkpoint)")
+    ap.add_argument("ckpt_dir", help="directory to write (an earlier tiny checkpoint there is replaced; other "
+                                     "files in it are kept)")
     ap.add_argument("--preset", default="tiny", choices=[k for k, v in PRESETS.items() if v.t5.vocab < 100_000])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--frames", default=None, help="also write two sample frames first.png/last.png here")

@@ -28,8 +28,8 @@ class AotiBackend(EngineBackend):
             from flf2v.export import manifest as M
 
             from . import loras as L
-            raise L.refuse(self.folder, self.manifest, self.loras, M.rebuild_hint(
-                ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
+            raise L.refuse(self.folder, self.manifest, self.loras, "AOTInductor packages", M.rebuild_hint(
+                ckpt_dir, None, self.shape.name, self.manifest.get("precision"),
                 loras=L.lora_arg(self.loras), backend="aoti"))
         built_on = torch.device(next(iter(self.manifest["engines"].values()))["builder"].get("device", "cpu"))
         if built_on.type != self.device.type:

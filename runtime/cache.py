@@ -128,7 +128,7 @@ def magcache_schedule(ratios: np.ndarray, threshold: float, max_skips: int | Non
     steps = len(ratios)
     branches = (0, 1) if cfg else (0,)
     calls = len(branches) * steps
-    keep = int(calls * retention)
+    keep = max(int(calls * retention), len(branches))  # step 0 always: nothing is cached before it
     acc_ratio, acc_err, acc_steps = [1.0, 1.0], [0.0, 0.0], [0, 0]
     out = []
     for i in range(steps):

@@ -1,8 +1,10 @@
 """`flf2v-calibrate-cache`: one full run of the PyTorch reference that records the step cache's per-step
 curves for this checkpoint and writes them next to it (runtime/cache.py reads them on `--cache` runs).
 
-    flf2v-calibrate-cache --ckpt_dir CKPT --first_frame A.png [--last_frame B.png] --prompt "..."
+    flf2v-calibrate-cache --ckpt_dir CKPT [--first_frame A.png [--last_frame B.png]] [--prompt "..."]
                           [--size 1280*720] [--frame_num 81] [--sample_steps 50] [--out FILE]
+
+Without frames and prompt it calibrates on a built-in neutral sample (NEUTRAL_PROMPT, `builtin_frames`).
 
 What it records, as the methods' authors calibrate (runtime/cache.py names their code):
 - MagCache: per step and CFG branch, the mean over tokens of |r_i| / |r_{i-1}|, r the blocks' residual
@@ -103,6 +105,18 @@ def run(ckpt_dir, first, last, prompt: str, out=None, device=None, dtype=None, p
     return out
 
 
+# One sample, as the methods' authors calibrate (MagCache, TeaCache): a plain scene with smooth motion.
+NEUTRAL_PROMPT = "A red ball rolls slowly across a wooden table, soft daylight, static camera"
+
+
+def builtin_frames(ckpt_dir):
+    """The calibration frames when none are given: the demo's pair at 16:9 (the last one for FLF2V only)."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.make_tiny import demo_frames
+    first, last = demo_frames((640, 360))
+    return first, last if ck.preset_for(ckpt_dir).dit.model_type == "flf2v" else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from flf2v.models.checkpoint import CheckpointError
     from flf2v.runtime.media import InputError, load_image
@@ -110,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
-    a("--first_frame", "--image", required=True, help="first frame (FLF2V) or input image (I2V)")
+    a("--first_frame", "--image", default=None,
+      help="first frame (FLF2V) or input image (I2V) (default: a built-in pair of 16:9 frames, a ball rolling "
+           "across a table)")
     a("--last_frame", default=None, help="last frame (FLF2V)")
-    a("--prompt", required=True, help="text prompt of the calibration video")
+    a("--prompt", default=NEUTRAL_PROMPT, help=f"text prompt of the calibration video (default: {NEUTRAL_PROMPT!r})")
     a("--size", default=None, help="max output area W*H (default: the model's)")
     a("--frame_num", type=int, default=None, help="frames, 4n+1 (default: the model's)")
     a("--sample_steps", type=int, default=None, help=f"steps (default: the model's, at least {MIN_STEPS}; runs "
@@ -128,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")
-        first = load_image(args.first_frame)
-        last = load_image(args.last_frame) if args.last_frame else None
+        first, last = builtin_frames(args.ckpt_dir) if args.first_frame is None else (
+            load_image(args.first_frame), load_image(args.last_frame) if args.last_frame else None)
         out = run(args.ckpt_dir, first, last, args.prompt, args.out, args.device, progress=not args.quiet,
                   size=args.size, frame_num=args.frame_num, sample_steps=args.sample_steps,
                   sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale, seed=args.base_seed)

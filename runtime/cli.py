@@ -330,7 +330,7 @@ def engine_kind(device: torch.device) -> str:
     return "trt"
 
 
-def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device):
+def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device, loras=()):
     """(backend kind, engine folder or None, one line saying what runs). `--engines` may be a folder or a
     root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/.
     A static folder of exactly the run's shape wins over a dynamic one that serves it."""
@@ -353,23 +353,32 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
         frames = args.frame_num if args.frame_num is not None else fixed[2] if fixed else preset.frame_num
         return output_shape(preset, first_hw, size, frames)
 
+    cfg_parallel = getattr(args, "cfg_parallel", False)  # each process runs the batch-1 DiT
+
     def serves(m) -> bool:
+        if cfg_parallel and "dit_b1" not in m.get("engines", {}):
+            return False
         try:
             return M.serves(m, preset, *want(engine_video_shape(m)))
         except (InputError, KeyError, TypeError, ValueError):
             return False
 
+    from flf2v.runtime import loras as L
     roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
-    folder, why = find_engines(roots, args.ckpt_dir, preset, kind, serves)
+    folder, why = find_engines(roots, args.ckpt_dir, preset, kind, serves,
+                               prefer=lambda m: not L.needs_swap(m, loras))  # the run's LoRAs built in
     if folder is not None:
         return kind, folder, None
     name = build_serving(preset, *want(None))
     root = Path(args.engines) if args.engines else None
     if root is not None and (root / M.MANIFEST).is_file():
         root = root.parent  # a shape folder was given: the new shape goes beside it
-    fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name)
+    fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
+                         loras=L.lora_arg(loras) if kind != "ort" else "",  # ORT swaps LoRAs in
+                         cfg_batch="both" if cfg_parallel else None)
     run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
-        f", {args.frame_num} frames" if args.frame_num else "")
+        f", {args.frame_num} frames" if args.frame_num else "") + (" with --cfg_parallel (the batch-1 DiT)"
+                                                                   if cfg_parallel else "")
     if args.engines or args.backend != "auto":
         detail = f" ({why[0]})" if why else ""
         raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "
@@ -395,7 +404,8 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], paralle
         raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
                          f"sequences and weights; README \"Several GPUs\"); use --backend torch, or --cfg_parallel "
                          f"alone with {args.backend} engines")
-    kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device)
+    kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device,
+                                                                                 loras)
     args.backend = kind
     if kind == "torch":
         from flf2v.export.contracts import COMPUTE_DTYPE

@@ -52,12 +52,13 @@ def engine_video_shape(m: dict) -> tuple[int, int, int] | None:
     return None if s.dynamic else (s.height, s.width, s.frame_num)
 
 
-def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves) -> tuple[Path | None, list[str]]:
+def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves, prefer=None) -> tuple[Path | None, list[str]]:
     """The folder under `roots` whose engines are current for `ckpt_dir` on this machine and whose shape
-    `serves(manifest) -> bool` accepts, a static one before a dynamic one (TensorRT may be faster at a
-    fixed shape); (None, why each candidate was passed over) otherwise."""
+    `serves(manifest) -> bool` accepts: one that `prefer(manifest)` accepts (the run's LoRAs built in) before
+    one it does not, a static one before a dynamic one (TensorRT may be faster at a fixed shape); (None, why
+    each candidate was passed over) otherwise."""
     fingerprint = M.checkpoint_fingerprint(ckpt_dir)  # read once for all candidates
-    why, dynamic = [], []
+    why, found = [], []
     for folder in (f for r in roots for f in M.folders_under(r)):
         try:
             m = read_manifest(folder, ckpt_dir, preset, kind, fingerprint)
@@ -65,12 +66,10 @@ def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves) -> tuple[Pa
             why.append(str(e))
             continue
         if serves(m):
-            if not M.shape_of(m).dynamic:
-                return folder, why
-            dynamic.append(folder)
+            found.append((prefer is not None and not prefer(m), M.shape_of(m).dynamic, len(found), folder))
         else:
             why.append(f"{folder} serves {M.describe(m)}")
-    return (dynamic[0] if dynamic else None), why
+    return (min(found)[-1] if found else None), why
 
 
 def build_serving(preset: Preset, height: int, width: int, frame_num: int) -> str:
@@ -436,8 +435,8 @@ class TrtBackend(EngineBackend):
         super().__init__(folder, ckpt_dir, preset, device, "trt", loras)
         if self.lora_swap:
             from . import loras as L
-            raise L.refuse(self.folder, self.manifest, self.loras, M.rebuild_hint(
-                ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
+            raise L.refuse(self.folder, self.manifest, self.loras, "TensorRT engines", M.rebuild_hint(
+                ckpt_dir, None, self.shape.name, self.manifest.get("precision"),
                 self.manifest.get("attention"), L.lora_arg(self.loras)))
         self.keep_dit = keep_dit
         self._generation = 0  # numbers every buffer set ever allocated (a captured graph names its set)

@@ -42,11 +42,12 @@ def lora_arg(loras) -> str:
     return " ".join(f"{e['path']}:{e['scale']:g}" for e in wanted(loras))
 
 
-def refuse(folder, manifest: dict, loras, hint: str) -> EngineError:
-    """TensorRT: engines built with other LoRAs than the run's; `hint` names the build with the run's."""
+def refuse(folder, manifest: dict, loras, what: str, hint: str) -> EngineError:
+    """Engines that cannot swap LoRAs (`what`: "TensorRT engines", "AOTInductor packages") built with other
+    ones than the run's; `hint` names the build with the run's (a folder of its own: runs find it)."""
     return EngineError(f"{folder} was built with LoRAs {describe(manifest.get('loras') or [])}, this run asks for "
-                       f"{describe(wanted(loras))}, and TensorRT engines cannot swap them; {hint}, or pass the "
-                       f"--lora flags the folder was built with")
+                       f"{describe(wanted(loras))}, and {what} cannot swap them; {hint} (without --engines, runs "
+                       f"then pick it), or pass the --lora flags the folder was built with")
 
 
 def _built_loras(manifest: dict, ckpt_dir, hint: str) -> list:

@@ -47,7 +47,9 @@ def test_folder_and_manifest(folder, tiny_ckpt):
         sess = ort.InferenceSession(str(folder / e["file"]), providers=["CPUExecutionProvider"])
         assert [i.name for i in sess.get_inputs()] == [s["name"] for s in e["inputs"]]
     assert M.target_tag("ort") == f"cpu-ort{ort.__version__}"
-    assert M.default_folder("ort", "tiny").parts[-3:] == ("engines", f"cpu-ort{ort.__version__}", "tiny")
+    key = M.build_key("tiny", "fp32", M.checkpoint_fingerprint(tiny_ckpt), [])
+    assert key == f"tiny-fp32-{M.checkpoint_fingerprint(tiny_ckpt)[:8]}"
+    assert M.default_folder("ort", "tiny", key=key).parts[-4:] == ("engines", f"cpu-ort{ort.__version__}", key, "tiny")
 
 
 def test_second_run_skips_current_engines(folder, tiny_ckpt):

@@ -81,6 +81,14 @@ def test_magcache_schedule_equals_the_authors(steps, thresh, k, area):
     assert list(ours) == [a for a, _ in ref]
 
 
+@pytest.mark.parametrize("steps,cfg", [(1, True), (2, True), (3, False)])
+def test_magcache_computes_the_first_step_at_any_step_count(steps, cfg):
+    """Few steps make the retained share of the calls round to none: step 0 is still computed (the loop has
+    nothing cached before it)."""
+    s = C.magcache_schedule(np.ones((steps, 2)), 10.0, None, cfg)
+    assert s[0] and len(s) == steps, s
+
+
 def test_magcache_recommended_setting_computes_a_third_of_the_steps():
     # The authors report 3.0x (10m03s vs 30m40s) for E024K6R02 on I2V 720p at 40 steps: 14 of 40 DiT steps.
     s = C.magcache_schedule(C.Calibration(C.MAGCACHE_I2V_720P, (), "").ratios(40), 0.24, 6)

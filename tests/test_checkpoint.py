@@ -92,6 +92,9 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
     dirs = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt", *(tmp_path / "ckpt").rglob("*"))
             if p.is_dir()}
     assert modes == {0o644} and dirs == {0o755}, (sorted(map(oct, modes)), sorted(map(oct, dirs)))
+    (tmp_path / "ckpt" / "flf2v_cache_calibration.json").write_text("{}")  # the user's: kept on a rewrite
+    assert main([str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt" / "flf2v_cache_calibration.json").read_text() == "{}"
     (tmp_path / "photo.jpg").write_bytes(b"jpeg")
     capsys.readouterr()
     assert main([str(tmp_path / "photo.jpg")]) == 2

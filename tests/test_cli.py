@@ -162,6 +162,24 @@ def test_task_is_the_checkpoints(demo_frames, tmp_path, capsys):
     assert out.exists() and "Wan2.1-I2V-14B-720P" in said, said
 
 
+def test_step_cache_hint_works_as_printed(demo_frames, tmp_path, capsys):
+    """--cache magcache without a calibration names a command; run as printed, it makes the run work."""
+    import re
+    import shlex
+
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    from flf2v.runtime.calibrate_cache import main as calibrate
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    args = _args(ckpt, demo_frames, tmp_path / "v.mp4", "--cache", "magcache")
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    hint = re.search(r"run (flf2v-calibrate-cache .*?) once", err)
+    assert hint, err
+    words = shlex.split(hint[1])
+    assert calibrate(words[1:] + ["--quiet"]) == 0
+    assert run(args) == 0, capsys.readouterr().err
+
+
 def test_missing_image(tiny_ckpt, demo_frames, tmp_path, capsys):
     args = _args(tiny_ckpt, (tmp_path / "nope.png", demo_frames[1]), tmp_path / "v.mp4")
     assert main(args) == 2

@@ -134,3 +134,82 @@ def test_bf16_ort_engines_need_the_cuda_provider(root, tiny_ckpt):
     with pytest.raises(M.EngineError, match=r"run on the CUDA provider only.*PRECISION=fp32") as e:
         OrtBackend(folder, tiny_ckpt, ck.preset_for(tiny_ckpt))
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture()
+def other_ckpt(tmp_path_factory):
+    """A second tiny checkpoint: same model, other weights."""
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "ckpt", seed=1)
+
+
+def test_two_checkpoints_never_share_a_default_folder(tiny_ckpt, other_ckpt, tmp_path, monkeypatch):
+    """`make engines` of a second checkpoint leaves the first's engines where they were (the T5 graph alone:
+    enough to place the folders, seconds to build)."""
+    from flf2v.export.build import build
+    monkeypatch.chdir(tmp_path)
+    a = build(tiny_ckpt, "tiny", "fp32", only=["t5"], progress=False)
+    a_files = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
+    b = build(other_ckpt, "tiny", "fp32", only=["t5"], progress=False)
+    fingerprints = {M.load(f)["checkpoint"]["fingerprint"] for f in (a, b)}
+    assert a != b and len(fingerprints) == 2, (a, b)
+    assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == a_files  # untouched
+    assert a.parent.parent == b.parent.parent == M.target_root("ort") and a.name == b.name == "tiny"
+    assert sorted(M.folders_under(M.target_root("ort"))) == sorted([a, b])
+
+
+def test_a_build_never_replaces_another_checkpoints_engines_unasked(tiny_ckpt, other_ckpt, tmp_path, capsys):
+    from flf2v.export.build import main
+    folder = tmp_path / "engines"
+    assert main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(folder), "--graphs", "t5",
+                 "--quiet"]) == 0
+    def files():  # .lock is the build lock's, touched by every build
+        return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"}
+    before = files()
+    capsys.readouterr()
+    args = ["--ckpt_dir", str(other_ckpt), "--preset", "tiny", "--out", str(folder), "--graphs", "t5", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another build" in err and str(tiny_ckpt.resolve()) in err and "--force" in err, err
+    assert len(err.splitlines()) == 1 and files() == before
+    assert main(args + ["--force"]) == 0
+    assert M.load(folder)["checkpoint"]["fingerprint"] == M.checkpoint_fingerprint(other_ckpt)
+
+
+def test_runs_prefer_the_folder_with_their_loras_built_in(tiny_engines, tiny_ckpt, tmp_path):
+    from flf2v.runtime.engines import find_engines
+    preset = ck.preset_for(tiny_ckpt)
+    for name in ("a-none", "b-lora"):
+        shutil.copytree(tiny_engines, tmp_path / name / "tiny")
+    m = json.loads((tmp_path / "b-lora" / "tiny" / M.MANIFEST).read_text())
+    m["loras"] = [{"path": "style.safetensors", "fingerprint": "f" * 16, "scale": 1.0}]
+    (tmp_path / "b-lora" / "tiny" / M.MANIFEST).write_text(json.dumps(m))
+    def serves(m):
+        return True
+    assert find_engines([tmp_path], tiny_ckpt, preset, "ort", serves)[0] == tmp_path / "a-none" / "tiny"
+    got = find_engines([tmp_path], tiny_ckpt, preset, "ort", serves, prefer=lambda m: bool(m.get("loras")))[0]
+    assert got == tmp_path / "b-lora" / "tiny"
+
+
+@pytest.mark.parametrize("backend", ["aoti", "ort"])
+def test_rebuild_hint_names_the_backend_of_the_run(tiny_ckpt, tmp_path, monkeypatch, backend):
+    """--backend aoti with no packages serving the photo: the hint builds AOTInductor packages, not ORT."""
+    monkeypatch.chdir(tmp_path)
+    preset = ck.preset_for(tiny_ckpt)
+    with pytest.raises(M.EngineError) as e:
+        choose_engines(_args(ckpt_dir=tiny_ckpt, backend=backend), preset, (96, 64), torch.device("cpu"))
+    assert ("BACKEND=aoti" in str(e.value)) == (backend == "aoti"), str(e.value)
+    assert "make engines CKPT=" in str(e.value)
+
+
+def test_cfg_parallel_needs_the_batch_1_dit(tiny_dynamic_engines, tiny_ckpt, tmp_path, monkeypatch):
+    """`make engines` builds the batch-2 DiT only: --cfg_parallel falls back to torch under auto (saying the
+    command that builds what it needs) and names that command when a backend was asked for."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dynamic_engines, M.target_root("ort") / "dynamic")
+    preset, cpu = ck.preset_for(tiny_ckpt), torch.device("cpu")
+    assert choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (64, 64), cpu)[0] == "ort"
+    kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt, cfg_parallel=True), preset, (64, 64), cpu)
+    assert (kind, folder) == ("torch", None) and "CFG_BATCH=both" in note, note
+    with pytest.raises(M.EngineError, match="CFG_BATCH=both"):
+        choose_engines(_args(ckpt_dir=tiny_ckpt, cfg_parallel=True, backend="ort"), preset, (64, 64), cpu)
