@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,6 +141,13 @@ def _fail(msg: str, code: int = 2, every_rank: bool = True) -> int:
         where = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"flf2v-run: {where}error: {msg}", file=sys.stderr, flush=True)
     return code
+
+
+def _say_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, as errors are, not Python's file:line and source excerpt; said by rank 0 only
+    (every rank of a torchrun job finds the same)."""
+    if _rank() == 0:
+        print(f"flf2v-run: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _collective_failure(e: RuntimeError) -> bool:
@@ -467,6 +475,7 @@ def write_metrics(path: str, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    warnings.showwarning = _say_warning
     from flf2v.export.manifest import EngineError
     from flf2v.models.checkpoint import CheckpointError
     from flf2v.models.lora import LoRAError

@@ -57,7 +57,9 @@ class CfgSplit:
 
     def gather(self, pair: torch.Tensor, v: torch.Tensor) -> None:
         """pair [2, ...] <- (cond, uncond) velocities, v [1, ...] this rank's."""
-        dist.all_gather_into_tensor(pair, v.contiguous(), group=self.group)
+        # torch 2.13 renamed all_gather_into_tensor (which now warns on every call) to all_gather_single
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(pair, v.contiguous(), group=self.group)
 
 
 @dataclass

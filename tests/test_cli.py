@@ -180,6 +180,21 @@ def test_step_cache_hint_works_as_printed(demo_frames, tmp_path, capsys):
     assert run(args) == 0, capsys.readouterr().err
 
 
+def test_warnings_are_one_line(tiny_ckpt, tiny_dynamic_engines, demo_frames, tmp_path):
+    """Guide scale 1 on batch-2-only engines warns once, as `flf2v-run: warning: ...`, not Python's
+    two-line file:line form."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--backend", "ort", "--engines",
+                 str(tiny_dynamic_engines), "--sample_guide_scale", "1")
+    r = subprocess.run([str(Path(sys.executable).parent / "flf2v-run"), *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("flf2v-run: warning: guide scale 1 runs the DiT"), r.stderr
+
+
 def test_missing_image(tiny_ckpt, demo_frames, tmp_path, capsys):
     args = _args(tiny_ckpt, (tmp_path / "nope.png", demo_frames[1]), tmp_path / "v.mp4")
     assert main(args) == 2
