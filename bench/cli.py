@@ -71,9 +71,14 @@ PEER_NOTES = [
 def _parse_backends(text: str) -> list[str]:
     names = [s for s in text.split(",") if s]
     for n in names:
-        if n not in BACKENDS:
-            raise SystemExit(f"flf2v-bench: error: unknown backend {n!r}; choose from {', '.join(BACKENDS)}")
+        if n not in BACKENDS:  # argparse says it in one line, exit 2
+            raise argparse.ArgumentTypeError(f"unknown backend {n!r}; choose from {', '.join(BACKENDS)}")
     return names
+
+
+# Checkpoints and engines persist here between runs: flf2v-build skips current engines, so only the first
+# run of a preset pays for its builds (minutes on 2 cores).
+DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flf2v" / "bench"
 
 
 def _checkpoint(bp: BenchPreset, args, work: Path) -> Path:
@@ -379,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["parallel"]:
         from . import parallel
         return parallel.main(argv[1:])
-    ap = argparse.ArgumentParser(prog="flf2v-bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="flf2v-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", required=True, choices=list(BENCH_PRESETS))
     ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown and PNG")
     ap.add_argument("--backends", type=_parse_backends, default=None,
@@ -387,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per backend (after one warm-up run)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     ap.add_argument("--ckpt_dir", default=None, help="checkpoint (default: random weights written into --work)")
-    ap.add_argument("--work", default=None, help="keep checkpoints and engines here between runs")
+    ap.add_argument("--work", default=str(DEFAULT_WORK),
+                    help="checkpoints and engines, kept between runs (default: %(default)s; '' for a temporary "
+                         "folder)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--interleave", default=None, action=argparse.BooleanOptionalAction,

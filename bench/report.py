@@ -244,6 +244,11 @@ def chart(result: dict, path: Path) -> None:
                  f"{job['dtype']} · {where} · {m['date']}", fontsize=9)
     ax.legend()
     ax.grid(axis="y", which="both", alpha=0.3)
+    load = result.get("load") or {}
+    if load.get("busy_before"):  # the chart travels without the Markdown: it carries the warning too
+        fig.text(0.5, 0.5, f"machine busy when timing started (load {load['before'][0]:.1f} on {load['cpus']} "
+                           f"CPUs): times inflated", ha="center", va="center", fontsize=11, color="red", alpha=0.8,
+                 bbox={"facecolor": "white", "edgecolor": "red", "alpha": 0.85})
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

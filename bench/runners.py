@@ -160,13 +160,13 @@ class OursRunner:
         folder = self.engines_root / f"{kind}-{job.preset.name}-{shape}-{precision}"
         cmd = [sys.executable, "-c", "import sys; from flf2v.export.build import main; sys.exit(main(sys.argv[1:]))",
                "--ckpt_dir", str(job.ckpt_dir), "--preset", shape, "--precision", precision, "--backend", kind,
-               "--cfg_batch", "2", "--out", str(folder), "--quiet"]
+               "--cfg_batch", "2", "--out", str(folder)]
+        print(f"flf2v-bench: {self.name}: engines in {folder} (built once, then current)", file=sys.stderr)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress bar and errors: stderr
         self.build_seconds = time.perf_counter() - t0
         if proc.returncode:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-            raise Unavailable(f"flf2v-build failed (exit {proc.returncode}): {lines[-1]}")
+            raise Unavailable(f"flf2v-build failed (exit {proc.returncode}); its error is above")
         return folder
 
     def run(self) -> RunResult:

@@ -243,6 +243,35 @@ def test_bench_cli_writes_json_markdown_chart(tmp_path, tiny_ckpt, capsys):
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
+    from flf2v.bench.cli import DEFAULT_WORK, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"flf2v-bench {m}" in out for m in ("export-memory", "fewstep", "cache",
+                                                                          "parallel")), out
+    assert str(DEFAULT_WORK) in " ".join(out.split()) and DEFAULT_WORK.is_absolute()  # engines kept between runs
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--backends", "foo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "unknown backend 'foo'" in err[-1], err
+
+
+def test_busy_warning_is_in_the_chart_too(tmp_path):
+    """The PNG travels without the Markdown: a busy machine changes the chart (it carries the warning)."""
+    from flf2v.bench.report import chart
+    stage = {"median": 1.0, "min": 0.9, "max": 1.1}
+    result = {"preset": "tiny", "backends": {"torch": {"status": "ok", "stages": {"end_to_end": stage}}},
+              "job": {"width": 64, "height": 64, "frames": 9, "steps": 2, "dtype": "fp32"},
+              "machine": {"gpu": None, "cpu": {"model": "cpu", "cpus": 2}, "date": "2026-12-04"},
+              "load": {"busy_before": False, "before": [0.1, 0.1, 0.1], "cpus": 2}}
+    chart(result, tmp_path / "idle.png")
+    result["load"] = {"busy_before": True, "before": [5.0, 5.0, 5.0], "cpus": 2}
+    chart(result, tmp_path / "busy.png")
+    assert (tmp_path / "idle.png").read_bytes() != (tmp_path / "busy.png").read_bytes()
+
+
 def test_export_memory_subcommand_is_wired(capsys):
     from flf2v.bench.cli import main
 
