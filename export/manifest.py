@@ -215,10 +215,13 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     if m.get("backend") != kind:
         raise EngineError(f"{folder} holds {m.get('backend')} engines, not {kind}; pass --backend "
                           f"{m.get('backend')} or {hint}")
+    # another model's or checkpoint's engines stay: the fix builds this checkpoint's own folder beside them
+    own = rebuild_hint(ckpt_dir, None, shape["name"], m.get("precision"), m.get("attention"),
+                       backend=m.get("backend")) + " (runs without --engines find it)"
     if m.get("model_preset") != preset.name:
-        raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {hint}")
+        raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {own}")
     if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):
-        raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {hint}")
+        raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {own}")
     if kind in ("trt", "aoti") and m.get("target") != target_tag(kind):
         raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag(kind)}; {hint}")
     for name, e in engines.items():

@@ -373,10 +373,13 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
 
     from flf2v.runtime import loras as L
     roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
-    folder, why = find_engines(roots, args.ckpt_dir, preset, kind, serves,
-                               prefer=lambda m: not L.needs_swap(m, loras))  # the run's LoRAs built in
+    folder, unusable, other_shapes = find_engines(roots, args.ckpt_dir, preset, kind, serves,
+                                                  prefer=lambda m: not L.needs_swap(m, loras))  # LoRAs built in
     if folder is not None:
         return kind, folder, None
+    if args.engines and unusable and not other_shapes:
+        raise M.EngineError(unusable[0])  # the folder given cannot serve this checkpoint: its reason and fix
+    why = other_shapes + unusable
     name = build_serving(preset, *want(None))
     root = Path(args.engines) if args.engines else None
     if root is not None and (root / M.MANIFEST).is_file():

@@ -83,13 +83,14 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
 
 
-def test_rebuild_hint_keeps_the_folder_given(root, tiny_ckpt, tmp_path):
+def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, tmp_path):
+    """The fix builds the checkpoint's own folder (same shape and precision), leaving the other one's engines."""
     from flf2v.runtime.engines import read_manifest
     other = tmp_path / "other-ckpt"
     shutil.copytree(tiny_ckpt, other)
     (other / ck.DIT_CONFIG).write_text((other / ck.DIT_CONFIG).read_text() + " ")
     with pytest.raises(M.EngineError, match=rf"another checkpoint.*make engines CKPT={other} PRESET=tiny-wide "
-                                            rf"PRECISION=fp32 ENGINES={root / 'tiny-wide'}`"):
+                                            rf"PRECISION=fp32` \(runs without --engines find it\)"):
         read_manifest(root / "tiny-wide", other, ck.preset_for(other), "ort")
 
 
@@ -213,3 +214,38 @@ def test_cfg_parallel_needs_the_batch_1_dit(tiny_dynamic_engines, tiny_ckpt, tmp
     assert (kind, folder) == ("torch", None) and "CFG_BATCH=both" in note, note
     with pytest.raises(M.EngineError, match="CFG_BATCH=both"):
         choose_engines(_args(ckpt_dir=tiny_ckpt, cfg_parallel=True, backend="ort"), preset, (64, 64), cpu)
+
+
+MAKE_FLAGS = {"CKPT": "--ckpt_dir", "PRESET": "--preset", "PRECISION": "--precision", "ENGINES": "--out",
+              "BACKEND": "--backend", "ATTENTION": "--attention", "CFG_BATCH": "--cfg_batch"}  # the Makefile's
+
+
+def run_make_engines_hint(text: str) -> None:
+    """Runs the `make engines ...` command a message gives, as the Makefile's engines target would."""
+    import re
+    import shlex
+
+    from flf2v.export.build import main as build_main
+    cmd = re.search(r"`make engines ([^`]*)`", text)
+    assert cmd, text
+    argv = []
+    for word in shlex.split(cmd[1]):
+        key, _, value = word.partition("=")
+        argv += [MAKE_FLAGS[key], value]
+    assert build_main(argv + ["--quiet"]) == 0
+
+
+def test_another_checkpoints_folder_is_one_line_with_one_working_command(tiny_engines, other_ckpt, demo_frames,
+                                                                         tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--ckpt_dir", str(other_ckpt), "--first_frame", str(demo_frames[0]), "--last_frame",
+            str(demo_frames[1]), "--prompt", "a ball", "--sample_steps", "2", "--quiet", "--save_file",
+            str(tmp_path / "v.mp4"), "--backend", "ort"]
+    assert main(args + ["--engines", str(tiny_engines)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.count("make engines") == 1, err
+    assert err.startswith(f"flf2v-run: error: {tiny_engines} was built from another checkpoint"), err
+    run_make_engines_hint(err)  # as printed, from the same folder
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert "tiny-fp32-" in capsys.readouterr().out  # the new folder of its own ran
