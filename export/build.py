@@ -359,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable --out, a full disk: said in one line, the folder's lock released
+        print(f"flf2v-build: error: {e.strerror or e} ({e.filename or args.out}); choose another --out or free "
+              f"space", file=sys.stderr)
+        return 2
     n = len(M.load(folder).get("engines", {}))
     print(f"{folder}: {n} engines current")
     return 0

@@ -119,7 +119,7 @@ def builtin_frames(ckpt_dir):
 
 def main(argv: list[str] | None = None) -> int:
     from flf2v.models.checkpoint import CheckpointError
-    from flf2v.runtime.media import InputError, load_image
+    from flf2v.runtime.media import InputError, check_output, load_image
     ap = argparse.ArgumentParser(prog="flf2v-calibrate-cache", usage=argparse.SUPPRESS, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")
+        check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
         first, last = builtin_frames(args.ckpt_dir) if args.first_frame is None else (
             load_image(args.first_frame), load_image(args.last_frame) if args.last_frame else None)
         out = run(args.ckpt_dir, first, last, args.prompt, args.out, args.device, progress=not args.quiet,

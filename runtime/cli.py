@@ -14,7 +14,6 @@ import re
 import resource
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -198,26 +197,6 @@ def check_device(name: str | None) -> torch.device:
     return device
 
 
-def check_output(flag: str, path: str) -> None:
-    """An output path can be written, checked before anything loads: refused after the generation, the
-    run would be lost. Folders that do not exist yet are made when the file is written."""
-    from flf2v.runtime.media import InputError
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{flag} {path} is a folder; give a file path in it")
-    folder = p.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
-    try:  # access() says yes to root even on a read-only mount: try it
-        fd, probe = tempfile.mkstemp(prefix=".flf2v-write-check.", dir=folder)
-    except OSError as e:
-        raise InputError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose another path") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def infer_task(ckpt_dir: str) -> str:
     """The task of the checkpoint's model (its config.json), so an I2V folder needs no --task."""
     from flf2v.models import checkpoint as ck
@@ -274,6 +253,7 @@ def check_args(args) -> None:
     if args.engines and not Path(args.engines).is_dir():
         raise InputError(f"--engines {args.engines}: no such folder; give a folder `make engines` built, or drop "
                          f"--engines to use engines/<this machine>/")
+    from flf2v.runtime.media import check_output
     check_output("--save_file", args.save_file or "video.mp4")  # the default name goes to the current folder
     if args.metrics:
         check_output("--metrics", args.metrics)

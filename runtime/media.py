@@ -23,6 +23,25 @@ class InputError(ValueError):
     """A user-supplied input (image, flag, path) is unusable; the message says how to fix it."""
 
 
+def check_output(flag: str, path: str) -> None:
+    """An output path can be written, checked before anything loads: refused after the generation, the
+    run would be lost. Folders that do not exist yet are made when the file is written."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path in it")
+    folder = p.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
+    try:  # access() says yes to root even on a read-only mount: try it
+        fd, probe = tempfile.mkstemp(prefix=".flf2v-write-check.", dir=folder)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """An 8-bit RGB image from disk as an image viewer shows it (see `to_rgb`)."""
     path = Path(path)

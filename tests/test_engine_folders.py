@@ -249,3 +249,20 @@ def test_another_checkpoints_folder_is_one_line_with_one_working_command(tiny_en
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr().err
     assert "tiny-fp32-" in capsys.readouterr().out  # the new folder of its own ran
+
+
+@pytest.mark.parametrize("command", ["build", "calibrate"])
+def test_output_folders_checked_before_any_work(tiny_ckpt, tmp_path, capsys, command):
+    """flf2v-build --out and flf2v-calibrate-cache --out under a file: one line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("not a folder")
+    target = str(tmp_path / "file" / "out")
+    if command == "build":
+        from flf2v.export.build import main as run
+        args = ["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", target, "--quiet"]
+    else:
+        from flf2v.runtime.calibrate_cache import main as run
+        args = ["--ckpt_dir", str(tiny_ckpt), "--out", target, "--quiet"]
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "file") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
