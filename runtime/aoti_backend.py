@@ -41,13 +41,20 @@ class AotiBackend(EngineBackend):
             import flf2v.kernels.ops  # noqa: F401
         self.capturable = self.device.type == "cuda"
         self.models: dict = {}
+        self.loads: dict[str, int] = {}  # graph -> the number of its package's load (graph_token)
+        self._load_count = 0
 
     def model(self, graph: str):
         if graph not in self.models:
             path = self.folder / self.specs[graph]["file"]
             try:
+                # run_single_threaded: the default container queries and synchronises CUDA events on each
+                # run, which is illegal inside a CUDA-graph capture; the loop calls from one thread anyway
                 self.models[graph] = torch._inductor.aoti_load_package(
-                    str(path), device_index=self.device.index if self.device.index is not None else -1)
+                    str(path), run_single_threaded=self.capturable,
+                    device_index=self.device.index if self.device.index is not None else -1)
+                self._load_count += 1
+                self.loads[graph] = self._load_count
             except Exception as e:  # the loader raises RuntimeError, zipfile and OS errors alike
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EngineError(f"{path}: not a loadable AOTInductor package ({type(e).__name__}: "
@@ -65,6 +72,18 @@ class AotiBackend(EngineBackend):
             args.append(x)
         out = self.model(graph)(*args)
         return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def graph_token(self, cfg_batch: int):
+        """The loads of the DiT packages a CUDA graph captured now would call (None before they are loaded):
+        a graph captured over one load holds that package's memory and must not replay over another."""
+        loaded = [g for g in (f"dit_b{cfg_batch}", f"dit_cached_b{cfg_batch}") if g in self.models]
+        return tuple(self.loads[g] for g in loaded) or None
+
+    def finish_denoise(self) -> None:  # the DiT packages go before VAE decode (as TensorRT's engines)
+        for g in [g for g in self.models if g.startswith("dit_")]:
+            self.models.pop(g)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def release_encoders(self) -> None:
         for g in ENCODER_GRAPHS:

@@ -280,6 +280,12 @@ class OrtBackend(EngineBackend):
         self.io_binding = self.static_caches = io_binding
         self.opts = self._options(threads)
         self.cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        if self.device.type == "cuda" and not self.cuda:
+            # the CPU build (plain `pip install onnxruntime`) cannot bind CUDA memory: it would fail at the
+            # first call with "no data transfer registered"
+            raise EngineError(f"--device {self.device}: this onnxruntime {ort.__version__} has no CUDA provider (the "
+                              f"CPU build); install onnxruntime-gpu (`make setup ORT=gpu`) or run these engines "
+                              f"with --device cpu")
         self.providers = (["CUDAExecutionProvider"] if self.cuda else []) + ["CPUExecutionProvider"]
         precision = self.manifest["precision"]
         if precision != "fp32" and not self.cuda:
@@ -467,7 +473,8 @@ class TrtBackend(EngineBackend):
         names = {trt.DataType.FLOAT: "float32", trt.DataType.BF16: "bfloat16", trt.DataType.HALF: "float16",
                  trt.DataType.INT64: "int64"}
         spec = self.specs[graph]
-        # a dynamic dim ("2*hp" in the manifest) is -1 in the engine
+        # a dynamic dim ("2*hp" in the manifest) is -1 in the engine; TensorRT also reports -1 for a dim the
+        # ONNX kept symbolic though the profile fixes it: the engine's -1 matches any manifest dim
         want = {s["name"]: (mode, tuple(d if isinstance(d, int) else -1 for d in s["shape"]), s["dtype"])
                 for mode, group in (("input", spec["inputs"]), ("output", spec["outputs"])) for s in group}
         have = {}
@@ -475,7 +482,11 @@ class TrtBackend(EngineBackend):
             n = engine.get_tensor_name(i)
             mode = "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output"
             dtype = engine.get_tensor_dtype(n)
-            have[n] = (mode, tuple(engine.get_tensor_shape(n)), names.get(dtype, str(dtype)))
+            shape = tuple(engine.get_tensor_shape(n))
+            w = want.get(n, (None, ()))[1]
+            if len(shape) == len(w):
+                shape = tuple(b if a == -1 else a for a, b in zip(shape, w))
+            have[n] = (mode, shape, names.get(dtype, str(dtype)))
         if have != want:
             diff = sorted(set(have.items()) ^ set(want.items()))
             raise EngineError(f"{self.folder / spec['file']}: the engine's I/O differs from the manifest "
@@ -504,8 +515,7 @@ class TrtBackend(EngineBackend):
         bufs = e.shapes[key][1]
         if e.bound != key:
             if any(isinstance(d, str) for s in self.specs[graph]["inputs"] for d in s["shape"]):
-                if e.engine.num_optimization_profiles > 1 and not e.ctx.set_optimization_profile_async(
-                        self.profile, self.stream.cuda_stream):
+                if e.engine.num_optimization_profiles > 1 and not self._switch_profile(e.ctx):
                     raise EngineError(f"{graph}: TensorRT refused optimization profile {self.profile}; {self.hint}")
                 for s in ins:
                     if not e.ctx.set_input_shape(s["name"], s["shape"]):
@@ -515,6 +525,15 @@ class TrtBackend(EngineBackend):
                 self._bind(e.ctx, name, t)
             e.bound = key
         return e.engine, e.ctx, bufs
+
+    def _switch_profile(self, ctx) -> bool:
+        """Select `self.profile` on the backend's stream, ordered after the caller's queued work and before
+        whatever the caller queues next (a CUDA graph replayed on the caller's stream included)."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        ok = ctx.set_optimization_profile_async(self.profile, self.stream.cuda_stream)
+        caller.wait_stream(self.stream)
+        return ok
 
     def graph_token(self, cfg_batch: int):
         """Names the DiT buffers a CUDA graph captured now would use at the current shape (None when the

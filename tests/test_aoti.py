@@ -157,3 +157,25 @@ def test_triton_attention_exports_as_one_triton_op_per_call():
     from torch._subclasses.functional_tensor import FunctionalTensorMode
     for name in ("flf2v::wan_self_attention", "flf2v::wan_cross_attention"):
         assert FunctionalTensorMode in OPDEFS[name]._torch_dispatch_fns, f"{name} is not a triton_op"
+
+
+def test_packages_load_for_capture_and_leave_after_the_loop(tiny_aoti_engines, tiny_ckpt, monkeypatch):
+    """What a CUDA-graph capture needs of the backend, on the CPU: packages loaded single-threaded (the default
+    container queries CUDA events per run, illegal while capturing), a graph token naming the loaded DiT
+    package (a reload must recapture), and the DiT released after the loop (before VAE decode)."""
+    backend = open_backend("aoti", tiny_aoti_engines, tiny_ckpt, PRESET, "cpu")
+    real, seen = torch._inductor.aoti_load_package, []
+
+    def load(path, run_single_threaded=False, device_index=-1):
+        seen.append(run_single_threaded)
+        return real(path, run_single_threaded=run_single_threaded, device_index=device_index)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+    backend.capturable = True  # as on CUDA
+    assert backend.graph_token(2) is None
+    backend.model("dit_b2")
+    first = backend.graph_token(2)
+    assert first is not None and seen == [True], (first, seen)
+    backend.finish_denoise()
+    assert not [g for g in backend.models if g.startswith("dit_")], list(backend.models)
+    backend.model("dit_b2")
+    assert backend.graph_token(2) not in (None, first)

@@ -141,3 +141,12 @@ def test_cuda_provider_matches_the_cpu(tiny_engines, tiny_ckpt, preset, demo_fra
     video = pipe.generate("a red ball", first, last, sample_steps=STEPS, seed=7, cfg_batch=2, progress=False)
     err = (video.cpu() - cpu).abs().max().item()
     assert err < 1e-3, f"ORT CUDA vs CPU video: max abs {err:.2e} (TF32 convolutions on CUDA allow ~1e-4)"
+
+
+def test_cpu_onnxruntime_on_cuda_is_refused_in_one_line(tiny_engines, tiny_ckpt, preset, monkeypatch):
+    """The CPU build of onnxruntime (what plain `pip install onnxruntime` gives, and the GPU test box has) on a
+    CUDA device: refused when the engines open, naming the install, not at the first call."""
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(E.EngineError, match=r"no CUDA provider.*make setup ORT=gpu.*--device cpu"):
+        E.OrtBackend(tiny_engines, tiny_ckpt, preset, "cuda")

@@ -108,6 +108,9 @@ class FakeTrtBackend(E.TrtBackend):
     def _enqueue(self, graph, ctx):
         assert ctx.execute_async_v3(0)
 
+    def _switch_profile(self, ctx):  # no streams here (test_profile_switch_is_ordered_on_both_streams)
+        return ctx.set_optimization_profile_async(self.profile, 0)
+
 
 def relabel(ort_folder, tmp_path_factory):
     """An ORT folder relabelled as a TensorRT folder of this 'machine'."""
@@ -170,6 +173,9 @@ def test_engine_io_mismatch_is_refused(backends):
     trt, _, _ = backends
     engine = trt._deserialize("clip")
     trt.check_io("clip", engine)  # the real thing passes
+    real = engine.io[0]
+    engine.io[0] = ({**real[0], "shape": [-1, *real[0]["shape"][1:]]}, "in")  # as TensorRT may report a dim
+    trt.check_io("clip", engine)
     engine.io[0] = ({**engine.io[0][0], "shape": [9, 3, 8, 8]}, "in")
     with pytest.raises(E.EngineError, match=r"I/O differs from the manifest.*make engines"):
         trt.check_io("clip", engine)
@@ -238,3 +244,19 @@ def test_dynamic_engines_switch_profiles_and_shapes(tiny_dynamic_engines, tiny_c
     assert x_shapes == [(2, 16, 3, 6, 10), (2, 16, 3, 10, 6), (2, 16, 3, 6, 10)], x_shapes
     assert len(trt.engines["dit_b2"].shapes) == 2  # both shapes' buffers kept (KEEP_SHAPES)
     assert tokens[0] == tokens[2] != tokens[1], tokens  # back at a kept shape: its captured graph stays valid
+
+
+def test_profile_switch_is_ordered_on_both_streams(monkeypatch):
+    """The switch runs on the backend's stream after the caller's queued work, and the caller's stream (where
+    a captured graph replays) waits for it."""
+    order = []
+
+    class Stream(SimpleNamespace):
+        def wait_stream(self, other):
+            order.append(f"{self.name} waits {other.name}")
+    caller, own = Stream(name="caller", cuda_stream=1), Stream(name="backend", cuda_stream=2)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    backend = SimpleNamespace(device=torch.device("cuda"), stream=own, profile=1)
+    ctx = SimpleNamespace(set_optimization_profile_async=lambda p, s: order.append(f"profile {p} on {s}") or True)
+    assert E.TrtBackend._switch_profile(backend, ctx)
+    assert order == ["backend waits caller", "profile 1 on 2", "caller waits backend"], order
