@@ -1,6 +1,6 @@
 """`make gpu-check`: everything a GPU must prove, in one run of at most 8 minutes, with random weights.
 
-    python -m flf2v.bench.gpu_check [--out bench/results] [--quick] [--budget 465] [--parts kernels,...]
+    python -m flf2v.bench.gpu_check [--out bench/results] [--quick] [--budget 450] [--parts kernels,...]
 
 Parts (run in this order, each timed and reported ok / failed (with the error) / skipped (with the
 reason); one failing part never loses the others' figures):
@@ -25,12 +25,16 @@ reason); one failing part never loses the others' figures):
                   tests (or test modules) that fail only for a package absent from this python (a bare GPU
                   image has no PIL, ftfy, diffusers, onnxscript, ...) are listed as not run, not as failures
 Results: <out>/gpu-check-<gpu>-<date>.json and .md, rewritten after every part. Exit code 0 when every part
-ran ok or was skipped, 1 when a part failed, 2 (one line, nothing written) without a CUDA GPU.
+ran ok, partial or was skipped, 1 when a part failed, 2 (one line, nothing written) without a CUDA GPU.
 
-Time guard: a global budget (--budget seconds, default 465: the 8 minutes less a margin); each part has a cap
-and leaves the reserve of the parts after it; a part past its limit is cut off (SIGALRM, between Python
-calls) and reported failed with what it measured so far; a watchdog thread writes the results and exits if
-the whole run is stuck in one GPU call 45 s past the budget.
+Time guard: a global budget (--budget seconds, default 450: the 8 minutes less a margin), counted from the
+start of the process, torch's import included. Each part has a planned time and a cap: it may use what is
+left less the planned time of the parts after it, at most its cap, so a part that finishes early leaves its
+time to the later ones and none can starve them. The plan is an estimate until a GPU window has run (none
+has: the smoke's relative part times and the caps set it); every part's planned and used seconds are printed
+and recorded, so the next plan comes from measured ones. A part past its limit is cut off (SIGALRM, between
+Python calls) and reported `partial` with what it measured so far, not as a failure; a watchdog thread
+writes the results and exits if the whole run is stuck in one GPU call 20 s past the budget.
 
 Hidden CPU mode for tests: `--device cpu --smoke` runs every part's code end to end at tiny shapes (fp32,
 Triton interpreter, no CUDA graph capture, part 4 on ONNX Runtime fp32 engines instead of TensorRT) and
@@ -66,19 +70,22 @@ from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
 from flf2v.bench.gpu_report import _f, render_md
 
 DEFAULT_OUT = ROOT / "bench" / "results"
-BUDGET_S = 465.0
-WATCHDOG_GRACE_S = 45.0
+BUDGET_S = 450.0  # with the watchdog's grace, 470 s: the whole check, torch's import included, under 8 minutes
+WATCHDOG_GRACE_S = 20.0
 MIN_PART_S = 5.0  # a part with less time than this left is skipped
 
-# key, number in the issue, title, cap (s), reserve others may not take from it (s)
+T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
+
+# key, number in the issue, title, cap (s), planned (s): the plans add up to 410 s of the 450 s budget, the
+# rest for torch's import (~15 s on the box) and the slack parts leave; estimates until a window has run
 PARTS = (
-    ("environment", 6, "environment", 60, 5),
-    ("kernels", 2, "Triton attention kernels vs torch SDPA", 250, 60),
-    ("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", 60, 15),
-    ("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", 150, 30),
-    ("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", 150, 5),
-    ("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", 150, 10),
-    ("pytest", 1, "gpu-marked tests (pytest -m gpu)", 300, 40),
+    ("environment", 6, "environment", 60, 10),
+    ("kernels", 2, "Triton attention kernels vs torch SDPA", 250, 110),
+    ("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", 60, 30),
+    ("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", 150, 80),
+    ("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", 150, 20),
+    ("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", 150, 100),
+    ("pytest", 1, "gpu-marked tests (pytest -m gpu)", 300, 60),
 )
 
 
@@ -90,7 +97,7 @@ class Run:
         self.smoke = args.smoke
         self.device = args.device
         self.cuda = args.device == "cuda"
-        self.t0 = time.monotonic()
+        self.t0 = T_START
         self.deadline = self.t0 + args.budget
         self.lock = threading.Lock()
         self.paths: tuple[Path, Path] | None = None
@@ -201,10 +208,11 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
     if run.smoke:  # a test of the code on a slow CPU: more time, no reserves (its budget defaults to an hour)
         cap, reserve_after = 3 * cap, 0
     limit = min(cap, run.left() - reserve_after)
+    p["planned_s"] = next(plan for k, *_, plan in PARTS if k == key)
     if limit < MIN_PART_S:
         p.update(status="skipped", reason=f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s")
         return
-    log(f"part {p['number']} ({key}): {p['title']} (up to {limit:.0f} s)")
+    log(f"part {p['number']} ({key}): {p['title']} (planned {p['planned_s']} s, up to {limit:.0f} s)")
     run.current = key
     p["status"] = "running"
     data = p["data"] = {}
@@ -219,8 +227,8 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
         p.update(status="skipped", reason=one_line(str(e)))
     except CheckFailed as e:
         p.update(status="failed", error=one_line(str(e), 1500))
-    except PartTimeout as e:
-        p.update(status="failed", error=f"{e} (the figures measured before are kept)")
+    except PartTimeout as e:  # out of time is not a failure of what it checked: what it measured stands
+        p.update(status="partial", note=f"{e}; the figures measured before are kept")
     except Exception as e:  # noqa: BLE001 - a part's failure never stops the others
         p.update(status="failed", error=one_line(e, 1000), traceback=traceback.format_exc(limit=8)[-3000:])
     finally:
@@ -229,7 +237,8 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
         with contextlib.suppress(Exception):
             free_cuda(run)
     note = p.get("error") or p.get("reason") or p.get("note")
-    log(f"part {p['number']} ({key}): {p['status']} in {p['seconds']:.1f} s" + (f": {note}" if note else ""))
+    log(f"part {p['number']} ({key}): {p['status']} in {p['seconds']:.1f} s of {p['planned_s']} s planned"
+        + (f": {note}" if note else ""))
 
 
 def parse_args(argv):
@@ -306,7 +315,7 @@ def main(argv=None) -> int:
         f"results -> {run.paths[0]} and .md")
     threading.Thread(target=watchdog, args=(run,), daemon=True).start()
     for i, (key, _, _, cap, _) in enumerate(PARTS):
-        reserve_after = sum(r for k, *_, r in PARTS[i + 1:] if k in args.parts)
+        reserve_after = sum(plan for k, *_, plan in PARTS[i + 1:] if k in args.parts)
         run_part(run, key, cap, reserve_after)
         run.save()
     failed = [k for k, p in run.results["parts"].items() if p["status"] == "failed"]
@@ -318,7 +327,8 @@ def main(argv=None) -> int:
     for key, p in sorted(run.results["parts"].items(), key=lambda kv: kv[1]["number"]):
         note = p.get("error") or p.get("reason") or p.get("note") or ""
         secs = _f(p.get("seconds"), "{:6.1f}")
-        print(f"  {p['number']}. {key:<12} {p['status']:<8} {secs:>6} s  {one_line(note, 150)}")
+        print(f"  {p['number']}. {key:<12} {p['status']:<8} {secs:>6} s of {p.get('planned_s', '-'):>3} s planned  "
+              f"{one_line(note, 150)}")
     print(f"results: {run.paths[0]}\n         {run.paths[1]}")
     return run.results["exit_code"]
 

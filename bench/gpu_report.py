@@ -31,12 +31,12 @@ def render_md(res: dict) -> str:
                   f"budget {res['budget_s']:.0f} s; total {_f(res.get('seconds'), '{:.0f}')} s; "
                   f"exit code {res.get('exit_code')}"
                   f"{'; --quick' if res.get('quick') else ''}.", "",
-              "| part | status | seconds | note |", "|---|---|---:|---|"]
+              "| part | status | seconds | planned | note |", "|---|---|---:|---:|---|"]
     order = sorted(res["parts"].items(), key=lambda kv: kv[1]["number"])
     for key, p in order:
         note = p.get("error") or p.get("reason") or p.get("note") or ""
         lines.append(f"| {p['number']}. {p['title']} | {p['status']} | {_f(p.get('seconds'), '{:.1f}')} | "
-                     f"{note.replace('|', '/')} |")
+                     f"{p.get('planned_s', '-')} | {note.replace('|', '/')} |")
     for key, p in order:
         d = p.get("data") or {}
         lines += ["", f"## {p['number']}. {p['title']}: {p['status']}", ""]
