@@ -64,7 +64,8 @@ import warnings
 from pathlib import Path
 
 from flf2v.bench.gpu_common import ROOT, CheckFailed, PartTimeout, Skip, free_cuda, log, one_line
-from flf2v.bench.gpu_parts import part_cuda_graph, part_environment, part_kernels, part_pytest
+from flf2v.bench.gpu_parts import (missing_prerequisites, part_cuda_graph, part_environment, part_kernels,
+                                   part_pytest)
 from flf2v.bench.gpu_parts_aoti import part_aoti
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
 from flf2v.bench.gpu_report import _f, render_md
@@ -211,6 +212,10 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
     p["planned_s"] = next(plan for k, *_, plan in PARTS if k == key)
     if limit < MIN_PART_S:
         p.update(status="skipped", reason=f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s")
+        return
+    absent = missing_prerequisites(key) if run.cuda else None  # the smoke's interpreter compiles nothing
+    if absent:
+        p.update(status="skipped", reason=absent)
         return
     log(f"part {p['number']} ({key}): {p['title']} (planned {p['planned_s']} s, up to {limit:.0f} s)")
     run.current = key

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,35 @@ OPTIONAL = {"tensorrt": "tensorrt", "polygraphy": "polygraphy", "onnx": "onnx", 
             "cuda": "cuda-python"}
 PROJECT_MODULES = ("models.dit", "models.checkpoint", "models.make_tiny", "models.tokenizer", "runtime.denoise",
                    "runtime.torch_backend", "runtime.media", "runtime.pipeline", "runtime.engines", "runtime.cli",
-                   "kernels", "kernels.trt_plugin", "export.contracts", "export.build", "export.onnx_export",
+                   "kernels.ops", "kernels.trt_plugin", "export.contracts", "export.build", "export.onnx_export",
                    "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
+
+
+# Tools the compiled parts need beyond Python packages (on CUDA): Triton builds its kernel launcher with a C
+# compiler against Python.h; AOTInductor compiles C++ and links the CUDA toolkit's runtime.
+NEEDS = {"kernels": ("c_compiler", "python_h"), "aoti": ("c_compiler", "cxx_compiler", "python_h", "cuda_toolkit")}
+FIX = {"c_compiler": "install gcc or set CC", "cxx_compiler": "install g++ or set CXX",
+       "python_h": "install the Python headers (python3-dev)",
+       "cuda_toolkit": "install the CUDA toolkit or set CUDA_HOME (nvcc)"}
+
+
+def prerequisites() -> dict[str, str | None]:
+    """Where each tool of NEEDS was found (None: absent)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc") or (str(Path(home, "bin", "nvcc")) if home and Path(home, "bin", "nvcc").is_file()
+                                    else None)
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return {"c_compiler": os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"),
+            "cxx_compiler": os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"),
+            "python_h": str(header) if header.is_file() else None,
+            "cuda_toolkit": nvcc or (home if home and Path(home, "include", "cuda.h").is_file() else None)}
+
+
+def missing_prerequisites(part: str) -> str | None:
+    """Why `part` cannot run here (one line naming each absent tool and its fix), or None."""
+    found = prerequisites()
+    absent = [n for n in NEEDS.get(part, ()) if not found[n]]
+    return "; ".join(f"no {n.replace('_', ' ')}: {FIX[n]}" for n in absent) or None
 
 
 # ---- 6. environment ------------------------------------------------------------------------------------
@@ -102,7 +130,7 @@ def part_environment(run: Run, data: dict) -> None:
              git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if git else None,
              TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"),
              # Triton builds its kernel launcher with a C compiler at the first launch (CC, clang or gcc)
-             c_compiler=os.environ.get("CC") or shutil.which("clang") or shutil.which("gcc"),
+             c_compiler=prerequisites()["c_compiler"],
              CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES"))
     data["packages"] = {mod: _version(mod) for mod in OPTIONAL}
     data["missing"] = sorted(k for k, v in data["packages"].items() if v is None)
@@ -113,8 +141,10 @@ def part_environment(run: Run, data: dict) -> None:
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             broken[mod] = one_line(e, 200)
     data["project_imports_failing"] = broken
-    if run.cuda and not m["c_compiler"]:
-        data["warning"] = "no C compiler (CC, clang, gcc): Triton cannot build its launcher, compiled kernels fail"
+    data["prerequisites"] = prerequisites()
+    absent = {part: why for part in NEEDS if (why := missing_prerequisites(part))}
+    if run.cuda and absent:
+        data["warning"] = "; ".join(f"part {part} will be skipped ({why})" for part, why in absent.items())
     if data["packages"]["onnxruntime"]:
         with contextlib.suppress(Exception):
             import onnxruntime

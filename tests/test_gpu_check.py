@@ -207,6 +207,27 @@ def test_time_guard_cuts_a_slow_part_and_keeps_its_figures(monkeypatch):
     assert run.part("cuda_graph")["status"] == "skipped" and "time budget" in run.part("cuda_graph")["reason"]
 
 
+def test_parts_without_their_tools_are_skipped_with_the_fix(monkeypatch):
+    """On CUDA, AOTInductor without a C++ compiler or CUDA toolkit is skipped naming them and their fix, before
+    it runs; a part whose tools are there runs."""
+    import argparse
+
+    from flf2v.bench import gpu_check as G
+    from flf2v.bench import gpu_parts as P
+    monkeypatch.setattr(P, "prerequisites", lambda: {"c_compiler": "/usr/bin/gcc", "cxx_compiler": None,
+                                                     "python_h": "/usr/include/python3.11/Python.h",
+                                                     "cuda_toolkit": None})
+    ran = []
+    monkeypatch.setitem(G.PART_FUNCS, "aoti", lambda run, data, end: ran.append("aoti"))
+    monkeypatch.setitem(G.PART_FUNCS, "kernels", lambda run, data, end: ran.append("kernels"))
+    run = G.Run(argparse.Namespace(smoke=False, device="cuda", budget=600.0, quick=False, parts=["aoti", "kernels"]))
+    G.run_part(run, "aoti", cap=10, reserve_after=0)
+    G.run_part(run, "kernels", cap=10, reserve_after=0)
+    reason = run.part("aoti").get("reason", "")
+    assert run.part("aoti")["status"] == "skipped" and "no cxx compiler" in reason and "CUDA_HOME" in reason, reason
+    assert ran == ["kernels"] and run.part("kernels")["status"] == "ok"
+
+
 def test_plan_fits_eight_minutes_with_torchs_import():
     """The parts' planned seconds, torch's import (~15 s on the box) and the watchdog's grace fit in 8 minutes,
     counted from the process start."""
