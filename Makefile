@@ -54,6 +54,11 @@ $(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
 	esac && \
 	if [ "$(ORT)" = gpu ]; then $(PY) -m pip uninstall -q -y onnxruntime && \
 	  $$pip onnxruntime-gpu==$(ORT_GPU_VERSION); fi
+	@# CPU machines (CI): a replica of the GPU test box's python (lock/gpu-box.txt) in $(VENV)/gpu-box, where
+	@# tests/test_gpu_check.py runs gpu-check's CPU smoke, so an import the box cannot satisfy fails here
+	if [ ! -x "$$(command -v nvidia-smi)" ] || [ "$(GPU)" = none ]; then \
+	  python3 -m venv $(VENV)/gpu-box && $(VENV)/gpu-box/bin/python -m pip install -q torch==$(TORCH_VERSION) && \
+	  $(VENV)/gpu-box/bin/python -m pip install -q -r lock/gpu-box.txt; fi
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@

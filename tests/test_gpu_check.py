@@ -207,6 +207,30 @@ def test_time_guard_cuts_a_slow_part_and_keeps_its_figures(monkeypatch):
     assert run.part("cuda_graph")["status"] == "skipped" and "time budget" in run.part("cuda_graph")["reason"]
 
 
+BOX_PY = Path(sys.prefix) / "gpu-box" / "bin" / "python"  # `make setup`'s replica of the GPU box (CPU machines)
+
+
+@pytest.mark.skipif(not BOX_PY.exists(), reason="no GPU-box replica venv (make setup builds it on CPU machines)")
+def test_smoke_in_the_gpu_box_replica(tmp_path):
+    """gpu-check's CPU smoke on the box's python (lock/gpu-box.txt: triton 3.6, onnxruntime 1.30, transformers
+    5.17; no tensorrt, polygraphy, PyAV, diffusers, ftfy) with the checkout through the make target's symlink:
+    every part runs or says why not, as it must in the window."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    out = tmp_path / "results"
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-check", f"VENV={tmp_path / 'no-venv'}", f"GPU_PY={BOX_PY}",
+                        f"GPU_CHECK_ARGS=--device cpu --smoke --out {out}"], env=no_cuda_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    res, _ = results(out)
+    status = {k: (p["status"], p.get("error") or p.get("reason")) for k, p in res["parts"].items()}
+    assert status.pop("trt_tiny")[0] == "skipped", status  # no onnx_graphsurgeon / ftfy on the box
+    assert all(s == "ok" for s, _ in status.values()), status
+    missing = set(res["parts"]["environment"]["data"]["missing"])
+    assert {"tensorrt", "polygraphy", "av", "diffusers", "ftfy"} <= missing, missing
+    assert res["machine"]["triton"] == "3.6.0", res["machine"]
+
+
 def test_parts_without_their_tools_are_skipped_with_the_fix(monkeypatch):
     """On CUDA, AOTInductor without a C++ compiler or CUDA toolkit is skipped naming them and their fix, before
     it runs; a part whose tools are there runs."""
