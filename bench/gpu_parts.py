@@ -242,13 +242,16 @@ def part_cuda_graph(run: Run, data: dict, part_end: float) -> None:
         data["note"] = "no CUDA: the 'graph' column is a second eager run (capture needs CUDA)"
     x0, context, clip, y = loop_inputs(cfg, latent, run.device)
     problems = []
-    for dtype in (torch.float32, torch.bfloat16):
-        dit = randomize_(WanDiT(cfg), torch.Generator().manual_seed(0)).eval().requires_grad_(False)
-        dit = dit.to(run.device, dtype)
+    # the fused Triton attention inside the captured step too (bf16 only compiled: the interpreter's is wrong)
+    variants = [(torch.float32, "sdpa"), (torch.bfloat16, "sdpa"), (torch.float32, "triton")] + (
+        [(torch.bfloat16, "triton")] if run.cuda else [])
+    for dtype, attention in variants:
+        dit = randomize_(WanDiT(cfg, attention=attention), torch.Generator().manual_seed(0))
+        dit = dit.eval().requires_grad_(False).to(run.device, dtype)
         denoise = torch_denoiser(dit, dtype, run.device)
         dname = str(dtype).removeprefix("torch.")
-        for cfg_batch in (2, 1):
-            case = {"dtype": dname, "cfg_batch": cfg_batch}
+        for cfg_batch in (2, 1) if attention == "sdpa" else (2,):
+            case = {"dtype": dname, "cfg_batch": cfg_batch, "attention": attention}
             data["cases"].append(case)
 
             def new_loop():
@@ -281,7 +284,7 @@ def part_cuda_graph(run: Run, data: dict, part_end: float) -> None:
                         speedup=t_eager / t_graph if t_graph > 0 else None, max_abs=e["max_abs"],
                         max_rel=e["max_rel"], tol=GRAPH_TOL[dname], replays_identical=replay_equal,
                         finite=bool(torch.isfinite(out_graph).all()))
-            log(f"cuda_graph: {dname} cfg_batch={cfg_batch}: eager {case['eager_step_ms']:.3f} ms/step, "
+            log(f"cuda_graph: {dname} {attention} cfg_batch={cfg_batch}: eager {case['eager_step_ms']:.3f} ms/step, "
                 f"{'graph' if run.cuda else 'eager again'} {case['graph_step_ms']:.3f} ms/step, "
                 f"max rel diff {e['max_rel']:.2e}")
             if not (e["max_rel"] <= GRAPH_TOL[dname]) or not case["finite"] or not replay_equal:

@@ -101,10 +101,11 @@ def _md_kernels(d, m):
 def _md_graph(d, m):
     out = [f"Tiny DiT, latent {d['latent']}, {d['steps']} {d['solver']} steps, guide {d['guide_scale']}; "
            f"{'CUDA graph captured with DenoiseLoop.capture()' if d.get('captured') else d.get('note', '')}.", "",
-           "| dtype | cfg_batch | eager ms/step | graph ms/step | speed-up | max abs diff | max rel diff | tol |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| dtype | attention | cfg_batch | eager ms/step | graph ms/step | speed-up | max abs diff | max rel diff "
+           "| tol |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in d.get("cases", []):
-        out.append(f"| {c['dtype']} | {c['cfg_batch']} | {_f(c.get('eager_step_ms'), '{:.3f}')} | "
+        out.append(f"| {c['dtype']} | {c.get('attention', 'sdpa')} | {c['cfg_batch']} | "
+                   f"{_f(c.get('eager_step_ms'), '{:.3f}')} | "
                    f"{_f(c.get('graph_step_ms'), '{:.3f}')} | {_f(c.get('speedup'), '{:.1f}')}x | "
                    f"{_f(c.get('max_abs'), '{:.2e}')} | {_f(c.get('max_rel'), '{:.2e}')} | "
                    f"{_f(c.get('tol'), '{:g}')} |")

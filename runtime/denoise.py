@@ -192,6 +192,12 @@ class DenoiseLoop(torch.nn.Module):
             with torch.cuda.graph(self.graph_cached):
                 self.step_cached()
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and their private memory pools (the step's intermediates: ~20 GB at 720p,
+        CFG batch 2); the next run of this loop captures again."""
+        self.graph = self.graph_cached = None
+        self.token = None
+
     def run(self, progress=None, compute: tuple[bool, ...] | None = None) -> torch.Tensor:
         """All steps; `compute[i]` False runs step i cached (a cached loop's schedule, step 0 computed)."""
         if compute is not None:

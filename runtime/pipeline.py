@@ -406,6 +406,10 @@ class Pipeline:
                                   req.guide_scale, req.cfg_batch, progress, key, req.cfg,
                                   self.last_cache.compute if self.last_cache else None)
             b.finish_denoise()
+            if dev.type == "cuda":  # the graphs' pools go before VAE decode needs the memory (kept loops
+                for loop in self.loops.values():  # keep their buffers; a run recaptures, one step's cost)
+                    loop.release_graphs()
+                torch.cuda.empty_cache()
         return latent
 
     # -----------------------------------------------------------------------------------------------

@@ -208,3 +208,25 @@ def test_generate_with_each_solver(pipe, demo_frames, solver):
     video = pipe.generate("x", first, last, size="64*64", frame_num=5, sample_solver=solver, sample_steps=2,
                           seed=5, progress=False)
     assert video.shape == (3, 5, 64, 64) and torch.isfinite(video).all()
+
+
+def test_stages_hold_only_their_networks(tiny_ckpt, frames):
+    """The release order of the torch backend as CUDA runs it (offload_model, its CUDA default), seen on the
+    CPU: T5 and CLIP are gone before the first denoising step and stay gone through decode; the DiT is placed
+    for the loop once per run (the graph token a captured graph is checked against moves with it)."""
+    pipe = pl.Pipeline.from_checkpoint(tiny_ckpt, offload_model=True)
+    b, seen = pipe.backend, {}
+    denoise, decode = b.denoise, b.vae_decode
+
+    def spy(stage, f):
+        def call(*a, **k):
+            seen.setdefault(stage, (b._t5 is None, b._clip is None))
+            return f(*a, **k)
+        return call
+    b.denoise, b.vae_decode = spy("denoise", denoise), spy("vae_decode", decode)
+    t0 = b.graph_token(2)
+    pipe.generate("a red ball", *frames, size="64*64", frame_num=5, sample_steps=2, progress=False)
+    assert seen == {"denoise": (True, True), "vae_decode": (True, True)}, seen
+    assert b.graph_token(2) == t0 + 1
+    pipe.generate("a red ball", *frames, size="64*64", frame_num=5, sample_steps=2, progress=False)
+    assert b.graph_token(2) == t0 + 2  # a kept loop's graph would be recaptured, not replayed on moved weights
