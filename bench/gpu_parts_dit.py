@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import tempfile
 import time
 import traceback
@@ -287,7 +288,7 @@ def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
         backend, graphs = "trt", ["dit_b1", "dit_b2"]
         # the dynamic variant before the plugins: a dynamic onnx-attention folder is the default build
         variants = [(p, "onnx", "tiny") for p in ("fp32", "bf16")] + [("bf16", "onnx", "dynamic")]
-        variants += [(p, "plugin", "tiny") for p in ("fp32", "bf16")]
+        variants += [(p, "plugin", "tiny") for p in ("fp32", "bf16")] + [("bf16", "plugin", "tiny-largest-tactic")]
     else:
         missing = [m for m in ("onnxruntime", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
                    if importlib.util.find_spec(m) is None]
@@ -395,6 +396,12 @@ def part_trt_tiny(run: Run, data: dict, part_end: float) -> None:
                 folder = tmp / f"{backend}-{precision}-{attention}-{shape_name}"
                 if shape_name == "dynamic":
                     problem = _dynamic_variant(run, v, ckpt, preset, backend, folder, reference(precision))
+                elif shape_name.endswith("largest-tactic"):  # the launch at the most shared memory
+                    os.environ["FLF2V_PLUGIN_TACTICS"] = "largest"
+                    try:
+                        problem = static_variant(v, precision, attention, folder)
+                    finally:
+                        os.environ.pop("FLF2V_PLUGIN_TACTICS", None)
                 else:
                     problem = static_variant(v, precision, attention, folder)
                 if problem:

@@ -25,6 +25,7 @@ No `from __future__ import annotations` here: tensorrt.plugin reads the annotati
 """
 import functools
 import math
+import os
 from typing import List, Tuple, Union
 
 import numpy as np
@@ -145,6 +146,10 @@ def tactics(kind: str, dtype: str, dim: int, num_heads: int) -> List[int]:
     if not fit:
         raise ValueError(f"no flf2v {kind}-attention kernel ({dtype}, head dim {dim // num_heads}) fits in the "
                          f"{max_shared} B of shared memory per block of sm_{target.arch}: use --attention onnx")
+    if os.environ.get("FLF2V_PLUGIN_TACTICS") == "largest":
+        # gpu-check: only the tactic with the most dynamic shared memory, so the engine must launch it (over
+        # 48 KB needs the function attribute raised, which TensorRT's AOT launcher may or may not do)
+        fit = [max(fit, key=lambda t: _kernel(kind, dtype, dim, num_heads, t, target).metadata.shared)]
     return fit
 
 

@@ -306,3 +306,18 @@ def test_trt_plugins_in_engine():
     check("TensorRT self-attention plugin", x, torch.ops.flf2v.wan_self_attention(q, k, v, wq, wk, cos, sin, EPS, h),
           TOL[dtype])
     check("TensorRT cross-attention plugin", y, torch.ops.flf2v.wan_cross_attention(x, kt, vt, ki, vi, h), TOL[dtype])
+
+
+def test_largest_tactic_only_when_asked(monkeypatch):
+    """FLF2V_PLUGIN_TACTICS=largest (gpu-check's trt_tiny part) offers only the fitting tactic with the most
+    dynamic shared memory, so the engine has to launch it; unset, every fitting tactic."""
+    from types import SimpleNamespace
+    shared = {1: 90_000, 2: 220_000, 3: 300_000, 4: 40_000}  # bytes per tactic; 3 does not fit in 232,448
+    monkeypatch.setattr(trt_plugin, "build_target", lambda: (SimpleNamespace(arch=90), 232_448))
+    monkeypatch.setattr(trt_plugin, "tactic_configs", lambda kind, dtype: [None] * 4)
+    monkeypatch.setattr(trt_plugin, "_kernel", lambda kind, dtype, dim, heads, t, target:
+                        SimpleNamespace(metadata=SimpleNamespace(shared=shared[t])))
+    monkeypatch.delenv("FLF2V_PLUGIN_TACTICS", raising=False)
+    assert trt_plugin.tactics("self", "bf16", 5120, 40) == [1, 2, 4]
+    monkeypatch.setenv("FLF2V_PLUGIN_TACTICS", "largest")
+    assert trt_plugin.tactics("self", "bf16", 5120, 40) == [2]
