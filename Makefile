@@ -44,8 +44,8 @@ $(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
 	  fi; \
 	fi; \
 	lock=lock/$${flavour/none/cpu}.txt; pins="-c $$lock"; \
-	if [ "$(LOCK)" = none ]; then pins=; lock="none (newest versions)"; fi; \
-	echo "make setup: GPU flavour $$flavour (override with GPU=cu13|cu12|none), pins $$lock"; \
+	if [ "$(LOCK)" = none ]; then pins=; lock=none; fi; \
+	echo "make setup: GPU flavour $$flavour (override with GPU=cu13|cu12|none), pins $$lock (none: the newest)"; \
 	pip="$(PY) -m pip install -q $$pins"; \
 	case $$flavour in \
 	  cu13) $$pip torch==$(TORCH_VERSION) && $$pip -e '.[dev,gpu-cu13]' ;; \
@@ -53,10 +53,11 @@ $(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
 	  *) $$pip torch==$(TORCH_VERSION) && $$pip -e '.[dev]' ;; \
 	esac && \
 	if [ "$(ORT)" = gpu ]; then $(PY) -m pip uninstall -q -y onnxruntime && \
-	  $$pip onnxruntime-gpu==$(ORT_GPU_VERSION); fi
+	  $$pip onnxruntime-gpu==$(ORT_GPU_VERSION); fi && \
+	echo "$$lock ORT=$(ORT)" > $(VENV)/.lock
 	@# CPU machines (CI): a replica of the GPU test box's python (lock/gpu-box.txt) in $(VENV)/gpu-box, where
 	@# tests/test_gpu_check.py runs gpu-check's CPU smoke, so an import the box cannot satisfy fails here
-	if [ ! -x "$$(command -v nvidia-smi)" ] || [ "$(GPU)" = none ]; then \
+	if { [ ! -x "$$(command -v nvidia-smi)" ] || [ "$(GPU)" = none ]; } && [ "$(LOCK)" != none ]; then \
 	  python3 -m venv $(VENV)/gpu-box && $(VENV)/gpu-box/bin/python -m pip install -q torch==$(TORCH_VERSION) && \
 	  $(VENV)/gpu-box/bin/python -m pip install -q -r lock/gpu-box.txt; fi
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
@@ -69,7 +70,7 @@ LOCK_VENV ?= .venv-lock
 lock:
 	rm -rf $(LOCK_VENV)
 	$(MAKE) setup VENV=$(LOCK_VENV) GPU=none LOCK=none
-	FLF2V_LOCK_REFRESH=1 $(MAKE) test VENV=$(LOCK_VENV)
+	$(MAKE) test VENV=$(LOCK_VENV)
 	$(LOCK_VENV)/bin/python lock/refresh.py --venv $(LOCK_VENV) --torch $(TORCH_VERSION) --trt $(TRT_VERSION)
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist, whole files per worker): the engine builds and

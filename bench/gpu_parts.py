@@ -54,6 +54,9 @@ FIX = {"c_compiler": "install gcc or set CC", "cxx_compiler": "install g++ or se
 def prerequisites() -> dict[str, str | None]:
     """Where each tool of NEEDS was found (None: absent)."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and importlib.util.find_spec("torch") is not None:
+        from torch.utils.cpp_extension import CUDA_HOME  # torch's own search: nvcc on PATH, /usr/local/cuda
+        home = CUDA_HOME
     nvcc = shutil.which("nvcc") or (str(Path(home, "bin", "nvcc")) if home and Path(home, "bin", "nvcc").is_file()
                                     else None)
     header = Path(sysconfig.get_paths()["include"]) / "Python.h"
@@ -63,9 +66,9 @@ def prerequisites() -> dict[str, str | None]:
             "cuda_toolkit": nvcc or (home if home and Path(home, "include", "cuda.h").is_file() else None)}
 
 
-def missing_prerequisites(part: str) -> str | None:
+def missing_prerequisites(part: str, found: dict | None = None) -> str | None:
     """Why `part` cannot run here (one line naming each absent tool and its fix), or None."""
-    found = prerequisites()
+    found = found or prerequisites()
     absent = [n for n in NEEDS.get(part, ()) if not found[n]]
     return "; ".join(f"no {n.replace('_', ' ')}: {FIX[n]}" for n in absent) or None
 
@@ -124,13 +127,14 @@ def part_environment(run: Run, data: dict) -> None:
     else:
         m.update(gpu=None, cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
     git = _git("rev-parse", "HEAD")
+    found = prerequisites()
     m.update(python=platform.python_version(), torch=torch.__version__, triton=getattr(triton, "__version__", None),
              triton_knobs=hasattr(triton, "knobs"), host=platform.node(), platform=platform.platform(),
              flf2v=str(Path(flf2v.__file__).parent), checkout=str(ROOT), git_commit=git,
              git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if git else None,
              TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"),
              # Triton builds its kernel launcher with a C compiler at the first launch (CC, clang or gcc)
-             c_compiler=prerequisites()["c_compiler"],
+             c_compiler=found["c_compiler"],
              CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES"))
     data["packages"] = {mod: _version(mod) for mod in OPTIONAL}
     data["missing"] = sorted(k for k, v in data["packages"].items() if v is None)
@@ -141,8 +145,8 @@ def part_environment(run: Run, data: dict) -> None:
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             broken[mod] = one_line(e, 200)
     data["project_imports_failing"] = broken
-    data["prerequisites"] = prerequisites()
-    absent = {part: why for part in NEEDS if (why := missing_prerequisites(part))}
+    data["prerequisites"] = found
+    absent = {part: why for part in NEEDS if (why := missing_prerequisites(part, found))}
     if run.cuda and absent:
         data["warning"] = "; ".join(f"part {part} will be skipped ({why})" for part, why in absent.items())
     if data["packages"]["onnxruntime"]:

@@ -157,7 +157,9 @@ class OursRunner:
                                   f"for model preset {job.preset.name}")
             shape = match[0]
         precision = "fp32" if self.dtype == torch.float32 else "bf16"
-        folder = self.engines_root / f"{kind}-{job.preset.name}-{shape}-{precision}"
+        from flf2v.export.manifest import checkpoint_fingerprint  # the work folder outlives a checkpoint
+        ckpt = checkpoint_fingerprint(job.ckpt_dir)[:8]
+        folder = self.engines_root / f"{kind}-{job.preset.name}-{ckpt}-{shape}-{precision}"
         cmd = [sys.executable, "-c", "import sys; from flf2v.export.build import main; sys.exit(main(sys.argv[1:]))",
                "--ckpt_dir", str(job.ckpt_dir), "--preset", shape, "--precision", precision, "--backend", kind,
                "--cfg_batch", "2", "--out", str(folder)]

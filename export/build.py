@@ -249,7 +249,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
     "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
     `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
-    holding another model's, checkpoint's, precision's or LoRA set's engines is refused unless `force`."""
+    holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
+    is refused unless `force`."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
@@ -285,19 +286,20 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     todo = [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
 
     plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras)
-    settings = (preset.name, precision, plan.fingerprint, plan.loras_json())
-    folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, M.build_key(*settings))
+    key = M.build_key(preset.name, precision, plan.fingerprint, plan.loras_json())
+    folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
-        other = M.holds_other(M.load(folder), *settings)
+        prior = M.load(folder)
+        other = M.holds_other(prior, plan.manifest({}))
         if other and not force:
             raise BuildError(f"{folder} holds the engines of another build ({other}); this build would replace "
                              f"them: leave out --out (ENGINES=) for a folder of its own, or add --force (FORCE=1) "
                              f"to replace them")
-        old = M.load(folder).get("engines", {})
+        old = prior.get("engines", {})
         manifest = plan.manifest({g.name: old[g.name] for g in all_graphs
                                   if is_current(old.get(g.name), plan.key(g), folder)})
         for name, entry in old.items():  # engines of another checkpoint, shape or precision: gone
@@ -347,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
                          "LoRAs at run time without a rebuild (flf2v-run --lora)")
     ap.add_argument("--force", action="store_true",
-                    help="replace the engines of another model, checkpoint, precision or LoRA set in --out")
+                    help="replace the engines of another build (model, checkpoint, precision, attention, shape, "
+                         "LoRAs) in --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)

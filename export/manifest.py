@@ -121,8 +121,7 @@ def build_key(preset_name: str, precision: str, fingerprint: str, loras: list[di
     precisions or LoRA sets never share one (a build replaces its folder's engines; at 14B, hours of work)."""
     key = f"{preset_name}-{precision}-{fingerprint[:8]}"
     if loras:
-        ids = json.dumps([[e["fingerprint"], e["scale"]] for e in loras]).encode()
-        key += f"-lora{hashlib.sha256(ids).hexdigest()[:8]}"
+        key += f"-lora{hashlib.sha256(json.dumps(lora_ids(loras)).encode()).hexdigest()[:8]}"
     return key
 
 
@@ -296,16 +295,21 @@ def folders_under(root) -> list[Path]:
     return sorted({p.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for p in root.glob(pattern)})
 
 
-def holds_other(m: dict, preset_name: str, precision: str, fingerprint: str, loras: list[dict]) -> str | None:
-    """What a folder's manifest `m` holds that a build of these settings would replace: another model,
-    checkpoint, precision or LoRA set (None: the same, or nothing)."""
+def lora_ids(entries) -> list[tuple[str, float]]:
+    """A LoRA set as (fingerprint, scale) pairs, the identity builds and runs compare."""
+    return [(e.get("fingerprint"), float(e.get("scale", 1.0))) for e in entries or []]
+
+
+def holds_other(m: dict, new: dict) -> str | None:
+    """What the engines of a folder's manifest `m` were built as that a build writing manifest `new` would
+    replace: another backend, model, checkpoint, precision, attention, shape or LoRA set (None: the same
+    build, or no engines)."""
     if not m.get("engines"):
         return None
-    ids = [[e.get("fingerprint"), e.get("scale")] for e in m.get("loras") or []]
-    differs = [what for what, same in (
-        (f"model {m.get('model_preset')}", m.get("model_preset") == preset_name),
-        (f"checkpoint {m.get('checkpoint', {}).get('dir')}", m.get("checkpoint", {}).get("fingerprint") == fingerprint),
-        (f"precision {m.get('precision')}", m.get("precision") == precision),
-        ("LoRAs " + (", ".join(Path(str(e.get("path"))).name for e in m.get("loras") or []) or "none"),
-         ids == [[e["fingerprint"], e["scale"]] for e in loras])) if not same]
+    fields = (("backend", lambda x: x.get("backend")), ("model", lambda x: x.get("model_preset")),
+              ("checkpoint", lambda x: (x.get("checkpoint") or {}).get("fingerprint")),
+              ("precision", lambda x: x.get("precision")), ("attention", lambda x: x.get("attention")),
+              ("shape", lambda x: (x.get("shape") or {}).get("name")), ("LoRAs", lambda x: lora_ids(x.get("loras"))))
+    differs = [f"{name} {m.get('checkpoint', {}).get('dir') if name == 'checkpoint' else get(m)}"
+               for name, get in fields if get(m) != get(new)]
     return ", ".join(differs) or None

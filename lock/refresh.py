@@ -6,8 +6,8 @@ newest versions the registries serve:
   cu13  what pip resolves from PyPI for `torch` + `.[dev,gpu-cu13]` (PyPI's torch is the CUDA 13 build),
         the packages shared with the CPU set held at the CPU set's versions; TensorRT's three wheels are
         NVIDIA's stubs (they fetch from NVIDIA's index at install time), so they are pinned by version only;
-  cu12  the CPU set without torch and triton (PyTorch's cu128 wheel pins its triton and CUDA libraries
-        exactly) plus the gpu-cu12 extra.
+  cu12  the CPU set without triton (PyTorch's cu128 wheel of the same torch version pins its triton and
+        CUDA libraries exactly) plus the gpu-cu12 extra.
 Usage: python lock/refresh.py --venv .venv-lock --torch 2.13.0 --trt 11.4.0.106
 """
 import argparse

@@ -29,7 +29,7 @@ class AotiBackend(EngineBackend):
 
             from . import loras as L
             raise L.refuse(self.folder, self.manifest, self.loras, "AOTInductor packages", M.rebuild_hint(
-                ckpt_dir, None, self.shape.name, self.manifest.get("precision"),
+                ckpt_dir, None, self.shape.name, self.manifest.get("precision"), self.manifest.get("attention"),
                 loras=L.lora_arg(self.loras), backend="aoti"))
         built_on = torch.device(next(iter(self.manifest["engines"].values()))["builder"].get("device", "cpu"))
         if built_on.type != self.device.type:
@@ -48,8 +48,8 @@ class AotiBackend(EngineBackend):
         if graph not in self.models:
             path = self.folder / self.specs[graph]["file"]
             try:
-                # run_single_threaded: the default container queries and synchronises CUDA events on each
-                # run, which is illegal inside a CUDA-graph capture; the loop calls from one thread anyway
+                # run_single_threaded: by the audit of torch 2.13's AOTI runtime (unverified on a GPU), the
+                # default container queries CUDA events on each run, illegal inside a CUDA-graph capture
                 self.models[graph] = torch._inductor.aoti_load_package(
                     str(path), run_single_threaded=self.capturable,
                     device_index=self.device.index if self.device.index is not None else -1)

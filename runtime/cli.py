@@ -253,8 +253,11 @@ def check_args(args) -> None:
     if args.engines and not Path(args.engines).is_dir():
         raise InputError(f"--engines {args.engines}: no such folder; give a folder `make engines` built, or drop "
                          f"--engines to use engines/<this machine>/")
-    from flf2v.runtime.media import check_output
-    check_output("--save_file", args.save_file or "video.mp4")  # the default name goes to the current folder
+    from flf2v.runtime.media import check_folder, check_output
+    if args.save_file:
+        check_output("--save_file", args.save_file)
+    else:  # the default name goes to the current folder
+        check_folder("--save_file", "(default)", Path.cwd())
     if args.metrics:
         check_output("--metrics", args.metrics)
     from flf2v.runtime.parallel import check_layout, world_from_env
@@ -501,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
     except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left
-        return _fail("interrupted; no video was written", 130)
+        return _fail("interrupted; no video was written", 130, every_rank=False)
     except Stopped:
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)

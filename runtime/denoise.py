@@ -193,8 +193,9 @@ class DenoiseLoop(torch.nn.Module):
                 self.step_cached()
 
     def release_graphs(self) -> None:
-        """Drop the captured graphs and their private memory pools (the step's intermediates: ~20 GB at 720p,
-        CFG batch 2); the next run of this loop captures again."""
+        """Drop the captured graphs and their private memory pools (the step's intermediates; ~20 GB at 720p
+        with CFG batch 2 by the GPU-path audit's estimate, unmeasured); the next run of this loop captures
+        again."""
         self.graph = self.graph_cached = None
         self.token = None
 

@@ -473,8 +473,9 @@ class TrtBackend(EngineBackend):
         names = {trt.DataType.FLOAT: "float32", trt.DataType.BF16: "bfloat16", trt.DataType.HALF: "float16",
                  trt.DataType.INT64: "int64"}
         spec = self.specs[graph]
-        # a dynamic dim ("2*hp" in the manifest) is -1 in the engine; TensorRT also reports -1 for a dim the
-        # ONNX kept symbolic though the profile fixes it: the engine's -1 matches any manifest dim
+        # a dynamic dim ("2*hp" in the manifest) is -1 in the engine; by the GPU-path audit TensorRT may also
+        # report -1 for a dim the ONNX kept symbolic though the profile fixes it (unverified): the engine's -1
+        # matches any manifest dim, and `_load` sets such inputs' shapes
         want = {s["name"]: (mode, tuple(d if isinstance(d, int) else -1 for d in s["shape"]), s["dtype"])
                 for mode, group in (("input", spec["inputs"]), ("output", spec["outputs"])) for s in group}
         have = {}
@@ -514,7 +515,8 @@ class TrtBackend(EngineBackend):
                 for s in ins + outs if not s["name"].startswith(("cache_in.", "cache_out."))})
         bufs = e.shapes[key][1]
         if e.bound != key:
-            if any(isinstance(d, str) for s in self.specs[graph]["inputs"] for d in s["shape"]):
+            if any(isinstance(d, str) for s in self.specs[graph]["inputs"] for d in s["shape"]) or any(
+                    -1 in tuple(e.engine.get_tensor_shape(s["name"])) for s in ins):  # check_io's -1 dims too
                 if e.engine.num_optimization_profiles > 1 and not self._switch_profile(e.ctx):
                     raise EngineError(f"{graph}: TensorRT refused optimization profile {self.profile}; {self.hint}")
                 for s in ins:

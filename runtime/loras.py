@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flf2v.export import manifest as M
 from flf2v.export.contracts import WEIGHT_PREFIX
 from flf2v.export.manifest import EngineError
 
@@ -33,8 +34,7 @@ def wanted(loras) -> list[dict]:
 
 def needs_swap(manifest: dict, loras) -> bool:
     """Whether the run's LoRAs differ from those the folder's DiT was built with."""
-    built = [(e["fingerprint"], float(e["scale"])) for e in manifest.get("loras") or []]
-    return built != [(e["fingerprint"], e["scale"]) for e in wanted(loras)]
+    return M.lora_ids(manifest.get("loras")) != M.lora_ids(wanted(loras))
 
 
 def lora_arg(loras) -> str:

@@ -29,7 +29,11 @@ def check_output(flag: str, path: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{flag} {path} is a folder; give a file path in it")
-    folder = p.parent
+    check_folder(flag, path, p.parent)
+
+
+def check_folder(flag: str, path: str, folder: Path) -> None:
+    """`folder` (or its nearest existing parent, when it is yet to be made) can take a new file."""
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
@@ -79,6 +83,8 @@ def as_image(x) -> Image.Image:
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
             raise InputError("a frame array holds NaN or infinite values")
+        if a.max() > 1.0:  # 0..255 floats would all clip to white
+            raise InputError(f"a float frame array must be in [0, 1], its maximum is {a.max():g}; divide by 255")
         a = (np.clip(a, 0.0, 1.0) * 255.0).round()
     elif a.dtype != np.uint8:
         raise InputError(f"a frame array must be uint8, uint16 or float in [0, 1], got {a.dtype}")
@@ -98,6 +104,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
             if "srgb" not in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
                 im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"),
                                                outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+                im.info.pop("icc_profile", None)  # now sRGB: a second read must not convert again
         except (ImageCms.PyCMSError, OSError) as e:  # a damaged profile: the samples as they are
             warnings.warn(f"the image's ICC profile cannot be applied ({e}); reading its colours as sRGB",
                           stacklevel=3)

@@ -180,8 +180,9 @@ class Pipeline:
         dtype       torch.float32 (the CPU's, and the parity reference) or torch.bfloat16 (CUDA)
         device      "cpu" or "cuda"; cuda_graph=False runs the denoising step eagerly on CUDA
         loras       [(path, scale)] or "PATH[:SCALE]" strings: LoRAs merged into the DiT as it loads
-        kw          TorchBackend options: attention="triton" (the fused kernels, CUDA), offload_model=True
-                    (keep the DiT on the host until denoising, as the official --offload_model); in a torchrun
+        kw          TorchBackend options: attention="triton" (the fused kernels, CUDA), offload_model (keep
+                    the DiT on the host but for the loop, as the official --offload_model; default: on CUDA,
+                    where T5 and CLIP are released before the loop too, so each run reloads them); in a torchrun
                     job parallel=runtime.parallel.init(...), dit_fsdp=True, t5_fsdp=True
         """
         from flf2v.models import checkpoint as ck
@@ -406,11 +407,20 @@ class Pipeline:
                                   req.guide_scale, req.cfg_batch, progress, key, req.cfg,
                                   self.last_cache.compute if self.last_cache else None)
             b.finish_denoise()
-            if dev.type == "cuda":  # the graphs' pools go before VAE decode needs the memory (kept loops
-                for loop in self.loops.values():  # keep their buffers; a run recaptures, one step's cost)
-                    loop.release_graphs()
-                torch.cuda.empty_cache()
+            self._release_stale_graphs()
         return latent
+
+    def _release_stale_graphs(self) -> None:
+        """Captured graphs whose DiT the backend released or moved (its graph token changed) could never
+        replay: their private pools go now, before VAE decode needs the memory. A backend that keeps its
+        DiT (TensorRT keep_dit) keeps its graphs for the next run."""
+        token = getattr(self.backend, "graph_token", None)
+        stale = [loop for key, loop in self.loops.items()
+                 if loop.graph is not None and (token is None or token(key[1]) != loop.token)]
+        for loop in stale:
+            loop.release_graphs()
+        if stale and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -----------------------------------------------------------------------------------------------
     KEEP_LOOPS = 2  # denoising loops (and their captured CUDA graphs) kept, one per shape and settings

@@ -79,11 +79,10 @@ class TorchBackend:
     # -- denoiser ------------------------------------------------------------------------------------
     def prepare_denoise(self) -> None:
         """Called once before the loop: `--offload_model` keeps the DiT on the host until now; on CUDA the
-        encoders (12.7 GB of T5 and CLIP in bf16) give their memory back to the loop."""
-        if self.dit_fsdp or self.device.type == "cuda":
+        encoders (T5 and CLIP: 12.7 GB of bf16 weights) give their memory back to the loop."""
+        if self.dit_fsdp or self.offload_model or self.device.type == "cuda":
             self.release_encoders()
         if self.offload_model:
-            self.release_encoders()
             self.dit.to(self.device)
             self._placements += 1
 
@@ -95,6 +94,7 @@ class TorchBackend:
     def finish_denoise(self) -> None:
         if self.offload_model and self.device.type == "cuda":
             self.dit.to("cpu")
+            self._placements += 1  # a graph captured over the weights' old place is stale from here
             torch.cuda.empty_cache()
 
     def denoise(self, x, t, context, clip_fea, y) -> torch.Tensor:

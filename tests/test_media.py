@@ -111,9 +111,26 @@ def test_cli_and_api_read_a_frame_alike(tmp_path):
     assert np.asarray(load_image(paths["exif.jpg"])).shape == (10, 12, 3)  # orientation 8: a quarter turn
 
 
+def test_a_wide_gamut_profile_is_applied_once(tmp_path, monkeypatch):
+    """A non-sRGB profile converts the colours once, however often the frame is read again (the CLI loads it,
+    `generate` and `request` read it again): the converted frame carries no profile."""
+    from PIL import ImageCms
+    rgb = np.random.default_rng(2).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(rgb).save(tmp_path / "p3.png", icc_profile=icc)
+    monkeypatch.setattr(ImageCms, "getProfileDescription", lambda profile: "Display P3")  # as a phone's
+    calls, convert = [], ImageCms.profileToProfile
+    monkeypatch.setattr(ImageCms, "profileToProfile", lambda *a, **k: calls.append(1) or convert(*a, **k))
+    once = load_image(tmp_path / "p3.png")
+    again = as_image(as_image(once))
+    assert len(calls) == 1 and "icc_profile" not in once.info, (calls, list(once.info))
+    assert np.array_equal(np.asarray(again), np.asarray(once))
+
+
 @pytest.mark.parametrize("bad,match", [(np.zeros((4, 4, 2), np.uint8), r"\[H, W, 3\|4\]"),
                                        (np.zeros((4, 4), np.int64), "uint8, uint16 or float"),
-                                       (np.full((4, 4), np.nan), "NaN")])
+                                       (np.full((4, 4), np.nan), "NaN"),
+                                       (np.full((4, 4), 200.0), "divide by 255")])
 def test_bad_arrays(bad, match):
     with pytest.raises(InputError, match=match):
         as_image(bad)

@@ -230,3 +230,24 @@ def test_stages_hold_only_their_networks(tiny_ckpt, frames):
     assert b.graph_token(2) == t0 + 1
     pipe.generate("a red ball", *frames, size="64*64", frame_num=5, sample_steps=2, progress=False)
     assert b.graph_token(2) == t0 + 2  # a kept loop's graph would be recaptured, not replayed on moved weights
+
+
+def test_graphs_of_a_released_dit_are_dropped_before_decode():
+    """After the loop, a kept loop whose captured graph reads a DiT the backend released or moved (graph token
+    changed or gone) drops the graph (its private memory pool); one whose DiT stayed keeps it for the next run."""
+    from flf2v.runtime.denoise import DenoiseLoop
+
+    class Backend:  # the DiT of batch 2 stayed loaded (token 7), batch 1's was released (None)
+        def graph_token(self, cfg_batch):
+            return 7 if cfg_batch == 2 else None
+
+    def loop(token):
+        lp = DenoiseLoop.__new__(DenoiseLoop)
+        lp.graph, lp.graph_cached, lp.token = object(), None, token
+        return lp
+    pipe = pl.Pipeline(Backend(), None, get_preset("tiny"))
+    kept, moved, released = loop(7), loop(6), loop(3)
+    pipe.loops.update({((1,), 2, True, 5.0, "a", False): kept, ((2,), 2, True, 5.0, "a", False): moved,
+                       ((1,), 1, True, 5.0, "a", False): released})
+    pipe._release_stale_graphs()
+    assert kept.graph is not None and moved.graph is None and released.graph is None
