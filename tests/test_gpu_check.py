@@ -181,7 +181,7 @@ def test_time_guard_cuts_a_slow_part_and_keeps_its_figures(monkeypatch):
     def slow(run, data, part_end):
         data["measured"] = 1.5
         t = time.monotonic()
-        while time.monotonic() - t < 3:  # Python-level work, as between GPU calls; ends if the guard fails
+        while time.monotonic() - t < 60:  # Python-level work, as between GPU calls; ends if the guard fails
             time.sleep(0.01)
 
     def quick(run, data, part_end):
@@ -195,7 +195,7 @@ def test_time_guard_cuts_a_slow_part_and_keeps_its_figures(monkeypatch):
     t0 = time.monotonic()
     G.run_part(run, "kernels", cap=0.3, reserve_after=0)
     G.run_part(run, "cuda_graph", cap=0.3, reserve_after=0)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # the guard cut both (0.6 s); without it, 60 s
     k, c = run.part("kernels"), run.part("cuda_graph")
     assert k["status"] == "partial" and "cut off by the time guard" in k["note"] and k["data"] == {"measured": 1.5}, k
     assert k["planned_s"] == dict((key, plan) for key, *_, plan in G.PARTS)["kernels"], k
