@@ -89,12 +89,12 @@ def sampling(folder: Path, ckpt, preset, steps: int) -> dict:
 
 def lora_costs(folder: Path, ckpt, preset, work: Path) -> dict:
     from flf2v.models import checkpoint as ck
-    from flf2v.models.lora import load_loras
-    from flf2v.runtime.engines import OrtBackend
+    from flf2v.models.lora import load_dit, load_loras
+    from flf2v.runtime.ort_backend import OrtBackend
     lora_path = write_lora(work / "lora-r16.safetensors", ckpt)
     t_read, loras = _timed(lambda: load_loras([(str(lora_path), 1.0)], ckpt))
     t_plain, _ = _timed(lambda: ck.load_dit(ckpt, torch.float32, preset))
-    t_merged, _ = _timed(lambda: ck.load_dit(ckpt, torch.float32, preset, loras=loras))
+    t_merged, _ = _timed(lambda: load_dit(ckpt, torch.float32, preset, loras))
     t_session, _ = _timed(lambda: OrtBackend(folder, ckpt, preset).session("dit_b2"))
     t_swap, _ = _timed(lambda: OrtBackend(folder, ckpt, preset, loras=loras).session("dit_b2"))
     t_rebuild = _build(ckpt, work / "engines-lora", "--graphs", "dit_b2", "--lora", str(lora_path))

@@ -38,7 +38,9 @@ OPTIONAL = {"tensorrt": "tensorrt", "polygraphy": "polygraphy", "onnx": "onnx", 
             "hypothesis": "hypothesis", "numpy": "numpy", "accelerate": "accelerate", "matplotlib": "matplotlib",
             "cuda": "cuda-python"}
 PROJECT_MODULES = ("models.dit", "models.checkpoint", "models.make_tiny", "models.tokenizer", "runtime.denoise",
-                   "runtime.torch_backend", "runtime.media", "runtime.pipeline", "runtime.engines", "runtime.cli",
+                   "runtime.torch_backend", "runtime.media", "runtime.pipeline", "runtime.engine_folders",
+                   "runtime.backends", "runtime.engine_backend", "runtime.ort_backend", "runtime.trt_backend",
+                   "runtime.cli",
                    "kernels.ops", "kernels.trt_plugin", "export.contracts", "export.build", "export.onnx_export",
                    "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
 

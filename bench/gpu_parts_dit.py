@@ -209,7 +209,7 @@ def _trt_slice(run: Run, model, slice_cfg, preset, shape, inputs, part_end: floa
 # ---- 4. tiny engines vs torch --------------------------------------------------------------------------
 
 class EngineRunner:
-    """One engine file: TensorRT (as runtime.engines.TrtBackend binds it) or, for the CPU smoke test, an ONNX
+    """One engine file: TensorRT (as runtime.trt_backend.TrtBackend binds it) or, for the CPU smoke test, an ONNX
     Runtime session. __call__(inputs, dims, profile) -> outputs; TensorRT reuses its buffers. A dynamic
     engine (manifest dims such as "2*hp") runs at the root dims `dims` ({"T": 3, "hp": 3, "wp": 5}) in the
     optimization profile `profile` that holds them; ONNX Runtime takes any shape and ignores both."""

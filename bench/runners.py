@@ -122,9 +122,9 @@ class OursRunner:
                                    attention="triton" if kind == "torch-triton" else "sdpa")
         else:
             try:
-                from flf2v.runtime.engines import open_backend
+                from flf2v.runtime.backends import open_backend
             except ImportError as e:
-                raise Unavailable(f"flf2v.runtime.engines not importable ({e})") from None
+                raise Unavailable(f"flf2v.runtime.engine_folders not importable ({e})") from None
             base, options, shape = VARIANTS.get(kind, (kind, {}, None))
             self.folder = self.folder or self._build_engines(base, shape)
             try:

@@ -4,7 +4,7 @@
 dynamic graph, the contract's dims as `torch.export.Dim`s over the shape's ranges, as the ONNX export
 does), and `torch._inductor.aoti_compile_and_package` compiles it: C++ kernels on a CPU, Triton kernels
 on a GPU, the weights inside the package. No Python model code runs when a package is loaded
-(`torch._inductor.aoti_load_package`, runtime/engines.py AotiBackend). A package holds code for one
+(`torch._inductor.aoti_load_package`, runtime/aoti_backend.py). A package holds code for one
 device architecture and one torch version: the folder's target tag names both
 (`cpu-aoti-torch2.13`, `h100-sm90-aoti-torch2.13`) and the runtime refuses another with the rebuild command.
 The package is compiled in a private temporary folder beside the destination and renamed into place, so
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from flf2v.models import checkpoint as ck
+from flf2v.models.lora import load_dit
 
 from .contracts import Graph, module, sample_inputs
 from .onnx_export import _dynamic_shapes, _sample_dims
@@ -41,13 +42,16 @@ def export_package(graph: Graph, ckpt_dir, path, *, preset=None, loras=(), range
     kernels (kernels/ops.py triton_ops) compiled into the package (CUDA only)."""
     device = torch.device(device or aoti_device())
     preset = preset or ck.preset_for(ckpt_dir)
-    kw = {"loras": list(loras)} if loras and graph.component == "dit" else {}
+    kw = {}
     if attention == "plugin":
         if graph.component != "dit" or device.type != "cuda":
             raise ValueError(f"attention='plugin' compiles the Triton kernels into a CUDA DiT package, not "
                              f"{graph.name!r} on {device.type}")
         kw["attention"] = "triton"
-    net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **kw).to(device)
+    if graph.component == "dit":
+        net = load_dit(ckpt_dir, graph.compute_dtype, preset, list(loras), **kw).to(device)
+    else:
+        net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **kw).to(device)
     mod = module(graph, {graph.component: net})
     sample = graph.at(_sample_dims(ranges)) if graph.dynamic else graph
     args = tuple(t.to(device) for t in sample_inputs(sample))

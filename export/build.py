@@ -223,7 +223,7 @@ class Plan:
             from flf2v.models.lora import merged_source
             source = merged_source(ck.tensor_source(self.ckpt_dir, "dit")[0], self.loras)
         # The DiT always takes the streamed route: its initializers keep the checkpoint's key names
-        # ("net." + key), which is what a LoRA swap at run time overrides (runtime/engines.py).
+        # ("net." + key), which is what a LoRA swap at run time overrides (runtime/engine_backend.py).
         onnx_path = export_graph(g, self.ckpt_dir, folder / f"{g.name}.onnx", preset=self.preset,
                                  attention=self.graph_attention(g), stream=True if dit else None,
                                  source=source, ranges=self.eshape.envelope() if g.dynamic else None)

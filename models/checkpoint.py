@@ -193,6 +193,8 @@ def build_meta(ckpt_dir, component: str, preset: Preset, **kw) -> torch.nn.Modul
     from .dit import WanDiT
     from .t5 import UMT5Encoder
     from .vae import WanVAE
+    if kw and component != "dit":
+        raise ValueError(f"{sorted(kw)} apply to the DiT only, not to {component!r}")
     with torch.device("meta"):
         if component == "dit":
             return WanDiT(read_dit_config(ckpt_dir, preset.dit), **kw)
@@ -217,23 +219,23 @@ def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torc
     return pth_tensor_source(path), str(path), lambda k: False
 
 
-def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, loras=None,
-         **kw) -> torch.nn.Module:
-    """`component` ("dit", "t5", "clip" or "vae") of an official checkpoint, weights in `dtype`;
-    `loras` ([(models.lora.LoRA, scale)], DiT only) are merged into the weights as they stream in."""
+def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, **kw) -> torch.nn.Module:
+    """`component` ("dit", "t5", "clip" or "vae") of an official checkpoint, weights in `dtype` (a DiT with
+    LoRAs merged in: models/lora.load_dit)."""
     preset = preset or preset_for(ckpt_dir)
     model = build_meta(ckpt_dir, component, preset, **kw)
     source, origin, ignore = tensor_source(ckpt_dir, component)
-    if loras:
-        if component != "dit":
-            raise ValueError(f"LoRAs apply to the DiT only, not to {component!r}")
-        from .lora import merged_source
-        source = merged_source(source, loras)
     return fill(model, source, dtype, origin, ignore)
 
 
-def load_dit(ckpt_dir, dtype=torch.float32, preset: Preset | None = None, loras=None, **kw):
-    return load(ckpt_dir, "dit", dtype, preset, loras=loras, **kw)
+def load_dit(ckpt_dir, dtype=torch.float32, preset: Preset | None = None, **kw):
+    return load(ckpt_dir, "dit", dtype, preset, **kw)
+
+
+def dit_shapes(ckpt_dir) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape of the checkpoint's DiT, from a meta-device build (no weights read)."""
+    model = build_meta(ckpt_dir, "dit", preset_for(ckpt_dir))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def load_t5(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):

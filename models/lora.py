@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import checkpoint as ck
+
 PREFIXES = ("lora_unet_", "diffusion_model.", "transformer.", "base_model.model.")
 # suffix -> (kind, leaf of the DiT tensor it changes)
 SUFFIXES = {".lora_A.weight": ("down", "weight"), ".lora_down.weight": ("down", "weight"),
@@ -122,8 +124,8 @@ def _fingerprint(path: Path) -> str:
 
 def _aliases(shapes: Iterable[str]) -> dict[str, str]:
     """Every spelling of a DiT tensor name a LoRA may use -> the official key: the official name, the
-    diffusers name (inverting bench/diffusers_peer's map) and kohya's (module dots as underscores)."""
-    from flf2v.bench.diffusers_peer import dit_key_to_diffusers
+    diffusers name (inverting models/keymaps.py's map) and kohya's (module dots as underscores)."""
+    from .keymaps import dit_key_to_diffusers
     table = {}
     for key in shapes:
         module, _, leaf = key.rpartition(".")
@@ -260,11 +262,11 @@ def merged_source(source: dict[str, Callable[[], torch.Tensor]],
     return {k: getter(k, g) if k in terms else g for k, g in source.items()}
 
 
-def dit_shapes(ckpt_dir) -> dict[str, tuple[int, ...]]:
-    """Official key -> shape of the checkpoint's DiT, from a meta-device build (no weights read)."""
-    from . import checkpoint as ck
-    model = ck.build_meta(ckpt_dir, "dit", ck.preset_for(ckpt_dir))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def load_dit(ckpt_dir, dtype=torch.float32, preset=None, loras=(), **kw) -> torch.nn.Module:
+    """checkpoint.load_dit with `loras` ([(LoRA, scale)]) merged into the weights as they stream in."""
+    source, origin, ignore = ck.tensor_source(ckpt_dir, "dit")
+    model = ck.build_meta(ckpt_dir, "dit", preset or ck.preset_for(ckpt_dir), **kw)
+    return ck.fill(model, merged_source(source, loras) if loras else source, dtype, origin, ignore)
 
 
 def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:
@@ -273,5 +275,5 @@ def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:
         return []
     pairs = [parse_lora_arg(s) if isinstance(s, (str, os.PathLike)) else (s[0], _finite(s[1], str(s[0])))
              for s in specs]
-    shapes = dit_shapes(ckpt_dir)
+    shapes = ck.dit_shapes(ckpt_dir)
     return [(read_lora(path, shapes), scale) for path, scale in pairs]

@@ -16,7 +16,7 @@ import torch
 from flf2v.export.contracts import TORCH_DTYPES
 from flf2v.export.manifest import EngineError
 
-from .engines import DECODER_GRAPHS, ENCODER_GRAPHS, EngineBackend
+from .engine_backend import DECODER_GRAPHS, ENCODER_GRAPHS, EngineBackend
 
 
 class AotiBackend(EngineBackend):

@@ -326,7 +326,8 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/.
     A static folder of exactly the run's shape wins over a dynamic one that serves it."""
     from flf2v.export import manifest as M
-    from flf2v.runtime.engines import build_serving, check_backend, engine_video_shape, find_engines
+    from flf2v.runtime.backends import check_backend
+    from flf2v.runtime.engine_folders import build_serving, engine_video_shape, find_engines
     from flf2v.runtime.media import InputError
     from flf2v.runtime.pipeline import output_shape
 
@@ -416,7 +417,7 @@ def make_pipeline(args, device: torch.device, first_hw: tuple[int, int], paralle
         says = f"backend torch (PyTorch reference, {precision} on {device})"
         says += f"; {note}" if note else ""
     else:
-        from flf2v.runtime.engines import open_backend
+        from flf2v.runtime.backends import open_backend
         from flf2v.export.manifest import describe
         backend = open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras)
         says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"

@@ -53,7 +53,8 @@ def refuse(folder, manifest: dict, loras, what: str, hint: str) -> EngineError:
 def _built_loras(manifest: dict, ckpt_dir, hint: str) -> list:
     """The LoRAs the folder was built with, read again from their recorded paths (their keys are what a
     swap must restore)."""
-    from flf2v.models.lora import LoRAError, dit_shapes, read_lora
+    from flf2v.models.checkpoint import dit_shapes
+    from flf2v.models.lora import LoRAError, read_lora
     out, shapes = [], None
     for e in manifest.get("loras") or []:
         shapes = shapes or dit_shapes(ckpt_dir)

@@ -210,7 +210,7 @@ class Pipeline:
 
         from flf2v.export import manifest as M
 
-        from .engines import open_backend
+        from .backends import open_backend
         m = M.load(folder)
         try:
             kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]

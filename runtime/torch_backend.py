@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from flf2v.models import checkpoint as ck
+from flf2v.models.lora import load_dit
 from flf2v.models.config import Preset
 
 
@@ -43,7 +44,7 @@ class TorchBackend:
                                     attention=attention)
             self.capturable = False  # FSDP2's all-gathers run outside a CUDA graph (models/sharded.py)
         else:
-            self.dit = ck.load_dit(ckpt_dir, dtype, self.preset, attention=attention, loras=self.loras)
+            self.dit = load_dit(ckpt_dir, dtype, self.preset, self.loras, attention=attention)
             if not offload_model:
                 self.dit.to(self.device)
         if parallel is not None and parallel.sp is not None:

@@ -5,7 +5,7 @@ import torch
 
 from flf2v.models.config import DiTConfig
 from flf2v.bench.diffusers_peer import dit_diffusers_config as diffusers_config  # noqa: F401
-from flf2v.bench.diffusers_peer import dit_to_diffusers as official_to_diffusers
+from flf2v.models.keymaps import dit_to_diffusers as official_to_diffusers
 
 
 def build_diffusers_dit(cfg: DiTConfig, official_state_dict: dict):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from flf2v.models.config import VAEConfig
-from flf2v.bench.diffusers_peer import vae_diffusers_config, vae_to_diffusers
+from flf2v.bench.diffusers_peer import vae_diffusers_config
+from flf2v.models.keymaps import vae_to_diffusers
 
 
 def build_diffusers_vae(cfg: VAEConfig, official_state_dict: dict):

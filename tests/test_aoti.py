@@ -15,7 +15,7 @@ from flf2v.export import manifest as M
 from flf2v.export.build import BuildError, build
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
-from flf2v.runtime.engines import open_backend
+from flf2v.runtime.backends import open_backend
 from flf2v.runtime.pipeline import Pipeline
 
 PRESET = get_preset("tiny")

@@ -93,7 +93,7 @@ def _no_weights(monkeypatch):
     def loads(*a, **k):
         raise AssertionError("a backend started loading weights before the request was checked")
     monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
-    monkeypatch.setattr("flf2v.runtime.engines.open_backend", loads)
+    monkeypatch.setattr("flf2v.runtime.backends.open_backend", loads)
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort", "aoti", "auto"])

@@ -6,7 +6,7 @@ import torch
 
 from flf2v.models.clip import CHECKPOINT_PREFIX, CLIPVisual, ignored_keys, preprocess
 from flf2v.models.config import get_preset
-from flf2v.bench.diffusers_peer import clip_to_transformers
+from flf2v.models.keymaps import clip_to_transformers
 # OpenAI CLIP's normalisation as transformers ships it for CLIPImageProcessor: an independent source, so a
 # wrong constant in models/config.py fails here instead of passing through both sides of a comparison
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

@@ -14,7 +14,7 @@ from flf2v.export import contracts as C
 from flf2v.export import manifest as M
 from flf2v.models.config import get_preset
 from flf2v.runtime.cli import main
-from flf2v.runtime.engines import EngineError, find_engines
+from flf2v.runtime.engine_folders import EngineError, find_engines
 from flf2v.runtime.media import load_image, read_video
 from flf2v.runtime.pipeline import Pipeline
 

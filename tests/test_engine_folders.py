@@ -53,7 +53,7 @@ def test_fingerprint_is_of_content_not_file_times(tiny_ckpt, tmp_path):
 
 
 def test_engines_survive_a_copied_checkpoint(tiny_engines, tiny_ckpt, tmp_path):
-    from flf2v.runtime.engines import read_manifest
+    from flf2v.runtime.engine_folders import read_manifest
     copy = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, copy)
     read_manifest(tiny_engines, copy, ck.preset_for(copy), "ort")  # no EngineError
@@ -85,7 +85,7 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
 
 def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, tmp_path):
     """The fix builds the checkpoint's own folder (same shape and precision), leaving the other one's engines."""
-    from flf2v.runtime.engines import read_manifest
+    from flf2v.runtime.engine_folders import read_manifest
     other = tmp_path / "other-ckpt"
     shutil.copytree(tiny_ckpt, other)
     (other / ck.DIT_CONFIG).write_text((other / ck.DIT_CONFIG).read_text() + " ")
@@ -110,7 +110,7 @@ def test_cli_says_which_engines_run(root, tiny_ckpt, demo_frames, tmp_path, caps
     {"engines": {"t5": {"file": "t5.onnx", "files": {"/abs/t5.onnx": 1}}}},
 ])
 def test_damaged_or_hostile_manifest_is_one_line(root, tiny_ckpt, damage):
-    from flf2v.runtime.engines import read_manifest
+    from flf2v.runtime.engine_folders import read_manifest
     folder = root / "tiny"
     m = json.loads((folder / M.MANIFEST).read_text())
     (folder / M.MANIFEST).write_text(json.dumps({**m, **damage}))
@@ -128,7 +128,7 @@ def test_engines_given_pick_their_backend(root, tiny_ckpt):
 
 def test_bf16_ort_engines_need_the_cuda_provider(root, tiny_ckpt):
     """bf16 ONNX Runtime engines (built with onnxruntime-gpu) are refused on the CPU provider in one line."""
-    from flf2v.runtime.engines import OrtBackend
+    from flf2v.runtime.ort_backend import OrtBackend
     folder = root / "tiny"
     m = json.loads((folder / M.MANIFEST).read_text())
     (folder / M.MANIFEST).write_text(json.dumps({**m, "precision": "bf16"}))
@@ -178,7 +178,7 @@ def test_a_build_never_replaces_another_checkpoints_engines_unasked(tiny_ckpt, o
 
 
 def test_runs_prefer_the_folder_with_their_loras_built_in(tiny_engines, tiny_ckpt, tmp_path):
-    from flf2v.runtime.engines import find_engines
+    from flf2v.runtime.engine_folders import find_engines
     preset = ck.preset_for(tiny_ckpt)
     for name in ("a-none", "b-lora"):
         shutil.copytree(tiny_engines, tmp_path / name / "tiny")

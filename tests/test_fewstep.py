@@ -13,7 +13,7 @@ from test_cli import _args, run
 
 from flf2v.models.config import get_preset
 from flf2v.runtime.denoise import DenoiseLoop
-from flf2v.runtime.engines import EngineBackend
+from flf2v.runtime.engine_backend import EngineBackend
 from flf2v.runtime.media import InputError
 from flf2v.runtime.pipeline import Pipeline
 from flf2v.runtime.scheduler import make_sampler

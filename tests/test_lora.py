@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import rel_err
-from flf2v.bench.diffusers_peer import dit_key_to_diffusers
 from flf2v.models import checkpoint as ck
 from flf2v.models import lora as lr
+from flf2v.models.keymaps import dit_key_to_diffusers
 from flf2v.models.config import get_preset
 from flf2v.models.make_tiny import write_dit_shards
 
@@ -32,7 +32,7 @@ BLOCK_LINEARS = [f"blocks.{i}.{m}" for i in range(2) for m in
 
 @pytest.fixture(scope="module")
 def shapes(tiny_ckpt):
-    return lr.dit_shapes(tiny_ckpt)
+    return ck.dit_shapes(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def hand_merge(official, low, full, scale):
 
 
 def ours(ckpt, loras, inputs, table=None):
-    model = ck.load_dit(ckpt, loras=loras)
+    model = lr.load_dit(ckpt, loras=loras)
     if table is not None:
         model.time_table = table
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_scale_zero_is_no_lora_and_backend_keeps_loras(tiny_ckpt, shapes, inputs
         ck.load(tiny_ckpt, "vae", loras=[(lora, 1.0)])
     backend = TorchBackend(tiny_ckpt, loras=[(lora, 0.5)])
     assert backend.loras == [(lora, 0.5)]
-    want = ck.load_dit(tiny_ckpt, loras=[(lora, 0.5)]).state_dict()
+    want = lr.load_dit(tiny_ckpt, loras=[(lora, 0.5)]).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in backend.dit.state_dict().items())
     assert len(lora.fingerprint) == 32 and lora.fingerprint == lr.read_lora(lora.path, shapes).fingerprint
 

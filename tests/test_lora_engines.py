@@ -12,7 +12,7 @@ from flf2v.export import manifest as M
 from flf2v.export.build import build
 from flf2v.models import checkpoint as ck
 from flf2v.models.lora import load_loras
-from flf2v.runtime import engines as E
+from flf2v.runtime import trt_backend
 from flf2v.runtime.media import load_image
 from flf2v.runtime.pipeline import Pipeline
 
@@ -91,12 +91,12 @@ def test_trt_folder_with_other_loras_is_refused(tiny_ckpt, lora_engines, lora_fi
     (folder / M.MANIFEST).write_text(json.dumps(m))
     preset = ck.preset_for(tiny_ckpt)
     with pytest.raises(M.EngineError) as e:
-        E.TrtBackend(folder, tiny_ckpt, preset, "cpu")  # run without the LoRA it was built with
+        trt_backend.TrtBackend(folder, tiny_ckpt, preset, "cpu")  # run without the LoRA it was built with
     msg = str(e.value)
     assert "built with LoRAs style.safetensors:0.8" in msg and "cannot swap" in msg and "\n" not in msg, msg
     other = load_loras([(str(lora_file), 0.5)], tiny_ckpt)
     with pytest.raises(M.EngineError, match=f'LORA={lora_file}:0.5'):
-        E.TrtBackend(folder, tiny_ckpt, preset, "cpu", loras=other)
+        trt_backend.TrtBackend(folder, tiny_ckpt, preset, "cpu", loras=other)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flf2v.models import checkpoint as ck
-from flf2v.runtime import engines as E
+from flf2v.runtime import engine_folders, ort_backend
 from flf2v.runtime.denoise import DenoiseLoop
 from flf2v.runtime.media import load_image
 from flf2v.runtime.pipeline import Pipeline
@@ -21,7 +21,7 @@ def preset(tiny_ckpt):
 
 
 def ort(tiny_engines, tiny_ckpt, preset, io_binding):
-    return E.OrtBackend(tiny_engines, tiny_ckpt, preset, io_binding=io_binding)
+    return ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset, io_binding=io_binding)
 
 
 def generate(backend, preset, tiny_ckpt, demo_frames, cfg_batch):
@@ -135,7 +135,7 @@ def test_cuda_provider_matches_the_cpu(tiny_engines, tiny_ckpt, preset, demo_fra
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu with the CUDA execution provider (make setup ORT=gpu)")
     cpu = generate(ort(tiny_engines, tiny_ckpt, preset, True), preset, tiny_ckpt, demo_frames, 2)
-    cuda_backend = E.OrtBackend(tiny_engines, tiny_ckpt, preset, device="cuda")
+    cuda_backend = ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset, device="cuda")
     pipe = Pipeline(cuda_backend, ck.load_tokenizer(tiny_ckpt, preset), preset, "cuda")
     first, last = (load_image(p) for p in demo_frames)
     video = pipe.generate("a red ball", first, last, sample_steps=STEPS, seed=7, cfg_batch=2, progress=False)
@@ -148,5 +148,5 @@ def test_cpu_onnxruntime_on_cuda_is_refused_in_one_line(tiny_engines, tiny_ckpt,
     CUDA device: refused when the engines open, naming the install, not at the first call."""
     import onnxruntime as ort
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.raises(E.EngineError, match=r"no CUDA provider.*make setup ORT=gpu.*--device cpu"):
-        E.OrtBackend(tiny_engines, tiny_ckpt, preset, "cuda")
+    with pytest.raises(engine_folders.EngineError, match=r"no CUDA provider.*make setup ORT=gpu.*--device cpu"):
+        ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset, "cuda")

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from flf2v.runtime.cli import main
-from flf2v.runtime.engines import EngineError, OrtBackend, check_external_data
+from flf2v.runtime.engine_folders import EngineError, check_external_data
+from flf2v.runtime.ort_backend import OrtBackend
 from flf2v.runtime.media import load_image, read_video
 from flf2v.runtime.pipeline import Pipeline
 

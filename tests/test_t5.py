@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from flf2v.models.config import get_preset
-from flf2v.bench.diffusers_peer import t5_to_transformers
+from flf2v.models.keymaps import t5_to_transformers
 from flf2v.models.t5 import UMT5Encoder, fp16_clamp
 
 CFG = get_preset("tiny").t5

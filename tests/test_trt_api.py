@@ -37,7 +37,7 @@ SOURCES = ("export", "runtime", "kernels", "bench")
 ROOTS = ("tensorrt", "polygraphy")
 
 # Methods called on TensorRT and polygraphy objects, which the ast scan cannot type: (class, member, positional
-# arguments, or None for a property). runtime/engines.py loads engines and sets dynamic shapes; export/trt_engine.py
+# arguments, or None for a property). runtime/trt_backend.py loads engines and sets dynamic shapes; export/trt_engine.py
 # sets profile shapes.
 METHODS = [("tensorrt.Runtime", "deserialize_cuda_engine", 1),
            ("tensorrt.ICudaEngine", "create_execution_context", 0),
@@ -68,7 +68,7 @@ SM, MAX_SHARED = 90, 232448
 
 def _scan():
     """Attribute chains and calls on names bound to tensorrt or polygraphy in the project's source:
-    ({"tensorrt.Logger.WARNING": "runtime/engines.py:187", ...}, [(name, n_args, keywords, where), ...])."""
+    ({"tensorrt.Logger.WARNING": "runtime/trt_backend.py:187", ...}, [(name, n_args, keywords, where), ...])."""
     chains, calls = {}, []
     for path in sorted(p for d in SOURCES for p in (ROOT / d).glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -193,7 +193,7 @@ def _probe_facts(trt, trtp):
             "ShapeExpr.constant_value": type(inspect.getattr_static(trtp.ShapeExpr, "constant_value")).__name__,
             "ShapeExpr.is_constant": type(inspect.getattr_static(trtp.ShapeExpr, "is_constant")).__name__,
             "ICudaEngine binding members": [m for m in dir(trt.ICudaEngine) if "binding" in m],
-            # runtime/engines.py hands deserialize_cuda_engine an mmap of the plan: any buffer must do
+            # runtime/trt_backend.py hands deserialize_cuda_engine an mmap of the plan: any buffer must do
             "deserialize_cuda_engine(buffer)": bool(re.search(
                 r"deserialize_cuda_engine\(self: [\w.]+, \w+: [\w.]*[Bb]uffer\)",
                 trt.Runtime.deserialize_cuda_engine.__doc__ or ""))}

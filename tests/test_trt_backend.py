@@ -13,7 +13,7 @@ from conftest import rel_err
 
 from flf2v.export import manifest as M
 from flf2v.models import checkpoint as ck
-from flf2v.runtime import engines as E
+from flf2v.runtime import engine_backend, engine_folders, ort_backend, trt_backend
 from flf2v.runtime.media import load_image
 from PIL import Image
 from flf2v.runtime.pipeline import Pipeline
@@ -91,11 +91,11 @@ class FakeContext:
         return True
 
 
-class FakeTrtBackend(E.TrtBackend):
+class FakeTrtBackend(trt_backend.TrtBackend):
     """TrtBackend with ONNX Runtime sessions as its engines and no CUDA streams."""
 
     def __init__(self, folder, ckpt_dir, preset, ort_backend):
-        E.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
+        engine_backend.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
         self.trt, self.ort, self.engines, self.cache_sets, self.executed = FAKE_TRT, ort_backend, {}, {}, []
         self.keep_dit, self._generation, self.stream, self.calls = False, 0, SimpleNamespace(cuda_stream=0), []
 
@@ -131,7 +131,7 @@ def trt_folder(tiny_engines, tmp_path_factory):
 def backends(trt_folder, tiny_engines, tiny_ckpt, monkeypatch):
     monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
     preset = ck.preset_for(tiny_ckpt)
-    ort = E.OrtBackend(tiny_engines, tiny_ckpt, preset)
+    ort = ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset)
     return FakeTrtBackend(trt_folder, tiny_ckpt, preset, ort), ort, preset
 
 
@@ -177,19 +177,19 @@ def test_engine_io_mismatch_is_refused(backends):
     engine.io[0] = ({**real[0], "shape": [-1, *real[0]["shape"][1:]]}, "in")  # as TensorRT may report a dim
     trt.check_io("clip", engine)
     engine.io[0] = ({**engine.io[0][0], "shape": [9, 3, 8, 8]}, "in")
-    with pytest.raises(E.EngineError, match=r"I/O differs from the manifest.*make engines"):
+    with pytest.raises(engine_folders.EngineError, match=r"I/O differs from the manifest.*make engines"):
         trt.check_io("clip", engine)
     engine.io[0] = ({**engine.io[0][0], "dtype": "bfloat16", "shape": trt.specs["clip"]["inputs"][0]["shape"]},
                     "in")
-    with pytest.raises(E.EngineError, match="I/O differs"):
+    with pytest.raises(engine_folders.EngineError, match="I/O differs"):
         trt.check_io("clip", engine)
 
 
 def test_failed_deserialization_is_one_line(backends, monkeypatch, tmp_path):
     trt, _, _ = backends
     trt.runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: None)
-    monkeypatch.setattr(trt, "_deserialize", lambda g: E.TrtBackend._deserialize(trt, g))
-    with pytest.raises(E.EngineError, match=r"could not deserialize.*make engines") as e:
+    monkeypatch.setattr(trt, "_deserialize", lambda g: trt_backend.TrtBackend._deserialize(trt, g))
+    with pytest.raises(engine_folders.EngineError, match=r"could not deserialize.*make engines") as e:
         trt._load("clip")
     assert "\n" not in str(e.value)
 
@@ -205,7 +205,7 @@ def test_plan_is_memory_mapped_not_read(backends, monkeypatch):
 
     trt._deserialize_fake = FakeTrtBackend._deserialize.__get__(trt)
     trt.runtime = SimpleNamespace(deserialize_cuda_engine=deserialize)
-    E.TrtBackend._deserialize(trt, "clip")
+    trt_backend.TrtBackend._deserialize(trt, "clip")
     assert seen["type"] == "mmap", seen
     assert seen["head"] == (trt.folder / trt.specs["clip"]["file"]).read_bytes()[:4]
 
@@ -224,7 +224,7 @@ def test_dynamic_engines_switch_profiles_and_shapes(tiny_dynamic_engines, tiny_c
     buffers of both shapes are kept, and every video equals the ORT backend's."""
     monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
     preset = ck.preset_for(tiny_ckpt)
-    ort = E.OrtBackend(tiny_dynamic_engines, tiny_ckpt, preset)
+    ort = ort_backend.OrtBackend(tiny_dynamic_engines, tiny_ckpt, preset)
     trt = FakeTrtBackend(relabel(tiny_dynamic_engines, tmp_path_factory), tiny_ckpt, preset, ort)
     trt.keep_dit = True
     tok = ck.load_tokenizer(tiny_ckpt, preset)
@@ -258,5 +258,5 @@ def test_profile_switch_is_ordered_on_both_streams(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     backend = SimpleNamespace(device=torch.device("cuda"), stream=own, profile=1)
     ctx = SimpleNamespace(set_optimization_profile_async=lambda p, s: order.append(f"profile {p} on {s}") or True)
-    assert E.TrtBackend._switch_profile(backend, ctx)
+    assert trt_backend.TrtBackend._switch_profile(backend, ctx)
     assert order == ["backend waits caller", "profile 1 on 2", "caller waits backend"], order
