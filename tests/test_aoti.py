@@ -7,8 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import rel_err
-from test_cli import _args, run
-from test_export import reference
+from helpers import _args, reference, run
 
 from flf2v.export import contracts as C
 from flf2v.export import manifest as M

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
-from test_cli import _args, run
-from test_scheduler import diffusers_unipc
+from helpers import _args, diffusers_unipc, run
 
 from flf2v.runtime import cache as C
 from flf2v.runtime import calibrate_cache as K

@@ -4,22 +4,10 @@ import os
 import stat
 
 import pytest
+from helpers import _args, run
 
 from flf2v.models.config import get_preset
 from flf2v.runtime.cli import main
-
-
-def run(args):
-    try:
-        return main(args)
-    except SystemExit as e:  # argparse's own errors
-        return e.code
-
-
-def _args(ckpt, frames, out, *extra):
-    return ["--ckpt_dir", str(ckpt), "--first_frame", str(frames[0]), "--last_frame", str(frames[1]),
-            "--prompt", "a red ball", "--size", "64*64", "--frame_num", "5", "--sample_steps", "2",
-            "--base_seed", "3", "--save_file", str(out), "--quiet", "--backend", "torch", *extra]
 
 
 def test_run_writes_video_and_metrics(tiny_ckpt, demo_frames, tmp_path, capsys):

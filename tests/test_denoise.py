@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 from conftest import rel_err
-from test_scheduler import diffusers_unipc
+from helpers import diffusers_unipc
 
 from flf2v.runtime.denoise import DenoiseLoop, NumericalError
 from flf2v.runtime.scheduler import make_sampler

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import rel_err, shared_dir
+from helpers import reference
 
 from flf2v.export import contracts as C
 from flf2v.export import passes as P
@@ -52,21 +53,6 @@ def session(path) -> ort.InferenceSession:
 def run(sess: ort.InferenceSession, graph: C.Graph, inputs) -> list[torch.Tensor]:
     feed = {s.name: x.numpy() for s, x in zip(graph.inputs, inputs)}
     return [torch.from_numpy(o) for o in sess.run([s.name for s in graph.outputs], feed)]
-
-
-def reference(nets, graph: C.Graph, inputs) -> list[torch.Tensor]:
-    """The graph's outputs computed by the reference networks themselves (no adapter)."""
-    with torch.no_grad():
-        if graph.component == "vae":
-            vae, x, caches = nets["vae"], inputs[0], list(inputs[1:])
-            step = vae.decode_chunk if "decode" in graph.name else vae.encode_chunk
-            out, new = step(x, caches, graph.first)
-            return [out, *new]
-        if graph.name.startswith("dit_cached"):
-            return [nets["dit"].forward_cached(*inputs)]
-        if graph.component == "dit":  # v and the blocks' output (the step cache's `hidden`)
-            return list(nets["dit"](*inputs, return_hidden=True))
-        return [nets[graph.component](*inputs).float()]
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import rel_err
 from PIL import Image
-from test_cli import _args, run
+from helpers import _args, run
 
 from flf2v.models.config import get_preset
 from flf2v.runtime.denoise import DenoiseLoop

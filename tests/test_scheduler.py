@@ -1,14 +1,12 @@
 """Flow samplers against independent implementations: diffusers' UniPC / DPM-Solver++ step loops, and the
 official schedules (the spec's UniPC timesteps, the dpm++ values printed by the official fm_solvers.py)."""
 
-import numpy as np
 import pytest
 import torch
+from helpers import diffusers_unipc
 
 from flf2v.runtime.scheduler import NUM_COEFS, FlowSampler, State, make_sampler
 
-# The official FlowUniPCMultistepScheduler starts its linspace at sigma_max, read back from fp32.
-SIGMA_MAX = float(np.float32(0.999))
 CASES = [(50, 16.0), (50, 5.0), (20, 3.0), (3, 16.0), (2, 5.0), (1, 5.0)]
 
 # The official dpm++ schedule, (timesteps fed to the DiT, fp32 sigmas incl. the final 0) per (steps, shift):
@@ -71,19 +69,6 @@ OFFICIAL_DPMPP = {
 
 def shifted(s, shift):
     return shift * s / (1 + (shift - 1) * s)
-
-
-def diffusers_unipc(steps, shift):
-    from diffusers import UniPCMultistepScheduler  # here: the GPU test box has no diffusers
-    s = UniPCMultistepScheduler(
-        num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", predict_x0=True,
-        solver_type="bh2", lower_order_final=True, final_sigmas_type="zero", use_flow_sigmas=True,
-        flow_shift=shift)
-    # diffusers' own flow sigmas start at 1 and stop at 1/1000 (timesteps ..., 255 instead of 245).
-    s.set_timesteps(sigmas=np.linspace(SIGMA_MAX, 0, steps + 1)[:-1])
-    # Step by index: matching by timestep value picks index 1 when the first two timesteps are equal.
-    s.set_begin_index(0)
-    return s
 
 
 def diffusers_dpmpp(steps, shift):
