@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from flf2v.models import checkpoint as ck
+from flf2v.models.fingerprint import describe
 
 from . import contracts as C
 from . import manifest as M
@@ -199,7 +200,8 @@ class Plan:
         return {"schema": M.SCHEMA, "target": M.target_tag(self.backend), "backend": self.backend,
                 "model_preset": self.preset.name, "model_type": self.preset.dit.model_type,
                 "precision": self.precision, "attention": self.attention, "shape": self.eshape.to_json(self.preset),
-                "checkpoint": {"dir": str(self.ckpt_dir.resolve()), "fingerprint": self.fingerprint},
+                "checkpoint": {"dir": str(self.ckpt_dir.resolve()), "fingerprint": self.fingerprint,
+                               **describe(self.ckpt_dir)},
                 "loras": self.loras_json(), "gpu": self.gpu, "engines": engines}
 
     def build_one(self, g: C.Graph, folder: Path) -> dict:

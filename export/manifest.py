@@ -12,16 +12,16 @@ manifest.json: {"schema", "target", "backend", "model_preset", "model_type", "pr
 ("onnx" | "plugin"), "shape": static {name, "dynamic": false, width, height, frame_num, latent [T, h, w]}
 or dynamic {name, "dynamic": true, sizes, frames [min, max], max_aspect, profiles [{min, opt, max}: root
 dims [T, hp, wp] (contracts.DIMS)]},
-"checkpoint": {"dir", "fingerprint"}, "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs",
+"checkpoint": {"dir", "fingerprint", "layout", "dtypes"}, "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs",
 "outputs" ([{name, shape, dtype}]; a dynamic dim is a string "k*T" | "k*hp" | "k*wp"), "precision",
 "checkpoint_fingerprint", "builder", "gpu", "files" ({name: bytes}), "key", "seconds", "profiles" (dynamic
 graphs: the optimization profiles built); DiT engines also "attention"}}}.
 
-The checkpoint fingerprint is of content, not of file times, so a `cp -r` or `touch` of the checkpoint
-keeps its engines: config.json, and per weight file its name, size, first MiB (the safetensors header or
-the zip directory start of a .pth), last 64 KiB (a .pth's zip central directory) and 16 4-KiB samples
-spread over the file (weights that differ anywhere differ at the samples: fine-tunes change every tensor).
-That reads ~1.1 MiB a file: cheap on a 65 GB checkpoint, where a full hash would take minutes.
+The checkpoint fingerprint is of content, not of file times or layout (models/fingerprint.py): every
+tensor's official key, shape and sampled values, so a `cp -r`, a `touch` or the same weights in the
+diffusers or ComfyUI layout keep their engines (weights that differ anywhere differ at the samples:
+fine-tunes change every tensor). It reads two rows a tensor: cheap on a 65 GB checkpoint, where a full hash
+would take minutes.
 """
 from __future__ import annotations
 
@@ -33,10 +33,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
 
-SCHEMA = 3  # 2: content fingerprints, a folder per shape; 3: dynamic shapes
+SCHEMA = 4  # 2: content fingerprints, a folder per shape; 3: dynamic shapes; 4: fingerprints of tensors, any layout
 MANIFEST = "manifest.json"
 ENGINES_ROOT = Path("engines")
 # What fixes a missing TensorRT (pyproject's gpu-cu13 / gpu-cu12 extras; README "GPU quick start").
@@ -132,24 +131,10 @@ def default_folder(backend: str, shape: str, attention: str = "onnx", key: str =
 
 # ---- fingerprints ----------------------------------------------------------------------------------
 
-def _file_sample(path: Path, h) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}\n".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        for i in range(16):
-            f.seek(size * i // 16)
-            h.update(f.read(4096))
-        f.seek(max(0, size - (1 << 16)))
-        h.update(f.read())
-
-
 def checkpoint_fingerprint(ckpt_dir) -> str:
-    d = Path(ckpt_dir)
-    h = hashlib.sha256((d / ck.DIT_CONFIG).read_bytes())
-    for f in ck.weight_files(d):
-        _file_sample(f, h)
-    return h.hexdigest()[:32]
+    """Of the weights under their official keys, whatever the layout (models/fingerprint.py)."""
+    from flf2v.models.fingerprint import content_fingerprint
+    return content_fingerprint(ckpt_dir)
 
 
 # ---- reading and writing ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, DiTConfig, Preset
+from .keymaps import dit_key_to_diffusers
+from .layouts import OFFICIAL, CheckpointError, Layout, detect
 
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -26,10 +28,10 @@ T5_TOKENIZER = "google/umt5-xxl"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_TOKENIZER = "xlm-roberta-large"
 VAE_FILE = "Wan2.1_VAE.pth"
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "F64": "float64", "I64": "int64"}  # safetensors' names -> torch's
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or does not fit the network."""
 
 
 def _need(path: Path, what: str) -> Path:
@@ -40,6 +42,10 @@ def _need(path: Path, what: str) -> Path:
 
 
 def read_dit_config(ckpt_dir: str | os.PathLike, base: DiTConfig | None = None) -> DiTConfig:
+    """The DiT config: the official config.json over `base`; another layout's is its preset's (matched by
+    the weights' shapes)."""
+    if detect(ckpt_dir).kind != OFFICIAL:
+        return preset_for(ckpt_dir).dit
     path = _need(Path(ckpt_dir) / DIT_CONFIG, "DiT config")
     try:
         raw = json.loads(path.read_text())
@@ -54,7 +60,11 @@ def read_dit_config(ckpt_dir: str | os.PathLike, base: DiTConfig | None = None) 
 
 
 def preset_for(ckpt_dir: str | os.PathLike) -> Preset:
-    """The preset whose DiT matches the checkpoint's config.json (real 14B or a generated test one)."""
+    """The preset whose DiT matches the checkpoint's config.json (real 14B or a generated test one); in
+    another layout, the one its DiT weights' shapes match."""
+    layout = detect(ckpt_dir)
+    if layout.kind != OFFICIAL:
+        return _preset_from_shapes(layout)
     raw = read_dit_config(ckpt_dir)
     for p in PRESETS.values():
         d = p.dit
@@ -66,12 +76,41 @@ def preset_for(ckpt_dir: str | os.PathLike) -> Preset:
                           f"{', '.join(PRESETS)}")
 
 
+def _preset_from_shapes(layout: Layout) -> Preset:
+    """The preset whose DiT has the shapes of this layout's DiT file: the model type from the keys (FLF2V's
+    img_emb.emb_pos, I2V's k_img), widths and depth from the shapes, heads from a diffusers config.json when
+    there is one (ComfyUI's files have none: the first preset that fits, 128-wide heads for the 14B)."""
+    part = layout.parts["dit"]
+    src = safetensors_source(part.files, part.prefix)
+    rename = (lambda k: k) if part.naming == "official" else dit_key_to_diffusers
+
+    def shape(key):
+        return tuple(src[rename(key)].shape()) if rename(key) in src else None
+
+    if shape("patch_embedding.weight") is None:
+        raise CheckpointError(f"{part.origin}: no patch_embedding.weight: not a Wan2.1 DiT; use the FLF2V-14B or "
+                              f"I2V-14B checkpoint")
+    kind = "flf2v" if shape("img_emb.emb_pos") else "i2v" if shape("blocks.0.cross_attn.k_img.weight") else "t2v"
+    dim, in_dim = shape("patch_embedding.weight")[:2]
+    sig = dict(model_type=kind, dim=dim, in_dim=in_dim, num_layers=len({k.split(".")[1] for k in src if
+                                                                        k.startswith("blocks.")}),
+               ffn_dim=shape("blocks.0.ffn.0.weight")[0], text_dim=shape("text_embedding.0.weight")[1],
+               clip_dim=(shape("img_emb.proj.0.weight") or (0,))[0])
+    if layout.dit_config is not None and layout.dit_config.exists():
+        sig["num_heads"] = json.loads(layout.dit_config.read_text()).get("num_attention_heads")
+    for p in PRESETS.values():
+        if all(getattr(p.dit, k) == v for k, v in sig.items() if v is not None):
+            return p
+    raise CheckpointError(f"{part.origin}: a Wan2.1 {kind.upper()} DiT of width {dim} with {sig['num_layers']} "
+                          f"blocks; flf2v runs the FLF2V-14B and I2V-14B models: point it at one of those")
+
+
 # ---------------------------------------------------------------------------------------------------
 # tensor sources: name -> loader, so each tensor is read (and cast) only when it is assigned
 
 
 def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], torch.Tensor]]:
-    """Lazy getters for every DiT tensor of a sharded (index.json) or single-file safetensors DiT."""
+    """Lazy getters for every DiT tensor of an official sharded (index.json) or single-file safetensors DiT."""
     ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / DIT_INDEX
     if index.exists():
@@ -85,37 +124,47 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
         raise CheckpointError(f"{index}: missing (DiT weights); point --ckpt_dir at a complete Wan2.1 "
                               f"checkpoint or write a test one with `flf2v-make-tiny DIR`")
     shards = sorted(set(weight_map.values())) if weight_map else [DIT_SINGLE]
-    handles = {}
     for name in shards:
-        path = ckpt_dir / name
-        if weight_map is not None and not path.exists():
+        if weight_map is not None and not (ckpt_dir / name).exists():
             raise CheckpointError(f"{index}: shard {name} is listed but missing from {ckpt_dir}")
+    source = safetensors_source([ckpt_dir / n for n in shards])
+    for key, name in (weight_map or {}).items():
+        if key not in source or source[key].file != ckpt_dir / name:
+            raise CheckpointError(f"{ckpt_dir / name}: index lists {key!r} but the shard does not hold it")
+    return source
+
+
+def safetensors_source(paths, prefix: str = "") -> dict[str, Callable[[], torch.Tensor]]:
+    """Lazy getters for every tensor of the safetensors files `paths` (keys under `prefix`, stripped); each
+    getter also reads row ranges (`.rows(start, stop)`, for sharded loading) and knows its `.file`."""
+    source = {}
+    for path in map(Path, paths):
         try:
-            handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            handle = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
-    if weight_map is None:
-        weight_map = {k: DIT_SINGLE for k in handles[DIT_SINGLE].keys()}
-    for key, name in weight_map.items():
-        if key not in handles[name].keys():
-            raise CheckpointError(f"{ckpt_dir / name}: index lists {key!r} but the shard does not hold it")
+        for key in handle.keys():
+            if key.startswith(prefix):
+                source[key[len(prefix):]] = _safetensors_getter(handle, key, path)
+    return source
 
-    def getter(key: str, name: str) -> Callable[[], torch.Tensor]:
-        def get() -> torch.Tensor:
-            try:
-                return handles[name].get_tensor(key)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{ckpt_dir / name}: cannot read {key!r} ({e}); the file is damaged") from None
 
-        def rows(start: int, stop: int) -> torch.Tensor:  # only these rows leave the file (sharded loading)
-            try:
-                return handles[name].get_slice(key)[start:stop]
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{ckpt_dir / name}: cannot read {key!r} ({e}); the file is damaged") from None
-        get.rows = rows
-        return get
+def _safetensors_getter(handle, key: str, path: Path) -> Callable[[], torch.Tensor]:
+    def read(how):
+        try:
+            return how()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read {key!r} ({e}); the file is damaged") from None
 
-    return {k: getter(k, n) for k, n in weight_map.items()}
+    def get() -> torch.Tensor:
+        return read(lambda: handle.get_tensor(key))
+
+    def rows(start: int, stop: int) -> torch.Tensor:  # only these rows leave the file (sharded loading)
+        return read(lambda: handle.get_slice(key)[start:stop])
+    get.rows, get.file = rows, path
+    get.shape = lambda: read(lambda: handle.get_slice(key).get_shape())
+    get.dtype = lambda: ST_DTYPES.get(d := read(lambda: handle.get_slice(key).get_dtype()), d)
+    return get
 
 
 def pth_tensor_source(path: str | os.PathLike, prefix: str = "") -> dict[str, Callable[[], torch.Tensor]]:
@@ -205,6 +254,9 @@ def build_meta(ckpt_dir, component: str, preset: Preset, **kw) -> torch.nn.Modul
 def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torch.Tensor]], str, Callable]:
     """(lazy tensors keyed as the network names them, the file they come from, keys to skip)."""
     d = Path(ckpt_dir)
+    layout = detect(d)
+    if layout.kind != OFFICIAL:
+        return _renamed_source(layout, component)
     if component == "dit":
         return dit_tensor_source(d), str(d / DIT_INDEX), lambda k: False
     if component == "clip":
@@ -217,6 +269,20 @@ def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torc
         raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
     path = d / {"t5": T5_FILE, "vae": VAE_FILE}[component]
     return pth_tensor_source(path), str(path), lambda k: False
+
+
+def _renamed_source(layout: Layout, component: str):
+    """A diffusers or ComfyUI network's tensors under the official keys (models/renamed.py)."""
+    from .renamed import renamed_source
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
+    preset = preset_for(layout.root)
+    keys = list(build_meta(layout.root, component, preset).state_dict())
+    part = layout.parts[component]
+    files = safetensors_source(part.files, part.prefix)
+    layers = {"clip": preset.clip.num_layers}.get(component, 0)
+    source = renamed_source(part, component, keys, files, layers, preset.vae.num_res_blocks, CheckpointError)
+    return source, part.origin, lambda k: False
 
 
 def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, **kw) -> torch.nn.Module:
@@ -253,7 +319,12 @@ def load_vae(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
 def load_tokenizer(ckpt_dir, preset: Preset | None = None):
     from .tokenizer import T5Tokenizer
     preset = preset or preset_for(ckpt_dir)
-    folder = _need(Path(ckpt_dir) / T5_TOKENIZER, "umT5 tokenizer folder")
+    layout = detect(ckpt_dir)
+    if layout.tokenizer is None:
+        raise CheckpointError(f"{ckpt_dir}: no umT5 tokenizer beside the ComfyUI files (ComfyUI keeps it in its "
+                              f"own code); put google/umt5-xxl's tokenizer files in {Path(ckpt_dir) / 'tokenizer'} "
+                              f"or pass --tokenizer DIR")
+    folder = _need(layout.tokenizer, "umT5 tokenizer folder")
     return T5Tokenizer(folder, preset.t5.text_len)
 
 

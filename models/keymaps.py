@@ -135,38 +135,36 @@ def t5_to_transformers(sd: dict) -> dict:
 
 # ---- CLIP visual tower -> transformers CLIPVisionModel --------------------------------------------------
 
-_CLIP_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
-               "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+def clip_key_to_transformers(key: str) -> list[str]:
+    """transformers CLIPVisionModel names of one official visual-tower key (`visual.` removed): q, k and v
+    for the fused qkv. transformers 4 nests them under `vision_model.`, transformers 5 does not."""
+    whole = {"patch_embedding.weight": "embeddings.patch_embedding.weight",
+             "cls_embedding": "embeddings.class_embedding", "pos_embedding": "embeddings.position_embedding.weight"}
+    if key in whole:
+        return [whole[key]]
+    if key.startswith(("pre_norm.", "post_norm.")):  # transformers' spelling
+        return [("pre_layrnorm." if key.startswith("pre") else "post_layernorm.") + key.split(".")[-1]]
+    m = re.fullmatch(r"transformer\.(\d+)\.(.+)\.(weight|bias)", key)
+    if not m:
+        raise KeyError(f"no transformers name for official CLIP key {key!r}")
+    i, layer, param = m.groups()
+    if layer == "attn.to_qkv":
+        return [f"encoder.layers.{i}.self_attn.{n}_proj.{param}" for n in "qkv"]
+    block = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+             "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+    return [f"encoder.layers.{i}.{block[layer]}.{param}"]
 
 
 def clip_to_transformers(sd: dict, prefix: str = "") -> dict:
-    """Official `visual.*` keys (prefix removed) -> CLIPVisionModel keys. Every block present is mapped
-    (the file holds all of them, the last included, plus post_norm); `head` (the contrastive projection)
-    has no place in CLIPVisionModel and is dropped. transformers 4 nests the tower under `vision_model.`
-    (pass it as `prefix`), transformers 5 does not."""
-    p = prefix
+    """Official `visual.*` tensors (prefix removed) -> CLIPVisionModel's. Every block present is mapped (the
+    file holds all of them, the last included, plus post_norm); `head` (the contrastive projection) has no
+    place in CLIPVisionModel and is dropped. `prefix`: "vision_model." for transformers 4."""
     out = {}
     for k, v in sd.items():
         if k == "head":
             continue
-        if k == "patch_embedding.weight":
-            out[p + "embeddings.patch_embedding.weight"] = v
-        elif k == "cls_embedding":
-            out[p + "embeddings.class_embedding"] = v.reshape(-1)
-        elif k == "pos_embedding":
-            out[p + "embeddings.position_embedding.weight"] = v[0]
-        elif k.startswith(("pre_norm.", "post_norm.")):
-            name = "pre_layrnorm" if k.startswith("pre") else "post_layernorm"  # transformers' spelling
-            out[f"{p}{name}.{k.split('.')[-1]}"] = v
-        else:
-            m = re.fullmatch(r"transformer\.(\d+)\.(.+)\.(weight|bias)", k)
-            if not m:
-                raise KeyError(f"no transformers name for official CLIP key {k!r}")
-            i, layer, param = m.groups()
-            prefix = f"{p}encoder.layers.{i}."
-            if layer == "attn.to_qkv":
-                for name, part in zip("qkv", v.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{name}_proj.{param}"] = part
-            else:
-                out[f"{prefix}{_CLIP_BLOCK[layer]}.{param}"] = v
+        names = clip_key_to_transformers(k)
+        values = v.chunk(3, dim=0) if len(names) == 3 else [
+            v.reshape(-1) if k == "cls_embedding" else v[0] if k == "pos_embedding" else v]
+        out.update({prefix + n: t for n, t in zip(names, values)})
     return out

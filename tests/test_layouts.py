@@ -1,0 +1,231 @@
+"""Checkpoint layouts: the tiny official checkpoint written as a diffusers folder (by diffusers' and
+transformers' own `save_pretrained`, from their module trees) and as ComfyUI's single files (official DiT and
+VAE keys, transformers' umT5 / CLIP names), fp32, fp16 and fp8; each loads into the reference networks equal
+to the official layout, bit for bit in fp32 and within fp8 rounding for fp8 files."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flf2v.models import checkpoint as ck
+from flf2v.models.fingerprint import content_fingerprint, describe
+from flf2v.models.keymaps import t5_to_transformers
+from flf2v.models.make_tiny import write_tiny_checkpoint
+
+FP8 = torch.float8_e4m3fn
+# e4m3fn rounding: 3 mantissa bits, so half an ulp is 2^-4 of a normal value (|x| >= 2^-6); below,
+# subnormals are spaced 2^-9 apart: half a spacing 2^-10 absolute.
+FP8_REL, FP8_ABS = 2.0 ** -4, 2.0 ** -10
+
+
+def write_diffusers(official, out):
+    """A diffusers folder as diffusers writes it: the peer pipeline (official weights in diffusers' and
+    transformers' classes) saved with small shards, so the index-and-shards path is taken too."""
+    from flf2v.bench.diffusers_peer import build_pipeline
+    build_pipeline(official).save_pretrained(out, max_shard_size="300KB")
+    return out
+
+
+def write_comfyui(official, diffusers, out, dtype=torch.float32, dit_prefix="model.diffusion_model.",
+                  dit_dtype=None):
+    """ComfyUI's repackaged files: the DiT and the VAE with official keys (the DiT under ComfyUI's model
+    prefix), umT5 and CLIP ViT-H as transformers saved them (`vision_model.` names, a projection head)."""
+    out.mkdir(parents=True)
+    dit = {k: g() for k, g in ck.dit_tensor_source(official).items()}
+    save_file({dit_prefix + k: v.to(dit_dtype or dtype) for k, v in dit.items()},
+              out / "wan2.1_flf2v_720p_14B_fp16.safetensors")
+    t5 = _folder_tensors(diffusers / "text_encoder")
+    save_file({k: v.to(dtype) for k, v in t5.items()}, out / "umt5_xxl_fp16.safetensors")
+    clip = _folder_tensors(diffusers / "image_encoder")
+    clip = {k if k.startswith("vision_model.") else "vision_model." + k: v.to(dtype) for k, v in clip.items()}
+    clip["visual_projection.weight"] = torch.zeros(32, 64, dtype=dtype)  # CLIPVisionModelWithProjection's head
+    save_file(clip, out / "clip_vision_h.safetensors")
+    vae = {k: g() for k, g in ck.pth_tensor_source(official / ck.VAE_FILE).items()}
+    save_file({k: v.to(dtype) for k, v in vae.items()}, out / "wan_2.1_vae.safetensors")
+    shutil.copytree(official / ck.T5_TOKENIZER, out / "tokenizer")
+    return out
+
+
+def _folder_tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-i2v"])
+def layouts(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"layouts-{request.param}")
+    official = write_tiny_checkpoint(root / "official", request.param)
+    diffusers = write_diffusers(official, root / "diffusers")
+    comfy = write_comfyui(official, diffusers, root / "comfyui")
+    bare = write_comfyui(official, diffusers, root / "comfyui-bare", dit_prefix="")
+    return {"official": official, "diffusers": diffusers, "comfyui": comfy, "comfyui-bare": bare}
+
+
+def _state(ckpt, component):
+    return {k: v.float() for k, v in ck.load(ckpt, component).state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui", "comfyui-bare"])
+def test_every_network_equals_the_official_layout(layouts, layout):
+    assert ck.preset_for(layouts[layout]) == ck.preset_for(layouts["official"])
+    assert describe(layouts[layout])["layout"] == layout.split("-")[0]
+    for component in ck.COMPONENTS:
+        want, got = _state(layouts["official"], component), _state(layouts[layout], component)
+        assert want.keys() == got.keys(), component
+        diff = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not diff, f"{layout} {component}: {len(diff)} tensors differ from the official layout, e.g. {diff[:3]}"
+    assert content_fingerprint(layouts[layout]) == content_fingerprint(layouts["official"])
+
+
+def test_three_step_video_equals_the_official_layout(layouts, demo_frames):
+    from flf2v.runtime.pipeline import Pipeline
+
+    videos = {}
+    last = demo_frames[1] if ck.preset_for(layouts["official"]).dit.model_type == "flf2v" else None
+    for layout in ("official", "diffusers", "comfyui"):
+        pipe = Pipeline.from_checkpoint(layouts[layout])
+        videos[layout] = pipe.generate("a red ball", demo_frames[0], last, size="64*64", frame_num=5,
+                                       sample_steps=3, seed=3, progress=False)
+    for layout in ("diffusers", "comfyui"):
+        err = (videos[layout].float() - videos["official"].float()).abs().max().item()
+        assert torch.equal(videos[layout], videos["official"]), f"{layout}: max abs {err:.3g} from official"
+
+
+def test_fp16_files_load_as_their_rounded_weights_and_fingerprint_apart(layouts, tmp_path):
+    half = write_comfyui(layouts["official"], layouts["diffusers"], tmp_path / "half", dtype=torch.float16)
+    assert describe(half)["dtypes"] == {"dit": "float16", "t5": "float16", "clip": "float16", "vae": "float16"}
+    want, got = _state(layouts["official"], "dit"), _state(half, "dit")
+    diff = [k for k in want if not torch.equal(want[k].half().float(), got[k])]
+    assert not diff, f"{len(diff)} DiT tensors are not the fp16 rounding of the official ones: {diff[:3]}"
+    # other numbers, other engines: the fingerprint says so
+    assert content_fingerprint(half) != content_fingerprint(layouts["official"])
+
+
+def test_fp8_dit_file_loads_within_fp8_rounding(layouts, tmp_path):
+    fp8 = write_comfyui(layouts["official"], layouts["diffusers"], tmp_path / "fp8", dit_dtype=FP8)
+    assert describe(fp8)["dtypes"]["dit"] == "float8_e4m3fn"
+    want, got = _state(layouts["official"], "dit"), _state(fp8, "dit")
+    for k, w in want.items():
+        assert torch.equal(got[k], w.to(FP8).float()), f"{k}: not the e4m3fn rounding of the official weight"
+        bound = FP8_REL * w.abs() + FP8_ABS
+        err = (got[k] - w).abs()
+        assert (err <= bound).all(), f"{k}: max abs {err.max():.3g} over the e4m3fn bound"
+
+
+def test_scaled_fp8_umt5_applies_its_scales(layouts, tmp_path):
+    """ComfyUI's umt5_xxl_fp8_e4m3fn_scaled convention (comfy/ops.py scaled_fp8_ops): each linear weight
+    stored as fp8 of weight / scale with `<module>.scale_weight` = scale (fp32 scalar), read back as
+    fp8 * scale; a `scaled_fp8` marker; the embedding, norms and relative attention biases stay 16-bit."""
+    folder = write_comfyui(layouts["official"], layouts["diffusers"], tmp_path / "scaled")
+    t5 = load_file(folder / "umt5_xxl_fp16.safetensors")
+    scaled = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    for k, v in t5.items():
+        if k.endswith(".weight") and v.dim() == 2 and "embed" not in k and "shared" not in k and "bias" not in k:
+            scale = v.abs().max() / 448.0
+            scaled[k] = (v / scale).to(FP8)
+            scaled[k.removesuffix("weight") + "scale_weight"] = scale.reshape(()).float()
+        else:
+            scaled[k] = v.to(torch.float16)
+    (folder / "umt5_xxl_fp16.safetensors").unlink()
+    save_file(scaled, folder / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    want, got = _state(layouts["official"], "t5"), _state(folder, "t5")
+    names = {k: n for n, k in t5_to_transformers({k: k for k in want}).items()}
+    for k, w in want.items():
+        name = names[k]
+        scale = scaled.get(name.removesuffix("weight") + "scale_weight")
+        if scale is None:
+            assert torch.equal(got[k], w.half().float()), k
+            continue
+        assert torch.equal(got[k], scaled[name].float() * scale), f"{k}: not fp8 * scale_weight"
+        err = (got[k] - w).abs()
+        assert (err <= FP8_REL * w.abs() + FP8_ABS * scale).all(), f"{k}: max abs {err.max():.3g} over the bound"
+
+
+# ---- bad input: one line naming the problem and the fix ----------------------------------------------------
+
+def _error(fn, *args) -> str:
+    with pytest.raises(ck.CheckpointError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def comfy_copy(layouts, tmp_path):
+    return shutil.copytree(layouts["comfyui"], tmp_path / "c", symlinks=True)
+
+
+def test_a_folder_with_two_layouts_is_refused(layouts, tmp_path):
+    mixed = shutil.copytree(layouts["official"], tmp_path / "mixed")
+    shutil.copy(layouts["diffusers"] / "model_index.json", mixed)
+    assert "two checkpoint layouts" in _error(ck.preset_for, mixed)
+    other = shutil.copytree(layouts["official"], tmp_path / "with-comfy")
+    shutil.copy(layouts["comfyui"] / "wan_2.1_vae.safetensors", other)
+    assert "official files" in _error(ck.preset_for, other) and "single .safetensors" in _error(ck.preset_for, other)
+    # a LoRA beside the official files is not a second layout
+    lora = shutil.copytree(layouts["official"], tmp_path / "with-lora")
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 64)}, lora / "style.safetensors")
+    assert ck.preset_for(lora) == ck.preset_for(layouts["official"])
+
+
+def test_truncated_and_damaged_files_are_named(comfy_copy):
+    f = comfy_copy / "wan2.1_flf2v_720p_14B_fp16.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    msg = _error(ck.preset_for, comfy_copy)
+    assert f.name in msg and "re-download" in msg, msg
+
+
+def test_dits_of_other_models_are_refused(layouts, comfy_copy):
+    f = comfy_copy / "wan2.1_flf2v_720p_14B_fp16.safetensors"
+    sd = load_file(f)
+    t2v = {k: v for k, v in sd.items() if "img_emb" not in k and "_img" not in k}  # no image conditioning
+    save_file(t2v, f)
+    msg = _error(ck.preset_for, comfy_copy)
+    assert "T2V DiT" in msg and "FLF2V-14B and I2V-14B" in msg, msg
+    wide = {k: torch.zeros(96, *v.shape[1:]) if k.endswith("patch_embedding.weight") else v for k, v in sd.items()}
+    save_file(wide, f)  # a DiT of another width, as the 1.3B (1536) is to the 14B (5120)
+    assert "of width 96" in _error(ck.preset_for, comfy_copy)
+
+
+def test_missing_and_unexpected_keys_are_named(layouts, comfy_copy):
+    f = comfy_copy / "clip_vision_h.safetensors"
+    sd = load_file(f)
+    save_file({**sd, "vision_model.extra.weight": torch.zeros(1)}, f)
+    msg = _error(ck.load, comfy_copy, "clip")
+    assert "unexpected key 'vision_model.extra.weight'" in msg and f.name in msg, msg
+    sd.pop("vision_model.encoder.layers.0.self_attn.k_proj.weight")
+    save_file(sd, f)
+    msg = _error(ck.load, comfy_copy, "clip")
+    assert ("missing key 'vision_model.encoder.layers.0.self_attn.k_proj.weight' (official "
+            "'transformer.0.attn.to_qkv.weight')") in msg, msg
+
+
+def test_comfyui_folder_needs_one_file_per_network_and_a_tokenizer(comfy_copy):
+    shutil.copy(comfy_copy / "wan2.1_flf2v_720p_14B_fp16.safetensors", comfy_copy / "wan2.1_flf2v_fp8.safetensors")
+    msg = _error(ck.preset_for, comfy_copy)
+    assert "2 dit files" in msg and "--dit FILE" in msg, msg
+    (comfy_copy / "wan2.1_flf2v_fp8.safetensors").unlink()
+    shutil.rmtree(comfy_copy / "tokenizer")
+    msg = _error(ck.load_tokenizer, comfy_copy)
+    assert "tokenizer" in msg and "--tokenizer DIR" in msg, msg
+
+
+def test_files_given_one_by_one_make_one_folder(layouts, tmp_path):
+    from flf2v.models.layouts import file_view
+    c = layouts["comfyui"]
+    files = {"dit": c / "wan2.1_flf2v_720p_14B_fp16.safetensors", "t5": c / "umt5_xxl_fp16.safetensors",
+             "clip": c / "clip_vision_h.safetensors", "vae": c / "wan_2.1_vae.safetensors"}
+    view = file_view(files, c / "tokenizer", tmp_path / "views")
+    assert view == file_view(files, c / "tokenizer", tmp_path / "views")
+    assert content_fingerprint(view) == content_fingerprint(layouts["official"])
+    assert ck.load_tokenizer(view) is not None
+    msg = _error(file_view, {**files, "t5": files["clip"]}, None, tmp_path / "views")
+    assert "--t5" in msg and "pass it as --clip" in msg, msg
+    assert "--vae missing" in _error(file_view, {**files, "vae": None}, None, tmp_path / "views")
