@@ -1,6 +1,6 @@
 """What a checkpoint is, in any layout: its content fingerprint and a description (layout, stored dtypes).
 
-The fingerprint hashes every network's tensors under their official keys (key, shape, and sampled values
+The fingerprint hashes the DiT config as read and every network's tensors under their official keys (key, shape, and sampled values
 as fp32: a tensor of up to 64k elements whole, a larger one's first and last rows), so the same weights
 give the same fingerprint in the official, diffusers and ComfyUI layouts, and engines built from one serve
 the others. Values, not bytes: bf16 weights stored as fp32 (exactly representable) hash alike; an fp16 or
@@ -9,6 +9,7 @@ fp8 file's rounded weights do not, and must not: engines built from them hold ot
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -33,7 +34,8 @@ def _sample(get) -> list[torch.Tensor]:
 
 
 def content_fingerprint(ckpt_dir) -> str:
-    h = hashlib.sha256()
+    # the DiT's config as read (official config.json, another layout's preset), not the file's bytes
+    h = hashlib.sha256(json.dumps(ck.read_dit_config(ckpt_dir).to_json_dict(), sort_keys=True).encode())
     for component in ck.COMPONENTS:
         source, _, ignore = ck.tensor_source(ckpt_dir, component)
         for key in sorted(k for k in source if not ignore(k)):

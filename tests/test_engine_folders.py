@@ -10,7 +10,8 @@ import torch
 
 from flf2v.export import manifest as M
 from flf2v.models import checkpoint as ck
-from flf2v.runtime.cli import choose_engines, main
+from flf2v.runtime.choose import choose_engines
+from flf2v.runtime.cli import main
 
 
 def _shape(folder, name, w, h, f=9):
@@ -88,7 +89,8 @@ def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, 
     from flf2v.runtime.engine_folders import read_manifest
     other = tmp_path / "other-ckpt"
     shutil.copytree(tiny_ckpt, other)
-    (other / ck.DIT_CONFIG).write_text((other / ck.DIT_CONFIG).read_text() + " ")
+    cfg = json.loads((other / ck.DIT_CONFIG).read_text())  # other weights or config: another checkpoint
+    (other / ck.DIT_CONFIG).write_text(json.dumps({**cfg, "eps": 1e-5}))
     with pytest.raises(M.EngineError, match=rf"another checkpoint.*make engines CKPT={other} PRESET=tiny-wide "
                                             rf"PRECISION=fp32` \(runs without --engines find it\)"):
         read_manifest(root / "tiny-wide", other, ck.preset_for(other), "ort")
