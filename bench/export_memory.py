@@ -1,34 +1,44 @@
-"""Peak memory and time of exporting the full-size FLF2V-14B DiT (16.4 B parameters) to ONNX.
+"""`flf2v-bench export-memory --work DIR [--source lazy|ckpt] [--shape 720p] [--json FILE]`: peak memory and
+time of exporting the full-size FLF2V-14B DiT (16.4 B parameters) to ONNX.
 
-    python -m flf2v.bench.export_memory --work DIR [--source lazy|ckpt] [--shape 720p] [--json FILE]
-
-The streamed export (export/onnx_export.py) must fit a 24 GiB machine. Memory is measured as anonymous
-RSS (`RssAnon` in /proc/self/status), sampled by a thread: pages of memory-mapped weight files count in
-plain RSS but are file-backed and reclaimable, so RSS would overstate what the export needs.
-
-Weights are random. `--source lazy` (default) makes each checkpoint tensor on demand, fp32 as the official
-shards store them, so only the ONNX output (~33 GB bf16) touches the disk; `--source ckpt` first writes
-a sharded safetensors checkpoint (in `--ckpt_dtype`, bf16 by default: the fp32 one is 65.6 GB) and
-exports from it through the real checkpoint reader. Everything written under --work is deleted at the
-end unless --keep.
+The streamed export (export/onnx_export.py) must fit a 24 GiB machine. Memory is measured as anonymous RSS
+(`RssAnon` in /proc/self/status), sampled by a thread: pages of memory-mapped weight files count in plain
+RSS but are file-backed and reclaimable, so RSS would overstate what the export needs. Weights are random.
+`--source lazy` (default) makes each checkpoint tensor on demand, fp32 as the official shards store them, so
+only the ONNX output (~33 GB bf16) touches the disk; `--source ckpt` first writes a sharded safetensors
+checkpoint (in `--ckpt_dtype`, bf16 by default: the fp32 one is 65.6 GB) and exports from it through the
+real checkpoint reader. Everything written under --work is deleted at the end unless --keep.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import math
 import shutil
-import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
+
+from .measure import timed
+from .report import Report, table
+
+log = logging.getLogger("flf2v.bench")
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--source", default="lazy", choices=("lazy", "ckpt"))
+    ap.add_argument("--ckpt_dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--shape", default="720p")
+    ap.add_argument("--batch", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--layers", type=int, default=None, help="cut the DiT to N blocks (quick check)")
+    ap.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and ONNX files")
 
 
 def rss_anon_bytes() -> int:
@@ -72,34 +82,29 @@ def dit_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def _random(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.empty(shape).uniform_(-0.02, 0.02, generator=g)
-
-
 def lazy_source(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
     """key -> getter making a fresh random fp32 tensor: what reading one official shard tensor costs."""
-    return {k: (lambda s=s, i=i: _random(s, seed + i)) for i, (k, s) in enumerate(shapes.items())}
+    def make(shape, i):
+        return torch.empty(shape).uniform_(-0.02, 0.02, generator=torch.Generator().manual_seed(seed + i))
+    return {k: (lambda s=s, i=i: make(s, i)) for i, (k, s) in enumerate(shapes.items())}
 
 
 def write_checkpoint(folder: Path, cfg, dtype=torch.bfloat16, shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
-    """A random DiT checkpoint in the official layout (config.json, sharded safetensors + index),
-    written one shard at a time."""
+    """A random DiT checkpoint in the official layout (config.json, sharded safetensors + index), written one
+    shard at a time."""
     from flf2v.models.make_tiny import write_dit_shards
     folder.mkdir(parents=True, exist_ok=True)
     shapes = dit_shapes(cfg)
-    groups, cur, size = [], [], 0
+    groups, size = [[]], 0
     for k, s in shapes.items():
         n = math.prod(s) * dtype.itemsize
-        if cur and size + n > shard_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(k)
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
         size += n
-    groups.append(cur)
     source = lazy_source(shapes, seed)
-    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()},
-                     groups)
+    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()}, groups)
     return folder
 
 
@@ -109,72 +114,45 @@ def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 
     bytes. `layers` cuts the DiT to that many blocks (a quick check; the full model has 40)."""
     from flf2v.export import contracts as C
     from flf2v.export.onnx_export import export_graph
-
     preset = get_preset("flf2v-14B")
     cfg = dataclasses.replace(preset.dit, num_layers=layers or preset.dit.num_layers)
     eshape = C.get_shape(preset, shape)
     graph = C.get_graph(preset, eshape, "bf16", f"dit_b{batch}")
-    ckpt = work / "ckpt"
+    ckpt, src = work / "ckpt", None
     result = {"source": source, "graph": graph.name, "shape": shape, "layers": cfg.num_layers}
     if source == "ckpt":
-        t0 = time.perf_counter()
-        write_checkpoint(ckpt, cfg, dtype=ckpt_dtype)
-        result["ckpt_write_seconds"] = round(time.perf_counter() - t0, 1)
+        result["ckpt_write_seconds"] = round(timed(lambda: write_checkpoint(ckpt, cfg, dtype=ckpt_dtype))[0], 1)
         result["ckpt_bytes"] = sum(f.stat().st_size for f in ckpt.iterdir())
-        src = None
     else:
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / ck.DIT_CONFIG).write_text(json.dumps(cfg.to_json_dict()))
         src = lazy_source(dit_shapes(cfg))
     out = work / "onnx" / f"{graph.name}.onnx"
-    t0 = time.perf_counter()
     with PeakRssAnon() as m:
-        export_graph(graph, ckpt, out, preset=preset, stream=True, source=src,
-                     ranges=eshape.envelope() if graph.dynamic else None)
-    result.update({
-        "seconds": round(time.perf_counter() - t0, 1),
-        "rss_anon_start_gib": round(m.start / 2**30, 3),
-        "rss_anon_peak_gib": round(m.peak / 2**30, 3),
-        "onnx_bytes": out.stat().st_size,
-        "data_bytes": out.with_name(out.name + ".data").stat().st_size,
-        "parameters": sum(math.prod(s) for s in dit_shapes(cfg).values()),
-    })
-    return result
+        t, _ = timed(lambda: export_graph(graph, ckpt, out, preset=preset, stream=True, source=src,
+                                          ranges=eshape.envelope() if graph.dynamic else None))
+    return result | {"seconds": round(t, 1), "rss_anon_start_gib": round(m.start / 2**30, 3),
+                     "rss_anon_peak_gib": round(m.peak / 2**30, 3), "onnx_bytes": out.stat().st_size,
+                     "data_bytes": out.with_name(out.name + ".data").stat().st_size,
+                     "parameters": sum(math.prod(s) for s in dit_shapes(cfg).values())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flf2v.bench.export_memory", description=__doc__.split("\n")[0])
-    ap.add_argument("--work", required=True, help="scratch space (needs ~33 GB free, ~66 GB with --source ckpt); "
-                                                  "a temporary folder inside it is used and deleted")
-    ap.add_argument("--source", default="lazy", choices=("lazy", "ckpt"))
-    ap.add_argument("--ckpt_dtype", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--shape", default="720p")
-    ap.add_argument("--batch", type=int, default=2, choices=(1, 2))
-    ap.add_argument("--layers", type=int, default=None, help="cut the DiT to N blocks (quick check)")
-    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and ONNX files")
-    args = ap.parse_args(argv)
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(args.work).free
-    scale = (args.layers or 40) / 40
-    need = scale * (33 + (33 if args.ckpt_dtype == "bf16" else 66) * (args.source == "ckpt")) * 10**9
+def run(s) -> Report:
+    a = s.args
+    free, scale = shutil.disk_usage(s.work).free, (a.layers or 40) / 40
+    need = scale * (33 + (33 if a.ckpt_dtype == "bf16" else 66) * (a.source == "ckpt")) * 10**9
     if free < need * 1.05:
-        print(f"export_memory: error: {free / 1e9:.0f} GB free at {args.work}, {need / 1e9:.0f} GB needed",
-              file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=args.work))
+        log.error("%.0f GB free at %s, %.0f GB needed", free / 1e9, s.work, need / 1e9)
+        raise SystemExit(2)
+    work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=s.work))
+    s.settle()
     try:
-        r = measure(work, args.source, args.shape, args.batch,
-                    torch.bfloat16 if args.ckpt_dtype == "bf16" else torch.float32, args.layers)
+        r = measure(work, a.source, a.shape, a.batch, torch.bfloat16 if a.ckpt_dtype == "bf16" else torch.float32,
+                    a.layers)
     finally:
-        if not args.keep:
+        if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(r))
-    if args.json:
-        with open(args.json, "a") as f:
+    if a.json:
+        with open(a.json, "a") as f:
             f.write(json.dumps(r) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return Report("full-size DiT export memory", r, table(["quantity", "value"], [[k, v] for k, v in r.items()]))

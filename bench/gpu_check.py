@@ -2,50 +2,17 @@
 
     python -m flf2v.bench.gpu_check [--out bench/results] [--quick] [--budget 450] [--parts kernels,...]
 
-Parts (run in this order, each timed and reported ok / failed (with the error) / skipped (with the
-reason); one failing part never loses the others' figures):
-  6 environment   GPU, driver, torch / triton / CUDA versions, optional packages, which project modules import
-  2 kernels       compiled Triton attention vs torch SDPA in bf16 at the real head shape (H x D of the
-                  flf2v-14B config) and the 720p / 480p 81-frame token counts (from the engine shape presets):
-                  time, TFLOP/s, errors vs the reference and vs fp64 on sampled rows; cross-attention too
-  3 cuda_graph    runtime.denoise.DenoiseLoop (torch backend, tiny DiT) captured as a CUDA graph vs eager,
-                  cfg_batch 2 and 1, fp32 and bf16: difference and per-step time
-  5 dit_slice     2 of the 40 blocks of the flf2v-14B DiT at 720p / 81 frames, bf16: one forward as torch
-                  eager (SDPA) and torch + Triton kernels (and a TensorRT engine when tensorrt is there and
-                  time allows); per-block time, extrapolated 50-step denoising time vs bench/cost.py's floor
-  4 trt_tiny      tiny TensorRT DiT engines (default attention and the Triton plugins, fp32 and bf16) built
-                  by export.build.build from a tiny checkpoint, against the torch reference: per-graph max
-                  error and per-step latent cosine through the denoising loop; and the default `dynamic`
-                  build (bf16, two optimization profiles) at a landscape and a portrait grid, each vs
-                  torch (skipped without tensorrt)
-  7 aoti          AOTInductor (`flf2v-build --backend aoti`): the part-5 DiT slice compiled into a .pt2 package
-                  (compile time, size, forward time and error vs torch eager) and the tiny model's whole AOTI
-                  folder through the pipeline vs the torch reference in bf16 (bench/gpu_parts_aoti.py)
-  1 pytest        `pytest -m gpu` in a subprocess: passed / failed / skipped counts and the failures' names;
-                  tests (or test modules) that fail only for a package absent from this python (a bare GPU
-                  image has no PIL, ftfy, diffusers, onnxscript, ...) are listed as not run, not as failures
-Results: <out>/gpu-check-<gpu>-<date>.json and .md, rewritten after every part. Exit code 0 when every part
-ran ok, partial or was skipped, 1 when a part failed, 2 (one line, nothing written) without a CUDA GPU.
-
-Time guard: a global budget (--budget seconds, default 450: the 8 minutes less a margin), counted from the
-start of the process, torch's import included. Each part has a planned time and a cap: it may use what is
-left less the planned time of the parts after it, at most its cap, so a part that finishes early leaves its
-time to the later ones and none can starve them. The plan is an estimate until a GPU window has run (none
-has: the smoke's relative part times and the caps set it); every part's planned and used seconds are printed
-and recorded, so the next plan comes from measured ones. A part past its limit is cut off (SIGALRM, between
-Python calls) and reported `partial` with what it measured so far, not as a failure; a watchdog thread
-writes the results and exits if the whole run is stuck in one GPU call 20 s past the budget.
-
-Hidden CPU mode for tests: `--device cpu --smoke` runs every part's code end to end at tiny shapes (fp32,
-Triton interpreter, no CUDA graph capture, part 4 on ONNX Runtime fp32 engines instead of TensorRT) and
-writes to a temporary folder unless --out is given. Its figures measure nothing.
-
-Files: this module is the run (the parts' order, caps and time guard, the results files, the exit code);
-the parts are in bench/gpu_parts.py (6 environment, 2 kernels, 3 cuda_graph, 1 pytest) and
-bench/gpu_parts_dit.py (5 dit_slice, 4 trt_tiny), what they share (Skip / CheckFailed / PartTimeout, logging,
-timing, errors, shapes and inputs) in bench/gpu_common.py, the Markdown report in bench/gpu_report.py. Every
-one of them imports only the standard library and these modules at the top (the GPU box has no PIL, ftfy,
-onnx_ir, onnxscript, diffusers, tensorrt, ...): torch and the rest are imported inside the functions.
+The harness: the part registry (PARTS, in the order they run), the time guard, the results and the exit code.
+A part is a function part(run, data, part_end) (bench/gpu_parts*.py, sharing bench/gpu_common.py) reported ok /
+partial / failed / skipped; one failing part never loses the others' figures. Results: <out>/gpu-check-<gpu>-
+<date>.json and .md (bench/gpu_report.py), rewritten after every part. Exit 0 when no part failed, 1 when one
+did, 2 (one line, nothing written) without a CUDA GPU. Time guard: a budget (--budget, 450 s) from the process
+start, torch's import included; each part may use what is left less the plans of the parts after it, at most
+its cap, and is cut off past it (SIGALRM, between Python calls: `partial`, its figures kept); a watchdog writes
+the results and exits if the run is stuck in one GPU call 20 s past the budget. `--device cpu --smoke` (for
+tests) runs every part's code at tiny shapes on the CPU (Triton interpreter, ONNX Runtime for TensorRT); its
+figures measure nothing. Box-safe: the harness's modules import only the standard library at the top (the GPU
+box has no PIL, ftfy, onnx_ir, diffusers, tensorrt, ...); torch and the rest are imported inside the functions.
 """
 from __future__ import annotations
 
@@ -62,6 +29,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from flf2v.bench.gpu_common import ROOT, CheckFailed, PartTimeout, Skip, free_cuda, log, one_line
 from flf2v.bench.gpu_parts import (missing_prerequisites, part_cuda_graph, part_environment, part_kernels,
@@ -70,35 +38,43 @@ from flf2v.bench.gpu_parts_aoti import part_aoti
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
 from flf2v.bench.gpu_report import _f, render_md
 
+T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
 DEFAULT_OUT = ROOT / "bench" / "results"
 BUDGET_S = 450.0  # with the watchdog's grace, 470 s: the whole check, torch's import included, under 8 minutes
 WATCHDOG_GRACE_S = 20.0
 MIN_PART_S = 5.0  # a part with less time than this left is skipped
 
-T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
 
-# key, number in the issue, title, cap (s), planned (s): the plans add up to 410 s of the 450 s budget, the
-# rest for torch's import (assumed ~15 s on the box: unmeasured) and slack; estimates until a window has run
+class Part(NamedTuple):
+    key: str
+    number: int  # in the issue
+    title: str
+    fn: Callable  # fn(run, data, part_end)
+    cap: float  # seconds at most
+    plan: float  # seconds planned
+
+
+# The plans add up to 410 s of the 450 s budget, the rest for torch's import (assumed ~15 s on the box:
+# unmeasured) and slack; estimates until a window has run.
 PARTS = (
-    ("environment", 6, "environment", 60, 10),
-    ("kernels", 2, "Triton attention kernels vs torch SDPA", 250, 110),
-    ("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", 60, 30),
-    ("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", 150, 80),
-    ("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", 150, 20),
-    ("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", 150, 100),
-    ("pytest", 1, "gpu-marked tests (pytest -m gpu)", 300, 60),
+    Part("environment", 6, "environment", part_environment, 60, 10),
+    Part("kernels", 2, "Triton attention kernels vs torch SDPA", part_kernels, 250, 110),
+    Part("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", part_cuda_graph, 60, 30),
+    Part("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", part_dit_slice,
+         150, 80),
+    Part("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", part_trt_tiny, 150, 20),
+    Part("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", part_aoti, 150, 100),
+    Part("pytest", 1, "gpu-marked tests (pytest -m gpu)", part_pytest, 300, 60),
 )
+PART_FUNCS = {p.key: p.fn for p in PARTS}  # what run_part calls (tests replace entries)
 
-
-# ---- the run ------------------------------------------------------------------------------------------
 
 class Run:
+    """One gpu-check: its arguments, clock and deadline, and the results, written after every part."""
+
     def __init__(self, args, t0: float | None = None):
         """`t0`: when the budget started (main: the process start, T_START); now by default."""
-        self.args = args
-        self.smoke = args.smoke
-        self.device = args.device
-        self.cuda = args.device == "cuda"
+        self.args, self.smoke, self.device, self.cuda = args, args.smoke, args.device, args.device == "cuda"
         self.t0 = time.monotonic() if t0 is None else t0
         self.deadline = self.t0 + args.budget
         self.lock = threading.Lock()
@@ -106,11 +82,9 @@ class Run:
         self.current: str | None = None
         self.results = {"schema": 1, "tool": "flf2v.bench.gpu_check",
                         "mode": "smoke (CPU, tiny shapes: the figures measure nothing)" if args.smoke else "gpu",
-                        "quick": args.quick,
-                        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                        "budget_s": args.budget, "seconds": None, "exit_code": None, "machine": {}, "parts": {}}
-        for key, num, title, _, _ in PARTS:
-            self.results["parts"][key] = {"number": num, "title": title, "status": "pending"}
+                        "quick": args.quick, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                        "budget_s": args.budget, "seconds": None, "exit_code": None, "machine": {},
+                        "parts": {p.key: {"number": p.number, "title": p.title, "status": "pending"} for p in PARTS}}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -118,45 +92,33 @@ class Run:
     def part(self, key: str) -> dict:
         return self.results["parts"][key]
 
-    def snapshot(self) -> dict:
-        with self.lock:
-            for _ in range(5):
-                try:
-                    return json.loads(json.dumps(self.results, default=_jsonable))
-                except RuntimeError:  # changed size during iteration: the main thread is writing
-                    time.sleep(0.05)
-        return json.loads(json.dumps(self.results, default=_jsonable))
-
     def save(self) -> None:
         if self.paths is None:
             return
-        res = self.snapshot()
+        with self.lock:  # the watchdog may save while the main thread writes: retry a dict changed mid-copy
+            for _ in range(5):
+                with contextlib.suppress(RuntimeError):
+                    res = json.loads(json.dumps(self.results, default=_jsonable))
+                    break
+                time.sleep(0.05)
+            else:
+                res = json.loads(json.dumps(self.results, default=_jsonable))
         res["seconds"] = round(time.monotonic() - self.t0, 1)
-        json_path, md_path = self.paths
-        _write_atomic(json_path, json.dumps(res, indent=2, default=_jsonable) + "\n")
-        _write_atomic(md_path, render_md(res))
+        for path, text in zip(self.paths, (json.dumps(res, indent=2) + "\n", render_md(res))):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
 
 def _jsonable(x):
-    if isinstance(x, float):
-        return x
     if isinstance(x, Path):
         return str(x)
-    try:
-        import torch
-        if isinstance(x, torch.dtype):
-            return str(x).removeprefix("torch.")
-        if isinstance(x, torch.Tensor):
-            return x.tolist()
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.dtype):
+        return str(x).removeprefix("torch.")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.tolist()
     return repr(x)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -176,16 +138,14 @@ def alarm(seconds: float):
 
 def watchdog(run: Run) -> None:
     """Last resort when the main thread is stuck inside one GPU call: write what we have and exit 1."""
-    hard = run.deadline + WATCHDOG_GRACE_S
-    while time.monotonic() < hard:
+    while time.monotonic() < run.deadline + WATCHDOG_GRACE_S:
         time.sleep(1.0)
         if run.results.get("exit_code") is not None:
             return
     key = run.current
     if key:
-        p = run.part(key)
-        p.update(status="failed", error=f"killed by the global time guard {WATCHDOG_GRACE_S:.0f} s past the "
-                                         f"{run.args.budget:.0f} s budget (stuck in one call)")
+        run.part(key).update(status="failed", error=f"killed by the global time guard {WATCHDOG_GRACE_S:.0f} s past "
+                                                    f"the {run.args.budget:.0f} s budget (stuck in one call)")
     run.results["exit_code"] = 1
     try:
         run.save()
@@ -195,37 +155,33 @@ def watchdog(run: Run) -> None:
         os._exit(1)
 
 
-# ---- main ----------------------------------------------------------------------------------------------
-
-PART_FUNCS = {"environment": lambda run, data, end: part_environment(run, data), "kernels": part_kernels,
-              "cuda_graph": part_cuda_graph, "dit_slice": part_dit_slice, "trt_tiny": part_trt_tiny,
-              "aoti": part_aoti, "pytest": part_pytest}
+def _limit(run: Run, part: Part, reserve_after: float) -> tuple[float, str | None]:
+    """The part's time limit, or why it does not run."""
+    if part.key not in run.args.parts:
+        return 0, "not selected (--parts)"
+    if run.smoke:  # a test of the code on a slow CPU: more time, no reserves (its budget defaults to an hour)
+        return 3 * part.cap, None
+    limit = min(part.cap, run.left() - reserve_after)
+    if limit < MIN_PART_S:
+        return limit, f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s"
+    return limit, missing_prerequisites(part.key) if run.cuda else None  # the smoke's interpreter compiles nothing
 
 
 def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
+    part = next(p for p in PARTS if p.key == key)._replace(cap=cap, fn=PART_FUNCS[key])
     p = run.part(key)
-    if key not in run.args.parts:
-        p.update(status="skipped", reason="not selected (--parts)")
+    p["planned_s"] = part.plan
+    limit, skip = _limit(run, part, reserve_after)
+    if skip:
+        p.update(status="skipped", reason=skip)
         return
-    if run.smoke:  # a test of the code on a slow CPU: more time, no reserves (its budget defaults to an hour)
-        cap, reserve_after = 3 * cap, 0
-    limit = min(cap, run.left() - reserve_after)
-    p["planned_s"] = next(plan for k, *_, plan in PARTS if k == key)
-    if limit < MIN_PART_S:
-        p.update(status="skipped", reason=f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s")
-        return
-    absent = missing_prerequisites(key) if run.cuda else None  # the smoke's interpreter compiles nothing
-    if absent:
-        p.update(status="skipped", reason=absent)
-        return
-    log(f"part {p['number']} ({key}): {p['title']} (planned {p['planned_s']} s, up to {limit:.0f} s)")
-    run.current = key
-    p["status"] = "running"
-    data = p["data"] = {}
+    log(f"part {p['number']} ({key}): {p['title']} (planned {part.plan} s, up to {limit:.0f} s)")
+    run.current, p["status"], data = key, "running", {}
+    p["data"] = data
     t0 = time.monotonic()
     try:
         with alarm(limit):
-            PART_FUNCS[key](run, data, t0 + limit)
+            part.fn(run, data, t0 + limit)
         p["status"] = "ok"
         if data.get("summary_note"):
             p["note"] = data.pop("summary_note")
@@ -243,7 +199,7 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
         with contextlib.suppress(Exception):
             free_cuda(run)
     note = p.get("error") or p.get("reason") or p.get("note")
-    log(f"part {p['number']} ({key}): {p['status']} in {p['seconds']:.1f} s of {p['planned_s']} s planned"
+    log(f"part {p['number']} ({key}): {p['status']} in {p['seconds']:.1f} s of {part.plan} s planned"
         + (f": {note}" if note else ""))
 
 
@@ -251,10 +207,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help=f"results folder (default: {DEFAULT_OUT})")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; 480p kernels without the fuse_k=True row")
-    ap.add_argument("--budget", type=float, default=None,
-                    help=f"global time budget in seconds (default {BUDGET_S:.0f})")
-    ap.add_argument("--parts", default=",".join(k for k, *_ in PARTS),
-                    help="comma-separated parts to run (default: all): " + ", ".join(k for k, *_ in PARTS))
+    ap.add_argument("--budget", type=float, default=None, help=f"global time budget in seconds (default {BUDGET_S:.0f})")
+    ap.add_argument("--parts", default=",".join(PART_FUNCS),
+                    help="comma-separated parts to run (default: all): " + ", ".join(PART_FUNCS))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pytest-args", default=None, help=argparse.SUPPRESS)
@@ -263,10 +218,9 @@ def parse_args(argv):
     unknown = [s for s in args.parts if s not in PART_FUNCS]
     if unknown:
         ap.exit(2, f"gpu-check: error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PART_FUNCS)}\n")
-    if args.device == "cpu" and not args.smoke:
-        ap.exit(2, "gpu-check: error: --device cpu is only for the --smoke test of this tool\n")
-    if args.smoke and args.device != "cpu":
-        ap.exit(2, "gpu-check: error: --smoke runs on --device cpu\n")
+    if (args.device == "cpu") != args.smoke:
+        ap.exit(2, "gpu-check: error: --smoke runs on --device cpu, and --device cpu is only for the --smoke test "
+                   "of this tool\n")
     if args.budget is None:
         args.budget = 3600.0 if args.smoke else BUDGET_S
     if args.smoke and args.pytest_args is None:
@@ -290,17 +244,12 @@ def cuda_problem() -> str | None:
     return f"no CUDA GPU visible to {build}" + (f" ({why})" if why else "")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda":
-        os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels; set before flf2v.kernels is imported
-        problem = cuda_problem()
-        if problem:
-            print(f"gpu-check: error: {problem}; run it on a machine with an NVIDIA GPU (H100/H200 class)",
-                  file=sys.stderr)
-            return 2
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"  # the interpreter, before flf2v.kernels is imported
+def _start(args) -> Run | None:
+    """The device ready, the run and its results files named; None (after one line) without a usable GPU."""
+    os.environ["TRITON_INTERPRET"] = "0" if args.device == "cuda" else "1"  # before flf2v.kernels is imported
+    if args.device == "cuda" and (problem := cuda_problem()):
+        print(f"gpu-check: error: {problem}; run it on a machine with an NVIDIA GPU (H100/H200 class)", file=sys.stderr)
+        return None
     import torch
     if args.device == "cpu":  # one thread: tiny ops, and no OpenMP spinning against a busy machine's other work
         torch.set_num_threads(1)
@@ -308,33 +257,34 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="flf2v-gpu-check-smoke-")) if args.smoke
                                            else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu-smoke"
     if args.device == "cuda":
         torch.cuda.init()
-        run.results["machine"]["gpu"] = torch.cuda.get_device_name(0)
         from flf2v.export.manifest import short_gpu_name  # box-safe: torch and safetensors only
-        tag = short_gpu_name(run.results["machine"]["gpu"])
-    else:
-        tag = "cpu-smoke"
+        tag = short_gpu_name(run.results["machine"].setdefault("gpu", torch.cuda.get_device_name(0)))
     stem = f"gpu-check-{tag}-{datetime.date.today().isoformat()}"
     run.paths = (out / f"{stem}.json", out / f"{stem}.md")
-    log(f"{'smoke run on the CPU' if args.smoke else torch.cuda.get_device_name(0)}; budget {args.budget:.0f} s; "
+    log(f"{'smoke run on the CPU' if args.smoke else run.results['machine']['gpu']}; budget {args.budget:.0f} s; "
         f"results -> {run.paths[0]} and .md")
+    return run
+
+
+def main(argv=None) -> int:
+    run = _start(parse_args(argv))
+    if run is None:
+        return 2
     threading.Thread(target=watchdog, args=(run,), daemon=True).start()
-    for i, (key, _, _, cap, _) in enumerate(PARTS):
-        reserve_after = sum(plan for k, *_, plan in PARTS[i + 1:] if k in args.parts)
-        run_part(run, key, cap, reserve_after)
+    for i, part in enumerate(PARTS):
+        run_part(run, part.key, part.cap, sum(p.plan for p in PARTS[i + 1:] if p.key in run.args.parts))
         run.save()
-    failed = [k for k, p in run.results["parts"].items() if p["status"] == "failed"]
-    run.results["exit_code"] = 1 if failed else 0
+    run.results["exit_code"] = int(any(p["status"] == "failed" for p in run.results["parts"].values()))
     run.save()
-    print()
-    print(f"gpu-check summary ({run.results['machine'].get('gpu') or 'CPU smoke'}; "
-          f"{time.monotonic() - run.t0:.0f} s of {args.budget:.0f} s):")
+    print(f"\ngpu-check summary ({run.results['machine'].get('gpu') or 'CPU smoke'}; "
+          f"{time.monotonic() - run.t0:.0f} s of {run.args.budget:.0f} s):")
     for key, p in sorted(run.results["parts"].items(), key=lambda kv: kv[1]["number"]):
         note = p.get("error") or p.get("reason") or p.get("note") or ""
-        secs = _f(p.get("seconds"), "{:6.1f}")
-        print(f"  {p['number']}. {key:<12} {p['status']:<8} {secs:>6} s of {p.get('planned_s', '-'):>3} s planned  "
-              f"{one_line(note, 150)}")
+        print(f"  {p['number']}. {key:<12} {p['status']:<8} {_f(p.get('seconds'), '{:6.1f}'):>6} s of "
+              f"{p.get('planned_s', '-'):>3} s planned  {one_line(note, 150)}")
     print(f"results: {run.paths[0]}\n         {run.paths[1]}")
     return run.results["exit_code"]
 

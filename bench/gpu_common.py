@@ -1,16 +1,14 @@
-"""What the parts of `make gpu-check` (bench/gpu_check.py) share: the outcomes a part raises (Skip,
-CheckFailed, PartTimeout), logging, timing on the device, error measures, and the model preset, video shapes
-and random inputs the parts measure at. Box-safe at import: stdlib only; torch and flf2v modules are imported
-inside the functions that use them."""
+"""What the parts of `make gpu-check` share (bench/gpu_check.py runs them): the outcomes a part raises (Skip,
+CheckFailed, PartTimeout), logging, the time guard inside a part, timing on the device, error measures, and
+the model preset, video shapes, random DiT and inputs the parts measure at. A part is a function
+`part(run, data, part_end)`: it fills `data` (recorded in the results as it goes) and raises Skip or
+CheckFailed. Box-safe at import: stdlib only; torch and flf2v modules are imported inside the functions."""
 from __future__ import annotations
 
 import statistics
 import time
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from flf2v.bench.gpu_check import Run
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (also when imported through a symlink `flf2v`)
 
@@ -27,8 +25,6 @@ class CheckFailed(Exception):
     """A part ran but a result is outside its tolerance."""
 
 
-# ---- helpers for the parts ----------------------------------------------------------------------------
-
 def log(msg: str) -> None:
     print(f"gpu-check: {msg}", flush=True)
 
@@ -39,13 +35,37 @@ def one_line(err: BaseException | str, limit: int = 400) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def sync(run: Run) -> None:
+def short_of(run, part_end: float, need: float) -> str | None:
+    """The time guard inside a part: why a step that needs `need` seconds is skipped, None when it fits (always
+    in the smoke test)."""
+    left = part_end - time.monotonic()
+    return None if run.smoke or left >= need else f"time budget: {left:.0f} s left of the part, ~{need:.0f} s needed"
+
+
+def guarded(fn, row: dict, *args, trace: bool = False) -> dict:
+    """fn(row, *args) fills `row`, one row of a part; when it raises, the row keeps what it measured and says
+    the error (one row fails, the others stay). Returns the row."""
+    try:
+        fn(row, *args)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = one_line(e)
+        if trace:
+            row["traceback"] = traceback.format_exc(limit=6)[-2000:]
+    return row
+
+
+def check(problems: list[str]) -> None:
+    if problems:
+        raise CheckFailed("; ".join(problems))
+
+
+def sync(run) -> None:
     if run.cuda:
         import torch
         torch.cuda.synchronize()
 
 
-def timed_s(run: Run, fn, reps: int) -> tuple[float, list[float]]:
+def timed_s(run, fn, reps: int) -> tuple[float, list[float]]:
     """Median wall seconds of fn() over reps runs, synchronised on CUDA."""
     times = []
     for _ in range(max(1, reps)):
@@ -67,12 +87,12 @@ def cosine(a, b) -> float:
     return float((a @ b) / max((a.norm() * b.norm()).item(), 1e-300))
 
 
-def model_preset(run: Run):
+def model_preset(run):
     from flf2v.models.config import get_preset
     return get_preset("tiny" if run.smoke else "flf2v-14B")
 
 
-def video_shapes(run: Run) -> list[str]:
+def video_shapes(run) -> list[str]:
     """Engine shape presets whose token counts the kernels and the DiT slice are measured at."""
     return ["tiny", "tiny-wide"] if run.smoke else ["720p", "480p"]
 
@@ -85,7 +105,7 @@ def tokens_of(preset, shape_name: str) -> tuple[int, tuple[int, int, int], objec
     return dit_tokens(preset.dit, latent), latent, shape
 
 
-def free_cuda(run: Run) -> None:
+def free_cuda(run) -> None:
     import gc
     gc.collect()
     if run.cuda:
@@ -113,3 +133,25 @@ def loop_inputs(cfg, latent, device, seed: int = 1):
     clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
     y = torch.randn(1, cfg.in_dim - cfg.out_dim, *latent, generator=g)
     return tuple(t.to(device) for t in (x, context, clip, y))
+
+
+def build_random_dit(cfg, dtype, device, seed: int = 0, attention: str = "sdpa"):
+    """WanDiT(cfg) with random weights made on `device` (no host copy of the weights): built on meta, moved
+    with to_empty, filled by models.make_tiny.randomize_ with a generator on that device."""
+    import torch
+
+    from flf2v.models.dit import WanDiT
+    from flf2v.models.make_tiny import randomize_
+    with torch.device("meta"):
+        model = WanDiT(cfg, attention=attention)
+    model = model.to(dtype).to_empty(device=device)  # the fixed tables are real and stay fp32 (WanDiT._apply)
+    with torch.device(device):
+        randomize_(model, torch.Generator(device=device).manual_seed(seed))
+    return model.eval().requires_grad_(False)
+
+
+def slice_inputs(run, cfg, latent):
+    """The DiT slice's inputs (x, t, context, clip, y), batch 1."""
+    import torch
+    x, context, clip, y = loop_inputs(cfg, latent, run.device, seed=2)
+    return x[:1], torch.tensor([999], device=run.device), context[:1], clip, y[:1]

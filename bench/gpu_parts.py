@@ -1,7 +1,5 @@
-"""Parts 6, 2, 3 and 1 of `make gpu-check` (bench/gpu_check.py runs them): the environment, the Triton
-attention kernels vs torch SDPA, CUDA-graph capture of the denoising loop vs eager, and `pytest -m gpu`.
-Each is `part_<key>(run, data, part_end)`: it fills `data` and raises Skip or CheckFailed. Box-safe at
-import: stdlib only (torch, triton and the project's modules are imported inside the parts)."""
+"""Parts 6, 2, 3 and 1 of `make gpu-check`: the environment, the Triton attention kernels vs torch SDPA,
+CUDA-graph capture of the denoising loop vs eager, and `pytest -m gpu`. Box-safe at import: stdlib only."""
 from __future__ import annotations
 
 import contextlib
@@ -20,14 +18,10 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from flf2v.bench.gpu_common import (ROOT, CheckFailed, PartTimeout, Skip, errors, free_cuda, log, loop_inputs,
-                                    model_preset, one_line, sync, timed_s, tokens_of, torch_denoiser,
+from flf2v.bench.gpu_common import (ROOT, PartTimeout, Skip, check, errors, free_cuda, log, loop_inputs,
+                                    model_preset, one_line, short_of, sync, timed_s, tokens_of, torch_denoiser,
                                     video_shapes)
-
-if TYPE_CHECKING:
-    from flf2v.bench.gpu_check import Run
 
 # Modules whose presence decides what can run; import name -> distribution name.
 OPTIONAL = {"tensorrt": "tensorrt", "polygraphy": "polygraphy", "onnx": "onnx", "onnxruntime": "onnxruntime",
@@ -43,8 +37,6 @@ PROJECT_MODULES = ("models.dit", "models.checkpoint", "models.make_tiny", "model
                    "runtime.cli",
                    "kernels.ops", "kernels.trt_plugin", "export.contracts", "export.build", "export.onnx_export",
                    "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
-
-
 # Tools the compiled parts need beyond Python packages (on CUDA): Triton builds its kernel launcher with a C
 # compiler against Python.h; AOTInductor compiles C++ and links the CUDA toolkit's runtime.
 NEEDS = {"kernels": ("c_compiler", "python_h"), "aoti": ("c_compiler", "cxx_compiler", "python_h", "cuda_toolkit")}
@@ -71,8 +63,7 @@ def prerequisites() -> dict[str, str | None]:
 def missing_prerequisites(part: str, found: dict | None = None) -> str | None:
     """Why `part` cannot run here (one line naming each absent tool and its fix), or None."""
     found = found or prerequisites()
-    absent = [n for n in NEEDS.get(part, ()) if not found[n]]
-    return "; ".join(f"no {n.replace('_', ' ')}: {FIX[n]}" for n in absent) or None
+    return "; ".join(f"no {n.replace('_', ' ')}: {FIX[n]}" for n in NEEDS.get(part, ()) if not found[n]) or None
 
 
 # ---- 6. environment ------------------------------------------------------------------------------------
@@ -81,36 +72,23 @@ def _version(mod: str) -> str | None:
     if importlib.util.find_spec(mod) is None:
         return None
     for dist in (OPTIONAL.get(mod, mod), mod):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     if mod == "tensorrt":  # installed as tensorrt_cu13 / tensorrt-cu12 etc.
         for dist in importlib.metadata.distributions():
-            name = (dist.metadata["Name"] or "").lower()
-            if name.startswith("tensorrt"):
-                return f"{dist.version} ({name})"
+            if (dist.metadata["Name"] or "").lower().startswith("tensorrt"):
+                return f"{dist.version} ({dist.metadata['Name'].lower()})"
     return "present"
 
 
-def _nvidia_smi(fields: str) -> str | None:
+def _output(*cmd) -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-        return out[0].strip() if out else None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def _git(*args) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def part_environment(run: Run, data: dict) -> None:
+def part_environment(run, data: dict, part_end: float) -> None:
     import torch
 
     import flf2v
@@ -122,31 +100,30 @@ def part_environment(run: Run, data: dict) -> None:
     m = run.results["machine"]
     if run.cuda:
         props = torch.cuda.get_device_properties(0)
+        smi = _output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
         m.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                  memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-                 gpu_count=torch.cuda.device_count(), driver=_nvidia_smi("driver_version"),
+                 gpu_count=torch.cuda.device_count(), driver=smi.splitlines()[0].strip() if smi else None,
                  cuda_runtime=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     else:
         m.update(gpu=None, cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
-    git = _git("rev-parse", "HEAD")
+    git = _output("git", "-C", str(ROOT), "rev-parse", "HEAD")
     found = prerequisites()
     m.update(python=platform.python_version(), torch=torch.__version__, triton=getattr(triton, "__version__", None),
              triton_knobs=hasattr(triton, "knobs"), host=platform.node(), platform=platform.platform(),
              flf2v=str(Path(flf2v.__file__).parent), checkout=str(ROOT), git_commit=git,
-             git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if git else None,
-             TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"),
-             # Triton builds its kernel launcher with a C compiler at the first launch (CC, clang or gcc)
-             c_compiler=found["c_compiler"],
+             git_dirty=bool(_output("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"))
+             if git else None, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"),
+             c_compiler=found["c_compiler"],  # Triton builds its kernel launcher with it at the first launch
              CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES"))
     data["packages"] = {mod: _version(mod) for mod in OPTIONAL}
     data["missing"] = sorted(k for k, v in data["packages"].items() if v is None)
-    broken = {}
+    data["project_imports_failing"] = broken = {}
     for mod in PROJECT_MODULES:  # which parts of the project import on this python
         try:
             importlib.import_module(f"flf2v.{mod}")
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             broken[mod] = one_line(e, 200)
-    data["project_imports_failing"] = broken
     data["prerequisites"] = found
     absent = {part: why for part in NEEDS if (why := missing_prerequisites(part, found))}
     if run.cuda and absent:
@@ -163,7 +140,19 @@ def part_environment(run: Run, data: dict) -> None:
 KERNEL_TOL = {"bfloat16": 1.6e-2, "float16": 2e-3, "float32": 1e-5}
 
 
-def part_kernels(run: Run, data: dict, part_end: float) -> None:
+def _kernel_problems(name: str, entry: dict, tol: float) -> list[str]:
+    out = []
+    for kind in ("self", "cross"):
+        for row in entry[kind]["rows"]:
+            err = row.get("vs_fp64_rows", {}).get("max_rel")
+            if row["name"].startswith("triton") and err is not None and not err <= tol:
+                out.append(f"{name} {kind} {row['name']}: max rel err {err:.3g} vs fp64 > {tol:g}")
+            if row.get("ms") is not None and not math.isfinite(row["ms"]):
+                out.append(f"{name} {kind} {row['name']}: time {row['ms']}")
+    return out
+
+
+def part_kernels(run, data: dict, part_end: float) -> None:
     import torch
 
     from flf2v.bench import kernels as K
@@ -171,49 +160,31 @@ def part_kernels(run: Run, data: dict, part_end: float) -> None:
     cfg = preset.dit
     dtype = torch.float32 if run.smoke else torch.bfloat16
     h, d = cfg.num_heads, cfg.head_dim
-    data.update(heads=h, head_dim=d, dim=cfg.dim, dtype=str(dtype).removeprefix("torch."),
-                text_tokens=cfg.text_len, image_tokens=cfg.clip_tokens, shapes={})
+    data.update(heads=h, head_dim=d, dim=cfg.dim, dtype=str(dtype).removeprefix("torch."), text_tokens=cfg.text_len,
+                image_tokens=cfg.clip_tokens, shapes={}, tolerance_vs_fp64=KERNEL_TOL[str(dtype)[6:]])
     timing = dict(warmup_ms=25, rep_ms=300 if run.args.quick else 800, cpu_reps=0 if run.smoke else 1, oracle_n=256)
     shapes = video_shapes(run)[:1] if run.smoke else video_shapes(run)  # the interpreter is slow
     l_max = max(tokens_of(preset, s)[0] for s in shapes)
+
+    def stopper(L):  # the kernels' rows need ~20 + 60 s (Triton, autotuning) or ~3 + 10 s at the largest L
+        return lambda name: short_of(run, part_end, (20 + 60 * (L / l_max) ** 2) if name.startswith("triton")
+                                     else (3 + 10 * (L / l_max) ** 2))
+
     problems = []
-
-    def stopper(L):
-        def should_stop(name):
-            scale = (L / l_max) ** 2
-            need = (20 + 60 * scale) if name.startswith("triton") else (3 + 10 * scale)
-            left = part_end - time.monotonic()
-            if run.smoke or left > need:
-                return None
-            return f"time budget: {left:.0f} s left of the part, ~{need:.0f} s needed"
-        return should_stop
-
-    def printer(label):
-        return lambda row: log(f"  [{label}] " + K.format_row(row).strip())
-
     for i, name in enumerate(shapes):
         L, latent, _ = tokens_of(preset, name)
         entry = data["shapes"][name] = {"tokens": L, "latent": list(latent)}
-        fuse_k = (False,) if (run.args.quick and i > 0) else (False, True)
+        show = lambda row, name=name: log(f"  [{name}] " + K.format_row(row).strip())  # noqa: E731
         log(f"kernels: {name}: self-attention B=1 L={L} H={h} D={d} {data['dtype']}")
-        entry["self"] = K.bench_self(1, L, h, d, dtype, run.device, fuse_k=fuse_k, time_reference=True,
-                                     on_row=printer(name), should_stop=stopper(L), **timing)
+        entry["self"] = K.bench_self(1, L, h, d, dtype, run.device, fuse_k=(False,) if run.args.quick and i else
+                                     (False, True), on_row=show, should_stop=stopper(L), **timing)
         free_cuda(run)
         log(f"kernels: {name}: cross-attention Lq={L} Lt={cfg.text_len} Li={cfg.clip_tokens}")
-        entry["cross"] = K.bench_cross(1, L, cfg.text_len, cfg.clip_tokens, h, d, dtype, run.device,
-                                       on_row=printer(name), should_stop=stopper(L // 4), **timing)
+        entry["cross"] = K.bench_cross(1, L, cfg.text_len, cfg.clip_tokens, h, d, dtype, run.device, on_row=show,
+                                       should_stop=stopper(L // 4), **timing)
         free_cuda(run)
-        tol = KERNEL_TOL[data["dtype"]]
-        for kind in ("self", "cross"):
-            for row in entry[kind]["rows"]:
-                err = row.get("vs_fp64_rows", {}).get("max_rel")
-                if row["name"].startswith("triton") and err is not None and not err <= tol:
-                    problems.append(f"{name} {kind} {row['name']}: max rel err {err:.3g} vs fp64 > {tol:g}")
-                if "ms" in row and row["ms"] is not None and not math.isfinite(row["ms"]):
-                    problems.append(f"{name} {kind} {row['name']}: time {row['ms']}")
-    data["tolerance_vs_fp64"] = KERNEL_TOL[data["dtype"]]
-    if problems:
-        raise CheckFailed("; ".join(problems))
+        problems += _kernel_problems(name, entry, data["tolerance_vs_fp64"])
+    check(problems)
 
 
 # ---- 3. CUDA graph vs eager ----------------------------------------------------------------------------
@@ -221,15 +192,48 @@ def part_kernels(run: Run, data: dict, part_end: float) -> None:
 GRAPH_TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # max rel difference, captured vs eager
 
 
-def _reset(loop, x0) -> None:
-    """A loop back at step 0 from x0 (what DenoiseLoop.capture restores after its warm-up step)."""
-    loop.x.copy_(x0)
-    for buf in (loop.last, loop.m1, loop.m2):
-        buf.zero_()
-    loop.first_bad.fill_(loop.steps)
+def _best_of(run, loop, x0, reps: int) -> tuple[float, list]:
+    """Min seconds over `reps` runs of a loop from x0 (reset as DenoiseLoop.capture restores it after its warm-up
+    step); the final x of each run."""
+    best, outs = math.inf, []
+    for i in range(reps):
+        if i:
+            loop.x.copy_(x0)
+            for buf in (loop.last, loop.m1, loop.m2):
+                buf.zero_()
+            loop.first_bad.fill_(loop.steps)
+        best = min(best, timed_s(run, loop.run, 1)[0])
+        outs.append(loop.x.clone())
+    return best, outs
 
 
-def part_cuda_graph(run: Run, data: dict, part_end: float) -> None:
+def _graph_case(run, case: dict, new_loop, x0, steps: int, reps: int) -> str | None:
+    """One dtype / attention / CFG layout: eager against captured (a second eager run without CUDA)."""
+    import torch
+    with torch.no_grad():
+        new_loop().run()  # warm-up: kernels chosen, allocator primed
+        t_eager, (out_eager, *_) = _best_of(run, new_loop(), x0, reps)
+        graph = new_loop()
+        t0 = time.perf_counter()
+        if run.cuda:
+            graph.capture()
+            sync(run)
+        case["capture_s"] = time.perf_counter() - t0
+        t_graph, outs = _best_of(run, graph, x0, reps)
+    e, same = errors(outs[0], out_eager), all(torch.equal(o, outs[0]) for o in outs)
+    case.update(eager_step_ms=1e3 * t_eager / steps, graph_step_ms=1e3 * t_graph / steps,
+                speedup=t_eager / t_graph if t_graph > 0 else None, max_abs=e["max_abs"], max_rel=e["max_rel"],
+                tol=GRAPH_TOL[case["dtype"]], replays_identical=same, finite=bool(torch.isfinite(outs[0]).all()))
+    log(f"cuda_graph: {case['dtype']} {case['attention']} cfg_batch={case['cfg_batch']}: eager "
+        f"{case['eager_step_ms']:.3f} ms/step, {'graph' if run.cuda else 'eager again'} {case['graph_step_ms']:.3f} "
+        f"ms/step, max rel diff {e['max_rel']:.2e}")
+    if not (e["max_rel"] <= case["tol"]) or not case["finite"] or not same:
+        return (f"{case['dtype']} cfg_batch={case['cfg_batch']}: max rel {e['max_rel']:.3g} (tol {case['tol']:g}), "
+                f"finite={case['finite']}, replays identical={same}")
+    return None
+
+
+def part_cuda_graph(run, data: dict, part_end: float) -> None:
     import torch
 
     from flf2v.models.config import get_preset
@@ -238,92 +242,44 @@ def part_cuda_graph(run: Run, data: dict, part_end: float) -> None:
     from flf2v.runtime.denoise import DenoiseLoop
     from flf2v.runtime.scheduler import make_sampler
     preset = get_preset("tiny")
-    cfg = preset.dit
     _, latent, _ = tokens_of(preset, "tiny")
-    steps = 3 if run.smoke else 10
-    reps = 1 if run.smoke else 5
+    steps, reps = (3, 1) if run.smoke else (10, 5)
     data.update(preset="tiny", latent=list(latent), steps=steps, solver="unipc", shift=preset.sample_shift,
                 guide_scale=preset.sample_guide_scale, captured=run.cuda, cases=[])
     if not run.cuda:
         data["note"] = "no CUDA: the 'graph' column is a second eager run (capture needs CUDA)"
-    x0, context, clip, y = loop_inputs(cfg, latent, run.device)
+    x0, context, clip, y = loop_inputs(preset.dit, latent, run.device)
     problems = []
     # the fused Triton attention inside the captured step too (bf16 only compiled: the interpreter's is wrong)
     variants = [(torch.float32, "sdpa"), (torch.bfloat16, "sdpa"), (torch.float32, "triton")] + (
         [(torch.bfloat16, "triton")] if run.cuda else [])
     for dtype, attention in variants:
-        dit = randomize_(WanDiT(cfg, attention=attention), torch.Generator().manual_seed(0))
-        dit = dit.eval().requires_grad_(False).to(run.device, dtype)
-        denoise = torch_denoiser(dit, dtype, run.device)
-        dname = str(dtype).removeprefix("torch.")
+        dit = randomize_(WanDiT(preset.dit, attention=attention), torch.Generator().manual_seed(0))
+        denoise = torch_denoiser(dit.eval().requires_grad_(False).to(run.device, dtype), dtype, run.device)
         for cfg_batch in (2, 1) if attention == "sdpa" else (2,):
-            case = {"dtype": dname, "cfg_batch": cfg_batch, "attention": attention}
+            case = {"dtype": str(dtype)[6:], "cfg_batch": cfg_batch, "attention": attention}
             data["cases"].append(case)
-
-            def new_loop():
-                return DenoiseLoop(denoise, make_sampler("unipc", steps, preset.sample_shift), x0, context, clip, y,
-                                   preset.sample_guide_scale, cfg_batch)
-
-            with torch.no_grad():
-                new_loop().run()  # warm-up: kernels chosen, allocator primed
-                eager = new_loop()
-                t_eager, _ = timed_s(run, eager.run, 1)
-                out_eager = eager.x.clone()
-                for _ in range(reps - 1):
-                    _reset(eager, x0)
-                    t_eager = min(t_eager, timed_s(run, eager.run, 1)[0])
-                graph = new_loop()
-                t0 = time.perf_counter()
-                if run.cuda:
-                    graph.capture()
-                    sync(run)
-                case["capture_s"] = time.perf_counter() - t0
-                t_graph, _ = timed_s(run, graph.run, 1)
-                out_graph = graph.x.clone()
-                replay_equal = True
-                for _ in range(reps - 1):
-                    _reset(graph, x0)
-                    t_graph = min(t_graph, timed_s(run, graph.run, 1)[0])
-                    replay_equal &= bool(torch.equal(graph.x, out_graph))
-            e = errors(out_graph, out_eager)
-            case.update(eager_step_ms=1e3 * t_eager / steps, graph_step_ms=1e3 * t_graph / steps,
-                        speedup=t_eager / t_graph if t_graph > 0 else None, max_abs=e["max_abs"],
-                        max_rel=e["max_rel"], tol=GRAPH_TOL[dname], replays_identical=replay_equal,
-                        finite=bool(torch.isfinite(out_graph).all()))
-            log(f"cuda_graph: {dname} {attention} cfg_batch={cfg_batch}: eager {case['eager_step_ms']:.3f} ms/step, "
-                f"{'graph' if run.cuda else 'eager again'} {case['graph_step_ms']:.3f} ms/step, "
-                f"max rel diff {e['max_rel']:.2e}")
-            if not (e["max_rel"] <= GRAPH_TOL[dname]) or not case["finite"] or not replay_equal:
-                problems.append(f"{dname} cfg_batch={cfg_batch}: max rel {e['max_rel']:.3g} "
-                                f"(tol {GRAPH_TOL[dname]:g}), finite={case['finite']}, "
-                                f"replays identical={replay_equal}")
-            del eager, graph
+            problems.append(_graph_case(run, case, lambda: DenoiseLoop(
+                denoise, make_sampler("unipc", steps, preset.sample_shift), x0, context, clip, y,
+                preset.sample_guide_scale, cfg_batch), x0, steps, reps))
         free_cuda(run)
-    if problems:
-        raise CheckFailed("; ".join(problems))
+    check([p for p in problems if p])
 
 
 # ---- 1. pytest -m gpu ----------------------------------------------------------------------------------
 
-MISSING_MODULE = re.compile(r"No module named '([A-Za-z0-9_.]+)'")
-
-
 def _missing_module(text: str) -> str | None:
-    """The absent third-party package an error is about (ModuleNotFoundError), else None. A missing
-    `flf2v.*` module, or one that is installed here, is a bug, not an absent package."""
-    match = MISSING_MODULE.search(text)
-    if not match:
-        return None
-    top = match.group(1).split(".")[0]
-    if top == "flf2v" or importlib.util.find_spec(top) is not None:
-        return None
-    return top
+    """The absent third-party package an error is about (ModuleNotFoundError), else None. A missing `flf2v.*`
+    module, or one that is installed here, is a bug, not an absent package."""
+    match = re.search(r"No module named '([A-Za-z0-9_.]+)'", text)
+    top = match.group(1).split(".")[0] if match else "flf2v"
+    return None if top == "flf2v" or importlib.util.find_spec(top) is not None else top
 
 
 def _junit_counts(path: Path) -> dict:
-    """Outcomes from pytest's junit XML. Failures and errors (collection errors included) caused by a
-    package absent from this python are counted apart, as `not_run_missing_module`: they are skips for
-    this machine (a bare GPU image lacks PIL, ftfy, diffusers, ...), not failures."""
+    """Outcomes from pytest's junit XML. Failures and errors (collection errors included) caused by a package
+    absent from this python are counted apart, as `not_run_missing_module`: skips for this machine (a bare GPU
+    image lacks PIL, ftfy, diffusers, ...), not failures."""
     import xml.etree.ElementTree as ET
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "not_run_missing_module": 0}
     failures, skips, missing = [], {}, {}
@@ -331,8 +287,8 @@ def _junit_counts(path: Path) -> dict:
         cls, name = case.get("classname") or "", case.get("name") or ""
         test = f"{cls}::{name}" if cls else name
         kinds = {child.tag: child for child in case if child.tag in ("failure", "error", "skipped")}
-        if "failure" in kinds or "error" in kinds:
-            tag = "failure" if "failure" in kinds else "error"
+        tag = next((t for t in ("failure", "error") if t in kinds), None)
+        if tag:
             msg, text = kinds[tag].get("message") or "", kinds[tag].text or ""
             if msg in ("collection failure", "") or len(msg) < 20:  # the cause is in the traceback text
                 last = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]
@@ -353,51 +309,50 @@ def _junit_counts(path: Path) -> dict:
     return {**counts, "failures": failures, "skip_reasons": skips, "missing_modules": missing}
 
 
-def part_pytest(run: Run, data: dict, part_end: float) -> None:
+def _pytest(cmd: list[str], timeout: float) -> tuple[int, str, bool]:
+    """(exit code, output, timed out): SIGINT at the timeout, so that pytest still writes its report."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, False
+    except (subprocess.TimeoutExpired, PartTimeout):
+        os.killpg(proc.pid, signal.SIGINT)  # the process group this part started
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        return proc.returncode, out, True
+
+
+def part_pytest(run, data: dict, part_end: float) -> None:
     if importlib.util.find_spec("pytest") is None:
         raise Skip("pytest is not installed on this python")
     if not (ROOT / "tests").is_dir():
         raise Skip(f"no tests/ folder in {ROOT}")
-    selection = run.args.pytest_args.split() if run.args.pytest_args else []
     timeout = max(10.0, part_end - time.monotonic() - 20)  # 15 s left to interrupt pytest and read its report
     with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-pytest-") as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", f"--junitxml={junit}", *selection]
+               "--continue-on-collection-errors", f"--junitxml={junit}", *(run.args.pytest_args or "").split()]
         data["command"] = " ".join(cmd[1:]).replace(str(junit), "<junit.xml>")
         log(f"pytest: {data['command']} (timeout {timeout:.0f} s)")
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            timed_out = False
-        except (subprocess.TimeoutExpired, PartTimeout):
-            # SIGINT first: pytest stops like on Ctrl-C and still writes its report of the tests done so far
-            os.killpg(proc.pid, signal.SIGINT)  # the process group this part started
-            try:
-                out, _ = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
-            timed_out = True
-        data["returncode"] = proc.returncode
-        data["output_tail"] = out[-3000:]
+        rc, out, timed_out = _pytest(cmd, timeout)
         lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-        data["summary_line"] = lines[-1] if lines else ""
+        data.update(returncode=rc, output_tail=out[-3000:], summary_line=lines[-1] if lines else "")
         if junit.exists():
             data.update(_junit_counts(junit))
-    if timed_out:
-        # the junit report counts the test running at the cut as passed: take pytest's own summary line
-        done = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", data.get("summary_line", ""))
+    if timed_out:  # the junit report counts the test running at the cut as passed: take pytest's own summary
+        done = re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", data["summary_line"])
         data["interrupted_summary"] = {k: int(n) for n, k in done}
         done = f"; before that: {', '.join(f'{n} {k}' for n, k in done)}" if done else ""
-        raise CheckFailed(f"pytest cut off by the time guard after {timeout:.0f} s{done}")
-    if "passed" not in data:
-        raise CheckFailed(f"pytest exited {proc.returncode} without a report: {one_line(data['summary_line'])}")
+        check([f"pytest cut off by the time guard after {timeout:.0f} s{done}"])
+    check([] if "passed" in data else [f"pytest exited {rc} without a report: {one_line(data['summary_line'])}"])
     if data["missing_modules"]:
         data["summary_note"] = (f"{data['passed']} passed, {data['skipped']} skipped; {data['not_run_missing_module']} "
                                 f"not run for want of {', '.join(sorted(data['missing_modules']))} on this python")
     # exit 1 is pytest's "some tests failed": fine when every one of them only lacked an absent package
-    if data["failed"] or data["errors"] or proc.returncode not in ((0, 1, 5) if data["missing_modules"] else (0, 5)):
+    if data["failed"] or data["errors"] or rc not in ((0, 1, 5) if data["missing_modules"] else (0, 5)):
         names = ", ".join(f["test"] for f in data["failures"][:8])
-        raise CheckFailed(f"{data['failed']} failed, {data['errors']} errors (exit {proc.returncode}): {names}")
+        check([f"{data['failed']} failed, {data['errors']} errors (exit {rc}): {names}"])

@@ -1,15 +1,14 @@
-"""Part 7 of `make gpu-check` (bench/gpu_check.py runs it): AOTInductor packages of ours on the GPU.
+"""Part 7 of `make gpu-check`: AOTInductor packages of ours on the GPU.
 
-- dit_slice: the full-width 2-block slice of the flf2v-14B DiT (as part 5) at 720p / 81 frames in bf16,
-  exported with torch.export and compiled by `torch._inductor.aoti_compile_and_package` (what
-  `flf2v-build --backend aoti` does per graph): compile time, package size, forward time against torch eager
-  on the same weights, and the error.
-- dit_slice_triton: the same slice with the flf2v Triton kernels (`--attention plugin`): whether AOTInductor
-  compiled them into the package (the kernel names in its code), its time and error against eager sdpa.
-- tiny: the tiny checkpoint's whole AOTI folder (`export.build.build(backend="aoti")`, bf16) and one video
-  through `Pipeline.from_engines` against the torch reference in bf16: build time, video error.
-In the CPU smoke test the slice is the tiny config at the tiny shape (fp32) and the tiny folder is skipped
-(tests/test_aoti.py builds and checks it on the CPU). Box-safe at import: stdlib only.
+- dit_slice: part 5's full-width 2-block slice of the flf2v-14B DiT at 720p / 81 frames in bf16, exported with
+  torch.export and compiled by `torch._inductor.aoti_compile_and_package` (what `flf2v-build --backend aoti`
+  does per graph): compile time, package size, forward time and error against torch eager on the same weights.
+- dit_slice_triton: the same with the flf2v Triton kernels (`--attention plugin`): whether AOTInductor compiled
+  them into the package (the kernel names in its code), its time and error against eager sdpa.
+- tiny: the tiny checkpoint's whole AOTI folder (bf16) and one video through `Pipeline.from_engines` against the
+  torch reference in bf16: build time, video error, denoising steps captured.
+In the CPU smoke test the slice is the tiny config at the tiny shape (fp32) and the rest is skipped
+(tests/test_aoti.py builds and checks the tiny folder on the CPU). Box-safe at import: stdlib only.
 """
 from __future__ import annotations
 
@@ -19,14 +18,9 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from flf2v.bench.gpu_common import Skip, errors, free_cuda, loop_inputs, model_preset, one_line, sync, timed_s, \
-    tokens_of, video_shapes
-
-if TYPE_CHECKING:
-    from flf2v.bench.gpu_check import Run
-
+from flf2v.bench.gpu_common import (Skip, build_random_dit, errors, free_cuda, guarded, model_preset, short_of,
+                                    slice_inputs, sync, timed_s, tokens_of, video_shapes)
 
 # the flf2v Triton kernels (kernels/attention.py, cross_attention.py) as named in a package's code
 FLF2V_KERNELS = ("self_attn_fwd", "cross_attn_fwd", "rms_stats", "norm_rope")
@@ -37,38 +31,30 @@ def kernels_in(path) -> list[str]:
     found = set()
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
-            found |= {k for k in FLF2V_KERNELS if k in name}
-            if name.endswith((".cpp", ".h", ".py", ".json", ".txt")):
-                text = z.read(name).decode(errors="ignore")
-                found |= {k for k in FLF2V_KERNELS if k in text}
+            text = name + (z.read(name).decode(errors="ignore") if name.endswith((".cpp", ".h", ".py", ".json",
+                                                                                   ".txt")) else "")
+            found |= {k for k in FLF2V_KERNELS if k in text}
     return sorted(found)
 
 
-def _slice(run: Run, attention: str = "sdpa") -> dict:
+def _slice(row: dict, run, attention: str = "sdpa") -> None:
     """Part 5's DiT slice compiled into one AOTI package, against torch eager (sdpa) on the same weights.
     attention="triton": the DiT with the flf2v triton_ops (kernels/ops.py), which AOTInductor should compile
     into the package; `kernels_in_package` says whether it did."""
     import torch
 
-    from flf2v.bench.gpu_parts_dit import build_random_dit
     from flf2v.export.contracts import DiTFull
-    from flf2v.models.dit import WanDiT
     preset = model_preset(run)
     cfg = dataclasses.replace(preset.dit, num_layers=2)
     dtype = torch.float32 if run.smoke else torch.bfloat16
     L, latent, _ = tokens_of(preset, video_shapes(run)[0])
-    model = build_random_dit(cfg, dtype, run.device)
-    x, context, clip, y = loop_inputs(cfg, latent, run.device, seed=2)
-    inputs = (x[:1], torch.tensor([999], device=run.device), context[:1], clip, y[:1])
-    row = {"blocks": 2, "tokens": L, "dtype": str(dtype).removeprefix("torch."), "attention": attention}
-    compiled = model
+    model = compiled = build_random_dit(cfg, dtype, run.device)
+    inputs = slice_inputs(run, cfg, latent)
+    row.update(blocks=2, tokens=L, dtype=str(dtype)[6:], attention=attention)
     if attention == "triton":
         import flf2v.kernels.ops  # noqa: F401  (registers the ops)
-        with torch.device("meta"):
-            compiled = WanDiT(cfg, attention="triton")
-        compiled = compiled.to(dtype).to_empty(device=run.device)
+        compiled = build_random_dit(cfg, dtype, run.device, attention="triton")
         compiled.load_state_dict(model.state_dict())
-        compiled.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-") as tmp, torch.no_grad():
         mod, ref_mod = DiTFull(compiled).eval(), DiTFull(model).eval()
         t0 = time.perf_counter()
@@ -76,40 +62,34 @@ def _slice(run: Run, attention: str = "sdpa") -> dict:
         row["export_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "dit_b1.pt2"))
-        row["compile_s"] = time.perf_counter() - t0
-        row["package_mib"] = Path(path).stat().st_size / 2**20
-        row["kernels_in_package"] = kernels_in(path)
-        pkg = torch._inductor.aoti_load_package(path)
-        reps = 1 if run.smoke else 3
+        row.update(compile_s=time.perf_counter() - t0, package_mib=Path(path).stat().st_size / 2**20,
+                   kernels_in_package=kernels_in(path))
+        pkg, reps = torch._inductor.aoti_load_package(path), 1 if run.smoke else 3
         out = pkg(*inputs)[0]
         row["aoti_forward_s"], _ = timed_s(run, lambda: pkg(*inputs), reps)
         ref = ref_mod(*inputs)[0]
         row["eager_forward_s"], _ = timed_s(run, lambda: ref_mod(*inputs), reps)
         sync(run)
-        row["vs_eager"] = errors(out, ref)
-        row["speedup_vs_eager"] = row["eager_forward_s"] / row["aoti_forward_s"]
-    return row
+        row.update(vs_eager=errors(out, ref), speedup_vs_eager=row["eager_forward_s"] / row["aoti_forward_s"])
 
 
-def _tiny(run: Run) -> dict:
+def _tiny(row: dict, run) -> None:
     import torch
 
     from flf2v.export.build import build
     from flf2v.models.make_tiny import write_demo_frames, write_tiny_checkpoint
+    from flf2v.runtime.denoise import DenoiseLoop
     from flf2v.runtime.media import load_image
     from flf2v.runtime.pipeline import Pipeline
-    row = {}
     with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-tiny-") as tmp:
         tmp = Path(tmp)
         ckpt = write_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
         frames = [load_image(p) for p in write_demo_frames(tmp / "frames", (64, 64))]
         t0 = time.perf_counter()
         folder = build(ckpt, "tiny", "bf16", out=tmp / "aoti", backend="aoti", cfg_batch=(2,), progress=False)
-        row["build_s"] = time.perf_counter() - t0
-        row["folder_mib"] = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        row.update(build_s=time.perf_counter() - t0, folder_mib=sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
         kw = dict(size="64*64", frame_num=9, seed=1, sample_steps=4, progress=False)
         ref = Pipeline.from_checkpoint(ckpt, dtype=torch.bfloat16, device=run.device).generate("a ball", *frames, **kw)
-        from flf2v.runtime.denoise import DenoiseLoop
         captures, capture = [], DenoiseLoop.capture
         DenoiseLoop.capture = lambda loop: (captures.append(1), capture(loop))[1]  # counted, not changed
         try:
@@ -121,36 +101,27 @@ def _tiny(run: Run) -> dict:
             DenoiseLoop.capture = capture
         row["steps_captured"] = len(captures)  # the packages' calls inside a CUDA graph of the step
         row["video_vs_torch_bf16"] = errors(got.float(), ref.float())
-    return row
 
 
-def part_aoti(run: Run, data: dict, part_end: float) -> None:
+def part_aoti(run, data: dict, part_end: float) -> None:
     if importlib.util.find_spec("torch") is None:
         raise Skip("no torch on this python")
-    data["dit_slice"] = _slice(run)
+    _slice(data.setdefault("dit_slice", {}), run)  # a failure here fails the part
     free_cuda(run)  # the slice's weights and package went with _slice's frame
+    missing = [m for m in ("PIL", "ftfy", "regex", "transformers") if importlib.util.find_spec(m) is None]
     if run.smoke:
         data["dit_slice_triton"] = {"skipped": "smoke: the Triton kernels compile into a package only on CUDA "
                                                "(tests/test_aoti.py checks the ops export on a CPU)"}
-    elif part_end - time.monotonic() < 120:
-        data["dit_slice_triton"] = {"skipped": f"time budget: {part_end - time.monotonic():.0f} s left of the part"}
+    elif reason := short_of(run, part_end, 120):
+        data["dit_slice_triton"] = {"skipped": reason}
     else:
-        try:
-            data["dit_slice_triton"] = _slice(run, "triton")
-        except Exception as e:  # noqa: BLE001 - one row of the part; the others' figures stay
-            data["dit_slice_triton"] = {"error": one_line(e)}
+        data["dit_slice_triton"] = guarded(_slice, {}, run, "triton")
         free_cuda(run)
     if run.smoke:
         data["tiny"] = {"skipped": "smoke: tests/test_aoti.py builds and checks the tiny AOTI folder on a CPU"}
-        return
-    missing = [m for m in ("PIL", "ftfy", "regex", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
+    elif missing:
         data["tiny"] = {"skipped": f"no {', '.join(missing)} on this python (the tokenizer and images need them)"}
-        return
-    if part_end - time.monotonic() < 60:
-        data["tiny"] = {"skipped": f"time budget: {part_end - time.monotonic():.0f} s left of the part"}
-        return
-    try:
-        data["tiny"] = _tiny(run)
-    except Exception as e:  # noqa: BLE001 - one row of the part; the slice's figures stay
-        data["tiny"] = {"error": one_line(e)}
+    elif reason := short_of(run, part_end, 60):
+        data["tiny"] = {"skipped": reason}
+    else:
+        data["tiny"] = guarded(_tiny, {}, run)

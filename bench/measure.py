@@ -1,15 +1,19 @@
-"""Clocks and memory gauges for the benchmark: per-stage time and peak memory, summary statistics.
+"""Clocks, memory gauges and the machine's load for every mode of the benchmark.
 
 Time: CUDA events on a GPU (device time between two points of the stream), `perf_counter` on the CPU.
 Memory: peak host RSS of a stage, by resetting the kernel's high-water mark (`VmHWM`, via
 `/proc/self/clear_refs`) when the stage starts and reading it when it ends; on CUDA also the larger of
 `torch.cuda.max_memory_allocated` since the stage started and the device memory in use when it ends
-(`cudaMemGetInfo`: what TensorRT allocates itself, which torch's counters never see). Where the mark cannot be reset (not Linux),
-the process-wide peak is reported and flagged.
+(`cudaMemGetInfo`: what TensorRT allocates itself, which torch's counters never see). Where the mark cannot
+be reset (not Linux), the process-wide peak is reported.
 """
 from __future__ import annotations
 
+import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,16 +22,15 @@ import torch
 
 from flf2v.runtime.pipeline import StageTimes, cuda_device_used
 
+log = logging.getLogger("flf2v.bench")
+
 
 def _status_kb(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in f if line.startswith(field_name + ":")), None)
     except OSError:
         return None
-    return None
 
 
 def rss_bytes() -> int:
@@ -35,16 +38,12 @@ def rss_bytes() -> int:
     return -1 if kb is None else kb * 1024
 
 
-def _reset_host_peak() -> bool:
+def _reset_host_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
     except OSError:
-        return False
-
-
-HOST_PEAK_RESETTABLE = _reset_host_peak()
+        pass
 
 
 def host_peak_bytes() -> int:
@@ -55,9 +54,65 @@ def host_peak_bytes() -> int:
     return kb * 1024
 
 
+def timed(fn):
+    """(seconds, fn()) by the host clock."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+class ChildFailed(RuntimeError):
+    """A child process of the benchmark failed; the message ends with its output."""
+
+
+def run_module(module: str, *args, show_progress: bool = False) -> float:
+    """Seconds of `python -c 'from <module> import main; main(args)'` in a child process (an export's memory is
+    then not this process's); ChildFailed with the end of its output when it fails."""
+    cmd = [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))", *args]
+    t, proc = timed(lambda: subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                                           stderr=None if show_progress else subprocess.STDOUT))
+    if proc.returncode:
+        raise ChildFailed(f"{module} failed (exit {proc.returncode}): {(proc.stdout or '').strip()[-400:]}")
+    return t
+
+
+# ---- the machine's load --------------------------------------------------------------------------------
+
+BUSY_PER_CPU = 1.0  # 1-minute load average per CPU above which the machine counts as busy
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def wait_for_idle(cpus: int, max_wait: float, per_cpu: float = BUSY_PER_CPU, poll: float = 5.0) -> dict:
+    """Before timing anything: when the 1-minute load average is above `per_cpu` x `cpus`, wait (at most
+    `max_wait` seconds) for it to drop. Returns what was seen, for the report."""
+    limit = per_cpu * cpus
+    first = last = load_avg()
+    t0 = time.monotonic()
+    busy = first is not None and first[0] > limit
+    if busy:
+        log.warning("the machine is busy (1-minute load average %.2f on %d CPUs); %s", first[0], cpus,
+                    f"waiting up to {max_wait:.0f} s for it to drop below {limit:.1f}" if max_wait > 0
+                    else "not waiting (--idle_wait 0)")
+        while last[0] > limit and time.monotonic() - t0 < max_wait:
+            time.sleep(max(0.0, min(poll, max_wait - (time.monotonic() - t0))))
+            last = load_avg()
+    if last is not None and last[0] > limit:
+        log.warning("still busy (load average %.2f); timing anyway, the report says so", last[0])
+    return {"cpus": cpus, "busy_above": limit, "first_seen": first, "before": last,
+            "waited_seconds": round(time.monotonic() - t0, 1) if busy else 0.0,
+            "busy_before": last is not None and last[0] > limit}
+
+
+# ---- per-stage time and memory -------------------------------------------------------------------------
+
 class Clock:
-    """Seconds from start() (or `with`) to stop(): CUDA events on a GPU (device time between two points of
-    the stream), perf_counter on the CPU. `seconds` holds the last measurement."""
+    """Seconds from start() (or `with`) to stop(): CUDA events on a GPU, perf_counter on the CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -95,21 +150,18 @@ class Sample:
 class Probe:
     """Per-stage time and peak memory. `with probe.span(name): ...`, or `start(name)` ... `stop(name)` for a
     stage whose two ends lie in different hooks, adds the span's time to `name` and raises its peak memory.
-
     Each span costs a reset of the host high-water mark, two /proc reads and, on a GPU, two CUDA events and
     a synchronisation: the benchmark opens one per stage on both sides, never one per step."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.samples: dict[str, Sample] = {}
         self.log: list[tuple[str, float, float]] = []  # (name, host start, host end) of every span, in order
-        self._open: dict[str, tuple[float, object]] = {}
+        self._open: dict[str, tuple[float, Clock]] = {}
 
     def clear(self) -> None:
-        self.samples.clear()
-        self.log.clear()
-        self._open.clear()
+        for d in (self.samples, self.log, self._open):
+            d.clear()
 
     def start(self, name: str) -> None:
         if name in self._open:
@@ -122,14 +174,13 @@ class Probe:
     def stop(self, name: str) -> None:
         t0, clock = self._open.pop(name)
         dt = clock.stop()
-        t1 = time.perf_counter()
         s = self.samples.setdefault(name, Sample())
         s.seconds += dt
         s.host_peak = max(s.host_peak, host_peak_bytes())
         if self.cuda:  # torch's allocator peak, or all memory in use (TensorRT's engines count) if higher
             s.cuda_peak = max(s.cuda_peak or 0, torch.cuda.max_memory_allocated(self.device),
                               cuda_device_used(self.device))
-        self.log.append((name, t0, t1))
+        self.log.append((name, t0, time.perf_counter()))
 
     @contextmanager
     def span(self, name: str):
@@ -155,24 +206,19 @@ class StageProbe(StageTimes):
 
 
 class CallMeter:
-    """Accumulated time inside wrapped calls (the network calls), with first start and last end per name.
-
-    Only for synchronous execution (the CPU): on a GPU the calls return before the work is done."""
+    """Accumulated time inside wrapped calls (the network calls), per name. Only for synchronous execution
+    (the CPU): on a GPU the calls return before the work is done."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.first: dict[str, float] = {}
-        self.last: dict[str, float] = {}
 
     def clear(self) -> None:
-        for d in (self.seconds, self.calls, self.first, self.last):
-            d.clear()
+        self.seconds.clear()
 
     def wrap(self, name: str, fn, probe: Probe | None = None, before=None, after=None):
         """`fn` timed under `name` (and inside a probe span of that name when `probe` is given); `before()` and
         `after()` run outside the timed part, right before and after it."""
-        def timed(*args, **kw):
+        def metered(*args, **kw):
             if before is not None:
                 before()
             t0 = time.perf_counter()
@@ -181,15 +227,11 @@ class CallMeter:
             else:
                 with probe.span(name):
                     out = fn(*args, **kw)
-            t1 = time.perf_counter()
-            self.seconds[name] = self.seconds.get(name, 0.0) + t1 - t0
-            self.calls[name] = self.calls.get(name, 0) + 1
-            self.first.setdefault(name, t0)
-            self.last[name] = t1
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             if after is not None:
                 after()
             return out
-        return timed
+        return metered
 
     @property
     def total(self) -> float:
@@ -224,11 +266,7 @@ class Stats:
             raise ValueError("no measurements")
         return cls(statistics.median(values), min(values), max(values), len(values), list(values))
 
-    @property
-    def spread(self) -> float:
-        """(max - min) / median."""
-        return (self.max - self.min) / self.median if self.median > 0 else 0.0
-
     def to_json(self) -> dict:
-        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n, "spread": self.spread,
+        spread = (self.max - self.min) / self.median if self.median > 0 else 0.0  # (max - min) / median
+        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n, "spread": spread,
                 "values": self.values}

@@ -1,15 +1,14 @@
-"""What the benchmark runs: our pipeline on each backend, and the peer, diffusers' WanImageToVideoPipeline.
+"""What the stage comparison runs: our pipeline on each backend, and the peer, diffusers' WanImageToVideoPipeline.
 
-Every runner loads once, then `run(job)` makes one video and returns a `RunResult`: end-to-end time,
-per-stage time and peak memory, the time inside network calls (CPU) and the video [3, F, H, W] in
+Every runner loads once, then `run()` makes one video of its `job` and returns a `RunResult`: end-to-end
+time, per-stage time and peak memory, the time inside network calls (CPU) and the video [3, F, H, W] in
 [-1, 1]. A backend this machine cannot run raises `Unavailable` with the reason.
 """
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
-import time
+import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from PIL import Image
 
 from flf2v.runtime.pipeline import Pipeline
 
-from .measure import CallMeter, Clock, Probe, StageProbe, TimedBackend
+from .measure import CallMeter, ChildFailed, Clock, Probe, StageProbe, TimedBackend, run_module
 
+log = logging.getLogger("flf2v.bench")
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
 BACKENDS = ("torch", "torch-triton", "ort", "ort-dynamic", "ort-numpy", "trt", "trt-dynamic", "aoti", "aoti-dynamic",
             "diffusers")
@@ -59,7 +59,6 @@ class Job:
     def frames_in(self) -> tuple[Image.Image, Image.Image]:
         """First and last frame at exactly the output size: both pipelines then resize nothing for the VAE."""
         from flf2v.models.make_tiny import write_demo_frames
-        import tempfile
         with tempfile.TemporaryDirectory() as d:
             a, b = write_demo_frames(d, (self.width, self.height))
             return Image.open(a).convert("RGB"), Image.open(b).convert("RGB")
@@ -75,41 +74,46 @@ class RunResult:
     video: torch.Tensor = field(repr=False)
 
 
-def release_memory(device: torch.device) -> None:
-    """Free what a closed runner held, and hand freed heap back to the OS so the next backend's RSS starts
-    near where this one's did."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+class _Runner:
+    """What both runners share: meters, the timed run, and handing memory back when closed."""
+    build_seconds = folder = pipe = None
+
+    def _timed(self, call) -> tuple[float, object]:
+        """Reset the meters, then run `call()` under the end-to-end clock: (seconds, result)."""
+        self.meter.clear()
+        self.probe.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        with Clock(self.device) as clock:  # as users run it: no extra grad mode
+            out = call()
+        return clock.seconds, out
+
+    def _result(self, seconds: float, stages, network: float, video) -> RunResult:
+        s = self.probe.samples
+        return RunResult(seconds, {k: s[k].seconds for k in stages}, {k: s[k].host_peak for k in stages},
+                         {k: s[k].cuda_peak for k in stages}, network if self.device.type == "cpu" else None,
+                         video.float().cpu())
+
+    def close(self) -> None:
+        """Free what the runner held, and hand freed heap back to the OS so the next backend's RSS starts near
+        where this one's did."""
+        self.pipe = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(runner, call):
-    """Reset the runner's meters, then run `call()` under the end-to-end clock: (seconds, result)."""
-    runner.meter.clear()
-    runner.probe.clear()
-    _sync(runner.device)
-    with Clock(runner.device) as clock:  # as users run it: no extra grad mode
-        out = call()
-    return clock.seconds, out
-
-
-class OursRunner:
+class OursRunner(_Runner):
     """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort (static engines),
     ort-dynamic, ort-numpy, trt, trt-dynamic, aoti (AOTInductor packages) or aoti-dynamic."""
 
     def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
         self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root
-        self.build_seconds = self.folder = None
 
     def load(self) -> None:
         from flf2v.models import checkpoint as ck
@@ -121,18 +125,14 @@ class OursRunner:
             backend = TorchBackend(job.ckpt_dir, job.preset, self.dtype, self.device,
                                    attention="triton" if kind == "torch-triton" else "sdpa")
         else:
-            try:
-                from flf2v.runtime.backends import open_backend
-            except ImportError as e:
-                raise Unavailable(f"flf2v.runtime.engine_folders not importable ({e})") from None
+            from flf2v.runtime.backends import open_backend
             base, options, shape = VARIANTS.get(kind, (kind, {}, None))
             self.folder = self.folder or self._build_engines(base, shape)
             try:
                 backend = open_backend(base, self.folder, job.ckpt_dir, job.preset, self.device, **options)
             except Exception as e:
                 raise Unavailable(f"open_backend failed: {type(e).__name__}: {e}") from None
-        self.meter = CallMeter()
-        self.probe = Probe(self.device)
+        self.meter, self.probe = CallMeter(), Probe(self.device)
         timed = self.device.type == "cpu"  # on a GPU a host timer around a call measures the launch only
         self.pipe = Pipeline(TimedBackend(backend, self.meter) if timed else backend,
                              ck.load_tokenizer(job.ckpt_dir, job.preset), job.preset, self.device)
@@ -140,67 +140,55 @@ class OursRunner:
         self.first, self.last = job.frames_in()
 
     def _build_engines(self, kind: str, shape: str | None = None) -> Path:
-        """Engines serving this job's output grid, built once into engines_root by `flf2v-build` (a child
-        process, so the export's memory is not this process's): the static shape of exactly that grid, or
-        the named (dynamic) `shape`."""
+        """Engines serving this job's output grid, built once into engines_root by `flf2v-build` in a child
+        process: the static shape of exactly that grid, or the named (dynamic) `shape`."""
+        from flf2v.export.contracts import engine_shapes
+        from flf2v.export.manifest import checkpoint_fingerprint  # the work folder outlives a checkpoint
         job = self.job
         if shape is None:
+            grid = (job.width, job.height, job.frames)
             try:
-                from flf2v.export.contracts import engine_shapes
-                shapes = engine_shapes(job.preset)
-            except (ImportError, ValueError) as e:
-                raise Unavailable(f"no engine shapes: {e}") from None
-            match = [s.name for s in shapes.values()
-                     if (s.width, s.height, s.frame_num) == (job.width, job.height, job.frames)]
-            if not match:
-                raise Unavailable(f"export/contracts.py has no engine shape {job.width}x{job.height}x{job.frames} "
+                shape = next((s.name for s in engine_shapes(job.preset).values()
+                              if (s.width, s.height, s.frame_num) == grid), None)
+            except ValueError as e:
+                raise Unavailable(str(e)) from None
+            if shape is None:
+                raise Unavailable(f"export/contracts.py has no engine shape {'x'.join(map(str, grid))} "
                                   f"for model preset {job.preset.name}")
-            shape = match[0]
         precision = "fp32" if self.dtype == torch.float32 else "bf16"
-        from flf2v.export.manifest import checkpoint_fingerprint  # the work folder outlives a checkpoint
-        ckpt = checkpoint_fingerprint(job.ckpt_dir)[:8]
-        folder = self.engines_root / f"{kind}-{job.preset.name}-{ckpt}-{shape}-{precision}"
-        cmd = [sys.executable, "-c", "import sys; from flf2v.export.build import main; sys.exit(main(sys.argv[1:]))",
-               "--ckpt_dir", str(job.ckpt_dir), "--preset", shape, "--precision", precision, "--backend", kind,
-               "--cfg_batch", "2", "--out", str(folder)]
-        print(f"flf2v-bench: {self.name}: engines in {folder} (built once, then current)", file=sys.stderr)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress bar and errors: stderr
-        self.build_seconds = time.perf_counter() - t0
-        if proc.returncode:
-            raise Unavailable(f"flf2v-build failed (exit {proc.returncode}); its error is above")
+        folder = self.engines_root / (f"{kind}-{job.preset.name}-{checkpoint_fingerprint(job.ckpt_dir)[:8]}-"
+                                      f"{shape}-{precision}")
+        log.info("%s: engines in %s (built once, then current)", self.name, folder)
+        try:
+            self.build_seconds = run_module("flf2v.export.build", "--ckpt_dir", str(job.ckpt_dir), "--preset", shape,
+                                            "--precision", precision, "--backend", kind, "--cfg_batch", "2",
+                                            "--out", str(folder), show_progress=True)
+        except ChildFailed as e:
+            raise Unavailable(f"flf2v-build failed; {e}") from None
         return folder
 
     def run(self) -> RunResult:
         job = self.job
-        seconds, video = _timed(self, lambda: self.pipe.generate(
+        seconds, video = self._timed(lambda: self.pipe.generate(
             job.prompt, self.first, self.last, size=job.size, frame_num=job.frames, sample_steps=job.steps,
             sample_shift=job.shift, guide_scale=job.guide, seed=job.seed, negative_prompt=job.negative_prompt,
             progress=False))
-        s = self.probe.samples
-        return RunResult(seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
-                         {k: v.cuda_peak for k, v in s.items()},
-                         self.meter.total if self.device.type == "cpu" else None, video.float().cpu())
-
-    def close(self) -> None:
-        self.pipe = None
-        release_memory(self.device)
+        return self._result(seconds, list(self.probe.samples), self.meter.total, video)
 
 
-class DiffusersRunner:
+class DiffusersRunner(_Runner):
     """The peer: diffusers' WanImageToVideoPipeline (with last_image) on the same checkpoint and settings.
 
-    Instrumented like ours (OursRunner): one probe span (time, peak memory) per stage and nothing per step.
-    Stages are its network calls (text encoder x2, image encoder, VAE encode, VAE decode) and `denoise`, which
-    spans, as ours does, from the end of the VAE encode to the start of the VAE decode: loop setup, every
-    step, and the latent normalisation around it. On the CPU the transformer calls and scheduler steps are
-    also timed with the host clock (no probe), like ours' network calls, for the 'outside network' share."""
+    Instrumented like ours: one probe span (time, peak memory) per stage and nothing per step. Stages are its
+    network calls (text encoder x2, image encoder, VAE encode, VAE decode) and `denoise`, which spans, as ours
+    does, from the end of the VAE encode to the start of the VAE decode: loop setup, every step, and the
+    latent normalisation around it. On the CPU the transformer calls and scheduler steps are also timed with
+    the host clock (no probe), like ours' network calls, for the 'outside network' share."""
 
     name = "diffusers"
 
     def __init__(self, job: Job, device: torch.device, dtype: torch.dtype):
         self.job, self.device, self.dtype = job, device, dtype
-        self.build_seconds = None
 
     def load(self) -> None:
         try:
@@ -222,18 +210,10 @@ class DiffusersRunner:
 
     def run(self) -> RunResult:
         job = self.job
-        seconds, out = _timed(self, lambda: self.pipe(
+        seconds, out = self._timed(lambda: self.pipe(
             image=self.first, last_image=self.last, prompt=job.prompt, negative_prompt=job.negative_prompt,
             height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=job.steps,
             guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"))
-        m, s = self.meter, self.probe.samples
-        stages = {k: s[k].seconds for k in STAGES if k in s}
-        host = {k: s[k].host_peak for k in stages}
-        cuda = {k: s[k].cuda_peak for k in stages}
-        network = sum(v for k, v in m.seconds.items() if k != "scheduler")
-        video = out.frames[0].permute(1, 0, 2, 3).float().cpu() * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
-        return RunResult(seconds, stages, host, cuda, network if self.device.type == "cpu" else None, video)
-
-    def close(self) -> None:
-        self.pipe = None
-        release_memory(self.device)
+        network = sum(v for k, v in self.meter.seconds.items() if k != "scheduler")
+        video = out.frames[0].permute(1, 0, 2, 3) * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
+        return self._result(seconds, [k for k in STAGES if k in self.probe.samples], network, video)

@@ -353,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="replace the engines of another build (model, checkpoint, precision, attention, shape, "
                          "LoRAs) in --out")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and of the log only errors")
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="log what runs to stderr: -v the steps, -vv debug detail too")
     args = ap.parse_args(argv)
+    from flf2v import log
+    log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
     only = [s for s in args.graphs.split(",") if s] if args.graphs else None
     try:

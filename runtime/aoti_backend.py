@@ -1,5 +1,5 @@
 """The `aoti` backend: the AOTInductor packages (`.pt2`, export/aoti.py) of one `flf2v-build --backend aoti`
-folder behind the TorchBackend interface.
+folder behind the backend contract (runtime/backend.py).
 
 Each package is loaded when first used (`torch._inductor.aoti_load_package`: compiled C++ / Triton code and
 the weights, no Python model code) and called with the graph's inputs in contract order. Outputs are the
@@ -15,6 +15,8 @@ import torch
 
 from flf2v.export.contracts import TORCH_DTYPES
 from flf2v.export.manifest import EngineError
+
+from flf2v.log import logger
 
 from .engine_backend import DECODER_GRAPHS, ENCODER_GRAPHS, EngineBackend
 
@@ -47,6 +49,7 @@ class AotiBackend(EngineBackend):
     def model(self, graph: str):
         if graph not in self.models:
             path = self.folder / self.specs[graph]["file"]
+            logger.debug("loading %s", path)
             try:
                 # run_single_threaded: by the audit of torch 2.13's AOTI runtime (unverified on a GPU), the
                 # default container queries CUDA events on each run, illegal inside a CUDA-graph capture

@@ -25,26 +25,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flf2v import log
+
 from . import cache as C
+from .torch_backend import TorchBackend
 
 
 MIN_STEPS = 8
 
 
-class Recorder:
-    """Wraps a TorchBackend: every DiT call runs in full and records, per batch row, the residual's
-    per-token norms, the output and the timestep."""
+class Recorder(TorchBackend):
+    """The torch backend whose every DiT call runs in full and records, per batch row, the residual's per-token
+    norms, the output and the timestep (the rest of the backend contract is TorchBackend's own)."""
 
-    def __init__(self, backend):
-        self.backend, self.calls = backend, []
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls = []
 
     def denoise(self, x, t, context, clip_fea, y):
-        b = self.backend
-        v, hidden = b.denoise_full(x, t, context, clip_fea, y)
-        tokens = b.dit.tokens(x.to(b.dtype), y.to(b.dtype))
+        v, hidden = self.denoise_full(x, t, context, clip_fea, y)
+        tokens = self.dit.tokens(x.to(self.dtype), y.to(self.dtype))
         norms = (hidden - tokens).float().norm(dim=-1).flatten(1)
         self.calls.append((norms.cpu().clone(), v.float().cpu().clone(), t.cpu().clone()))  # t: a loop buffer
         return v
@@ -84,14 +84,13 @@ def run(ckpt_dir, first, last, prompt: str, out=None, device=None, dtype=None, p
     from flf2v.models import checkpoint as ck
 
     from .pipeline import Pipeline
-    from .torch_backend import TorchBackend
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = ck.preset_for(ckpt_dir)
     out = Path(out) if out else Path(ckpt_dir) / C.CALIBRATION_FILE
     if options.get("sample_steps") is None:  # a curve to resample needs points (the test presets run 4 steps)
         options["sample_steps"] = max(preset.sample_steps, MIN_STEPS)
-    rec = Recorder(TorchBackend(ckpt_dir, preset, dtype, device, offload_model=device.type == "cuda"))
+    rec = Recorder(ckpt_dir, preset, dtype, device, offload_model=device.type == "cuda")
     # eager steps, CFG as one batch-2 call (no CFG: batch 1): each call's rows are the branches in order
     pipe = Pipeline(rec, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph=False)
     t0 = time.perf_counter()
@@ -139,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--out", default=None, help=f"calibration file (default: <ckpt_dir>/{C.CALIBRATION_FILE}, which runs "
                                   f"pick up themselves)")
-    a("--quiet", action="store_true", help="no progress bars")
+    a("-q", "--quiet", action="store_true", help="no progress bars, and of the log only errors")
+    a("-v", "--verbose", action="count", default=0, help="log what runs: -v the stages, -vv debug detail too")
     args = ap.parse_args(argv)
+    log.setup(-1 if args.quiet else args.verbose, "flf2v-calibrate-cache")
     try:
         if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")

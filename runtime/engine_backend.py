@@ -133,7 +133,7 @@ class EngineBackend:
             if all(not g.startswith(f"vae_{kind}") for g in loaded):
                 self.cache_sets.pop(kind, None)
 
-    # -- the TorchBackend interface ------------------------------------------------------------------
+    # -- the networks (runtime/backend.py) -----------------------------------------------------------
     def encode_text(self, ids, mask):
         # The T5 engine has a static batch of 2 ([prompt, negative prompt]); a CFG-free run brings the prompt
         # alone, which fills both rows (a padding row would cost the same) and keeps the first.
@@ -152,7 +152,13 @@ class EngineBackend:
         self.release_encoders()
 
     def finish_denoise(self) -> None:
+        # ONNX Runtime keeps its DiT sessions for the next run (on a CPU the host memory holds them beside the
+        # decoder's); trt and aoti release theirs here, so that on a GPU the decoder has the DiT's room.
         pass
+
+    def graph_token(self, cfg_batch: int):
+        # not capturable: no CUDA graph of ours reads this backend's memory (trt and aoti name theirs)
+        return None
 
     def denoise(self, x, t, context, clip_fea, y):
         return self._run(f"dit_b{x.shape[0]}", [x, t, context, clip_fea, y])[0]

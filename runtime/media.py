@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+from flf2v.log import logger
+
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8k x 8k; anything bigger is refused before it is decoded
 
 
@@ -106,8 +108,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
                                                outputMode="RGBA" if im.mode == "RGBA" else "RGB")
                 im.info.pop("icc_profile", None)  # now sRGB: a second read must not convert again
         except (ImageCms.PyCMSError, OSError) as e:  # a damaged profile: the samples as they are
-            warnings.warn(f"the image's ICC profile cannot be applied ({e}); reading its colours as sRGB",
-                          stacklevel=3)
+            logger.warning("the image's ICC profile cannot be applied (%s); reading its colours as sRGB", e)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNGs (Pillow reads some as 32-bit "I")
         a = np.asarray(im, dtype=np.float64)
         im = Image.fromarray((np.clip(a, 0, 65535) * (255.0 / 65535.0)).round().astype(np.uint8))

@@ -8,6 +8,8 @@ from flf2v.export import manifest as M
 from flf2v.export.contracts import TORCH_DTYPES
 from flf2v.export.manifest import EngineError
 
+from flf2v.log import logger
+
 from .engine_backend import ENCODER_GRAPHS, EngineBackend
 
 # torch dtype -> what IOBinding.bind_input/bind_output take (bfloat16 has no NumPy type: the ONNX enum)
@@ -94,6 +96,7 @@ class OrtBackend(EngineBackend):
                 if self._cuda_graph(graph):
                     cuda["enable_cuda_graph"] = "1"
                 providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+            logger.debug("loading %s (ONNX Runtime, %s)", graph, self.folder)
             self.sessions[graph] = self._ort.InferenceSession(self._model(graph), self.opts, providers=providers)
         return self.sessions[graph]
 

@@ -7,16 +7,14 @@ Two bugs of the official `first_last_frame2video.py` are fixed here (see README,
 the last frame is resized to the output size like the first (the official code center-crops it with
 width and height swapped when the sizes differ), and the mask is built for any frame_num = 4n+1 (the
 official one is hard-coded to 81 frames).
+A run's settings are checked and resolved by runtime/request.py (`Request`).
 """
 from __future__ import annotations
 
-import math
-import random
 import time
-import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -25,13 +23,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flf2v.models.clip import preprocess as clip_preprocess
-from flf2v.models import config
 from flf2v.models.config import Preset
 
+from flf2v.log import logger
+
 from . import cache as step_cache
+from .backend import Backend
 from .denoise import DenoiseLoop
 from .media import InputError, as_image, image_to_tensor
-from .scheduler import DISTILL, check_timesteps, make_sampler
+from .request import Request, make_request
+from .scheduler import make_sampler
+
 
 def cuda_device_used(device: torch.device) -> int:
     """Bytes in use on the GPU, whoever allocated them (TensorRT's engines and contexts too)."""
@@ -54,42 +56,9 @@ class StageTimes:
         if cuda:
             torch.cuda.synchronize(device)
             self.device_used[name] = max(self.device_used.get(name, 0), cuda_device_used(device))
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def parse_size(size: str, preset: Preset) -> tuple[int, int]:
-    """'W*H' (the official --size spelling) -> (W, H), only among the preset's sizes."""
-    if size not in preset.sizes:
-        raise InputError(f"--size {size} is not supported by {preset.name}; choose one of "
-                         f"{', '.join(preset.sizes)}")
-    w, h = (int(v) for v in size.split("*"))
-    return w, h
-
-
-def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int) -> tuple[int, int]:
-    """Official sizing (models.config.latent_grid); a frame too elongated for it is an InputError."""
-    try:
-        return config.latent_grid(img_hw, max_area, stride, patch)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-def check_frame_num(frame_num: int, max_latent_frames: int) -> int:
-    if not isinstance(frame_num, int) or frame_num < 5 or (frame_num - 1) % 4:
-        raise InputError(f"--frame_num {frame_num} is not of the form 4n+1 with n >= 1; use e.g. 81")
-    if (frame_num - 1) // 4 + 1 > max_latent_frames:
-        raise InputError(f"--frame_num {frame_num} is over the model's {4 * (max_latent_frames - 1) + 1} "
-                         f"frame limit")
-    return frame_num
-
-
-def output_shape(preset: Preset, first_hw: tuple[int, int], size: str, frame_num: int) -> tuple[int, int, int]:
-    """(height, width, frames) of the video made from a first frame of `first_hw` (H, W) pixels: the
-    official sizing within the area of `size`."""
-    frame_num = check_frame_num(frame_num, preset.dit.rope_max_pos)
-    w_max, h_max = parse_size(size, preset)
-    lat_h, lat_w = latent_grid(first_hw, w_max * h_max, preset.vae.stride[1], preset.dit.patch_size[1])
-    return lat_h * preset.vae.stride[1], lat_w * preset.vae.stride[2], frame_num
+        took = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + took
+        logger.info("%s: %.2f s", name, took)
 
 
 def condition_mask(frame_num: int, lat_h: int, lat_w: int, last_frame: bool) -> torch.Tensor:
@@ -100,68 +69,16 @@ def condition_mask(frame_num: int, lat_h: int, lat_w: int, last_frame: bool) -> 
     return m.view(1, m.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)[0]
 
 
-def few_steps(solver: str, timesteps, steps: int | None) -> tuple[str, tuple[int, ...], int]:
-    """(solver, timesteps, steps) of a run given an explicit timestep list, which implies the DISTILL sampler
-    (the few-step one of step-distilled models); InputError for a bad list or a conflicting choice."""
-    if solver not in ("unipc", DISTILL):  # "unipc" is the default, not a choice to refuse
-        raise InputError(f"--sample_solver {solver} does not apply to --sample_timesteps (the few-step distill "
-                         f"sampler); drop one of them")
-    try:
-        timesteps = check_timesteps(timesteps)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if steps is not None and steps != len(timesteps):
-        raise InputError(f"--sample_steps {steps} disagrees with the {len(timesteps)} values of --sample_timesteps; "
-                         f"drop --sample_steps")
-    return DISTILL, timesteps, len(timesteps)
-
-
 def resize(frame: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(frame[None], size=(h, w), mode="bicubic", align_corners=False)[0]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation with every default resolved: what `Pipeline.generate` ran (and --metrics records)."""
-    prompt: str
-    negative_prompt: str | None  # None without CFG: not encoded
-    height: int
-    width: int
-    frame_num: int
-    sample_solver: str
-    sample_steps: int
-    sample_shift: float
-    guide_scale: float
-    seed: int
-    cfg_batch: int  # the DiT batch of each call (2: [x, x] in one call)
-    cfg: bool = True  # False at guide 1: the uncond forward and the negative prompt skipped
-    sample_timesteps: tuple[int, ...] | None = None  # the few-step list of the DISTILL sampler
-    cache: str = "off"  # step cache (runtime/cache.py): "off" | "magcache" | "teacache"
-    cache_threshold: float = 0.0
-    cache_max_skips: int | None = None
-    cache_calibration: step_cache.Calibration | None = None
-
-    CACHE_KEYS = ("cache", "cache_threshold", "cache_max_skips", "cache_calibration")
-
-    def to_json(self) -> dict:
-        # keys of features not in use are left out, so the record of a plain run keeps its shape
-        d = {k: v for k, v in asdict(self).items() if k not in ("cfg", "sample_timesteps", *self.CACHE_KEYS)}
-        if self.sample_timesteps is not None:
-            d["sample_timesteps"] = list(self.sample_timesteps)
-        if not self.cfg:
-            d["cfg"] = "off"
-        if self.cache != "off":
-            d.update(cache=self.cache, cache_threshold=self.cache_threshold, cache_max_skips=self.cache_max_skips,
-                     cache_calibration=self.cache_calibration.source)
-        return d
 
 
 class Pipeline:
     """`Pipeline(backend, tokenizer, preset).generate(prompt, first, last)` -> [3, F, H, W] in [-1, 1]."""
 
-    def __init__(self, backend, tokenizer, preset: Preset, device: str | torch.device = "cpu",
+    def __init__(self, backend: Backend, tokenizer, preset: Preset, device: str | torch.device = "cpu",
                  cuda_graph: bool = True, parallel=None):
-        """`parallel` (runtime/parallel.py): this rank's place in a torchrun job; the loop runs CFG-parallel
+        """`backend`: the networks, any implementation of runtime/backend.py's contract. `parallel` (runtime/parallel.py): this rank's place in a torchrun job; the loop runs CFG-parallel
         over its CFG pair, and only rank 0 decodes (`generate` returns None on the others)."""
         self.backend, self.tokenizer, self.preset = backend, tokenizer, preset
         self.parallel = parallel
@@ -227,97 +144,13 @@ class Pipeline:
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------
-    def request(self, prompt: str, first_frame, last_frame=None, *,
-                size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
-                sample_steps: int | None = None, sample_shift: float | None = None,
-                guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
-                cfg_batch: int | None = None, sample_timesteps=None, cache: str = "off",
-                cache_threshold: float | None = None, cache_max_skips: int | None = None,
-                cache_calibration=None) -> Request:
-        """The run `generate` makes with these arguments: validated, every default resolved (the task's
-        official ones; the engines' grid and frame count when the backend has fixed shapes)."""
-        p = self.preset
-        flf2v = p.dit.model_type == "flf2v"
+    def request(self, prompt: str, first_frame, last_frame=None, **options) -> Request:
+        """The run `generate` makes with these options (see `generate`): validated, every default resolved
+        (the task's official ones; the engines' grid and frame count when the backend has fixed shapes)."""
         first_frame = as_image(first_frame)
-        if flf2v and last_frame is None:
-            raise InputError(f"{p.name} needs a last frame; pass --last_frame")
-        if not flf2v and last_frame is not None:
-            raise InputError(f"{p.name} is image-to-video and takes no last frame; drop --last_frame")
-        fixed = getattr(self.backend, "video_shape", None)  # static engines are built for one (H, W, frames)
-        size = size or (f"{fixed[1]}*{fixed[0]}" if fixed else p.default_size)
-        frame_num = frame_num if frame_num is not None else fixed[2] if fixed else p.frame_num
-        h, w, frame_num = output_shape(p, (first_frame.height, first_frame.width), size, frame_num)
-        if hasattr(self.backend, "check_video"):  # engines: EngineError naming the build that serves it
-            self.backend.check_video(h, w, frame_num)
-        if sample_shift is None:
-            # official generate.py: I2V at 480p samples with shift 3, other sizes with the task's default
-            sample_shift = 3.0 if not flf2v and size in ("832*480", "480*832") else p.sample_shift
-        steps = p.sample_steps if sample_steps is None else sample_steps
-        if sample_timesteps is not None:  # the few-step sampler of step-distilled models
-            sample_solver, sample_timesteps, steps = few_steps(sample_solver, sample_timesteps, sample_steps)
-        # distilled models run without CFG (LightX2V: enable_cfg false), the others at the official scale
-        default_guide = 1.0 if sample_timesteps is not None else p.sample_guide_scale
-        guide = default_guide if guide_scale is None else guide_scale
-        if not math.isfinite(guide):
-            raise InputError(f"--sample_guide_scale {guide} is not a finite number")
-        cfg = float(guide) != 1.0
-        if self.parallel is not None and self.parallel.cfg_parallel:
-            if not cfg:
-                raise InputError("--cfg_parallel splits the cond and uncond DiT calls, but guide scale 1 runs no "
-                                 "uncond call; drop --cfg_parallel (use --ulysses_size for all the processes)")
-            if 1 not in getattr(self.backend, "cfg_batches", (1, 2)):
-                raise InputError(f"--cfg_parallel runs the batch-1 DiT on each process, but the engines in "
-                                 f"{getattr(self.backend, 'folder', '?')} hold only the batch-2 one; build it with "
-                                 f"`flf2v-build --cfg_batch 1|both`")
-            cfg_batch = 1  # one branch per rank
-        cfg_batch = self._dit_batch(cfg, cfg_batch)
-        try:
-            make_sampler(sample_solver, steps, sample_shift, sample_timesteps)  # built per run: check it now
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        cache_threshold, cache_max_skips, calibration = self._cache_settings(
-            cache, cache_threshold, cache_max_skips, cache_calibration, size)
-        return Request(prompt=prompt, negative_prompt=(negative_prompt or p.sample_neg_prompt) if cfg else None,
-                       height=h, width=w, frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
-                       sample_shift=float(sample_shift), guide_scale=float(guide),
-                       seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch, cfg=cfg,
-                       sample_timesteps=sample_timesteps, cache=cache, cache_threshold=cache_threshold,
-                       cache_max_skips=cache_max_skips, cache_calibration=calibration)
-
-    def _cache_settings(self, method: str, threshold, max_skips, calibration, size: str):
-        """(threshold, max_skips, Calibration or None) of a run's step cache; InputError when it cannot run."""
-        try:
-            threshold, max_skips = step_cache.check_settings(method, threshold, max_skips)
-            if method == "off":
-                return threshold, max_skips, None
-            if not getattr(self.backend, "steps_cache", False):
-                hint = getattr(self.backend, "hint", "rebuild the engines")
-                raise InputError(f"--cache {method}: the engines in {getattr(self.backend, 'folder', '?')} were "
-                                 f"built without the step cache's DiT graphs (dit_cached_b*); {hint}, or use "
-                                 f"--backend torch")
-            ckpt_dir = getattr(self.backend, "ckpt_dir", None)
-            return threshold, max_skips, step_cache.find_calibration(self.preset, ckpt_dir, size, calibration)
-        except step_cache.CacheError as e:
-            raise InputError(str(e)) from None
-
-    def _dit_batch(self, cfg: bool, asked: int | None) -> int:
-        """The DiT batch of each call (`asked`, else 2 with CFG and 1 without) among the layouts the backend
-        holds: engines may hold only one."""
-        batches = getattr(self.backend, "cfg_batches", (1, 2))
-        want = 2 if cfg else 1
-        batch = asked if asked in batches else want if want in batches else batches[0]
-        if not cfg and batch == 2 and 1 not in batches:
-            # CFG-free on batch-2-only engines: [x, x] with the cond context twice, one half thrown away
-            msg = ("guide scale 1 runs the DiT without CFG, but these engines hold only the batch-2 DiT, so each "
-                   "step runs it on two copies; `flf2v-build --cfg_batch 1|both` builds the batch-1 DiT that "
-                   "halves that work")
-            if msg not in self.said:
-                self.said.add(msg)
-                warnings.warn(msg, stacklevel=3)
-        elif asked is not None and asked != batch:
-            warnings.warn(f"cfg_batch {asked}: these engines hold only the batch-{batch} DiT, so the DiT runs "
-                          f"as batch {batch}", stacklevel=3)
-        return batch
+        cfg_parallel = self.parallel is not None and self.parallel.cfg_parallel
+        return make_request(self.preset, prompt, (first_frame.height, first_frame.width), last_frame is not None,
+                            self.backend, cfg_parallel=cfg_parallel, said=self.said, **options)
 
     def generate(self, prompt: str, first_frame, last_frame=None, *,
                  latents: torch.Tensor | None = None, output: str = "video", progress: bool = True,
@@ -346,11 +179,11 @@ class Pipeline:
         first_frame = as_image(first_frame)
         last_frame = as_image(last_frame) if last_frame is not None else None
         req = self.last_request = self.request(prompt, first_frame, last_frame, **options)
+        logger.info("run: %s", {k: v for k, v in req.to_json().items() if k != "negative_prompt"})
         self.seed = req.seed
         self.times.seconds.clear()
         self.times.device_used.clear()
-        if hasattr(self.backend, "set_video"):
-            self.backend.set_video(req.height, req.width, req.frame_num)
+        self.backend.set_video(req.height, req.width, req.frame_num)
         with self.times("preprocess"):
             inputs = self.prepare(req, first_frame, last_frame, latents)
         latent = self.denoise_video(req, inputs, progress)
@@ -400,6 +233,7 @@ class Pipeline:
         if req.cache != "off":
             self.last_cache = step_cache.plan(req.cache, req.cache_threshold, req.cache_max_skips,
                                               req.cache_calibration, sampler.timesteps, req.cfg, b.ckpt_dir, p)
+            logger.info("step cache: %s", self.last_cache.to_json())
         with times("denoise", dev):
             b.prepare_denoise()
             key = (req.sample_solver, req.sample_steps, req.sample_shift, req.sample_timesteps)
@@ -414,11 +248,12 @@ class Pipeline:
         """Captured graphs whose DiT the backend released or moved (its graph token changed) could never
         replay: their private pools go now, before VAE decode needs the memory. A backend that keeps its
         DiT (TensorRT keep_dit) keeps its graphs for the next run."""
-        token = getattr(self.backend, "graph_token", None)
         stale = [loop for key, loop in self.loops.items()
-                 if loop.graph is not None and (token is None or token(key[1]) != loop.token)]
+                 if loop.graph is not None and self.backend.graph_token(key[1]) != loop.token]
         for loop in stale:
             loop.release_graphs()
+        if stale:
+            logger.debug("released %d captured graph(s) whose DiT the backend released or moved", len(stale))
         if stale and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -432,7 +267,7 @@ class Pipeline:
         Loops are kept per (latent shape, CFG layout, guide scale, sampler settings `sampler_key`), the
         newest KEEP_LOOPS of them, so a run at a shape already used reuses the loop's buffers and, on CUDA, replays its captured graph: only while the backend's `graph_token` (naming
         the DiT buffers the graph reads) is unchanged; otherwise it captures again."""
-        capture = self.cuda_graph and x.device.type == "cuda" and getattr(self.backend, "capturable", False)
+        capture = self.cuda_graph and x.device.type == "cuda" and self.backend.capturable
         cached = compute is not None and not all(compute)
         key = (tuple(x.shape), cfg_batch, cfg, float(guide), sampler_key, cached)
         loop = self.loops.pop(key, None) if sampler_key is not None else None
@@ -449,10 +284,11 @@ class Pipeline:
             while len(self.loops) > self.KEEP_LOOPS:
                 self.loops.pop(next(iter(self.loops)))
         if capture:
-            token = getattr(self.backend, "graph_token", lambda b: None)(cfg_batch)
+            token = self.backend.graph_token(cfg_batch)
             if loop.graph is None or token is None or token != loop.token:
+                logger.debug("capturing the denoising step as a CUDA graph (token %r)", token)
                 loop.capture()
-                loop.token = getattr(self.backend, "graph_token", lambda b: None)(cfg_batch)
+                loop.token = self.backend.graph_token(cfg_batch)
         with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
             out = loop.run(bar, compute if cached else None)
             return out.clone() if sampler_key is not None else out

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from flf2v.log import logger
 from flf2v.models import checkpoint as ck
 from flf2v.models.lora import load_dit
 from flf2v.models.config import Preset
 
 
 class TorchBackend:
+    """The backend contract (runtime/backend.py) on the reference networks. Results are fresh tensors, so
+    the aliasing rule holds trivially."""
     name = "torch"
     capturable = True  # the whole denoising step can be recorded as one CUDA graph
+    # no engine folder: nothing to rebuild, any video shape, both CFG layouts, the step cache's two forms
+    folder = manifest = hint = video_shape = None
+    cfg_batches = (1, 2)
+    steps_cache = True
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool | None = None,
@@ -51,17 +58,26 @@ class TorchBackend:
             parallel.sp.check_heads(self.preset.dit.num_heads)
             self.dit.sp = parallel.sp
 
+    # -- video shape: the networks run at any grid and frame count -----------------------------------
+    def check_video(self, height: int, width: int, frame_num: int) -> None:
+        return None
+
+    def set_video(self, height: int, width: int, frame_num: int) -> None:
+        pass
+
     # -- encoders ------------------------------------------------------------------------------------
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._t5 is None and self.t5_fsdp:
             from flf2v.models.sharded import load_sharded
             self._t5 = load_sharded(self.ckpt_dir, "t5", self.dtype, self.preset, self.parallel.mesh, self.device)
         elif self._t5 is None:
+            logger.debug("loading T5 from %s", self.ckpt_dir)
             self._t5 = ck.load_t5(self.ckpt_dir, self.dtype, self.preset).to(self.device)
         return self._t5(ids.to(self.device), mask.to(self.device))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._clip is None:
+            logger.debug("loading CLIP from %s", self.ckpt_dir)
             self._clip = ck.load_clip(self.ckpt_dir, self.dtype, self.preset).to(self.device)
         return self._clip(pixels.to(self.device, self.dtype))
 
@@ -103,8 +119,6 @@ class TorchBackend:
         return self.dit(x.to(d), t, context.to(d), clip_fea.to(d), y.to(d))
 
     # the step cache's two forms (runtime/cache.py): full with the blocks' output, and the one skipping them
-    steps_cache = True
-
     def denoise_full(self, x, t, context, clip_fea, y) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dtype
         return self.dit(x.to(d), t, context.to(d), clip_fea.to(d), y.to(d), return_hidden=True)

@@ -10,6 +10,8 @@ from flf2v.export import manifest as M
 from flf2v.export.contracts import TORCH_DTYPES
 from flf2v.export.manifest import EngineError
 
+from flf2v.log import logger
+
 from .engine_backend import DECODER_GRAPHS, ENCODER_GRAPHS, EngineBackend
 
 
@@ -64,6 +66,7 @@ class TrtBackend(EngineBackend):
 
     def _deserialize(self, graph: str):
         path = self.folder / self.specs[graph]["file"]
+        logger.debug("loading %s", path)
         # A memory map, not read_bytes(): a 14B DiT plan is ~33 GB that would otherwise be copied to host RAM.
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
             engine = self.runtime.deserialize_cuda_engine(plan)

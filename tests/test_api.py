@@ -1,11 +1,11 @@
 """The Python API: a request resolves every default as the official code does, latents go in and come out,
 and a CFG layout the engines lack is said, not silently swapped."""
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import rel_err
+from helpers import StubBackend
 from PIL import Image
 
 from flf2v.models.config import get_preset
@@ -55,14 +55,14 @@ def test_i2v_shift_follows_the_official_size_rule(size, shift):
     """generate.py: sample_shift 5 for I2V, 3 at 480p (and 16 for FLF2V at any size)."""
     w, h = (int(v) for v in size.split("*"))
     image = Image.new("RGB", (w, h))
-    i2v = Pipeline(SimpleNamespace(), None, get_preset("i2v-14B"))
+    i2v = Pipeline(StubBackend(), None, get_preset("i2v-14B"))
     assert i2v.request("x", image, size=size).sample_shift == shift
-    flf2v = Pipeline(SimpleNamespace(), None, get_preset("flf2v-14B"))
+    flf2v = Pipeline(StubBackend(), None, get_preset("flf2v-14B"))
     assert flf2v.request("x", image, image, size=size).sample_shift == 16.0
 
 
 def test_cfg_layout_the_engines_lack_is_said():
-    pipe = Pipeline(SimpleNamespace(cfg_batches=(1,)), None, get_preset("tiny"))
+    pipe = Pipeline(StubBackend(cfg_batches=(1,)), None, get_preset("tiny"))
     image = Image.new("RGB", (64, 64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

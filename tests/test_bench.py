@@ -315,7 +315,7 @@ def test_ours_and_peer_are_instrumented_alike(tiny_ckpt):
 
 
 def test_compare_videos_uses_the_reference():
-    from flf2v.bench.cli import compare_videos
+    from flf2v.bench.compare import compare_videos
     from flf2v.bench.runners import RunResult
 
     def res(v):
@@ -330,21 +330,22 @@ def test_compare_videos_uses_the_reference():
     assert compare_videos({"ort": ([res(0.5)], [])})["ort"]["video_max_abs_diff"] is None  # no reference run
 
 
-def test_busy_machine_waits_then_reports(monkeypatch, capsys):
-    from flf2v.bench import cli
+def test_busy_machine_waits_then_reports(monkeypatch, caplog):
+    from flf2v.bench import measure
 
     seen = iter([[5.0, 4, 3], [4.5, 4, 3], [1.5, 3, 3], [9.0, 9, 9]])
     clock = [0.0]
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: next(seen))
-    monkeypatch.setattr(cli.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
-    load = cli.wait_for_idle(cpus=2, max_wait=60, poll=5)
+    monkeypatch.setattr(measure.os, "getloadavg", lambda: next(seen))
+    monkeypatch.setattr(measure.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(measure.time, "monotonic", lambda: clock[0])
+    with caplog.at_level("WARNING", logger="flf2v.bench"):
+        load = measure.wait_for_idle(cpus=2, max_wait=60, poll=5)
     assert load["first_seen"][0] == 5.0 and load["before"][0] == 1.5 and not load["busy_before"]
-    assert load["waited_seconds"] == 10.0 and "busy" in capsys.readouterr().err
+    assert load["waited_seconds"] == 10.0 and "busy" in caplog.text
     # never idle: bounded wait, then timed anyway and flagged
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: [3.0, 3, 3])
+    monkeypatch.setattr(measure.os, "getloadavg", lambda: [3.0, 3, 3])
     clock[0] = 0.0
-    load = cli.wait_for_idle(cpus=2, max_wait=12, poll=5)
+    load = measure.wait_for_idle(cpus=2, max_wait=12, poll=5)
     assert load["busy_before"] and load["waited_seconds"] == 12.0
     from flf2v.bench.report import load_lines
     text = "\n".join(load_lines({"load": {**load, "after": [2.0, 2, 2]}}))

@@ -3,13 +3,12 @@ few-step sampler of step-distilled models (--sample_timesteps), against hand-wri
 import copy
 import json
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import rel_err
 from PIL import Image
-from helpers import _args, run
+from helpers import StubBackend, _args, run
 
 from flf2v.models.config import get_preset
 from flf2v.runtime.denoise import DenoiseLoop
@@ -66,7 +65,7 @@ def test_guide_1_equals_the_batch_2_path(pipe, frames, monkeypatch):
 
 def test_request_without_cfg_records_it():
     image = Image.new("RGB", (64, 64))
-    pipe = Pipeline(SimpleNamespace(cfg_batches=(1, 2)), None, get_preset("tiny"))
+    pipe = Pipeline(StubBackend(cfg_batches=(1, 2)), None, get_preset("tiny"))
     r = pipe.request("x", image, image, guide_scale=1.0)
     assert (r.cfg, r.cfg_batch) == (False, 1)
     assert {"cfg": "off", "cfg_batch": 1, "negative_prompt": None}.items() <= r.to_json().items()
@@ -74,7 +73,7 @@ def test_request_without_cfg_records_it():
     assert "cfg" not in on and "sample_timesteps" not in on and on["cfg_batch"] == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # batch-1 engines serve a CFG-free run as they are
-        assert Pipeline(SimpleNamespace(cfg_batches=(1,)), None, get_preset("tiny")).request(
+        assert Pipeline(StubBackend(cfg_batches=(1,)), None, get_preset("tiny")).request(
             "x", image, image, guide_scale=1.0).cfg_batch == 1
 
 
@@ -203,7 +202,7 @@ def test_generate_with_sample_timesteps(pipe, frames, monkeypatch):
 def test_bad_timesteps_in_the_api(options, match):
     image = Image.new("RGB", (64, 64))
     with pytest.raises(InputError, match=match):
-        Pipeline(SimpleNamespace(), None, get_preset("tiny")).request("x", image, image, **options)
+        Pipeline(StubBackend(), None, get_preset("tiny")).request("x", image, image, **options)
 
 
 def few_step_args(ckpt, frames, out):

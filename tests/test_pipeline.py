@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import StubBackend
 from PIL import Image
 
 from flf2v.models.config import PRESETS, get_preset
 from flf2v.runtime import pipeline as pl
+from flf2v.runtime import request as rq
 from flf2v.runtime.media import InputError, load_image, read_video, save_video
 from flf2v.runtime.scheduler import make_sampler
 
@@ -25,9 +27,9 @@ OFFICIAL_FLF2V_NEG = "镜头切换，" + OFFICIAL_I2V_NEG
 
 def test_latent_grid_matches_the_spec():
     # spec: 16:9 at 1280*720 -> 720x1280, latent 90x160 (75,600 tokens over 21 latent frames)
-    assert pl.latent_grid((720, 1280), 1280 * 720, 8, 2) == (90, 160)
-    assert pl.latent_grid((1280, 720), 1280 * 720, 8, 2) == (160, 90)
-    lat_h, lat_w = pl.latent_grid((720, 1280), 1280 * 720, 8, 2)
+    assert rq.latent_grid((720, 1280), 1280 * 720, 8, 2) == (90, 160)
+    assert rq.latent_grid((1280, 720), 1280 * 720, 8, 2) == (160, 90)
+    lat_h, lat_w = rq.latent_grid((720, 1280), 1280 * 720, 8, 2)
     assert 21 * lat_h * lat_w // 4 == 75600
 
 
@@ -54,13 +56,13 @@ def test_mask_equals_official_at_81_and_generalises():
 @pytest.mark.parametrize("frame_num", [0, 4, 8, 80, -3])
 def test_bad_frame_num(frame_num):
     with pytest.raises(InputError, match="4n\\+1"):
-        pl.check_frame_num(frame_num, 1024)
+        rq.check_frame_num(frame_num, 1024)
 
 
 def test_size_must_be_supported():
     with pytest.raises(InputError, match="not supported by flf2v-14B"):
-        pl.parse_size("1920*1080", get_preset("flf2v-14B"))
-    assert pl.parse_size("1280*720", get_preset("flf2v-14B")) == (1280, 720)
+        rq.parse_size("1920*1080", get_preset("flf2v-14B"))
+    assert rq.parse_size("1280*720", get_preset("flf2v-14B")) == (1280, 720)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def _prompts_given_to_t5(preset_name, demo_frames, **kw):
         raise _Stop
 
     preset = get_preset(preset_name)
-    pipe = pl.Pipeline(object(), tokenizer, preset)
+    pipe = pl.Pipeline(StubBackend(), tokenizer, preset)
     first, last = (load_image(p) for p in demo_frames)
     with pytest.raises(_Stop):
         pipe.generate("a prompt", first, last if preset.dit.model_type == "flf2v" else None, progress=False, **kw)

@@ -3,8 +3,6 @@ engines' I/O checked against the manifest, the DiT released before decoding; dyn
 shape's optimization profile and input shapes, their buffers kept per shape. The TensorRT engines are
 stood in for by the tiny fp32 ONNX graphs (ONNX Runtime executes whatever tensors are bound by address,
 the way an execution context does), so a video through this backend must equal the ORT backend's."""
-import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -13,113 +11,11 @@ from conftest import rel_err
 
 from flf2v.export import manifest as M
 from flf2v.models import checkpoint as ck
-from flf2v.runtime import engine_backend, engine_folders, ort_backend, trt_backend
+from flf2v.runtime import engine_folders, ort_backend, trt_backend
 from flf2v.runtime.media import load_image
 from PIL import Image
 from flf2v.runtime.pipeline import Pipeline
-
-FAKE_TRT = SimpleNamespace(DataType=SimpleNamespace(FLOAT="f32", BF16="bf16", HALF="f16", INT64="i64"),
-                           TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"))
-TYPES = {"float32": "f32", "bfloat16": "bf16", "int64": "i64"}
-
-
-class FakeEngine:
-    def __init__(self, backend, graph, spec, session):
-        self.backend, self.graph, self.session = backend, graph, session
-        self.io = [(s, "in") for s in spec["inputs"]] + [(s, "out") for s in spec["outputs"]]
-        self.num_io_tensors = len(self.io)
-        self.num_optimization_profiles = len(spec.get("profiles") or [None])
-
-    def get_tensor_name(self, i):
-        return self.io[i][0]["name"]
-
-    def _find(self, name):
-        return next((s, m) for s, m in self.io if s["name"] == name)
-
-    def get_tensor_mode(self, name):
-        return self._find(name)[1]
-
-    def get_tensor_shape(self, name):  # TensorRT reports a dynamic dim as -1
-        return [d if isinstance(d, int) else -1 for d in self._find(name)[0]["shape"]]
-
-    def get_tensor_dtype(self, name):
-        return TYPES[self._find(name)[0]["dtype"]]
-
-    def create_execution_context(self):
-        return FakeContext(self)
-
-
-class FakeContext:
-    """Reads its inputs from, and writes its outputs to, whatever memory is bound by address."""
-
-    def __init__(self, engine):
-        self.engine, self.addresses, self.shapes, self.profile = engine, {}, {}, 0
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return True
-
-    def set_optimization_profile_async(self, index, stream):
-        assert 0 <= index < self.engine.num_optimization_profiles
-        self.profile = index
-        self.engine.backend.calls.append(("profile", self.engine.graph, index))
-        return True
-
-    def set_input_shape(self, name, shape):
-        spec = self.engine._find(name)[0]
-        assert len(shape) == len(spec["shape"]) and all(
-            isinstance(d, str) or d == v for d, v in zip(spec["shape"], shape)), (name, shape, spec["shape"])
-        self.shapes[name] = tuple(shape)
-        self.engine.backend.calls.append(("shape", self.engine.graph, name, tuple(shape)))
-        return True
-
-    def execute_async_v3(self, stream):
-        b = self.engine.backend
-        known = {t.data_ptr(): t for e in b.engines.values() for _, bufs in e.shapes.values() for t in bufs.values()}
-        known.update({t.data_ptr(): t for pair in b.cache_sets.values() for ts in pair for t in ts})
-        b.executed.append((self.engine.graph, sorted(b.engines)))
-        ins = {s["name"]: known[self.addresses[s["name"]]].numpy() for s, m in self.engine.io if m == "in"}
-        for name, x in ins.items():  # a dynamic engine runs at the shapes its context was set to
-            if any(isinstance(d, str) for d in self.engine._find(name)[0]["shape"]):
-                assert self.shapes.get(name) == x.shape, (self.engine.graph, name, self.shapes.get(name), x.shape)
-        out_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "out"}
-        in_ptrs = {self.addresses[s["name"]] for s, m in self.engine.io if m == "in"}
-        assert not out_ptrs & in_ptrs, f"{self.engine.graph}: an output is bound to an input's memory"
-        outs = self.engine.session.run(None, ins)
-        for (s, _), o in zip([io for io in self.engine.io if io[1] == "out"], outs):
-            known[self.addresses[s["name"]]].copy_(torch.from_numpy(o))
-        return True
-
-
-class FakeTrtBackend(trt_backend.TrtBackend):
-    """TrtBackend with ONNX Runtime sessions as its engines and no CUDA streams."""
-
-    def __init__(self, folder, ckpt_dir, preset, ort_backend):
-        engine_backend.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
-        self.trt, self.ort, self.engines, self.cache_sets, self.executed = FAKE_TRT, ort_backend, {}, {}, []
-        self.keep_dit, self._generation, self.stream, self.calls = False, 0, SimpleNamespace(cuda_stream=0), []
-
-    def _deserialize(self, graph):
-        return FakeEngine(self, graph, self.specs[graph], self.ort.session(graph))
-
-    def _synchronize(self):
-        pass
-
-    def _enqueue(self, graph, ctx):
-        assert ctx.execute_async_v3(0)
-
-    def _switch_profile(self, ctx):  # no streams here (test_profile_switch_is_ordered_on_both_streams)
-        return ctx.set_optimization_profile_async(self.profile, 0)
-
-
-def relabel(ort_folder, tmp_path_factory):
-    """An ORT folder relabelled as a TensorRT folder of this 'machine'."""
-    folder = tmp_path_factory.mktemp("fake-trt") / ort_folder.name
-    shutil.copytree(ort_folder, folder)
-    m = json.loads((folder / M.MANIFEST).read_text())
-    m.update(backend="trt", target="fake-sm90-trt11.4")
-    (folder / M.MANIFEST).write_text(json.dumps(m))
-    return folder
+from helpers import FakeTrtBackend, relabel
 
 
 @pytest.fixture(scope="module")

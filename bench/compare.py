@@ -1,0 +1,347 @@
+"""The headline stage comparison, `flf2v-bench --preset tiny|small|720p`: one video on every backend this machine
+has and on diffusers' peer pipeline, in one process: time and peak memory per stage, the video against the
+torch reference, ratios, and the cost model's floors (`--cost_only`: those alone, nothing run)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import cost
+from .measure import Stats, load_avg, rss_bytes
+from .report import GiB, STAGE_LABELS, Report, num, table
+from .runners import BACKENDS, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
+
+log = logging.getLogger("flf2v.bench")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPreset:
+    model: str
+    size: str
+    frames: int
+    steps: int
+    repeats: int
+    warmup_steps: int | None = None  # None: the warm-up run is a full run
+    gpu_only: bool = False
+
+
+BENCH_PRESETS = {
+    "tiny": BenchPreset("tiny", "64*64", 9, 4, repeats=3),
+    "small": BenchPreset("small", "256*144", 17, 10, repeats=3),
+    "720p": BenchPreset("flf2v-14B", "1280*720", 81, 50, repeats=1, warmup_steps=2, gpu_only=True),
+}
+
+PEER_NOTES = [
+    "Peer: diffusers' WanImageToVideoPipeline with `last_image`, built by `flf2v.bench.diffusers_peer.build_pipeline` "
+    "on the same checkpoint (same weights, dtype, size, frames, steps, guidance, negative prompt and seed), its UniPC "
+    "scheduler given the official sigmas (timesteps and sigmas equal ours).",
+    "Differences in the work that cannot be removed: diffusers runs CFG as two batch-1 transformer calls per step and "
+    "the text encoder once per prompt (ours: one batch-2 call each); it resizes with PIL (CLIP: bicubic with "
+    "antialiasing; VAE input: Lanczos) where ours uses torch bicubic, so its video differs slightly from ours.",
+    "Both sides are instrumented alike: one probe (time, peak memory) per stage, none inside the denoising loop. "
+    "Stages of ours are the pipeline's own, those of diffusers its network calls; the denoise loop of both spans "
+    "from the end of the VAE encode to the start of the VAE decode (for diffusers also its latent normalisation "
+    "and conditioning mask). 'outside network' (CPU only) is end to end minus the time inside network calls "
+    "(tokenizer, preprocessing, sampler, CFG, copies); '1 step' is the denoise loop over the steps.",
+]
+COLS = ["text_encoder", "image_encoder", "vae_encode", "denoise_step", "denoise", "vae_decode", "end_to_end"]
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [s for s in text.split(",") if s]
+    for n in names:
+        if n not in BACKENDS:  # argparse says it in one line, exit 2
+            raise argparse.ArgumentTypeError(f"unknown backend {n!r}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--preset", required=True, choices=list(BENCH_PRESETS))
+    ap.add_argument("--backends", type=parse_backends, default=None,
+                    help=f"comma-separated subset of {','.join(BACKENDS)} (default: those this machine can run)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per backend (after one warm-up run)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    ap.add_argument("--ckpt_dir", default=None, help="checkpoint (default: random weights written into --work)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
+    ap.add_argument("--interleave", default=None, action=argparse.BooleanOptionalAction,
+                    help="time the backends in rounds, all loaded at once (default: yes, except 720p)")
+    ap.add_argument("--cost_only", action="store_true", help="print the preset's cost model and floors, run nothing")
+
+
+def default_backends() -> list[str]:
+    gpu = torch.cuda.is_available()
+    return [b for b in BACKENDS if (gpu or b not in ("torch-triton", "trt", "trt-dynamic")) and b != "ort-numpy"]
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+
+def _guard(fn, *args):
+    """fn(*args) -> (entry, value); a backend that cannot run or fails gives its status, the others go on."""
+    try:
+        return fn(*args)
+    except Unavailable as e:
+        return {"status": f"unavailable: {e}"}, None
+    except Exception as e:
+        log.exception("a backend failed")
+        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}, None
+
+
+def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, object]:
+    """Load and one warm-up run with the warm-up step count (reported, excluded from the timings)."""
+    entry = {"status": "ok", "rss_before_load": rss_bytes(), "load_avg_before": load_avg()}
+    t0 = time.perf_counter()
+    runner.load()
+    entry["load_seconds"] = time.perf_counter() - t0
+    entry["engine_build_seconds"] = runner.build_seconds
+    folder = runner.folder  # engines: the bytes of the folder (ONNX files, packages)
+    entry["engine_bytes"] = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) if folder else None
+    runner.job = dataclasses.replace(job, steps=warmup_steps or job.steps)
+    try:
+        warm = runner.run()
+    finally:
+        runner.job = job
+    entry["warmup_seconds"] = warm.seconds
+    return entry, warm
+
+
+def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, interleave: bool):
+    """Sequential: one backend loaded at a time (load, warm up, `repeats` runs, close; memory from the timed
+    runs). Interleaved: memory from each backend alone (load, warm-up run, close); time with all loaded and
+    warmed up again, in `repeats` rounds of one run per backend, so that a slow spell of the machine hits every
+    backend alike. Returns (entries, {name: (timed runs, runs whose memory counts)})."""
+    entries, memory, runs = {}, {}, {n: [] for n in runners}
+    for n, r in runners.items():
+        entries[n], warm = _guard(load_and_warm, r, job, warmup_steps)
+        memory[n] = [warm]
+        if warm is not None and not interleave:
+            failed, _ = _guard(lambda: ({}, runs[n].extend(r.run() for _ in range(repeats))))
+            entries[n], memory[n] = (failed, None) if failed else (entries[n], runs[n])
+        r.close()
+        log.info("%s: %s", n, entries[n]["status"])
+    live = [n for n in runners if entries[n]["status"] == "ok"]
+    if interleave:
+        for n in list(live):
+            again, _ = _guard(load_and_warm, runners[n], job, warmup_steps)
+            if again["status"] != "ok":
+                entries[n] = again
+                live.remove(n)
+        for _ in range(repeats):
+            for n in list(live):
+                _, res = _guard(lambda: ({}, runners[n].run()))
+                if res is None:
+                    entries[n] = {"status": "failed during the timed rounds (see the log)"}
+                    live.remove(n)
+                    runners[n].close()
+                else:
+                    runs[n].append(res)
+    for n in live:
+        entries[n]["load_avg_after"] = load_avg()
+        runners[n].close()
+    return entries, {n: (runs[n], memory[n]) for n in live}
+
+
+def summarize(entry: dict, runs: list, steps: int, memory_runs: list) -> dict:
+    """Timings from `runs`; peak memory from `memory_runs` (the same runs, or the warm-up run when the
+    timed runs had every backend loaded at once)."""
+    stages = {k: Stats.of([r.stages[k] for r in runs]) for k in STAGES if all(k in r.stages for r in runs)}
+    stages["denoise_step"] = Stats.of([r.stages["denoise"] / steps for r in runs])
+    stages["end_to_end"] = Stats.of([r.seconds for r in runs])
+    entry["stages"] = {k: v.to_json() for k, v in stages.items()}
+    for key in ("host_peak", "cuda_peak"):
+        seen = [getattr(r, key) for r in memory_runs if any(v is not None for v in getattr(r, key).values())]
+        entry[key] = {k: max(c.get(k) or 0 for c in seen) for k in STAGES} if seen else {}
+        if seen:
+            entry[key]["end_to_end"] = max(entry[key].values())
+    if all(r.network_seconds is not None for r in runs):
+        entry["outside_network_fraction"] = Stats.of([(r.seconds - r.network_seconds) / r.seconds
+                                                      for r in runs]).median
+    return entry
+
+
+def compare_videos(runs: dict, reference: str = "torch") -> dict[str, dict]:
+    """Per backend: the largest |difference| of its video from the reference backend's (same seed, settings;
+    the last timed run of each), except for the reference itself, and between its own timed runs."""
+    ref = runs[reference][0][-1].video if reference in runs else None
+    return {name: {"video_reference": reference if ref is not None else None,
+                   "video_max_abs_diff": None if ref is None or name == reference
+                   else (timed[-1].video - ref).abs().max().item(),
+                   "video_run_to_run_max_abs_diff": max((r.video - timed[0].video).abs().max().item()
+                                                        for r in timed[1:]) if len(timed) > 1 else None}
+            for name, (timed, _) in runs.items()}
+
+
+def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
+    med = lambda b, k: b["stages"].get(k, {}).get("median")  # noqa: E731
+    ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
+    for base in (b for b in ("torch", "diffusers") if b in ok):
+        for name, b in ok.items():
+            if name != base:
+                b.setdefault("speedup", {})[base] = {k: med(ok[base], k) / med(b, k) for k in ok[base]["stages"]
+                                                     if med(b, k)}
+    key = next((g for g in cost.GPUS if g in gpu_name.upper()), None) if gpu_name else None
+    for b in ok.values():
+        if key:
+            b["floor_fraction"] = {k: costs[k]["floor_s"][f"{key} bf16"] / med(b, k) for k in costs if med(b, k)}
+
+
+def targets(backends: dict) -> list[str]:
+    """The project's targets, stated with what this run measured (CPU, `small`)."""
+    ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
+    out, sp = [], ok.get("ort", {}).get("speedup", {})
+    if "torch" in sp:
+        out.append(f"ORT ≥ 1.5× torch eager end to end: {sp['torch']['end_to_end']:.2f}×")
+    if "diffusers" in sp:
+        out.append(f"ORT ≥ 2× diffusers: {sp['diffusers']['end_to_end']:.2f}×")
+    if "ort" in backends and "ort" not in ok:
+        out.append(f"ORT targets not measured ({backends['ort']['status']})")
+    if "ort" in ok and "ort-dynamic" in ok:
+        r = {k: ok["ort-dynamic"]["stages"][k]["median"] / ok["ort"]["stages"][k]["median"]
+             for k in ("end_to_end", "denoise")}
+        out.append(f"dynamic-shape engines within 5% of static ones: ort-dynamic / ort end to end "
+                   f"{r['end_to_end']:.3f}, denoise {r['denoise']:.3f}")
+    for name in ("torch", "ort"):
+        if ok.get(name, {}).get("outside_network_fraction") is not None:
+            out.append(f"{name} runtime work outside the networks ≤ 2%: "
+                       f"{100 * ok[name]['outside_network_fraction']:.2f}%")
+    if "torch" in ok.get("diffusers", {}).get("speedup", {}):
+        out.append(f"torch eager vs diffusers end to end: {1 / ok['diffusers']['speedup']['torch']['end_to_end']:.2f}×")
+    return out
+
+
+# ---- the mode ------------------------------------------------------------------------------------------
+
+def _job(s, bp: BenchPreset, device, dtype, steps: int, repeats: int, interleave: bool):
+    from flf2v.models.config import get_preset
+    preset = get_preset(bp.model)
+    if bp.gpu_only and not s.args.ckpt_dir:
+        raise SystemExit(f"flf2v-bench: error: --preset {s.args.preset} needs --ckpt_dir (the real checkpoint)")
+    width, height = (int(v) for v in bp.size.split("*"))
+    job = Job(Path(s.args.ckpt_dir) if s.args.ckpt_dir else s.checkpoint(bp.model), preset, width, height,
+              bp.frames, steps, preset.sample_shift, preset.sample_guide_scale)
+    return job, {"task": preset.dit.model_type, "model_preset": preset.name, "width": width, "height": height,
+                 "frames": bp.frames, "steps": steps, "shift": job.shift, "guide": job.guide, "seed": job.seed,
+                 "prompt": job.prompt, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                 "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
+                 "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
+
+
+def run(s) -> Report | None:
+    args, bp = s.args, BENCH_PRESETS[s.args.preset]
+    steps, repeats = args.steps or bp.steps, args.repeats or bp.repeats
+    w, h = (int(v) for v in bp.size.split("*"))
+    if args.cost_only:
+        from flf2v.models.config import get_preset
+        print(f"{args.preset}: {bp.model}, {w}x{h}, {bp.frames} frames, {steps} steps, CFG batch 2\n")
+        print("\n".join(cost_lines(cost.cost_table(get_preset(bp.model), w, h, bp.frames, steps))))
+        return None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if bp.gpu_only and device.type != "cuda":
+        raise SystemExit(f"flf2v-bench: error: --preset {args.preset} needs a CUDA GPU; use tiny or small here")
+    from flf2v.export.contracts import COMPUTE_DTYPE
+    dtype = COMPUTE_DTYPE[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    quiet_transformers()
+    interleave = not bp.gpu_only if args.interleave is None else args.interleave
+    job, job_json = _job(s, bp, device, dtype, steps, repeats, interleave)
+    costs = cost.cost_table(job.preset, w, h, bp.frames, steps)
+    s.settle()
+    runners = {n: DiffusersRunner(job, device, dtype) if n == "diffusers"
+               else OursRunner(n, job, device, dtype, s.work / "engines") for n in args.backends or default_backends()}
+    entries, runs = measure(runners, job, repeats, bp.warmup_steps, interleave)
+    videos = compare_videos(runs)
+    backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e
+                for n, e in entries.items()}
+    add_ratios(backends, costs, s.machine["gpu"]["name"] if s.machine["gpu"] else None)
+    result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "backends": backends,
+              "notes": PEER_NOTES + ([busy_note(s.load)] if s.load["busy_before"] else []),
+              "targets": targets(backends)}
+    return Report("benchmark", result, markdown(result, s.machine), chart=True)
+
+
+def quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # the torchvision fallback notice of CLIPImageProcessor
+    except ImportError:
+        pass
+
+
+def busy_note(load: dict) -> str:
+    return (f"The machine was busy: 1-minute load average {load['before'][0]:.1f} when the timing started "
+            f"({load['cpus']} CPUs; waited {load['waited_seconds']:.0f} s for it to drop below "
+            f"{load['busy_above']:.1f}). Other processes on the cores inflate every time and its spread, torch's "
+            f"OpenMP-threaded small ops most (each parallel region waits for a descheduled thread); compare only "
+            f"runs made on an idle machine.")
+
+
+# ---- Markdown ------------------------------------------------------------------------------------------
+
+def _s(x: float | None) -> str:
+    return num(x, "{:.3g}" if x is None or x < 100 else "{:.0f}")
+
+
+def _cell(st: dict | None) -> str:
+    return "–" if not st else f"{_s(st['median'])} [{_s(st['min'])}–{_s(st['max'])}]" if st["n"] > 1 \
+        else _s(st["median"])
+
+
+def cost_lines(costs: dict, achieved: dict[str, str] | None = None) -> list[str]:
+    """Markdown table of cost.cost_table(); `achieved`: stage -> text for a GPU column."""
+    gpus = ("H100 bf16", "H100 fp8", "H200 bf16", "H200 fp8")
+    head = ["stage", "FLOPs", "min GB (bf16)", *gpus] + (["achieved fraction of the floor (this GPU, bf16)"]
+                                                         if achieved else [])
+    return table(head, [[STAGE_LABELS[k], f"{c['flops']:.3g}", f"{c['min_bytes_bf16'] / 1e9:.3g}",
+                         *(f"{c['floor_s'][g]:.3g} s" for g in gpus)] + ([achieved.get(k, "")] if achieved else [])
+                        for k, c in costs.items()])
+
+
+def markdown(r: dict, m: dict) -> list[str]:
+    job, ok = r["job"], {k: v for k, v in r["backends"].items() if v["status"] == "ok"}
+    gib = lambda b: num(b if b is None else b / GiB, "{:.2f}")  # noqa: E731
+    lines = [f"Job: {job['task']}, {job['width']}x{job['height']}, {job['frames']} frames, {job['steps']} UniPC steps "
+             f"(shift {job['shift']}), CFG {job['guide']}, {job['dtype']} on {job['device']}, seed {job['seed']}; "
+             f"random weights in the official layout (model preset `{job['model_preset']}`). One warm-up run "
+             f"({job['warmup_steps']} steps, excluded), then {job['repeats']} timed runs per backend in this process, "
+             + ("in rounds of one run per backend with all backends loaded (peak memory: from the warm-up run, one "
+                "backend loaded at a time)" if job["order"] == "interleaved" else "one backend after another")
+             + ". Seconds: median [min–max].", "", "## Time per stage (s)", ""]
+    rows = []
+    for name, b in r["backends"].items():
+        if b["status"] != "ok":
+            rows.append([name, b["status"]] + [""] * (len(COLS) + 2))
+            continue
+        out, load = b.get("outside_network_fraction"), [x[0] for x in (b.get("load_avg_before"),
+                                                                       b.get("load_avg_after")) if x]
+        rows.append([name, *(_cell(b["stages"].get(c)) for c in COLS), _s(b["warmup_seconds"]),
+                     num(out if out is None else 100 * out, "{:.1f}%"), "→".join(f"{x:.1f}" for x in load)])
+    lines += table(["backend", *(STAGE_LABELS[c] for c in COLS), "warm-up", "outside network", "load avg"], rows)
+    ratio = lambda b, base, k: num(b.get("speedup", {}).get(base, {}).get(k), "{:.2f}×")  # noqa: E731
+    lines += ["", "## Speedups (ratio of medians, same process and machine)", ""] + table(
+        ["backend", "vs torch eager, end to end", "vs torch eager, denoise loop", "vs diffusers, end to end",
+         "vs diffusers, denoise loop", "max abs diff of the video vs the torch reference"],
+        [[n, ratio(b, "torch", "end_to_end"), ratio(b, "torch", "denoise"), ratio(b, "diffusers", "end_to_end"),
+          ratio(b, "diffusers", "denoise"), "(reference)" if b.get("video_reference") == n
+          else num(b.get("video_max_abs_diff"), "{:.2e}")] for n, b in ok.items()])
+    if r["targets"]:
+        lines += ["", "Targets (measured, not asserted): " + "; ".join(r["targets"]) + "."]
+    mem = [c for c in COLS if c != "denoise_step"]
+    lines += ["", "## Peak memory per stage (GiB, host RSS" + (", CUDA max allocated" if m["gpu"] else "") + ")", ""]
+    lines += table(["backend", "before load", *(STAGE_LABELS[c] for c in mem)], [
+        [n, gib(b["rss_before_load"]), *(gib(b["host_peak"].get(c)) + (f" / {gib(b['cuda_peak'][c])}"
+                                                                          if c in b["cuda_peak"] else "") for c in mem)]
+        for n, b in ok.items()])
+    built = {n: b for n, b in ok.items() if b.get("engine_build_seconds") is not None}
+    if built:
+        lines += ["", "## Engine builds (`flf2v-build` in a child process, before the runs)", ""] + table(
+            ["backend", "build (s)", "folder size (MiB)"],
+            [[n, f"{b['engine_build_seconds']:.1f}", f"{(b.get('engine_bytes') or 0) / 2**20:.1f}"]
+             for n, b in built.items()])
+    achieved = {stage: ", ".join(f"{n} {100 * b['floor_fraction'][stage]:.1f}%" for n, b in ok.items()
+                                 if stage in b.get("floor_fraction", {})) for stage in r["cost"]} if m["gpu"] else None
+    lines += ["", "## Cost model (FLOPs, minimum bytes, floor time on one GPU)", "", *cost_lines(r["cost"], achieved)]
+    return lines + ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]

@@ -1,0 +1,50 @@
+"""The library's logger, quiet unless a program asks: `logger` has a NullHandler, as a library's should, so an
+application that configures logging sees flf2v's records and one that does not sees nothing. The commands
+(`flf2v-run`, `flf2v-build`, `flf2v-calibrate-cache`) call `setup` with their -v / -q count.
+
+User-facing results (the "wrote ..." line, one-line errors) are printed by the commands, not logged."""
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("flf2v")
+logger.addHandler(logging.NullHandler())
+
+LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}  # 2 and more: DEBUG
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, not the one at setup: tests (and callers) swap it, and a
+    command run twice in one process must not write to the first run's stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _OneLine(logging.Formatter):
+    """`prog: message`; warnings and errors as the commands say theirs, `prog: warning: message`."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{self.prog}: {level}{record.getMessage()}"
+
+
+def setup(verbosity: int, prog: str = "flf2v") -> None:
+    """Log to stderr, one line a record: -1 (-q) errors only, 0 warnings, 1 (-v) info, 2 (-vv) debug. Called
+    again (a second command in one process) it replaces its handler instead of adding another."""
+    for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+        logger.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(_OneLine(prog))
+    logger.addHandler(handler)
+    logger.setLevel(LEVELS.get(verbosity, logging.DEBUG if verbosity > 1 else logging.ERROR))

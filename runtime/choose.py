@@ -1,0 +1,148 @@
+"""Which backend runs a `flf2v-run` job, and opening it: the engines given (`--engines`) or this machine's
+(engines/<this machine>[-plugin]/) that serve the run, else the torch reference; one line saying what runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flf2v.log import logger
+
+from .media import InputError
+from .request import default_shape, output_shape
+
+
+def engine_kind(device: torch.device) -> str:
+    """The engines this machine runs: TensorRT on a GPU where it imports, ONNX Runtime on a CPU."""
+    if device.type == "cpu":
+        return "ort"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "trt"
+
+
+def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device, loras=()):
+    """(backend kind, engine folder or None, one line saying what runs). `--engines` may be a folder or a
+    root with one folder per shape; without it, `--backend auto` looks under engines/<this machine>[-plugin]/.
+    A static folder of exactly the run's shape wins over a dynamic one that serves it."""
+    from flf2v.export import manifest as M
+
+    from . import loras as L
+    from .backends import check_backend
+    from .engine_folders import engine_video_shape, find_engines
+
+    kind = args.backend
+    if kind == "auto":  # the kind of the engines given, else what this machine runs
+        given = [M.load(f).get("backend") for f in M.folders_under(args.engines)] if args.engines else []
+        kind = given[0] if given and given[0] in ("ort", "trt", "aoti") else engine_kind(device)
+    if kind == "torch":
+        return "torch", None, None
+    check_backend(kind, device)
+    cfg_parallel = getattr(args, "cfg_parallel", False)  # each process runs the batch-1 DiT
+
+    def serves(m) -> bool:
+        if cfg_parallel and "dit_b1" not in m.get("engines", {}):
+            return False
+        try:
+            return M.serves(m, preset, *want(args, preset, first_hw, engine_video_shape(m)))
+        except (InputError, KeyError, TypeError, ValueError):
+            return False
+
+    roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
+    folder, unusable, other_shapes = find_engines(roots, args.ckpt_dir, preset, kind, serves,
+                                                  prefer=lambda m: not L.needs_swap(m, loras))  # LoRAs built in
+    for why in other_shapes + unusable:
+        logger.debug("passed over: %s", why)
+    if folder is not None:
+        logger.info("engines %s serve this run", folder)
+        return kind, folder, None
+    if args.engines and unusable and not other_shapes:
+        raise M.EngineError(unusable[0])  # the folder given cannot serve this checkpoint: its reason and fix
+    return "torch", None, _none_serve(args, preset, first_hw, kind, roots, other_shapes + unusable, loras,
+                                      cfg_parallel)
+
+
+def want(args, preset, first_hw: tuple[int, int], fixed) -> tuple[int, int, int]:
+    """(height, width, frames) of the run on a folder of shape `fixed` (None: dynamic): unset --size and
+    --frame_num default to a static folder's own, else to the model's."""
+    return output_shape(preset, first_hw, *default_shape(preset, args.size, args.frame_num, fixed))
+
+
+def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras, cfg_parallel: bool) -> str:
+    """No folder serves the run: EngineError naming the build that would when engines were asked for,
+    else the note (with that build) that the torch reference runs instead."""
+    from flf2v.export import manifest as M
+
+    from . import loras as L
+    from .engine_folders import build_serving
+    name = build_serving(preset, *want(args, preset, first_hw, None))
+    root = Path(args.engines) if args.engines else None
+    if root is not None and (root / M.MANIFEST).is_file():
+        root = root.parent  # a shape folder was given: the new shape goes beside it
+    fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
+                         loras=L.lora_arg(loras) if kind != "ort" else "",  # ORT swaps LoRAs in
+                         cfg_batch="both" if cfg_parallel else None)
+    run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
+        f", {args.frame_num} frames" if args.frame_num else "") + (" with --cfg_parallel (the batch-1 DiT)"
+                                                                   if cfg_parallel else "")
+    if args.engines or args.backend != "auto":
+        detail = f" ({why[0]})" if why else ""
+        raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "
+                            f"or use --backend torch")
+    return f"no current {kind} engines for this checkpoint serve {run} under {roots[0]}; {fix}"
+
+
+def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int], parallel=None):
+    """The run's Pipeline on the backend chosen (`args.backend` set to its kind); says which on stdout."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.lora import load_loras
+
+    from . import backends
+    from .pipeline import Pipeline
+
+    loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
+    torch_only = args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp
+    if torch_only and args.backend not in ("auto", "torch"):
+        raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
+                         f"sequences and weights; README \"Several GPUs\"); use --backend torch, or --cfg_parallel "
+                         f"alone with {args.backend} engines")
+    kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device,
+                                                                                 loras)
+    args.backend = kind
+    if kind == "torch":
+        backend, says = _torch_backend(args, preset, device, loras, parallel)
+        says += f"; {note}" if note else ""
+    else:
+        from flf2v.export.manifest import describe
+        backend = backends.open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras)
+        says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"
+    if loras:
+        says += "; LoRAs " + ", ".join(f"{lo.path.name}:{scale:g}" for lo, scale in loras)
+    if parallel is not None:
+        says += f"; {parallel.world} processes: " + describe_parallel(args)
+    if parallel is None or parallel.is_main:
+        print(f"flf2v-run: {says}", flush=True)
+    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph,
+                    parallel=parallel)
+
+
+def _torch_backend(args, preset, device: torch.device, loras, parallel):
+    """(TorchBackend, what it runs) of the flags."""
+    from flf2v.export.contracts import COMPUTE_DTYPE
+
+    from . import torch_backend
+    precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    offload = device.type == "cuda" if args.offload_model is None else args.offload_model
+    backend = torch_backend.TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device,
+                                         offload_model=offload and not args.dit_fsdp, loras=loras,
+                                         parallel=parallel, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
+    return backend, f"backend torch (PyTorch reference, {precision} on {device})"
+
+
+def describe_parallel(args) -> str:
+    split = " x ".join(([f"Ulysses {args.ulysses_size}"] if args.ulysses_size > 1 else [])
+                       + (["CFG-parallel"] if args.cfg_parallel else []))  # one of them: check_layout
+    return ", ".join([split] + [f"{n} weights sharded (FSDP2)" for n, on in (("DiT", args.dit_fsdp),
+                                                                            ("T5", args.t5_fsdp)) if on])

@@ -1,0 +1,236 @@
+"""`flf2v-run`'s flags: the parser (the official generate.py names, the task's defaults in --help), the checks
+of the flags that are not a run's settings (files, device, processes, task), and the mapping of the others to
+a `Request`'s options, which runtime/request.py checks. All of it before any weight loads."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .media import InputError
+
+TASKS = ("flf2v-14B", "i2v-14B")
+BACKENDS = ("auto", "torch", "ort", "trt", "aoti")
+DESCRIPTION = """`flf2v-run`: prompt + first frame + last frame -> mp4, with the official generate.py flag names.
+
+One video over several processes (GPUs): `torchrun --nproc_per_node N --no-python flf2v-run ...
+--ulysses_size U [--cfg_parallel] [--dit_fsdp] [--t5_fsdp]` (N = U, or 2U with --cfg_parallel;
+runtime/parallel.py)."""
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y"):
+        return True
+    if v.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def help_preset(argv: list[str] | None):
+    """The model preset whose defaults `--help` shows: the checkpoint's (when --ckpt_dir is readable),
+    else the --task's."""
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.config import get_preset
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="flf2v-14B", choices=TASKS)
+    pre.add_argument("--ckpt_dir", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.ckpt_dir:
+        try:
+            return ck.preset_for(known.ckpt_dir)
+        except (ck.CheckpointError, OSError):
+            pass
+    return get_preset(known.task)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = help_preset(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="flf2v-run", usage=argparse.SUPPRESS,  # errors: one line, exit 2
+                                 description=DESCRIPTION,
+                                 epilog=f"Defaults shown are {p.name}'s; --task and --ckpt_dir choose the model.")
+    for flags in (_input_flags, _sampling_flags, _cache_flags, _output_flags, _backend_flags, _parallel_flags):
+        flags(ap.add_argument, p)
+    return ap
+
+
+def _input_flags(a, p) -> None:
+    a("--task", default=None, choices=TASKS, help="the model (default: the checkpoint's, else flf2v-14B)")
+    a("--size", default=None, help=f"max output area as W*H, one of {', '.join(p.sizes)} (default "
+                                   f"{p.default_size}, or a static engine folder's own); the first frame's aspect "
+                                   f"ratio is kept")
+    a("--frame_num", type=int, default=None,
+      help=f"frames to generate, 4n+1 (default {p.frame_num}, or a static engine folder's own)")
+    a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
+    a("--first_frame", default=None, help="first frame image (FLF2V)")
+    a("--last_frame", default=None, help="last frame image (FLF2V)")
+    a("--image", default=None, help="input image (I2V; same as --first_frame)")
+    a("--prompt", default=None, help="text prompt")
+    a("--negative_prompt", default="", help=f"negative prompt (default: the official one of {p.name}: "
+                                            f"{p.sample_neg_prompt[:12]}...)")
+    a("--offload_model", type=_str2bool, default=None,
+      help="keep encoders and DiT off the GPU when not in use (default true on CUDA, as the official code)")
+    a("--t5_cpu", action="store_true", help="accepted for compatibility; the text encoder is freed before "
+                                              "denoising anyway")
+
+
+def _sampling_flags(a, p) -> None:
+    shift = (f"{p.sample_shift:g}" + (", 3 at 832*480 / 480*832 as the official code"
+                                      if p.dit.model_type == "i2v" else ""))
+    a("--sample_solver", default="unipc", choices=("unipc", "dpm++"), help="sampler (default unipc)")
+    a("--sample_steps", type=int, default=None, help=f"denoising steps (default {p.sample_steps})")
+    a("--sample_shift", type=float, default=None, help=f"flow-matching shift (default {shift})")
+    a("--sample_guide_scale", type=float, default=None,
+      help=f"classifier-free guidance scale (default {p.sample_guide_scale:g})")
+    a("--sample_timesteps", default=None,
+      help="few-step sampling of step-distilled models: descending timesteps in 1..1000, e.g. "
+           "1000,750,500,250 (LightX2V's 4-step list); runs their flow-matching update, with --sample_shift "
+           "applied as theirs (their Wan2.1 I2V configs use 5) and guide scale 1 unless --sample_guide_scale")
+    a("--base_seed", type=int, default=-1, help="seed; -1 draws one at random (default -1)")
+
+
+def _cache_flags(a, p) -> None:
+    a("--cache", default="off", choices=("off", "magcache", "teacache"),
+      help="step cache: skip the DiT's blocks on the steps a calibrated schedule, fixed before the loop, allows "
+           "(reusing the last computed step's residual; MagCache or TeaCache decisions). Default off")
+    a("--cache_threshold", type=float, default=None,
+      help="the cache's error budget: larger skips more steps, 0 skips none (default: magcache 0.24, teacache "
+           "0.2, the authors' Wan2.1 I2V 720p settings)")
+    a("--cache_max_skips", type=int, default=None,
+      help="most steps skipped in a row (default: magcache 6, teacache no limit)")
+    a("--cache_calibration", default=None,
+      help="calibration JSON from flf2v-calibrate-cache (default: <ckpt_dir>/flf2v_cache_calibration.json when "
+           "present, else the authors' published Wan2.1 I2V-14B calibration)")
+
+
+def _output_flags(a, p) -> None:
+    a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
+    a("--fps", type=float, default=16, help="frame rate of the mp4, e.g. 24 or 29.97 (default 16, the official rate)")
+    a("--metrics", default=None, help="write per-stage seconds, memory, the values used and versions as JSON")
+    a("-q", "--quiet", action="store_true", help="no progress bars, and of the log only errors")
+    a("-v", "--verbose", action="count", default=0,
+      help="log what runs to stderr: -v the choices and stages, -vv debug detail too")
+
+
+def _backend_flags(a, p) -> None:
+    a("--backend", default="auto", choices=BACKENDS,
+      help="auto (default): engines of this checkpoint that serve the run, under --engines or "
+           "engines/<this machine>[-plugin]/, else the torch reference; aoti: AOTInductor packages "
+           "(make engines BACKEND=aoti)")
+    a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
+    a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
+                                                                "CUDA, fp32 on CPU)")
+    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--cuda_graph", type=_str2bool, default=True,
+      help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
+           "eagerly, the fallback if capture fails on your setup")
+    a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+      help="a LoRA (safetensors: diffusers/PEFT, official or kohya names) for the DiT, scale 1 unless given; "
+           "repeatable. Torch merges it while loading; ONNX Runtime engines swap it in without a rebuild; "
+           "TensorRT engines must have been built with it (make engines LORA=...)")
+
+
+def _parallel_flags(a, p) -> None:
+    a("--ulysses_size", type=int, default=1,
+      help="under torchrun: split the DiT's video tokens over this many processes (Ulysses sequence "
+           "parallelism; must divide the attention heads, 40 for the 14B models). Default 1")
+    a("--ring_size", type=int, default=1, help="official flag; ring attention is not implemented: only 1")
+    a("--cfg_parallel", action="store_true",
+      help="under torchrun: run the cond and uncond DiT calls on two halves of the processes (needs CFG)")
+    a("--dit_fsdp", action="store_true",
+      help="under torchrun: shard the DiT's weights over all processes (FSDP2); each reads only its rows")
+    a("--t5_fsdp", action="store_true", help="under torchrun: shard the text encoder's weights likewise")
+    a("--dist_timeout", type=float, default=600.0,
+      help="seconds a collective waits for the other processes before this one gives up (default 600)")
+
+
+# ---- the flags that are not a run's settings -------------------------------------------------------
+
+def infer_task(ckpt_dir: str) -> str:
+    """The task of the checkpoint's model (its config.json), so an I2V folder needs no --task."""
+    from flf2v.models import checkpoint as ck
+    try:
+        kind = ck.preset_for(ckpt_dir).dit.model_type
+    except (ck.CheckpointError, OSError):
+        return "flf2v-14B"  # the checkpoint's own error comes with the checks that read it
+    return "flf2v-14B" if kind == "flf2v" else "i2v-14B"
+
+
+def check_args(args) -> None:
+    """Frames given, output paths writable, engine folder present, parallel flags that fit the processes."""
+    args.task = args.task or infer_task(args.ckpt_dir)
+    if args.image and args.first_frame:
+        raise InputError("give the input image once: --image or --first_frame, not both")
+    args.first_frame = args.first_frame or args.image
+    if not args.first_frame:
+        raise InputError("--first_frame is required (the image the video starts from)")
+    if not (math.isfinite(args.fps) and 1 <= args.fps <= 240):
+        raise InputError(f"--fps {args.fps:g} is out of range; use 1..240 (16 is the official rate)")
+    if args.save_file and not args.save_file.lower().endswith(".mp4"):
+        raise InputError(f"--save_file {args.save_file} must end in .mp4")
+    if args.engines and not Path(args.engines).is_dir():
+        raise InputError(f"--engines {args.engines}: no such folder; give a folder `make engines` built, or drop "
+                         f"--engines to use engines/<this machine>/")
+    from .media import check_folder, check_output
+    if args.save_file:
+        check_output("--save_file", args.save_file)
+    else:  # the default name goes to the current folder
+        check_folder("--save_file", "(default)", Path.cwd())
+    if args.metrics:
+        check_output("--metrics", args.metrics)
+    check_processes(args)
+
+
+def check_processes(args) -> None:
+    from .parallel import check_layout, world_from_env
+    check_layout(world_from_env()[1], args.ulysses_size, args.cfg_parallel, args.ring_size)
+    if (args.dit_fsdp or args.t5_fsdp) and world_from_env()[1] == 1:
+        raise InputError("--dit_fsdp / --t5_fsdp shard weights over the processes of a torchrun job; launch with "
+                         "`torchrun --nproc_per_node N ...` or drop them")
+    if args.dit_fsdp and args.lora:
+        raise InputError("--dit_fsdp loads each process's rows of the checkpoint; LoRAs are merged whole: drop "
+                         "--dit_fsdp or --lora")
+    if args.dist_timeout <= 0:
+        raise InputError(f"--dist_timeout {args.dist_timeout} must be positive, e.g. 600")
+
+
+def check_model(args, preset) -> None:
+    """--task and --ulysses_size against the checkpoint's model (its config, no weights)."""
+    want = "flf2v" if args.task.startswith("flf2v") else "i2v"
+    if preset.dit.model_type != want:
+        raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
+                         f"{preset.dit.model_type} model; pass the matching --task")
+    if preset.dit.num_heads % args.ulysses_size:
+        raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
+                         f"attention heads")
+
+
+def check_device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {name} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {name}: only cuda and cpu are supported")
+    return device
+
+
+# ---- the run's settings: flags -> Request options ---------------------------------------------------
+
+def request_options(args) -> dict:
+    """The `Request` options (runtime/request.py) the flags give; unset ones stay None (the defaults)."""
+    timesteps = None
+    if args.sample_timesteps is not None:  # "1000,750": ints where they are, the rest refused by the request
+        parts = [v.strip() for v in args.sample_timesteps.split(",") if v.strip()]
+        timesteps = [int(v) if re.fullmatch(r"[+-]?\d+", v) else v for v in parts]
+    return dict(size=args.size, frame_num=args.frame_num, sample_solver=args.sample_solver,
+                sample_steps=args.sample_steps, sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale,
+                seed=args.base_seed, negative_prompt=args.negative_prompt, sample_timesteps=timesteps,
+                cache=args.cache, cache_threshold=args.cache_threshold, cache_max_skips=args.cache_max_skips,
+                cache_calibration=args.cache_calibration)
