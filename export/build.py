@@ -44,6 +44,7 @@ from pathlib import Path
 
 from flf2v.models import checkpoint as ck
 from flf2v.models.fingerprint import describe
+from flf2v.models.layouts import add_checkpoint_flags, ckpt_dir_of
 
 from . import contracts as C
 from . import manifest as M
@@ -245,17 +246,8 @@ class Plan:
                 **self.attention_of(g), **({"loras": self.loras_json()} if dit else {})}
 
 
-def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
-          opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
-          attention: str = "onnx", loras=(), force: bool = False) -> Path:
-    """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
-    "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
-    `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
-    holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
-    is refused unless `force`."""
-    from tqdm.auto import tqdm
-
-    ckpt_dir = Path(ckpt_dir)
+def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, loras):
+    """(preset, engine shape, backend, precision, loras) of a build, each checked: BuildError in one line."""
     if not ckpt_dir.is_dir():
         raise BuildError(f"--ckpt_dir {ckpt_dir}: no such directory")
     try:
@@ -278,14 +270,33 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     if backend == "ort" and precision != "fp32" and not M.ort_cuda_available():
         raise BuildError(f"--precision {precision}: ONNX Runtime on the CPU runs fp32 graphs only; use "
                          f"--precision fp32 (bf16 engines need TensorRT, or onnxruntime-gpu: make setup ORT=gpu)")
-    all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
+    return preset, eshape, backend, precision, loras
+
+
+def _graphs_to_build(all_graphs, only: list[str] | None, cfg_batch) -> list:
     names = [g.name for g in all_graphs]
     for n in only or ():
         if n not in names:
             raise BuildError(f"--graphs: unknown graph {n!r}; choose from {', '.join(names)}")
     # each DiT layout with its cached step (runtime/cache.py); --graphs, when given, names the DiT graphs itself
     dits = {f"dit{kind}_b{b}" for b in cfg_batch for kind in ("", "_cached")}
-    todo = [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
+    return [g for g in all_graphs if (g.name in only if only else g.component != "dit" or g.name in dits)]
+
+
+def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
+          opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
+          attention: str = "onnx", loras=(), force: bool = False) -> Path:
+    """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
+    "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
+    `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
+    holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
+    is refused unless `force`."""
+    from tqdm.auto import tqdm
+
+    ckpt_dir = Path(ckpt_dir)
+    preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras)
+    all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
+    todo = _graphs_to_build(all_graphs, only, cfg_batch)
 
     plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras)
     key = M.build_key(preset.name, precision, plan.fingerprint, plan.loras_json())
@@ -323,7 +334,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flf2v-build", usage=argparse.SUPPRESS,  # errors: one line, exit 2
                                  description="Export a Wan2.1 checkpoint to ONNX and build engines.")
-    ap.add_argument("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
+    add_checkpoint_flags(ap.add_argument)
     ap.add_argument("--preset", default=None,
                     help="engine shape: dynamic (the default: every official size, first-frame aspect ratios "
                          "1:2.4..2.4:1, 5..81 frames), dynamic-480p (the 480p area only), or a static shape: "
@@ -362,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
     only = [s for s in args.graphs.split(",") if s] if args.graphs else None
     try:
-        folder = build(args.ckpt_dir, args.preset, args.precision, args.out, args.backend, args.opt_level,
+        folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                        cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora,
                        force=args.force)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:

@@ -316,16 +316,20 @@ def load_vae(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
     return load(ckpt_dir, "vae", dtype, preset)
 
 
-def load_tokenizer(ckpt_dir, preset: Preset | None = None):
-    from .tokenizer import T5Tokenizer
-    preset = preset or preset_for(ckpt_dir)
+def tokenizer_folder(ckpt_dir) -> Path:
+    """The umT5 tokenizer's folder of a checkpoint; CheckpointError naming the fix when there is none."""
     layout = detect(ckpt_dir)
     if layout.tokenizer is None:
         raise CheckpointError(f"{ckpt_dir}: no umT5 tokenizer beside the ComfyUI files (ComfyUI keeps it in its "
-                              f"own code); put google/umt5-xxl's tokenizer files in {Path(ckpt_dir) / 'tokenizer'} "
-                              f"or pass --tokenizer DIR")
-    folder = _need(layout.tokenizer, "umT5 tokenizer folder")
-    return T5Tokenizer(folder, preset.t5.text_len)
+                              f"own code); put google/umt5-xxl's tokenizer files in a tokenizer/ folder beside "
+                              f"them or pass --tokenizer DIR")
+    return _need(layout.tokenizer, "umT5 tokenizer folder")
+
+
+def load_tokenizer(ckpt_dir, preset: Preset | None = None):
+    from .tokenizer import T5Tokenizer
+    preset = preset or preset_for(ckpt_dir)
+    return T5Tokenizer(tokenizer_folder(ckpt_dir), preset.t5.text_len)
 
 
 def weight_files(ckpt_dir: str | os.PathLike) -> Iterable[Path]:

@@ -199,3 +199,43 @@ def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path
                 f.unlink()
             tmp.rmdir()
     return folder
+
+
+# ---- the checkpoint flags of flf2v-run and flf2v-build ---------------------------------------------
+
+def add_checkpoint_flags(add) -> None:
+    """--ckpt_dir, or the files one by one (ComfyUI keeps them in separate models/ subfolders)."""
+    add("--ckpt_dir", default=None, help="Wan2.1 checkpoint folder: the official one, a diffusers folder or a folder "
+                                         "of ComfyUI's single files (README: Checkpoints)")
+    for role, what in (("dit", "the DiT"), ("t5", "umT5"), ("clip", "CLIP ViT-H"), ("vae", "the VAE")):
+        add(f"--{role}", default=None, metavar="FILE",
+            help=f"{what}'s .safetensors file, for files in separate folders: --dit, --t5, --clip and --vae "
+                 f"together instead of --ckpt_dir")
+    add("--tokenizer", default=None, metavar="DIR",
+        help="umT5's tokenizer folder, for ComfyUI files (they ship none; else found beside them)")
+
+
+def cache_folder() -> Path:
+    """Where the folders of links to files given one by one live ($XDG_CACHE_HOME/flf2v/checkpoints)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flf2v" / "checkpoints"
+
+
+def ckpt_dir_of(args) -> str:
+    """The folder the run reads: --ckpt_dir, or a folder of links to --dit/--t5/--clip/--vae (+ --tokenizer).
+    CheckpointError (one line) for a mix that cannot be meant; reads file headers only."""
+    files = {role: getattr(args, role, None) for role in ROLE_KEYS}
+    given = [f"--{r}" for r, f in files.items() if f]
+    if args.ckpt_dir and given:
+        raise CheckpointError(f"give --ckpt_dir or the files ({' '.join(given)}), not both")
+    if args.ckpt_dir and not args.tokenizer:
+        return args.ckpt_dir
+    if args.ckpt_dir:  # --tokenizer for a folder of ComfyUI files without one
+        layout = detect(args.ckpt_dir)
+        if layout.kind != COMFYUI:
+            raise CheckpointError(f"--tokenizer is for ComfyUI files; {args.ckpt_dir} is a {layout.kind} folder "
+                                  f"with its own tokenizer: drop --tokenizer")
+        files = {role: part.files[0] for role, part in layout.parts.items()}
+    elif not given:
+        raise CheckpointError("--ckpt_dir is required: a Wan2.1 checkpoint folder (or --dit, --t5, --clip and --vae "
+                              "FILE for single files); `flf2v-make-tiny DIR` writes a test one")
+    return str(file_view(files, args.tokenizer, cache_folder()))

@@ -115,10 +115,12 @@ class Job:
     video: torch.Tensor | None = None
     save: Path | None = None
     t_load: float = 0.0
+    checkpoint: dict = field(default_factory=dict)  # layout and stored dtypes (models/fingerprint.describe)
 
     def run(self) -> None:
         """Every check before anything loads, then load, generate and save."""
         from flf2v.models import checkpoint as ck
+        from flf2v.models.fingerprint import describe
 
         from . import parallel as P
         from .media import load_image, save_video
@@ -127,6 +129,12 @@ class Job:
         check_args(args)
         preset = ck.preset_for(args.ckpt_dir)
         check_model(args, preset)
+        ck.tokenizer_folder(args.ckpt_dir)
+        self.checkpoint = describe(args.ckpt_dir)
+        if _rank() == 0:  # said as the backend line is, under --quiet too
+            dtypes = ", ".join(f"{k} {v}" for k, v in self.checkpoint["dtypes"].items())
+            print(f"flf2v-run: checkpoint {args.ckpt_dir}: {self.checkpoint['layout']} layout, {preset.name} "
+                  f"({dtypes})", flush=True)
         self.device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
@@ -186,7 +194,8 @@ class Job:
                 "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
                 "run": pipe.last_request.to_json(), "fps": self.args.fps, "backend": self.args.backend,
                 "engines": str(folder) if folder is not None else None, "device": str(self.device),
-                "preset": pipe.preset.name, "versions": versions(), "args": vars(self.args),
+                "preset": pipe.preset.name, "checkpoint": {"dir": self.args.ckpt_dir, **self.checkpoint},
+                "versions": versions(), "args": vars(self.args),
                 **({"parallel": {"processes": par.world, "layout": describe_parallel(self.args)}} if par else {}),
                 **({"cache": pipe.last_cache.to_json()} if pipe.last_cache else {})}
 

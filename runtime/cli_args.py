@@ -64,7 +64,8 @@ def _input_flags(a, p) -> None:
                                    f"ratio is kept")
     a("--frame_num", type=int, default=None,
       help=f"frames to generate, 4n+1 (default {p.frame_num}, or a static engine folder's own)")
-    a("--ckpt_dir", required=True, help="official Wan2.1 checkpoint directory")
+    from flf2v.models.layouts import add_checkpoint_flags
+    add_checkpoint_flags(a)
     a("--first_frame", default=None, help="first frame image (FLF2V)")
     a("--last_frame", default=None, help="last frame image (FLF2V)")
     a("--image", default=None, help="input image (I2V; same as --first_frame)")
@@ -160,7 +161,13 @@ def infer_task(ckpt_dir: str) -> str:
 
 
 def check_args(args) -> None:
-    """Frames given, output paths writable, engine folder present, parallel flags that fit the processes."""
+    """The checkpoint folder (or its files), frames given, output paths writable, engine folder present,
+    parallel flags that fit the processes."""
+    from flf2v.models.layouts import CheckpointError, ckpt_dir_of
+    try:
+        args.ckpt_dir = ckpt_dir_of(args)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
     args.task = args.task or infer_task(args.ckpt_dir)
     if args.image and args.first_frame:
         raise InputError("give the input image once: --image or --first_frame, not both")

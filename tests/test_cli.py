@@ -138,6 +138,29 @@ def test_ctrl_c_says_one_line_and_exits_130(tiny_ckpt, demo_frames, tmp_path, ca
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_frames, tmp_path):
+    """Ctrl-C as the user sends it: SIGINT to a `flf2v-run` process in its denoising loop."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    out = tmp_path / "v.mp4"
+    args = _args(tiny_ckpt, demo_frames, out, "--sample_steps", "5000")  # long enough to be interrupted
+    p = subprocess.Popen([str(Path(sys.executable).parent / "flf2v-run"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        while "flf2v-run: backend" not in p.stdout.readline():  # loaded: the loop starts next
+            assert p.poll() is None, p.stderr.read()
+        time.sleep(2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.strip() == "flf2v-run: error: interrupted; no video was written", err
+    assert not out.exists() and not list(tmp_path.glob("*.part*"))
+
+
 def test_task_is_the_checkpoints(demo_frames, tmp_path, capsys):
     """An I2V checkpoint with --image and no --task runs I2V (and says so), as an FLF2V one runs FLF2V."""
     from flf2v.models.make_tiny import write_tiny_checkpoint

@@ -217,11 +217,15 @@ def test_comfyui_folder_needs_one_file_per_network_and_a_tokenizer(comfy_copy):
     assert "tokenizer" in msg and "--tokenizer DIR" in msg, msg
 
 
+def _files(c):
+    return {"dit": c / "wan2.1_flf2v_720p_14B_fp16.safetensors", "t5": c / "umt5_xxl_fp16.safetensors",
+            "clip": c / "clip_vision_h.safetensors", "vae": c / "wan_2.1_vae.safetensors"}
+
+
 def test_files_given_one_by_one_make_one_folder(layouts, tmp_path):
     from flf2v.models.layouts import file_view
     c = layouts["comfyui"]
-    files = {"dit": c / "wan2.1_flf2v_720p_14B_fp16.safetensors", "t5": c / "umt5_xxl_fp16.safetensors",
-             "clip": c / "clip_vision_h.safetensors", "vae": c / "wan_2.1_vae.safetensors"}
+    files = _files(c)
     view = file_view(files, c / "tokenizer", tmp_path / "views")
     assert view == file_view(files, c / "tokenizer", tmp_path / "views")
     assert content_fingerprint(view) == content_fingerprint(layouts["official"])
@@ -229,3 +233,97 @@ def test_files_given_one_by_one_make_one_folder(layouts, tmp_path):
     msg = _error(file_view, {**files, "t5": files["clip"]}, None, tmp_path / "views")
     assert "--t5" in msg and "pass it as --clip" in msg, msg
     assert "--vae missing" in _error(file_view, {**files, "vae": None}, None, tmp_path / "views")
+
+
+# ---- the command line: flf2v-run and flf2v-build with each layout ----------------------------------
+
+def _file_flags(c, tokenizer=True):
+    flags = [x for role, f in _files(c).items() for x in (f"--{role}", str(f))]
+    return flags + (["--tokenizer", str(c / "tokenizer")] if tokenizer else [])
+
+
+def _run_args(layouts, demo_frames, out, *ckpt):
+    last = ["--last_frame", str(demo_frames[1])] if ck.preset_for(layouts["official"]).dit.model_type == "flf2v" else []
+    return [*ckpt, "--first_frame", str(demo_frames[0]), *last, "--prompt", "a red ball", "--size", "64*64",
+            "--frame_num", "5", "--sample_steps", "2", "--base_seed", "3", "--save_file", str(out), "--quiet",
+            "--backend", "torch"]
+
+
+def test_cli_runs_each_layout_to_the_official_video(layouts, demo_frames, tmp_path, capsys, monkeypatch):
+    import json
+
+    import numpy as np
+    from helpers import run
+
+    from flf2v.runtime.media import read_video
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ways = {"official": ["--ckpt_dir", str(layouts["official"])],
+            "diffusers": ["--ckpt_dir", str(layouts["diffusers"])],
+            "comfyui": _file_flags(layouts["comfyui"])}
+    videos = {}
+    for name, ckpt in ways.items():
+        out, metrics = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        assert run(_run_args(layouts, demo_frames, out, *ckpt, "--metrics", str(metrics))) == 0, capsys.readouterr()
+        said = capsys.readouterr().out
+        m = json.loads(metrics.read_text())["checkpoint"]
+        assert m["layout"] == name and m["dtypes"]["dit"] == "float32", m
+        assert f": {name} layout, " in said and "dit float32" in said, said
+        videos[name] = read_video(out)
+    for name in ("diffusers", "comfyui"):
+        diff = np.abs(videos[name].astype(int) - videos["official"].astype(int)).max()
+        assert np.array_equal(videos[name], videos["official"]), f"{name}: max abs {diff} (uint8) from official"
+
+
+def _bad_case(layouts, tmp_path, case):
+    """(checkpoint flags, what the one line must say) of one user mistake."""
+    official, comfy = layouts["official"], layouts["comfyui"]
+    if case == "mixed":
+        mixed = shutil.copytree(official, tmp_path / "mixed")
+        shutil.copy(layouts["diffusers"] / "model_index.json", mixed)
+        return ["--ckpt_dir", str(mixed)], "two checkpoint layouts"
+    c = shutil.copytree(comfy, tmp_path / "c")
+    dit = c / "wan2.1_flf2v_720p_14B_fp16.safetensors"
+    if case == "truncated":
+        dit.write_bytes(dit.read_bytes()[:1000])
+        return ["--ckpt_dir", str(c)], f"{dit.name}: unreadable safetensors file"
+    if case == "t2v":
+        save_file({k: v for k, v in load_file(dit).items() if "img_emb" not in k and "_img" not in k}, dit)
+        return _file_flags(c), "T2V DiT"
+    return {"both": (["--ckpt_dir", str(official), "--dit", str(dit)], "not both"),
+            "none": ([], "--ckpt_dir is required"),
+            "swapped": ([*_file_flags(c), "--t5", str(c / "clip_vision_h.safetensors")], "pass it as --clip"),
+            "no-tokenizer": (_file_flags(c, tokenizer=False), "--tokenizer DIR"),
+            "tokenizer-official": (["--ckpt_dir", str(official), "--tokenizer", str(c / "tokenizer")],
+                                   "drop --tokenizer")}[case]
+
+
+@pytest.mark.parametrize("case", ["mixed", "truncated", "t2v", "both", "none", "swapped", "no-tokenizer",
+                                  "tokenizer-official"])
+def test_cli_refuses_bad_checkpoints_in_one_line_before_any_weight_loads(layouts, demo_frames, tmp_path, capsys,
+                                                                         monkeypatch, case):
+    from helpers import run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def loads(*a, **k):
+        raise AssertionError("weights loaded before the checkpoint was checked")
+    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
+    flags, says = _bad_case(layouts, tmp_path, case)
+    out = tmp_path / "v.mp4"
+    assert run(_run_args(layouts, demo_frames, out, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_build_takes_the_files_and_records_the_layout(layouts, tmp_path, capsys, monkeypatch):
+    import json
+
+    from flf2v.export import build as B
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    c = layouts["comfyui"]
+    assert B.main(["--ckpt_dir", str(layouts["official"]), *_file_flags(c), "--out", str(tmp_path / "e")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert B.main([*_file_flags(c), "--graphs", "clip", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert m["checkpoint"]["layout"] == "comfyui" and m["checkpoint"]["dtypes"]["dit"] == "float32", m["checkpoint"]
+    assert m["checkpoint"]["fingerprint"] == content_fingerprint(layouts["official"])
