@@ -7,6 +7,7 @@
     flf2v-bench parallel [--preset tiny-4h] [--steps 8] (multi-process: comm cost model at 720p, measured overhead)
     flf2v-bench kernels [--seq 75600] [--dtype bf16]    (fused Triton attention vs torch SDPA; needs CUDA)
     flf2v-bench export-memory --work DIR [--source lazy|ckpt] (peak RSS and time of the full-size DiT export)
+    flf2v-bench load-layouts [--layers 4]               (DiT load time and peak RSS per checkpoint layout)
 Every mode also takes --out DIR, --work DIR, --idle_wait S and -v / -q. Each waits (up to --idle_wait
 seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machine>-<date>.json and .md
 (the stage comparison also a .png) into --out. Random weights in the official layout go into --work.
@@ -23,7 +24,7 @@ from typing import Callable
 
 from flf2v.log import setup as setup_logging
 
-from . import cache, compare, export_memory, fewstep, kernels, parallel
+from . import cache, compare, export_memory, fewstep, kernels, load_layouts, parallel
 from .measure import BUSY_PER_CPU, ChildFailed, load_avg, wait_for_idle
 from .report import machine_info, write
 
@@ -48,6 +49,7 @@ MODES = {
     "parallel": Mode(parallel.run, parallel.add_args, parallel.__doc__),
     "kernels": Mode(kernels.run, kernels.add_args, kernels.__doc__),
     "export-memory": Mode(export_memory.run, export_memory.add_args, export_memory.__doc__, work=...),
+    "load-layouts": Mode(load_layouts.run, load_layouts.add_args, load_layouts.__doc__),
 }
 
 

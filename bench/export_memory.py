@@ -89,22 +89,28 @@ def lazy_source(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
     return {k: (lambda s=s, i=i: make(s, i)) for i, (k, s) in enumerate(shapes.items())}
 
 
+def shard_groups(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int = 2 << 30) -> list[list[str]]:
+    """Keys in order, cut into shards of at most `shard_bytes` (a larger tensor gets a shard of its own)."""
+    groups, size = [[]], 0
+    for k, s in shapes.items():
+        n = math.prod(s) * itemsize
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return groups
+
+
 def write_checkpoint(folder: Path, cfg, dtype=torch.bfloat16, shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
     """A random DiT checkpoint in the official layout (config.json, sharded safetensors + index), written one
     shard at a time."""
     from flf2v.models.make_tiny import write_dit_shards
     folder.mkdir(parents=True, exist_ok=True)
     shapes = dit_shapes(cfg)
-    groups, size = [[]], 0
-    for k, s in shapes.items():
-        n = math.prod(s) * dtype.itemsize
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
     source = lazy_source(shapes, seed)
-    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()}, groups)
+    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()},
+                     shard_groups(shapes, dtype.itemsize, shard_bytes))
     return folder
 
 

@@ -42,10 +42,10 @@ def _need(path: Path, what: str) -> Path:
 
 
 def read_dit_config(ckpt_dir: str | os.PathLike, base: DiTConfig | None = None) -> DiTConfig:
-    """The DiT config: the official config.json over `base`; another layout's is its preset's (matched by
-    the weights' shapes)."""
+    """The DiT config: the official config.json over `base`; another layout's is `base` or, without one, its
+    preset's (matched by the weights' shapes)."""
     if detect(ckpt_dir).kind != OFFICIAL:
-        return preset_for(ckpt_dir).dit
+        return base if base is not None else preset_for(ckpt_dir).dit
     path = _need(Path(ckpt_dir) / DIT_CONFIG, "DiT config")
     try:
         raw = json.loads(path.read_text())
@@ -251,12 +251,14 @@ def build_meta(ckpt_dir, component: str, preset: Preset, **kw) -> torch.nn.Modul
                 "vae": lambda: WanVAE(preset.vae)}[component]()
 
 
-def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torch.Tensor]], str, Callable]:
-    """(lazy tensors keyed as the network names them, the file they come from, keys to skip)."""
+def tensor_source(ckpt_dir, component: str, preset: Preset | None = None
+                  ) -> tuple[dict[str, Callable[[], torch.Tensor]], str, Callable]:
+    """(lazy tensors keyed as the network names them, the file they come from, keys to skip). `preset`: the
+    networks the files hold (default: found from the checkpoint)."""
     d = Path(ckpt_dir)
     layout = detect(d)
     if layout.kind != OFFICIAL:
-        return _renamed_source(layout, component)
+        return _renamed_source(layout, component, preset or preset_for(d))
     if component == "dit":
         return dit_tensor_source(d), str(d / DIT_INDEX), lambda k: False
     if component == "clip":
@@ -271,12 +273,11 @@ def tensor_source(ckpt_dir, component: str) -> tuple[dict[str, Callable[[], torc
     return pth_tensor_source(path), str(path), lambda k: False
 
 
-def _renamed_source(layout: Layout, component: str):
+def _renamed_source(layout: Layout, component: str, preset: Preset):
     """A diffusers or ComfyUI network's tensors under the official keys (models/renamed.py)."""
     from .renamed import renamed_source
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
-    preset = preset_for(layout.root)
     keys = list(build_meta(layout.root, component, preset).state_dict())
     part = layout.parts[component]
     files = safetensors_source(part.files, part.prefix)
@@ -290,7 +291,7 @@ def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = 
     LoRAs merged in: models/lora.load_dit)."""
     preset = preset or preset_for(ckpt_dir)
     model = build_meta(ckpt_dir, component, preset, **kw)
-    source, origin, ignore = tensor_source(ckpt_dir, component)
+    source, origin, ignore = tensor_source(ckpt_dir, component, preset)
     return fill(model, source, dtype, origin, ignore)
 
 

@@ -264,8 +264,9 @@ def merged_source(source: dict[str, Callable[[], torch.Tensor]],
 
 def load_dit(ckpt_dir, dtype=torch.float32, preset=None, loras=(), **kw) -> torch.nn.Module:
     """checkpoint.load_dit with `loras` ([(LoRA, scale)]) merged into the weights as they stream in."""
-    source, origin, ignore = ck.tensor_source(ckpt_dir, "dit")
-    model = ck.build_meta(ckpt_dir, "dit", preset or ck.preset_for(ckpt_dir), **kw)
+    preset = preset or ck.preset_for(ckpt_dir)
+    source, origin, ignore = ck.tensor_source(ckpt_dir, "dit", preset)
+    model = ck.build_meta(ckpt_dir, "dit", preset, **kw)
     return ck.fill(model, merged_source(source, loras) if loras else source, dtype, origin, ignore)
 
 

@@ -2,6 +2,7 @@
 pipeline against our networks on the same checkpoint, and one tiny end-to-end run of `flf2v-bench`
 (structure of its outputs only: timings are never asserted)."""
 import json
+import math
 
 import pytest
 import torch
@@ -385,3 +386,27 @@ def test_ssim_equals_a_per_window_computation():
     want = float(np.mean(vals))
     assert abs(ssim(a, b) - want) < 1e-5, (ssim(a, b), want)
     assert 0.2 < want < 0.95  # a real difference: the comparison means something
+
+
+def test_load_layouts_loads_the_same_weights_from_every_layout(tmp_path):
+    """`flf2v-bench load-layouts` on the tiny DiT: every layout's load gives the bf16 weights of the values
+    written (fp8: of their e4m3fn rounding), each in its own process with its RSS measured."""
+    from flf2v.bench.cli import main
+    from flf2v.bench.export_memory import dit_shapes, lazy_source
+    from flf2v.bench.load_layouts import cut_preset
+
+    assert main(["load-layouts", "--model", "tiny", "--layers", "2", "--out", str(tmp_path), "--idle_wait", "0",
+                 "-q"]) == 0
+    (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("load-layouts-*.json")]
+    got = res["layouts"]
+    assert list(got) == ["official", "diffusers", "comfyui-bf16", "comfyui-fp8"]
+    shapes = dit_shapes(cut_preset("tiny", 2).dit)
+    written = [g() for g in lazy_source(shapes).values()]
+    want = {"bf16": sum(t.to(torch.bfloat16).sum(dtype=torch.float64).item() for t in written),
+            "fp8": sum(t.to(torch.float8_e4m3fn).to(torch.bfloat16).sum(dtype=torch.float64).item() for t in written)}
+    for name, r in got.items():
+        w = want["fp8" if name == "comfyui-fp8" else "bf16"]
+        assert abs(r["checksum"] - w) <= 1e-9 * max(1.0, abs(w)), f"{name}: checksum {r['checksum']!r}, want {w!r}"
+        assert r["weight_bytes"] == 2 * sum(math.prod(s) for s in shapes.values()), name
+        assert r["seconds"] > 0 and r["rss_peak"] >= r["rss_start"] > 0 and r["file_bytes"] > 0, r
+    assert [r["same_weights_as_official"] for r in got.values()] == [True, True, True, False]
