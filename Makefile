@@ -8,6 +8,7 @@ PRESET ?=
 PRECISION ?=
 ENGINES ?=
 ATTENTION ?=
+QUANT ?=
 LORA ?=
 BACKEND ?=
 FORCE ?=
@@ -88,7 +89,7 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
+#              [ENGINES=<folder>] [ATTENTION=plugin] [QUANT=fp8] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
 #              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
 #               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
 #               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;
@@ -97,7 +98,7 @@ demo: setup
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(if $(QUANT),--quant $(QUANT)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
 	  $(if $(CFG_BATCH),--cfg_batch $(CFG_BATCH)) $(if $(FORCE),--force)
 
 bench: setup

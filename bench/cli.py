@@ -8,6 +8,7 @@
     flf2v-bench kernels [--seq 75600] [--dtype bf16]    (fused Triton attention vs torch SDPA; needs CUDA)
     flf2v-bench export-memory --work DIR [--source lazy|ckpt] (peak RSS and time of the full-size DiT export)
     flf2v-bench load-layouts [--layers 4]               (DiT load time and peak RSS per checkpoint layout)
+    flf2v-bench quant [--preset small] [--layers 2]     (FP8 linears: per-layer error, 14B slice, scales, floors)
 Every mode also takes --out DIR, --work DIR, --idle_wait S and -v / -q. Each waits (up to --idle_wait
 seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machine>-<date>.json and .md
 (the stage comparison also a .png) into --out. Random weights in the official layout go into --work.
@@ -24,7 +25,7 @@ from typing import Callable
 
 from flf2v.log import setup as setup_logging
 
-from . import cache, compare, export_memory, fewstep, kernels, load_layouts, parallel
+from . import cache, compare, export_memory, fewstep, kernels, load_layouts, parallel, quant
 from .measure import BUSY_PER_CPU, ChildFailed, load_avg, wait_for_idle
 from .report import machine_info, write
 
@@ -50,6 +51,7 @@ MODES = {
     "kernels": Mode(kernels.run, kernels.add_args, kernels.__doc__),
     "export-memory": Mode(export_memory.run, export_memory.add_args, export_memory.__doc__, work=...),
     "load-layouts": Mode(load_layouts.run, load_layouts.add_args, load_layouts.__doc__),
+    "quant": Mode(quant.run, quant.add_args, quant.__doc__),
 }
 
 

@@ -79,16 +79,50 @@ def dit_layer_flops(cfg: DiTConfig, tokens: int) -> dict[str, float]:
             "cross_attention": 4 * L * d * d + 4 * c * d * d + 4 * L * c * d, "ffn": 4 * L * d * f}
 
 
+def dit_outer_flops(cfg: DiTConfig, tokens: int) -> float:
+    """Outside the blocks: patch embedding, text/image/time embeddings and head."""
+    L, d, patch = tokens, cfg.dim, math.prod(cfg.patch_size)
+    return (2 * L * cfg.in_dim * patch * d  # patch embedding
+            + 2 * cfg.text_len * (cfg.text_dim * d + d * d)  # text embedding MLP
+            + 2 * cfg.clip_tokens * (cfg.clip_dim ** 2 + cfg.clip_dim * d)  # image embedding MLP
+            + 2 * (cfg.freq_dim * d + d * d + 6 * d * d)  # time embedding and projection
+            + 2 * L * d * cfg.out_dim * patch)  # head
+
+
 def dit_forward_flops(cfg: DiTConfig, latent: tuple[int, int, int]) -> float:
     """One forward of one sample (CFG doubles it)."""
-    L, d = dit_tokens(cfg, latent), cfg.dim
-    patch = math.prod(cfg.patch_size)
-    outer = (2 * L * cfg.in_dim * patch * d  # patch embedding
-             + 2 * cfg.text_len * (cfg.text_dim * d + d * d)  # text embedding MLP
-             + 2 * cfg.clip_tokens * (cfg.clip_dim ** 2 + cfg.clip_dim * d)  # image embedding MLP
-             + 2 * (cfg.freq_dim * d + d * d + 6 * d * d)  # time embedding and projection
-             + 2 * L * d * cfg.out_dim * patch)  # head
-    return cfg.num_layers * sum(dit_layer_flops(cfg, L).values()) + outer
+    L = dit_tokens(cfg, latent)
+    return cfg.num_layers * sum(dit_layer_flops(cfg, L).values()) + dit_outer_flops(cfg, L)
+
+
+def dit_flops_split(cfg: DiTConfig, latent: tuple[int, int, int]) -> dict[str, float]:
+    """One forward's FLOPs by the precision each part can run in: "linear", the blocks' linears (self q/k/v/o,
+    cross q/o, text and image k/v, FFN: what --quant fp8 quantizes); "attention", the self- and cross-attention
+    scores and AV products (what an 8-bit attention kernel runs); "other", the embeddings and head (kept in
+    the run dtype). The three add up to dit_forward_flops."""
+    L, d, f = dit_tokens(cfg, latent), cfg.dim, cfg.ffn_dim
+    c = cfg.text_len + cfg.clip_tokens
+    n = cfg.num_layers
+    return {"linear": n * (8 * L * d * d + 4 * L * d * d + 4 * c * d * d + 4 * L * d * f),
+            "attention": n * (4 * L * L * d + 4 * L * c * d), "self_attention": n * 4 * L * L * d,
+            "other": dit_outer_flops(cfg, L)}
+
+
+def dit_block_linear_params(cfg: DiTConfig) -> int:
+    """Weights (no biases) of the blocks' linears: the ones an FP8 DiT stores in 1 byte."""
+    return cfg.num_layers * (10 * cfg.dim ** 2 + 2 * cfg.dim * cfg.ffn_dim)
+
+
+def dit_split_floor(cfg: DiTConfig, latent: tuple[int, int, int], gpu: GPU, linear: str = "bf16",
+                    attention: str = "bf16", calls: int = 1) -> float:
+    """Floor of `calls` DiT forwards with the blocks' linears at the `linear` rate (and their weights in its
+    bytes) and the attention products at the `attention` rate ("fp8": the 8-bit tensor-core rate, FP8 or INT8
+    alike); the embeddings and head stay bf16. With both "bf16" it is dit_cost(...).floor(gpu, "bf16")."""
+    s = dit_flops_split(cfg, latent)
+    rate = {"bf16": gpu.bf16, "fp8": gpu.fp8}
+    seconds = calls * (s["linear"] / rate[linear] + s["attention"] / rate[attention] + s["other"] / gpu.bf16)
+    saved = calls * dit_block_linear_params(cfg) * (PRECISIONS["bf16"] - PRECISIONS[linear])
+    return max(seconds, (dit_cost(cfg, latent, calls).bytes("bf16") - saved) / gpu.bandwidth)
 
 
 def dit_params(cfg: DiTConfig) -> int:

@@ -36,6 +36,7 @@ from flf2v.bench.gpu_parts import (missing_prerequisites, part_cuda_graph, part_
                                    part_pytest)
 from flf2v.bench.gpu_parts_aoti import part_aoti
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
+from flf2v.bench.gpu_parts_quant import part_quant
 from flf2v.bench.gpu_report import _f, render_md
 
 T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
@@ -54,7 +55,7 @@ class Part(NamedTuple):
     plan: float  # seconds planned
 
 
-# The plans add up to 410 s of the 450 s budget, the rest for torch's import (assumed ~15 s on the box:
+# The plans add up to 435 s of the 450 s budget, the rest for torch's import (assumed ~15 s on the box:
 # unmeasured) and slack; estimates until a window has run.
 PARTS = (
     Part("environment", 6, "environment", part_environment, 60, 10),
@@ -64,6 +65,7 @@ PARTS = (
          150, 80),
     Part("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", part_trt_tiny, 150, 20),
     Part("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", part_aoti, 150, 100),
+    Part("quant", 8, "8-bit at 720p: FP8 block linears and the sage attention kernel vs bf16", part_quant, 90, 25),
     Part("pytest", 1, "gpu-marked tests (pytest -m gpu)", part_pytest, 300, 60),
 )
 PART_FUNCS = {p.key: p.fn for p in PARTS}  # what run_part calls (tests replace entries)

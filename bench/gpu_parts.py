@@ -39,7 +39,8 @@ PROJECT_MODULES = ("models.dit", "models.checkpoint", "models.make_tiny", "model
                    "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
 # Tools the compiled parts need beyond Python packages (on CUDA): Triton builds its kernel launcher with a C
 # compiler against Python.h; AOTInductor compiles C++ and links the CUDA toolkit's runtime.
-NEEDS = {"kernels": ("c_compiler", "python_h"), "aoti": ("c_compiler", "cxx_compiler", "python_h", "cuda_toolkit")}
+NEEDS = {"kernels": ("c_compiler", "python_h"), "quant": ("c_compiler", "python_h"),
+         "aoti": ("c_compiler", "cxx_compiler", "python_h", "cuda_toolkit")}
 FIX = {"c_compiler": "install gcc or set CC", "cxx_compiler": "install g++ or set CXX",
        "python_h": "install the Python headers (python3-dev)",
        "cuda_toolkit": "install the CUDA toolkit or set CUDA_HOME (nvcc)"}

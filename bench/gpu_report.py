@@ -159,5 +159,19 @@ def _md_pytest(d, m):
                   for mod, tests in d.get("missing_modules", {}).items()]
 
 
+def _md_quant(d, m):
+    rows = [[n, f"{r['in']} -> {r['out']}", f"{r['ref_ms']:.2f}", f"{r['fp8_ms']:.2f}", f"{r['speedup']:.2f}x",
+             f"{r['rel_l2']:.4f}", f"{r['cosine']:.5f}"] for n, r in d.get("linears", {}).items()]
+    out = [f"{d.get('tokens')} tokens ({d.get('shape')}), reference {d.get('dtype')}, median of the runs.", ""]
+    out += table(["linear", "shape", f"{d.get('dtype')} ms", "fp8 ms", "speedup", "rel L2 vs ref", "cosine"], rows)
+    a = d.get("attention") or {}
+    out += ["", f"Self-attention: {a['skipped']}" if "skipped" in a else
+            f"Self-attention L={a.get('tokens')}, {a.get('heads')} x {a.get('head_dim')}: exact fused "
+            f"{_f(a.get('exact_ms'), '{:.1f}')} ms, sage {_f(a.get('sage_ms'), '{:.1f}')} ms "
+            f"({_f(a.get('speedup'), '{:.2f}')}x), cosine {_f(a.get('cosine'), '{:.5f}')}, rel L1 "
+            f"{_f(a.get('rel_l1'), '{:.4f}')}"]
+    return out
+
+
 RENDER = {"environment": _md_env, "kernels": _md_kernels, "cuda_graph": _md_graph, "dit_slice": _md_slice,
-          "trt_tiny": _md_trt, "aoti": _md_aoti, "pytest": _md_pytest}
+          "trt_tiny": _md_trt, "aoti": _md_aoti, "quant": _md_quant, "pytest": _md_pytest}

@@ -35,19 +35,23 @@ def aoti_device() -> torch.device:
 
 
 def export_package(graph: Graph, ckpt_dir, path, *, preset=None, loras=(), ranges=None, device=None,
-                   attention: str = "onnx") -> Path:
+                   attention: str = "onnx", quant: str = "none") -> Path:
     """Compile `graph` of the checkpoint's network into the AOTInductor package `path` (`<graph>.pt2`).
     `ranges` (dynamic graphs): root dim -> (min, max); `loras` [(LoRA, scale)] merged into the DiT;
     `attention` (DiT graphs): "onnx", torch's attention compiled by Inductor, or "plugin", the flf2v Triton
-    kernels (kernels/ops.py triton_ops) compiled into the package (CUDA only)."""
+    kernels (kernels/ops.py triton_ops) compiled into the package (CUDA only), or "sage", the same with the 8-bit
+    self-attention (kernels/sage_attention.py); `quant` "fp8" (DiT graphs but
+    the cached step): the blocks' linears as torch._scaled_mm with the FP8 weights (models/quant.py)."""
     device = torch.device(device or aoti_device())
     preset = preset or ck.preset_for(ckpt_dir)
     kw = {}
-    if attention == "plugin":
+    if attention in ("plugin", "sage"):
         if graph.component != "dit" or device.type != "cuda":
-            raise ValueError(f"attention='plugin' compiles the Triton kernels into a CUDA DiT package, not "
+            raise ValueError(f"attention={attention!r} compiles the Triton kernels into a CUDA DiT package, not "
                              f"{graph.name!r} on {device.type}")
-        kw["attention"] = "triton"
+        kw["attention"] = "triton" if attention == "plugin" else "sage"
+    if quant != "none" and graph.component == "dit" and not graph.name.startswith("dit_cached"):
+        kw["quant"] = quant
     if graph.component == "dit":
         net = load_dit(ckpt_dir, graph.compute_dtype, preset, list(loras), **kw).to(device)
     else:

@@ -2,7 +2,7 @@
 
     flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt|aoti]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
-                [--attention onnx|plugin] [--lora PATH[:SCALE]] [--force]
+                [--attention onnx|plugin] [--quant none|fp8] [--lora PATH[:SCALE]] [--force]
 
 Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<key>/<shape>/` (for example
 `engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine`
@@ -21,7 +21,8 @@ the 480p area (smaller TensorRT activation memory); a static shape (`720p`, `480
 by side. `--attention plugin` (CUDA GPU) builds the DiT with the fused Triton attention kernels instead of
 the backend's own attention (`onnx`, the default): as TensorRT plugins (export/plugins.py,
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
-under `engines/<target>-plugin/<key>/<shape>/`.
+under `engines/<target>-plugin/<key>/<shape>/`. `--quant fp8` builds the DiT with its blocks' linears in FP8
+(models/quant.py; ONNX Q/DQ, export/qdq.py), under the build key `<model>-<precision>-fp8-<checkpoint>`.
 
 The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
 current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
@@ -48,14 +49,18 @@ from flf2v.models.layouts import add_checkpoint_flags, ckpt_dir_of
 
 from . import contracts as C
 from . import manifest as M
-from .plugins import ATTENTION
+from .plugins import ATTENTION as ONNX_ATTENTION
+
+ATTENTION = ONNX_ATTENTION + ("sage",)  # sage: the 8-bit Triton self-attention, compiled into AOTI packages
+from flf2v.models.quant import QUANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("models/config.py", "models/checkpoint.py", "models/dit.py", "models/t5.py", "models/clip.py",
-              "models/vae.py", "export/contracts.py", "export/onnx_export.py", "export/passes.py")
+              "models/vae.py", "models/quant.py", "export/contracts.py", "export/onnx_export.py", "export/passes.py",
+              "export/qdq.py")
 # baked into plugin engines: their DiT keys hash these too
 KERNEL_FILES = ("export/plugins.py", "kernels/common.py", "kernels/attention.py", "kernels/cross_attention.py",
-                "kernels/trt_plugin.py")
+                "kernels/trt_plugin.py", "kernels/sage_attention.py")
 
 
 class BuildError(RuntimeError):
@@ -131,6 +136,23 @@ def _aoti_device():
     return aoti_device()
 
 
+def check_quant(backend: str, quant: str) -> None:
+    """BuildError unless `backend` runs FP8 GEMMs here: TensorRT and CUDA AOTInductor on sm89+ (Ada, Hopper),
+    AOTInductor and ONNX Runtime on the CPU (ONNX Runtime's CUDA provider has no FP8 GEMM)."""
+    if quant not in QUANTS:
+        raise BuildError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if quant == "none":
+        return
+    if backend == "ort" and M.ort_cuda_available():
+        raise BuildError("--quant fp8: ONNX Runtime's CUDA provider has no FP8 GEMM; use --backend trt on an sm89+ "
+                         "GPU (Ada, Hopper), or build fp32 ONNX Runtime engines on a CPU")
+    on_gpu = backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda")
+    info = M.gpu_info() if on_gpu else None
+    if info is not None and tuple(info[1]) < (8, 9):
+        raise BuildError(f"--quant fp8 needs FP8 tensor cores (sm89+: Ada, Hopper); this {info[0]} is "
+                         f"sm{info[1][0]}{info[1][1]}: build without --quant")
+
+
 def resolve_backend(backend: str, attention: str) -> str:
     if backend == "auto":
         if not M.trt_available() and M.gpu_info() is not None:
@@ -143,6 +165,10 @@ def resolve_backend(backend: str, attention: str) -> str:
                          f"or use --backend ort")
     if attention not in ATTENTION:
         raise BuildError(f"--attention {attention}: choose one of {', '.join(ATTENTION)}")
+    if attention == "sage" and (backend != "aoti" or _aoti_device().type != "cuda"):
+        raise BuildError("--attention sage is compiled into AOTInductor packages on a CUDA GPU (--backend aoti); "
+                         "its TensorRT plugin is not written yet: run it with flf2v-run --backend torch "
+                         "--attention sage, or build --attention plugin")
     if attention == "plugin" and backend == "ort":
         raise BuildError("--attention plugin needs TensorRT or AOTInductor on a CUDA GPU (--backend trt|aoti): the "
                          "plugin nodes run the Triton kernels, which ONNX Runtime cannot; use --attention onnx")
@@ -157,32 +183,35 @@ class Plan:
     """Everything that decides an engine's key: one build's settings, fingerprints and tool versions."""
 
     def __init__(self, ckpt_dir: Path, preset, eshape: C.EngineShape | C.DynamicShape, precision: str, backend: str,
-                 opt_level: int, attention: str, loras=()):
+                 opt_level: int, attention: str, loras=(), quant: str = "none"):
         self.ckpt_dir, self.preset, self.eshape, self.precision = ckpt_dir, preset, eshape, precision
-        self.backend, self.opt_level, self.attention = backend, opt_level, attention
+        self.backend, self.opt_level, self.attention, self.quant = backend, opt_level, attention, quant
         self.loras = list(loras)  # [(models.lora.LoRA, scale)], merged into the DiT at export
         info = M.gpu_info() if backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda") else None
         self.gpu = {"name": info[0], "compute_capability": f"{info[1][0]}.{info[1][1]}"} if info else None
         self.fingerprint = M.checkpoint_fingerprint(ckpt_dir)
         self.code = code_fingerprint()
-        self.kernels = code_fingerprint(KERNEL_FILES) if attention == "plugin" else None
+        self.kernels = code_fingerprint(KERNEL_FILES) if attention != "onnx" else None
         self.builder = {"backend": backend, **tool_versions(backend),
                         **({"opt_level": opt_level} if backend == "trt" else {})}
 
-    def attention_of(self, g: C.Graph) -> dict:
-        """What the attention option adds to a graph's key and manifest entry (DiT graphs only)."""
-        return {"attention": self.attention} if g.component == "dit" else {}
+    def dit_options(self, g: C.Graph) -> dict:
+        """What the attention and quant options add to a graph's key and manifest entry (DiT graphs only)."""
+        return {"attention": self.attention, "quant": self.quant} if g.component == "dit" else {}
 
     def graph_attention(self, g: C.Graph) -> str:
         """The attention a graph is exported with: the cached DiT step has none (it skips the blocks)."""
-        return "onnx" if g.name.startswith("dit_cached") else self.attention_of(g).get("attention", "onnx")
+        return "onnx" if g.name.startswith("dit_cached") else self.dit_options(g).get("attention", "onnx")
+
+    def graph_quant(self, g: C.Graph) -> str:
+        return self.dit_options(g).get("quant", "none")
 
     def key(self, g: C.Graph) -> str:
         spec = {"graph": g.name, "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
                 "precision": self.precision, "checkpoint": self.fingerprint, "code": self.code,
                 "builder": self.builder, "gpu": self.gpu, "profiles": self.profiles_json(g)}
-        if self.attention_of(g):  # a DiT engine of the other attention or LoRAs is never current
-            spec.update(attention=self.attention, kernels=self.kernels, loras=self.loras_json())
+        if self.dit_options(g):  # a DiT engine of the other attention, quant or LoRAs is never current
+            spec.update(attention=self.attention, kernels=self.kernels, loras=self.loras_json(), quant=self.quant)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
     def profiles(self, g: C.Graph) -> list[tuple[dict, dict, dict]] | None:
@@ -200,7 +229,8 @@ class Plan:
     def manifest(self, engines: dict) -> dict:
         return {"schema": M.SCHEMA, "target": M.target_tag(self.backend), "backend": self.backend,
                 "model_preset": self.preset.name, "model_type": self.preset.dit.model_type,
-                "precision": self.precision, "attention": self.attention, "shape": self.eshape.to_json(self.preset),
+                "precision": self.precision, "attention": self.attention, "quant": self.quant,
+                "shape": self.eshape.to_json(self.preset),
                 "checkpoint": {"dir": str(self.ckpt_dir.resolve()), "fingerprint": self.fingerprint,
                                **describe(self.ckpt_dir)},
                 "loras": self.loras_json(), "gpu": self.gpu, "engines": engines}
@@ -214,13 +244,13 @@ class Plan:
             from .aoti import export_package
             pkg = export_package(g, self.ckpt_dir, folder / f"{g.name}.pt2", preset=self.preset,
                                  loras=self.loras, ranges=self.eshape.envelope() if g.dynamic else None,
-                                 attention=self.graph_attention(g))
+                                 attention=self.graph_attention(g), quant=self.graph_quant(g))
             return {"file": pkg.name, "inputs": [s.to_json() for s in g.inputs],
                     "outputs": [s.to_json() for s in g.outputs], "precision": self.precision,
                     "checkpoint_fingerprint": self.fingerprint, "builder": self.builder, "gpu": self.gpu,
                     "files": {pkg.name: pkg.stat().st_size}, "key": self.key(g),
                     "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
-                    **self.attention_of(g), **({"loras": self.loras_json()} if dit else {})}
+                    **self.dit_options(g), **({"loras": self.loras_json()} if dit else {})}
         source = None
         if dit and self.loras:
             from flf2v.models.lora import merged_source
@@ -229,7 +259,8 @@ class Plan:
         # ("net." + key), which is what a LoRA swap at run time overrides (runtime/engine_backend.py).
         onnx_path = export_graph(g, self.ckpt_dir, folder / f"{g.name}.onnx", preset=self.preset,
                                  attention=self.graph_attention(g), stream=True if dit else None,
-                                 source=source, ranges=self.eshape.envelope() if g.dynamic else None)
+                                 source=source, ranges=self.eshape.envelope() if g.dynamic else None,
+                                 quant=self.graph_quant(g))
         files = [onnx_path] + [p for p in [onnx_path.with_name(onnx_path.name + ".data")] if p.exists()]
         onnx_sha = file_sha256(*files)
         engine = onnx_path
@@ -243,10 +274,10 @@ class Plan:
                 "precision": self.precision, "checkpoint_fingerprint": self.fingerprint, "builder": self.builder,
                 "gpu": self.gpu, "files": {f.name: f.stat().st_size for f in files}, "key": self.key(g),
                 "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
-                **self.attention_of(g), **({"loras": self.loras_json()} if dit else {})}
+                **self.dit_options(g), **({"loras": self.loras_json()} if dit else {})}
 
 
-def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, loras):
+def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, loras, quant: str = "none"):
     """(preset, engine shape, backend, precision, loras) of a build, each checked: BuildError in one line."""
     if not ckpt_dir.is_dir():
         raise BuildError(f"--ckpt_dir {ckpt_dir}: no such directory")
@@ -256,6 +287,7 @@ def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, lo
     except (ck.CheckpointError, ValueError) as e:
         raise BuildError(str(e)) from None
     backend = resolve_backend(backend, attention)
+    check_quant(backend, quant)
     if loras:
         from flf2v.models.lora import LoRAError, load_loras
         try:
@@ -285,21 +317,23 @@ def _graphs_to_build(all_graphs, only: list[str] | None, cfg_batch) -> list:
 
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
-          attention: str = "onnx", loras=(), force: bool = False) -> Path:
+          attention: str = "onnx", loras=(), force: bool = False, quant: str = "none") -> Path:
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
     "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
     `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
     holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
-    is refused unless `force`."""
+    is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py)."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
-    preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras)
+    preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
+                                                          quant)
     all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
     todo = _graphs_to_build(all_graphs, only, cfg_batch)
 
-    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras)
-    key = M.build_key(preset.name, precision, plan.fingerprint, plan.loras_json())
+    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras, quant)
+    key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}"), plan.fingerprint,
+                      plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
@@ -356,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="onnx", choices=ATTENTION,
                     help="DiT attention: the backend's own (onnx) or the fused Triton kernels (plugin, CUDA GPU: "
                          "TensorRT plugins, or compiled into AOTI packages; default folder "
-                         "engines/<target tag>-plugin/<build key>/<shape>)")
+                         "engines/<target tag>-plugin/<build key>/<shape>), or the 8-bit Triton self-attention "
+                         "(sage: AOTI packages on a CUDA GPU, engines/<target tag>-sage/...)")
+    ap.add_argument("--quant", default="none", choices=QUANTS,
+                    help="fp8: the DiT's block linears in FP8 e4m3 (per-channel weight scales, dynamic per-token "
+                         "activation scales; TensorRT on sm89+, AOTInductor, ONNX Runtime on the CPU)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
@@ -375,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                        cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora,
-                       force=args.force)
+                       force=args.force, quant=args.quant)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2

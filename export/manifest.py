@@ -1,7 +1,7 @@
 """The engine folder and its `manifest.json`: one module for the build (which writes it) and the runtime
 (which reads and validates it). The runtime imports this module, never the build command.
 
-Folders: `engines/<target>[-plugin]/<key>/<shape>/`, where the target tag names the machine the engines run
+Folders: `engines/<target>[-plugin|-sage]/<key>/<shape>/`, where the target tag names the machine the engines run
 on (`h100-sm90-trt11.4`, `cpu-ort1.32.0`), the build key what they were built from (`flf2v-14B-bf16-3f9a2c1b`:
 model, precision, checkpoint fingerprint, and the LoRA set's when LoRAs are merged), and `<shape>` the grids
 they serve (`dynamic`: every official size and aspect ratio; a static `720p`, `480p-portrait`, ...), so
@@ -9,7 +9,8 @@ checkpoints never share a folder, several shapes live side by side, and a run pi
 checkpoint that serves its grid (a static one first: TensorRT may be faster at a fixed shape).
 
 manifest.json: {"schema", "target", "backend", "model_preset", "model_type", "precision", "attention"
-("onnx" | "plugin"), "shape": static {name, "dynamic": false, width, height, frame_num, latent [T, h, w]}
+("onnx" | "plugin" | "sage"), "quant" ("none" | "fp8"), "shape": static {name, "dynamic": false, width, height,
+frame_num, latent [T, h, w]}
 or dynamic {name, "dynamic": true, sizes, frames [min, max], max_aspect, profiles [{min, opt, max}: root
 dims [T, hp, wp] (contracts.DIMS)]},
 "checkpoint": {"dir", "fingerprint", "layout", "dtypes"}, "gpu", "engines": {graph: {"file", "onnx", "onnx_sha256", "inputs",
@@ -111,8 +112,8 @@ def target_tag(backend: str) -> str:
 
 
 def target_root(backend: str, attention: str = "onnx") -> Path:
-    """`engines/<target>[-plugin]`: the engines built for this machine, one folder per build key."""
-    return ENGINES_ROOT / (target_tag(backend) + ("-plugin" if attention == "plugin" else ""))
+    """`engines/<target>[-<attention>]`: the engines built for this machine, one folder per build key."""
+    return ENGINES_ROOT / (target_tag(backend) + ("" if attention == "onnx" else f"-{attention}"))
 
 
 def build_key(preset_name: str, precision: str, fingerprint: str, loras: list[dict]) -> str:
@@ -125,7 +126,7 @@ def build_key(preset_name: str, precision: str, fingerprint: str, loras: list[di
 
 
 def default_folder(backend: str, shape: str, attention: str = "onnx", key: str = "") -> Path:
-    """`engines/<target>[-plugin]/<build key>/<shape>`."""
+    """`engines/<target>[-<attention>]/<build key>/<shape>`."""
     return target_root(backend, attention) / key / shape
 
 
@@ -162,7 +163,7 @@ def load(folder) -> dict:
 
 def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
                  attention: str | None = None, loras: str = "", backend: str | None = None,
-                 cfg_batch: str | None = None) -> str:
+                 cfg_batch: str | None = None, quant: str | None = None) -> str:
     """The `make engines` command that builds `folder` (or the default one) as this run needs it; `loras`
     as `LORA=` takes them ("PATH:SCALE ..."); `backend` "aoti" adds BACKEND=aoti (the others are the
     machine's default); `cfg_batch` the DiT layouts (CFG_BATCH=both for --cfg_parallel)."""
@@ -170,8 +171,10 @@ def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str
                                                            ("ENGINES", folder), ("CFG_BATCH", cfg_batch)) if v]
     if backend == "aoti":
         args.append("BACKEND=aoti")
-    if attention == "plugin":
-        args.append("ATTENTION=plugin")
+    if attention and attention != "onnx":
+        args.append(f"ATTENTION={attention}")
+    if quant and quant != "none":
+        args.append(f"QUANT={quant}")
     if loras:
         args.append(f'LORA="{loras}"' if " " in loras else f"LORA={loras}")
     return f"run `make engines {' '.join(args)}`"
@@ -189,7 +192,7 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     try:
         engines, shape = m["engines"], m["shape"]
         hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"),
-                            backend=m.get("backend"))
+                            backend=m.get("backend"), quant=m.get("quant"))
         _check_types(m)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
@@ -201,7 +204,7 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
                           f"{m.get('backend')} or {hint}")
     # another model's or checkpoint's engines stay: the fix builds this checkpoint's own folder beside them
     own = rebuild_hint(ckpt_dir, None, shape["name"], m.get("precision"), m.get("attention"),
-                       backend=m.get("backend")) + " (runs without --engines find it)"
+                       backend=m.get("backend"), quant=m.get("quant")) + " (runs without --engines find it)"
     if m.get("model_preset") != preset.name:
         raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {own}")
     if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):
@@ -287,13 +290,14 @@ def lora_ids(entries) -> list[tuple[str, float]]:
 
 def holds_other(m: dict, new: dict) -> str | None:
     """What the engines of a folder's manifest `m` were built as that a build writing manifest `new` would
-    replace: another backend, model, checkpoint, precision, attention, shape or LoRA set (None: the same
+    replace: another backend, model, checkpoint, precision, attention, quant, shape or LoRA set (None: the same
     build, or no engines)."""
     if not m.get("engines"):
         return None
     fields = (("backend", lambda x: x.get("backend")), ("model", lambda x: x.get("model_preset")),
               ("checkpoint", lambda x: (x.get("checkpoint") or {}).get("fingerprint")),
               ("precision", lambda x: x.get("precision")), ("attention", lambda x: x.get("attention")),
+              ("quant", lambda x: x.get("quant", "none")),
               ("shape", lambda x: (x.get("shape") or {}).get("name")), ("LoRAs", lambda x: lora_ids(x.get("loras"))))
     differs = [f"{name} {m.get('checkpoint', {}).get('dir') if name == 'checkpoint' else get(m)}"
                for name, get in fields if get(m) != get(new)]

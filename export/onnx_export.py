@@ -34,8 +34,9 @@ from torch import nn
 
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
+from flf2v.models.quant import stored_dtype
 
-from . import passes, plugins
+from . import passes, plugins, qdq
 from .contracts import OPSET, WEIGHT_PREFIX, Graph, module, sample_inputs
 
 STREAM_BYTES = 1 << 30  # networks with more weight bytes (in the graph dtype) take the streamed route
@@ -82,10 +83,10 @@ def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = 
     """attention="plugin": the DiT's attention as flf2v TensorRT plugin nodes (see plugins.py). `ranges`:
     the root dims of a dynamic graph (contracts.DIMS) -> (min, max); `args` are sample inputs within them."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
-    table = None
+    table = qdq.translation_table()  # an FP8 DiT's linears -> Q/DQ
     if attention == "plugin":
         plugins.check_triton_attention(mod)
-        table = plugins.translation_table()
+        table.update(plugins.translation_table())
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
@@ -157,7 +158,7 @@ def _to_meta(net: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                 tables[prefix + name] = b.detach().clone()
                 mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
             else:
-                mod._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype,
+                mod._buffers[name] = torch.empty(b.shape, dtype=stored_dtype(prefix + name, b.dtype, dtype),
                                                  device="meta")
     return tables
 
@@ -195,12 +196,14 @@ def _optimize_keeping_weights(model: ir.Model) -> None:
 
 
 def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source: dict | None = None,
-                    attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None) -> Path:
+                    attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None,
+                    quant: str = "none") -> Path:
     """Export without materialising the weights; they stream from the checkpoint (or `source`:
     key -> getter) into folder/<graph>.onnx.data while the file is written."""
     dtype = graph.compute_dtype
-    net = ck.build_meta(ckpt_dir, graph.component, preset, **_network_options(attention))
+    net = ck.build_meta(ckpt_dir, graph.component, preset, **_network_options(graph, attention, quant))
     source = ck.tensor_source(ckpt_dir, graph.component)[0] if source is None else source
+    source = ck.as_quantized(net, source)
     sd = net.state_dict()
     want = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(want) - set(source))
@@ -218,7 +221,7 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
     for name, value in inits.items():
         key = name[len(WEIGHT_PREFIX):] if name.startswith(WEIGHT_PREFIX) else name
         if key in want:
-            to = dtype if sd[key].is_floating_point() else sd[key].dtype
+            to = stored_dtype(key, sd[key].dtype, dtype)
             value.const_value = _lazy(source[key], key, to, want[key], str(ckpt_dir))
         elif key in tables:
             value.const_value = TorchTensor(tables[key], name)
@@ -233,9 +236,14 @@ def export_streamed(graph: Graph, ckpt_dir, preset: Preset, folder: Path, source
 
 # ---- the entry point ------------------------------------------------------------------------------
 
-def _network_options(attention: str) -> dict:
-    """Plugin exports trace a DiT built to call the flf2v custom ops (plugins.translation_table)."""
-    return {"attention": "triton"} if attention == "plugin" else {}
+def _network_options(graph: Graph, attention: str, quant: str) -> dict:
+    """Plugin exports trace a DiT built to call the flf2v custom ops (plugins.translation_table); FP8 exports
+    one whose blocks' linears are models.quant.FP8Linear (qdq.translation_table). The cached DiT step runs
+    no block: it takes neither."""
+    if graph.component != "dit" or graph.name.startswith("dit_cached"):
+        return {}
+    return {**({"attention": "triton"} if attention == "plugin" else {}),
+            **({"quant": quant} if quant != "none" else {})}
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -251,7 +259,8 @@ def _publish(tmp: Path, path: Path) -> None:
 
 def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, preset: Preset | None = None,
                  stream: bool | None = None, source: dict | None = None, check: bool = True,
-                 attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None) -> Path:
+                 attention: str = "onnx", ranges: dict[str, tuple[int, int]] | None = None,
+                 quant: str = "none") -> Path:
     """Export `graph` to `path` (a `.onnx` file, with `<path>.data` beside it when weights are external).
 
     `module_or_ckpt` is either an adapter module (`contracts.module`) with real weights, exported
@@ -262,6 +271,7 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
     `attention` (DiT graphs): "onnx", TensorRT's own Attention node, or "plugin", the fused Triton kernels
     as flf2v TensorRT plugin nodes (plugins.py; TensorRT only, ONNX Runtime cannot run them).
     `ranges` (dynamic graphs, required there): root dim -> (min, max), e.g. `DynamicShape.envelope()`.
+    `quant` (DiT graphs, "none" or "fp8"): the blocks' linears as FP8 Q/DQ (qdq.py).
     """
     if attention not in plugins.ATTENTION:
         raise ValueError(f"attention must be one of {plugins.ATTENTION}, got {attention!r}")
@@ -279,9 +289,10 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
             if stream is None:
                 stream = weight_bytes(ck.build_meta(ckpt_dir, graph.component, preset), graph.compute_dtype) > STREAM_BYTES
             if stream or source is not None:
-                out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention, ranges)
+                out = export_streamed(graph, ckpt_dir, preset, tmp, source, attention, ranges, quant)
             else:
-                net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset, **_network_options(attention))
+                net = ck.load(ckpt_dir, graph.component, graph.compute_dtype, preset,
+                              **_network_options(graph, attention, quant))
                 out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention, ranges)
         passes.clean(out, keep_named=WEIGHT_PREFIX if graph.component == "dit" else None)
         if check:

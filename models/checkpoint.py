@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, DiTConfig, Preset
 from .keymaps import dit_key_to_diffusers
+from .quant import stored_dtype
 from .layouts import OFFICIAL, CheckpointError, Layout, detect
 
 DIT_CONFIG = "config.json"
@@ -227,7 +228,8 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
                                   f"{tuple(ref.shape)}; the checkpoint does not match its config")
         getter = id(source[key])  # alive in `source` all along: a stable identity, unlike id(t)
         if getter not in converted:
-            converted[getter] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+            dt = stored_dtype(key, ref.dtype, dtype) if t.is_floating_point() else t.dtype
+            converted[getter] = t.to(device, dt)
         loaded[key] = converted[getter]
     model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -292,7 +294,16 @@ def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = 
     preset = preset or preset_for(ckpt_dir)
     model = build_meta(ckpt_dir, component, preset, **kw)
     source, origin, ignore = tensor_source(ckpt_dir, component, preset)
-    return fill(model, source, dtype, origin, ignore)
+    return fill(model, as_quantized(model, source), dtype, origin, ignore)
+
+
+def as_quantized(model: torch.nn.Module, source: dict) -> dict:
+    """`source` as the tensors of `model`: an FP8 DiT (quant="fp8") gets its FP8 weights and scales."""
+    from .dit import WanDiT
+    from .quant import block_linear_names, fp8_source
+    if isinstance(model, WanDiT) and model.quant == "fp8":
+        return fp8_source(source, block_linear_names(model))
+    return source
 
 
 def load_dit(ckpt_dir, dtype=torch.float32, preset: Preset | None = None, **kw):

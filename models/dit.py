@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flf2v.models.config import DiTConfig
+from flf2v.models.quant import check_quant, quantize_dit
 
-ATTENTION_KINDS = ("sdpa", "triton")
+ATTENTION_KINDS = ("sdpa", "triton", "sage")  # sage: 8-bit self-attention (kernels/sage_attention.py)
 
 
 # ---- fixed tables (float64 once, stored fp32) ----------------------------------------------------
@@ -103,13 +104,16 @@ def attention_ops(kind: str):
     """(self-attention, cross-attention) callables for `kind`, with the signatures of the *_ref ones."""
     if kind == "sdpa":
         return self_attention_ref, cross_attention_ref
-    if kind == "triton":
+    if kind in ("triton", "sage"):
+        # sage: the self-attention (71.6% of a 720p forward) in 8 bits; the short cross-attention stays exact
         try:
             import flf2v.kernels.ops  # noqa: F401  (registers torch.ops.flf2v.*)
-            return torch.ops.flf2v.wan_self_attention, torch.ops.flf2v.wan_cross_attention
+            ops = torch.ops.flf2v
+            return (ops.wan_self_attention if kind == "triton" else ops.wan_sage_self_attention,
+                    ops.wan_cross_attention)
         except (ImportError, AttributeError, RuntimeError) as err:
-            raise RuntimeError(f"attention='triton' needs torch.ops.flf2v.wan_self_attention and "
-                               f"wan_cross_attention from flf2v.kernels: {err}") from err
+            raise RuntimeError(f"attention={kind!r} needs the flf2v Triton ops (torch.ops.flf2v.*) from "
+                               f"flf2v.kernels: {err}") from err
     raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
 
 
@@ -181,7 +185,7 @@ class Block(nn.Module):
 
     def forward(self, x, e0, txt, img, cos, sin, attn_ops):
         """x [B, L, dim] fp32 residual, e0 [B, 6, dim] fp32, txt/img [B, *, dim] in the run dtype."""
-        dt = self.ffn[0].weight.dtype
+        dt = self.modulation.dtype  # the run dtype (an FP8 DiT's linears hold float8 weights)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
         h = (self.norm(x) * (1 + scale1) + shift1).to(dt)
         x = x + self.self_attn(h, cos, sin, attn_ops[0]).float() * gate1
@@ -226,12 +230,15 @@ class ImageEmbedding(nn.Module):
 class WanDiT(nn.Module):
     TABLES = ("time_table", "rope_cos", "rope_sin")
 
-    def __init__(self, cfg: DiTConfig, attention: str = "sdpa"):
+    def __init__(self, cfg: DiTConfig, attention: str = "sdpa", quant: str = "none"):
+        """quant="fp8": the blocks' linears are models.quant.FP8Linear (their state dict has FP8 weights and
+        `weight_scale`s; models.quant.fp8_source turns a checkpoint's tensors into those)."""
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         self.cfg = cfg
         self.attention = attention
+        self.quant = "none"
         self.sp = None  # a models.parallel.SequenceParallel: Ulysses over its ranks
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
@@ -247,6 +254,8 @@ class WanDiT(nn.Module):
                              persistent=False)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
+        if check_quant(quant) == "fp8":
+            quantize_dit(self)
 
     def _apply(self, fn, recurse=True):
         # `.to(torch.bfloat16)`, `.half()` or `.to_empty(device=...)` would round or wipe the fixed

@@ -267,7 +267,8 @@ def load_dit(ckpt_dir, dtype=torch.float32, preset=None, loras=(), **kw) -> torc
     preset = preset or ck.preset_for(ckpt_dir)
     source, origin, ignore = ck.tensor_source(ckpt_dir, "dit", preset)
     model = ck.build_meta(ckpt_dir, "dit", preset, **kw)
-    return ck.fill(model, merged_source(source, loras) if loras else source, dtype, origin, ignore)
+    source = merged_source(source, loras) if loras else source
+    return ck.fill(model, ck.as_quantized(model, source), dtype, origin, ignore)
 
 
 def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:

@@ -82,6 +82,8 @@ class UlyssesSelfAttention:
 
     def __init__(self, sp: SequenceParallel, kind: str, cos, sin, n: int, num_heads: int):
         sp.check_heads(num_heads)
+        if kind not in ("sdpa", "triton"):  # the 8-bit kernel takes no per-head RMS statistics yet
+            raise ValueError(f"attention={kind!r} runs in one process; Ulysses takes 'sdpa' or 'triton'")
         self.sp, self.kind, self.cos, self.sin, self.n, self.num_heads = sp, kind, cos, sin, n, num_heads
 
     def __call__(self, q, k, v, norm_q_weight, norm_k_weight, cos_local, sin_local, eps: float):

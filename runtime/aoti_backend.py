@@ -32,12 +32,12 @@ class AotiBackend(EngineBackend):
             from . import loras as L
             raise L.refuse(self.folder, self.manifest, self.loras, "AOTInductor packages", M.rebuild_hint(
                 ckpt_dir, None, self.shape.name, self.manifest.get("precision"), self.manifest.get("attention"),
-                loras=L.lora_arg(self.loras), backend="aoti"))
+                loras=L.lora_arg(self.loras), backend="aoti", quant=self.quant))
         built_on = torch.device(next(iter(self.manifest["engines"].values()))["builder"].get("device", "cpu"))
         if built_on.type != self.device.type:
             raise EngineError(f"{self.folder} holds AOTInductor packages compiled for {built_on.type}, this run is "
                               f"on {self.device.type}; pass --device {built_on.type}, or {self.hint}")
-        if self.manifest.get("attention") == "plugin":
+        if self.manifest.get("attention") in ("plugin", "sage"):
             # the kernels are compiled into the DiT packages; registering the ops too keeps a package that
             # kept them as op calls loadable
             import flf2v.kernels.ops  # noqa: F401

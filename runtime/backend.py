@@ -42,6 +42,8 @@ class Backend(Protocol):
     """Whether the denoising step may be recorded as one CUDA graph around this backend's calls."""
     steps_cache: bool
     """Whether `denoise_full` and `denoise_cached` (the step cache's two DiT forms) can run."""
+    quant: str
+    """The DiT's block linears: "none" (the run's precision) or "fp8" (models/quant.py)."""
 
     def check_video(self, height: int, width: int, frame_num: int) -> int | None:
         """EngineError naming the build that serves it unless this backend runs that video shape; else the

@@ -45,12 +45,14 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     def serves(m) -> bool:
         if cfg_parallel and "dit_b1" not in m.get("engines", {}):
             return False
+        if m.get("quant", "none") != args.quant:
+            return False
         try:
             return M.serves(m, preset, *want(args, preset, first_hw, engine_video_shape(m)))
         except (InputError, KeyError, TypeError, ValueError):
             return False
 
-    roots = [Path(args.engines)] if args.engines else [M.target_root(kind), M.target_root(kind, "plugin")]
+    roots = [Path(args.engines)] if args.engines else [M.target_root(kind, a) for a in ("onnx", "plugin", "sage")]
     folder, unusable, other_shapes = find_engines(roots, args.ckpt_dir, preset, kind, serves,
                                                   prefer=lambda m: not L.needs_swap(m, loras))  # LoRAs built in
     for why in other_shapes + unusable:
@@ -82,11 +84,12 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
     if root is not None and (root / M.MANIFEST).is_file():
         root = root.parent  # a shape folder was given: the new shape goes beside it
     fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
-                         loras=L.lora_arg(loras) if kind != "ort" else "",  # ORT swaps LoRAs in
-                         cfg_batch="both" if cfg_parallel else None)
+                         loras=L.lora_arg(loras) if kind != "ort" or args.quant != "none" else "",  # ORT swaps them
+                         cfg_batch="both" if cfg_parallel else None, quant=args.quant)
     run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
         f", {args.frame_num} frames" if args.frame_num else "") + (" with --cfg_parallel (the batch-1 DiT)"
-                                                                   if cfg_parallel else "")
+                                                                   if cfg_parallel else "") + (
+        f" with --quant {args.quant}" if args.quant != "none" else "")
     if args.engines or args.backend != "auto":
         detail = f" ({why[0]})" if why else ""
         raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "
@@ -103,6 +106,8 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
     from .pipeline import Pipeline
 
     loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
+    check_quant(args, device)
+    check_attention(args, device)
     torch_only = args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp
     if torch_only and args.backend not in ("auto", "torch"):
         raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
@@ -117,7 +122,9 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
     else:
         from flf2v.export.manifest import describe
         backend = backends.open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras)
-        says = f"backend {kind}, engines {folder} ({backend.manifest['precision']}, {describe(backend.manifest)})"
+        quant = f" + {backend.quant}" if backend.quant != "none" else ""
+        says = (f"backend {kind}, engines {folder} ({backend.manifest['precision']}{quant}, "
+                f"{describe(backend.manifest)})")
     if loras:
         says += "; LoRAs " + ", ".join(f"{lo.path.name}:{scale:g}" for lo, scale in loras)
     if parallel is not None:
@@ -126,6 +133,36 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
         print(f"flf2v-run: {says}", flush=True)
     return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph,
                     parallel=parallel)
+
+
+def check_quant(args, device: torch.device) -> None:
+    """InputError unless this run can use `--quant`: FP8 GEMMs need sm89+ (Ada, Hopper) on CUDA; FSDP2 shards
+    the checkpoint's weights as stored."""
+    if args.quant == "none":
+        return
+    if args.dit_fsdp:
+        raise InputError(f"--quant {args.quant} quantizes the DiT as it loads whole; drop --dit_fsdp (the FP8 DiT "
+                         f"is half the bf16 bytes) or --quant")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise InputError(f"--quant {args.quant} needs FP8 tensor cores (sm89+: Ada, Hopper); this "
+                         f"{torch.cuda.get_device_name(device)} has none: drop --quant")
+
+
+def check_attention(args, device: torch.device) -> None:
+    """InputError unless this run can use `--attention`: a run-time choice of --backend torch, the Triton
+    kernels on CUDA (on a CPU only in the interpreter), the 8-bit kernel in one process."""
+    import os
+    if args.attention == "sdpa":
+        return
+    if args.backend not in ("auto", "torch"):
+        raise InputError(f"--attention {args.attention} applies to --backend torch; engines hold the attention they "
+                         f"were built with (make engines ATTENTION=plugin); drop --attention or use --backend torch")
+    if args.ulysses_size > 1 and args.attention == "sage":
+        raise InputError("--attention sage runs in one process; with --ulysses_size use sdpa or triton")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(f"--attention {args.attention} runs Triton kernels: on a CUDA GPU, or on a CPU with "
+                         f"TRITON_INTERPRET=1 set (slow, for tests); drop --attention here")
+    args.backend = "torch"
 
 
 def _torch_backend(args, preset, device: torch.device, loras, parallel):
@@ -137,8 +174,11 @@ def _torch_backend(args, preset, device: torch.device, loras, parallel):
     offload = device.type == "cuda" if args.offload_model is None else args.offload_model
     backend = torch_backend.TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device,
                                          offload_model=offload and not args.dit_fsdp, loras=loras,
-                                         parallel=parallel, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
-    return backend, f"backend torch (PyTorch reference, {precision} on {device})"
+                                         parallel=parallel, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp,
+                                         quant=args.quant, attention=args.attention)
+    quant = f", DiT block linears {args.quant}" if args.quant != "none" else ""
+    quant += f", attention {args.attention}" if args.attention != "sdpa" else ""
+    return backend, f"backend torch (PyTorch reference, {precision}{quant} on {device})"
 
 
 def describe_parallel(args) -> str:

@@ -193,6 +193,7 @@ class Job:
         return {"save_file": str(self.save), "seconds": seconds, "end_to_end_s": total, "memory": mem,
                 "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
                 "run": pipe.last_request.to_json(), "fps": self.args.fps, "backend": self.args.backend,
+                "quant": pipe.backend.quant,
                 "engines": str(folder) if folder is not None else None, "device": str(self.device),
                 "preset": pipe.preset.name, "checkpoint": {"dir": self.args.ckpt_dir, **self.checkpoint},
                 "versions": versions(), "args": vars(self.args),

@@ -124,6 +124,13 @@ def _backend_flags(a, p) -> None:
     a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
+    a("--attention", default="sdpa", choices=("sdpa", "triton", "sage"),
+      help="--backend torch's self-attention: sdpa (PyTorch, default), triton (the fused exact kernel) or sage "
+           "(8-bit, SageAttention's method: kernels/sage_attention.py); the Triton ones on CUDA (on a CPU only "
+           "in the Triton interpreter, TRITON_INTERPRET=1, slow)")
+    a("--quant", default="none", choices=("none", "fp8"),
+      help="fp8: the DiT's block linears in FP8 e4m3 (torch._scaled_mm on --backend torch; engines built with "
+           "make engines QUANT=fp8); everything else stays in the run's precision. README \"8-bit\"")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--cuda_graph", type=_str2bool, default=True,
       help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "

@@ -41,8 +41,13 @@ class EngineBackend:
         self.loras = list(loras)  # [(models.lora.LoRA, scale)] this run applies to the DiT (runtime/loras.py)
         self.lora_swap = L.needs_swap(self.manifest, self.loras)
         self.shape = M.shape_of(self.manifest)
+        self.quant = self.manifest.get("quant", "none")
         self.hint = M.rebuild_hint(ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
-                                   self.manifest.get("attention"), backend=kind)
+                                   self.manifest.get("attention"), backend=kind, quant=self.quant)
+        if self.lora_swap and self.quant != "none":  # a swap writes high-precision weights over the FP8 ones
+            raise L.refuse(self.folder, self.manifest, self.loras, f"{self.quant} engines", M.rebuild_hint(
+                ckpt_dir, None, self.shape.name, self.manifest.get("precision"), self.manifest.get("attention"),
+                loras=L.lora_arg(self.loras), backend=kind, quant=self.quant))
         self.video_shape = engine_video_shape(self.manifest)  # None: dynamic, any shape of its profiles
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))

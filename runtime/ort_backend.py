@@ -77,7 +77,7 @@ class OrtBackend(EngineBackend):
             return str(path)
         from . import loras as L
         hint = M.rebuild_hint(self.ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
-                              self.manifest.get("attention"), L.lora_arg(self.loras))
+                              self.manifest.get("attention"), L.lora_arg(self.loras), quant=self.quant)
         # the cached step holds only the embeddings and head: the LoRA keys it has, if any
         return L.ort_model(path, self.manifest, self.ckpt_dir, self.loras, hint, subset=graph.startswith("dit_cached"))
 

@@ -25,9 +25,10 @@ class TorchBackend:
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool | None = None,
-                 loras=None, parallel=None, dit_fsdp: bool = False, t5_fsdp: bool = False):
+                 loras=None, parallel=None, dit_fsdp: bool = False, t5_fsdp: bool = False, quant: str = "none"):
         """`parallel` (runtime/parallel.py): this rank's groups in a torchrun job; the DiT runs Ulysses over
         its sequence-parallel group, and `dit_fsdp` / `t5_fsdp` shard those weights over all ranks.
+        `quant` "fp8": the DiT's block linears in FP8 (models/quant.py), quantized as the weights stream in.
         `offload_model` (default: on CUDA, unless sharded): the DiT on the device only for the loop, as the
         official --offload_model; on CUDA the encoders are released before the loop either way."""
         self.preset = preset or ck.preset_for(ckpt_dir)
@@ -38,6 +39,9 @@ class TorchBackend:
         self.parallel, self.dit_fsdp, self.t5_fsdp = parallel, dit_fsdp, t5_fsdp
         if (dit_fsdp or t5_fsdp) and parallel is None:
             raise ValueError("dit_fsdp / t5_fsdp shard weights over the ranks of a torchrun job: needs `parallel`")
+        if dit_fsdp and quant != "none":
+            raise ValueError("dit_fsdp shards the checkpoint's weights as stored; run --quant fp8 without it")
+        self.quant = quant
         if dit_fsdp and (loras or offload_model):
             raise ValueError("dit_fsdp loads each rank's shard of the checkpoint: without LoRAs and offload_model")
         self._placements = 0  # counts the DiT's moves to the device: a captured CUDA graph reads its weights there
@@ -51,7 +55,7 @@ class TorchBackend:
                                     attention=attention)
             self.capturable = False  # FSDP2's all-gathers run outside a CUDA graph (models/sharded.py)
         else:
-            self.dit = load_dit(ckpt_dir, dtype, self.preset, self.loras, attention=attention)
+            self.dit = load_dit(ckpt_dir, dtype, self.preset, self.loras, attention=attention, quant=quant)
             if not offload_model:
                 self.dit.to(self.device)
         if parallel is not None and parallel.sp is not None:

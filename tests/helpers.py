@@ -68,6 +68,7 @@ class StubBackend:
     cfg_batches = (1, 2)
     capturable = False
     steps_cache = True
+    quant = "none"
 
     def __init__(self, **members):
         self.__dict__.update(members)

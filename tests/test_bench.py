@@ -411,3 +411,54 @@ def test_load_layouts_loads_the_same_weights_from_every_layout(tmp_path):
         assert r["weight_bytes"] == 2 * sum(math.prod(s) for s in shapes.values()), name
         assert r["seconds"] > 0 and r["rss_peak"] >= r["rss_start"] > 0 and r["file_bytes"] > 0, r
     assert [r["same_weights_as_official"] for r in got.values()] == [True, True, True, False]
+
+
+def test_quant_mode_floors_split_and_layer_errors():
+    """`flf2v-bench quant`'s pure parts: the FLOP split (attention exactly what torch's counter gives the SDPA
+    calls, the parts adding up to the DiT forward), the mixed-precision floors against the issue's 662 / 570 /
+    330 s, the latent grid, and the per-layer / per-scale errors of FP8 linears on the tiny DiT."""
+    import copy
+
+    from flf2v.bench import quant as q
+    from flf2v.models.dit import WanDiT
+    from flf2v.models.make_tiny import randomize_
+    from flf2v.models.quant import BLOCK_LINEARS, block_linear_names, capture_inputs, layer_errors, quantize_dit
+
+    for cfg, latent in ((FULL.dit, LATENT_720P), (get_preset("small").dit, (3, 8, 12))):
+        s = cost.dit_flops_split(cfg, latent)
+        assert close(s["linear"] + s["attention"] + s["other"], cost.dit_forward_flops(cfg, latent), 1e-9)
+    d, latent = get_preset("tiny").dit, (3, 8, 12)
+    with torch.device("meta"):
+        meta = WanDiT(d)
+    with FlopCounterMode(display=False) as counter:
+        meta.to("meta")(*(t.to("meta") for t in q.dit_inputs(d, latent)))
+    by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    attn = sum(v for k, v in by_op.items() if "bmm" in k or "attention" in k)  # meta SDPA: the math path's bmm
+    s = cost.dit_flops_split(d, latent)
+    assert close(s["attention"], attn, 1e-9), (s["attention"], by_op)
+    assert close(s["linear"] + s["other"], sum(by_op.values()) - attn, 1e-9)
+
+    fl = q.floors()
+    h100 = {k: v["H100"] for k, v in fl["floor_s"].items()}
+    assert h100["bf16"] == pytest.approx(cost.dit_cost(FULL.dit, LATENT_720P, 100).floor(cost.GPUS["H100"]), rel=1e-12)
+    assert close(h100["fp8 linears"], 570, 0.005) and close(h100["both"], 330, 0.005), h100  # the issue's figures
+    assert h100["both"] < h100["8-bit attention"] < h100["fp8 linears"] < h100["bf16"]
+    assert 0.27 < fl["share"]["linear"] < 0.28 and 0.71 < fl["share"]["self_attention"] < 0.72, fl["share"]
+    assert [cost.dit_tokens(d, q.latent_for(n)) for n in (256, 192, 30, 7)] == [256, 192, 30, 7]
+
+    torch.manual_seed(0)
+    ref = randomize_(WanDiT(d), torch.Generator().manual_seed(0)).eval()
+    fp8 = quantize_dit(copy.deepcopy(ref))
+    args = q.dit_inputs(d, latent)
+    with torch.no_grad():
+        inputs = capture_inputs(ref, lambda: ref(*args), block_linear_names(ref))
+        table = q.by_kind(layer_errors(ref, fp8, inputs))
+        scales = q.scale_errors(ref, inputs)
+    assert list(table) == list(BLOCK_LINEARS)
+    for kind, e in table.items():  # e4m3's 3 mantissa bits: a few percent, never zero, never ~1
+        assert 0.01 < e["mean"] <= e["max"] < 0.08, (kind, e)
+    for kind in BLOCK_LINEARS:  # FP8Linear and the simulated per-channel layer agree
+        assert abs(scales["output per-channel"][kind] - table[kind]["mean"]) < 0.1 * table[kind]["mean"], kind
+        assert 0.015 < scales["weight per-channel"][kind] < 0.04 and 0.015 < scales["weight blockwise"][kind] < 0.04
+    w = torch.randn(200, 72)  # out % 128 != 0: partial blocks at both edges
+    assert q.rel(q.dequantize(*q.quantize_weight(w, 128), 128), w) < 0.04

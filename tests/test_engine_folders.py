@@ -33,7 +33,7 @@ def root(tiny_engines, tmp_path, monkeypatch):
 
 
 def _args(**kw):
-    base = dict(backend="auto", engines=None, size=None, frame_num=None, ckpt_dir=None)
+    base = dict(backend="auto", engines=None, size=None, frame_num=None, ckpt_dir=None, quant="none")
     return SimpleNamespace(**{**base, **kw})
 
 

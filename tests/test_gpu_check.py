@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "aoti", "pytest"}
+PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "aoti", "quant", "pytest"}
 
 
 def no_cuda_env(**extra) -> dict:

@@ -117,6 +117,27 @@ def test_fp8_dit_file_loads_within_fp8_rounding(layouts, tmp_path):
         assert (err <= bound).all(), f"{k}: max abs {err.max():.3g} over the e4m3fn bound"
 
 
+def test_fp8_dit_file_loads_as_fp8_for_the_8bit_path(layouts, tmp_path):
+    """--quant fp8 takes a ComfyUI fp8 DiT's block weights as they are stored (scale 1), with no bf16 round
+    trip: each FP8Linear holds the file's bytes; the rest of the DiT is the file's values in the run dtype."""
+    from flf2v.models.lora import load_dit
+    from flf2v.models.quant import FP8Linear, block_linear_names
+    fp8 = write_comfyui(layouts["official"], layouts["diffusers"], tmp_path / "fp8", dit_dtype=FP8)
+    stored = {k[len("model.diffusion_model."):]: v for k, v in
+              load_file(fp8 / "wan2.1_flf2v_720p_14B_fp16.safetensors").items()}
+    dit = load_dit(fp8, torch.float32, quant="fp8")
+    names = block_linear_names(dit)
+    assert names and all(isinstance(dit.get_submodule(n), FP8Linear) for n in names)
+    for n in names:
+        layer = dit.get_submodule(n)
+        assert layer.weight.dtype == FP8 and torch.equal(layer.weight.view(torch.uint8),
+                                                         stored[f"{n}.weight"].view(torch.uint8)), n
+        assert torch.equal(layer.weight_scale, torch.ones(layer.out_features)), f"{n}: scale is not 1"
+        assert torch.equal(layer.bias, stored[f"{n}.bias"].float()), n
+    head = dit.head.head.weight
+    assert head.dtype == torch.float32 and torch.equal(head, stored["head.head.weight"].float())
+
+
 def test_scaled_fp8_umt5_applies_its_scales(layouts, tmp_path):
     """ComfyUI's umt5_xxl_fp8_e4m3fn_scaled convention (comfy/ops.py scaled_fp8_ops): each linear weight
     stored as fp8 of weight / scale with `<module>.scale_weight` = scale (fp32 scalar), read back as
