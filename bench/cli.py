@@ -9,6 +9,7 @@
     flf2v-bench export-memory --work DIR [--source lazy|ckpt] (peak RSS and time of the full-size DiT export)
     flf2v-bench load-layouts [--layers 4]               (DiT load time and peak RSS per checkpoint layout)
     flf2v-bench quant [--preset small] [--layers 2]     (FP8 linears: per-layer error, 14B slice, scales, floors)
+    flf2v-bench memory [--preset small] [--steps 2]     (memory plans: 14B per card, 4090 time model, measured runs)
 Every mode also takes --out DIR, --work DIR, --idle_wait S and -v / -q. Each waits (up to --idle_wait
 seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machine>-<date>.json and .md
 (the stage comparison also a .png) into --out. Random weights in the official layout go into --work.
@@ -25,7 +26,7 @@ from typing import Callable
 
 from flf2v.log import setup as setup_logging
 
-from . import cache, compare, export_memory, fewstep, kernels, load_layouts, parallel, quant
+from . import cache, compare, export_memory, fewstep, kernels, load_layouts, memory, parallel, quant
 from .measure import BUSY_PER_CPU, ChildFailed, load_avg, wait_for_idle
 from .report import machine_info, write
 
@@ -52,6 +53,7 @@ MODES = {
     "export-memory": Mode(export_memory.run, export_memory.add_args, export_memory.__doc__, work=...),
     "load-layouts": Mode(load_layouts.run, load_layouts.add_args, load_layouts.__doc__),
     "quant": Mode(quant.run, quant.add_args, quant.__doc__),
+    "memory": Mode(memory.run, memory.add_args, memory.__doc__),
 }
 
 

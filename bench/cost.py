@@ -25,6 +25,8 @@ from functools import lru_cache
 import torch
 
 from flf2v.models.config import CLIPConfig, DiTConfig, Preset, T5Config, VAEConfig
+# parameter counts are the model's (the memory planner uses them too); re-exported for the bench
+from flf2v.models.sizes import clip_params, dit_block_linear_params, dit_params, t5_params  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,6 @@ def dit_flops_split(cfg: DiTConfig, latent: tuple[int, int, int]) -> dict[str, f
             "other": dit_outer_flops(cfg, L)}
 
 
-def dit_block_linear_params(cfg: DiTConfig) -> int:
-    """Weights (no biases) of the blocks' linears: the ones an FP8 DiT stores in 1 byte."""
-    return cfg.num_layers * (10 * cfg.dim ** 2 + 2 * cfg.dim * cfg.ffn_dim)
-
-
 def dit_split_floor(cfg: DiTConfig, latent: tuple[int, int, int], gpu: GPU, linear: str = "bf16",
                     attention: str = "bf16", calls: int = 1) -> float:
     """Floor of `calls` DiT forwards with the blocks' linears at the `linear` rate (and their weights in its
@@ -125,20 +122,6 @@ def dit_split_floor(cfg: DiTConfig, latent: tuple[int, int, int], gpu: GPU, line
     return max(seconds, (dit_cost(cfg, latent, calls).bytes("bf16") - saved) / gpu.bandwidth)
 
 
-def dit_params(cfg: DiTConfig) -> int:
-    d, f, patch = cfg.dim, cfg.ffn_dim, math.prod(cfg.patch_size)
-    lin = lambda i, o: i * o + o  # noqa: E731
-    block = (6 * d  # modulation
-             + 4 * lin(d, d) + 2 * d  # self-attention, q/k RMSNorm
-             + 2 * d  # norm3 (affine)
-             + 6 * lin(d, d) + 3 * d  # cross-attention (text q/k/v/o + image k/v), 3 RMSNorms
-             + lin(d, f) + lin(f, d))
-    c = cfg.clip_dim
-    img = (cfg.clip_tokens * c if cfg.model_type == "flf2v" else 0) + 2 * c + lin(c, c) + lin(c, d) + 2 * d
-    return (lin(cfg.in_dim * patch, d) + lin(cfg.text_dim, d) + lin(d, d) + lin(cfg.freq_dim, d) + lin(d, d)
-            + lin(d, 6 * d) + cfg.num_layers * block + 2 * d + lin(d, cfg.out_dim * patch) + img)
-
-
 def dit_cost(cfg: DiTConfig, latent: tuple[int, int, int], calls: int = 1) -> Cost:
     t, h, w = latent
     io = (cfg.in_dim + cfg.out_dim) * t * h * w + cfg.text_len * cfg.text_dim + cfg.clip_tokens * cfg.clip_dim
@@ -146,12 +129,6 @@ def dit_cost(cfg: DiTConfig, latent: tuple[int, int, int], calls: int = 1) -> Co
 
 
 # ---- umT5 ----------------------------------------------------------------------------------------------
-
-def t5_params(cfg: T5Config, with_embedding: bool = True) -> int:
-    d = cfg.dim
-    layer = 4 * d * cfg.dim_attn + 3 * d * cfg.ffn_dim + 2 * d + cfg.num_buckets * cfg.num_heads
-    return (cfg.vocab * d if with_embedding else 0) + cfg.num_layers * layer + d
-
 
 def t5_cost(cfg: T5Config, prompts: int = 2) -> Cost:
     L, d, a = cfg.text_len, cfg.dim, cfg.dim_attn
@@ -162,13 +139,6 @@ def t5_cost(cfg: T5Config, prompts: int = 2) -> Cost:
 
 
 # ---- CLIP ----------------------------------------------------------------------------------------------
-
-def clip_params(cfg: CLIPConfig) -> int:
-    """The part that runs: embeddings, pre-norm and num_layers - 1 blocks."""
-    d, h = cfg.dim, cfg.dim * cfg.mlp_ratio
-    block = 4 * d * d + 4 * d + d * h + h + h * d + d + 4 * d
-    return 3 * cfg.patch_size ** 2 * d + d + cfg.num_tokens * d + 2 * d + (cfg.num_layers - 1) * block
-
 
 def clip_cost(cfg: CLIPConfig, images: int) -> Cost:
     n, d, h = cfg.num_tokens, cfg.dim, cfg.dim * cfg.mlp_ratio

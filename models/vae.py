@@ -285,8 +285,11 @@ class WanVAE(nn.Module):
         caches = self.zero_caches(self.encoder_cache_shapes(b, h, w), video.device)
         return encode_chunks(self.encode_chunk, video, caches, self.cfg.stride[0])
 
-    def decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
-        """normalized latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1] (fp32)."""
+    def decode(self, z: torch.Tensor, progress=None, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+        """normalized latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), 8h, 8w] in [-1, 1] (fp32).
+        `tile` (latent pixels): decode in overlapping spatial tiles of at most tile x tile (`decode_tiled`)."""
+        if tile is not None:
+            return decode_tiled(self, z, tile, overlap, progress)
         b, _, _, h, w = z.shape
         caches = self.zero_caches(self.decoder_cache_shapes(b, h, w), z.device)
         return decode_chunks(self.decode_chunk, z, caches, progress)
@@ -315,3 +318,56 @@ def decode_chunks(step, z: torch.Tensor, caches: list, progress=None) -> torch.T
         frames, caches = step(zi, caches, i == 0)
         out.append(frames)
     return torch.cat(out, dim=2)
+
+
+# ---- spatially tiled decode: bounded memory at any frame size -----------------------------------------
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of `tile` covering 0..size, neighbours overlapping by at least `overlap`; the last
+    tile ends at the edge (it overlaps its neighbour more when `tile - overlap` does not divide the size)."""
+    if tile >= size:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in 0..{tile - 1}")
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def _ramp(n: int, lo: int, hi: int, overlap_lo: int, overlap_hi: int) -> torch.Tensor:
+    """Blend weights of one tile along one axis (pixels lo..hi of an axis of n): linear ramps over the
+    overlaps with the neighbours, 1 elsewhere; the frame's own edges are not ramped."""
+    w = torch.ones(hi - lo)
+    i = torch.arange(hi - lo, dtype=torch.float32) + 0.5
+    if lo > 0 and overlap_lo > 0:
+        w = torch.minimum(w, i / overlap_lo)
+    if hi < n and overlap_hi > 0:
+        w = torch.minimum(w, (hi - lo - i) / overlap_hi)
+    return w
+
+
+def decode_tiled(vae: WanVAE, z: torch.Tensor, tile: int, overlap: int, progress=None) -> torch.Tensor:
+    """`vae.decode` of z [B, z_dim, T, h, w] tile by tile: each tile (tile x tile latent pixels, the last ones
+    shifted to end at the edge) runs the causal decoder over all frames with its own caches, so the caches and
+    activations are those of one tile; tiles are blended linearly over their overlap. The convolutions and the
+    mid-block attention see only their tile, which is where tiled output differs from the untiled one (the
+    seams, measured in tests/test_memory_plan.py)."""
+    b, _, t, h, w = z.shape
+    s = vae.cfg.stride[1]
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    out = torch.zeros(b, 3, 1 + vae.cfg.stride[0] * (t - 1), h * s, w * s, device=z.device)
+    weight = torch.zeros(h * s, w * s, device=z.device)
+    tiles = [(r, c) for r in rows for c in cols]
+    for r, c in (progress(tiles) if progress else tiles):
+        r1, c1 = min(r + tile, h), min(c + tile, w)
+        part = z[:, :, :, r:r1, c:c1]
+        caches = vae.zero_caches(vae.decoder_cache_shapes(b, r1 - r, c1 - c), z.device)
+        x = decode_chunks(vae.decode_chunk, part, caches)
+        # each overlap is ramped over the pixels this tile shares with its neighbour on that side
+        up = (rows[rows.index(r) - 1] + tile - r) * s if r > 0 else 0
+        down = (r1 - rows[rows.index(r) + 1]) * s if r1 < h else 0
+        left = (cols[cols.index(c) - 1] + tile - c) * s if c > 0 else 0
+        right = (c1 - cols[cols.index(c) + 1]) * s if c1 < w else 0
+        wt = torch.outer(_ramp(h * s, r * s, r1 * s, up, down), _ramp(w * s, c * s, c1 * s, left, right)).to(z.device)
+        out[..., r * s:r1 * s, c * s:c1 * s] += x * wt
+        weight[r * s:r1 * s, c * s:c1 * s] += wt
+    return out / weight

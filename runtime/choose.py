@@ -97,8 +97,9 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
     return f"no current {kind} engines for this checkpoint serve {run} under {roots[0]}; {fix}"
 
 
-def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int], parallel=None):
-    """The run's Pipeline on the backend chosen (`args.backend` set to its kind); says which on stdout."""
+def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int], parallel=None, shape=None):
+    """The run's Pipeline on the backend chosen (`args.backend` set to its kind); says which on stdout.
+    `shape` (height, width, frames): the run's, for the torch backend's memory plan (`pipe.memory_plan`)."""
     from flf2v.models import checkpoint as ck
     from flf2v.models.lora import load_loras
 
@@ -116,8 +117,14 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
     kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device,
                                                                                  loras)
     args.backend = kind
+    plan = None
+    if kind == "torch" and shape is not None and parallel is None:
+        plan = memory_plan(args, preset, *shape, device)
+    elif args.offload is not None or args.t5_cpu:
+        raise InputError(f"--offload / --t5_cpu apply to --backend torch, but {kind} engines run this job; add "
+                         f"--backend torch or drop them")
     if kind == "torch":
-        backend, says = _torch_backend(args, preset, device, loras, parallel)
+        backend, says = _torch_backend(args, preset, device, loras, parallel, plan)
         says += f"; {note}" if note else ""
     else:
         from flf2v.export.manifest import describe
@@ -131,8 +138,12 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
         says += f"; {parallel.world} processes: " + describe_parallel(args)
     if parallel is None or parallel.is_main:
         print(f"flf2v-run: {says}", flush=True)
-    return Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph,
+        if plan is not None:
+            print(f"flf2v-run: {plan.describe()}", flush=True)
+    pipe = Pipeline(backend, ck.load_tokenizer(args.ckpt_dir, preset), preset, device, cuda_graph=args.cuda_graph,
                     parallel=parallel)
+    pipe.memory_plan = plan
+    return pipe
 
 
 def check_quant(args, device: torch.device) -> None:
@@ -165,7 +176,40 @@ def check_attention(args, device: torch.device) -> None:
     args.backend = "torch"
 
 
-def _torch_backend(args, preset, device: torch.device, loras, parallel):
+def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device):
+    """The run's memory plan (runtime/memory_plan.py) on --backend torch: planned for --gpu_memory, else on
+    CUDA for the GPU's free memory; None on a CPU without planning flags (host and device are one memory).
+    The flags --offload_model, --t5_cpu and --offload narrow the plans to those they name."""
+    from . import memory_plan as M
+    blocks = getattr(args, "offload_blocks", None)
+    flags = args.offload is not None or args.t5_cpu or args.offload_model is not None
+    if args.gpu_memory is None and device.type != "cuda" and not flags and not args.plan:
+        return None
+    precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    video = M.Video(preset, height, width, frames, 2 if precision == "bf16" else 4, args.quant)
+    if args.gpu_memory is not None:
+        gpu = int(args.gpu_memory * M.GiB)
+    elif device.type == "cuda":
+        gpu = torch.cuda.mem_get_info(device)[0]
+    else:  # planning flags on a CPU: the plan they name, sized as if for a card as large as this host
+        gpu = M.host_memory()
+
+    def allowed(p) -> bool:
+        return ((not args.t5_cpu or p.t5_cpu) and (args.offload_model is None or p.offload_model == args.offload_model)
+                and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks))
+    what = " with " + " ".join(f for f, on in (("--t5_cpu", args.t5_cpu), (f"--offload {args.offload}", args.offload),
+                                               (f"--offload_model {args.offload_model}", args.offload_model is not None))
+                               if on) if flags else ""
+    if args.plan:
+        print(M.table(video, gpu))
+        return None
+    if blocks is not None and not blocks < preset.dit.num_layers:
+        raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
+                         f"resident, or drop --offload")
+    return M.choose(video, gpu, allowed, what=what)
+
+
+def _torch_backend(args, preset, device: torch.device, loras, parallel, plan=None):
     """(TorchBackend, what it runs) of the flags."""
     from flf2v.export.contracts import COMPUTE_DTYPE
 
@@ -175,7 +219,7 @@ def _torch_backend(args, preset, device: torch.device, loras, parallel):
     backend = torch_backend.TorchBackend(args.ckpt_dir, preset, COMPUTE_DTYPE[precision], device,
                                          offload_model=offload and not args.dit_fsdp, loras=loras,
                                          parallel=parallel, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp,
-                                         quant=args.quant, attention=args.attention)
+                                         quant=args.quant, attention=args.attention, plan=plan)
     quant = f", DiT block linears {args.quant}" if args.quant != "none" else ""
     quant += f", attention {args.attention}" if args.attention != "sdpa" else ""
     return backend, f"backend torch (PyTorch reference, {precision}{quant} on {device})"

@@ -140,16 +140,23 @@ class Job:
         last = load_image(args.last_frame) if args.last_frame else None
         hw, options = (first.height, first.width), request_options(args)
         # the run's settings, with no backend yet (a static engine folder's shape is checked when it is chosen)
-        make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
-                     cfg_parallel=args.cfg_parallel, **options)
+        req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
+                           cfg_parallel=args.cfg_parallel, **options)
+        shape = (req.height, req.width, req.frame_num)
+        if args.plan:  # the table, then nothing loads
+            from .choose import memory_plan
+            memory_plan(args, preset, *shape, self.device)
+            return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
             signal.signal(signal.SIGTERM, _on_sigterm)
             self.par = P.init(args.ulysses_size, args.cfg_parallel, self.device, args.dist_timeout, args.ring_size)
             self.device = self.par.device
             args.quiet = args.quiet or not self.par.is_main
-        self.pipe = make_pipeline(args, preset, self.device, hw, self.par)
+        self.pipe = make_pipeline(args, preset, self.device, hw, self.par, shape)
         self.t_load = time.perf_counter() - t_load
+        if self.pipe.memory_plan is not None:
+            options["cfg_batch"] = self.pipe.memory_plan.cfg_batch
         self.video = self.pipe.generate(args.prompt, first, last, progress=not args.quiet, **options)
         if self.video is not None:  # rank 0 of a torchrun job, or the one process
             v = self.video
@@ -194,6 +201,7 @@ class Job:
                 "cuda_device_used_gib": {k: v / 2**30 for k, v in pipe.times.device_used.items()},
                 "run": pipe.last_request.to_json(), "fps": self.args.fps, "backend": self.args.backend,
                 "quant": pipe.backend.quant,
+                "memory_plan": pipe.memory_plan.to_json() if pipe.memory_plan is not None else None,
                 "engines": str(folder) if folder is not None else None, "device": str(self.device),
                 "preset": pipe.preset.name, "checkpoint": {"dir": self.args.ckpt_dir, **self.checkpoint},
                 "versions": versions(), "args": vars(self.args),
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     job = Job(args)
     try:
         job.run()
+        if args.plan:
+            return 0
     except InputError as e:
         return _fail(str(e), every_rank=False)
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)

@@ -73,9 +73,8 @@ def _input_flags(a, p) -> None:
     a("--negative_prompt", default="", help=f"negative prompt (default: the official one of {p.name}: "
                                             f"{p.sample_neg_prompt[:12]}...)")
     a("--offload_model", type=_str2bool, default=None,
-      help="keep encoders and DiT off the GPU when not in use (default true on CUDA, as the official code)")
-    a("--t5_cpu", action="store_true", help="accepted for compatibility; the text encoder is freed before "
-                                              "denoising anyway")
+      help="keep the DiT off the GPU but for the denoising loop (default: the memory plan's choice on CUDA)")
+    a("--t5_cpu", action="store_true", help="run the text encoder on the CPU (its 11.4 GB never on the GPU)")
 
 
 def _sampling_flags(a, p) -> None:
@@ -132,6 +131,13 @@ def _backend_flags(a, p) -> None:
       help="fp8: the DiT's block linears in FP8 e4m3 (torch._scaled_mm on --backend torch; engines built with "
            "make engines QUANT=fp8); everything else stays in the run's precision. README \"8-bit\"")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--gpu_memory", type=float, default=None, metavar="GIB",
+      help="plan memory for a card of this many GiB (default on CUDA: the GPU's free memory); README \"Memory "
+           "plans\"")
+    a("--offload", default=None, metavar="blocks[:N]",
+      help="stream the DiT's blocks from pinned host memory, N of them resident on the GPU (default N: the "
+           "most that fit); --backend torch")
+    a("--plan", action="store_true", help="print the memory plans for this checkpoint, size and frames, and exit")
     a("--cuda_graph", type=_str2bool, default=True,
       help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
            "eagerly, the fallback if capture fails on your setup")
@@ -196,6 +202,25 @@ def check_args(args) -> None:
     if args.metrics:
         check_output("--metrics", args.metrics)
     check_processes(args)
+    check_memory_flags(args)
+
+
+def check_memory_flags(args) -> None:
+    """--gpu_memory positive; --offload spelled blocks[:N]; the plan flags on the torch backend."""
+    if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        raise InputError(f"--gpu_memory {args.gpu_memory:g} must be a positive number of GiB, e.g. 24")
+    if args.offload is not None:
+        m = re.fullmatch(r"blocks(?::(\d+))?", args.offload)
+        if not m:
+            raise InputError(f"--offload {args.offload}: use blocks or blocks:N (N DiT blocks resident on the GPU)")
+        args.offload_blocks = int(m.group(1)) if m.group(1) is not None else None
+    planned = args.offload is not None or args.t5_cpu
+    if planned and args.backend not in ("auto", "torch"):
+        raise InputError("--offload and --t5_cpu apply to --backend torch; engines are loaded whole (TensorRT: "
+                         "make engines STREAM=1 is not built yet); drop them or use --backend torch")
+    if planned and (args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp):
+        raise InputError("--offload / --t5_cpu run in one process; several GPUs share the weights instead "
+                         "(--dit_fsdp, --t5_fsdp)")
 
 
 def check_processes(args) -> None:

@@ -88,6 +88,7 @@ class Pipeline:
         self.times = StageTimes()
         self.said: set[str] = set()  # warnings given once per pipeline
         self.last_cache: step_cache.CachePlan | None = None  # the last run's step-cache schedule
+        self.memory_plan = None  # runtime/memory_plan.py Plan the torch backend was opened with (flf2v-run)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", cuda_graph: bool = True,

@@ -25,12 +25,19 @@ class TorchBackend:
 
     def __init__(self, ckpt_dir, preset: Preset | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attention: str = "sdpa", offload_model: bool | None = None,
-                 loras=None, parallel=None, dit_fsdp: bool = False, t5_fsdp: bool = False, quant: str = "none"):
+                 loras=None, parallel=None, dit_fsdp: bool = False, t5_fsdp: bool = False, quant: str = "none",
+                 plan=None):
         """`parallel` (runtime/parallel.py): this rank's groups in a torchrun job; the DiT runs Ulysses over
         its sequence-parallel group, and `dit_fsdp` / `t5_fsdp` shard those weights over all ranks.
         `quant` "fp8": the DiT's block linears in FP8 (models/quant.py), quantized as the weights stream in.
         `offload_model` (default: on CUDA, unless sharded): the DiT on the device only for the loop, as the
-        official --offload_model; on CUDA the encoders are released before the loop either way."""
+        official --offload_model; on CUDA the encoders are released before the loop either way.
+        `plan` (runtime/memory_plan.py Plan): its offload_model, t5_cpu (T5 runs on the CPU), blocks (all but
+        that many DiT blocks streamed from host memory, runtime/offload.py) and vae_tile; T5 and CLIP are
+        released as soon as they have run."""
+        self.plan = plan
+        if plan is not None:
+            offload_model = plan.offload_model
         self.preset = preset or ck.preset_for(ckpt_dir)
         self.ckpt_dir, self.dtype, self.device = ckpt_dir, dtype, torch.device(device)
         if offload_model is None:
@@ -44,6 +51,7 @@ class TorchBackend:
         self.quant = quant
         if dit_fsdp and (loras or offload_model):
             raise ValueError("dit_fsdp loads each rank's shard of the checkpoint: without LoRAs and offload_model")
+        self._dit_placed = not offload_model  # on the device (device_bytes)
         self._placements = 0  # counts the DiT's moves to the device: a captured CUDA graph reads its weights there
         # Encoders are loaded when first used and dropped once the denoiser needs the memory.
         self._t5 = self._clip = None
@@ -56,8 +64,16 @@ class TorchBackend:
             self.capturable = False  # FSDP2's all-gathers run outside a CUDA graph (models/sharded.py)
         else:
             self.dit = load_dit(ckpt_dir, dtype, self.preset, self.loras, attention=attention, quant=quant)
-            if not offload_model:
+            if not offload_model and (plan is None or plan.blocks is None):  # streamed: only some blocks go
                 self.dit.to(self.device)
+        self.streamed = None
+        if plan is not None and plan.blocks is not None:
+            from .memory_plan import PINNED_SHARE, host_memory
+            from .offload import stream_blocks
+            self.streamed = stream_blocks(self.dit, plan.blocks, self.device, int(PINNED_SHARE * host_memory()))
+            self.capturable = False  # the copies are ordered by events set from Python, per call
+            if offload_model:
+                self.dit.to("cpu")
         if parallel is not None and parallel.sp is not None:
             parallel.sp.check_heads(self.preset.dit.num_heads)
             self.dit.sp = parallel.sp
@@ -76,14 +92,24 @@ class TorchBackend:
             self._t5 = load_sharded(self.ckpt_dir, "t5", self.dtype, self.preset, self.parallel.mesh, self.device)
         elif self._t5 is None:
             logger.debug("loading T5 from %s", self.ckpt_dir)
-            self._t5 = ck.load_t5(self.ckpt_dir, self.dtype, self.preset).to(self.device)
-        return self._t5(ids.to(self.device), mask.to(self.device))
+            self._t5 = ck.load_t5(self.ckpt_dir, self.dtype, self.preset).to(self._t5_device)
+        out = self._t5(ids.to(self._t5_device), mask.to(self._t5_device)).to(self.device)
+        if self.plan is not None:  # a plan counts T5 on the device only while it runs
+            self._t5 = None
+        return out
+
+    @property
+    def _t5_device(self) -> torch.device:
+        return torch.device("cpu") if self.plan is not None and self.plan.t5_cpu else self.device
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._clip is None:
             logger.debug("loading CLIP from %s", self.ckpt_dir)
             self._clip = ck.load_clip(self.ckpt_dir, self.dtype, self.preset).to(self.device)
-        return self._clip(pixels.to(self.device, self.dtype))
+        out = self._clip(pixels.to(self.device, self.dtype))
+        if self.plan is not None:
+            self._clip = None
+        return out
 
     def release_encoders(self) -> None:
         self._t5 = self._clip = None
@@ -95,7 +121,8 @@ class TorchBackend:
         return self.vae.encode(video.to(self.device, self.dtype)).float()
 
     def vae_decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
-        return self.vae.decode(z.to(self.device, self.dtype), progress).float()
+        tile = self.plan.vae_tile if self.plan is not None else None
+        return self.vae.decode(z.to(self.device, self.dtype), progress, tile=tile).float()
 
     # -- denoiser ------------------------------------------------------------------------------------
     def prepare_denoise(self) -> None:
@@ -106,6 +133,7 @@ class TorchBackend:
         if self.offload_model:
             self.dit.to(self.device)
             self._placements += 1
+            self._dit_placed = True
 
     def graph_token(self, cfg_batch: int) -> int:
         """Changes whenever the DiT's weights may have moved: a CUDA graph captured under another token
@@ -113,10 +141,23 @@ class TorchBackend:
         return self._placements
 
     def finish_denoise(self) -> None:
+        if self.offload_model:
+            self._dit_placed = False
         if self.offload_model and self.device.type == "cuda":
             self.dit.to("cpu")
             self._placements += 1  # a graph captured over the weights' old place is stale from here
             torch.cuda.empty_cache()
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes of weights (state dicts) this backend holds on its compute device now, by network: what a
+        memory plan counts (runtime/memory_plan.py stage_weights). On a CPU, where host and device are one
+        memory, those the plan keeps on the device: T5 unless t5_cpu, the DiT but in offload's host time, and
+        of a streamed DiT the resident blocks and the two slots (its host copies are no module's state)."""
+        def size(m):
+            return sum(t.nbytes for t in m.state_dict().values()) if m is not None else 0
+        t5_here = self.plan is None or not self.plan.t5_cpu
+        return {"t5": size(self._t5) if t5_here else 0, "clip": size(self._clip), "vae": size(self.vae),
+                "dit": size(self.dit) if self._dit_placed else 0}
 
     def denoise(self, x, t, context, clip_fea, y) -> torch.Tensor:
         d = self.dtype

@@ -26,6 +26,20 @@ def run(args):
         return e.code
 
 
+def saved_videos(monkeypatch) -> dict:
+    """The [3, F, H, W] videos flf2v-run hands to save_video, by path, for comparing two runs bit-exactly: x264
+    itself is not bit-reproducible on tiny noisy clips (measured with PyAV 18.1: 5 frames of 96x96 noise gave
+    2 different encodes in 24 of the same frames, single-threaded too; with mbtree=0 or bframes=0, one)."""
+    from flf2v.runtime import media
+    saved, save = {}, media.save_video
+
+    def keep(video, path, **kw):
+        saved[str(path)] = video.detach().cpu().clone()
+        return save(video, path, **kw)
+    monkeypatch.setattr(media, "save_video", keep)
+    return saved
+
+
 def _args(ckpt, frames, out, *extra):
     return ["--ckpt_dir", str(ckpt), "--first_frame", str(frames[0]), "--last_frame", str(frames[1]),
             "--prompt", "a red ball", "--size", "64*64", "--frame_num", "5", "--sample_steps", "2",

@@ -462,3 +462,21 @@ def test_quant_mode_floors_split_and_layer_errors():
         assert 0.015 < scales["weight per-channel"][kind] < 0.04 and 0.015 < scales["weight blockwise"][kind] < 0.04
     w = torch.randn(200, 72)  # out % 128 != 0: partial blocks at both edges
     assert q.rel(q.dequantize(*q.quantize_weight(w, 128), 128), w) < 0.04
+
+
+def test_memory_mode_plans_and_measured_runs(tmp_path):
+    """flf2v-bench memory on tiny: every plan's video equals the resident one, the streamed DiT holds fewer bytes
+    on the compute device in the loop, and the 4090 time model adds what the copies do not hide."""
+    from flf2v.bench.cli import main
+    from flf2v.models.sizes import dit_block_bytes
+    assert main(["memory", "--preset", "tiny", "--steps", "1", "--idle_wait", "0", "--out", str(tmp_path)]) == 0
+    r = json.loads(next(tmp_path.glob("memory-tiny-*.json")).read_text())
+    runs = {m["plan"]: m for m in r["measured"]}
+    assert all(m["max_abs_vs_resident"] == 0 for m in runs.values()), runs
+    full, streamed = runs["resident (no plan)"], runs["offload + t5_cpu + blocks:0"]
+    assert streamed["device_bytes"]["denoise"] < full["device_bytes"]["denoise"], runs
+    assert streamed["device_bytes"]["text_encoder"] < full["device_bytes"]["text_encoder"], runs  # T5 on the CPU
+    fp8 = next(t for t in r["rtx4090_720p"] if t["quant"] == "fp8")
+    assert math.isclose(fp8["block_copy_s"], dit_block_bytes(FULL.dit, 2, "fp8") / 25e9, abs_tol=5e-5), fp8  # rounded to 4 places
+    chosen = {(p["quant"], p["size"], p["card_gib"]): p.get("name") for p in r["plans_14b"]}
+    assert chosen[("none", "1280x720", 80)] == "resident" and "blocks:" in chosen[("none", "1280x720", 24)], chosen

@@ -273,10 +273,8 @@ def _run_args(layouts, demo_frames, out, *ckpt):
 def test_cli_runs_each_layout_to_the_official_video(layouts, demo_frames, tmp_path, capsys, monkeypatch):
     import json
 
-    import numpy as np
-    from helpers import run
-
-    from flf2v.runtime.media import read_video
+    from helpers import run, saved_videos
+    saved = saved_videos(monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ways = {"official": ["--ckpt_dir", str(layouts["official"])],
             "diffusers": ["--ckpt_dir", str(layouts["diffusers"])],
@@ -289,10 +287,10 @@ def test_cli_runs_each_layout_to_the_official_video(layouts, demo_frames, tmp_pa
         m = json.loads(metrics.read_text())["checkpoint"]
         assert m["layout"] == name and m["dtypes"]["dit"] == "float32", m
         assert f": {name} layout, " in said and "dit float32" in said, said
-        videos[name] = read_video(out)
+        videos[name] = saved[str(out)]
     for name in ("diffusers", "comfyui"):
-        diff = np.abs(videos[name].astype(int) - videos["official"].astype(int)).max()
-        assert np.array_equal(videos[name], videos["official"]), f"{name}: max abs {diff} (uint8) from official"
+        diff = (videos[name] - videos["official"]).abs().max().item()
+        assert torch.equal(videos[name], videos["official"]), f"{name}: max abs {diff:.3g} from official"
 
 
 def _bad_case(layouts, tmp_path, case):

@@ -1,0 +1,136 @@
+"""`flf2v-bench memory [--preset small] [--steps 2]`: the memory plans (runtime/memory_plan.py) side by side.
+
+1. FLF2V-14B at 1280x720 and 832x480, 81 frames, bf16 and fp8: the plan chosen for 24/32/48/80 GiB cards
+   (64 GiB host), its device GiB per stage and host GiB; from the configs (no weights needed).
+2. Expected 720p 50-step + CFG denoise time on a 24 GB RTX 4090 from the cost model: the DiT's floor at the
+   card's data-sheet rates plus, per streamed block and DiT call, the part of its copy (PCIe Gen4 x16 at
+   25 GB/s) that the block's compute does not hide; beside LightX2V's published 4090 figures.
+3. Measured on this machine (--preset, random weights, fp32, --steps steps + CFG): each plan's run time and the
+   bytes the torch backend holds on the compute device per stage (on a CPU host and device are one memory:
+   what the plan would keep on a GPU), and whether the video equals the resident run's.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from flf2v.models.config import get_preset
+from flf2v.runtime import memory_plan as M
+
+from .cost import GPU, dit_cost
+from .report import Report, table
+
+CARDS, SIZES = (24, 32, 48, 80), ((720, 1280), (480, 832))
+RTX4090 = GPU("RTX 4090", 165e12, 330e12, 1.008e12, 24e9)  # dense fp16/bf16 with fp32 accumulate, data sheet
+PCIE = 25e9  # bytes/s host -> device, PCIe Gen4 x16 in practice
+LIGHTX2V_4090 = "2169-2473 s end to end, 720p I2V-14B, FP8 + block offload, 18-23 GB (LightX2V's published table)"
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--preset", default="small", choices=("tiny", "small"), help="the model measured in part 3")
+    ap.add_argument("--steps", type=int, default=2, help="denoising steps of the measured runs")
+
+
+def plans_14b() -> list[dict]:
+    out = []
+    for quant in ("none", "fp8"):
+        for h, w in SIZES:
+            for card in CARDS:
+                video = M.Video(get_preset("flf2v-14B"), h, w, 81, 2, quant)
+                try:
+                    p = M.choose(video, card * M.GiB, host_bytes=64 * M.GiB)
+                    out.append({"quant": quant, "size": f"{w}x{h}", "card_gib": card, **p.to_json()})
+                except M.InputError as e:
+                    out.append({"quant": quant, "size": f"{w}x{h}", "card_gib": card, "error": str(e)})
+    return out
+
+
+def time_24gb(quant: str) -> dict:
+    """Cost-model denoise seconds at 720p/81 frames, 50 steps + CFG, on a 4090 under its 24 GiB plan."""
+    preset = get_preset("flf2v-14B")
+    video = M.Video(preset, 720, 1280, 81, 2, quant)
+    plan = M.choose(video, 24 * M.GiB, host_bytes=64 * M.GiB)
+    precision = "fp8" if quant == "fp8" else "bf16"
+    calls = 50 * (2 if plan.cfg_batch == 1 else 1)
+    per_call = dit_cost(preset.dit, video.latent, calls=plan.cfg_batch).floor(RTX4090, precision)  # one batch
+    n = preset.dit.num_layers
+    block_s = per_call / n
+    copy_s = M.sizes.dit_block_bytes(preset.dit, 2, quant) / PCIE
+    streamed = n - plan.blocks if plan.blocks is not None else 0
+    exposed = streamed * max(0.0, copy_s - block_s)
+    return {"quant": quant, "plan": plan.name, "dit_call_floor_s": round(per_call, 2), "block_compute_s":
+            round(block_s, 4), "block_copy_s": round(copy_s, 4), "streamed_blocks": streamed,
+            "denoise_s": round(calls * (per_call + exposed), 0), "copy_exposed_per_call_s": round(exposed, 3)}
+
+
+def measured(s, preset_name: str, steps: int) -> list[dict]:
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.make_tiny import write_demo_frames
+    from flf2v.runtime.media import load_image
+    from flf2v.runtime.pipeline import Pipeline
+    from flf2v.runtime.torch_backend import TorchBackend
+    ckpt = s.checkpoint(preset_name)
+    preset = ck.preset_for(ckpt)
+    first, last = (load_image(p) for p in write_demo_frames(s.work / "frames"))
+    rows, ref = [], None
+    s.settle()
+    for plan in (None, M.Plan(offload_model=True), M.Plan(offload_model=True, t5_cpu=True),
+                 M.Plan(blocks=preset.dit.num_layers // 2), M.Plan(offload_model=True, t5_cpu=True, blocks=0)):
+        backend = TorchBackend(ckpt, preset, plan=plan)
+        seen, stage = {}, [None]
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: stage[0] and seen.__setitem__(stage[0], max(seen.get(stage[0], 0),
+                                                                        sum(backend.device_bytes().values()))))
+        pipe = Pipeline(backend, ck.load_tokenizer(ckpt, preset), preset)
+        t0 = time.perf_counter()
+        for name, method in (("text_encoder", "encode_text"), ("image_encoder", "encode_image"),
+                             ("vae_encode", "vae_encode"), ("denoise", "denoise"), ("vae_decode", "vae_decode")):
+            setattr(backend, method, _staged(getattr(backend, method), name, stage))
+        video = pipe.generate("a cat", first, last, seed=3, progress=False, sample_steps=steps)
+        seconds = time.perf_counter() - t0
+        hook.remove()
+        ref = video if ref is None else ref
+        rows.append({"plan": plan.name if plan else "resident (no plan)", "seconds": round(seconds, 2),
+                     "denoise_s": round(pipe.times.seconds["denoise"], 2), "device_bytes": seen,
+                     "max_abs_vs_resident": (video - ref).abs().max().item()})
+    return rows
+
+
+def _staged(fn, name, stage):
+    def call(*a, **k):
+        stage[0] = name
+        try:
+            return fn(*a, **k)
+        finally:
+            stage[0] = None
+    return call
+
+
+def run(s) -> Report:
+    a = s.args
+    result = {"plans_14b": plans_14b(), "rtx4090_720p": [time_24gb(q) for q in ("none", "fp8")],
+              "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps}
+    return Report("memory plans", result, markdown(result, a.preset))
+
+
+def markdown(r: dict, preset: str) -> list[str]:
+    rows = [[p["quant"], p["size"], p["card_gib"], p.get("name", p.get("error", "")),
+             *(f"{p['device_bytes'][k] / M.GiB:.1f}" if "device_bytes" in p else "" for k in M.STAGES),
+             f"{p['host_bytes'] / M.GiB:.1f}" if "host_bytes" in p else ""] for p in r["plans_14b"]]
+    body = ["## 1. FLF2V-14B, 81 frames, 64 GiB host: the plan per card (device GiB at each stage's peak)", ""]
+    body += table(["weights", "size", "card GiB", "plan", *M.STAGES, "host GiB"], rows, left=4)
+    body += ["", "## 2. Expected 720p, 50 steps + CFG, denoise on a 24 GB RTX 4090 (cost model, not measured)", ""]
+    body += table(["weights", "plan", "DiT call floor s", "block compute s", "block copy s", "streamed",
+                   "denoise s"], [[t["quant"], t["plan"], t["dit_call_floor_s"], t["block_compute_s"],
+                                   t["block_copy_s"], t["streamed_blocks"], t["denoise_s"]]
+                                  for t in r["rtx4090_720p"]], left=2)
+    body += ["", f"LightX2V on a 4090: {r['lightx2v_4090']}.", "",
+             f"## 3. Measured here: `{preset}`, fp32, {r['steps']} steps + CFG (device bytes: MiB the plan keeps "
+             f"on the compute device)", ""]
+    body += table(["plan", "run s", "denoise s", *M.STAGES, "max abs vs resident"],
+                  [[m["plan"], m["seconds"], m["denoise_s"],
+                    *(f"{m['device_bytes'].get(k, 0) / 2**20:.1f}" for k in M.STAGES),
+                    f"{m['max_abs_vs_resident']:.1e}"] for m in r["measured"]])
+    return body
+
