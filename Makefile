@@ -89,16 +89,17 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin] [QUANT=fp8] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
+#              [ENGINES=<folder>] [ATTENTION=plugin] [QUANT=fp8] [STREAM=1] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
 #              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
 #               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
 #               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;
 #               FORCE=1: replace another checkpoint's engines in ENGINES; CFG_BATCH=1|2|both: the DiT
-#               layouts, both for torchrun --cfg_parallel)
+#               layouts, both for torchrun --cfg_parallel; STREAM=1: TensorRT DiT engines that stream their
+#               weights from host memory under flf2v-run's memory plan, for 24-48 GB cards)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION)) $(if $(QUANT),--quant $(QUANT)) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(if $(QUANT),--quant $(QUANT)) $(if $(STREAM),--weight_streaming) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
 	  $(if $(CFG_BATCH),--cfg_batch $(CFG_BATCH)) $(if $(FORCE),--force)
 
 bench: setup

@@ -36,6 +36,7 @@ from flf2v.bench.gpu_parts import (missing_prerequisites, part_cuda_graph, part_
                                    part_pytest)
 from flf2v.bench.gpu_parts_aoti import part_aoti
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
+from flf2v.bench.gpu_parts_offload import part_offload
 from flf2v.bench.gpu_parts_quant import part_quant
 from flf2v.bench.gpu_report import _f, render_md
 
@@ -59,13 +60,15 @@ class Part(NamedTuple):
 # unmeasured) and slack; estimates until a window has run.
 PARTS = (
     Part("environment", 6, "environment", part_environment, 60, 10),
-    Part("kernels", 2, "Triton attention kernels vs torch SDPA", part_kernels, 250, 110),
+    Part("kernels", 2, "Triton attention kernels vs torch SDPA", part_kernels, 250, 100),
     Part("cuda_graph", 3, "CUDA-graph capture and replay of the denoising step vs eager", part_cuda_graph, 60, 30),
     Part("dit_slice", 5, "full-width DiT slice (2 of 40 blocks of flf2v-14B, 720p / 81 frames)", part_dit_slice,
          150, 80),
     Part("trt_tiny", 4, "tiny TensorRT DiT engines vs the torch reference", part_trt_tiny, 150, 20),
-    Part("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", part_aoti, 150, 100),
+    Part("aoti", 7, "AOTInductor packages: the DiT slice and the tiny model vs torch", part_aoti, 150, 90),
     Part("quant", 8, "8-bit at 720p: FP8 block linears and the sage attention kernel vs bf16", part_quant, 90, 25),
+    Part("offload", 9, "DiT blocks streamed from pinned host memory vs resident (14B width, 720p)", part_offload,
+         60, 20),
     Part("pytest", 1, "gpu-marked tests (pytest -m gpu)", part_pytest, 300, 60),
 )
 PART_FUNCS = {p.key: p.fn for p in PARTS}  # what run_part calls (tests replace entries)

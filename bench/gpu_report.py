@@ -173,5 +173,15 @@ def _md_quant(d, m):
     return out
 
 
+def _md_offload(d, m):
+    return [f"{d.get('blocks')} blocks of {d.get('model')} at {d.get('tokens')} tokens ({d.get('shape')}, "
+            f"{d.get('dtype')}), all streamed from host memory ({_f(d.get('pinned_bytes', 0) / 2**30, '{:.1f}')} GiB "
+            f"pinned) through two device slots: resident {_f(d.get('resident_s'), '{:.3f}')} s, streamed "
+            f"{_f(d.get('streamed_s'), '{:.3f}')} s ({_f(100 * d.get('overhead', 0), '{:+.1f}')}%); one block's "
+            f"copy ({_f(d.get('block_bytes', 0) / 1e9, '{:.2f}')} GB) {_f(1e3 * d.get('block_copy_s', 0), '{:.1f}')}"
+            f" ms, {_f(d.get('copy_gb_s'), '{:.1f}')} GB/s; max abs vs resident {_f(d.get('max_abs'), '{:.1e}')}."]
+
+
 RENDER = {"environment": _md_env, "kernels": _md_kernels, "cuda_graph": _md_graph, "dit_slice": _md_slice,
-          "trt_tiny": _md_trt, "aoti": _md_aoti, "quant": _md_quant, "pytest": _md_pytest}
+          "trt_tiny": _md_trt, "aoti": _md_aoti, "quant": _md_quant, "offload": _md_offload,
+          "pytest": _md_pytest}

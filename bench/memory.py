@@ -8,9 +8,13 @@
 3. Measured on this machine (--preset, random weights, fp32, --steps steps + CFG): each plan's run time and the
    bytes the torch backend holds on the compute device per stage (on a CPU host and device are one memory:
    what the plan would keep on a GPU), and whether the video equals the resident run's.
+4. The VAE decode at 720p/81 frames per latent tile size (bf16, models/sizes.py; its estimate is checked against
+   the live bytes of the meta-built 14B VAE in the tests), and the seams measured on this machine: the tiled
+   decode of --preset's VAE (random weights) against the untiled one, PSNR and max abs, per tile size.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -107,10 +111,31 @@ def _staged(fn, name, stage):
     return call
 
 
+def vae_tiles(s, preset_name: str) -> dict:
+    """Part 4: the 14B decode stage's GiB at 720p/81 frames per tile; the preset VAE's seams per tile."""
+    from flf2v.models import checkpoint as ck
+    vae14 = get_preset("flf2v-14B").vae
+    peak = [{"tile": t, "gib": M.sizes.vae_decode_bytes(vae14, 90, 160, 81, 2, t) / M.GiB}
+            for t in (None, *M.TILES)]
+    ckpt = s.checkpoint(preset_name)
+    vae = ck.load(ckpt, "vae")
+    z = torch.randn(1, vae.cfg.z_dim, 2, 40, 24, generator=torch.Generator().manual_seed(0))  # 320x192, 5 frames
+    with torch.no_grad():
+        ref = vae.decode(z)
+        seams = []
+        for tile in (32, 24, 16):  # 32 and 16 do not divide the 40-pixel side
+            err = vae.decode(z, tile=tile, overlap=M.TILE_OVERLAP) - ref
+            mse = err.pow(2).mean().item()
+            seams.append({"tile": tile, "max_abs": err.abs().max().item(),
+                          "psnr_db": 10 * math.log10(4 / mse) if mse else math.inf})  # range [-1, 1]: peak 2
+    return {"decode_720p": peak, "seams": seams, "seam_latent": list(z.shape[2:])}
+
+
 def run(s) -> Report:
     a = s.args
     result = {"plans_14b": plans_14b(), "rtx4090_720p": [time_24gb(q) for q in ("none", "fp8")],
-              "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps}
+              "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps,
+              "vae_tiles": vae_tiles(s, a.preset)}
     return Report("memory plans", result, markdown(result, a.preset))
 
 
@@ -132,5 +157,12 @@ def markdown(r: dict, preset: str) -> list[str]:
                   [[m["plan"], m["seconds"], m["denoise_s"],
                     *(f"{m['device_bytes'].get(k, 0) / 2**20:.1f}" for k in M.STAGES),
                     f"{m['max_abs_vs_resident']:.1e}"] for m in r["measured"]])
+    v = r["vae_tiles"]
+    body += ["", "## 4. VAE decode by latent tile (overlap 8): 14B at 720p/81 frames, bf16 (model); seams measured "
+             f"here on `{preset}`'s VAE (random weights), latent {v['seam_latent']}", ""]
+    body += table(["tile", "720p decode GiB"], [[t["tile"] or "whole (90x160)", f"{t['gib']:.1f}"]
+                                                for t in v["decode_720p"]], left=1)
+    body += [""] + table(["tile", "PSNR dB vs untiled", "max abs"],
+                         [[t["tile"], f"{t['psnr_db']:.1f}", f"{t['max_abs']:.3f}"] for t in v["seams"]])
     return body
 

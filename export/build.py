@@ -2,7 +2,7 @@
 
     flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt|aoti]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
-                [--attention onnx|plugin] [--quant none|fp8] [--lora PATH[:SCALE]] [--force]
+                [--attention onnx|plugin] [--quant none|fp8] [--weight_streaming] [--lora PATH[:SCALE]] [--force]
 
 Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<key>/<shape>/` (for example
 `engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine`
@@ -183,8 +183,9 @@ class Plan:
     """Everything that decides an engine's key: one build's settings, fingerprints and tool versions."""
 
     def __init__(self, ckpt_dir: Path, preset, eshape: C.EngineShape | C.DynamicShape, precision: str, backend: str,
-                 opt_level: int, attention: str, loras=(), quant: str = "none"):
+                 opt_level: int, attention: str, loras=(), quant: str = "none", weight_streaming: bool = False):
         self.ckpt_dir, self.preset, self.eshape, self.precision = ckpt_dir, preset, eshape, precision
+        self.weight_streaming = weight_streaming
         self.backend, self.opt_level, self.attention, self.quant = backend, opt_level, attention, quant
         self.loras = list(loras)  # [(models.lora.LoRA, scale)], merged into the DiT at export
         info = M.gpu_info() if backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda") else None
@@ -196,8 +197,10 @@ class Plan:
                         **({"opt_level": opt_level} if backend == "trt" else {})}
 
     def dit_options(self, g: C.Graph) -> dict:
-        """What the attention and quant options add to a graph's key and manifest entry (DiT graphs only)."""
-        return {"attention": self.attention, "quant": self.quant} if g.component == "dit" else {}
+        """What the attention, quant and weight-streaming options add to a graph's key and manifest entry (DiT
+        graphs only; weight streaming only when on, so the keys of other builds stay as they were)."""
+        streaming = {"weight_streaming": True} if self.weight_streaming else {}
+        return {"attention": self.attention, "quant": self.quant, **streaming} if g.component == "dit" else {}
 
     def graph_attention(self, g: C.Graph) -> str:
         """The attention a graph is exported with: the cached DiT step has none (it skips the blocks)."""
@@ -211,7 +214,7 @@ class Plan:
                 "precision": self.precision, "checkpoint": self.fingerprint, "code": self.code,
                 "builder": self.builder, "gpu": self.gpu, "profiles": self.profiles_json(g)}
         if self.dit_options(g):  # a DiT engine of the other attention, quant or LoRAs is never current
-            spec.update(attention=self.attention, kernels=self.kernels, loras=self.loras_json(), quant=self.quant)
+            spec.update(kernels=self.kernels, loras=self.loras_json(), **self.dit_options(g))
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
     def profiles(self, g: C.Graph) -> list[tuple[dict, dict, dict]] | None:
@@ -233,7 +236,8 @@ class Plan:
                 "shape": self.eshape.to_json(self.preset),
                 "checkpoint": {"dir": str(self.ckpt_dir.resolve()), "fingerprint": self.fingerprint,
                                **describe(self.ckpt_dir)},
-                "loras": self.loras_json(), "gpu": self.gpu, "engines": engines}
+                "loras": self.loras_json(), "gpu": self.gpu, "engines": engines,
+                **({"weight_streaming": True} if self.weight_streaming else {})}
 
     def build_one(self, g: C.Graph, folder: Path) -> dict:
         """Export `g` (and build its TensorRT engine, or compile its AOTInductor package); its manifest entry."""
@@ -267,7 +271,8 @@ class Plan:
         if self.backend == "trt":
             from .trt_engine import build_trt_engine
             engine = folder / f"{g.name}.engine"
-            build_trt_engine(onnx_path, engine, g, self.opt_level, folder / "timing.cache", self.profiles(g))
+            build_trt_engine(onnx_path, engine, g, self.opt_level, folder / "timing.cache", self.profiles(g),
+                             weight_streaming=dit and self.weight_streaming)
             files.append(engine)
         return {"file": engine.name, "onnx": onnx_path.name, "onnx_sha256": onnx_sha,
                 "inputs": [s.to_json() for s in g.inputs], "outputs": [s.to_json() for s in g.outputs],
@@ -317,22 +322,29 @@ def _graphs_to_build(all_graphs, only: list[str] | None, cfg_batch) -> list:
 
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
-          attention: str = "onnx", loras=(), force: bool = False, quant: str = "none") -> Path:
+          attention: str = "onnx", loras=(), force: bool = False, quant: str = "none",
+          weight_streaming: bool = False) -> Path:
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
     "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
     `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
     holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
-    is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py)."""
+    is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py).
+    `weight_streaming`: TensorRT DiT engines whose weights the runtime streams from host memory under the
+    budget of its memory plan (runtime/memory_plan.py)."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
+    if weight_streaming and backend != "trt":
+        raise BuildError(f"--weight_streaming (STREAM=1) is TensorRT's BuilderFlag.WEIGHT_STREAMING; this build is "
+                         f"{backend}: build on a GPU with TensorRT, or drop it")
     all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
     todo = _graphs_to_build(all_graphs, only, cfg_batch)
 
-    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras, quant)
-    key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}"), plan.fingerprint,
+    plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras, quant, weight_streaming)
+    key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}") + (
+        "-stream" if weight_streaming else ""), plan.fingerprint,
                       plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
@@ -365,7 +377,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
 
 # ---- CLI -------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flf2v-build", usage=argparse.SUPPRESS,  # errors: one line, exit 2
                                  description="Export a Wan2.1 checkpoint to ONNX and build engines.")
     add_checkpoint_flags(ap.add_argument)
@@ -395,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default="none", choices=QUANTS,
                     help="fp8: the DiT's block linears in FP8 e4m3 (per-channel weight scales, dynamic per-token "
                          "activation scales; TensorRT on sm89+, AOTInductor, ONNX Runtime on the CPU)")
+    ap.add_argument("--weight_streaming", action="store_true",
+                    help="TensorRT: DiT engines that stream their weights from host memory, under the budget "
+                         "flf2v-run's memory plan sets (a 24-48 GB card; make engines STREAM=1)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
@@ -405,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and of the log only errors")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="log what runs to stderr: -v the steps, -vv debug detail too")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
@@ -413,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                        cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora,
-                       force=args.force, quant=args.quant)
+                       force=args.force, quant=args.quant, weight_streaming=args.weight_streaming)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2

@@ -290,14 +290,15 @@ def lora_ids(entries) -> list[tuple[str, float]]:
 
 def holds_other(m: dict, new: dict) -> str | None:
     """What the engines of a folder's manifest `m` were built as that a build writing manifest `new` would
-    replace: another backend, model, checkpoint, precision, attention, quant, shape or LoRA set (None: the same
-    build, or no engines)."""
+    replace: another backend, model, checkpoint, precision, attention, quant, weight streaming, shape or LoRA
+    set (None: the same build, or no engines)."""
     if not m.get("engines"):
         return None
     fields = (("backend", lambda x: x.get("backend")), ("model", lambda x: x.get("model_preset")),
               ("checkpoint", lambda x: (x.get("checkpoint") or {}).get("fingerprint")),
               ("precision", lambda x: x.get("precision")), ("attention", lambda x: x.get("attention")),
               ("quant", lambda x: x.get("quant", "none")),
+              ("weight streaming", lambda x: x.get("weight_streaming", False)),
               ("shape", lambda x: (x.get("shape") or {}).get("name")), ("LoRAs", lambda x: lora_ids(x.get("loras"))))
     differs = [f"{name} {m.get('checkpoint', {}).get('dir') if name == 'checkpoint' else get(m)}"
                for name, get in fields if get(m) != get(new)]

@@ -34,9 +34,10 @@ def trt_profiles(graph: C.Graph, profiles=None) -> list[list[tuple[str, tuple, t
 
 
 def build_trt_engine(onnx_path: Path, engine_path: Path, graph: C.Graph, opt_level: int, cache: Path,
-                     profiles=None) -> None:
+                     profiles=None, weight_streaming: bool = False) -> None:
     """Strongly typed TensorRT engine via polygraphy, with the optimization profiles of `trt_profiles`;
-    atomic."""
+    atomic. `weight_streaming`: BuilderFlag.WEIGHT_STREAMING (it needs the strongly typed network every
+    TensorRT 11 network is), so the runtime can keep part of the weights in host memory."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
 
@@ -53,7 +54,8 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, graph: C.Graph, opt_lev
             profile.add(name, lo, opt, hi)
         built.append(profile)
     config = CreateConfig(profiles=built, builder_optimization_level=opt_level,
-                          load_timing_cache=str(cache) if cache.exists() else None)
+                          load_timing_cache=str(cache) if cache.exists() else None,
+                          weight_streaming=weight_streaming or None)
     engine = engine_bytes_from_network(network, config, save_timing_cache=str(cache))
     tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

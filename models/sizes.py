@@ -109,11 +109,16 @@ def vae_cache_bytes(cfg: VAEConfig, part: str, h: int, w: int, dtype_bytes: int)
     return sum(math.prod(s) for s in shapes) * dtype_bytes
 
 
-def vae_decode_bytes(cfg: VAEConfig, h: int, w: int, frames: int, dtype_bytes: int) -> int:
-    """Decode of an h x w latent (or one tile of it): the caches held across chunks, a chunk step's new caches
-    and activations (2.06x the caches, counted live on the 14B VAE at any size), and the fp32 video out."""
+def vae_decode_bytes(cfg: VAEConfig, h: int, w: int, frames: int, dtype_bytes: int, tile: int | None = None) -> int:
+    """Decode of an h x w latent: the caches held across chunks, a chunk step's new caches and activations (2.06x
+    the caches, counted live on the 14B VAE at any size), and the fp32 video out. With `tile` (models/vae.py's
+    decode_tiled) the caches and activations are one tile's, and the fp32 video is held twice (the blended sum
+    and its normalized copy) beside the tile's own output and its weighted copy."""
     s = cfg.stride[1]
-    return int(3.1 * vae_cache_bytes(cfg, "dec", h, w, dtype_bytes)) + 3 * frames * h * w * s * s * 4
+    th, tw = (min(tile, h), min(tile, w)) if tile else (h, w)
+    video = 3 * frames * s * s * 4  # fp32 bytes per latent pixel of the output video
+    own = int(3.1 * vae_cache_bytes(cfg, "dec", th, tw, dtype_bytes)) + video * th * tw
+    return own + (video * (th * tw + 2 * h * w) if tile else 0)
 
 
 def vae_encode_bytes(cfg: VAEConfig, height: int, width: int, frames: int, dtype_bytes: int) -> int:

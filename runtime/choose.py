@@ -100,6 +100,7 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
 def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int], parallel=None, shape=None):
     """The run's Pipeline on the backend chosen (`args.backend` set to its kind); says which on stdout.
     `shape` (height, width, frames): the run's, for the torch backend's memory plan (`pipe.memory_plan`)."""
+    from flf2v.export import manifest as M
     from flf2v.models import checkpoint as ck
     from flf2v.models.lora import load_loras
 
@@ -117,18 +118,23 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
     kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device,
                                                                                  loras)
     args.backend = kind
-    plan = None
+    plan, options = None, {}
+    manifest = M.load(folder) if kind == "trt" else {}
+    streams = manifest.get("weight_streaming", False)
     if kind == "torch" and shape is not None and parallel is None:
         plan = memory_plan(args, preset, *shape, device)
+    elif streams and shape is not None and parallel is None:
+        plan, budget = memory_plan(args, preset, *shape, device, engines=manifest) or (None, None)
+        options["weight_budget"] = budget
     elif args.offload is not None or args.t5_cpu:
-        raise InputError(f"--offload / --t5_cpu apply to --backend torch, but {kind} engines run this job; add "
-                         f"--backend torch or drop them")
+        raise InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to TensorRT engines built "
+                         f"with STREAM=1), but {kind} engines run this job; add --backend torch or drop them")
     if kind == "torch":
         backend, says = _torch_backend(args, preset, device, loras, parallel, plan)
         says += f"; {note}" if note else ""
     else:
         from flf2v.export.manifest import describe
-        backend = backends.open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras)
+        backend = backends.open_backend(kind, folder, args.ckpt_dir, preset, device, loras=loras, **options)
         quant = f" + {backend.quant}" if backend.quant != "none" else ""
         says = (f"backend {kind}, engines {folder} ({backend.manifest['precision']}{quant}, "
                 f"{describe(backend.manifest)})")
@@ -176,16 +182,21 @@ def check_attention(args, device: torch.device) -> None:
     args.backend = "torch"
 
 
-def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device):
-    """The run's memory plan (runtime/memory_plan.py) on --backend torch: planned for --gpu_memory, else on
-    CUDA for the GPU's free memory; None on a CPU without planning flags (host and device are one memory).
-    The flags --offload_model, --t5_cpu and --offload narrow the plans to those they name."""
+def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
+    """The run's memory plan (runtime/memory_plan.py) on --backend torch, or for the TensorRT engines of
+    manifest `engines` built with STREAM=1: planned for --gpu_memory, else on CUDA for the GPU's free memory;
+    None on a CPU without planning flags (host and device are one memory). The flags --offload_model,
+    --t5_cpu and --offload narrow the plans to those they name."""
     from . import memory_plan as M
     blocks = getattr(args, "offload_blocks", None)
     flags = args.offload is not None or args.t5_cpu or args.offload_model is not None
     if args.gpu_memory is None and device.type != "cuda" and not flags and not args.plan:
         return None
-    precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if engines is not None and args.t5_cpu:
+        raise InputError("--t5_cpu applies to --backend torch; TensorRT engines run T5 on the GPU and release it "
+                         "before the DiT loads: drop --t5_cpu")
+    layouts = {int(g[len("dit_b"):]) for g in (engines or {}).get("engines", {}) if g.startswith("dit_b")}
+    precision = engines["precision"] if engines else args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     video = M.Video(preset, height, width, frames, 2 if precision == "bf16" else 4, args.quant)
     if args.gpu_memory is not None:
         gpu = int(args.gpu_memory * M.GiB)
@@ -195,18 +206,24 @@ def memory_plan(args, preset, height: int, width: int, frames: int, device: torc
         gpu = M.host_memory()
 
     def allowed(p) -> bool:
+        engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts)
         return ((not args.t5_cpu or p.t5_cpu) and (args.offload_model is None or p.offload_model == args.offload_model)
-                and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks))
+                and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks)
+                and engine_ok)
     what = " with " + " ".join(f for f, on in (("--t5_cpu", args.t5_cpu), (f"--offload {args.offload}", args.offload),
                                                (f"--offload_model {args.offload_model}", args.offload_model is not None))
                                if on) if flags else ""
+    if engines is not None and 1 not in layouts:
+        what += " for these TensorRT engines (DiT batch 2 only; make engines CFG_BATCH=1 STREAM=1 adds batch 1)"
     if args.plan:
         print(M.table(video, gpu))
         return None
     if blocks is not None and not blocks < preset.dit.num_layers:
         raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
                          f"resident, or drop --offload")
-    return M.choose(video, gpu, allowed, what=what)
+    plan = M.choose(video, gpu, allowed, what=what)
+    budget = M.dit_weight_budget(video, plan)
+    return plan if engines is None else (plan, budget)
 
 
 def _torch_backend(args, preset, device: torch.device, loras, parallel, plan=None):

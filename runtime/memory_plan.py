@@ -8,6 +8,8 @@ activations for a few percent of speed):
 - blocks:N (`--offload blocks:N`): and only N DiT blocks stay on the device; the others stream from pinned
   host memory through two device slots, the next block's copy overlapped with the current one's compute
   (runtime/offload.py). At 720p a block computes ~10x longer than its 0.8 GB copy takes over PCIe Gen4.
+  TensorRT engines built with STREAM=1 take the same plans, as the engine's weight-streaming budget
+  (`dit_weight_budget`); other engines load whole (only resident / offload plans fit them).
 With each, the VAE decodes whole when it fits, else in the largest spatial tile that does (models/vae.py).
 Bytes come from models/sizes.py (configs alone: no weights are read to plan). A run that no plan fits is
 refused before anything loads, naming the smallest card it needs.
@@ -99,14 +101,23 @@ def stage_weights(video: Video, plan: Plan) -> dict[str, int]:
             "denoise": dit + w["vae"], "vae_decode": kept + w["vae"]}
 
 
+def dit_weight_budget(video: Video, plan: Plan) -> int | None:
+    """Bytes of DiT weights `plan` keeps on the device (outer layers and resident blocks): the budget a TensorRT
+    weight-streaming engine gets (its streaming scratch stands where the torch backend's two slots are);
+    None: the whole DiT."""
+    if plan.blocks is None:
+        return None
+    w = sizes.weight_bytes(video.preset, video.dtype_bytes, video.quant)
+    return w["dit_outer"] + plan.blocks * w["dit_block"]
+
+
 def stage_bytes(video: Video, plan: Plan) -> dict[str, int]:
     """Bytes on the device at each stage's peak under `plan`: weights, and activations and caches."""
     _, h, w = video.latent
-    tile_h, tile_w = (min(plan.vae_tile, h), min(plan.vae_tile, w)) if plan.vae_tile else (h, w)
     d, v = video.dtype_bytes, video.preset.vae
     work = {"vae_encode": sizes.vae_encode_bytes(v, video.height, video.width, video.frames, d),
             "denoise": sizes.dit_activation_bytes(video.preset.dit, plan.cfg_batch, video.tokens, d),
-            "vae_decode": sizes.vae_decode_bytes(v, tile_h, tile_w, video.frames, d)}
+            "vae_decode": sizes.vae_decode_bytes(v, h, w, video.frames, d, plan.vae_tile)}
     return {s: b + work.get(s, 0) for s, b in stage_weights(video, plan).items()}
 
 
@@ -151,10 +162,16 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
     among those `allowed` (the flags' filter, said as `what`). InputError naming the smallest card otherwise."""
     budget, host_bytes = gpu_bytes - RESERVE, host_bytes or host_memory()
     plans = candidates(video, allowed)
+    fit = [p for p in (finish(video, p, budget) for p in plans) if p.peak <= budget]
     for tiled in (False, True):  # a tiled decode (seams) only when no plan fits decoding whole frames
-        for p in (finish(video, p, budget) for p in plans):
-            if (tiled or p.vae_tile is None) and p.peak <= budget and p.host <= 0.9 * host_bytes:
+        for p in fit:
+            if (tiled or p.vae_tile is None) and p.host <= 0.9 * host_bytes:
                 return p
+    if fit:
+        least = min(fit, key=lambda p: p.host)
+        raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB with this host's RAM: the one that needs "
+                         f"least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over 90% "
+                         f"of {host_bytes / GiB:.1f} GiB; add RAM, or add --quant fp8")
     need = min((finish(video, p, 0) for p in plans), key=lambda p: p.peak)
     raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB at {video.width}x{video.height}, "
                      f"{video.frames} frames ({video.preset.name}): it needs a {(need.peak + RESERVE) / GiB:.1f} GiB "

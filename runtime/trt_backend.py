@@ -38,7 +38,8 @@ class TrtBackend(EngineBackend):
     Dynamic engines: a context is set to a shape (its optimization profile, then every input shape) and
     bound to that shape's buffers when the shape is first run, and again when a run switches shapes; the
     buffers of the last KEEP_SHAPES shapes stay, so a CUDA graph captured at a shape stays valid while
-    its buffers do (`graph_token`). `keep_dit=True` keeps the DiT engine loaded between runs (a server on a
+    its buffers do (`graph_token`). `weight_budget` (engines built with STREAM=1): the DiT keeps that many
+    bytes of its weights on the GPU and TensorRT streams the rest from host memory. `keep_dit=True` keeps the DiT engine loaded between runs (a server on a
     GPU with room for the DiT and the decoder together), so a repeated shape replays its captured graph
     instead of loading the DiT and capturing again. GPU-only: never run on a CPU machine."""
     name = "trt"
@@ -46,8 +47,10 @@ class TrtBackend(EngineBackend):
     static_caches = True
     KEEP_SHAPES = 2
 
-    def __init__(self, folder, ckpt_dir, preset, device="cuda", keep_dit: bool = False, loras=()):
+    def __init__(self, folder, ckpt_dir, preset, device="cuda", keep_dit: bool = False, loras=(),
+                 weight_budget: int | None = None):
         super().__init__(folder, ckpt_dir, preset, device, "trt", loras)
+        self.set_weight_budget(weight_budget)
         if self.lora_swap:
             from . import loras as L
             raise L.refuse(self.folder, self.manifest, self.loras, "TensorRT engines", M.rebuild_hint(
@@ -63,6 +66,13 @@ class TrtBackend(EngineBackend):
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.stream = torch.cuda.Stream(self.device)
         self.engines: dict = {}
+
+    def set_weight_budget(self, budget: int | None) -> None:
+        """Device bytes of DiT weights (the memory plan's) for engines built with STREAM=1; None: all of them."""
+        if budget is not None and not self.manifest.get("weight_streaming"):
+            raise EngineError(f"{self.folder}: these DiT engines load whole; a weight budget needs engines built "
+                              f"with make engines STREAM=1")
+        self.weight_budget = budget
 
     def _deserialize(self, graph: str):
         path = self.folder / self.specs[graph]["file"]
@@ -106,6 +116,8 @@ class TrtBackend(EngineBackend):
         if graph not in self.engines:
             engine = self._deserialize(graph)
             self.check_io(graph, engine)
+            if graph.startswith("dit") and self.weight_budget is not None:  # set before a context exists
+                engine.weight_streaming_budget_v2 = min(self.weight_budget, engine.streamable_weights_size)
             ctx = engine.create_execution_context()
             if ctx is None:
                 raise EngineError(f"{graph}: TensorRT could not create an execution context (out of GPU memory?)")

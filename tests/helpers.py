@@ -121,6 +121,9 @@ class FakeEngine:
         self.io = [(s, "in") for s in spec["inputs"]] + [(s, "out") for s in spec["outputs"]]
         self.num_io_tensors = len(self.io)
         self.num_optimization_profiles = len(spec.get("profiles") or [None])
+        # weight streaming: what TensorRT reports for a streaming engine (default budget: every weight resident)
+        self.streamable_weights_size = 10**6
+        self.weight_streaming_budget_v2 = self.streamable_weights_size
 
     def get_tensor_name(self, i):
         return self.io[i][0]["name"]
@@ -138,6 +141,7 @@ class FakeEngine:
         return TYPES[self._find(name)[0]["dtype"]]
 
     def create_execution_context(self):
+        self.backend.calls.append(("context", self.graph, self.weight_streaming_budget_v2))  # TensorRT reads it here
         return FakeContext(self)
 
 
@@ -186,8 +190,9 @@ class FakeContext:
 class FakeTrtBackend(trt_backend.TrtBackend):
     """TrtBackend with ONNX Runtime sessions as its engines and no CUDA streams."""
 
-    def __init__(self, folder, ckpt_dir, preset, ort_backend):
+    def __init__(self, folder, ckpt_dir, preset, ort_backend, weight_budget=None):
         engine_backend.EngineBackend.__init__(self, folder, ckpt_dir, preset, "cpu", "trt")
+        self.set_weight_budget(weight_budget)
         self.trt, self.ort, self.engines, self.cache_sets, self.executed = FAKE_TRT, ort_backend, {}, {}, []
         self.keep_dit, self._generation, self.stream, self.calls = False, 0, SimpleNamespace(cuda_stream=0), []
 
@@ -204,11 +209,11 @@ class FakeTrtBackend(trt_backend.TrtBackend):
         return ctx.set_optimization_profile_async(self.profile, 0)
 
 
-def relabel(ort_folder, tmp_path_factory):
-    """An ORT folder relabelled as a TensorRT folder of this 'machine'."""
+def relabel(ort_folder, tmp_path_factory, **manifest):
+    """An ORT folder relabelled as a TensorRT folder of this 'machine' (`manifest`: more fields to set)."""
     folder = tmp_path_factory.mktemp("fake-trt") / ort_folder.name
     shutil.copytree(ort_folder, folder)
     m = json.loads((folder / M.MANIFEST).read_text())
-    m.update(backend="trt", target="fake-sm90-trt11.4")
+    m.update(backend="trt", target="fake-sm90-trt11.4", **manifest)
     (folder / M.MANIFEST).write_text(json.dumps(m))
     return folder

@@ -480,3 +480,6 @@ def test_memory_mode_plans_and_measured_runs(tmp_path):
     assert math.isclose(fp8["block_copy_s"], dit_block_bytes(FULL.dit, 2, "fp8") / 25e9, abs_tol=5e-5), fp8  # rounded to 4 places
     chosen = {(p["quant"], p["size"], p["card_gib"]): p.get("name") for p in r["plans_14b"]}
     assert chosen[("none", "1280x720", 80)] == "resident" and "blocks:" in chosen[("none", "1280x720", 24)], chosen
+    decode = [t["gib"] for t in r["vae_tiles"]["decode_720p"]]  # whole frames, then tiles largest first
+    assert decode == sorted(decode, reverse=True) and decode[-1] < decode[0] / 5, decode
+    assert all(20 < t["psnr_db"] < 80 and t["max_abs"] > 0 for t in r["vae_tiles"]["seams"]), r["vae_tiles"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "aoti", "quant", "pytest"}
+PARTS = {"environment", "kernels", "cuda_graph", "dit_slice", "trt_tiny", "aoti", "quant", "offload", "pytest"}
 
 
 def no_cuda_env(**extra) -> dict:
@@ -231,7 +231,9 @@ def test_smoke_in_the_gpu_box_replica(tmp_path):
         assert b["block_s"] > 0 and b["video_denoise_s"] > 0 and b["vs_floor"] > 0, b
     assert "skipped" in sl["backends"]["TensorRT engine (bf16)"]
     assert p["pytest"]["returncode"] == 0 and p["pytest"]["skipped"] >= 1 and not p["pytest"]["failures"]
-    for n in range(1, 7):
+    o = p["offload"]  # every block streamed through the two slots, bit-identical to resident
+    assert o["max_abs"] == 0 and o["block_bytes"] > 0 and o["device_block_bytes"] == 2 * o["block_bytes"], o
+    for n in range(1, 10):
         assert f"\n## {n}. " in md, n
     assert "not a measurement" in md and "| part | status | seconds | planned | note |" in md
     assert "summary" in r.stdout and str(out) in r.stdout

@@ -3,6 +3,7 @@ streamed / offloaded runs against the resident one, the device residency per sta
 import dataclasses
 import functools
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,6 +109,26 @@ def test_vae_estimates_bound_the_live_bytes_of_the_14b_vae_on_meta():
     held = sum(c.numel() * 2 for c in caches)
     est = sizes.vae_encode_bytes(FULL.vae, 8 * h, 8 * w, 0, 2)
     assert held + live.peak <= est <= 1.1 * (held + live.peak), (held, live.peak, est)
+
+
+def test_tiled_decode_adds_at_most_the_estimated_whole_video_terms():
+    """decode_tiled holds one tile's caches and activations plus the whole fp32 video (the blended sum and its
+    normalized copy): what tiling adds to one tile's own decode is bounded by the estimate's video terms, and the
+    tiled peak is far below the whole-frame one. Real tensors of the tiny VAE (the 14B structure; meta views
+    would count the whole video per tile); the 14B caches-to-activations factor is checked on meta above."""
+    vae = WanVAE(get_preset("tiny").vae)
+    z = torch.randn(1, 16, 2, 24, 40)  # 5 frames
+
+    def peak(x, tile=None):
+        with torch.no_grad(), LiveBytes() as live:
+            vae.decode(x, tile=tile, overlap=4)
+        return live.peak
+    whole = peak(z)
+    for tile in (16,):  # 2 x 3 tiles; 16 does not divide 40
+        alone, tiled = peak(z[..., :tile, :tile].clone()), peak(z, tile)
+        est = sizes.vae_decode_bytes(vae.cfg, 24, 40, 5, 4, tile) - sizes.vae_decode_bytes(vae.cfg, tile, tile, 5, 4)
+        assert 0 < tiled - alone <= est <= 3 * (tiled - alone), (tile, tiled, alone, est)
+        assert tiled < whole * 0.4, (tile, tiled, whole)
 
 
 # ---- the planner's choices ---------------------------------------------------------------------------------
@@ -217,6 +238,35 @@ def test_planned_run_equals_the_resident_run_and_keeps_the_plans_residency(tiny_
     assert seen == want, f"{plan.name}: device bytes per stage {seen}, the plan counts {want}"
 
 
+def test_streaming_engines_take_the_plans_their_folder_runs(monkeypatch):
+    """TensorRT STREAM=1 engines: T5 never on the CPU (the engines run it on the GPU), only the folder's DiT
+    layouts (no cfg_batch 1 without dit_b1), and the engine's weight budget is the plan's resident DiT bytes
+    by the meta build (all of the DiT less the streamed blocks)."""
+    from flf2v.runtime.choose import memory_plan
+    from flf2v.runtime.media import InputError
+    w = meta_weights(FULL, 2)
+    monkeypatch.setattr(M, "host_memory", lambda: 64 * M.GiB)
+
+    def plan_for(gib, layouts, **flags):
+        args = SimpleNamespace(**{**dict(offload=None, offload_blocks=None, t5_cpu=False, offload_model=None,
+                                         plan=False, dtype=None, quant="none"), "gpu_memory": gib, **flags})
+        engines = {"precision": "bf16", "weight_streaming": True,
+                   "engines": {"t5": {}, **{f"dit{k}_b{b}": {} for b in layouts for k in ("", "_cached")}}}
+        return memory_plan(args, FULL, 720, 1280, 81, torch.device("cpu"), engines=engines)
+    for gib, layouts in ((32, (2,)), (24, (1, 2))):
+        plan, budget = plan_for(gib, layouts)
+        assert plan.offload_model and not plan.t5_cpu and plan.cfg_batch in layouts and plan.blocks, plan.name
+        assert budget == w["dit"] - (FULL.dit.num_layers - plan.blocks) * w["block"], (budget, plan.name)
+    assert plan.name == EXPECTED[(24, 720, 1280)], plan.name  # the torch backend's plan, with dit_b1 built
+    with pytest.raises(InputError, match="CFG_BATCH=1"):  # the batch-2 DiT's activations alone need more
+        plan_for(24, (2,))
+    with pytest.raises(InputError, match="--t5_cpu"):
+        plan_for(24, (1, 2), t5_cpu=True)
+    monkeypatch.setattr(M, "host_memory", lambda: 16 * M.GiB)  # the streamed blocks do not fit its RAM
+    with pytest.raises(InputError, match="host memory, over 90% of 16.0 GiB"):
+        plan_for(24, (1, 2))
+
+
 # ---- tiled VAE decode --------------------------------------------------------------------------------------
 
 def test_tile_starts_cover_the_frame_with_the_overlap():
@@ -279,7 +329,9 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     for flags, msg in ((["--gpu_memory", "0.5"], "no memory plan fits 0.5 GiB"),
                        (["--offload", "blocks:2"], "tiny has 2 blocks"),
                        (["--offload", "layers:1"], "use blocks or blocks:N"),
-                       (["--gpu_memory", "-3"], "must be a positive number of GiB")):
+                       (["--gpu_memory", "-3"], "must be a positive number of GiB"),
+                       (["--offload", "blocks", "--backend", "ort"], "ort engines load whole"),
+                       (["--t5_cpu", "--backend", "trt"], "engines run T5 on the GPU")):
         assert run(_args(tiny_ckpt, demo_frames, out, *flags)) == 2, flags
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (flags, err)
@@ -299,3 +351,13 @@ def test_cli_streamed_run_writes_the_resident_video_and_records_its_plan(tiny_ck
     assert (plan["blocks"], plan["t5_cpu"]) == (1, True), plan
     a, b = saved[str(ref)], saved[str(out)]
     assert torch.equal(a, b), f"max abs {(a - b).abs().max().item():.3g}"
+
+
+def test_weight_streaming_build_needs_tensorrt(tiny_ckpt, tmp_path, capsys):
+    """make engines STREAM=1 where the build is not TensorRT's: one line, exit 2, no folder."""
+    from flf2v.export.build import main
+    out = tmp_path / "engines"
+    assert main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--weight_streaming", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "STREAM=1" in err[0] and "this build is ort" in err[0], err
+    assert not out.exists()

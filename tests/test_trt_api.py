@@ -47,6 +47,8 @@ METHODS = [("tensorrt.Runtime", "deserialize_cuda_engine", 1),
            ("tensorrt.ICudaEngine", "get_tensor_dtype", 1),
            ("tensorrt.ICudaEngine", "get_tensor_mode", 1),
            ("tensorrt.ICudaEngine", "num_optimization_profiles", None),
+           ("tensorrt.ICudaEngine", "streamable_weights_size", None),
+           ("tensorrt.ICudaEngine", "weight_streaming_budget_v2", None),
            ("tensorrt.IExecutionContext", "set_tensor_address", 2),
            ("tensorrt.IExecutionContext", "set_input_shape", 2),
            ("tensorrt.IExecutionContext", "set_optimization_profile_async", 2),
@@ -193,6 +195,9 @@ def _probe_facts(trt, trtp):
             "ShapeExpr.constant_value": type(inspect.getattr_static(trtp.ShapeExpr, "constant_value")).__name__,
             "ShapeExpr.is_constant": type(inspect.getattr_static(trtp.ShapeExpr, "is_constant")).__name__,
             "ICudaEngine binding members": [m for m in dir(trt.ICudaEngine) if "binding" in m],
+            # runtime/trt_backend.py sets the budget of a STREAM=1 engine: any non-negative bytes, settable
+            "weight_streaming_budget_v2 settable": getattr(inspect.getattr_static(
+                trt.ICudaEngine, "weight_streaming_budget_v2"), "fset", None) is not None,
             # runtime/trt_backend.py hands deserialize_cuda_engine an mmap of the plan: any buffer must do
             "deserialize_cuda_engine(buffer)": bool(re.search(
                 r"deserialize_cuda_engine\(self: [\w.]+, \w+: [\w.]*[Bb]uffer\)",
@@ -457,6 +462,7 @@ def test_tensorrt_facts(probe):
     assert facts["ShapeExpr.constant_value"] == "function" and facts["ShapeExpr.is_constant"] == "property", facts
     assert "STRONGLY_TYPED" in facts["creation_flags"], facts["creation_flags"]
     assert not facts["ICudaEngine binding members"], facts["ICudaEngine binding members"]
+    assert "WEIGHT_STREAMING" in facts["builder_flags"] and facts["weight_streaming_budget_v2 settable"], facts
     assert facts["deserialize_cuda_engine(buffer)"], "Runtime.deserialize_cuda_engine takes no buffer (an mmap)"
     precision = {"FP16", "BF16", "INT8", "FP8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}
     if major >= 11:

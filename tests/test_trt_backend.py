@@ -156,3 +156,24 @@ def test_profile_switch_is_ordered_on_both_streams(monkeypatch):
     ctx = SimpleNamespace(set_optimization_profile_async=lambda p, s: order.append(f"profile {p} on {s}") or True)
     assert trt_backend.TrtBackend._switch_profile(backend, ctx)
     assert order == ["backend waits caller", "profile 1 on 2", "caller waits backend"], order
+
+
+def test_weight_streaming_budget_is_set_on_the_dit_engines_before_their_contexts(tiny_engines, tiny_ckpt, demo_frames,
+                                                                                 tmp_path_factory, monkeypatch):
+    """A STREAM=1 folder: the plan's budget goes to the DiT engines (capped at their streamable bytes) before
+    TensorRT creates their contexts; the other engines keep every weight resident; the video is unchanged.
+    A folder built without streaming refuses a budget."""
+    monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
+    preset = ck.preset_for(tiny_ckpt)
+    ort = ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset)
+    with pytest.raises(M.EngineError, match="STREAM=1"):
+        FakeTrtBackend(relabel(tiny_engines, tmp_path_factory), tiny_ckpt, preset, ort, weight_budget=1234)
+    folder = relabel(tiny_engines, tmp_path_factory, weight_streaming=True)
+    ref = run(ort, preset, tiny_ckpt, demo_frames, 2)
+    for budget, want in ((1234, 1234), (5 * 10**6, 10**6)):
+        trt = FakeTrtBackend(folder, tiny_ckpt, preset, ort, weight_budget=budget)
+        video = run(trt, preset, tiny_ckpt, demo_frames, 2)
+        contexts = {c[1]: c[2] for c in trt.calls if c[0] == "context"}
+        assert contexts["dit_b2"] == want and all(b == 10**6 for g, b in contexts.items() if not
+                                                  g.startswith("dit")), contexts
+        assert torch.equal(video, ref), f"max abs {(video - ref).abs().max().item():.3g}"
