@@ -39,9 +39,9 @@ class TrtBackend(EngineBackend):
     bound to that shape's buffers when the shape is first run, and again when a run switches shapes; the
     buffers of the last KEEP_SHAPES shapes stay, so a CUDA graph captured at a shape stays valid while
     its buffers do (`graph_token`). `weight_budget` (engines built with STREAM=1): the DiT keeps that many
-    bytes of its weights on the GPU and TensorRT streams the rest from host memory. `keep_dit=True` keeps the DiT engine loaded between runs (a server on a
-    GPU with room for the DiT and the decoder together), so a repeated shape replays its captured graph
-    instead of loading the DiT and capturing again. GPU-only: never run on a CPU machine."""
+    bytes of its weights on the GPU and TensorRT streams the rest from host memory. `keep_dit=True` keeps
+    the DiT engine loaded between runs (a server on a GPU with room for the DiT and the decoder together), so
+    a repeated shape replays its captured graph instead of loading the DiT and capturing again. GPU-only: never run on a CPU machine."""
     name = "trt"
     capturable = True
     static_caches = True
