@@ -18,7 +18,8 @@ class StreamedBlocks(nn.Module):
     """Stands in for `WanDiT.blocks`: iterating it yields each block ready to run on `device`. `.to()` and
     other casts reach the resident blocks and the slots only; the streamed weights stay where they are."""
 
-    def __init__(self, blocks: nn.ModuleList, resident: int, device: torch.device, pinned_cap: int | None = None):
+    def __init__(self, blocks: nn.ModuleList, resident: int, device: torch.device, pinned_cap: int | None = None,
+                 place: bool = True):
         super().__init__()
         if not 0 <= resident < len(blocks):
             raise ValueError(f"resident blocks {resident} must be in 0..{len(blocks) - 1} (all of them: no streaming)")
@@ -40,7 +41,8 @@ class StreamedBlocks(nn.Module):
         self.ready = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.free = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.copies = 0  # host -> device block copies made (one per streamed block per forward)
-        self.to(self.device)
+        if place:  # else the caller moves it (an offloaded DiT goes to the device only for the loop)
+            self.to(self.device)
 
     def __len__(self) -> int:
         return self.count
@@ -83,13 +85,15 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*(p.data for p in module.parameters()), *module.buffers()]
 
 
-def stream_blocks(dit: nn.Module, resident: int, device, pinned_cap: int | None = None) -> StreamedBlocks:
-    """Replace `dit.blocks` by its StreamedBlocks with `resident` blocks on `device`; the rest of the DiT
-    (embeddings, head) goes to the device too."""
-    streamed = StreamedBlocks(dit.blocks, resident, device, pinned_cap)
+def stream_blocks(dit: nn.Module, resident: int, device, pinned_cap: int | None = None,
+                  place: bool = True) -> StreamedBlocks:
+    """Replace `dit.blocks` by its StreamedBlocks with `resident` blocks for `device`; with `place` the rest of
+    the DiT (embeddings, head) and the resident blocks go to the device now, else they stay where they are."""
+    streamed = StreamedBlocks(dit.blocks, resident, device, pinned_cap, place)
     blocks = dit.blocks
     del dit.blocks
-    dit.to(device)
+    if place:
+        dit.to(device)
     dit.blocks = streamed
     del blocks
     return streamed

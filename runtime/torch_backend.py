@@ -70,10 +70,10 @@ class TorchBackend:
         if plan is not None and plan.blocks is not None:
             from .memory_plan import PINNED_SHARE, host_memory
             from .offload import stream_blocks
-            self.streamed = stream_blocks(self.dit, plan.blocks, self.device, int(PINNED_SHARE * host_memory()))
+            # offloaded: the resident part reaches the device in prepare_denoise, not now and back again
+            self.streamed = stream_blocks(self.dit, plan.blocks, self.device, int(PINNED_SHARE * host_memory()),
+                                          place=not offload_model)
             self.capturable = False  # the copies are ordered by events set from Python, per call
-            if offload_model:
-                self.dit.to("cpu")
         if parallel is not None and parallel.sp is not None:
             parallel.sp.check_heads(self.preset.dit.num_heads)
             self.dit.sp = parallel.sp
