@@ -94,8 +94,9 @@ demo: setup
 #               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
 #               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;
 #               FORCE=1: replace another checkpoint's engines in ENGINES; CFG_BATCH=1|2|both: the DiT
-#               layouts, both for torchrun --cfg_parallel; STREAM=1: TensorRT DiT engines that stream their
-#               weights from host memory under flf2v-run's memory plan, for 24-48 GB cards)
+#               layouts, both for torchrun --cfg_parallel; STREAM=1: a DiT that streams its weights
+#               from host memory as flf2v-run's memory plan sets, for 24-48 GB cards: TensorRT weight
+#               streaming, or with BACKEND=aoti embed/block/head packages fed each block's weights)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \

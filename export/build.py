@@ -22,7 +22,8 @@ by side. `--attention plugin` (CUDA GPU) builds the DiT with the fused Triton at
 the backend's own attention (`onnx`, the default): as TensorRT plugins (export/plugins.py,
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
 under `engines/<target>-plugin/<key>/<shape>/`. `--quant fp8` builds the DiT with its blocks' linears in FP8
-(models/quant.py; ONNX Q/DQ, export/qdq.py), under the build key `<model>-<precision>-fp8-<checkpoint>`.
+(models/quant.py; ONNX Q/DQ, export/qdq.py), under the build key `<model>-<precision>-fp8-<checkpoint>`;
+`--weight_streaming` one whose DiT blocks stream (`-stream`; TensorRT or export/aoti_stream.py).
 
 The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
 current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
@@ -46,18 +47,17 @@ from pathlib import Path
 from flf2v.models import checkpoint as ck
 from flf2v.models.fingerprint import describe
 from flf2v.models.layouts import add_checkpoint_flags, ckpt_dir_of
+from flf2v.models.quant import QUANTS
 
 from . import contracts as C
 from . import manifest as M
 from .plugins import ATTENTION as ONNX_ATTENTION
 
 ATTENTION = ONNX_ATTENTION + ("sage",)  # sage: the 8-bit Triton self-attention, compiled into AOTI packages
-from flf2v.models.quant import QUANTS
-
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("models/config.py", "models/checkpoint.py", "models/dit.py", "models/t5.py", "models/clip.py",
               "models/vae.py", "models/quant.py", "export/contracts.py", "export/onnx_export.py", "export/passes.py",
-              "export/qdq.py")
+              "export/qdq.py", "export/aoti.py", "export/aoti_stream.py")
 # baked into plugin engines: their DiT keys hash these too
 KERNEL_FILES = ("export/plugins.py", "kernels/common.py", "kernels/attention.py", "kernels/cross_attention.py",
                 "kernels/trt_plugin.py", "kernels/sage_attention.py")
@@ -66,8 +66,6 @@ KERNEL_FILES = ("export/plugins.py", "kernels/common.py", "kernels/attention.py"
 class BuildError(RuntimeError):
     """A user mistake (bad checkpoint, preset, backend or precision): one line, exit code 2."""
 
-
-# ---- fingerprints ----------------------------------------------------------------------------------
 
 def code_fingerprint(files=CODE_FILES) -> str:
     h = hashlib.sha256()
@@ -245,14 +243,16 @@ class Plan:
         t0 = time.perf_counter()
         dit = g.component == "dit"
         if self.backend == "aoti":
-            from .aoti import export_package
-            pkg = export_package(g, self.ckpt_dir, folder / f"{g.name}.pt2", preset=self.preset,
-                                 loras=self.loras, ranges=self.eshape.envelope() if g.dynamic else None,
-                                 attention=self.graph_attention(g), quant=self.graph_quant(g))
-            return {"file": pkg.name, "inputs": [s.to_json() for s in g.inputs],
+            from .aoti_stream import compile_graph
+            paths = compile_graph(g, self.ckpt_dir, folder, self.preset, self.loras, self.graph_attention(g),
+                                  self.graph_quant(g), self.eshape.envelope() if g.dynamic else None,
+                                  streamed=self.weight_streaming and g.name.startswith("dit_b"))
+            parts = {p: path.name for p, path in paths.items() if p}
+            return {"file": paths.get("block", paths.get("")).name, "inputs": [s.to_json() for s in g.inputs],
                     "outputs": [s.to_json() for s in g.outputs], "precision": self.precision,
                     "checkpoint_fingerprint": self.fingerprint, "builder": self.builder, "gpu": self.gpu,
-                    "files": {pkg.name: pkg.stat().st_size}, "key": self.key(g),
+                    "files": {path.name: path.stat().st_size for path in paths.values()}, "key": self.key(g),
+                    **({"parts": parts} if parts else {}),
                     "seconds": round(time.perf_counter() - t0, 1), "profiles": self.profiles_json(g),
                     **self.dit_options(g), **({"loras": self.loras_json()} if dit else {})}
         source = None
@@ -329,23 +329,23 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
     holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
     is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py).
-    `weight_streaming`: TensorRT DiT engines whose weights the runtime streams from host memory under the
-    budget of its memory plan (runtime/memory_plan.py)."""
+    `weight_streaming`: a DiT whose weights the runtime streams from host memory as its memory plan sets
+    (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
     from tqdm.auto import tqdm
 
     ckpt_dir = Path(ckpt_dir)
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
-    if weight_streaming and backend != "trt":
-        raise BuildError(f"--weight_streaming (STREAM=1) is TensorRT's BuilderFlag.WEIGHT_STREAMING; this build is "
-                         f"{backend}: build on a GPU with TensorRT, or drop it")
+    if weight_streaming and backend not in ("trt", "aoti"):
+        raise BuildError(f"--weight_streaming (STREAM=1) builds TensorRT engines (BuilderFlag.WEIGHT_STREAMING) or "
+                         f"AOTInductor packages (--backend aoti) whose DiT blocks stream; this build is {backend}: "
+                         f"add --backend aoti (BACKEND=aoti), build on a GPU with TensorRT, or drop it")
     all_graphs = C.graphs(preset, eshape, precision, cfg_batch=(1, 2))
     todo = _graphs_to_build(all_graphs, only, cfg_batch)
 
     plan = Plan(ckpt_dir, preset, eshape, precision, backend, opt_level, attention, loras, quant, weight_streaming)
     key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}") + (
-        "-stream" if weight_streaming else ""), plan.fingerprint,
-                      plan.loras_json())
+        "-stream" if weight_streaming else ""), plan.fingerprint, plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp8: the DiT's block linears in FP8 e4m3 (per-channel weight scales, dynamic per-token "
                          "activation scales; TensorRT on sm89+, AOTInductor, ONNX Runtime on the CPU)")
     ap.add_argument("--weight_streaming", action="store_true",
-                    help="TensorRT: DiT engines that stream their weights from host memory, under the budget "
-                         "flf2v-run's memory plan sets (a 24-48 GB card; make engines STREAM=1)")
+                    help="a DiT whose weights stream from host memory as flf2v-run's memory plan sets (24-48 GB "
+                         "cards; make engines STREAM=1): TensorRT weight streaming, or aoti block packages")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "

@@ -296,15 +296,19 @@ class WanDiT(nn.Module):
                      self.time_embedding[2])
         return e, linear32(F.silu(e), self.time_projection[1]).unflatten(1, (6, self.cfg.dim))
 
+    def block_inputs(self, h, context, clip_fea):
+        """What every block takes besides e0: tokens x [B, L, dim] fp32 (h [B, T, hp, wp, dim] flattened),
+        text and image features [B, *, dim] in the run dtype, RoPE cos, sin [L, head_dim / 2] fp32."""
+        dt = self.patch_embedding.weight.dtype
+        _, f, hh, ww, _ = h.shape
+        cos, sin = rope_grid(self.rope_cos, self.rope_sin, self.cfg.rope_split, f, hh, ww)
+        return h.flatten(1, 3), self.text_embedding(context.to(dt)), self.img_emb(clip_fea).to(dt), cos, sin
+
     def blocks_forward(self, h, e0, context, clip_fea) -> torch.Tensor:
         """The transformer blocks on the token grid h [B, T, hp, wp, dim] -> same shape, fp32."""
-        cfg, dt = self.cfg, self.patch_embedding.weight.dtype
-        b, f, hh, ww, _ = h.shape
-        cos, sin = rope_grid(self.rope_cos, self.rope_sin, cfg.rope_split, f, hh, ww)
+        cfg = self.cfg
         attn_ops = attention_ops(self.attention)
-        txt = self.text_embedding(context.to(dt))
-        img = self.img_emb(clip_fea).to(dt)
-        x = h.flatten(1, 3)
+        x, txt, img, cos, sin = self.block_inputs(h, context, clip_fea)
         if self.sp is not None:  # Ulysses (models/parallel.py): this rank's token shard through the blocks
             n = x.shape[1]
             attn_ops = (self.sp.attention(self.attention, cos, sin, n, cfg.num_heads), attn_ops[1])

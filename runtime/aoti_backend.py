@@ -8,6 +8,11 @@ the VAE caches pass from step to step as they come back. The manifest's target t
 architecture and torch version the packages were compiled for; another one is refused (export/manifest.py)
 with the `make engines ... BACKEND=aoti` command, and so is a package that does not load. On CUDA the
 denoising step is captured as a CUDA graph around the package calls (UNVERIFIED: no GPU here).
+
+A folder built with STREAM=1 (export/aoti_stream.py) holds each DiT step as embed, block and head
+packages; the block weights are loaded from the checkpoint here, as the run's memory plan keeps them:
+all on the device, or `resident_blocks` of them with the rest streamed from host memory through two
+device slots (runtime/offload.py).
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ from .engine_backend import DECODER_GRAPHS, ENCODER_GRAPHS, EngineBackend
 class AotiBackend(EngineBackend):
     name = "aoti"
 
-    def __init__(self, folder, ckpt_dir, preset, device="cpu", loras=()):
+    def __init__(self, folder, ckpt_dir, preset, device="cpu", loras=(), resident_blocks: int | None = None):
         super().__init__(folder, ckpt_dir, preset, device, "aoti", loras)
+        if resident_blocks is not None and not self.manifest.get("weight_streaming"):
+            raise EngineError(f"{self.folder} holds whole-DiT packages, which cannot stream blocks; rebuild with "
+                              f"make engines BACKEND=aoti STREAM=1, or drop --offload blocks")
         if self.lora_swap:  # the weights are compiled into the packages
             from flf2v.export import manifest as M
 
@@ -41,28 +49,32 @@ class AotiBackend(EngineBackend):
             # the kernels are compiled into the DiT packages; registering the ops too keeps a package that
             # kept them as op calls loadable
             import flf2v.kernels.ops  # noqa: F401
-        self.capturable = self.device.type == "cuda"
+        # streamed blocks are copied on a side stream between package calls: not captured (unverified there)
+        self.capturable = self.device.type == "cuda" and not self.manifest.get("weight_streaming")
+        self.resident_blocks, self.blocks = resident_blocks, None  # the DiT blocks' weights (streamed folders)
         self.models: dict = {}
         self.loads: dict[str, int] = {}  # graph -> the number of its package's load (graph_token)
         self._load_count = 0
 
-    def model(self, graph: str):
-        if graph not in self.models:
-            path = self.folder / self.specs[graph]["file"]
+    def model(self, graph: str, part: str | None = None):
+        """The loaded package of `graph` (of its `part` in a streamed folder)."""
+        key = f"{graph}.{part}" if part else graph
+        if key not in self.models:
+            path = self.folder / (self.specs[graph]["parts"][part] if part else self.specs[graph]["file"])
             logger.debug("loading %s", path)
             try:
                 # run_single_threaded: by the audit of torch 2.13's AOTI runtime (unverified on a GPU), the
                 # default container queries CUDA events on each run, illegal inside a CUDA-graph capture
-                self.models[graph] = torch._inductor.aoti_load_package(
+                self.models[key] = torch._inductor.aoti_load_package(
                     str(path), run_single_threaded=self.capturable,
                     device_index=self.device.index if self.device.index is not None else -1)
                 self._load_count += 1
-                self.loads[graph] = self._load_count
+                self.loads[key] = self._load_count
             except Exception as e:  # the loader raises RuntimeError, zipfile and OS errors alike
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EngineError(f"{path}: not a loadable AOTInductor package ({type(e).__name__}: "
                                   f"{msg[:160]}); {self.hint}") from None
-        return self.models[graph]
+        return self.models[key]
 
     def _run(self, graph: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         ins, _ = self.io(graph)
@@ -73,8 +85,39 @@ class AotiBackend(EngineBackend):
                 raise ValueError(f"{graph}: input {s['name']} has shape {tuple(x.shape)}, the package takes "
                                  f"{tuple(s['shape'])}")
             args.append(x)
+        if "parts" in self.specs[graph]:
+            return self._streamed(graph, args)
         out = self.model(graph)(*args)
         return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def _streamed(self, graph: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A DiT step of a streamed folder: embed, each block with its weights, head; (v, hidden)."""
+        from flf2v.export.aoti_stream import PARTS
+
+        from .offload import block_tensors
+        embed, step, head = (self.model(graph, p) for p in PARTS)
+        h, e, e0, txt, img, cos, sin = embed(*args)
+        x = h.flatten(1, 3)
+        for block in self.dit_blocks():
+            x = step(x, e0, txt, img, cos, sin, *block_tensors(block))  # the module's pytree: one tensor
+        hidden = x.view(h.shape)
+        v = head(hidden, e)
+        return [v, hidden]
+
+    def dit_blocks(self):
+        """The DiT blocks' weights, read from the checkpoint once (the run's LoRAs are the folder's): on the
+        device, or `resident_blocks` of them there and the rest streamed (runtime/offload.StreamedBlocks)."""
+        if self.blocks is None:
+            from flf2v.export.contracts import COMPUTE_DTYPE
+            from flf2v.models.lora import load_dit
+
+            from .memory_plan import PINNED_SHARE, host_memory
+            from .offload import StreamedBlocks
+            blocks = load_dit(self.ckpt_dir, COMPUTE_DTYPE[self.manifest["precision"]], self.preset, self.loras,
+                              quant=self.quant).blocks
+            self.blocks = blocks.to(self.device) if self.resident_blocks is None else StreamedBlocks(
+                blocks, self.resident_blocks, self.device, int(PINNED_SHARE * host_memory()))
+        return self.blocks
 
     def graph_token(self, cfg_batch: int):
         """The loads of the DiT packages a CUDA graph captured now would call (None before they are loaded):
@@ -86,6 +129,8 @@ class AotiBackend(EngineBackend):
         for g in [g for g in self.models if g.startswith("dit_")]:
             self.models.pop(g)
         if self.device.type == "cuda":
+            if self.blocks is not None:  # and the blocks' weights (to host memory, for the next run)
+                self.blocks.to("cpu")
             torch.cuda.empty_cache()
 
     def release_encoders(self) -> None:
@@ -97,3 +142,5 @@ class AotiBackend(EngineBackend):
             self.models.pop(g, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+            if self.blocks is not None:
+                self.blocks.to(self.device)

@@ -119,15 +119,15 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
                                                                                  loras)
     args.backend = kind
     plan, options = None, {}
-    manifest = M.load(folder) if kind == "trt" else {}
-    streams = manifest.get("weight_streaming", False)
+    manifest = M.load(folder) if kind in ("trt", "aoti") else {}
     if kind == "torch" and shape is not None and parallel is None:
         plan = memory_plan(args, preset, *shape, device)
-    elif streams and shape is not None and parallel is None:
-        plan, budget = memory_plan(args, preset, *shape, device, engines=manifest) or (None, None)
-        options["weight_budget"] = budget
+    elif manifest.get("weight_streaming") and shape is not None and parallel is None:
+        plan = memory_plan(args, preset, *shape, device, engines=manifest)
+        if plan is not None:  # TensorRT's streaming budget, or the blocks the aoti backend keeps on the device
+            options = {"weight_budget": plan.dit_budget} if kind == "trt" else {"resident_blocks": plan.blocks}
     elif args.offload is not None or args.t5_cpu:
-        raise InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to TensorRT engines built "
+        raise InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to trt or aoti engines built "
                          f"with STREAM=1), but {kind} engines run this job; add --backend torch or drop them")
     if kind == "torch":
         backend, says = _torch_backend(args, preset, device, loras, parallel, plan)
@@ -182,28 +182,41 @@ def check_attention(args, device: torch.device) -> None:
     args.backend = "torch"
 
 
+def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> None:
+    """`flf2v-run --plan`: the memory plans of the run printed, nothing loaded."""
+    from . import memory_plan as M
+    print(M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device)))
+
+
+def _video(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
+    from . import memory_plan as M
+    precision = engines["precision"] if engines else args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return M.Video(preset, height, width, frames, 2 if precision == "bf16" else 4, args.quant)
+
+
+def _gpu_bytes(args, device: torch.device) -> int:
+    """What to plan for: --gpu_memory, else the GPU's free memory; on a CPU, a card as large as this host."""
+    from . import memory_plan as M
+    if args.gpu_memory is not None:
+        return int(args.gpu_memory * M.GiB)
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else M.host_memory()
+
+
 def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
-    """The run's memory plan (runtime/memory_plan.py) on --backend torch, or for the TensorRT engines of
-    manifest `engines` built with STREAM=1: planned for --gpu_memory, else on CUDA for the GPU's free memory;
-    None on a CPU without planning flags (host and device are one memory). The flags --offload_model,
-    --t5_cpu and --offload narrow the plans to those they name."""
+    """The run's memory plan (runtime/memory_plan.py) on --backend torch, or for the engines (TensorRT or
+    aoti) of manifest `engines` built with STREAM=1: planned for --gpu_memory, else on CUDA for the GPU's
+    free memory; None on a CPU without planning flags (host and device are one memory). The flags
+    --offload_model, --t5_cpu and --offload narrow the plans to those they name."""
     from . import memory_plan as M
     blocks = getattr(args, "offload_blocks", None)
     flags = args.offload is not None or args.t5_cpu or args.offload_model is not None
-    if args.gpu_memory is None and device.type != "cuda" and not flags and not args.plan:
+    if args.gpu_memory is None and device.type != "cuda" and not flags:
         return None
     if engines is not None and args.t5_cpu:
-        raise InputError("--t5_cpu applies to --backend torch; TensorRT engines run T5 on the GPU and release it "
-                         "before the DiT loads: drop --t5_cpu")
+        raise InputError("--t5_cpu applies to --backend torch; engines run T5 on the GPU and release it before the "
+                         "DiT loads: drop --t5_cpu")
     layouts = {int(g[len("dit_b"):]) for g in (engines or {}).get("engines", {}) if g.startswith("dit_b")}
-    precision = engines["precision"] if engines else args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    video = M.Video(preset, height, width, frames, 2 if precision == "bf16" else 4, args.quant)
-    if args.gpu_memory is not None:
-        gpu = int(args.gpu_memory * M.GiB)
-    elif device.type == "cuda":
-        gpu = torch.cuda.mem_get_info(device)[0]
-    else:  # planning flags on a CPU: the plan they name, sized as if for a card as large as this host
-        gpu = M.host_memory()
+    video, gpu = _video(args, preset, height, width, frames, device, engines), _gpu_bytes(args, device)
 
     def allowed(p) -> bool:
         engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts)
@@ -214,16 +227,11 @@ def memory_plan(args, preset, height: int, width: int, frames: int, device: torc
                                                (f"--offload_model {args.offload_model}", args.offload_model is not None))
                                if on) if flags else ""
     if engines is not None and 1 not in layouts:
-        what += " for these TensorRT engines (DiT batch 2 only; make engines CFG_BATCH=1 STREAM=1 adds batch 1)"
-    if args.plan:
-        print(M.table(video, gpu))
-        return None
+        what += " for these engines (DiT batch 2 only; make engines CFG_BATCH=1 STREAM=1 adds batch 1)"
     if blocks is not None and not blocks < preset.dit.num_layers:
         raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
                          f"resident, or drop --offload")
-    plan = M.choose(video, gpu, allowed, what=what)
-    budget = M.dit_weight_budget(video, plan)
-    return plan if engines is None else (plan, budget)
+    return M.choose(video, gpu, allowed, what=what)
 
 
 def _torch_backend(args, preset, device: torch.device, loras, parallel, plan=None):

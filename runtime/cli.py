@@ -144,8 +144,8 @@ class Job:
                            cfg_parallel=args.cfg_parallel, **options)
         shape = (req.height, req.width, req.frame_num)
         if args.plan:  # the table, then nothing loads
-            from .choose import memory_plan
-            memory_plan(args, preset, *shape, self.device)
+            from .choose import plan_table
+            plan_table(args, preset, *shape, self.device)
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:

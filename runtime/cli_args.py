@@ -136,7 +136,7 @@ def _backend_flags(a, p) -> None:
            "plans\"")
     a("--offload", default=None, metavar="blocks[:N]",
       help="stream the DiT's blocks from pinned host memory, N of them resident on the GPU (default N: the "
-           "most that fit); --backend torch, or TensorRT engines built with STREAM=1 (their streaming budget)")
+           "most that fit); --backend torch, or trt / aoti engines built with STREAM=1")
     a("--plan", action="store_true", help="print the memory plans for this checkpoint, size and frames, and exit")
     a("--cuda_graph", type=_str2bool, default=True,
       help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
@@ -218,8 +218,8 @@ def check_memory_flags(args) -> None:
     if args.t5_cpu and args.backend not in ("auto", "torch"):
         raise InputError("--t5_cpu applies to --backend torch; engines run T5 on the GPU and release it before the "
                          "DiT loads: drop it or use --backend torch")
-    if args.offload is not None and args.backend not in ("auto", "torch", "trt"):
-        raise InputError(f"--offload applies to --backend torch and to TensorRT engines built with make engines "
+    if args.offload is not None and args.backend not in ("auto", "torch", "trt", "aoti"):
+        raise InputError(f"--offload applies to --backend torch and to trt or aoti engines built with make engines "
                          f"STREAM=1; {args.backend} engines load whole: drop it or use --backend torch")
     if planned and (args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp):
         raise InputError("--offload / --t5_cpu run in one process; several GPUs share the weights instead "

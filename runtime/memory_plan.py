@@ -8,8 +8,9 @@ activations for a few percent of speed):
 - blocks:N (`--offload blocks:N`): and only N DiT blocks stay on the device; the others stream from pinned
   host memory through two device slots, the next block's copy overlapped with the current one's compute
   (runtime/offload.py). At 720p a block computes ~10x longer than its 0.8 GB copy takes over PCIe Gen4.
-  TensorRT engines built with STREAM=1 take the same plans, as the engine's weight-streaming budget
-  (`dit_weight_budget`); other engines load whole (only resident / offload plans fit them).
+  Engines built with STREAM=1 take the same plans: TensorRT's as the engine's weight-streaming budget
+  (`dit_weight_budget`), aoti's as the blocks it keeps resident (export/aoti_stream.py); other engines
+  load whole (only resident / offload plans fit them).
 With each, the VAE decodes whole when it fits, else in the largest spatial tile that does (models/vae.py).
 Bytes come from models/sizes.py (configs alone: no weights are read to plan). A run that no plan fits is
 refused before anything loads, naming the smallest card it needs.
@@ -43,6 +44,7 @@ class Plan:
     stages: tuple[tuple[str, int], ...] = ()  # (stage, bytes on the device at its peak)
     host: int = 0  # bytes of weights kept in host memory for the device (offloaded or streamed)
     pinned: int = 0  # of those, pinned for streaming
+    dit_budget: int | None = None  # bytes of DiT weights kept on the device when streamed (None: all)
 
     @property
     def name(self) -> str:
@@ -64,7 +66,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"name": self.name, "offload_model": self.offload_model, "t5_cpu": self.t5_cpu,
                 "blocks": self.blocks, "cfg_batch": self.cfg_batch, "vae_tile": self.vae_tile,
-                "device_bytes": dict(self.stages), "host_bytes": self.host, "pinned_bytes": self.pinned}
+                "device_bytes": dict(self.stages), "host_bytes": self.host, "pinned_bytes": self.pinned,
+                "dit_budget_bytes": self.dit_budget}
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ def finish(video: Video, plan: Plan, budget: int | None) -> Plan:
         if budget is None or stages["vae_decode"] <= budget or tile == TILES[-1]:
             break
     host, pinned = _host_bytes(video, p)
-    return dataclasses.replace(p, stages=tuple(stages.items()), host=host, pinned=pinned)
+    return dataclasses.replace(p, stages=tuple(stages.items()), host=host, pinned=pinned,
+                               dit_budget=dit_weight_budget(video, p))
 
 
 def host_memory() -> int:
@@ -161,6 +165,7 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
     """The fastest plan whose every stage fits `gpu_bytes` (minus RESERVE) and whose host share fits host RAM,
     among those `allowed` (the flags' filter, said as `what`). InputError naming the smallest card otherwise."""
     budget, host_bytes = gpu_bytes - RESERVE, host_bytes or host_memory()
+    fp8 = "" if video.quant == "fp8" else ", or add --quant fp8"  # what is left to halve the DiT's weights
     plans = candidates(video, allowed)
     fit = [p for p in (finish(video, p, budget) for p in plans) if p.peak <= budget]
     for tiled in (False, True):  # a tiled decode (seams) only when no plan fits decoding whole frames
@@ -171,11 +176,11 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
         least = min(fit, key=lambda p: p.host)
         raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB with this host's RAM: the one that needs "
                          f"least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over 90% "
-                         f"of {host_bytes / GiB:.1f} GiB; add RAM, or add --quant fp8")
+                         f"of {host_bytes / GiB:.1f} GiB; add RAM{fp8}")
     need = min((finish(video, p, 0) for p in plans), key=lambda p: p.peak)
     raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB at {video.width}x{video.height}, "
                      f"{video.frames} frames ({video.preset.name}): it needs a {(need.peak + RESERVE) / GiB:.1f} GiB "
-                     f"card ({need.name}); lower --size or --frame_num, or add --quant fp8")
+                     f"card ({need.name}); lower --size or --frame_num{fp8}")
 
 
 def table(video: Video, gpu_bytes: int, host_bytes: int | None = None) -> str:

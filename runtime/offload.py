@@ -30,7 +30,7 @@ class StreamedBlocks(nn.Module):
         # host copies of the streamed blocks' tensors, in the order of the slot's parameters and buffers
         self.host: list[list[torch.Tensor]] = []
         for block in blocks[resident:]:
-            tensors = [t.detach().to("cpu") for t in _tensors(block)]
+            tensors = [t.detach().to("cpu") for t in block_tensors(block)]
             size = sum(t.nbytes for t in tensors)
             if cuda and self.pinned_bytes + size <= pinned:
                 tensors = [t.pin_memory() for t in tensors]
@@ -49,12 +49,12 @@ class StreamedBlocks(nn.Module):
 
     def device_bytes(self) -> int:
         """Bytes of block weights on the device: the resident blocks and the two slots."""
-        return sum(t.nbytes for m in (*self.resident, *self.slots) for t in _tensors(m))
+        return sum(t.nbytes for m in (*self.resident, *self.slots) for t in block_tensors(m))
 
     def _fetch(self, i: int) -> None:
         """Start copying streamed block i (0 = the first after the resident ones) into slot i % 2."""
         s = i % 2
-        dst = _tensors(self.slots[s])
+        dst = block_tensors(self.slots[s])
         if self.copy_stream is None:
             for d, h in zip(dst, self.host[i]):
                 d.copy_(h)
@@ -81,7 +81,9 @@ class StreamedBlocks(nn.Module):
                 self.free[s].record(torch.cuda.current_stream(self.device))
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
+def block_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A block's weights in the order the streamed AOTInductor block package takes them (parameters, then
+    buffers: export/aoti_stream.block_weight_names)."""
     return [*(p.data for p in module.parameters()), *module.buffers()]
 
 

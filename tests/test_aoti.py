@@ -178,3 +178,65 @@ def test_packages_load_for_capture_and_leave_after_the_loop(tiny_aoti_engines, t
     assert not [g for g in backend.models if g.startswith("dit_")], list(backend.models)
     backend.model("dit_b2")
     assert backend.graph_token(2) not in (None, first)
+
+
+# ---- STREAM=1: the DiT step as embed, block and head packages, the blocks' weights streamed -------------------
+
+@pytest.fixture(scope="module")
+def streamed_engines(tiny_aoti_engines, tiny_ckpt, tmp_path_factory):
+    """The tiny folder with its DiT step rebuilt for weight streaming (three compiles, ~50 s); the other
+    packages are the whole folder's and stay current (only the DiT's key holds the streaming option)."""
+    folder = tmp_path_factory.mktemp("aoti-stream") / "tiny"
+    shutil.copytree(tiny_aoti_engines, folder)
+    return build(tiny_ckpt, "tiny", "fp32", out=folder, backend="aoti", cfg_batch=(2,), only=["dit_b2"],
+                 weight_streaming=True, force=True, progress=False)
+
+
+def test_streamed_dit_step_equals_the_network_whatever_the_blocks_resident(streamed_engines, tiny_ckpt, nets):
+    """The composed step (embed, each block's weights into the one block package, head) against the reference
+    DiT; all blocks resident, one, or none (each streamed block copied into a slot once per call) give the same
+    bits: the same packages on the same weight values."""
+    m = json.loads((streamed_engines / M.MANIFEST).read_text())
+    parts = m["engines"]["dit_b2"]["parts"]
+    assert m["weight_streaming"] and sorted(parts) == ["block", "embed", "head"], m["engines"]["dit_b2"]
+    assert all((streamed_engines / f).is_file() for f in parts.values()) and "t5" in m["engines"]
+    g = C.get_graph(PRESET, C.get_shape(PRESET, "tiny"), "fp32", "dit_b2")
+    inputs = C.sample_inputs(g, seed=1)
+    want, outs = reference(nets, g, inputs), {}
+    for resident in (None, 1, 0):
+        backend = open_backend("aoti", streamed_engines, tiny_ckpt, PRESET, "cpu", resident_blocks=resident)
+        outs[resident] = backend._run("dit_b2", inputs)
+        if resident is not None:
+            assert backend.blocks.copies == PRESET.dit.num_layers - resident, (resident, backend.blocks.copies)
+    for resident, got in outs.items():
+        for spec, a, b in zip(g.outputs, got, want):
+            err, rel = rel_err(a, b)
+            assert rel < TOL, f"streamed dit_b2.{spec.name}, {resident} resident: max abs {err:.2e}, rel {rel:.2e}"
+        diff = max((a - b).abs().max().item() for a, b in zip(got, outs[None]))
+        assert diff == 0, f"{resident} blocks resident vs all: max abs {diff:.3g} (fp32: the same math)"
+
+
+def test_cli_streams_aoti_blocks_as_planned(streamed_engines, tiny_aoti_engines, tiny_ckpt, demo_frames, tmp_path,
+                                            monkeypatch, capsys):
+    """--offload blocks:1 on a STREAM=1 aoti folder: the plan keeps one block on the device, recorded in
+    --metrics, and the video is the all-resident one; a folder without streaming refuses it in one line."""
+    from helpers import saved_videos
+    saved = saved_videos(monkeypatch)
+
+    def args(folder, out, *extra):
+        a = [x for x in _args(tiny_ckpt, demo_frames, out, "--engines", str(folder), *extra) if x != "torch"]
+        a[a.index("--frame_num") + 1] = "9"
+        a.remove("--backend")
+        return a
+    ref, out, metrics = tmp_path / "ref.mp4", tmp_path / "s.mp4", tmp_path / "m.json"
+    assert run(args(streamed_engines, ref)) == 0
+    assert run(args(streamed_engines, out, "--offload", "blocks:1", "--metrics", str(metrics))) == 0
+    plan = json.loads(metrics.read_text())["memory_plan"]
+    assert plan["blocks"] == 1 and plan["offload_model"], plan
+    a, b = saved[str(ref)], saved[str(out)]
+    assert torch.equal(a, b), f"max abs {(a - b).abs().max().item():.3g}"
+    capsys.readouterr()
+    assert run(args(tiny_aoti_engines, tmp_path / "x.mp4", "--offload", "blocks:1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "STREAM=1" in err[0], err
+    assert not (tmp_path / "x.mp4").exists()

@@ -174,8 +174,11 @@ def test_plan_per_card_is_the_fastest_that_fits_by_the_meta_sizes(card, height, 
 
 def test_plan_that_cannot_fit_names_the_smallest_card():
     video = M.Video(FULL, 720, 1280, 81)
-    with pytest.raises(M.InputError, match=r"needs a 1\d\.\d GiB card .*blocks:0 \+ cfg_batch 1"):
+    with pytest.raises(M.InputError, match=r"needs a 1\d\.\d GiB card .*blocks:0 \+ cfg_batch 1.*add --quant fp8"):
         M.choose(video, 12 * GiB, host_bytes=64 * GiB)
+    with pytest.raises(M.InputError, match=r"needs a 1\d\.\d GiB card") as e:  # fp8 already: not offered again
+        M.choose(dataclasses.replace(video, quant="fp8"), 12 * GiB, host_bytes=64 * GiB)
+    assert "--quant" not in str(e.value), e.value
     with pytest.raises(M.InputError, match="no memory plan with the DiT resident fits 24 GiB"):
         M.choose(video, 24 * GiB, lambda p: not p.offload_model and p.blocks is None, 64 * GiB,
                  " with the DiT resident")
@@ -239,7 +242,7 @@ def test_planned_run_equals_the_resident_run_and_keeps_the_plans_residency(tiny_
 
 
 def test_streaming_engines_take_the_plans_their_folder_runs(monkeypatch):
-    """TensorRT STREAM=1 engines: T5 never on the CPU (the engines run it on the GPU), only the folder's DiT
+    """STREAM=1 engines (TensorRT, aoti): T5 never on the CPU (the engines run it on the GPU), only the folder's DiT
     layouts (no cfg_batch 1 without dit_b1), and the engine's weight budget is the plan's resident DiT bytes
     by the meta build (all of the DiT less the streamed blocks)."""
     from flf2v.runtime.choose import memory_plan
@@ -254,7 +257,8 @@ def test_streaming_engines_take_the_plans_their_folder_runs(monkeypatch):
                    "engines": {"t5": {}, **{f"dit{k}_b{b}": {} for b in layouts for k in ("", "_cached")}}}
         return memory_plan(args, FULL, 720, 1280, 81, torch.device("cpu"), engines=engines)
     for gib, layouts in ((32, (2,)), (24, (1, 2))):
-        plan, budget = plan_for(gib, layouts)
+        plan = plan_for(gib, layouts)
+        budget = plan.dit_budget
         assert plan.offload_model and not plan.t5_cpu and plan.cfg_batch in layouts and plan.blocks, plan.name
         assert budget == w["dit"] - (FULL.dit.num_layers - plan.blocks) * w["block"], (budget, plan.name)
     assert plan.name == EXPECTED[(24, 720, 1280)], plan.name  # the torch backend's plan, with dit_b1 built

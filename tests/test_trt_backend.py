@@ -177,3 +177,33 @@ def test_weight_streaming_budget_is_set_on_the_dit_engines_before_their_contexts
         assert contexts["dit_b2"] == want and all(b == 10**6 for g, b in contexts.items() if not
                                                   g.startswith("dit")), contexts
         assert torch.equal(video, ref), f"max abs {(video - ref).abs().max().item():.3g}"
+
+
+def test_cli_hands_a_stream1_folder_the_plans_resident_dit_bytes(tiny_engines, tiny_ckpt, demo_frames, tmp_path,
+                                                                 tmp_path_factory, monkeypatch):
+    """flf2v-run --offload blocks:1 on a STREAM=1 TensorRT folder (stand-in engines, TensorRT's presence faked):
+    the backend opens with the plan's budget, the DiT's bytes less its one streamed block by the meta-device
+    build of the tiny DiT (fp32), and the run writes its video."""
+    from helpers import _args, run as cli_run
+
+    from flf2v.models.dit import WanDiT
+    from flf2v.runtime import backends as B
+    monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
+    folder, preset = relabel(tiny_engines, tmp_path_factory, weight_streaming=True), ck.preset_for(tiny_ckpt)
+    ort, opened = ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset), []
+
+    def open_backend(kind, folder, ckpt_dir, preset, device, loras=(), **options):
+        opened.append((kind, options))
+        return FakeTrtBackend(folder, ckpt_dir, preset, ort, **options)
+    monkeypatch.setattr(B, "open_backend", open_backend)
+    monkeypatch.setattr(B, "check_backend", lambda kind, device: None)
+    out = tmp_path / "v.mp4"
+    args = _args(tiny_ckpt, demo_frames, out, "--engines", str(folder), "--offload", "blocks:1")
+    args[args.index("--backend") + 1], args[args.index("--frame_num") + 1] = "trt", "9"
+    assert cli_run(args) == 0 and out.exists()
+    with torch.device("meta"):
+        dit = WanDiT(preset.dit)
+    assert preset.dit.num_layers == 2
+    dit_bytes = 4 * sum(t.numel() for t in dit.state_dict().values())
+    block = 4 * sum(t.numel() for t in dit.blocks[1].state_dict().values())
+    assert opened == [("trt", {"weight_budget": dit_bytes - block})], opened
