@@ -36,6 +36,13 @@ TORCH_CU12_INDEX ?= https://download.pytorch.org/whl/cu128
 $(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
 	rm -f $@
 	python3 -m venv $(VENV)
+	@# CPU machines (CI): a replica of the GPU test box's python (lock/gpu-box.txt) in $(VENV)/gpu-box, where
+	@# tests/test_gpu_check.py runs gpu-check's CPU smoke, so an import the box cannot satisfy fails here; it
+	@# installs in the background beside the main venv (one minute of CI's setup)
+	if { [ ! -x "$$(command -v nvidia-smi)" ] || [ "$(GPU)" = none ]; } && [ "$(LOCK)" != none ]; then \
+	  { python3 -m venv $(VENV)/gpu-box && $(VENV)/gpu-box/bin/python -m pip install -q torch==$(TORCH_VERSION) && \
+	    $(VENV)/gpu-box/bin/python -m pip install -q -r lock/gpu-box.txt; } > $(VENV)/gpu-box.log 2>&1 & box=$$!; \
+	else box=; fi; \
 	flavour=$(GPU); \
 	if [ $$flavour = auto ]; then flavour=none; \
 	  drv=$$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1); \
@@ -55,12 +62,9 @@ $(VENV)/.installed: pyproject.toml $(wildcard lock/*.txt)
 	esac && \
 	if [ "$(ORT)" = gpu ]; then $(PY) -m pip uninstall -q -y onnxruntime && \
 	  $$pip onnxruntime-gpu==$(ORT_GPU_VERSION); fi && \
-	echo "$$lock ORT=$(ORT)" > $(VENV)/.lock
-	@# CPU machines (CI): a replica of the GPU test box's python (lock/gpu-box.txt) in $(VENV)/gpu-box, where
-	@# tests/test_gpu_check.py runs gpu-check's CPU smoke, so an import the box cannot satisfy fails here
-	if { [ ! -x "$$(command -v nvidia-smi)" ] || [ "$(GPU)" = none ]; } && [ "$(LOCK)" != none ]; then \
-	  python3 -m venv $(VENV)/gpu-box && $(VENV)/gpu-box/bin/python -m pip install -q torch==$(TORCH_VERSION) && \
-	  $(VENV)/gpu-box/bin/python -m pip install -q -r lock/gpu-box.txt; fi
+	echo "$$lock ORT=$(ORT)" > $(VENV)/.lock && \
+	if [ -n "$$box" ] && ! wait $$box; then cat $(VENV)/gpu-box.log; \
+	  echo "make setup: error: the GPU-box replica venv did not install (log above)"; exit 1; fi
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/11 tensorrt-cu13==$(TRT_VERSION) tensorrt-cu13-bindings==$(TRT_VERSION)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/trt-api/10 tensorrt-cu12==10.15.1.29 tensorrt-cu12-bindings==10.15.1.29
 	touch $@
@@ -75,8 +79,9 @@ lock:
 	$(LOCK_VENV)/bin/python lock/refresh.py --venv $(LOCK_VENV) --torch $(TORCH_VERSION) --trt $(TRT_VERSION)
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist, whole files per worker): the engine builds and
-# compiles of one file use one core while another file's tests use the other. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# compiles of one file use one core while another file's tests use the other; a third worker takes a core
+# while one waits (on a subprocess's timeout, or on a fixture another worker builds). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: setup
 	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 

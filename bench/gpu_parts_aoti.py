@@ -6,7 +6,8 @@
 - dit_slice_triton: the same with the flf2v Triton kernels (`--attention plugin`): whether AOTInductor compiled
   them into the package (the kernel names in its code), its time and error against eager sdpa.
 - tiny: the tiny checkpoint's whole AOTI folder (bf16) and one video through `Pipeline.from_engines` against the
-  torch reference in bf16: build time, video error, denoising steps captured.
+  torch reference in bf16: build time, video error, denoising steps captured; then its DiT rebuilt with
+  STREAM=1 and run with every block streamed through the device slots, against the whole folder's video.
 In the CPU smoke test the slice is the tiny config at the tiny shape (fp32) and the rest is skipped
 (tests/test_aoti.py builds and checks the tiny folder on the CPU). Box-safe at import: stdlib only.
 """
@@ -101,6 +102,31 @@ def _tiny(row: dict, run) -> None:
             DenoiseLoop.capture = capture
         row["steps_captured"] = len(captures)  # the packages' calls inside a CUDA graph of the step
         row["video_vs_torch_bf16"] = errors(got.float(), ref.float())
+        row["streamed"] = guarded(_streamed, {}, run, ckpt, folder, frames, kw, got)
+
+
+def _streamed(row: dict, run, ckpt, folder, frames, kw, whole) -> None:
+    """The tiny folder's DiT rebuilt with STREAM=1 (embed, block, head packages) and run with no block resident:
+    both blocks copied into the two device slots on the side stream, against the whole-package video."""
+    import shutil
+
+    from flf2v.export.build import build
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.backends import open_backend
+    from flf2v.runtime.pipeline import Pipeline
+    streamed = folder.with_name("aoti-stream")
+    shutil.copytree(folder, streamed)
+    t0 = time.perf_counter()
+    build(ckpt, "tiny", "bf16", out=streamed, backend="aoti", cfg_batch=(2,), only=["dit_b2"],
+          weight_streaming=True, force=True, progress=False)
+    row["build_s"] = time.perf_counter() - t0
+    preset = ck.preset_for(ckpt)
+    backend = open_backend("aoti", streamed, ckpt, preset, run.device, resident_blocks=0)
+    t0 = time.perf_counter()
+    got = Pipeline(backend, ck.load_tokenizer(ckpt, preset), preset, run.device).generate("a ball", *frames, **kw)
+    sync(run)
+    row.update(first_run_s=time.perf_counter() - t0, block_copies=backend.blocks.copies,
+               pinned_bytes=backend.blocks.pinned_bytes, video_vs_whole=errors(got.float(), whole.float()))
 
 
 def part_aoti(run, data: dict, part_end: float) -> None:

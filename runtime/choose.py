@@ -227,7 +227,8 @@ def memory_plan(args, preset, height: int, width: int, frames: int, device: torc
                                                (f"--offload_model {args.offload_model}", args.offload_model is not None))
                                if on) if flags else ""
     if engines is not None and 1 not in layouts:
-        what += " for these engines (DiT batch 2 only; make engines CFG_BATCH=1 STREAM=1 adds batch 1)"
+        aoti = " BACKEND=aoti" if engines.get("backend") == "aoti" else ""
+        what += f" for these engines (DiT batch 2 only; make engines{aoti} CFG_BATCH=1 STREAM=1 adds batch 1)"
     if blocks is not None and not blocks < preset.dit.num_layers:
         raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
                          f"resident, or drop --offload")
