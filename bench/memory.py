@@ -11,6 +11,10 @@
 4. The VAE decode at 720p/81 frames per latent tile size (bf16, models/sizes.py; its estimate is checked against
    the live bytes of the meta-built 14B VAE in the tests), and the seams measured on this machine: the tiled
    decode of --preset's VAE (random weights) against the untiled one, PSNR and max abs, per tile size.
+5. With --aoti: --preset's batch-2 DiT step as one AOTInductor package and as STREAM=1's embed, block and head
+   packages (export/aoti_stream.py), built in child processes: the streamed build's seconds, the step's median
+   time with all blocks resident and none (every block copied into a slot per step), and the streamed outputs
+   against the whole package's.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ LIGHTX2V_4090 = "2169-2473 s end to end, 720p I2V-14B, FP8 + block offload, 18-2
 def add_args(ap) -> None:
     ap.add_argument("--preset", default="small", choices=("tiny", "small"), help="the model measured in part 3")
     ap.add_argument("--steps", type=int, default=2, help="denoising steps of the measured runs")
+    ap.add_argument("--aoti", action="store_true", help="part 5: the AOTInductor DiT step whole and streamed "
+                                                        "(compiles it twice: minutes)")
 
 
 def plans_14b() -> list[dict]:
@@ -131,11 +137,48 @@ def vae_tiles(s, preset_name: str) -> dict:
     return {"decode_720p": peak, "seams": seams, "seam_latent": list(z.shape[2:])}
 
 
+def aoti_streamed(s, preset_name: str, reps: int = 5) -> dict:
+    """Part 5: the DiT step (dit_b2, the preset's first static shape) as a whole package and streamed."""
+    import shutil
+    import statistics
+
+    from flf2v.export import contracts as C
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.aoti_backend import AotiBackend
+
+    from .measure import run_module, timed
+    ckpt = s.checkpoint(preset_name)
+    preset = ck.preset_for(ckpt)
+    shape = next(iter(C.engine_shapes(preset).values()))
+    graph = C.get_graph(preset, shape, "fp32", "dit_b2")
+    inputs, out = C.sample_inputs(graph, seed=1), {"shape": shape.name, "tokens": M.Video(
+        preset, shape.height, shape.width, shape.frame_num).tokens, "blocks": preset.dit.num_layers}
+    runs, whole, streamed = {}, s.work / f"aoti-{preset_name}", s.work / f"aoti-stream-{preset_name}"
+    build = ("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "aoti", "--precision", "fp32", "--preset",
+             shape.name, "--quiet", "--out")
+    run_module(*build, str(whole))  # the whole folder (a backend opens complete folders only)
+    shutil.rmtree(streamed, ignore_errors=True)
+    shutil.copytree(whole, streamed)  # and its DiT step rebuilt streamed, the other packages still current
+    out["streamed_build_s"] = round(run_module(*build, str(streamed), "--graphs", "dit_b2", "--weight_streaming",
+                                               "--force"), 1)
+    for name, folder, resident in (("whole", whole, None), ("streamed", streamed, None),
+                                   ("streamed, 0 resident", streamed, 0)):
+        backend = AotiBackend(folder, ckpt, preset, resident_blocks=resident)
+        runs[name] = backend._run("dit_b2", inputs)  # warm-up: packages loaded, blocks read
+        times = [timed(lambda: backend._run("dit_b2", inputs))[0] for _ in range(reps)]
+        out[f"{name}_step_s"] = round(statistics.median(times), 4)
+    for name in ("streamed", "streamed, 0 resident"):
+        out[f"{name}_max_abs_vs_whole"] = max((a - b).abs().max().item() for a, b in zip(runs[name], runs["whole"]))
+    return out
+
+
 def run(s) -> Report:
     a = s.args
     result = {"plans_14b": plans_14b(), "rtx4090_720p": [time_24gb(q) for q in ("none", "fp8")],
               "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps,
               "vae_tiles": vae_tiles(s, a.preset)}
+    if a.aoti:
+        result["aoti_streamed"] = aoti_streamed(s, a.preset)
     return Report("memory plans", result, markdown(result, a.preset))
 
 
@@ -164,5 +207,15 @@ def markdown(r: dict, preset: str) -> list[str]:
                                                 for t in v["decode_720p"]], left=1)
     body += [""] + table(["tile", "PSNR dB vs untiled", "max abs"],
                          [[t["tile"], f"{t['psnr_db']:.1f}", f"{t['max_abs']:.3f}"] for t in v["seams"]])
+    if "aoti_streamed" in r:
+        a = r["aoti_streamed"]
+        body += ["", f"## 5. AOTInductor DiT step (`dit_b2`, {a['shape']}: {a['tokens']} tokens, {a['blocks']} blocks), "
+                 f"fp32, whole package vs STREAM=1 (median of 5 after a warm-up)", ""]
+        body += table(["packages", "build s", "step s", "max abs vs whole"],
+                      [["whole", "-", a["whole_step_s"], "-"],
+                       ["streamed, all resident", a["streamed_build_s"], a["streamed_step_s"],
+                        f"{a['streamed_max_abs_vs_whole']:.1e}"],
+                       ["streamed, 0 resident", "-", a["streamed, 0 resident_step_s"],
+                        f"{a['streamed, 0 resident_max_abs_vs_whole']:.1e}"]])
     return body
 
