@@ -218,10 +218,14 @@ def test_streamed_dit_step_equals_the_network_whatever_the_blocks_resident(strea
 
 def test_cli_streams_aoti_blocks_as_planned(streamed_engines, tiny_aoti_engines, tiny_ckpt, demo_frames, tmp_path,
                                             monkeypatch, capsys):
-    """--offload blocks:1 on a STREAM=1 aoti folder: the plan keeps one block on the device, recorded in
-    --metrics, and the video is the all-resident one; a folder without streaming refuses it in one line."""
+    """--offload blocks:1 on a STREAM=1 aoti folder: the backend opens with the plan's one resident block (the
+    video alone could not tell: streaming changes no bit), recorded in --metrics, and the video is the
+    all-resident one; a folder without streaming refuses it in one line."""
     from helpers import saved_videos
-    saved = saved_videos(monkeypatch)
+
+    from flf2v.runtime import backends as B
+    saved, opened, real_open = saved_videos(monkeypatch), [], B.open_backend
+    monkeypatch.setattr(B, "open_backend", lambda *a, **options: opened.append(options) or real_open(*a, **options))
 
     def args(folder, out, *extra):
         a = [x for x in _args(tiny_ckpt, demo_frames, out, "--engines", str(folder), *extra) if x != "torch"]
@@ -233,6 +237,7 @@ def test_cli_streams_aoti_blocks_as_planned(streamed_engines, tiny_aoti_engines,
     assert run(args(streamed_engines, out, "--offload", "blocks:1", "--metrics", str(metrics))) == 0
     plan = json.loads(metrics.read_text())["memory_plan"]
     assert plan["blocks"] == 1 and plan["offload_model"], plan
+    assert [o.get("resident_blocks") for o in opened] == [None, 1], opened
     a, b = saved[str(ref)], saved[str(out)]
     assert torch.equal(a, b), f"max abs {(a - b).abs().max().item():.3g}"
     capsys.readouterr()
