@@ -147,12 +147,12 @@ def _md_aoti(d, m):
                   f"Tiny AOTI folder (bf16): build {_f(t.get('build_s'), '{:.1f}')} s, {_f(t.get('folder_mib'), '{:.1f}')} "
                   f"MiB, first video {_f(t.get('first_run_s'), '{:.1f}')} s, {t.get('steps_captured')} steps captured, "
                   f"video vs torch bf16 max rel {_f((t.get('video_vs_torch_bf16') or {}).get('max_rel'), '{:.2e}')}",
-                  "", _md_streamed(t.get("streamed") or {})]
+                  *(["", _md_streamed(t["streamed"])] if "streamed" in t else [])]
 
 
 def _md_streamed(s):
-    if not s or s.get("error"):
-        return f"STREAM=1 (streamed blocks): {s.get('error') or 'not run'}"
+    if s.get("error"):
+        return f"STREAM=1 (streamed blocks): {s['error']}"
     return (f"STREAM=1, no block resident: DiT build {_f(s.get('build_s'), '{:.1f}')} s, first video "
             f"{_f(s.get('first_run_s'), '{:.1f}')} s, {s.get('block_copies')} block copies, video vs the whole "
             f"packages max rel {_f((s.get('video_vs_whole') or {}).get('max_rel'), '{:.2e}')}")
