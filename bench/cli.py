@@ -9,6 +9,7 @@
     flf2v-bench export-memory --work DIR [--source lazy|ckpt] (peak RSS and time of the full-size DiT export)
     flf2v-bench load-layouts [--layers 4]               (DiT load time and peak RSS per checkpoint layout)
     flf2v-bench quant [--preset small] [--layers 2]     (FP8 linears: per-layer error, 14B slice, scales, floors)
+    flf2v-bench quant --ckpt_dir CKPT [--layers 2]      (the FP8 quality gate on a checkpoint's first blocks)
     flf2v-bench memory [--preset small] [--steps 2]     (memory plans: 14B per card, 4090 time model, measured runs)
 Every mode also takes --out DIR, --work DIR, --idle_wait S and -v / -q. Each waits (up to --idle_wait
 seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machine>-<date>.json and .md
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 from flf2v.log import setup as setup_logging
+from flf2v.models.layouts import CheckpointError
 
 from . import cache, compare, export_memory, fewstep, kernels, load_layouts, memory, parallel, quant
-from .measure import BUSY_PER_CPU, ChildFailed, load_avg, wait_for_idle
+from .measure import BUSY_PER_CPU, BadInput, ChildFailed, load_avg, wait_for_idle
 from .report import machine_info, write
 
 # Checkpoints and engines of the stage comparison persist here between runs: flf2v-build skips current
@@ -116,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         report = MODES[name].run(session)
         if session.load is not None:
             session.load["after"] = load_avg()
-        paths = report and write(report, name, getattr(args, "preset", None), session.machine, session.load, args.out)
+        preset = report and (report.preset or getattr(args, "preset", None))
+        paths = report and write(report, name, preset, session.machine, session.load, args.out)
     except ChildFailed as e:  # a build or calibration in a child process: its error is the message
         print(f"flf2v-bench: error: {e}", file=sys.stderr)
         return 1
+    except (BadInput, CheckpointError) as e:  # the user's flags or files, checked before any weight is read
+        print(f"flf2v-bench{' ' + name if name else ''}: error: {e}", file=sys.stderr)
+        return 2
     finally:
         session.close()
     if paths:

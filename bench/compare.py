@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import cost
-from .measure import Stats, load_avg, rss_bytes
+from .measure import BadInput, Stats, load_avg, rss_bytes
 from .report import GiB, STAGE_LABELS, Report, num, table
 from .runners import BACKENDS, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
 
@@ -220,7 +220,7 @@ def _job(s, bp: BenchPreset, device, dtype, steps: int, repeats: int, interleave
     from flf2v.models.config import get_preset
     preset = get_preset(bp.model)
     if bp.gpu_only and not s.args.ckpt_dir:
-        raise SystemExit(f"flf2v-bench: error: --preset {s.args.preset} needs --ckpt_dir (the real checkpoint)")
+        raise BadInput(f"--preset {s.args.preset} needs --ckpt_dir (the real checkpoint)")
     width, height = (int(v) for v in bp.size.split("*"))
     job = Job(Path(s.args.ckpt_dir) if s.args.ckpt_dir else s.checkpoint(bp.model), preset, width, height,
               bp.frames, steps, preset.sample_shift, preset.sample_guide_scale)
@@ -242,7 +242,7 @@ def run(s) -> Report | None:
         return None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if bp.gpu_only and device.type != "cuda":
-        raise SystemExit(f"flf2v-bench: error: --preset {args.preset} needs a CUDA GPU; use tiny or small here")
+        raise BadInput(f"--preset {args.preset} needs a CUDA GPU; use tiny or small here")
     from flf2v.export.contracts import COMPUTE_DTYPE
     dtype = COMPUTE_DTYPE[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     quiet_transformers()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import shutil
 import tempfile
@@ -25,10 +24,8 @@ import torch
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
 
-from .measure import timed
+from .measure import BadInput, timed
 from .report import Report, table
-
-log = logging.getLogger("flf2v.bench")
 
 
 def add_args(ap) -> None:
@@ -148,8 +145,7 @@ def run(s) -> Report:
     free, scale = shutil.disk_usage(s.work).free, (a.layers or 40) / 40
     need = scale * (33 + (33 if a.ckpt_dtype == "bf16" else 66) * (a.source == "ckpt")) * 10**9
     if free < need * 1.05:
-        log.error("%.0f GB free at %s, %.0f GB needed", free / 1e9, s.work, need / 1e9)
-        raise SystemExit(2)
+        raise BadInput(f"{free / 1e9:.0f} GB free at {s.work}, {need / 1e9:.0f} GB needed; give --work a larger disk")
     work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=s.work))
     s.settle()
     try:

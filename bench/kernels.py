@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .measure import BadInput
 from .report import Report, num, table
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -216,7 +217,7 @@ MD_HEADER = ["kernel", "ms", "TFLOP/s", "rel err vs reference", "rel err vs fp64
 def run(s) -> Report:
     a = s.args
     if not torch.cuda.is_available():
-        raise SystemExit("flf2v-bench kernels: error: needs a CUDA GPU")
+        raise BadInput("needs a CUDA GPU; run it on a machine with an NVIDIA GPU")
     torch.cuda.init()
     dtype, b, n, h, d = DTYPES[a.dtype], a.batch, a.seq, a.heads, a.head_dim
     s.settle()

@@ -65,6 +65,10 @@ class ChildFailed(RuntimeError):
     """A child process of the benchmark failed; the message ends with its output."""
 
 
+class BadInput(ValueError):
+    """A flag or file the user gave cannot run here: flf2v-bench says so in one line and exits 2."""
+
+
 def run_module(module: str, *args, show_progress: bool = False) -> float:
     """Seconds of `python -c 'from <module> import main; main(args)'` in a child process (an export's memory is
     then not this process's); ChildFailed with the end of its output when it fails."""

@@ -8,11 +8,16 @@ published per-layer statistics of Wan 14B's weights). 3. Per-channel vs 128x128 
 and layer output errors against fp32 (--preset: every block; 14B slice: block 0). 4. Median of 3 forwards of
 --preset's DiT in fp32 / bf16 / fp8 on this CPU and their weight bytes. 5. The 720p 81-frame 50-step CFG denoise
 floors on H100 / H200 with linears and/or attention at the 8-bit rate (cost.dit_split_floor).
+
+`flf2v-bench quant --ckpt_dir CKPT [--layers 2] [--tokens 256] [--device cuda]`: the quality gate on a user's
+own checkpoint (any layout) instead: its DiT cut to its first --layers blocks (the rest never read), random
+inputs, parts 1 and 3, and the gate's verdict per line (fp8 vs bf16 within 16x bf16 vs fp32, as in the README).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import statistics
 import time
@@ -26,20 +31,30 @@ from flf2v.models.quant import (BLOCK_LINEARS, block_linear_names, capture_input
                                 quantize_dit, quantize_tokens, quantize_weight)
 
 from . import cost
-from .measure import timed
+from .measure import BadInput, timed
 from .report import Report, table
+
+log = logging.getLogger("flf2v.bench")
 
 LATENT_720P = (21, 90, 160)  # 81 frames at 1280x720
 FLOOR_RUNS = {"bf16": ("bf16", "bf16"), "fp8 linears": ("fp8", "bf16"), "8-bit attention": ("bf16", "fp8"),
               "both": ("fp8", "fp8")}
 ISSUE_H100 = {"bf16": 662, "fp8 linears": 570, "both": 330}  # the issue's figures
 BLOCK = 128
+# The gate (README "8-bit"): e4m3 keeps 3 mantissa bits, bf16 7, so fp8's rounding is 2^4 = 16x bf16's; per layer
+# 25% slack (measured 15.5x on `small`); 1 - cosine goes with the error's square: 256x
+FORMAT_RATIO, LAYER_SLACK = 16.0, 1.25
 
 
 def add_args(ap) -> None:
     ap.add_argument("--preset", default="small", choices=("tiny", "small"), help="the DiT of parts 1 and 4")
     ap.add_argument("--layers", type=int, default=2, help="blocks of the full-width 14B slice (the model has 40)")
     ap.add_argument("--tokens", type=int, default=256, help="video tokens of the DiT inputs (set by the latent)")
+    ap.add_argument("--ckpt_dir", default=None,
+                    help="a Wan2.1 checkpoint (official, diffusers or ComfyUI files): the gate on its DiT's first "
+                         "--layers blocks, real weights, instead of the random-weight parts (fp32, bf16 and fp8 "
+                         "copies: about 7 bytes per weight, 7.3 GB for 2 blocks of the 14B, 2.8 GB per block more)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where --ckpt_dir's slice runs")
 
 
 def latent_for(tokens: int) -> tuple[int, int, int]:
@@ -73,27 +88,42 @@ def by_kind(errors: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 @torch.no_grad()
-def preset_quality(ckpt, preset, latent) -> tuple[dict, dict]:
-    """Part 1 (and 3 on it) -> (result, the four loaded DiTs by name)."""
+def preset_quality(ckpt, preset, latent, layers: int | None = None, device="cpu", rest32: bool = True
+                   ) -> tuple[dict, dict]:
+    """Part 1 (and 3 on it) -> (result, the loaded DiTs by name): the checkpoint's DiT, or its first `layers`
+    blocks; `rest32`: also fp8 linears with the rest in fp32."""
     from flf2v.models.lora import load_dit
-    nets = {"fp32": load_dit(ckpt, torch.float32, preset), "bf16": load_dit(ckpt, torch.bfloat16, preset),
-            "fp8": load_dit(ckpt, torch.bfloat16, preset, quant="fp8"),
-            "fp8 (fp32 rest)": load_dit(ckpt, torch.float32, preset, quant="fp8")}
-    args, outs = dit_inputs(preset.dit, latent), {}
+    runs = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "fp8": (torch.bfloat16, "fp8")}
+    runs |= {"fp8 (fp32 rest)": (torch.float32, "fp8")} if rest32 else {}
+    nets = {k: load_dit(ckpt, dt, preset, layers=layers, quant=q).to(device) for k, (dt, q) in runs.items()}
+    args, outs = tuple(t.to(device) for t in dit_inputs(nets["fp32"].cfg, latent)), {}
     inputs = capture_inputs(nets["bf16"], lambda: outs.setdefault("bf16", nets["bf16"](*args)),
                             block_linear_names(nets["bf16"]))
     outs |= {k: n(*args) for k, n in nets.items() if k != "bf16"}
     as32 = {k: v.float() for k, v in inputs.items()}
     layers = {"bf16 vs fp32": layer_errors(nets["fp32"], nets["bf16"], inputs),
               "fp8 vs fp32": layer_errors(nets["fp32"], nets["fp8"], inputs),
-              "fp8 (fp32 rest) vs fp32": layer_errors(nets["fp32"], nets["fp8 (fp32 rest)"], as32),
               "fp8 vs bf16": layer_errors(nets["bf16"], nets["fp8"], inputs)}
+    if rest32:
+        layers["fp8 (fp32 rest) vs fp32"] = layer_errors(nets["fp32"], nets["fp8 (fp32 rest)"], as32)
     output = {f"{k} vs fp32": compare(o, outs["fp32"]) for k, o in outs.items() if k != "fp32"}
     output["fp8 vs bf16"] = compare(outs["fp8"], outs["bf16"])
     res = {"latent": latent, "tokens": cost.dit_tokens(preset.dit, latent),
            "layers": {k: by_kind(v) for k, v in layers.items()}, "output": output,
            "scales": scale_errors(nets["bf16"], inputs)}
+    res["gate"] = gate(layers["fp8 vs bf16"], layers["bf16 vs fp32"], output)
     return res, nets
+
+
+def gate(fp8: dict[str, float], bf16: dict[str, float], output: dict) -> dict[str, dict]:
+    """The README's quality gate on one run: per line fp8 vs bf16, bf16 vs fp32, their ratio, the bound."""
+    worst = max(fp8, key=lambda n: fp8[n] / max(bf16[n], 1e-30))
+    o8, ob = output["fp8 vs bf16"], output["bf16 vs fp32"]
+    lines = {f"worst layer ({worst}), rel": (fp8[worst], bf16[worst], LAYER_SLACK * FORMAT_RATIO),
+             "DiT output, rel": (o8["rel"], ob["rel"], FORMAT_RATIO),
+             "DiT output, 1 - cosine": (1 - o8["cos"], 1 - ob["cos"], FORMAT_RATIO ** 2)}
+    return {k: {"fp8_vs_bf16": a, "bf16_vs_fp32": b, "ratio": a / b if b > 0 else math.inf, "bound": r,
+                "pass": a <= r * b} for k, (a, b, r) in lines.items()}
 
 
 def full_width_dit(cfg, heavy: bool, seed: int = 0) -> WanDiT:
@@ -183,8 +213,31 @@ def kept_scales(full: dict) -> str:
     return "128x128 blockwise" if better else "per-channel"
 
 
+def checkpoint_run(s) -> Report:
+    """--ckpt_dir: the gate on the first --layers blocks of the user's DiT (parts 1 and 3, real weights)."""
+    from flf2v.models.checkpoint import CheckpointError, preset_for, read_dit_config
+    a, t0 = s.args, time.perf_counter()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA GPU visible here; use --device cpu")
+    preset = preset_for(a.ckpt_dir)  # CheckpointError, one line, before any weight is read
+    blocks = read_dit_config(a.ckpt_dir, preset.dit).num_layers
+    if not 0 < a.layers <= blocks:
+        raise CheckpointError(f"--layers {a.layers}: the DiT of {a.ckpt_dir} has {blocks} blocks; give 1 to {blocks}")
+    log.info("quant: %s, first %d of %d blocks, %d tokens, on %s", a.ckpt_dir, a.layers, blocks, a.tokens, a.device)
+    dit, _ = preset_quality(a.ckpt_dir, preset, latent_for(a.tokens), a.layers, torch.device(a.device), rest32=False)
+    result = {"ckpt_dir": str(a.ckpt_dir), "model": preset.name, "layers": a.layers, "of_blocks": blocks,
+              "device": a.device, "dit": dit, "seconds": round(time.perf_counter() - t0, 1)}
+    return Report("FP8 linears: the quality gate on a checkpoint", result, checkpoint_markdown(result),
+                  preset=f"checkpoint-{preset.name}")
+
+
 def run(s) -> Report:
     a = s.args
+    for flag, v in (("--layers", a.layers), ("--tokens", a.tokens)):
+        if v < 1:
+            raise BadInput(f"{flag} {v}: give a positive number")
+    if a.ckpt_dir:
+        return checkpoint_run(s)
     preset, latent = get_preset(a.preset), latent_for(a.tokens)
     t0 = time.perf_counter()
     dit, nets = preset_quality(s.checkpoint(a.preset), preset, latent)
@@ -201,13 +254,15 @@ def _mm(v: dict) -> str:
     return f"{v['mean']:.4f} / {v['max']:.4f}"
 
 
-def _quality_lines(dit: dict, full: dict, preset: str) -> list[str]:
+def _quality_lines(dit: dict, full: dict | None, preset: str) -> list[str]:
     cols = list(dit["layers"])
     md = [f"## Per-layer relative error, `{preset}` DiT ({dit['tokens']} tokens), mean / max over blocks", ""]
     md += table(["layer", *cols], [[k, *(_mm(dit["layers"][c][k]) for c in cols)] for k in BLOCK_LINEARS])
     md += ["", "DiT output against the reference:", ""]
     md += table(["run", "rel. error", "cosine"], [[k, f"{v['rel']:.4f}", f"{v['cos']:.6f}"]
                                                    for k, v in dit["output"].items()])
+    if full is None:
+        return md
     dists = full["by_weights"]
     md += ["", f"## Full-width FLF2V-14B DiT, {full['layers']} blocks, {full['tokens']} tokens: fp8 vs bf16", "",
            "Random weights: nn's default init, and a Student-t (df 3) of the same std for the blocks' linears, as "
@@ -276,3 +331,18 @@ def _says(r: dict) -> list[str]:
 def markdown(r: dict, preset: str) -> list[str]:
     return (_quality_lines(r["dit"], r["full_width"], preset) + _scale_lines(r, preset) + _cost_lines(r, preset)
             + _says(r))
+
+
+def checkpoint_markdown(r: dict) -> list[str]:
+    dit, g = r["dit"], r["dit"]["gate"]
+    md = [f"Checkpoint `{r['ckpt_dir']}` ({r['model']}): its DiT's first {r['layers']} of {r['of_blocks']} "
+          f"blocks, {dit['tokens']} tokens of random inputs, on {r['device']}; {r['seconds']:.0f} s.", ""]
+    md += _quality_lines(dit, None, "checkpoint")
+    md += ["", "## The quality gate (fp8 vs bf16 within the bound x bf16 vs fp32)", ""]
+    md += table(["line", "fp8 vs bf16", "bf16 vs fp32", "ratio", "bound", "verdict"], [
+        [k, f"{v['fp8_vs_bf16']:.3g}", f"{v['bf16_vs_fp32']:.3g}", f"{v['ratio']:.1f}x", f"{v['bound']:g}x",
+         "pass" if v["pass"] else "**fail**"] for k, v in g.items()])
+    md += ["", "## Per-channel vs 128x128 blockwise weight scales (mean over blocks)", ""]
+    md += table(["layer", *dit["scales"]], [[k, *(f"{v[k]:.4f}" for v in dit["scales"].values())]
+                                           for k in BLOCK_LINEARS])
+    return md + ["", "Random inputs: a real prompt's and video's activations can have outlier channels these lack."]

@@ -121,6 +121,7 @@ class Report:
     result: dict
     body: list[str] = field(default_factory=list)
     chart: bool = False
+    preset: str | None = None  # in the file name and heading instead of --preset's (quant --ckpt_dir's model)
 
 
 def write(report: Report, mode: str, preset: str | None, machine: dict, load: dict | None, out) -> dict:

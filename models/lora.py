@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -262,13 +262,30 @@ def merged_source(source: dict[str, Callable[[], torch.Tensor]],
     return {k: getter(k, g) if k in terms else g for k, g in source.items()}
 
 
-def load_dit(ckpt_dir, dtype=torch.float32, preset=None, loras=(), **kw) -> torch.nn.Module:
-    """checkpoint.load_dit with `loras` ([(LoRA, scale)]) merged into the weights as they stream in."""
+def load_dit(ckpt_dir, dtype=torch.float32, preset=None, loras=(), layers: int | None = None,
+             blocks_only: bool = False, **kw) -> torch.nn.Module:
+    """checkpoint.load_dit with `loras` ([(LoRA, scale)]) merged into the weights as they stream in.
+    `layers`: the DiT cut to its first `layers` blocks (a slice to measure at full width); `blocks_only`: the
+    blocks' ModuleList alone (streamed AOTInductor packages hold the rest). What is left out is never read."""
     preset = preset or ck.preset_for(ckpt_dir)
     source, origin, ignore = ck.tensor_source(ckpt_dir, "dit", preset)
     model = ck.build_meta(ckpt_dir, "dit", preset, **kw)
-    source = merged_source(source, loras) if loras else source
-    return ck.fill(model, ck.as_quantized(model, source), dtype, origin, ignore)
+    source = ck.as_quantized(model, merged_source(source, loras) if loras else source)
+    if layers is not None:
+        source = _cut(model, source, layers)
+    if blocks_only:
+        model = model.blocks
+        source = {k.removeprefix("blocks."): g for k, g in source.items() if k.startswith("blocks.")}
+    return ck.fill(model, source, dtype, origin, ignore)
+
+
+def _cut(model: torch.nn.Module, source: dict, layers: int) -> dict:
+    """`model` (meta) cut to its first `layers` blocks; `source` without the other blocks' tensors."""
+    if not 0 < layers <= len(model.blocks):
+        raise ValueError(f"layers={layers}: the DiT has {len(model.blocks)} blocks; give 1 to {len(model.blocks)}")
+    model.blocks = model.blocks[:layers]
+    model.cfg = replace(model.cfg, num_layers=layers)
+    return {k: g for k, g in source.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < layers}
 
 
 def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:

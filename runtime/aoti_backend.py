@@ -114,7 +114,7 @@ class AotiBackend(EngineBackend):
             from .memory_plan import PINNED_SHARE, host_memory
             from .offload import StreamedBlocks
             blocks = load_dit(self.ckpt_dir, COMPUTE_DTYPE[self.manifest["precision"]], self.preset, self.loras,
-                              quant=self.quant).blocks
+                              blocks_only=True, quant=self.quant)
             self.blocks = blocks.to(self.device) if self.resident_blocks is None else StreamedBlocks(
                 blocks, self.resident_blocks, self.device, int(PINNED_SHARE * host_memory()))
         return self.blocks

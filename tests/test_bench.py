@@ -464,6 +464,43 @@ def test_quant_mode_floors_split_and_layer_errors():
     assert q.rel(q.dequantize(*q.quantize_weight(w, 128), 128), w) < 0.04
 
 
+def test_quant_checkpoint_mode_gates_the_checkpoints_first_blocks(tiny_ckpt, tmp_path, capsys):
+    """`flf2v-bench quant --ckpt_dir`: the output errors it reports are those of the whole DiT cut after loading
+    to its first block (fp32, bf16 and FP8 loads), the gate passes on random weights, and bad flags get one line
+    and exit 2 before any weight is read."""
+    from flf2v.bench import quant as q
+    from flf2v.bench.cli import main
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.lora import load_dit
+
+    common = ["--out", str(tmp_path), "--idle_wait", "0", "-q"]
+    assert main(["quant", "--ckpt_dir", str(tiny_ckpt), "--layers", "1", "--tokens", "64", *common]) == 0
+    res = json.loads(next(tmp_path.glob("quant-checkpoint-tiny-*.json")).read_text())
+    assert (res["layers"], res["of_blocks"], res["dit"]["tokens"]) == (1, 2, 64)
+    nets = {"fp32": ck.load_dit(tiny_ckpt), "bf16": ck.load_dit(tiny_ckpt, torch.bfloat16),
+            "fp8": load_dit(tiny_ckpt, torch.bfloat16, quant="fp8")}
+    args = q.dit_inputs(nets["fp32"].cfg, q.latent_for(64))
+    with torch.no_grad():
+        out = {}
+        for name, net in nets.items():
+            net.blocks = net.blocks[:1]
+            out[name] = net(*args).float()
+    for a, b in (("bf16", "fp32"), ("fp8", "bf16")):
+        want = ((out[a] - out[b]).norm() / out[b].norm()).item()
+        got = res["dit"]["output"][f"{a} vs {b}"]["rel"]
+        assert close(got, want, 1e-5), f"{a} vs {b}: reported rel {got!r}, the cut whole DiT gives {want!r}"
+    gate = res["dit"]["gate"]
+    assert len(gate) == 3 and all(v["pass"] for v in gate.values()), gate
+    assert 4 < gate["DiT output, rel"]["ratio"] < 16, gate  # fp8 is coarser than bf16, within the format ratio
+    for bad, says in ((["--layers", "3"], "has 2 blocks; give 1 to 2"), (["--tokens", "0"], "--tokens 0")):
+        capsys.readouterr()
+        assert main(["quant", "--ckpt_dir", str(tiny_ckpt), *bad, *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert main(["quant", "--ckpt_dir", str(tmp_path / "none"), *common]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
 def test_memory_mode_plans_and_measured_runs(tmp_path):
     """flf2v-bench memory on tiny: every plan's video equals the resident one, the streamed DiT holds fewer bytes
     on the compute device in the loop, and the 4090 time model adds what the copies do not hide."""

@@ -57,6 +57,47 @@ def test_loaders_read_the_files(tiny_ckpt):
     _assert_same(ck.load_vae(tiny_ckpt), torch.load(tiny_ckpt / ck.VAE_FILE, weights_only=True))
 
 
+def _reading(monkeypatch) -> set:
+    """The DiT keys the loaders read from here on (ck.tensor_source's getters, wrapped)."""
+    read, real = set(), ck.tensor_source
+
+    def recording(*args, **kw):
+        source, origin, ignore = real(*args, **kw)
+        wrap = lambda k, g: lambda: read.add(k) or g()  # noqa: E731
+        return {k: wrap(k, g) for k, g in source.items()}, origin, ignore
+    monkeypatch.setattr(ck, "tensor_source", recording)
+    return read
+
+
+def test_dit_slice_and_blocks_read_only_their_weights(tiny_ckpt, monkeypatch):
+    """`layers=1` is the whole DiT's first block with its embeddings and head (same weights, same output as
+    the whole DiT cut after loading), `blocks_only` the blocks alone; neither reads what it leaves out."""
+    from flf2v.models.lora import load_dit
+    from flf2v.models.quant import FP8Linear
+    whole = ck.load_dit(tiny_ckpt)
+    read = _reading(monkeypatch)
+    part = load_dit(tiny_ckpt, layers=1)
+    assert len(part.blocks) == 1 and part.cfg.num_layers == 1 and whole.cfg.num_layers == 2
+    assert read and not any(k.startswith("blocks.1.") for k in read), sorted(read)
+    _assert_same(part, whole.state_dict())
+    g = torch.Generator().manual_seed(0)
+    cfg = whole.cfg
+    args = (torch.randn(1, 16, 2, 8, 8, generator=g), torch.tensor([700]), torch.randn(1, cfg.text_len, cfg.text_dim,
+            generator=g), torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g),
+            torch.randn(1, cfg.in_dim - 16, 2, 8, 8, generator=g))
+    whole.blocks = whole.blocks[:1]
+    with torch.no_grad():
+        a, b = part(*args), whole(*args)
+    assert torch.equal(a, b), f"slice vs cut whole DiT: max abs {(a - b).abs().max():.3g}"
+    read.clear()
+    blocks = load_dit(tiny_ckpt, blocks_only=True, quant="fp8")
+    assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) == 2 and isinstance(blocks[1].ffn[0], FP8Linear)
+    assert read and all(k.startswith("blocks.") for k in read), sorted(k for k in read if not k.startswith("blocks."))
+    _assert_same(blocks, {k.removeprefix("blocks."): v for k, v in load_dit(tiny_ckpt, quant="fp8").state_dict().items()})
+    with pytest.raises(ValueError, match="layers=3: the DiT has 2 blocks"):
+        load_dit(tiny_ckpt, layers=3)
+
+
 def test_bf16_load_keeps_fp32_tables(tiny_ckpt):
     dit = ck.load_dit(tiny_ckpt, torch.bfloat16)
     assert {p.dtype for p in dit.parameters()} == {torch.bfloat16}

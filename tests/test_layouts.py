@@ -346,3 +346,17 @@ def test_build_takes_the_files_and_records_the_layout(layouts, tmp_path, capsys,
     m = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert m["checkpoint"]["layout"] == "comfyui" and m["checkpoint"]["dtypes"]["dit"] == "float32", m["checkpoint"]
     assert m["checkpoint"]["fingerprint"] == content_fingerprint(layouts["official"])
+
+
+def test_quant_gate_on_a_checkpoint_reads_every_layout(layouts, tmp_path):
+    """`flf2v-bench quant --ckpt_dir` on the same weights in the three layouts reports the same errors."""
+    import json
+
+    from flf2v.bench.cli import main
+    got = {}
+    for name in ("official", "diffusers", "comfyui"):
+        out = tmp_path / name
+        assert main(["quant", "--ckpt_dir", str(layouts[name]), "--layers", "1", "--tokens", "32", "--out", str(out),
+                     "--idle_wait", "0", "-q"]) == 0
+        got[name] = json.loads(next(out.glob("*.json")).read_text())["dit"]["output"]
+    assert got["diffusers"] == got["official"] == got["comfyui"], got
