@@ -94,7 +94,7 @@ demo: setup
 	  --save_file $(DEMO)/flf2v_tiny.mp4 --metrics $(DEMO)/metrics.json
 
 # make engines CKPT=<checkpoint dir> [PRESET=dynamic|dynamic-480p|720p|<W>x<H>x<frames>] [PRECISION=bf16|fp32]
-#              [ENGINES=<folder>] [ATTENTION=plugin] [QUANT=fp8] [STREAM=1] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
+#              [ENGINES=<folder>] [ATTENTION=plugin|sage] [QUANT=fp8] [STREAM=1] [LORA="a.safetensors[:SCALE] ..."] [BACKEND=aoti] [CFG_BATCH=both] [FORCE=1]
 #              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
 #               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
 #               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;

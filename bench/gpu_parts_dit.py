@@ -351,7 +351,7 @@ class TinyEngines:
 
 
 def _variant(v: dict, tiny: TinyEngines) -> None:
-    if v["attention"] == "plugin":
+    if v["attention"] in ("plugin", "sage"):
         from flf2v.kernels.trt_plugin import register_plugins
         register_plugins()
     if v["shape"].endswith("largest-tactic"):  # the launch at the most shared memory
@@ -372,6 +372,7 @@ def part_trt_tiny(run, data: dict, part_end: float) -> None:
         backend, graphs = "trt", ["dit_b1", "dit_b2"]
         variants = [(p, "onnx", "tiny") for p in ("fp32", "bf16")] + [("bf16", "onnx", "dynamic")]
         variants += [(p, "plugin", "tiny") for p in ("fp32", "bf16")] + [("bf16", "plugin", "tiny-largest-tactic")]
+        variants += [("bf16", "sage", "tiny")]  # the 8-bit plugin: within the bf16 engine tolerance of exact
     else:
         backend, graphs = "ort", ["dit_b2"]
         variants = [("fp32", "onnx", "tiny"), ("fp32", "onnx", "dynamic")]

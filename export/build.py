@@ -2,7 +2,7 @@
 
     flf2v-build --ckpt_dir CKPT [--preset dynamic|720p|WxHxF] [--precision bf16|fp32] [--backend auto|ort|trt|aoti]
                 [--out DIR] [--opt_level 3] [--cfg_batch 1|2|both] [--graphs t5,clip,...]
-                [--attention onnx|plugin] [--quant none|fp8] [--weight_streaming] [--lora PATH[:SCALE]] [--force]
+                [--attention onnx|plugin|sage] [--quant none|fp8] [--weight_streaming] [--lora PATH[:SCALE]] [--force]
 
 Targets: with TensorRT and a CUDA GPU, `engines/<gpu>-sm<cc>-trt<major.minor>/<key>/<shape>/` (for example
 `engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic/`) holding `<graph>.onnx` and the `<graph>.engine`
@@ -21,9 +21,11 @@ the 480p area (smaller TensorRT activation memory); a static shape (`720p`, `480
 by side. `--attention plugin` (CUDA GPU) builds the DiT with the fused Triton attention kernels instead of
 the backend's own attention (`onnx`, the default): as TensorRT plugins (export/plugins.py,
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
-under `engines/<target>-plugin/<key>/<shape>/`. `--quant fp8` builds the DiT with its blocks' linears in FP8
-(models/quant.py; ONNX Q/DQ, export/qdq.py), under the build key `<model>-<precision>-fp8-<checkpoint>`;
-`--weight_streaming` one whose DiT blocks stream (`-stream`; TensorRT or export/aoti_stream.py).
+under `engines/<target>-plugin/<key>/<shape>/`; `--attention sage` the same with the 8-bit self-attention
+(TensorRT: export/sage_graph.py's quantization ops and the sage plugin), under `engines/<target>-sage/`.
+`--quant fp8` builds the DiT with its blocks' linears in FP8 (models/quant.py; ONNX Q/DQ, export/qdq.py),
+under the build key `<model>-<precision>-fp8-<checkpoint>`; `--weight_streaming` one whose DiT blocks stream
+(`-stream`; TensorRT or export/aoti_stream.py).
 
 The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
 current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
@@ -51,16 +53,15 @@ from flf2v.models.quant import QUANTS
 
 from . import contracts as C
 from . import manifest as M
-from .plugins import ATTENTION as ONNX_ATTENTION
+from .plugins import ATTENTION
 
-ATTENTION = ONNX_ATTENTION + ("sage",)  # sage: the 8-bit Triton self-attention, compiled into AOTI packages
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("models/config.py", "models/checkpoint.py", "models/dit.py", "models/t5.py", "models/clip.py",
               "models/vae.py", "models/quant.py", "export/contracts.py", "export/onnx_export.py", "export/passes.py",
               "export/qdq.py", "export/aoti.py", "export/aoti_stream.py")
 # baked into plugin engines: their DiT keys hash these too
-KERNEL_FILES = ("export/plugins.py", "kernels/common.py", "kernels/attention.py", "kernels/cross_attention.py",
-                "kernels/trt_plugin.py", "kernels/sage_attention.py")
+KERNEL_FILES = ("export/plugins.py", "export/sage_graph.py", "kernels/common.py", "kernels/attention.py",
+                "kernels/cross_attention.py", "kernels/trt_plugin.py", "kernels/sage_attention.py")
 
 
 class BuildError(RuntimeError):
@@ -163,17 +164,14 @@ def resolve_backend(backend: str, attention: str) -> str:
                          f"or use --backend ort")
     if attention not in ATTENTION:
         raise BuildError(f"--attention {attention}: choose one of {', '.join(ATTENTION)}")
-    if attention == "sage" and (backend != "aoti" or _aoti_device().type != "cuda"):
-        raise BuildError("--attention sage is compiled into AOTInductor packages on a CUDA GPU (--backend aoti); "
-                         "its TensorRT plugin is not written yet: run it with flf2v-run --backend torch "
-                         "--attention sage, or build --attention plugin")
-    if attention == "plugin" and backend == "ort":
-        raise BuildError("--attention plugin needs TensorRT or AOTInductor on a CUDA GPU (--backend trt|aoti): the "
-                         "plugin nodes run the Triton kernels, which ONNX Runtime cannot; use --attention onnx")
-    if attention == "plugin" and backend == "aoti" and _aoti_device().type != "cuda":
+    if attention != "onnx" and backend == "ort":
+        raise BuildError(f"--attention {attention} needs TensorRT or AOTInductor on a CUDA GPU (--backend trt|aoti): "
+                         f"the plugin nodes run the Triton kernels, which ONNX Runtime cannot; use --attention onnx"
+                         + (" (or flf2v-run --backend torch --attention sage)" if attention == "sage" else ""))
+    if attention != "onnx" and backend == "aoti" and _aoti_device().type != "cuda":
         # the interpreter's kernels cannot be traced (kernels/ops.py): a CPU package cannot hold them
-        raise BuildError("--backend aoti --attention plugin compiles the Triton kernels into the packages, which "
-                         "needs a CUDA GPU; on this CPU use --attention onnx (C++ attention kernels)")
+        raise BuildError(f"--backend aoti --attention {attention} compiles the Triton kernels into the packages, "
+                         f"which needs a CUDA GPU; on this CPU use --attention onnx (C++ attention kernels)")
     return backend
 
 
@@ -324,8 +322,9 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
           attention: str = "onnx", loras=(), force: bool = False, quant: str = "none",
           weight_streaming: bool = False) -> Path:
-    """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx" or
-    "plugin", TensorRT only) picks the DiT's attention: TensorRT's own, or the flf2v Triton plugins.
+    """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx",
+    "plugin" or "sage"; the last two on a CUDA GPU) picks the DiT's attention: the backend's own, the flf2v
+    Triton kernels, or the 8-bit self-attention.
     `loras`: (path, scale) pairs or "PATH[:SCALE]" strings merged into the DiT (models/lora.py). A folder
     holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
     is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py).
@@ -403,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DiT attention: the backend's own (onnx) or the fused Triton kernels (plugin, CUDA GPU: "
                          "TensorRT plugins, or compiled into AOTI packages; default folder "
                          "engines/<target tag>-plugin/<build key>/<shape>), or the 8-bit Triton self-attention "
-                         "(sage: AOTI packages on a CUDA GPU, engines/<target tag>-sage/...)")
+                         "(sage: TensorRT plugin or AOTI packages on a CUDA GPU, engines/<target tag>-sage/...)")
     ap.add_argument("--quant", default="none", choices=QUANTS,
                     help="fp8: the DiT's block linears in FP8 e4m3 (per-channel weight scales, dynamic per-token "
                          "activation scales; TensorRT on sm89+, AOTInductor, ONNX Runtime on the CPU)")

@@ -36,7 +36,7 @@ from flf2v.models import checkpoint as ck
 from flf2v.models.config import Preset
 from flf2v.models.quant import stored_dtype
 
-from . import passes, plugins, qdq
+from . import passes, plugins, qdq, sage_graph
 from .contracts import OPSET, WEIGHT_PREFIX, Graph, module, sample_inputs
 
 STREAM_BYTES = 1 << 30  # networks with more weight bytes (in the graph dtype) take the streamed route
@@ -84,9 +84,9 @@ def _trace(mod: nn.Module, graph: Graph, args, optimize: bool, attention: str = 
     the root dims of a dynamic graph (contracts.DIMS) -> (min, max); `args` are sample inputs within them."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     table = qdq.translation_table()  # an FP8 DiT's linears -> Q/DQ
-    if attention == "plugin":
-        plugins.check_triton_attention(mod)
-        table.update(plugins.translation_table())
+    if attention in plugins.DIT_ATTENTION:
+        plugins.check_triton_attention(mod, attention)
+        table.update(sage_graph.translation_table())
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(mod, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize,
@@ -242,7 +242,7 @@ def _network_options(graph: Graph, attention: str, quant: str) -> dict:
     no block: it takes neither."""
     if graph.component != "dit" or graph.name.startswith("dit_cached"):
         return {}
-    return {**({"attention": "triton"} if attention == "plugin" else {}),
+    return {**({"attention": plugins.DIT_ATTENTION[attention]} if attention in plugins.DIT_ATTENTION else {}),
             **({"quant": quant} if quant != "none" else {})}
 
 
@@ -269,14 +269,15 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
     checkpoint's tensors on the streamed route (key -> getter; used by the memory benchmark).
     The graph goes through `passes.clean` and, if `check`, `passes.check_graph` (ExportError on failure).
     `attention` (DiT graphs): "onnx", TensorRT's own Attention node, or "plugin", the fused Triton kernels
-    as flf2v TensorRT plugin nodes (plugins.py; TensorRT only, ONNX Runtime cannot run them).
+    as flf2v TensorRT plugin nodes (plugins.py; TensorRT only, ONNX Runtime cannot run them), or "sage", the
+    8-bit self-attention plugin behind its quantization in standard ops (sage_graph.py).
     `ranges` (dynamic graphs, required there): root dim -> (min, max), e.g. `DynamicShape.envelope()`.
     `quant` (DiT graphs, "none" or "fp8"): the blocks' linears as FP8 Q/DQ (qdq.py).
     """
     if attention not in plugins.ATTENTION:
         raise ValueError(f"attention must be one of {plugins.ATTENTION}, got {attention!r}")
-    if attention == "plugin" and graph.component != "dit":
-        raise ValueError(f"attention='plugin' applies to DiT graphs, not {graph.name!r}")
+    if attention != "onnx" and graph.component != "dit":
+        raise ValueError(f"attention={attention!r} applies to DiT graphs, not {graph.name!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.partial-", dir=path.parent))
@@ -296,7 +297,7 @@ def export_graph(graph: Graph, module_or_ckpt, path: str | os.PathLike, *, prese
                 out = export_direct(graph, module(graph, {graph.component: net}), tmp, attention, ranges)
         passes.clean(out, keep_named=WEIGHT_PREFIX if graph.component == "dit" else None)
         if check:
-            problems = passes.check_graph(out, graph, plugins.PLUGINS if attention == "plugin" else ())
+            problems = passes.check_graph(out, graph, plugins.NODES[attention])
             if problems:
                 raise ExportError(f"{graph.name}: " + "; ".join(problems))
         _publish(tmp, path)

@@ -12,6 +12,12 @@ normed x to x's dtype before the weight, as WanRMSNorm does, and multiplies in t
 The plugin ops get ONNX schemas (registered on import) so that the exporter's tracer can emit them, and
 onnx.checker and shape inference know their I/O types: a graph whose plugin node has a wrong dtype, input
 count or missing attribute fails `onnx.checker.check_model(..., full_check=True)`.
+
+`attention="sage"` traces the DiT built with attention="sage" (torch.ops.flf2v.wan_sage_self_attention): its
+self-attention becomes standard ops that norm and rotate q and k, smooth k by its mean over the tokens and
+quantize both per block of rows to int8 with fp32 scales (kernels/sage_attention.py's quantization, written
+again in ONNX), and one wan_sage_attention plugin node, the 8-bit attention kernel; the cross-attention is the
+plugin of attention="plugin".
 """
 from __future__ import annotations
 
@@ -22,15 +28,21 @@ from onnxscript import opset23 as op
 from torch import nn
 
 DOMAIN = "flf2v"
-SELF_ATTENTION, CROSS_ATTENTION = "wan_self_attention", "wan_cross_attention"
+SELF_ATTENTION, CROSS_ATTENTION, SAGE_ATTENTION = "wan_self_attention", "wan_cross_attention", "wan_sage_attention"
 PLUGINS = (SELF_ATTENTION, CROSS_ATTENTION)
-ATTENTION = ("onnx", "plugin")  # export options: TensorRT's own Attention node, or the plugins
+SAGE_PLUGINS = (SAGE_ATTENTION, CROSS_ATTENTION)
+# export options: TensorRT's own Attention node, the fused plugins, or the 8-bit self-attention plugin
+ATTENTION = ("onnx", "plugin", "sage")
+NODES = {"onnx": (), "plugin": PLUGINS, "sage": SAGE_PLUGINS}  # the plugin nodes each option puts in a DiT graph
+DIT_ATTENTION = {"plugin": "triton", "sage": "sage"}  # the WanDiT attention a plugin export traces
 ACTIVATION_TYPES = ("tensor(float16)", "tensor(bfloat16)", "tensor(float)")
 # Input order and dtypes of the plugins ("T": the activation dtype), as trt_plugin.py registers them.
 SELF_INPUTS = (("q", "T"), ("k", "T"), ("v", "T"), ("norm_q_weight", "T"), ("norm_k_weight", "T"),
                ("cos", "tensor(float)"), ("sin", "tensor(float)"), ("rstd_q", "tensor(float)"),
                ("rstd_k", "tensor(float)"))
 CROSS_INPUTS = tuple((n, "T") for n in ("q", "k_txt", "v_txt", "k_img", "v_img"))
+SAGE_INPUTS = (("q_codes", "tensor(int8)"), ("q_scales", "tensor(float)"), ("k_codes", "tensor(int8)"),
+               ("k_scales", "tensor(float)"), ("v", "T"))
 
 
 def _register_schema(name: str, inputs) -> None:
@@ -42,12 +54,14 @@ def _register_schema(name: str, inputs) -> None:
     schema = S(name, DOMAIN, 1, f"flf2v TensorRT plugin {name} (kernels/trt_plugin.py)",
                inputs=[S.FormalParameter(n, t) for n, t in inputs], outputs=[S.FormalParameter("out", "T")],
                type_constraints=[("T", list(ACTIVATION_TYPES), "the activation dtype")], attributes=attrs)
-    schema.set_type_and_shape_inference_function(lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
+    like = [n for n, t in inputs].index("q" if name != SAGE_ATTENTION else "v")  # the output's dtype
+    schema.set_type_and_shape_inference_function(lambda ctx: ctx.set_output_type(0, ctx.get_input_type(like)))
     onnx.defs.register_schema(schema)
 
 
 _register_schema(SELF_ATTENTION, SELF_INPUTS)
 _register_schema(CROSS_ATTENTION, CROSS_INPUTS)
+_register_schema(SAGE_ATTENTION, SAGE_INPUTS)
 _plugins = onnxscript.values.Opset(DOMAIN, 1)
 
 
@@ -98,13 +112,13 @@ def translation_table() -> dict:
             torch.ops.flf2v.wan_cross_attention.default: cross_attention}
 
 
-def check_triton_attention(mod: nn.Module) -> None:
-    """The DiTs in `mod` must call the flf2v custom ops (`WanDiT(..., attention="triton")`), which
-    `translation_table` turns into plugin nodes."""
+def check_triton_attention(mod: nn.Module, attention: str = "plugin") -> None:
+    """The DiTs in `mod` must call the flf2v custom ops (`WanDiT(..., attention="triton")`, or "sage" for
+    attention="sage"), which `translation_table` turns into plugin nodes."""
     from flf2v.models.dit import WanDiT
-    dits = [m for m in mod.modules() if isinstance(m, WanDiT)]
+    dits, want = [m for m in mod.modules() if isinstance(m, WanDiT)], DIT_ATTENTION[attention]
     if not dits:
-        raise ValueError(f"attention='plugin' applies to the DiT; {type(mod).__name__} holds none")
-    other = {m.attention for m in dits} - {"triton"}
+        raise ValueError(f"attention={attention!r} applies to the DiT; {type(mod).__name__} holds none")
+    other = {m.attention for m in dits} - {want}
     if other:
-        raise ValueError(f"attention='plugin' exports a DiT built with attention='triton', not {other}")
+        raise ValueError(f"attention={attention!r} exports a DiT built with attention={want!r}, not {other}")

@@ -3,6 +3,7 @@
 Plugins in namespace "flf2v", each one Triton kernel compiled to PTX and baked into the engine:
   wan_self_attention(q, k, v, norm_q_weight, norm_k_weight, cos, sin, rstd_q, rstd_k; num_heads) -> out
   wan_cross_attention(q, k_txt, v_txt, k_img, v_img; num_heads) -> out
+  wan_sage_attention(q_codes, q_scales, k_codes, k_scales, v; num_heads) -> out   (8-bit, --attention sage)
 Shapes and cast points are those of torch.ops.flf2v.* (attention.py, cross_attention.py). An AOT plugin
 launches a single kernel, so the RMS statistics of the raw q and k, rstd = 1 / sqrt(mean(x.float()^2) + eps)
 [B, L] fp32, are inputs here: the exporter computes them with standard ops (Cast, Mul, ReduceMean, Add,
@@ -11,8 +12,11 @@ tiles load (NORM_K): with a k normed in the graph, TensorRT's own fused attentio
 
 In ONNX a plugin node has op_type = the plugin name, domain "flf2v" and the attributes num_heads (int),
 plugin_namespace = "flf2v" and aot = 1 (select the AOT implementation). I/O: contiguous tensors, one dtype
-(fp16, bf16 or fp32) for q/k/v/weights/out, fp32 for cos/sin/rstd. TensorRT times the tactics (= Triton
-configs) at build time.
+(fp16, bf16 or fp32) for q/k/v/weights/out, fp32 for cos/sin/rstd. The sage plugin is sage_attention.py's
+attention kernel alone: its int8 codes and fp32 block scales (of the normed, rotated q and the smoothed k)
+come from standard ops in the graph (export/sage_graph.py), where TensorRT fuses them; int8 codes [B, L, dim],
+scales [B, H, cdiv(L, 128)] for q and [B, H, cdiv(L, 64)] for k, v and out in the activation dtype.
+TensorRT times the tactics (= Triton configs) at build time.
 
 Tactic t >= 1 is config t - 1 of the kernel's list (`tactic_configs`): the tuned configs for fp16/bf16, the one
 FP32_CONFIG for fp32. A config that needs more shared memory per block than the build GPU has cannot launch, so
@@ -32,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import triton
 
-from . import attention, common, cross_attention
+from . import attention, common, cross_attention, sage_attention
 
 _registered = False
 # The num_heads attribute arrives as a one-element array: TensorRT 10.x turns an `int` attribute into a Python int
@@ -104,6 +108,21 @@ def compile_cross_attention(dtype: str, dim: int, num_heads: int, config: triton
                     dict(QK_SCALE=common.LOG2E / math.sqrt(d), HEAD_DIM=d), config, target, strides)
 
 
+def compile_sage_attention(dtype: str, dim: int, num_heads: int, config: triton.Config, target=None):
+    """The 8-bit attention kernel on int8 q/k codes with fp32 block scales, v and out of `dtype`."""
+    p = f"*{dtype}"
+    pointers = dict(QI="*i8", QS="*fp32", KI="*i8", KS="*fp32", V=p, Out=p)
+    strides = ["stride_vb", "stride_vl"] if dim % 16 == 0 else []
+    return _compile(sage_attention.sage_fwd_kernel, pointers, dict(HEAD_DIM=common.head_dim_of(dim, num_heads)),
+                    config, target, strides)
+
+
+COMPILE = {"self": compile_self_attention, "cross": compile_cross_attention, "sage": compile_sage_attention}
+# The sage blocks are the quantization's granularity (fixed): its tactics differ in warps and stages only.
+SAGE_CONFIGS = [triton.Config({"BLOCK_M": sage_attention.BLOCK_M, "BLOCK_N": sage_attention.BLOCK_N},
+                              num_warps=c.num_warps, num_stages=c.num_stages) for c in sage_attention.SAGE_CONFIGS]
+
+
 def aot_ptx(kernel) -> Tuple[bytes, bytes]:
     """(name, PTX) for TensorRT's AOT launcher, which passes exactly inputs, extra int32 args, outputs.
 
@@ -126,7 +145,9 @@ def aot_ptx(kernel) -> Tuple[bytes, bytes]:
 
 
 def tactic_configs(kind: str, dtype: str) -> List[triton.Config]:
-    """The configs of the "self" or "cross" kernel for `dtype`: tactic t >= 1 is configs[t - 1]."""
+    """The configs of the "self", "cross" or "sage" kernel for `dtype`: tactic t >= 1 is configs[t - 1]."""
+    if kind == "sage":
+        return SAGE_CONFIGS
     if dtype == "fp32":
         return [common.FP32_CONFIG]
     return attention.SELF_ATTN_CONFIGS if kind == "self" else cross_attention.CROSS_ATTN_CONFIGS
@@ -134,8 +155,7 @@ def tactic_configs(kind: str, dtype: str) -> List[triton.Config]:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(kind: str, dtype: str, dim: int, num_heads: int, tactic: int, target):
-    compile_fn = compile_self_attention if kind == "self" else compile_cross_attention
-    return compile_fn(dtype, dim, num_heads, tactic_configs(kind, dtype)[tactic - 1], target)
+    return COMPILE[kind](dtype, dim, num_heads, tactic_configs(kind, dtype)[tactic - 1], target)
 
 
 def tactics(kind: str, dtype: str, dim: int, num_heads: int) -> List[int]:
@@ -162,7 +182,7 @@ def _kernel_for(kind: str, dtype: str, dim: int, num_heads: int, tactic: int):
 # ---- TensorRT registration ------------------------------------------------------------------------
 
 def register_plugins() -> None:
-    """Register flf2v::wan_self_attention and flf2v::wan_cross_attention with TensorRT (idempotent).
+    """Register flf2v::wan_self_attention, wan_cross_attention and wan_sage_attention with TensorRT (idempotent).
 
     Call before building or deserialising an engine that holds these plugin nodes.
     """
@@ -179,6 +199,7 @@ def register_plugins() -> None:
         raise RuntimeError(f"tensorrt {trt.__version__} has no tensorrt.plugin.aot_impl: need TensorRT >= 10.9")
     _register_self_attention(trt, trtp)
     _register_cross_attention(trt, trtp)
+    _register_sage_attention(trt, trtp)
     _registered = True
 
 
@@ -205,6 +226,19 @@ def _launch(trtp, kernel, grid_x, grid_y):
     return params
 
 
+def _aot_launch(trt, trtp, kind: str, like, name: str, num_heads, tactic: int, extra_of):
+    """What aot_impl returns: the kernel's name and PTX, its launch (grid cdiv(L, BLOCK_M) x B * H, L and B from
+    `like`, the tensor called `name` whose model dim and dtype pick the kernel) and its int32 arguments
+    `extra_of(dim, num_heads)`, in the kernel's order between inputs and outputs."""
+    num_heads = int(num_heads[0])
+    dim = _static_dim(like, name)
+    kernel, config = _kernel_for(kind, _triton_type(trt, like.dtype), dim, num_heads, tactic)
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra_of(dim, num_heads)])
+    kname, ptx = aot_ptx(kernel)
+    grid_x = trtp.cdiv(like.shape_expr[1], config.kwargs["BLOCK_M"])
+    return kname, ptx, _launch(trtp, kernel, grid_x, like.shape_expr[0] * num_heads), extra
+
+
 def _register_self_attention(trt, trtp):
     TD = trtp.TensorDesc
 
@@ -226,16 +260,9 @@ def _register_self_attention(trt, trtp):
     def _aot(q: TD, k: TD, v: TD, norm_q_weight: TD, norm_k_weight: TD, cos: TD, sin: TD,
              rstd_q: TD, rstd_k: TD, num_heads: Heads, outputs: Tuple[TD], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        num_heads = int(num_heads[0])
-        dtype = _triton_type(trt, q.dtype)
-        dim = _static_dim(q, "q")
-        kernel, config = _kernel_for("self", dtype, dim, num_heads, tactic)
-        b, s = q.shape_expr[0], q.shape_expr[1]
-        row, batch = dim, s * dim  # contiguous [B, L, dim]
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in
-                                             (s, num_heads, batch, row, batch, row, batch, row)])
-        name, ptx = aot_ptx(kernel)
-        return name, ptx, _launch(trtp, kernel, trtp.cdiv(s, config.kwargs["BLOCK_M"]), b * num_heads), extra
+        s = q.shape_expr[1]  # contiguous [B, L, dim]: batch stride L * dim, row stride dim
+        return _aot_launch(trt, trtp, "self", q, "q", num_heads, tactic,
+                           lambda dim, h: (s, h, s * dim, dim, s * dim, dim, s * dim, dim))
 
 
 def _register_cross_attention(trt, trtp):
@@ -255,12 +282,27 @@ def _register_cross_attention(trt, trtp):
     @trtp.aot_impl("flf2v::wan_cross_attention")
     def _aot(q: TD, k_txt: TD, v_txt: TD, k_img: TD, v_img: TD, num_heads: Heads, outputs: Tuple[TD],
              tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-        num_heads = int(num_heads[0])
-        dtype = _triton_type(trt, q.dtype)
-        dim = _static_dim(q, "q")
-        kernel, config = _kernel_for("cross", dtype, dim, num_heads, tactic)
-        b, lq, lt, li = q.shape_expr[0], q.shape_expr[1], k_txt.shape_expr[1], k_img.shape_expr[1]
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (
-            lq, lt, li, num_heads, lq * dim, dim, lt * dim, dim, lt * dim, dim, li * dim, dim, li * dim, dim)])
-        name, ptx = aot_ptx(kernel)
-        return name, ptx, _launch(trtp, kernel, trtp.cdiv(lq, config.kwargs["BLOCK_M"]), b * num_heads), extra
+        lq, lt, li = q.shape_expr[1], k_txt.shape_expr[1], k_img.shape_expr[1]
+        return _aot_launch(trt, trtp, "cross", q, "q", num_heads, tactic, lambda dim, h: (
+            lq, lt, li, h, lq * dim, dim, lt * dim, dim, lt * dim, dim, li * dim, dim, li * dim, dim))
+
+
+def _register_sage_attention(trt, trtp):
+    TD = trtp.TensorDesc
+
+    @trtp.register("flf2v::wan_sage_attention")
+    def _desc(q_codes: TD, q_scales: TD, k_codes: TD, k_scales: TD, v: TD, num_heads: Heads) -> TD:
+        return v.like()
+
+    @trtp.autotune("flf2v::wan_sage_attention")
+    def _tune(q_codes: TD, q_scales: TD, k_codes: TD, k_scales: TD, v: TD, num_heads: Heads, outputs: Tuple[TD]
+              ) -> List[trtp.AutoTuneCombination]:
+        dtype = _triton_type(trt, v.dtype)
+        fit = tactics("sage", dtype, _static_dim(v, "v"), int(num_heads[0]))
+        return [trtp.AutoTuneCombination(f"INT8,FP32,INT8,FP32,{dtype.upper()},{dtype.upper()}", "LINEAR", fit)]
+
+    @trtp.aot_impl("flf2v::wan_sage_attention")
+    def _aot(q_codes: TD, q_scales: TD, k_codes: TD, k_scales: TD, v: TD, num_heads: Heads, outputs: Tuple[TD],
+             tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        s = v.shape_expr[1]
+        return _aot_launch(trt, trtp, "sage", v, "v", num_heads, tactic, lambda dim, h: (s, h, s * dim, dim))

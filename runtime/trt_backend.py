@@ -59,7 +59,7 @@ class TrtBackend(EngineBackend):
         self.keep_dit = keep_dit
         self._generation = 0  # numbers every buffer set ever allocated (a captured graph names its set)
         import tensorrt as trt
-        if self.manifest.get("attention") == "plugin":  # DiT engines with the fused Triton attention plugins
+        if self.manifest.get("attention") in ("plugin", "sage"):  # DiT engines with the fused Triton attention plugins
             from flf2v.kernels.trt_plugin import register_plugins
             register_plugins()
         self.trt = trt

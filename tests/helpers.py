@@ -1,6 +1,7 @@
 """Helpers several test modules share: the CLI driven in-process, diffusers' UniPC set up as the official
 schedule, the reference networks' outputs for one exported graph, a stub backend, and TrtBackend with the
-tiny ONNX graphs standing in for TensorRT engines."""
+tiny ONNX graphs standing in for TensorRT engines, and the flf2v plugins' stand-ins for onnx's reference evaluator
+(numpy, from their definition)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from onnx.reference.op_run import OpRun
 
 from flf2v.export import contracts as C
 from flf2v.export import manifest as M
+from flf2v.export.plugins import DOMAIN
 from flf2v.runtime import engine_backend, trt_backend
 from flf2v.runtime.cli import main
 
@@ -217,3 +220,33 @@ def relabel(ort_folder, tmp_path_factory, **manifest):
     m.update(backend="trt", target="fake-sm90-trt11.4", **manifest)
     (folder / M.MANIFEST).write_text(json.dumps(m))
     return folder
+
+
+# ---- the flf2v plugin ops in numpy (fp64, the activation dtype where the kernels round) -------------------
+
+def _heads(x, num_heads):
+    b, s, dim = x.shape
+    return x.astype(np.float64).reshape(b, s, num_heads, dim // num_heads).transpose(0, 2, 1, 3)
+
+
+def _attend(q, k, v, dtype):
+    """softmax(q k^T / sqrt(D)) v per head, P rounded to v's dtype; [B, H, L, D] fp64."""
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(dtype).astype(np.float64)
+    return p @ v
+
+
+def _merge(x, dtype):
+    b, h, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d).astype(dtype)
+
+
+class wan_cross_attention(OpRun):  # noqa: N801
+    op_domain = DOMAIN
+
+    def _run(self, q, k_txt, v_txt, k_img, v_img, num_heads=None, plugin_namespace=None, aot=None):
+        qh = _heads(q, num_heads)
+        out = (_attend(qh, _heads(k_txt, num_heads), _heads(v_txt, num_heads), q.dtype)
+               + _attend(qh, _heads(k_img, num_heads), _heads(v_img, num_heads), q.dtype))
+        return (_merge(out, q.dtype),)

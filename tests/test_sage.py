@@ -208,19 +208,22 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from flf2v.kernels import sage_attention as sage, trt_plugin
 
-# The attention kernel compiles for Hopper with the largest tuning config (most stages: most shared memory):
-# the QK^T dot is an int8 wgmma with int32 sums, the PV dot a 16-bit one, and ptxas assembles it.
+# The attention kernel compiles for Hopper as the TensorRT plugin does (14B: dim 5120, 40 heads) with its
+# largest tuning config (most stages: most shared memory): the QK^T dot is an int8 wgmma with int32 sums, the
+# PV dot a 16-bit one, and the plugin's PTX (TensorRT's entry signature, capped ISA) assembles with ptxas.
 for dtype in ("fp16", "bf16"):
-    pointers = dict(QI="*i8", QS="*fp32", KI="*i8", KS="*fp32", V="*" + dtype, Out="*" + dtype)
-    kernel = trt_plugin._compile(sage.sage_fwd_kernel, pointers, dict(HEAD_DIM=128, BLOCK_M=sage.BLOCK_M,
-                                 BLOCK_N=sage.BLOCK_N), max(sage.SAGE_CONFIGS, key=lambda c: c.num_stages),
-                                 GPUTarget("cuda", 90, 32))
+    config = max(trt_plugin.tactic_configs("sage", dtype), key=lambda c: c.num_stages)
+    kernel = trt_plugin.compile_sage_attention(dtype, 5120, 40, config, GPUTarget("cuda", 90, 32))
     ptx = kernel.asm["ptx"]
     mma = {"fp16": "f16", "bf16": "bf16"}[dtype]
     assert ".s32.s8.s8" in ptx and f".f32.{mma}.{mma}" in ptx, [l for l in ptx.splitlines() if "wgmma" in l][:4]
     assert kernel.metadata.shared <= 232448, kernel.metadata
+    assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == (sage.BLOCK_M, sage.BLOCK_N)
+    name, aot = trt_plugin.aot_ptx(kernel)
+    isa = trt_plugin.ptx_isa(90)
+    assert f".version {isa // 10}.{isa % 10}".encode() in aot, aot[:300]
     path = f"/tmp/flf2v_sage_{dtype}_{os.getpid()}.ptx"
-    open(path, "w").write(ptx)
+    open(path, "wb").write(aot)
     subprocess.run([get_ptxas(90).path, "-arch=sm_90a", path, "-o", os.devnull], check=True)
     os.remove(path)
 print("ok")

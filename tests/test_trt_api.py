@@ -64,6 +64,8 @@ MUST_CALL = {"tensorrt.Runtime", "tensorrt.Logger", "tensorrt.plugin.register", 
 # 514 CLIP image tokens; the plugins compile for an H200.
 B, L, DIM, HEADS, TEXT, IMAGE = 2, 75600, 5120, 40, 512, 514
 SM, MAX_SHARED = 90, 232448
+KINDS = [("self", "bf16"), ("self", "fp32"), ("cross", "bf16"), ("cross", "fp32"), ("sage", "bf16")]
+PLUGIN_NAMES = {"self": "wan_self_attention", "cross": "wan_cross_attention", "sage": "wan_sage_attention"}
 
 
 # ---- the probe: runs in a subprocess with the bindings on PYTHONPATH ---------------------------------
@@ -291,8 +293,8 @@ def _probe_plugins(trt, trtp):
     sys.modules[trtp.SymInt32.__module__].SymExprImpl = lambda expr: expr
     target = GPUTarget("cuda", SM, 32)
     trt_plugin.build_target = lambda: (target, MAX_SHARED)
-    # Triton compiles hold the GIL: compile the configs (8 + 4 + 2, seconds each) in processes first
-    jobs = [(kind, dtype, DIM, HEADS, t) for kind in ("self", "cross") for dtype in ("bf16", "fp32")
+    # Triton compiles hold the GIL: compile the configs (8 + 4 + 2 + 6, seconds each) in processes first
+    jobs = [(kind, dtype, DIM, HEADS, t) for kind, dtype in KINDS
             for t in range(1, len(trt_plugin.tactic_configs(kind, dtype)) + 1)]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(4, os.cpu_count() or 1), mp_context=spawn) as pool:
@@ -305,79 +307,82 @@ def _probe_plugins(trt, trtp):
     act = {"bf16": trt.bfloat16, "fp32": trt.float32}
     builder = _ExprBuilder(trt)
     ptxas = []
-    for kind, name in (("self", "wan_self_attention"), ("cross", "wan_cross_attention")):
-        for dtype in ("bf16", "fp32"):
-            run = report["runs"][f"{kind}/{dtype}"] = {}
-            try:
-                if kind == "self":
-                    inputs = [((B, L, DIM), act[dtype])] * 3 + [((DIM,), act[dtype])] * 2 \
-                        + [((L, DIM // HEADS // 2), trt.float32)] * 2 + [((B, L), trt.float32)] * 2
-                else:
-                    inputs = [((B, L, DIM), act[dtype])] + [((B, TEXT, DIM), act[dtype])] * 2 \
-                        + [((B, IMAGE, DIM), act[dtype])] * 2
-                # what TensorRT does with a plugin node: create the plugin from the node's attributes ...
-                fields = trt.PluginFieldCollection([trt.PluginField("num_heads", np.array([HEADS], np.int32),
-                                                                    trt.PluginFieldType.INT32)])
-                plugin = registry.get_creator(name, "1", "flf2v").create_plugin(
-                    name, "flf2v", fields, trt.TensorRTPhase.BUILD, trt.QuickPluginCreationRequest.STRICT_AOT)
-                run["plugin_class"] = type(plugin).__name__
-                seen = {}
+    for kind, dtype in KINDS:
+        name = PLUGIN_NAMES[kind]
+        run = report["runs"][f"{kind}/{dtype}"] = {}
+        try:
+            if kind == "self":
+                inputs = [((B, L, DIM), act[dtype])] * 3 + [((DIM,), act[dtype])] * 2 \
+                    + [((L, DIM // HEADS // 2), trt.float32)] * 2 + [((B, L), trt.float32)] * 2
+            elif kind == "sage":  # int8 codes and fp32 block scales of q (128 rows) and k (64 rows), then v
+                inputs = [((B, L, DIM), trt.int8), ((B, HEADS, -(-L // 128)), trt.float32),
+                          ((B, L, DIM), trt.int8), ((B, HEADS, -(-L // 64)), trt.float32), ((B, L, DIM), act[dtype])]
+            else:
+                inputs = [((B, L, DIM), act[dtype])] + [((B, TEXT, DIM), act[dtype])] * 2 \
+                    + [((B, IMAGE, DIM), act[dtype])] * 2
+            # what TensorRT does with a plugin node: create the plugin from the node's attributes ...
+            fields = trt.PluginFieldCollection([trt.PluginField("num_heads", np.array([HEADS], np.int32),
+                                                                trt.PluginFieldType.INT32)])
+            plugin = registry.get_creator(name, "1", "flf2v").create_plugin(
+                name, "flf2v", fields, trt.TensorRTPhase.BUILD, trt.QuickPluginCreationRequest.STRICT_AOT)
+            run["plugin_class"] = type(plugin).__name__
+            seen = {}
 
-                def spy(key, fn):
-                    def wrapped(*args):
-                        seen[key] = [_describe(a) for a in args]
-                        return fn(*args)
-                    return wrapped
+            def spy(key, fn):
+                def wrapped(*args):
+                    seen[key] = [_describe(a) for a in args]
+                    return fn(*args)
+                return wrapped
 
-                plugin.autotune_function = spy("autotune", plugin.autotune_function)
-                plugin.aot_impl_function = spy("aot_impl", plugin.aot_impl_function)
-                # ... output types and shapes (batch and length dynamic: only the model dim must be static) ...
-                run["output_types"] = [str(t) for t in plugin.get_output_data_types(
-                    [t for _, t in inputs], [len(s) for s, _ in inputs])]
-                exprs = [[_Expr(n, constant=n in (DIM, DIM // HEADS // 2)) for n in s] for s, _ in inputs]
-                run["output_shape"] = [e.value for e in plugin.get_output_shapes(exprs, [], builder)[0]]
-                # ... the type/format combinations and tactics (the autotune callback) ...
-                io = []
-                for shape, dt in inputs + [((B, L, DIM), act[dtype])]:
-                    d = trt.DynamicPluginTensorDesc()
-                    d.desc.dims, d.desc.type, d.desc.format = trt.Dims(shape), dt, trt.TensorFormat.LINEAR
-                    d.min = d.opt = d.max = trt.Dims(shape)
-                    io.append(d)
-                combos = plugin.get_supported_format_combinations(io, len(inputs))
-                run["combinations"] = [[str(c.type) for c in combos[i:i + len(io)]]
-                                       for i in range(0, len(combos), len(io))]
-                plugin.configure_plugin(io[:-1], io[-1:])
-                run["tactics"] = sorted(plugin.get_valid_tactics())
-                # ... and per tactic, the kernel and its launch (the aot_impl callback), as TensorRT times them
-                run["launches"] = {}
-                for tactic in run["tactics"]:
-                    plugin.set_tactic(tactic)
-                    launch, extra = types.SimpleNamespace(), _SymExprSetter()
-                    plugin.get_launch_params(exprs, io, len(inputs), launch, extra, builder)
-                    kname, ptx = plugin.get_kernel([d.desc for d in io[:-1]], [io[-1].desc])
-                    value = {k: getattr(launch, k)._expr.value for k in
-                             ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")}
-                    config = trt_plugin.tactic_configs(kind, dtype)[tactic - 1]
-                    path = Path(os.environ["FLF2V_PROBE_TMP"]) / f"{kind}-{dtype}-{tactic}.ptx"
-                    path.write_bytes(ptx)
-                    ptxas.append((run, tactic, subprocess.Popen(
-                        [get_ptxas(SM).path, f"-arch=sm_{SM}a", str(path), "-o", os.devnull],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-                    run["launches"][tactic] = {
-                        "kernel": kname.decode(), "ptx_version": re.search(rb"^\.version (\S+)", ptx, re.M)[1].decode(),
-                        "ptx_target": re.search(rb"^\.target (\S+)", ptx, re.M)[1].decode(),
-                        "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
-                        "grid": [value["grid_x"], value["grid_y"], value["grid_z"]],
-                        "block": [value["block_x"], value["block_y"], value["block_z"]],
-                        "shared": value["shared_mem"],
-                        "extra": [[extra[i]._expr.value, extra[i]._expr.constant] for i in range(extra.nbSymExprs)]}
-                run["callbacks"] = seen
-                kernel = trt_plugin._kernel(kind, dtype, DIM, HEADS, run["tactics"][0], target)
-                run["args"] = [p.name for p in kernel.src.fn.params if not p.is_constexpr]
-                run["shared_all"] = {t: trt_plugin._kernel(kind, dtype, DIM, HEADS, t, target).metadata.shared
-                                     for t in range(1, len(trt_plugin.tactic_configs(kind, dtype)) + 1)}
-            except Exception:
-                run["error"] = traceback.format_exc()
+            plugin.autotune_function = spy("autotune", plugin.autotune_function)
+            plugin.aot_impl_function = spy("aot_impl", plugin.aot_impl_function)
+            # ... output types and shapes (batch and length dynamic: only the model dim must be static) ...
+            run["output_types"] = [str(t) for t in plugin.get_output_data_types(
+                [t for _, t in inputs], [len(s) for s, _ in inputs])]
+            exprs = [[_Expr(n, constant=n in (DIM, DIM // HEADS // 2)) for n in s] for s, _ in inputs]
+            run["output_shape"] = [e.value for e in plugin.get_output_shapes(exprs, [], builder)[0]]
+            # ... the type/format combinations and tactics (the autotune callback) ...
+            io = []
+            for shape, dt in inputs + [((B, L, DIM), act[dtype])]:
+                d = trt.DynamicPluginTensorDesc()
+                d.desc.dims, d.desc.type, d.desc.format = trt.Dims(shape), dt, trt.TensorFormat.LINEAR
+                d.min = d.opt = d.max = trt.Dims(shape)
+                io.append(d)
+            combos = plugin.get_supported_format_combinations(io, len(inputs))
+            run["combinations"] = [[str(c.type) for c in combos[i:i + len(io)]]
+                                   for i in range(0, len(combos), len(io))]
+            plugin.configure_plugin(io[:-1], io[-1:])
+            run["tactics"] = sorted(plugin.get_valid_tactics())
+            # ... and per tactic, the kernel and its launch (the aot_impl callback), as TensorRT times them
+            run["launches"] = {}
+            for tactic in run["tactics"]:
+                plugin.set_tactic(tactic)
+                launch, extra = types.SimpleNamespace(), _SymExprSetter()
+                plugin.get_launch_params(exprs, io, len(inputs), launch, extra, builder)
+                kname, ptx = plugin.get_kernel([d.desc for d in io[:-1]], [io[-1].desc])
+                value = {k: getattr(launch, k)._expr.value for k in
+                         ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_mem")}
+                config = trt_plugin.tactic_configs(kind, dtype)[tactic - 1]
+                path = Path(os.environ["FLF2V_PROBE_TMP"]) / f"{kind}-{dtype}-{tactic}.ptx"
+                path.write_bytes(ptx)
+                ptxas.append((run, tactic, subprocess.Popen(
+                    [get_ptxas(SM).path, f"-arch=sm_{SM}a", str(path), "-o", os.devnull],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                run["launches"][tactic] = {
+                    "kernel": kname.decode(), "ptx_version": re.search(rb"^\.version (\S+)", ptx, re.M)[1].decode(),
+                    "ptx_target": re.search(rb"^\.target (\S+)", ptx, re.M)[1].decode(),
+                    "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+                    "grid": [value["grid_x"], value["grid_y"], value["grid_z"]],
+                    "block": [value["block_x"], value["block_y"], value["block_z"]],
+                    "shared": value["shared_mem"],
+                    "extra": [[extra[i]._expr.value, extra[i]._expr.constant] for i in range(extra.nbSymExprs)]}
+            run["callbacks"] = seen
+            kernel = trt_plugin._kernel(kind, dtype, DIM, HEADS, run["tactics"][0], target)
+            run["args"] = [p.name for p in kernel.src.fn.params if not p.is_constexpr]
+            run["shared_all"] = {t: trt_plugin._kernel(kind, dtype, DIM, HEADS, t, target).metadata.shared
+                                 for t in range(1, len(trt_plugin.tactic_configs(kind, dtype)) + 1)}
+        except Exception:
+            run["error"] = traceback.format_exc()
     for run, tactic, proc in ptxas:
         out = proc.communicate()[0]
         run["launches"][tactic]["ptxas"] = "ok" if proc.returncode == 0 else out[-2000:] or f"rc {proc.returncode}"
@@ -476,10 +481,11 @@ def test_tensorrt_facts(probe):
 def test_plugins_register(probe):
     plugins = part(probe, "plugins")
     assert plugins["registered"] == [["wan_cross_attention", "flf2v", "1", ["num_heads"]],
+                                     ["wan_sage_attention", "flf2v", "1", ["num_heads"]],
                                      ["wan_self_attention", "flf2v", "1", ["num_heads"]]], plugins["registered"]
 
 
-RUNS = ["self/bf16", "self/fp32", "cross/bf16", "cross/fp32"]
+RUNS = [f"{kind}/{dtype}" for kind, dtype in KINDS]
 
 
 def _run(probe, key):
@@ -490,7 +496,8 @@ def _run(probe, key):
 
 def _expected_args(kind: str) -> dict:
     """The kernels' int32 arguments (between inputs and outputs, TensorRT's AOT order) for contiguous tensors."""
-    lengths = {"q": L, "k": L, "v": L} if kind == "self" else {"q": L, "kt": TEXT, "vt": TEXT, "ki": IMAGE, "vi": IMAGE}
+    lengths = {"q": L, "k": L, "v": L} if kind in ("self", "sage") else {"q": L, "kt": TEXT, "vt": TEXT, "ki": IMAGE,
+                                                                         "vi": IMAGE}
     args = {"L": L, "LQ": L, "LT": TEXT, "LI": IMAGE, "H": HEADS}
     for t, n in lengths.items():
         args[f"stride_{t}b"], args[f"stride_{t}l"] = n * DIM, DIM
@@ -506,7 +513,8 @@ def test_plugin_callbacks_run(probe, key):
     n_in = 9 if kind == "self" else 5
     assert run["plugin_class"] == "_TemplateAOTPlugin"
     assert run["output_types"] == [dtype] and run["output_shape"] == [B, L, DIM], run
-    types = [dtype] * 5 + ["DataType.FLOAT"] * 4 + [dtype] if kind == "self" else [dtype] * 6
+    types = {"self": [dtype] * 5 + ["DataType.FLOAT"] * 4 + [dtype], "cross": [dtype] * 6,
+             "sage": ["DataType.INT8", "DataType.FLOAT"] * 2 + [dtype] * 2}[kind]
     assert run["combinations"] == [types], f"{key}: autotune offered {run['combinations']}"
     assert run["tactics"], f"{key}: no tactic offered"
     # (inputs, num_heads, outputs) and (inputs, num_heads, outputs, tactic); num_heads a one-element int32 array
