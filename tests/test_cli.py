@@ -147,8 +147,11 @@ def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_fra
     from pathlib import Path
     out = tmp_path / "v.mp4"
     args = _args(tiny_ckpt, demo_frames, out, "--sample_steps", "5000")  # long enough to be interrupted
+    # SIGINT as in a user's terminal: a test run in the background of a shell without job control inherits it
+    # ignored (bash), and Python then installs no KeyboardInterrupt handler in the child
     p = subprocess.Popen([str(Path(sys.executable).parent / "flf2v-run"), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while "flf2v-run: backend" not in p.stdout.readline():  # loaded: the loop starts next
             assert p.poll() is None, p.stderr.read()
