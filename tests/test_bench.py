@@ -485,11 +485,17 @@ def test_quant_checkpoint_mode_gates_the_checkpoints_first_blocks(tiny_ckpt, tmp
         for name, net in nets.items():
             net.blocks = net.blocks[:1]
             out[name] = net(*args).float()
+    want, gate = {}, res["dit"]["gate"]
     for a, b in (("bf16", "fp32"), ("fp8", "bf16")):
-        want = ((out[a] - out[b]).norm() / out[b].norm()).item()
+        x, y = out[a].double().flatten(), out[b].double().flatten()
+        want[f"{a} vs {b}"] = ((x - y).norm() / y.norm()).item(), 1 - (x @ y / (x.norm() * y.norm())).item()
         got = res["dit"]["output"][f"{a} vs {b}"]["rel"]
-        assert close(got, want, 1e-5), f"{a} vs {b}: reported rel {got!r}, the cut whole DiT gives {want!r}"
-    gate = res["dit"]["gate"]
+        assert close(got, want[f"{a} vs {b}"][0], 1e-5), f"{a} vs {b}: reported rel {got!r}, cut whole DiT {want!r}"
+    # the gate's lines are those two pairs, against the README's bounds (16x the error, 256x 1 - cosine)
+    for line, i, bound in (("DiT output, rel", 0, 16), ("DiT output, 1 - cosine", 1, 256)):
+        g, fp8, base = gate[line], want["fp8 vs bf16"][i], want["bf16 vs fp32"][i]
+        assert close(g["fp8_vs_bf16"], fp8, 1e-3) and close(g["bf16_vs_fp32"], base, 1e-3), (line, g, fp8, base)
+        assert g["bound"] == bound and g["pass"] == (fp8 <= bound * base), (line, g)
     assert len(gate) == 3 and all(v["pass"] for v in gate.values()), gate
     assert 4 < gate["DiT output, rel"]["ratio"] < 16, gate  # fp8 is coarser than bf16, within the format ratio
     for bad, says in ((["--layers", "3"], "has 2 blocks; give 1 to 2"), (["--tokens", "0"], "--tokens 0")):
