@@ -12,6 +12,8 @@ per skipped DiT forward does.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ def add_args(ap) -> None:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of videos in [-1, 1] (rescaled to [0, 1])."""
     mse = float((((a - b) / 2) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,26 +55,44 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
 
 
-def count_forwards(backend) -> list[tuple[str, int]]:
-    """DiT batch rows per call, full and cached, appended as the backend runs them."""
+def ort_engines(s, folder, *extra) -> tuple[float, Job]:
+    """Build seconds of --preset's ONNX Runtime fp32 engines at its default static shape (into `folder`,
+    from a random checkpoint) and the Job of that shape with --steps steps. cache and fewstep share it."""
+    from flf2v.export.contracts import engine_shapes
+    from flf2v.models.config import get_preset
+    preset, ckpt = get_preset(s.args.preset), s.checkpoint(s.args.preset)
+    shape = next(iter(engine_shapes(preset).values()))
+    build_s = run_module("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32",
+                         "--preset", shape.name, "--out", str(folder), "--quiet", *extra)
+    return build_s, Job(ckpt, preset, shape.width, shape.height, shape.frame_num, s.args.steps, preset.sample_shift,
+                        preset.sample_guide_scale)
+
+
+def count_calls(backend, names=("denoise",)) -> list[tuple[str, int]]:
+    """(call, DiT batch rows) appended as the backend runs each of `names`."""
     rows = []
-    for name in ("denoise", "denoise_full", "denoise_cached"):
+    for name in names:
         real = getattr(backend, name)
         setattr(backend, name, lambda x, *a, _real=real, _name=name: rows.append((_name, x.shape[0])) or _real(x, *a))
     return rows
 
 
+def warm_then_time(pipe, job: Job, calls: list, kw: dict, warm: dict | None = None):
+    """(seconds, video) of a run with seed 42 after a warm-up run with seed 1 (sessions made, loop kept);
+    `calls` then holds the timed run's calls only."""
+    first, last = job.frames_in()
+    pipe.generate(job.prompt, first, last, seed=1, progress=False, **(kw if warm is None else warm))
+    calls.clear()
+    return timed(lambda: pipe.generate(job.prompt, first, last, seed=42, progress=False, **kw))
+
+
 def runs(folder, job: Job) -> dict:
     from flf2v.runtime.pipeline import Pipeline
     pipe = Pipeline.from_engines(folder, job.ckpt_dir)
-    calls = count_forwards(pipe.backend)
-    first, last = job.frames_in()
-    common = dict(sample_steps=job.steps, guide_scale=job.guide, progress=False)
+    calls = count_calls(pipe.backend, ("denoise", "denoise_full", "denoise_cached"))
     out, ref = {}, None
     for name, kw in RUNS.items():
-        pipe.generate(job.prompt, first, last, seed=1, **common, **kw)  # warm-up: sessions, kept loop
-        calls.clear()
-        t, video = timed(lambda: pipe.generate(job.prompt, first, last, seed=42, **common, **kw))
+        t, video = warm_then_time(pipe, job, calls, dict(sample_steps=job.steps, guide_scale=job.guide, **kw))
         ref = video if ref is None else ref
         out[name] = {"seconds": t, "denoise_s": pipe.times.seconds["denoise"],
                      "dit_forwards": sum(n for k, n in calls if k != "denoise_cached"),
@@ -86,40 +106,30 @@ def runs(folder, job: Job) -> dict:
 def run(s) -> Report:
     import onnxruntime
 
-    from flf2v.export.contracts import engine_shapes
-    from flf2v.models.config import get_preset
     from flf2v.models.make_tiny import write_demo_frames
-    args, preset = s.args, get_preset(s.args.preset)
-    ckpt, shape, folder = s.checkpoint(args.preset), next(iter(engine_shapes(preset).values())), s.work / "cache-engines"
-    build_s = run_module("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32",
-                         "--preset", shape.name, "--out", str(folder), "--quiet")
-    job = Job(ckpt, preset, shape.width, shape.height, shape.frame_num, args.steps, preset.sample_shift,
-              preset.sample_guide_scale)
-    first, last = write_demo_frames(s.work / "frames", (shape.width, shape.height))  # as Job.frames_in
+    steps, folder = s.args.steps, s.work / "cache-engines"
+    build_s, job = ort_engines(s, folder)
+    first, last = write_demo_frames(s.work / "frames", (job.width, job.height))  # as Job.frames_in
     # calibrated on another seed than the timed runs: one sample, as MagCache's authors calibrate
-    calibrate_s = run_module("flf2v.runtime.calibrate_cache", "--ckpt_dir", str(ckpt), "--first_frame", str(first),
-                             "--last_frame", str(last), "--prompt", job.prompt, "--size", job.size, "--frame_num",
-                             str(job.frames), "--sample_steps", str(args.steps), "--base_seed", "7", "--device", "cpu",
-                             "--quiet")
+    calibrate_s = run_module("flf2v.runtime.calibrate_cache", "--ckpt_dir", str(job.ckpt_dir), "--first_frame",
+                             str(first), "--last_frame", str(last), "--prompt", job.prompt, "--size", job.size,
+                             "--frame_num", str(job.frames), "--sample_steps", str(steps), "--base_seed", "7",
+                             "--device", "cpu", "--quiet")
     s.settle()
-    r = {"onnxruntime": onnxruntime.__version__, "steps": args.steps, "build_s": build_s, "calibrate_s": calibrate_s,
+    r = {"onnxruntime": onnxruntime.__version__, "steps": steps, "build_s": build_s, "calibrate_s": calibrate_s,
          "runs": runs(folder, job)}
-    return Report("step cache", r, markdown(r))
-
-
-def markdown(r: dict) -> list[str]:
-    off = r["runs"]["off"]
-    return [f"ONNX Runtime fp32 engines (batch-2 DiT + its cached step) · {r['steps']} UniPC steps with CFG · one "
-            f"timed run each after a warm-up.", "",
-            f"Calibration (`flf2v-calibrate-cache`, torch reference, fp32): {r['calibrate_s']:.1f} s. Random "
-            f"weights: the schedules, PSNR and SSIM below say nothing about visual quality on real weights (the "
-            f"quality gate there is PSNR/SSIM against the full run, as the methods' authors report, and needs the "
-            f"real checkpoint); the time saved per skipped step does.", ""] + table(
-        ["run", "schedule (F full, c cached)", "DiT forwards", "cached steps", "denoise (s)", "end to end (s)",
-         "denoise speedup", "PSNR vs off (dB)", "SSIM vs off"],
-        [[name, f"`{v.get('cache', {}).get('schedule', 'F' * r['steps'])}`", v["dit_forwards"],
-          v["cached_forwards"] // 2, f"{v['denoise_s']:.2f}", f"{v['seconds']:.2f}",
-          f"{off['denoise_s'] / v['denoise_s']:.2f}x", f"{v['psnr_db']:.1f}", f"{v['ssim']:.4f}"]
-         for name, v in r["runs"].items()], left=2) + [
-        "", "DiT forwards count batch rows (cond + uncond as one batch-2 call = 2). A cached step runs the DiT's "
-            "patch and time embeddings and head only (`dit_cached_b2`)."]
+    off = r["runs"]["off"]["denoise_s"]
+    rows = [[name, f"`{v.get('cache', {}).get('schedule', 'F' * steps)}`", v["dit_forwards"], v["cached_forwards"] // 2,
+             f"{v['denoise_s']:.2f}", f"{v['seconds']:.2f}", f"{off / v['denoise_s']:.2f}x", f"{v['psnr_db']:.1f}",
+             f"{v['ssim']:.4f}"] for name, v in r["runs"].items()]
+    return Report("step cache", r, [
+        f"ONNX Runtime fp32 engines (batch-2 DiT + its cached step) · {steps} UniPC steps with CFG · one timed run "
+        f"each after a warm-up.", "",
+        f"Calibration (`flf2v-calibrate-cache`, torch reference, fp32): {calibrate_s:.1f} s. Random weights: the "
+        f"schedules, PSNR and SSIM below say nothing about visual quality on real weights (the quality gate there "
+        f"is PSNR/SSIM against the full run, as the methods' authors report, and needs the real checkpoint); the "
+        f"time saved per skipped step does.", "",
+        *table(["run", "schedule (F full, c cached)", "DiT forwards", "cached steps", "denoise (s)", "end to end (s)",
+                "denoise speedup", "PSNR vs off (dB)", "SSIM vs off"], rows, left=2), "",
+        "DiT forwards count batch rows (cond + uncond as one batch-2 call = 2). A cached step runs the DiT's patch "
+        "and time embeddings and head only (`dit_cached_b2`)."])

@@ -18,12 +18,10 @@ seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from flf2v.log import setup as setup_logging
 from flf2v.models.layouts import CheckpointError
@@ -37,26 +35,12 @@ from .report import machine_info, write
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flf2v" / "bench"
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    run: Callable  # run(session) -> report.Report, or None when nothing is to be written
-    args: Callable  # args(parser): the mode's own flags
-    doc: str
-    work: str | None = None  # --work default (None: a temporary folder; ...: required)
-
-
-# A mode is a module with add_args(parser) and run(session) -> Report, registered here.
-MODES = {
-    "": Mode(compare.run, compare.add_args, compare.__doc__, work=str(DEFAULT_WORK)),
-    "fewstep": Mode(fewstep.run, fewstep.add_args, fewstep.__doc__),
-    "cache": Mode(cache.run, cache.add_args, cache.__doc__),
-    "parallel": Mode(parallel.run, parallel.add_args, parallel.__doc__),
-    "kernels": Mode(kernels.run, kernels.add_args, kernels.__doc__),
-    "export-memory": Mode(export_memory.run, export_memory.add_args, export_memory.__doc__, work=...),
-    "load-layouts": Mode(load_layouts.run, load_layouts.add_args, load_layouts.__doc__),
-    "quant": Mode(quant.run, quant.add_args, quant.__doc__),
-    "memory": Mode(memory.run, memory.add_args, memory.__doc__),
-}
+# The mode table: first word -> a module with add_args(parser) and run(session) -> report.Report (None: nothing
+# to write). The headline comparison is the mode without a word.
+MODES = {"": compare, "fewstep": fewstep, "cache": cache, "parallel": parallel, "kernels": kernels,
+         "export-memory": export_memory, "load-layouts": load_layouts, "quant": quant, "memory": memory}
+# --work's default, where it is not a temporary folder (None: required)
+WORK = {"": str(DEFAULT_WORK), "export-memory": None}
 
 
 class Session:
@@ -84,32 +68,32 @@ class Session:
         self.load = wait_for_idle(self.machine["cpu"]["cpus"], self.args.idle_wait)
 
     def close(self) -> None:
-        if self._tmp is not None:
+        if self._tmp:
             self._tmp.cleanup()
 
 
 def parser(name: str) -> argparse.ArgumentParser:
     """The one parser: the flags every mode shares, then the mode's own."""
-    mode = MODES[name]
-    ap = argparse.ArgumentParser(prog=f"flf2v-bench {name}".strip(), description=__doc__ if not name else mode.doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"flf2v-bench {name}".strip(), description=MODES[name].__doc__ if name
+                                 else __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown (and PNG)")
-    ap.add_argument("--work", default=None if mode.work is ... else mode.work, required=mode.work is ...,
-                    help="checkpoints, engines and scratch files, kept between runs "
-                         + ("(required)" if mode.work is ... else f"(default: {mode.work}; '' for a temporary folder)"
-                            if mode.work else "(default: a temporary folder)"))
+    work = WORK.get(name, "")
+    ap.add_argument("--work", default=work or None, required=work is None,
+                    help="checkpoints, engines and scratch files, kept between runs " + (
+                        "(required)" if work is None else f"(default: {work}; '' for a temporary folder)" if work
+                        else "(default: a temporary folder)"))
     ap.add_argument("--idle_wait", type=float, default=120.0,
                     help=f"seconds to wait, before timing, for the 1-minute load average to drop below "
                          f"{BUSY_PER_CPU:g} per CPU (0: do not wait); the load is reported either way")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="progress lines (-vv: debug ones too)")
     ap.add_argument("-q", "--quiet", action="count", default=0, help="errors only, and no Markdown on stdout")
-    mode.args(ap)
+    MODES[name].add_args(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv[:1] and argv[0] and argv[0] in MODES else ""
+    name = argv[0] if argv and argv[0] in MODES else ""
     args = parser(name).parse_args(argv[1:] if name else argv)
     args.mode = name
     setup_logging(args.verbose - args.quiet, prog="flf2v-bench")

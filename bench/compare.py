@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
 
+from flf2v.models.config import get_preset
+
 from . import cost
-from .measure import BadInput, Stats, load_avg, rss_bytes
+from .measure import BadInput, load_avg, rss_bytes, stats, timed
 from .report import GiB, STAGE_LABELS, Report, num, table
 from .runners import BACKENDS, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
 
@@ -81,23 +82,10 @@ def default_backends() -> list[str]:
 
 # ---- measuring -----------------------------------------------------------------------------------------
 
-def _guard(fn, *args):
-    """fn(*args) -> (entry, value); a backend that cannot run or fails gives its status, the others go on."""
-    try:
-        return fn(*args)
-    except Unavailable as e:
-        return {"status": f"unavailable: {e}"}, None
-    except Exception as e:
-        log.exception("a backend failed")
-        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}, None
-
-
 def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, object]:
     """Load and one warm-up run with the warm-up step count (reported, excluded from the timings)."""
     entry = {"status": "ok", "rss_before_load": rss_bytes(), "load_avg_before": load_avg()}
-    t0 = time.perf_counter()
-    runner.load()
-    entry["load_seconds"] = time.perf_counter() - t0
+    entry["load_seconds"], _ = timed(runner.load)
     entry["engine_build_seconds"] = runner.build_seconds
     folder = runner.folder  # engines: the bytes of the folder (ONNX files, packages)
     entry["engine_bytes"] = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) if folder else None
@@ -116,30 +104,39 @@ def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, int
     warmed up again, in `repeats` rounds of one run per backend, so that a slow spell of the machine hits every
     backend alike. Returns (entries, {name: (timed runs, runs whose memory counts)})."""
     entries, memory, runs = {}, {}, {n: [] for n in runners}
-    for n, r in runners.items():
-        entries[n], warm = _guard(load_and_warm, r, job, warmup_steps)
+
+    def attempt(n: str, fn) -> bool:
+        """fn(); a backend that cannot run or fails gets its status instead, and the others go on."""
+        try:
+            fn()
+            return True
+        except Unavailable as e:
+            entries[n] = {"status": f"unavailable: {e}"}
+        except Exception as e:
+            log.exception("a backend failed")
+            entries[n] = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return False
+
+    def alone(n: str, r) -> None:
+        entries[n], warm = load_and_warm(r, job, warmup_steps)
         memory[n] = [warm]
-        if warm is not None and not interleave:
-            failed, _ = _guard(lambda: ({}, runs[n].extend(r.run() for _ in range(repeats))))
-            entries[n], memory[n] = (failed, None) if failed else (entries[n], runs[n])
+        if not interleave:
+            runs[n] += [r.run() for _ in range(repeats)]
+            memory[n] = runs[n]
+
+    for n, r in runners.items():
+        attempt(n, lambda: alone(n, r))
         r.close()
         log.info("%s: %s", n, entries[n]["status"])
     live = [n for n in runners if entries[n]["status"] == "ok"]
-    if interleave:
-        for n in list(live):
-            again, _ = _guard(load_and_warm, runners[n], job, warmup_steps)
-            if again["status"] != "ok":
-                entries[n] = again
-                live.remove(n)
+    if interleave:  # the first entry (load, warm-up alone) is the one reported
+        live = [n for n in live if attempt(n, lambda: load_and_warm(runners[n], job, warmup_steps))]
         for _ in range(repeats):
             for n in list(live):
-                _, res = _guard(lambda: ({}, runners[n].run()))
-                if res is None:
+                if not attempt(n, lambda: runs[n].append(runners[n].run())):
                     entries[n] = {"status": "failed during the timed rounds (see the log)"}
                     live.remove(n)
                     runners[n].close()
-                else:
-                    runs[n].append(res)
     for n in live:
         entries[n]["load_avg_after"] = load_avg()
         runners[n].close()
@@ -149,18 +146,17 @@ def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, int
 def summarize(entry: dict, runs: list, steps: int, memory_runs: list) -> dict:
     """Timings from `runs`; peak memory from `memory_runs` (the same runs, or the warm-up run when the
     timed runs had every backend loaded at once)."""
-    stages = {k: Stats.of([r.stages[k] for r in runs]) for k in STAGES if all(k in r.stages for r in runs)}
-    stages["denoise_step"] = Stats.of([r.stages["denoise"] / steps for r in runs])
-    stages["end_to_end"] = Stats.of([r.seconds for r in runs])
-    entry["stages"] = {k: v.to_json() for k, v in stages.items()}
+    entry["stages"] = {k: stats([r.stages[k] for r in runs]) for k in STAGES if all(k in r.stages for r in runs)}
+    entry["stages"]["denoise_step"] = stats([r.stages["denoise"] / steps for r in runs])
+    entry["stages"]["end_to_end"] = stats([r.seconds for r in runs])
     for key in ("host_peak", "cuda_peak"):
         seen = [getattr(r, key) for r in memory_runs if any(v is not None for v in getattr(r, key).values())]
         entry[key] = {k: max(c.get(k) or 0 for c in seen) for k in STAGES} if seen else {}
         if seen:
             entry[key]["end_to_end"] = max(entry[key].values())
     if all(r.network_seconds is not None for r in runs):
-        entry["outside_network_fraction"] = Stats.of([(r.seconds - r.network_seconds) / r.seconds
-                                                      for r in runs]).median
+        entry["outside_network_fraction"] = stats([(r.seconds - r.network_seconds) / r.seconds
+                                                   for r in runs])["median"]
     return entry
 
 
@@ -177,6 +173,7 @@ def compare_videos(runs: dict, reference: str = "torch") -> dict[str, dict]:
 
 
 def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
+    """Speedups against torch and diffusers (ratios of medians); on a known GPU, the achieved floor fraction."""
     med = lambda b, k: b["stages"].get(k, {}).get("median")  # noqa: E731
     ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
     for base in (b for b in ("torch", "diffusers") if b in ok):
@@ -185,9 +182,8 @@ def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
                 b.setdefault("speedup", {})[base] = {k: med(ok[base], k) / med(b, k) for k in ok[base]["stages"]
                                                      if med(b, k)}
     key = next((g for g in cost.GPUS if g in gpu_name.upper()), None) if gpu_name else None
-    for b in ok.values():
-        if key:
-            b["floor_fraction"] = {k: costs[k]["floor_s"][f"{key} bf16"] / med(b, k) for k in costs if med(b, k)}
+    for b in ok.values() if key else ():
+        b["floor_fraction"] = {k: costs[k]["floor_s"][f"{key} bf16"] / med(b, k) for k in costs if med(b, k)}
 
 
 def targets(backends: dict) -> list[str]:
@@ -216,39 +212,26 @@ def targets(backends: dict) -> list[str]:
 
 # ---- the mode ------------------------------------------------------------------------------------------
 
-def _job(s, bp: BenchPreset, device, dtype, steps: int, repeats: int, interleave: bool):
-    from flf2v.models.config import get_preset
-    preset = get_preset(bp.model)
-    if bp.gpu_only and not s.args.ckpt_dir:
-        raise BadInput(f"--preset {s.args.preset} needs --ckpt_dir (the real checkpoint)")
-    width, height = (int(v) for v in bp.size.split("*"))
-    job = Job(Path(s.args.ckpt_dir) if s.args.ckpt_dir else s.checkpoint(bp.model), preset, width, height,
-              bp.frames, steps, preset.sample_shift, preset.sample_guide_scale)
-    return job, {"task": preset.dit.model_type, "model_preset": preset.name, "width": width, "height": height,
-                 "frames": bp.frames, "steps": steps, "shift": job.shift, "guide": job.guide, "seed": job.seed,
-                 "prompt": job.prompt, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                 "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
-                 "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
-
-
 def run(s) -> Report | None:
     args, bp = s.args, BENCH_PRESETS[s.args.preset]
     steps, repeats = args.steps or bp.steps, args.repeats or bp.repeats
-    w, h = (int(v) for v in bp.size.split("*"))
+    preset, (w, h) = get_preset(bp.model), (int(v) for v in bp.size.split("*"))
     if args.cost_only:
-        from flf2v.models.config import get_preset
         print(f"{args.preset}: {bp.model}, {w}x{h}, {bp.frames} frames, {steps} steps, CFG batch 2\n")
-        print("\n".join(cost_lines(cost.cost_table(get_preset(bp.model), w, h, bp.frames, steps))))
+        print("\n".join(cost_lines(cost.cost_table(preset, w, h, bp.frames, steps))))
         return None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if bp.gpu_only and device.type != "cuda":
         raise BadInput(f"--preset {args.preset} needs a CUDA GPU; use tiny or small here")
+    if bp.gpu_only and not args.ckpt_dir:
+        raise BadInput(f"--preset {args.preset} needs --ckpt_dir (the real checkpoint)")
     from flf2v.export.contracts import COMPUTE_DTYPE
     dtype = COMPUTE_DTYPE[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     quiet_transformers()
     interleave = not bp.gpu_only if args.interleave is None else args.interleave
-    job, job_json = _job(s, bp, device, dtype, steps, repeats, interleave)
-    costs = cost.cost_table(job.preset, w, h, bp.frames, steps)
+    job = Job(Path(args.ckpt_dir) if args.ckpt_dir else s.checkpoint(bp.model), preset, w, h, bp.frames, steps,
+              preset.sample_shift, preset.sample_guide_scale)
+    costs = cost.cost_table(preset, w, h, bp.frames, steps)
     s.settle()
     runners = {n: DiffusersRunner(job, device, dtype) if n == "diffusers"
                else OursRunner(n, job, device, dtype, s.work / "engines") for n in args.backends or default_backends()}
@@ -257,6 +240,11 @@ def run(s) -> Report | None:
     backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e
                 for n, e in entries.items()}
     add_ratios(backends, costs, s.machine["gpu"]["name"] if s.machine["gpu"] else None)
+    job_json = {"task": preset.dit.model_type, "model_preset": preset.name, "width": w, "height": h,
+                "frames": bp.frames, "steps": steps, "shift": job.shift, "guide": job.guide, "seed": job.seed,
+                "prompt": job.prompt, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
+                "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
     result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "backends": backends,
               "notes": PEER_NOTES + ([busy_note(s.load)] if s.load["busy_before"] else []),
               "targets": targets(backends)}
@@ -266,9 +254,9 @@ def run(s) -> Report | None:
 def quiet_transformers() -> None:
     try:
         from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()  # the torchvision fallback notice of CLIPImageProcessor
     except ImportError:
-        pass
+        return
+    hf_logging.set_verbosity_error()  # the torchvision fallback notice of CLIPImageProcessor
 
 
 def busy_note(load: dict) -> str:

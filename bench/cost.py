@@ -62,11 +62,10 @@ class Cost:
         return self.calls * self.flops
 
     def floor(self, gpu: GPU, precision: str = "bf16") -> float:
-        rate = gpu.bf16 if precision == "bf16" else gpu.fp8
-        return max(self.total_flops / rate, self.bytes(precision) / gpu.bandwidth)
+        return max(self.total_flops / getattr(gpu, precision), self.bytes(precision) / gpu.bandwidth)
 
 
-# ---- DiT -----------------------------------------------------------------------------------------------
+# ---- per network ------------------------------------------------------------------------------------
 
 def dit_tokens(cfg: DiTConfig, latent: tuple[int, int, int]) -> int:
     t, h, w = latent
@@ -102,11 +101,10 @@ def dit_flops_split(cfg: DiTConfig, latent: tuple[int, int, int]) -> dict[str, f
     cross q/o, text and image k/v, FFN: what --quant fp8 quantizes); "attention", the self- and cross-attention
     scores and AV products (what an 8-bit attention kernel runs); "other", the embeddings and head (kept in
     the run dtype). The three add up to dit_forward_flops."""
-    L, d, f = dit_tokens(cfg, latent), cfg.dim, cfg.ffn_dim
-    c = cfg.text_len + cfg.clip_tokens
-    n = cfg.num_layers
-    return {"linear": n * (8 * L * d * d + 4 * L * d * d + 4 * c * d * d + 4 * L * d * f),
-            "attention": n * (4 * L * L * d + 4 * L * c * d), "self_attention": n * 4 * L * L * d,
+    L, n = dit_tokens(cfg, latent), cfg.num_layers
+    layer, cross_products = dit_layer_flops(cfg, L), 4 * L * (cfg.text_len + cfg.clip_tokens) * cfg.dim
+    return {"linear": n * (layer["qkvo"] + layer["cross_attention"] - cross_products + layer["ffn"]),
+            "attention": n * (layer["self_attention"] + cross_products), "self_attention": n * layer["self_attention"],
             "other": dit_outer_flops(cfg, L)}
 
 
@@ -116,8 +114,8 @@ def dit_split_floor(cfg: DiTConfig, latent: tuple[int, int, int], gpu: GPU, line
     bytes) and the attention products at the `attention` rate ("fp8": the 8-bit tensor-core rate, FP8 or INT8
     alike); the embeddings and head stay bf16. With both "bf16" it is dit_cost(...).floor(gpu, "bf16")."""
     s = dit_flops_split(cfg, latent)
-    rate = {"bf16": gpu.bf16, "fp8": gpu.fp8}
-    seconds = calls * (s["linear"] / rate[linear] + s["attention"] / rate[attention] + s["other"] / gpu.bf16)
+    seconds = calls * (s["linear"] / getattr(gpu, linear) + s["attention"] / getattr(gpu, attention)
+                       + s["other"] / gpu.bf16)
     saved = calls * dit_block_linear_params(cfg) * (PRECISIONS["bf16"] - PRECISIONS[linear])
     return max(seconds, (dit_cost(cfg, latent, calls).bytes("bf16") - saved) / gpu.bandwidth)
 
@@ -128,8 +126,6 @@ def dit_cost(cfg: DiTConfig, latent: tuple[int, int, int], calls: int = 1) -> Co
     return Cost(dit_forward_flops(cfg, latent), dit_params(cfg), io, calls)
 
 
-# ---- umT5 ----------------------------------------------------------------------------------------------
-
 def t5_cost(cfg: T5Config, prompts: int = 2) -> Cost:
     L, d, a = cfg.text_len, cfg.dim, cfg.dim_attn
     layer = 8 * L * d * a + 4 * L * L * a + 6 * L * d * cfg.ffn_dim
@@ -138,8 +134,6 @@ def t5_cost(cfg: T5Config, prompts: int = 2) -> Cost:
     return Cost(prompts * cfg.num_layers * layer, params, prompts * L * (2 + d))
 
 
-# ---- CLIP ----------------------------------------------------------------------------------------------
-
 def clip_cost(cfg: CLIPConfig, images: int) -> Cost:
     n, d, h = cfg.num_tokens, cfg.dim, cfg.dim * cfg.mlp_ratio
     layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * h
@@ -147,8 +141,6 @@ def clip_cost(cfg: CLIPConfig, images: int) -> Cost:
     io = images * (3 * cfg.image_size ** 2 + n * d)
     return Cost(images * ((cfg.num_layers - 1) * layer + patch), clip_params(cfg), io)
 
-
-# ---- VAE -----------------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=None)
 def _vae_chunk_flops(cfg: VAEConfig, part: str, height: int, width: int) -> tuple[float, float]:
@@ -159,18 +151,14 @@ def _vae_chunk_flops(cfg: VAEConfig, part: str, height: int, width: int) -> tupl
     with torch.device("meta"):
         vae = WanVAE(cfg)
     vae = vae.to("meta")  # fixed tables are built real; the count needs everything on meta
+    enc = part == "enc"
+    caches = (vae.encoder_cache_shapes if enc else vae.decoder_cache_shapes)(1, height, width)
     out = []
     for first in (True, False):
-        if part == "enc":
-            caches = vae.zero_caches(vae.encoder_cache_shapes(1, height, width), "meta")
-            x = torch.empty(1, 3, 1 if first else cfg.stride[0], height, width, device="meta")
-            run = lambda: vae.encode_chunk(x, caches, first)  # noqa: E731
-        else:
-            caches = vae.zero_caches(vae.decoder_cache_shapes(1, height, width), "meta")
-            x = torch.empty(1, cfg.z_dim, 1, height, width, device="meta")
-            run = lambda: vae.decode_chunk(x, caches, first)  # noqa: E731
+        x = torch.empty(1, 3 if enc else cfg.z_dim, 1 if first or not enc else cfg.stride[0], height, width,
+                        device="meta")
         with FlopCounterMode(display=False) as counter:
-            run()
+            (vae.encode_chunk if enc else vae.decode_chunk)(x, vae.zero_caches(caches, "meta"), first)
         out.append(float(counter.get_total_flops()))
     return out[0], out[1]
 
@@ -196,33 +184,30 @@ def vae_cost(cfg: VAEConfig, part: str, frames: int, height: int, width: int) ->
 
 def video_costs(preset: Preset, width: int, height: int, frames: int, steps: int, cfg_batch: int = 2,
                 dit: DiTConfig | None = None) -> dict[str, Cost]:
-    """Stage -> Cost of one FLF2V / I2V video; `denoise_step` is one step (both CFG passes)."""
+    """Stage -> Cost of one FLF2V / I2V video; `denoise_step` is one step (both CFG passes); `end_to_end` the
+    other stages' FLOPs and bytes together."""
     dit = dit or preset.dit
     ss, st = preset.vae.stride[1], preset.vae.stride[0]
     latent = ((frames - 1) // st + 1, height // ss, width // ss)
-    n_images = 2 if dit.model_type == "flf2v" else 1
     stages = {
         "text_encoder": t5_cost(preset.t5),
-        "image_encoder": clip_cost(preset.clip, n_images),
+        "image_encoder": clip_cost(preset.clip, 2 if dit.model_type == "flf2v" else 1),
         "vae_encode": vae_cost(preset.vae, "enc", frames, height, width),
         "denoise_step": dit_cost(dit, latent, calls=cfg_batch),
         "denoise": dit_cost(dit, latent, calls=cfg_batch * steps),
         "vae_decode": vae_cost(preset.vae, "dec", frames, height, width),
     }
     parts = [c for k, c in stages.items() if k != "denoise_step"]
-    stages["end_to_end"] = Cost(sum(c.total_flops for c in parts), 0, 0)
+    stages["end_to_end"] = Cost(sum(c.total_flops for c in parts), sum(c.calls * c.params for c in parts),
+                                sum(c.calls * c.io_elements for c in parts))
     return stages
 
 
 def floors(costs: dict[str, Cost]) -> dict[str, dict[str, float]]:
     """Stage -> {"H100 bf16": s, "H100 fp8": s, "H200 bf16": s, "H200 fp8": s}; end_to_end = sum of stages."""
-    out = {}
-    for stage, c in costs.items():
-        if stage == "end_to_end":
-            continue
-        out[stage] = {f"{g} {p}": c.floor(gpu, p) for g, gpu in GPUS.items() for p in PRECISIONS}
-    keys = next(iter(out.values())).keys()
-    out["end_to_end"] = {k: sum(v[k] for s, v in out.items() if s != "denoise_step") for k in keys}
+    out = {stage: {f"{g} {p}": c.floor(gpu, p) for g, gpu in GPUS.items() for p in PRECISIONS}
+           for stage, c in costs.items() if stage != "end_to_end"}
+    out["end_to_end"] = {k: sum(v[k] for s, v in out.items() if s != "denoise_step") for k in out["denoise"]}
     return out
 
 
@@ -230,10 +215,5 @@ def cost_table(preset: Preset, width: int, height: int, frames: int, steps: int,
     """JSON-ready: per stage FLOPs, minimum bytes (bf16, fp8) and floors."""
     costs = video_costs(preset, width, height, frames, steps, cfg_batch)
     fl = floors(costs)
-    return {stage: {"flops": c.total_flops,
-                    "min_bytes_bf16": c.bytes("bf16") if stage != "end_to_end" else
-                    sum(costs[s].bytes("bf16") for s in costs if s not in ("end_to_end", "denoise_step")),
-                    "min_bytes_fp8": c.bytes("fp8") if stage != "end_to_end" else
-                    sum(costs[s].bytes("fp8") for s in costs if s not in ("end_to_end", "denoise_step")),
-                    "floor_s": fl[stage]}
-            for stage, c in costs.items()}
+    return {stage: {"flops": c.total_flops, "min_bytes_bf16": c.bytes("bf16"), "min_bytes_fp8": c.bytes("fp8"),
+                    "floor_s": fl[stage]} for stage, c in costs.items()}

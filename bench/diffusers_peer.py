@@ -18,6 +18,7 @@ from flf2v.models import checkpoint as ck
 from flf2v.models.config import CLIPConfig, DiTConfig, Preset, T5Config, VAEConfig
 from flf2v.models.keymaps import clip_to_transformers, dit_key_to_diffusers, t5_to_transformers, vae_key_to_diffusers
 
+
 def dit_diffusers_config(cfg: DiTConfig) -> dict:
     """WanTransformer3DModel kwargs of the official FLF2V/I2V model with cfg's sizes."""
     return dict(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
@@ -34,8 +35,6 @@ def vae_diffusers_config(cfg: VAEConfig) -> dict:
                 latents_std=list(cfg.std))
 
 
-# ---- umT5 encoder -> transformers UMT5EncoderModel ----------------------------------------------------
-
 def t5_transformers_config(cfg: T5Config, **kw):
     from transformers import UMT5Config
 
@@ -44,8 +43,6 @@ def t5_transformers_config(cfg: T5Config, **kw):
                       relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
                       dropout_rate=0.0, layer_norm_epsilon=cfg.eps, feed_forward_proj="gated-gelu", **kw)
 
-
-# ---- CLIP visual tower -> transformers CLIPVisionModel --------------------------------------------------
 
 def clip_transformers_config(cfg: CLIPConfig, **kw):
     from transformers import CLIPVisionConfig
@@ -98,19 +95,6 @@ def official_unipc_scheduler(shift: float):
 
 # ---- the peer pipeline ---------------------------------------------------------------------------------------
 
-def _empty(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Parameters on meta (nothing allocated), buffers real: diffusers computes its RoPE tables in __init__."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return build()
-
-
-def _fill(model: torch.nn.Module, source: dict, dtype, device, origin: str) -> torch.nn.Module:
-    """checkpoint.fill straight to (device, dtype); buffers diffusers built real follow the model."""
-    return ck.fill(model, source, dtype, origin, device=device).to(device)
-
-
 def _eager(sd: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
     """Getters of in-memory tensors; one tensor under several names (T5's tied embedding) gets one getter."""
     getters: dict[int, Callable[[], torch.Tensor]] = {}
@@ -124,29 +108,33 @@ def build_pipeline(ckpt_dir: str | os.PathLike, preset: Preset | None = None, dt
     Call it like the official FLF2V: `pipe(image=first, last_image=last, prompt=..., negative_prompt=...,
     height=H, width=W, num_frames=F, num_inference_steps=N, guidance_scale=g, generator=...)`.
     """
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     preset = preset or ck.preset_for(ckpt_dir)
-    dit_cfg = ck.read_dit_config(ckpt_dir, preset.dit)
-    device = torch.device(device)
 
-    dit_src = {dit_key_to_diffusers(k): g for k, g in ck.dit_tensor_source(ckpt_dir).items()}
-    transformer = _fill(_empty(lambda: WanTransformer3DModel(**dit_diffusers_config(dit_cfg))), dit_src, dtype,
-                          device, str(ckpt_dir / ck.DIT_INDEX))
-    vae_src = {vae_key_to_diffusers(k, preset.vae.num_res_blocks): g
-               for k, g in ck.pth_tensor_source(ckpt_dir / ck.VAE_FILE).items()}
-    vae = _fill(_empty(lambda: AutoencoderKLWan(**vae_diffusers_config(preset.vae))), vae_src, dtype, device,
-                  str(ckpt_dir / ck.VAE_FILE))
+    def empty(build):  # parameters on meta (nothing allocated), buffers real: diffusers builds RoPE tables in __init__
+        with init_empty_weights(include_buffers=False):
+            return build()
+
+    def fill(model, source: dict, file: str):  # straight to (device, dtype); buffers built real follow the model
+        return ck.fill(model, source, dtype, str(ckpt_dir / file), device=device).to(device)
+
+    dit_cfg = ck.read_dit_config(ckpt_dir, preset.dit)
+    transformer = fill(empty(lambda: WanTransformer3DModel(**dit_diffusers_config(dit_cfg))),
+                       {dit_key_to_diffusers(k): g for k, g in ck.dit_tensor_source(ckpt_dir).items()}, ck.DIT_INDEX)
+    vae = fill(empty(lambda: AutoencoderKLWan(**vae_diffusers_config(preset.vae))),
+               {vae_key_to_diffusers(k, preset.vae.num_res_blocks): g
+                for k, g in ck.pth_tensor_source(ckpt_dir / ck.VAE_FILE).items()}, ck.VAE_FILE)
     t5_sd = {k: g() for k, g in ck.pth_tensor_source(ckpt_dir / ck.T5_FILE).items()}
-    text_encoder = _fill(_empty(lambda: UMT5EncoderModel(t5_transformers_config(preset.t5))),
-                           _eager(t5_to_transformers(t5_sd)), dtype, device, str(ckpt_dir / ck.T5_FILE))
+    text_encoder = fill(empty(lambda: UMT5EncoderModel(t5_transformers_config(preset.t5))),
+                        _eager(t5_to_transformers(t5_sd)), ck.T5_FILE)
     clip_sd = {k: g() for k, g in ck.pth_tensor_source(ckpt_dir / ck.CLIP_FILE, prefix="visual.").items()}
-    image_encoder = _empty(lambda: CLIPVisionModel(clip_transformers_config(preset.clip)))
+    image_encoder = empty(lambda: CLIPVisionModel(clip_transformers_config(preset.clip)))
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in image_encoder.state_dict()) else ""
-    image_encoder = _fill(image_encoder, _eager(clip_to_transformers(clip_sd, prefix)), dtype, device,
-                            str(ckpt_dir / ck.CLIP_FILE))
+    image_encoder = fill(image_encoder, _eager(clip_to_transformers(clip_sd, prefix)), ck.CLIP_FILE)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir / ck.T5_TOKENIZER), local_files_only=True)
     scheduler = official_unipc_scheduler(preset.sample_shift if shift is None else shift)
     return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,

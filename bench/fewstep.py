@@ -16,12 +16,18 @@ from pathlib import Path
 
 import torch
 
+from .cache import count_calls, ort_engines, warm_then_time
 from .measure import run_module, timed
 from .report import Report, table
 from .runners import Job
 
 FEW_STEPS = (1000, 750, 500, 250)
 FEW_SHIFT = 5.0
+LORA_ROWS = {"read_s": "read + map the LoRA", "torch_load_plain_s": "torch DiT load, plain",
+             "torch_load_merged_s": "torch DiT load, LoRA merged while loading",
+             "ort_session_plain_s": "ORT DiT session, plain",
+             "ort_session_swapped_s": "ORT DiT session, LoRA swapped in (its weights replaced in the graph)",
+             "ort_rebuild_dit_s": "rebuild of the DiT engine with the LoRA (`flf2v-build --graphs dit_b2 --lora`)"}
 
 
 def add_args(ap) -> None:
@@ -47,28 +53,19 @@ def write_lora(path: Path, ckpt_dir, rank: int = 16, seed: int = 0) -> Path:
     return path
 
 
-def _build(ckpt, out: Path, *extra) -> float:
-    return run_module("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32",
-                      "--cfg_batch", "both", "--out", str(out), "--quiet", *extra)
-
-
 def sampling(folder: Path, job: Job) -> dict:
     """50 steps with CFG vs 4 steps CFG-free through the same engines; DiT forwards counted."""
     from flf2v.runtime.pipeline import Pipeline
     pipe = Pipeline.from_engines(folder, job.ckpt_dir)
-    forwards, real = [], pipe.backend.denoise
-    pipe.backend.denoise = lambda x, *a: forwards.append(x.shape[0]) or real(x, *a)
-    first, last = job.frames_in()
+    calls = count_calls(pipe.backend)
     runs = {"cfg": dict(sample_steps=job.steps, guide_scale=job.guide),
             "few-step CFG-free": dict(sample_timesteps=list(FEW_STEPS), sample_shift=FEW_SHIFT, guide_scale=1.0)}
     out = {}
     for name, kw in runs.items():
         warm = {**kw, "sample_steps": 1} if name == "cfg" else kw  # one warm-up step for the long run
-        pipe.generate(job.prompt, first, last, seed=1, progress=False, **warm)
-        forwards.clear()
-        t, _ = timed(lambda: pipe.generate(job.prompt, first, last, seed=42, progress=False, **kw))
-        out[name] = {"seconds": t, "denoise_s": pipe.times.seconds["denoise"], "dit_calls": len(forwards),
-                     "dit_forwards": sum(forwards), "settings": dict(kw)}
+        t, _ = warm_then_time(pipe, job, calls, kw, warm)
+        out[name] = {"seconds": t, "denoise_s": pipe.times.seconds["denoise"], "dit_calls": len(calls),
+                     "dit_forwards": sum(n for _, n in calls), "settings": dict(kw)}
     return out
 
 
@@ -83,41 +80,27 @@ def lora_costs(folder: Path, ckpt, preset, work: Path) -> dict:
             "torch_load_merged_s": timed(lambda: load_dit(ckpt, torch.float32, preset, loras))[0],
             "ort_session_plain_s": timed(lambda: OrtBackend(folder, ckpt, preset).session("dit_b2"))[0],
             "ort_session_swapped_s": timed(lambda: OrtBackend(folder, ckpt, preset, loras=loras).session("dit_b2"))[0],
-            "ort_rebuild_dit_s": _build(ckpt, work / "fewstep-engines-lora", "--graphs", "dit_b2",
-                                        "--lora", str(lora_path))}
+            "ort_rebuild_dit_s": run_module(
+                "flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32", "--cfg_batch",
+                "both", "--out", str(work / "fewstep-engines-lora"), "--quiet", "--graphs", "dit_b2", "--lora",
+                str(lora_path))}
 
 
 def run(s) -> Report:
     import onnxruntime
-
-    from flf2v.export.contracts import engine_shapes
-    from flf2v.models.config import get_preset
-    preset, ckpt, folder = get_preset(s.args.preset), s.checkpoint(s.args.preset), s.work / "fewstep-engines"
-    shape = next(iter(engine_shapes(preset).values()))  # the default static shape
-    build_s = _build(ckpt, folder, "--preset", shape.name)
-    job = Job(ckpt, preset, shape.width, shape.height, shape.frame_num, s.args.steps, preset.sample_shift,
-              preset.sample_guide_scale)
+    folder = s.work / "fewstep-engines"
+    build_s, job = ort_engines(s, folder, "--cfg_batch", "both")
     s.settle()
     r = {"onnxruntime": onnxruntime.__version__, "build_s": build_s, "sampling": sampling(folder, job),
-         "lora": lora_costs(folder, ckpt, preset, s.work)}
-    return Report("few-step / CFG-free and LoRA costs", r, markdown(r))
-
-
-def markdown(r: dict) -> list[str]:
-    sm, lc = r["sampling"], r["lora"]
-    a, b = sm["cfg"], sm["few-step CFG-free"]
-    return ["ONNX Runtime fp32 engines (batch-2 and batch-1 DiT) · one timed run each after a warm-up.", ""] + table(
-        ["run", "DiT calls", "DiT forwards (batch rows)", "denoise (s)", "end to end (s)"],
-        [[n, v["dit_calls"], v["dit_forwards"], f"{v['denoise_s']:.2f}", f"{v['seconds']:.2f}"]
-         for n, v in sm.items()]) + [
-        "", f"Speedup: {a['denoise_s'] / b['denoise_s']:.1f}x in the denoising loop, {a['seconds'] / b['seconds']:.1f}x "
-            f"end to end ({a['dit_forwards']} vs {b['dit_forwards']} DiT forwards).", "",
+         "lora": lora_costs(folder, job.ckpt_dir, job.preset, s.work)}
+    (a, b), lc = r["sampling"].values(), r["lora"]
+    return Report("few-step / CFG-free and LoRA costs", r, [
+        "ONNX Runtime fp32 engines (batch-2 and batch-1 DiT) · one timed run each after a warm-up.", "",
+        *table(["run", "DiT calls", "DiT forwards (batch rows)", "denoise (s)", "end to end (s)"],
+               [[n, v["dit_calls"], v["dit_forwards"], f"{v['denoise_s']:.2f}", f"{v['seconds']:.2f}"]
+                for n, v in r["sampling"].items()]), "",
+        f"Speedup: {a['denoise_s'] / b['denoise_s']:.1f}x in the denoising loop, {a['seconds'] / b['seconds']:.1f}x "
+        f"end to end ({a['dit_forwards']} vs {b['dit_forwards']} DiT forwards).", "",
         f"LoRA: rank {lc['lora']['rank']} over every block linear ({lc['lora']['keys']} weights, "
-        f"{lc['lora']['bytes'] / 2**20:.1f} MiB)", ""] + table(["step", "seconds"], [
-            [label, f"{lc[key]:.2f}"] for label, key in (
-                ("read + map the LoRA", "read_s"), ("torch DiT load, plain", "torch_load_plain_s"),
-                ("torch DiT load, LoRA merged while loading", "torch_load_merged_s"),
-                ("ORT DiT session, plain", "ort_session_plain_s"),
-                ("ORT DiT session, LoRA swapped in (its weights replaced in the graph)", "ort_session_swapped_s"),
-                ("rebuild of the DiT engine with the LoRA (`flf2v-build --graphs dit_b2 --lora`)",
-                 "ort_rebuild_dit_s"))])
+        f"{lc['lora']['bytes'] / 2**20:.1f} MiB)", "",
+        *table(["step", "seconds"], [[label, f"{lc[key]:.2f}"] for key, label in LORA_ROWS.items()])])

@@ -2,17 +2,16 @@
 
     python -m flf2v.bench.gpu_check [--out bench/results] [--quick] [--budget 450] [--parts kernels,...]
 
-The harness: the part registry (PARTS, in the order they run), the time guard, the results and the exit code.
-A part is a function part(run, data, part_end) (bench/gpu_parts*.py, sharing bench/gpu_common.py) reported ok /
-partial / failed / skipped; one failing part never loses the others' figures. Results: <out>/gpu-check-<gpu>-
-<date>.json and .md (bench/gpu_report.py), rewritten after every part. Exit 0 when no part failed, 1 when one
-did, 2 (one line, nothing written) without a CUDA GPU. Time guard: a budget (--budget, 450 s) from the process
-start, torch's import included; each part may use what is left less the plans of the parts after it, at most
-its cap, and is cut off past it (SIGALRM, between Python calls: `partial`, its figures kept); a watchdog writes
-the results and exits if the run is stuck in one GPU call 20 s past the budget. `--device cpu --smoke` (for
-tests) runs every part's code at tiny shapes on the CPU (Triton interpreter, ONNX Runtime for TensorRT); its
-figures measure nothing. Box-safe: the harness's modules import only the standard library at the top (the GPU
-box has no PIL, ftfy, onnx_ir, diffusers, tensorrt, ...); torch and the rest are imported inside the functions.
+The harness: the parts (PARTS, in the order they run; bench/gpu_parts*.py), the time guard, the results and
+the exit code. Each part is reported ok / partial / failed / skipped; one failing part never loses the others'
+figures. Results: <out>/gpu-check-<gpu>-<date>.json and .md (bench/gpu_report.py), rewritten after every part.
+Exit 0 when no part failed, 1 when one did, 2 (one line, nothing written) without a CUDA GPU. Time guard: a
+budget from the process start, torch's import included; each part may use what is left less the plans of the
+parts after it, at most its cap, and is cut off past it (SIGALRM, between Python calls: `partial`, its figures
+kept); a watchdog writes the results and exits if the run is stuck in one GPU call 20 s past the budget.
+`--device cpu --smoke` (for tests) runs every part's code at tiny shapes on the CPU (Triton interpreter, ONNX
+Runtime for TensorRT); its figures measure nothing. Box-safe: the harness's modules import only the standard
+library at the top (the GPU box has no PIL, ftfy, onnx_ir, diffusers, tensorrt, ...).
 """
 from __future__ import annotations
 
@@ -32,13 +31,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from flf2v.bench.gpu_common import ROOT, CheckFailed, PartTimeout, Skip, free_cuda, log, one_line
-from flf2v.bench.gpu_parts import (missing_prerequisites, part_cuda_graph, part_environment, part_kernels,
-                                   part_pytest)
-from flf2v.bench.gpu_parts_aoti import part_aoti
-from flf2v.bench.gpu_parts_dit import part_dit_slice, part_trt_tiny
-from flf2v.bench.gpu_parts_offload import part_offload
-from flf2v.bench.gpu_parts_quant import part_quant
-from flf2v.bench.gpu_report import _f, render_md
+from flf2v.bench.gpu_parts import missing_prerequisites, part_cuda_graph, part_environment, part_kernels, part_pytest
+from flf2v.bench.gpu_parts_dit import part_dit_slice, part_offload, part_quant
+from flf2v.bench.gpu_parts_engines import part_aoti, part_trt_tiny
+from flf2v.bench.gpu_report import num, render_md
 
 T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -101,13 +97,14 @@ class Run:
         if self.paths is None:
             return
         with self.lock:  # the watchdog may save while the main thread writes: retry a dict changed mid-copy
-            for _ in range(5):
-                with contextlib.suppress(RuntimeError):
+            for attempt in range(5):
+                try:
                     res = json.loads(json.dumps(self.results, default=_jsonable))
                     break
-                time.sleep(0.05)
-            else:
-                res = json.loads(json.dumps(self.results, default=_jsonable))
+                except RuntimeError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.05)
         res["seconds"] = round(time.monotonic() - self.t0, 1)
         for path, text in zip(self.paths, (json.dumps(res, indent=2) + "\n", render_md(res))):
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -115,15 +112,8 @@ class Run:
             os.replace(tmp, path)
 
 
-def _jsonable(x):
-    if isinstance(x, Path):
-        return str(x)
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.dtype):
-        return str(x).removeprefix("torch.")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.tolist()
-    return repr(x)
+def _jsonable(x):  # a Path, torch dtype or tensor a part recorded
+    return x.tolist() if hasattr(x, "tolist") else str(x).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -288,7 +278,7 @@ def main(argv=None) -> int:
           f"{time.monotonic() - run.t0:.0f} s of {run.args.budget:.0f} s):")
     for key, p in sorted(run.results["parts"].items(), key=lambda kv: kv[1]["number"]):
         note = p.get("error") or p.get("reason") or p.get("note") or ""
-        print(f"  {p['number']}. {key:<12} {p['status']:<8} {_f(p.get('seconds'), '{:6.1f}'):>6} s of "
+        print(f"  {p['number']}. {key:<12} {p['status']:<8} {num(p.get('seconds'), '{:6.1f}'):>6} s of "
               f"{p.get('planned_s', '-'):>3} s planned  {one_line(note, 150)}")
     print(f"results: {run.paths[0]}\n         {run.paths[1]}")
     return run.results["exit_code"]

@@ -1,10 +1,10 @@
-"""What the parts of `make gpu-check` share (bench/gpu_check.py runs them): the outcomes a part raises (Skip,
-CheckFailed, PartTimeout), logging, the time guard inside a part, timing on the device, error measures, and
-the model preset, video shapes, random DiT and inputs the parts measure at. A part is a function
-`part(run, data, part_end)`: it fills `data` (recorded in the results as it goes) and raises Skip or
-CheckFailed. Box-safe at import: stdlib only; torch and flf2v modules are imported inside the functions."""
+"""What the parts of `make gpu-check` share: the outcomes a part raises, logging, the time guard inside a part,
+timing on the device, error measures, and the model, shapes, random DiT and inputs the parts measure at. A part
+is `part(run, data, part_end)`: it fills `data` (recorded as it goes) and raises Skip or CheckFailed.
+Box-safe at import: stdlib only; torch and flf2v modules are imported inside the functions."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import traceback
@@ -35,16 +35,20 @@ def one_line(err: BaseException | str, limit: int = 400) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def check(problems: list) -> None:
+    if problems := [p for p in problems if p]:
+        raise CheckFailed("; ".join(problems))
+
+
 def short_of(run, part_end: float, need: float) -> str | None:
-    """The time guard inside a part: why a step that needs `need` seconds is skipped, None when it fits (always
-    in the smoke test)."""
+    """Why a step that needs `need` seconds is skipped, None when it fits (always in the smoke test)."""
     left = part_end - time.monotonic()
     return None if run.smoke or left >= need else f"time budget: {left:.0f} s left of the part, ~{need:.0f} s needed"
 
 
 def guarded(fn, row: dict, *args, trace: bool = False) -> dict:
-    """fn(row, *args) fills `row`, one row of a part; when it raises, the row keeps what it measured and says
-    the error (one row fails, the others stay). Returns the row."""
+    """fn(row, *args) fills one row of a part; when it raises, the row keeps what it measured and says the
+    error (one row fails, the others stay). Returns the row."""
     try:
         fn(row, *args)
     except Exception as e:  # noqa: BLE001
@@ -54,11 +58,6 @@ def guarded(fn, row: dict, *args, trace: bool = False) -> dict:
     return row
 
 
-def check(problems: list[str]) -> None:
-    if problems:
-        raise CheckFailed("; ".join(problems))
-
-
 def sync(run) -> None:
     if run.cuda:
         import torch
@@ -66,7 +65,7 @@ def sync(run) -> None:
 
 
 def timed_s(run, fn, reps: int) -> tuple[float, list[float]]:
-    """Median wall seconds of fn() over reps runs, synchronised on CUDA."""
+    """Median wall seconds of fn() over reps runs, synchronised on CUDA; and every run's."""
     times = []
     for _ in range(max(1, reps)):
         sync(run)
@@ -77,14 +76,29 @@ def timed_s(run, fn, reps: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def free_cuda(run) -> None:
+    gc.collect()
+    if run.cuda:
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def errors(a, b) -> dict:
-    from flf2v.bench.kernels import errors as err
+    from flf2v.bench.kernels import errors as err  # max_abs, max_rel of a against b
     return err(a, b)
 
 
 def cosine(a, b) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float((a @ b) / max((a.norm() * b.norm()).item(), 1e-300))
+
+
+def dtype_of(run):
+    """What the parts measure in: bf16 on the GPU, fp32 in the smoke test; (dtype, its name)."""
+    import torch
+    dtype = torch.float32 if run.smoke else torch.bfloat16
+    return dtype, str(dtype).removeprefix("torch.")
 
 
 def model_preset(run):
@@ -105,18 +119,9 @@ def tokens_of(preset, shape_name: str) -> tuple[int, tuple[int, int, int], objec
     return dit_tokens(preset.dit, latent), latent, shape
 
 
-def free_cuda(run) -> None:
-    import gc
-    gc.collect()
-    if run.cuda:
-        import torch
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def torch_denoiser(dit, dtype, device):
-    """The torch backend's `denoise` on an in-memory DiT (TorchBackend loads from a checkpoint directory,
-    which needs the tokenizer's ftfy; its denoise only reads the DiT and the dtype)."""
+    """The torch backend's `denoise` on an in-memory DiT (TorchBackend loads from a checkpoint directory, which
+    needs the tokenizer's ftfy; its denoise only reads the DiT and the dtype)."""
     import torch
 
     from flf2v.runtime.torch_backend import TorchBackend
@@ -126,18 +131,17 @@ def torch_denoiser(dit, dtype, device):
 
 
 def loop_inputs(cfg, latent, device, seed: int = 1):
+    """(x, context, clip, y) of the denoising loop, context with the negative prompt's row."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, cfg.out_dim, *latent, generator=g)
-    context = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
-    clip = torch.randn(1, cfg.clip_tokens, cfg.clip_dim, generator=g)
-    y = torch.randn(1, cfg.in_dim - cfg.out_dim, *latent, generator=g)
-    return tuple(t.to(device) for t in (x, context, clip, y))
+    shapes = ((1, cfg.out_dim, *latent), (2, cfg.text_len, cfg.text_dim), (1, cfg.clip_tokens, cfg.clip_dim),
+              (1, cfg.in_dim - cfg.out_dim, *latent))
+    return tuple(torch.randn(*s, generator=g).to(device) for s in shapes)
 
 
 def build_random_dit(cfg, dtype, device, seed: int = 0, attention: str = "sdpa"):
-    """WanDiT(cfg) with random weights made on `device` (no host copy of the weights): built on meta, moved
-    with to_empty, filled by models.make_tiny.randomize_ with a generator on that device."""
+    """WanDiT(cfg) with random weights made on `device` (no host copy): built on meta, moved with to_empty,
+    filled by models.make_tiny.randomize_ with a generator on that device."""
     import torch
 
     from flf2v.models.dit import WanDiT

@@ -17,26 +17,23 @@ import sys
 import sysconfig
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from flf2v.bench.gpu_common import (ROOT, PartTimeout, Skip, check, errors, free_cuda, log, loop_inputs,
+from flf2v.bench.gpu_common import (ROOT, PartTimeout, Skip, check, dtype_of, errors, free_cuda, log, loop_inputs,
                                     model_preset, one_line, short_of, sync, timed_s, tokens_of, torch_denoiser,
                                     video_shapes)
 
-# Modules whose presence decides what can run; import name -> distribution name.
-OPTIONAL = {"tensorrt": "tensorrt", "polygraphy": "polygraphy", "onnx": "onnx", "onnxruntime": "onnxruntime",
-            "onnxscript": "onnxscript", "onnx_ir": "onnx-ir", "onnx_graphsurgeon": "onnx-graphsurgeon",
-            "av": "av", "ftfy": "ftfy", "regex": "regex", "diffusers": "diffusers", "transformers": "transformers",
-            "PIL": "pillow", "safetensors": "safetensors", "tokenizers": "tokenizers",
-            "sentencepiece": "sentencepiece", "einops": "einops", "tqdm": "tqdm", "pytest": "pytest",
-            "hypothesis": "hypothesis", "numpy": "numpy", "accelerate": "accelerate", "matplotlib": "matplotlib",
-            "cuda": "cuda-python"}
+# Modules whose presence decides what can run, and the distributions of those not named as they import
+OPTIONAL = ("tensorrt", "polygraphy", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "av",
+            "ftfy", "regex", "diffusers", "transformers", "PIL", "safetensors", "tokenizers", "sentencepiece",
+            "einops", "tqdm", "pytest", "hypothesis", "numpy", "accelerate", "matplotlib", "cuda")
+DIST = {"onnx_ir": "onnx-ir", "onnx_graphsurgeon": "onnx-graphsurgeon", "PIL": "pillow", "cuda": "cuda-python"}
 PROJECT_MODULES = ("models.dit", "models.checkpoint", "models.make_tiny", "models.tokenizer", "runtime.denoise",
                    "runtime.torch_backend", "runtime.media", "runtime.pipeline", "runtime.engine_folders",
                    "runtime.backends", "runtime.engine_backend", "runtime.ort_backend", "runtime.trt_backend",
-                   "runtime.cli",
-                   "kernels.ops", "kernels.trt_plugin", "export.contracts", "export.build", "export.onnx_export",
-                   "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
+                   "runtime.cli", "kernels.ops", "kernels.trt_plugin", "export.contracts", "export.build",
+                   "export.onnx_export", "export.plugins", "export.passes", "bench.cost", "bench.kernels", "bench.cli")
 # Tools the compiled parts need beyond Python packages (on CUDA): Triton builds its kernel launcher with a C
 # compiler against Python.h; AOTInductor compiles C++ and links the CUDA toolkit's runtime.
 NEEDS = {"kernels": ("c_compiler", "python_h"), "quant": ("c_compiler", "python_h"),
@@ -72,7 +69,7 @@ def missing_prerequisites(part: str, found: dict | None = None) -> str | None:
 def _version(mod: str) -> str | None:
     if importlib.util.find_spec(mod) is None:
         return None
-    for dist in (OPTIONAL.get(mod, mod), mod):
+    for dist in (DIST.get(mod, mod), mod):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(dist)
     if mod == "tensorrt":  # installed as tensorrt_cu13 / tensorrt-cu12 etc.
@@ -141,28 +138,14 @@ def part_environment(run, data: dict, part_end: float) -> None:
 KERNEL_TOL = {"bfloat16": 1.6e-2, "float16": 2e-3, "float32": 1e-5}
 
 
-def _kernel_problems(name: str, entry: dict, tol: float) -> list[str]:
-    out = []
-    for kind in ("self", "cross"):
-        for row in entry[kind]["rows"]:
-            err = row.get("vs_fp64_rows", {}).get("max_rel")
-            if row["name"].startswith("triton") and err is not None and not err <= tol:
-                out.append(f"{name} {kind} {row['name']}: max rel err {err:.3g} vs fp64 > {tol:g}")
-            if row.get("ms") is not None and not math.isfinite(row["ms"]):
-                out.append(f"{name} {kind} {row['name']}: time {row['ms']}")
-    return out
-
-
 def part_kernels(run, data: dict, part_end: float) -> None:
-    import torch
-
     from flf2v.bench import kernels as K
     preset = model_preset(run)
     cfg = preset.dit
-    dtype = torch.float32 if run.smoke else torch.bfloat16
+    dtype, dtype_name = dtype_of(run)
     h, d = cfg.num_heads, cfg.head_dim
-    data.update(heads=h, head_dim=d, dim=cfg.dim, dtype=str(dtype).removeprefix("torch."), text_tokens=cfg.text_len,
-                image_tokens=cfg.clip_tokens, shapes={}, tolerance_vs_fp64=KERNEL_TOL[str(dtype)[6:]])
+    data.update(heads=h, head_dim=d, dim=cfg.dim, dtype=dtype_name, text_tokens=cfg.text_len,
+                image_tokens=cfg.clip_tokens, shapes={}, tolerance_vs_fp64=KERNEL_TOL[dtype_name])
     timing = dict(warmup_ms=25, rep_ms=300 if run.args.quick else 800, cpu_reps=0 if run.smoke else 1, oracle_n=256)
     shapes = video_shapes(run)[:1] if run.smoke else video_shapes(run)  # the interpreter is slow
     l_max = max(tokens_of(preset, s)[0] for s in shapes)
@@ -176,7 +159,7 @@ def part_kernels(run, data: dict, part_end: float) -> None:
         L, latent, _ = tokens_of(preset, name)
         entry = data["shapes"][name] = {"tokens": L, "latent": list(latent)}
         show = lambda row, name=name: log(f"  [{name}] " + K.format_row(row).strip())  # noqa: E731
-        log(f"kernels: {name}: self-attention B=1 L={L} H={h} D={d} {data['dtype']}")
+        log(f"kernels: {name}: self-attention B=1 L={L} H={h} D={d} {dtype_name}")
         entry["self"] = K.bench_self(1, L, h, d, dtype, run.device, fuse_k=(False,) if run.args.quick and i else
                                      (False, True), on_row=show, should_stop=stopper(L), **timing)
         free_cuda(run)
@@ -184,7 +167,13 @@ def part_kernels(run, data: dict, part_end: float) -> None:
         entry["cross"] = K.bench_cross(1, L, cfg.text_len, cfg.clip_tokens, h, d, dtype, run.device, on_row=show,
                                        should_stop=stopper(L // 4), **timing)
         free_cuda(run)
-        problems += _kernel_problems(name, entry, data["tolerance_vs_fp64"])
+        for kind in ("self", "cross"):
+            for row in entry[kind]["rows"]:
+                err, where = row.get("vs_fp64_rows", {}).get("max_rel"), f"{name} {kind} {row['name']}"
+                if row["name"].startswith("triton") and err is not None and not err <= data["tolerance_vs_fp64"]:
+                    problems.append(f"{where}: max rel err {err:.3g} vs fp64 > {data['tolerance_vs_fp64']:g}")
+                if row.get("ms") is not None and not math.isfinite(row["ms"]):
+                    problems.append(f"{where}: time {row['ms']}")
     check(problems)
 
 
@@ -265,7 +254,7 @@ def part_cuda_graph(run, data: dict, part_end: float) -> None:
                 denoise, make_sampler("unipc", steps, preset.sample_shift), x0, context, clip, y,
                 preset.sample_guide_scale, cfg_batch), x0, steps, reps))
         free_cuda(run)
-    check([p for p in problems if p])
+    check(problems)
 
 
 # ---- 1. pytest -m gpu ----------------------------------------------------------------------------------
@@ -282,7 +271,6 @@ def _junit_counts(path: Path) -> dict:
     """Outcomes from pytest's junit XML. Failures and errors (collection errors included) caused by a package
     absent from this python are counted apart, as `not_run_missing_module`: skips for this machine (a bare GPU
     image lacks PIL, ftfy, diffusers, ...), not failures."""
-    import xml.etree.ElementTree as ET
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "not_run_missing_module": 0}
     failures, skips, missing = [], {}, {}
     for case in ET.parse(path).getroot().iter("testcase"):

@@ -1,21 +1,16 @@
-"""Parts 5 and 4 of `make gpu-check`: a full-width slice of the flf2v-14B DiT (torch eager, torch + Triton, a
-TensorRT engine) and tiny TensorRT DiT engines against the torch reference through the denoising loop (static
-engines) and at a landscape and a portrait grid (a dynamic engine). Box-safe at import: stdlib only."""
+"""Parts 5, 8 and 9 of `make gpu-check`, at the flf2v-14B's width and the 720p token count: a 2-block slice of
+its DiT (torch eager, torch + Triton, a TensorRT engine) extrapolated to the video; 8-bit (the FP8 block
+linears, models/quant.py, and the sage self-attention, kernels/sage_attention.py) against bf16; DiT blocks
+streamed from pinned host memory (runtime/offload.py) against resident. Box-safe at import: stdlib only."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
-from flf2v.bench.gpu_common import (Skip, build_random_dit, check, cosine, errors, free_cuda, guarded, log,
-                                    loop_inputs, model_preset, short_of, slice_inputs, sync, timed_s, tokens_of,
-                                    torch_denoiser, video_shapes)
+from flf2v.bench.gpu_common import (Skip, build_random_dit, check, cosine, dtype_of, errors, free_cuda, log,
+                                    model_preset, short_of, slice_inputs, sync, timed_s, tokens_of, torch_denoiser,
+                                    video_shapes)
 
-TRT_MODULES = ("tensorrt", "polygraphy", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
 SLICE_BACKENDS = {"sdpa": "torch eager (SDPA)", "triton": "torch + Triton kernels"}
 TRT_ROW = "TensorRT engine (bf16)"
 
@@ -64,25 +59,24 @@ def _extrapolate(row: dict, outside: float, per_block: float, d: dict) -> None:
 
 
 def part_dit_slice(run, data: dict, part_end: float) -> None:
-    import torch
-
     from flf2v.bench.cost import dit_forward_flops, dit_layer_flops
+    from flf2v.bench.gpu_parts_engines import trt_slice
     preset, n = model_preset(run), 2
     full = preset.dit
     slice_cfg = dataclasses.replace(full, num_layers=n)
     shape_name = video_shapes(run)[0]
     L, latent, shape = tokens_of(preset, shape_name)
-    dtype = torch.float32 if run.smoke else torch.bfloat16
+    dtype, dtype_name = dtype_of(run)
     floor_s, floor_label = _floor(run, preset, shape, preset.sample_steps)
     forwards = 2 * preset.sample_steps  # classifier-free guidance: cond + uncond per step
     data.update(model=preset.name, blocks=n, of_blocks=full.num_layers, dim=full.dim, heads=full.num_heads,
                 ffn_dim=full.ffn_dim, shape=shape_name, latent=list(latent), tokens=L, text_tokens=full.text_len,
-                image_tokens=full.clip_tokens, dtype=str(dtype)[6:], batch=1, steps=preset.sample_steps,
+                image_tokens=full.clip_tokens, dtype=dtype_name, batch=1, steps=preset.sample_steps,
                 reps=1 if run.smoke else (2 if run.args.quick else 3), forwards_per_video=forwards, backends={},
                 floor_s=floor_s, floor=f"{floor_label}, bf16 dense, {forwards} forwards (bench/cost.py)",
                 forward_flops_full=dit_forward_flops(full, latent), block_flops=sum(dit_layer_flops(full, L).values()),
-                note=f"full forward = (slice forward - {n} x block) + {full.num_layers} x block; video = {forwards} "
-                     f"forwards (B=1 each; the runtime batches cond+uncond)")
+                note=f"extrapolated: full forward = (slice forward - {n} x block) + {full.num_layers} x block; video "
+                     f"= {forwards} forwards (B=1 each; the runtime batches cond+uncond)")
     t0 = time.perf_counter()
     model = build_random_dit(slice_cfg, dtype, run.device)
     sync(run)
@@ -103,14 +97,14 @@ def part_dit_slice(run, data: dict, part_end: float) -> None:
         log(f"dit_slice: {name}: forward ({n} blocks) {row['forward_s'] * 1e3:.1f} ms, block {row['block_s'] * 1e3:.1f} "
             f"ms ({row['block_tflops']:.0f} TFLOP/s); {full.num_layers}-block forward ~{row['full_forward_s']:.2f} s; "
             f"{data['steps']}-step video ~{row['video_denoise_s']:.0f} s (extrapolated) vs floor {floor_s:.0f} s")
-        problems += [] if row["finite"] else [f"{name}: non-finite output"]
+        problems.append(None if row["finite"] else f"{name}: non-finite output")
     if len(outputs) == 2:
         e = data["triton_vs_sdpa"] = errors(outputs["triton"], outputs["sdpa"]) | {
-            "tol": 5e-2 if dtype == torch.bfloat16 else 1e-4}
-        problems += [] if e["max_rel"] <= e["tol"] else [f"Triton vs SDPA slice output: max rel {e['max_rel']:.3g} "
-                                                         f"> {e['tol']:g}"]
+            "tol": 1e-4 if run.smoke else 5e-2}
+        problems.append(None if e["max_rel"] <= e["tol"] else f"Triton vs SDPA slice output: max rel "
+                                                              f"{e['max_rel']:.3g} > {e['tol']:g}")
     outputs.clear()
-    trt = data["backends"][TRT_ROW] = _trt_slice(run, model, slice_cfg, preset, shape, inputs, part_end)
+    trt = data["backends"][TRT_ROW] = trt_slice(run, model, slice_cfg, preset, shape, inputs, part_end)
     if "error" in trt:
         problems.append(f"TensorRT slice: {trt['error']}")
     elif "forward_s" in trt:
@@ -121,275 +115,121 @@ def part_dit_slice(run, data: dict, part_end: float) -> None:
     check(problems)
 
 
-def _trt_slice(run, model, slice_cfg, preset, shape, inputs, part_end: float) -> dict:
-    """The slice as a bf16 TensorRT engine: checkpoint -> export (streamed) -> build -> time one forward."""
-    if not run.cuda:
-        return {"skipped": "no CUDA"}
-    missing = [m for m in TRT_MODULES[:5] if importlib.util.find_spec(m) is None]
-    if missing:
-        return {"skipped": f"no {', '.join(missing)} on this python"}
-    if reason := short_of(run, part_end, 240):
-        return {"skipped": f"{reason}; a 2-block engine at {shape.name} needs an export of "
-                           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters and a TensorRT "
-                           f"build of minutes (measure it with flf2v-bench --preset 720p)"}
+# ---- 8. FP8 linears and sage attention -----------------------------------------------------------------
 
-    def measure(row):
-        import torch
-
-        from flf2v.export import contracts as C
-        from flf2v.export.onnx_export import export_graph
-        from flf2v.export.trt_engine import build_trt_engine
-        from flf2v.models.make_tiny import write_dit
-        with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-trt-slice-") as tmp:
-            tmp, sp = Path(tmp), dataclasses.replace(preset, dit=slice_cfg)
-            t0 = time.perf_counter()
-            write_dit(tmp, model, slice_cfg.to_json_dict())
-            graph = C.get_graph(sp, shape, "bf16", "dit_b1")
-            onnx_path = export_graph(graph, tmp, tmp / "dit_b1.onnx", preset=sp)
-            row["export_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            build_trt_engine(onnx_path, tmp / "dit_b1.engine", graph, 3, tmp / "timing.cache")
-            row["build_s"] = time.perf_counter() - t0
-            runner = EngineRunner("trt", tmp / "dit_b1.engine", [s.to_json() for s in graph.inputs],
-                                  [s.to_json() for s in graph.outputs], run.device)
-            with torch.no_grad():
-                out = runner(list(inputs))[0].clone()
-                row["forward_s"], _ = timed_s(run, lambda: runner(list(inputs)), 3)
-                model.attention = "sdpa"
-                row["vs_torch_sdpa"] = errors(out, model(*inputs))
-    return guarded(measure, {})
+# (name, in, out) of one block's linears: q/k/v/o and the cross-attention q/o share the first shape
+LINEARS = (("attn", "dim", "dim"), ("ffn.0", "dim", "ffn_dim"), ("ffn.2", "ffn_dim", "dim"))
+# fp8 vs bf16 layer output: e4m3's half ulp is 2^-4 per operand; measured on the CPU (models/quant.py
+# tests) ~0.037 mean over random layers: gate at 2x that, and cosine
+FP8_REL_L2, FP8_COS = 0.08, 0.995
+SAGE_COS, SAGE_L1 = 0.999, 0.03  # tests/test_sage.py's exact-attention bounds (0.9998, 0.02) with GPU slack
 
 
-# ---- 4. tiny engines vs torch --------------------------------------------------------------------------
+def _linear_row(run, cin: int, cout: int, tokens: int, dtype, g, reps: int) -> dict:
+    import torch
 
-class EngineRunner:
-    """One engine file: TensorRT (as runtime.trt_backend.TrtBackend binds it) or, for the CPU smoke test, an
-    ONNX Runtime session. __call__(inputs, dims, profile) -> outputs; TensorRT reuses its buffers. A dynamic
-    engine (manifest dims such as "2*hp") runs at the root dims `dims` ({"T": 3, "hp": 3, "wp": 5}) in the
-    optimization profile `profile` that holds them; ONNX Runtime takes any shape and ignores both."""
-
-    def __init__(self, kind: str, path: Path, inputs: list[dict], outputs: list[dict], device):
-        import torch
-        self.kind, self.inputs, self.outputs, self.device = kind, inputs, outputs, torch.device(device)
-        self.dynamic = any(isinstance(d, str) for s in inputs for d in s["shape"])
-        self.bound = None  # (dims, profile) the context and buffers are set to
-        if kind == "trt":
-            import tensorrt as trt
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
-            if self.engine is None:
-                raise RuntimeError(f"TensorRT could not deserialize {path}")
-            self.ctx = self.engine.create_execution_context()
-            if not self.dynamic:
-                self._bind({}, 0)
-        else:
-            import onnxruntime as ort
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def _bind(self, dims: dict, profile: int) -> None:
-        """TensorRT: the context set to this grid (profile first, then every input shape, as TrtBackend._load)
-        and bound to fresh buffers of its shapes; kept while the grid stays. Unverified on a GPU (written
-        against the TensorRT 10.x / 11.x Python API; the CPU smoke test runs ONNX Runtime instead)."""
-        import torch
-
-        from flf2v.export.contracts import TORCH_DTYPES, dim_value
-        key = (tuple(sorted(dims.items())), profile)
-        if key == self.bound:
-            return
-        self.bufs = {}  # the previous grid's buffers go before this grid's are allocated
-        if self.dynamic and self.engine.num_optimization_profiles > 1:
-            stream = torch.cuda.current_stream(self.device).cuda_stream  # the stream __call__ enqueues on
-            if not self.ctx.set_optimization_profile_async(profile, stream):
-                raise RuntimeError(f"TensorRT refused optimization profile {profile}")
-        for is_input, specs in ((True, self.inputs), (False, self.outputs)):
-            for s in specs:
-                shape = [dim_value(d, dims) for d in s["shape"]]
-                if is_input and self.dynamic and not self.ctx.set_input_shape(s["name"], shape):
-                    raise RuntimeError(f"TensorRT refused input {s['name']} of shape {shape} in profile {profile}")
-                t = self.bufs[s["name"]] = torch.empty(shape, dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
-                if not self.ctx.set_tensor_address(s["name"], t.data_ptr()):
-                    raise RuntimeError(f"TensorRT refused the address of {s['name']} {shape}")
-        self.bound = key
-
-    def __call__(self, xs, dims: dict | None = None, profile: int = 0):
-        import torch
-        if self.kind == "trt":
-            if self.dynamic and dims is None:
-                raise ValueError("a dynamic engine runs at given dims (T, hp, wp)")
-            self._bind(dims or {}, profile)
-            for s, x in zip(self.inputs, xs):
-                self.bufs[s["name"]].copy_(x)
-            if not self.ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-                raise RuntimeError("TensorRT failed to enqueue")
-            return [self.bufs[s["name"]] for s in self.outputs]
-        feeds = {s["name"]: x.detach().cpu().contiguous().numpy() for s, x in zip(self.inputs, xs)}
-        return [torch.from_numpy(o).to(self.device) for o in self.session.run(None, feeds)]
-
-    @classmethod
-    def of(cls, kind: str, folder: Path, graph: str, device) -> "EngineRunner":
-        spec = json.loads((folder / "manifest.json").read_text())["engines"][graph]
-        return cls(kind, folder / spec["file"], spec["inputs"], spec["outputs"], device)
+    from flf2v.models.quant import FP8Linear
+    with torch.no_grad():
+        lin = torch.nn.Linear(cin, cout, device=run.device, dtype=dtype)
+        fp8 = FP8Linear.from_linear(lin)
+        x = torch.randn(1, tokens, cin, device=run.device, dtype=dtype, generator=g)
+        ref, got = lin(x), fp8(x)
+        t16, _ = timed_s(run, lambda: lin(x), reps)
+        t8, _ = timed_s(run, lambda: fp8(x), reps)
+    rel_l2 = float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
+    return {"in": cin, "out": cout, "ref_ms": t16 * 1e3, "fp8_ms": t8 * 1e3, "speedup": t16 / t8, "rel_l2": rel_l2,
+            "cosine": cosine(got, ref)}
 
 
-# per-graph max rel error and minimum per-step latent cosine, engine vs torch of the same precision
-ENGINE_TOL = {"fp32": (1e-3, 0.9999), "bf16": (5e-2, 0.99)}
-# The dynamic variant's videos (frames, height, width): one per optimization profile of the tiny `dynamic`
-# folder, latent grids (T, h, w) (3, 6, 10) landscape and (2, 10, 6) portrait, neither a profile's opt.
-DYNAMIC_VIDEOS = {"landscape": (9, 48, 80), "portrait": (5, 80, 48)}
+def _attention_row(run, cfg, tokens: int, dtype, reps: int) -> dict:
+    import torch
+
+    from flf2v.kernels import attention, sage_attention
+    g = torch.Generator(device=run.device).manual_seed(1)
+    dim, d = cfg.dim, cfg.head_dim
+    q, k, v = (torch.randn(1, tokens, dim, device=run.device, dtype=dtype, generator=g) for _ in range(3))
+    w = torch.ones(dim, device=run.device, dtype=torch.float32)
+    pos = torch.arange(tokens, device=run.device, dtype=torch.float32)[:, None]
+    ang = pos * 10000.0 ** (-torch.arange(d // 2, device=run.device) / (d // 2))
+    args = (q, k, v, w, w, ang.cos(), ang.sin(), cfg.eps)
+    with torch.no_grad():
+        exact = attention.wan_self_attention(*args)
+        eight = sage_attention.wan_sage_self_attention(*args)
+        t_exact, _ = timed_s(run, lambda: attention.wan_self_attention(*args), reps)
+        t_sage, _ = timed_s(run, lambda: sage_attention.wan_sage_self_attention(*args), reps)
+    return {"tokens": tokens, "heads": dim // d, "head_dim": d, "exact_ms": t_exact * 1e3, "sage_ms": t_sage * 1e3,
+            "speedup": t_exact / t_sage, "cosine": cosine(eight, exact),
+            "rel_l1": float((eight.float() - exact.float()).abs().sum() / exact.float().abs().sum())}
 
 
-class TinyEngines:
-    """Part 4's bench: a tiny checkpoint, its torch reference DiTs, and engine folders built from it, checked per
-    graph, through the denoising loop (static) or at one grid per optimization profile (dynamic)."""
-
-    def __init__(self, run, tmp: Path, backend: str, graphs: list[str], steps: int):
-        from flf2v.export import contracts as C
-        from flf2v.models import checkpoint as ck
-        from flf2v.models.make_tiny import write_tiny_checkpoint
-        self.run, self.tmp, self.backend, self.graphs, self.steps, self.refs = run, tmp, backend, graphs, steps, {}
-        self.ckpt = write_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
-        self.preset = ck.preset_for(self.ckpt)
-        self.shape = C.get_shape(self.preset, "tiny")  # static: the runners bind the manifest's shapes
-        self.inputs = loop_inputs(self.preset.dit, self.shape.latent(self.preset), run.device, seed=3)
-
-    def reference(self, precision: str):
-        from flf2v.export.contracts import COMPUTE_DTYPE
-        from flf2v.models import checkpoint as ck
-        if precision not in self.refs:
-            self.refs[precision] = ck.load_dit(self.ckpt, COMPUTE_DTYPE[precision], self.preset).to(self.run.device)
-        return self.refs[precision]
-
-    def build(self, v: dict, shape: str, graphs: list[str]) -> Path:
-        from flf2v.export.build import build
-        t0 = time.perf_counter()
-        name = f"{self.backend}-{v['precision']}-{v['attention']}-{v['shape']}"
-        folder = build(self.ckpt, shape, v["precision"], out=self.tmp / name,
-                       backend=self.backend, cfg_batch=tuple(int(g[-1]) for g in graphs), only=graphs,
-                       progress=False, attention=v["attention"])
-        v["build_s"] = time.perf_counter() - t0
-        return folder
-
-    def run_loop(self, denoise_fns, cfg_batch: int) -> list[list]:
-        """Loops stepped side by side; x after every step, per loop."""
-        import torch
-
-        from flf2v.runtime.denoise import DenoiseLoop
-        from flf2v.runtime.scheduler import make_sampler
-        p = self.preset
-        loops = [DenoiseLoop(fn, make_sampler("unipc", self.steps, p.sample_shift), *self.inputs, p.sample_guide_scale,
-                             cfg_batch) for fn in denoise_fns]
-        xs = [[] for _ in loops]
-        with torch.no_grad():
-            for i in range(self.steps):
-                for loop, out in zip(loops, xs):
-                    loop._load(i)
-                    loop.step()
-                    out.append(loop.x.clone())
-        return xs
-
-    def static(self, v: dict) -> None:
-        """Static engines per graph against the torch module, then through the denoising loop."""
-        import torch
-
-        from flf2v.export import contracts as C
-        folder, prec, device = self.build(v, self.shape.name, self.graphs), v["precision"], self.run.device
-        runners = {g: EngineRunner.of(self.backend, folder, g, device) for g in self.graphs}
-        v["graphs"] = {}
-        for g in self.graphs:
-            spec = C.get_graph(self.preset, self.shape, prec, g)
-            feed = [t.to(device) for t in C.sample_inputs(spec, seed=1)]
-            with torch.no_grad():
-                v["graphs"][g] = errors(runners[g](feed)[0], C.module(spec, {"dit": self.reference(prec)})(*feed)[0])
-        # as the runtime's engine backends: the output buffer is the engine's own, reused by its next call
-        fns = [torch_denoiser(self.reference(prec), C.COMPUTE_DTYPE[prec], device),
-               lambda x, t, c, cl, yy: runners[f"dit_b{x.shape[0]}"]([x, t, c, cl, yy])[0]]
-        if prec != "fp32":
-            fns.append(torch_denoiser(self.reference("fp32"), torch.float32, device))
-        v["loops"] = {}
-        for g in self.graphs:
-            xs = self.run_loop(fns, int(g[-1]))
-            e = v["loops"][f"cfg_batch={g[-1]}"] = {"cosine_per_step": [cosine(a, b) for a, b in zip(xs[1], xs[0])]}
-            if prec != "fp32":
-                e["cosine_per_step_vs_fp32_torch"] = [cosine(a, b) for a, b in zip(xs[1], xs[2])]
-            e.update(min_cosine=min(e["cosine_per_step"]), final=errors(xs[1][-1], xs[0][-1]))
-        tol, tol_cos = ENGINE_TOL[prec]
-        v.update(max_rel=max(e["max_rel"] for e in v["graphs"].values()), tol_max_rel=tol, tol_min_cosine=tol_cos,
-                 min_cosine=min(e["min_cosine"] for e in v["loops"].values()))
-        log(f"trt_tiny: {self.backend} {prec} attention={v['attention']}: build {v['build_s']:.1f} s, max rel "
-            f"{v['max_rel']:.2e}, min per-step cosine {v['min_cosine']:.6f}")
-        if not (v["max_rel"] <= tol and v["min_cosine"] >= tol_cos):
-            v["problem"] = f"max rel {v['max_rel']:.3g} (tol {tol:g}), min cosine {v['min_cosine']:.6f} (tol {tol_cos})"
-
-    def dynamic(self, v: dict) -> None:
-        """The `dynamic` folder's dit_b2 at one grid per optimization profile (DYNAMIC_VIDEOS), one engine and
-        context switched between them as the runtime's TrtBackend does, against the torch reference DiT at the
-        same inputs. No denoising loop: the static variants cover it."""
-        import torch
-
-        from flf2v.export import contracts as C
-        shape, p = C.get_shape(self.preset, "dynamic"), self.preset
-        runner = EngineRunner.of(self.backend, self.build(v, shape.name, ["dit_b2"]), "dit_b2", self.run.device)
-        graph, v["grids"] = C.get_graph(p, shape, v["precision"], "dit_b2"), {}
-        for name, video in DYNAMIC_VIDEOS.items():
-            dims = dict(zip(C.DIMS, shape.dims(p, *video)))
-            profile = shape.profile_of(p, *video)  # as the runtime picks it for this video
-            if profile is None:
-                raise ValueError(f"{name} video {video} is in no profile of {shape.name}")
-            g = graph.at(dims)
-            feed = [t.to(self.run.device) for t in C.sample_inputs(g, seed=1)]
-            with torch.no_grad():
-                e = errors(runner(feed, dims, profile)[0], C.module(g, {"dit": self.reference(v["precision"])})(*feed)[0])
-            v["grids"][name] = {"video": list(video), "latent": list(feed[0].shape[2:]), "dims": dims,
-                                "profile": profile, **e}
-        tol = ENGINE_TOL[v["precision"]][0]
-        v.update(max_rel=max(e["max_rel"] for e in v["grids"].values()), tol_max_rel=tol)
-        log(f"trt_tiny: {self.backend} {v['precision']} attention={v['attention']} dynamic: build {v['build_s']:.1f} s, "
-            + ", ".join(f"{n} (profile {e['profile']}) max rel {e['max_rel']:.2e}" for n, e in v["grids"].items()))
-        over = [f"{n} {e['max_rel']:.3g}" for n, e in v["grids"].items() if not e["max_rel"] <= tol]  # NaN too
-        if over:
-            v["problem"] = f"max rel {', '.join(over)} (tol {tol:g})"
-
-
-def _variant(v: dict, tiny: TinyEngines) -> None:
-    if v["attention"] in ("plugin", "sage"):
-        from flf2v.kernels.trt_plugin import register_plugins
-        register_plugins()
-    if v["shape"].endswith("largest-tactic"):  # the launch at the most shared memory
-        os.environ["FLF2V_PLUGIN_TACTICS"] = "largest"
-    try:
-        (tiny.dynamic if v["shape"] == "dynamic" else tiny.static)(v)
-    finally:
-        os.environ.pop("FLF2V_PLUGIN_TACTICS", None)
-
-
-def part_trt_tiny(run, data: dict, part_end: float) -> None:
-    needed = TRT_MODULES if run.cuda else ("onnxruntime", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        raise Skip(f"no {', '.join(missing)} on this python: TensorRT engines cannot be built here" if run.cuda
-                   else f"smoke stand-in (ONNX Runtime) needs {', '.join(missing)}")
-    if run.cuda:  # the dynamic variant before the plugins: a dynamic onnx-attention folder is the default build
-        backend, graphs = "trt", ["dit_b1", "dit_b2"]
-        variants = [(p, "onnx", "tiny") for p in ("fp32", "bf16")] + [("bf16", "onnx", "dynamic")]
-        variants += [(p, "plugin", "tiny") for p in ("fp32", "bf16")] + [("bf16", "plugin", "tiny-largest-tactic")]
-        variants += [("bf16", "sage", "tiny")]  # the 8-bit plugin: within the bf16 engine tolerance of exact
+def part_quant(run, data: dict, part_end: float) -> None:
+    import torch
+    if not run.smoke and torch.cuda.get_device_capability(run.device) < (8, 9):
+        raise Skip("FP8 GEMMs need sm89+ (Ada, Hopper)")
+    preset = model_preset(run)
+    shape = "tiny" if run.smoke else "720p"
+    tokens = tokens_of(preset, shape)[0]
+    dtype, dtype_name = dtype_of(run)
+    reps = 1 if run.smoke else (3 if run.args.quick else 10)
+    data.update(shape=shape, tokens=tokens, dtype=dtype_name, linears={})
+    g, problems = torch.Generator(device=run.device).manual_seed(0), []
+    for name, cin, cout in LINEARS:
+        r = data["linears"][name] = _linear_row(run, getattr(preset.dit, cin), getattr(preset.dit, cout), tokens,
+                                                dtype, g, reps)
+        log(f"quant: {name} {tokens}x{r['in']}->{r['out']}: {dtype_name} {r['ref_ms']:.2f} ms, fp8 {r['fp8_ms']:.2f} "
+            f"ms ({r['speedup']:.2f}x), rel L2 {r['rel_l2']:.4f}, cos {r['cosine']:.5f}")
+        if not (r["rel_l2"] <= FP8_REL_L2 and r["cosine"] >= FP8_COS):
+            problems.append(f"fp8 {name}: rel L2 {r['rel_l2']:.3g} (<= {FP8_REL_L2}), cos {r['cosine']:.5f} "
+                            f"(>= {FP8_COS})")
+        free_cuda(run)
+    if why := short_of(run, part_end, 5 if run.smoke else 60):  # the Triton kernels compile and autotune first
+        data["attention"] = {"skipped": why}
     else:
-        backend, graphs = "ort", ["dit_b2"]
-        variants = [("fp32", "onnx", "tiny"), ("fp32", "onnx", "dynamic")]
-        data["note"] = "smoke: ONNX Runtime fp32 engines stand in for TensorRT (no CUDA)"
-    data.update(backend=backend, graphs=graphs, steps=4 if run.smoke else 8, variants=[])
-    problems = []
-    with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-engines-") as tmp:
-        tiny = TinyEngines(run, Path(tmp), backend, graphs, data["steps"])
-        for precision, attention, shape in variants:
-            v = {"precision": precision, "attention": attention, "shape": shape}
-            data["variants"].append(v)
-            if reason := short_of(run, part_end, 40 if shape == "dynamic" else 25):  # dynamic: two profiles
-                v["skipped"] = reason
-                continue
-            guarded(_variant, v, tiny, trace=True)
-            label = f"{precision}/{attention}" + ("/dynamic" if shape == "dynamic" else "")
-            problems += [f"{label}: {v.get('problem') or v['error']}"] if "problem" in v or "error" in v else []
-            free_cuda(run)
-        tiny.refs.clear()
+        a = data["attention"] = _attention_row(run, preset.dit, tokens, dtype, reps)
+        log(f"quant: self-attention L={tokens}: exact {a['exact_ms']:.1f} ms, sage {a['sage_ms']:.1f} ms "
+            f"({a['speedup']:.2f}x), cos {a['cosine']:.5f}, rel L1 {a['rel_l1']:.4f}")
+        if not (a["cosine"] >= SAGE_COS and a["rel_l1"] <= SAGE_L1):
+            problems.append(f"sage attention: cos {a['cosine']:.5f} (>= {SAGE_COS}), rel L1 {a['rel_l1']:.3g} "
+                            f"(<= {SAGE_L1})")
     check(problems)
+
+
+# ---- 9. streamed blocks --------------------------------------------------------------------------------
+
+OFFLOAD_BLOCKS = 4  # of the 14B's 40: two slots plus two more, so copies into both slots overlap compute
+
+
+def part_offload(run, data: dict, part_end: float) -> None:
+    """Every block of the slice streams (blocks:0, two block slots on the GPU), so each block's copy has to hide
+    behind the previous block's compute; the output must be bit-identical to resident. One block's host-to-device
+    copy is timed alone too (the PCIe rate the cost model assumes: 25 GB/s)."""
+    import torch
+
+    from flf2v.runtime.offload import stream_blocks
+    preset = model_preset(run)
+    shape = "tiny" if run.smoke else "720p"
+    tokens, latent, _ = tokens_of(preset, shape)
+    cfg = dataclasses.replace(preset.dit, num_layers=OFFLOAD_BLOCKS)
+    dtype, dtype_name = dtype_of(run)
+    reps = 1 if run.smoke else 3
+    dit = build_random_dit(cfg, dtype, run.device)
+    args = slice_inputs(run, cfg, latent)
+    denoise = torch_denoiser(dit, dtype, run.device)
+    with torch.no_grad():
+        ref = denoise(*args)
+        t_resident, _ = timed_s(run, lambda: denoise(*args), reps)
+        streamed = stream_blocks(dit, 0, run.device)  # every block from host memory through the two slots
+        free_cuda(run)
+        got = denoise(*args)
+        t_streamed, _ = timed_s(run, lambda: denoise(*args), reps)
+        t_copy, _ = timed_s(run, lambda: streamed._fetch(0), reps)
+    block_bytes = sum(t.nbytes for t in streamed.host[0])
+    data.update(model=preset.name, shape=shape, tokens=tokens, blocks=OFFLOAD_BLOCKS, dtype=dtype_name,
+                block_bytes=block_bytes, pinned_bytes=streamed.pinned_bytes, resident_s=t_resident,
+                streamed_s=t_streamed, overhead=t_streamed / t_resident - 1, block_copy_s=t_copy,
+                copy_gb_s=block_bytes / t_copy / 1e9, device_block_bytes=streamed.device_bytes(),
+                max_abs=float((got.float() - ref.float()).abs().max()))
+    log(f"offload: {OFFLOAD_BLOCKS} blocks at {tokens} tokens: resident {t_resident:.3f} s, all streamed "
+        f"{t_streamed:.3f} s ({data['overhead']:+.1%}); one block's copy {t_copy * 1e3:.1f} ms "
+        f"({data['copy_gb_s']:.1f} GB/s)")
+    check([] if torch.equal(got, ref) else [f"streamed blocks differ from resident: max abs {data['max_abs']:.3g}"])

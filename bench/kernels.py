@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .measure import BadInput
+from .measure import BadInput, timed
 from .report import Report, num, table
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,12 +45,7 @@ def bench_ms(fn, cuda: bool = True, warmup_ms: float = 50, rep_ms: float = 500, 
         from flf2v.kernels.common import eager_launches
         with eager_launches():
             return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    times = []
-    for _ in range(max(1, cpu_reps)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] * 1e3 for _ in range(max(1, cpu_reps)))
 
 
 def errors(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -51,17 +51,12 @@ def cut_preset(model: str, layers: int):
     return dataclasses.replace(p, dit=dataclasses.replace(p.dit, num_layers=layers))
 
 
-def _tiny_parts(work: Path) -> tuple[Path, Path]:
-    """The tiny preset's official folder and its diffusers copy: the networks beside the measured DiT."""
-    from .diffusers_peer import build_pipeline
-    official = write_tiny_checkpoint(work / "tiny-official", "tiny", seed=0)
-    build_pipeline(official).save_pretrained(work / "tiny-diffusers")
-    return official, work / "tiny-diffusers"
-
-
 def write_layouts(work: Path, preset) -> dict[str, Path]:
-    """The cut DiT of `preset` in every layout of LAYOUTS (same random values), each folder complete."""
-    tiny, tiny_diffusers = _tiny_parts(work)
+    """The cut DiT of `preset` in every layout of LAYOUTS (same random values), each folder complete: the
+    other networks are the tiny preset's (official folder and its diffusers copy)."""
+    from .diffusers_peer import build_pipeline
+    tiny, tiny_diffusers = write_tiny_checkpoint(work / "tiny-official", "tiny", seed=0), work / "tiny-diffusers"
+    build_pipeline(tiny).save_pretrained(tiny_diffusers)
     shapes, cfg = dit_shapes(preset.dit), preset.dit
     source = lazy_source(shapes)
     out = {name: work / name for name in LAYOUTS}
@@ -113,21 +108,19 @@ def run(s) -> Report:
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    rows, result = [], {"model": a.model, "layers": a.layers, "layouts": {}}
+    result = {"model": a.model, "layers": a.layers, "layouts": got}
     for name, r in got.items():
-        grow = r["rss_peak"] - r["rss_start"]
         r |= {"stored": str(LAYOUTS[name][0]).removeprefix("torch."), "file_bytes": sizes[name],
-              "ratio": round(grow / r["weight_bytes"], 3), "same_weights_as_official":
-              r["checksum"] == got["official"]["checksum"]}
-        result["layouts"][name] = r
-        rows.append([name, r["stored"], f"{sizes[name] / 1e9:.2f}", f"{r['seconds']:.2f}",
-                     f"{r['rss_start'] / 2**30:.2f}", f"{grow / 2**30:.2f}", f"{r['ratio']:.3f}",
-                     "yes" if r["same_weights_as_official"] else "no"])
+              "ratio": round((r["rss_peak"] - r["rss_start"]) / r["weight_bytes"], 3),
+              "same_weights_as_official": r["checksum"] == got["official"]["checksum"]}
     gib = next(iter(got.values()))["weight_bytes"] / 2**30
-    body = [f"DiT of {a.model}, full width, {a.layers} blocks: {gib:.2f} GiB of bf16 weights.", ""] + table(
-        ["layout", "stored", "file GB", "load s", "RssAnon before GiB", "peak growth GiB", "ratio",
-         "same bf16 weights"], rows)
-    return Report("DiT load per checkpoint layout (bf16)", result, body)
+    return Report("DiT load per checkpoint layout (bf16)", result, [
+        f"DiT of {a.model}, full width, {a.layers} blocks: {gib:.2f} GiB of bf16 weights.", "",
+        *table(["layout", "stored", "file GB", "load s", "RssAnon before GiB", "peak growth GiB", "ratio",
+                "same bf16 weights"],
+               [[name, r["stored"], f"{sizes[name] / 1e9:.2f}", f"{r['seconds']:.2f}", f"{r['rss_start'] / 2**30:.2f}",
+                 f"{(r['rss_peak'] - r['rss_start']) / 2**30:.2f}", f"{r['ratio']:.3f}",
+                 "yes" if r["same_weights_as_official"] else "no"] for name, r in got.items()])])
 
 
 def main(argv: list[str]) -> int:

@@ -9,56 +9,21 @@ be reset (not Linux), the process-wide peak is reported.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from flf2v.runtime.pipeline import StageTimes, cuda_device_used
 
 log = logging.getLogger("flf2v.bench")
-
-
-def _status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith(field_name + ":")), None)
-    except OSError:
-        return None
-
-
-def rss_bytes() -> int:
-    kb = _status_kb("VmRSS")
-    return -1 if kb is None else kb * 1024
-
-
-def _reset_host_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def host_peak_bytes() -> int:
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * 1024
-
-
-def timed(fn):
-    """(seconds, fn()) by the host clock."""
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+BUSY_PER_CPU = 1.0  # 1-minute load average per CPU above which the machine counts as busy
 
 
 class ChildFailed(RuntimeError):
@@ -67,6 +32,32 @@ class ChildFailed(RuntimeError):
 
 class BadInput(ValueError):
     """A flag or file the user gave cannot run here: flf2v-bench says so in one line and exits 2."""
+
+
+def _status_bytes(field_name: str) -> int | None:
+    """A field of /proc/self/status, in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field_name + ":")), None)
+    except OSError:
+        return None
+
+
+def rss_bytes() -> int:
+    rss = _status_bytes("VmRSS")
+    return -1 if rss is None else rss
+
+
+def host_peak_bytes() -> int:
+    import resource  # ru_maxrss (KiB on Linux): the process-wide peak, where VmHWM cannot be read
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn):
+    """(seconds, fn()) by the host clock."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def run_module(module: str, *args, show_progress: bool = False) -> float:
@@ -78,11 +69,6 @@ def run_module(module: str, *args, show_progress: bool = False) -> float:
     if proc.returncode:
         raise ChildFailed(f"{module} failed (exit {proc.returncode}): {(proc.stdout or '').strip()[-400:]}")
     return t
-
-
-# ---- the machine's load --------------------------------------------------------------------------------
-
-BUSY_PER_CPU = 1.0  # 1-minute load average per CPU above which the machine counts as busy
 
 
 def load_avg() -> list[float] | None:
@@ -115,33 +101,20 @@ def wait_for_idle(cpus: int, max_wait: float, per_cpu: float = BUSY_PER_CPU, pol
 
 # ---- per-stage time and memory -------------------------------------------------------------------------
 
-class Clock:
-    """Seconds from start() (or `with`) to stop(): CUDA events on a GPU, perf_counter on the CPU."""
+def start_clock(device: torch.device):
+    """Starts a clock; calling what it returns gives the seconds since: CUDA events on a GPU (the stream's
+    time, not the launches'), perf_counter on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        return lambda: time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-
-    def start(self) -> "Clock":
-        if self.cuda:
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        self._t0 = time.perf_counter()
-        return self
-
-    def stop(self) -> float:
-        if self.cuda:
-            self._end.record()
-            self._end.synchronize()
-            self.seconds = self._start.elapsed_time(self._end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self._t0
-        return self.seconds
-
-    __enter__ = start
-
-    def __exit__(self, *exc):
-        self.stop()
+    def stop() -> float:
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    return stop
 
 
 @dataclass
@@ -151,126 +124,86 @@ class Sample:
     cuda_peak: int | None = None  # bytes
 
 
-class Probe:
-    """Per-stage time and peak memory. `with probe.span(name): ...`, or `start(name)` ... `stop(name)` for a
-    stage whose two ends lie in different hooks, adds the span's time to `name` and raises its peak memory.
-    Each span costs a reset of the host high-water mark, two /proc reads and, on a GPU, two CUDA events and
-    a synchronisation: the benchmark opens one per stage on both sides, never one per step."""
+class Probe(StageTimes):
+    """Per-stage time and peak memory, and host time inside wrapped calls. `with probe(name): ...`, or
+    `start(name)` ... `stop(name)` for a stage whose two ends lie in different hooks, adds the span's time to
+    `name` and raises its peak memory; being a StageTimes, it serves as `Pipeline.times` too. Each span costs a
+    reset of the host high-water mark, two /proc reads and, on a GPU, two CUDA events and a synchronisation:
+    the benchmark opens one per stage on both sides, never one per step."""
 
     def __init__(self, device: torch.device):
+        super().__init__()
         self.device, self.cuda = device, device.type == "cuda"
         self.samples: dict[str, Sample] = {}
+        self.calls: dict[str, float] = {}  # host seconds inside wrap()ped calls, per name
         self.log: list[tuple[str, float, float]] = []  # (name, host start, host end) of every span, in order
-        self._open: dict[str, tuple[float, Clock]] = {}
+        self._open: dict[str, tuple] = {}
 
     def clear(self) -> None:
-        for d in (self.samples, self.log, self._open):
+        for d in (self.samples, self.calls, self.log, self._open, self.seconds):
             d.clear()
 
     def start(self, name: str) -> None:
         if name in self._open:
             raise RuntimeError(f"probe span {name!r} is already open")
-        _reset_host_peak()
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0); elsewhere the process-wide peak
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._open[name] = (time.perf_counter(), Clock(self.device).start())
+        self._open[name] = (time.perf_counter(), start_clock(self.device))
 
     def stop(self, name: str) -> None:
         t0, clock = self._open.pop(name)
-        dt = clock.stop()
         s = self.samples.setdefault(name, Sample())
-        s.seconds += dt
+        s.seconds += clock()
         s.host_peak = max(s.host_peak, host_peak_bytes())
         if self.cuda:  # torch's allocator peak, or all memory in use (TensorRT's engines count) if higher
             s.cuda_peak = max(s.cuda_peak or 0, torch.cuda.max_memory_allocated(self.device),
                               cuda_device_used(self.device))
+        self.seconds[name] = s.seconds
         self.log.append((name, t0, time.perf_counter()))
 
-    @contextmanager
-    def span(self, name: str):
+    @contextlib.contextmanager
+    def __call__(self, name: str, device: torch.device | None = None):
         self.start(name)
         try:
             yield
         finally:
             self.stop(name)
 
-
-class StageProbe(StageTimes):
-    """Drop-in for `Pipeline.times`: the pipeline's own stages, timed and gauged by a Probe."""
-
-    def __init__(self, probe: Probe):
-        super().__init__()
-        self.probe = probe
-
-    @contextmanager
-    def __call__(self, name: str, device: torch.device | None = None):
-        with self.probe.span(name):
-            yield
-        self.seconds[name] = self.probe.samples[name].seconds
-
-
-class CallMeter:
-    """Accumulated time inside wrapped calls (the network calls), per name. Only for synchronous execution
-    (the CPU): on a GPU the calls return before the work is done."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def clear(self) -> None:
-        self.seconds.clear()
-
-    def wrap(self, name: str, fn, probe: Probe | None = None, before=None, after=None):
-        """`fn` timed under `name` (and inside a probe span of that name when `probe` is given); `before()` and
-        `after()` run outside the timed part, right before and after it."""
+    def wrap(self, name: str, fn, span: bool = True, before=None, after=None):
+        """`fn` with its host time added to calls[name] (only meaningful for synchronous execution: on a GPU the
+        calls return before the work is done), inside a span of that name unless `span` is False; `before()`
+        and `after()` run outside the timed part, right before and after it."""
         def metered(*args, **kw):
             if before is not None:
                 before()
             t0 = time.perf_counter()
-            if probe is None:
+            with self(name) if span else contextlib.nullcontext():
                 out = fn(*args, **kw)
-            else:
-                with probe.span(name):
-                    out = fn(*args, **kw)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.calls[name] = self.calls.get(name, 0.0) + time.perf_counter() - t0
             if after is not None:
                 after()
             return out
         return metered
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
 
 class TimedBackend:
-    """A backend whose network calls are counted by a CallMeter; everything else passes through."""
+    """A backend whose network calls are timed by a Probe (no spans); everything else passes through."""
 
     CALLS = ("encode_text", "encode_image", "vae_encode", "vae_decode", "denoise")
 
-    def __init__(self, backend, meter: CallMeter):
+    def __init__(self, backend, probe: Probe):
         self._backend = backend
         for name in self.CALLS:
-            setattr(self, name, meter.wrap(name, getattr(backend, name)))
+            setattr(self, name, probe.wrap(name, getattr(backend, name), span=False))
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
 
-@dataclass
-class Stats:
-    median: float
-    min: float
-    max: float
-    n: int
-    values: list[float] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, values: list[float]) -> "Stats":
-        if not values:
-            raise ValueError("no measurements")
-        return cls(statistics.median(values), min(values), max(values), len(values), list(values))
-
-    def to_json(self) -> dict:
-        spread = (self.max - self.min) / self.median if self.median > 0 else 0.0  # (max - min) / median
-        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n, "spread": spread,
-                "values": self.values}
+def stats(values: list[float]) -> dict:
+    """Median, min, max, count, (max - min) / median and the values themselves."""
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    return {"median": med, "min": lo, "max": hi, "n": len(values), "spread": (hi - lo) / med if med > 0 else 0.0,
+            "values": list(values)}

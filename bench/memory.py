@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from flf2v.models.config import get_preset
 from flf2v.runtime import memory_plan as M
 
+from .cache import psnr
 from .cost import GPU, dit_cost
 from .report import Report, table
 
@@ -130,10 +130,8 @@ def vae_tiles(s, preset_name: str) -> dict:
         ref = vae.decode(z)
         seams = []
         for tile in (32, 24, 16):  # 32 and 16 do not divide the 40-pixel side
-            err = vae.decode(z, tile=tile, overlap=M.TILE_OVERLAP) - ref
-            mse = err.pow(2).mean().item()
-            seams.append({"tile": tile, "max_abs": err.abs().max().item(),
-                          "psnr_db": 10 * math.log10(4 / mse) if mse else math.inf})  # range [-1, 1]: peak 2
+            out = vae.decode(z, tile=tile, overlap=M.TILE_OVERLAP)
+            seams.append({"tile": tile, "max_abs": (out - ref).abs().max().item(), "psnr_db": psnr(out, ref)})
     return {"decode_720p": peak, "seams": seams, "seam_latent": list(z.shape[2:])}
 
 
@@ -174,48 +172,44 @@ def aoti_streamed(s, preset_name: str, reps: int = 5) -> dict:
 
 def run(s) -> Report:
     a = s.args
-    result = {"plans_14b": plans_14b(), "rtx4090_720p": [time_24gb(q) for q in ("none", "fp8")],
-              "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps,
-              "vae_tiles": vae_tiles(s, a.preset)}
+    r = {"plans_14b": plans_14b(), "rtx4090_720p": [time_24gb(q) for q in ("none", "fp8")],
+         "lightx2v_4090": LIGHTX2V_4090, "measured": measured(s, a.preset, a.steps), "steps": a.steps,
+         "vae_tiles": vae_tiles(s, a.preset)}
     if a.aoti:
-        result["aoti_streamed"] = aoti_streamed(s, a.preset)
-    return Report("memory plans", result, markdown(result, a.preset))
-
-
-def markdown(r: dict, preset: str) -> list[str]:
-    rows = [[p["quant"], p["size"], p["card_gib"], p.get("name", p.get("error", "")),
-             *(f"{p['device_bytes'][k] / M.GiB:.1f}" if "device_bytes" in p else "" for k in M.STAGES),
-             f"{p['host_bytes'] / M.GiB:.1f}" if "host_bytes" in p else ""] for p in r["plans_14b"]]
-    body = ["## 1. FLF2V-14B, 81 frames, 64 GiB host: the plan per card (device GiB at each stage's peak)", ""]
-    body += table(["weights", "size", "card GiB", "plan", *M.STAGES, "host GiB"], rows, left=4)
-    body += ["", "## 2. Expected 720p, 50 steps + CFG, denoise on a 24 GB RTX 4090 (cost model, not measured)", ""]
-    body += table(["weights", "plan", "DiT call floor s", "block compute s", "block copy s", "streamed",
-                   "denoise s"], [[t["quant"], t["plan"], t["dit_call_floor_s"], t["block_compute_s"],
-                                   t["block_copy_s"], t["streamed_blocks"], t["denoise_s"]]
-                                  for t in r["rtx4090_720p"]], left=2)
-    body += ["", f"LightX2V on a 4090: {r['lightx2v_4090']}.", "",
-             f"## 3. Measured here: `{preset}`, fp32, {r['steps']} steps + CFG (device bytes: MiB the plan keeps "
-             f"on the compute device)", ""]
-    body += table(["plan", "run s", "denoise s", *M.STAGES, "max abs vs resident"],
-                  [[m["plan"], m["seconds"], m["denoise_s"],
-                    *(f"{m['device_bytes'].get(k, 0) / 2**20:.1f}" for k in M.STAGES),
-                    f"{m['max_abs_vs_resident']:.1e}"] for m in r["measured"]])
+        r["aoti_streamed"] = aoti_streamed(s, a.preset)
+    gib = lambda d, k: f"{d[k] / M.GiB:.1f}" if k in d else ""  # noqa: E731
     v = r["vae_tiles"]
-    body += ["", "## 4. VAE decode by latent tile (overlap 8): 14B at 720p/81 frames, bf16 (model); seams measured "
-             f"here on `{preset}`'s VAE (random weights), latent {v['seam_latent']}", ""]
-    body += table(["tile", "720p decode GiB"], [[t["tile"] or "whole (90x160)", f"{t['gib']:.1f}"]
-                                                for t in v["decode_720p"]], left=1)
-    body += [""] + table(["tile", "PSNR dB vs untiled", "max abs"],
-                         [[t["tile"], f"{t['psnr_db']:.1f}", f"{t['max_abs']:.3f}"] for t in v["seams"]])
-    if "aoti_streamed" in r:
-        a = r["aoti_streamed"]
-        body += ["", f"## 5. AOTInductor DiT step (`dit_b2`, {a['shape']}: {a['tokens']} tokens, {a['blocks']} blocks), "
-                 f"fp32, whole package vs STREAM=1 (median of 5 after a warm-up)", ""]
-        body += table(["packages", "build s", "step s", "max abs vs whole"],
-                      [["whole", "-", a["whole_step_s"], "-"],
-                       ["streamed, all resident", a["streamed_build_s"], a["streamed_step_s"],
-                        f"{a['streamed_max_abs_vs_whole']:.1e}"],
-                       ["streamed, 0 resident", "-", a["streamed, 0 resident_step_s"],
-                        f"{a['streamed, 0 resident_max_abs_vs_whole']:.1e}"]])
-    return body
-
+    body = [
+        "## 1. FLF2V-14B, 81 frames, 64 GiB host: the plan per card (device GiB at each stage's peak)", "",
+        *table(["weights", "size", "card GiB", "plan", *M.STAGES, "host GiB"],
+               [[p["quant"], p["size"], p["card_gib"], p.get("name", p.get("error", "")),
+                 *(gib(p.get("device_bytes", {}), k) for k in M.STAGES), gib(p, "host_bytes")] for p in r["plans_14b"]],
+               left=4), "",
+        "## 2. Expected 720p, 50 steps + CFG, denoise on a 24 GB RTX 4090 (cost model, not measured)", "",
+        *table(["weights", "plan", "DiT call floor s", "block compute s", "block copy s", "streamed", "denoise s"],
+               [[t[k] for k in ("quant", "plan", "dit_call_floor_s", "block_compute_s", "block_copy_s",
+                                "streamed_blocks", "denoise_s")] for t in r["rtx4090_720p"]], left=2), "",
+        f"LightX2V on a 4090: {r['lightx2v_4090']}.", "",
+        f"## 3. Measured here: `{a.preset}`, fp32, {a.steps} steps + CFG (device bytes: MiB the plan keeps on the "
+        f"compute device)", "",
+        *table(["plan", "run s", "denoise s", *M.STAGES, "max abs vs resident"],
+               [[m["plan"], m["seconds"], m["denoise_s"], *(f"{m['device_bytes'].get(k, 0) / 2**20:.1f}"
+                                                            for k in M.STAGES),
+                 f"{m['max_abs_vs_resident']:.1e}"] for m in r["measured"]]), "",
+        f"## 4. VAE decode by latent tile (overlap 8): 14B at 720p/81 frames, bf16 (model); seams measured here on "
+        f"`{a.preset}`'s VAE (random weights), latent {v['seam_latent']}", "",
+        *table(["tile", "720p decode GiB"],
+               [[t["tile"] or "whole (90x160)", f"{t['gib']:.1f}"] for t in v["decode_720p"]]),
+        "", *table(["tile", "PSNR dB vs untiled", "max abs"],
+                   [[t["tile"], f"{t['psnr_db']:.1f}", f"{t['max_abs']:.3f}"] for t in v["seams"]])]
+    if a.aoti:
+        t = r["aoti_streamed"]
+        body += ["", f"## 5. AOTInductor DiT step (`dit_b2`, {t['shape']}: {t['tokens']} tokens, {t['blocks']} "
+                 f"blocks), fp32, whole package vs STREAM=1 (median of 5 after a warm-up)", "",
+                 *table(["packages", "build s", "step s", "max abs vs whole"],
+                        [["whole", "-", t["whole_step_s"], "-"],
+                         ["streamed, all resident", t["streamed_build_s"], t["streamed_step_s"],
+                          f"{t['streamed_max_abs_vs_whole']:.1e}"],
+                         ["streamed, 0 resident", "-", t["streamed, 0 resident_step_s"],
+                          f"{t['streamed, 0 resident_max_abs_vs_whole']:.1e}"]])]
+    return Report("memory plans", r, body)

@@ -83,15 +83,6 @@ def cost_model(task: str = "flf2v-14B", width: int = 1280, height: int = 720, fr
 
 # ---- measured: one launch per layout -------------------------------------------------------------------
 
-def _timed_into(acc: list, fn):
-    def wrapped(*a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        acc[0] += time.perf_counter() - t0
-        return out
-    return wrapped
-
-
 def measure(job: dict) -> None:
     """Inside one process of a layout (torchrun or plain; `python -m flf2v.bench.parallel '<job JSON>'`): one
     warm-up run and one timed run; rank 0 writes {"step_s", "dit_s", "other_s", ...} to job["result"]."""
@@ -103,21 +94,29 @@ def measure(job: dict) -> None:
     par = P.init(2 if "ulysses" in job["flags"] else 1, "cfg_parallel" in job["flags"], torch.device("cpu"))
     pipe = Pipeline.from_checkpoint(job["ckpt"], parallel=par, **({"dit_fsdp": True} if "dit_fsdp" in job["flags"]
                                                                  else {}))
-    dit_s, gather_s = [0.0], [0.0]
+    spent = {"dit": 0.0, "gather": 0.0}
+
+    def metered(key, fn):
+        def call(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return call
     for name in ("denoise", "denoise_full"):
-        setattr(pipe.backend, name, _timed_into(dit_s, getattr(pipe.backend, name)))
+        setattr(pipe.backend, name, metered("dit", getattr(pipe.backend, name)))
     if par is not None and par.cfg is not None:  # CFG-parallel's all-gather, waiting for the other branch included
-        par.cfg.gather = _timed_into(gather_s, par.cfg.gather)
+        par.cfg.gather = metered("gather", par.cfg.gather)
     frames = [load_image(Path(job["frames"]) / n) for n in ("first.png", "last.png")]
     kw = dict(seed=1, sample_steps=job["steps"], progress=False, output="latent")
     pipe.generate("a ball", *frames, **kw)  # warm-up
-    dit_s[0] = gather_s[0] = 0.0
+    spent.update(dit=0.0, gather=0.0)
     pipe.generate("a ball", *frames, **kw)
     n = job["steps"]
-    step = pipe.times.seconds["denoise"] / n
+    step, dit = pipe.times.seconds["denoise"] / n, spent["dit"] / n
     if par is None or par.is_main:
         Path(job["result"]).write_text(json.dumps({
-            "step_s": step, "dit_s": dit_s[0] / n, "other_s": step - dit_s[0] / n, "gather_s": gather_s[0] / n,
+            "step_s": step, "dit_s": dit, "other_s": step - dit, "gather_s": spent["gather"] / n,
             "processes": 1 if par is None else par.world}))
     P.shutdown()
 
@@ -140,46 +139,39 @@ def run_layouts(ckpt: Path, frames: Path, work: Path, steps: int) -> list[dict]:
 
 def run(s):
     from flf2v.models.make_tiny import write_demo_frames
-    model = cost_model()
-    i2v = cost_model("i2v-14B", steps=OFFICIAL_8X["steps"])
-    pick = lambda m, g: next(r for r in m["rows"] if r["gpus"] == g and not r["dit_fsdp"]  # noqa: E731
-                             and (r["cfg_parallel"] or g == 1))["end_to_end_nvlink_s"]
-    model["official"] = dict(OFFICIAL_8X, ours_s=pick(i2v, 8), ours_1gpu_s=pick(i2v, 1))
+    model, i2v = cost_model(), cost_model("i2v-14B", steps=OFFICIAL_8X["steps"])
+    pick = lambda g: next(r for r in i2v["rows"] if r["gpus"] == g and not r["dit_fsdp"]  # noqa: E731
+                          and (r["cfg_parallel"] or g == 1))["end_to_end_nvlink_s"]
+    model["official"] = o = dict(OFFICIAL_8X, ours_s=pick(8), ours_1gpu_s=pick(1))
     ckpt, frames = s.checkpoint(s.args.preset), write_demo_frames(s.work / "frames")[0].parent
     s.settle()
     r = {"cost_model": model, "steps": s.args.steps, "measured": run_layouts(ckpt, frames, s.work, s.args.steps)}
-    return Report("multi-process runs: cost model and measured overhead", r, markdown(r, s.args.preset))
-
-
-def markdown(r: dict, preset: str) -> list[str]:
-    model, gb = r["cost_model"], 1e9
     lay = lambda c: "one GPU" if c["gpus"] == 1 else (  # noqa: E731
         f"CFG 2 x Ulysses {c['ulysses']}" if c["cfg_parallel"] else f"Ulysses {c['ulysses']}")
-    lines = [f"## Cost model: {model['task']} {model['size'][0]}x{model['size'][1]}, {model['frames']} frames, "
-             f"{model['steps']} steps + CFG, {model['gpu']} (paper)", "",
-             f"Compute per rank = DiT FLOPs / U at peak, divided by the efficiency the single-GPU target implies "
-             f"({model['target_efficiency']:.2f}); communication not overlapped (upper bound); encoders and VAE "
-             f"replicated on every GPU ({model['other_stages_floor_s']:.1f} s floor).", ""] + table(
-        ["GPUs", "layout", "DiT FSDP", "GB sent / rank / step", "compute / step", "comm NVLink", "comm PCIe",
-         "end to end NVLink", "end to end PCIe"],
-        [[c["gpus"], lay(c), "yes" if c["dit_fsdp"] else "no", f"{c['bytes_total'] / gb:.2f}",
-          f"{c['compute_target_s']:.2f} s", f"{c['comm_nvlink_s']:.3f} s", f"{c['comm_pcie_s']:.2f} s",
-          f"{c['end_to_end_nvlink_s']:.0f} s", f"{c['end_to_end_pcie_s']:.0f} s"] for c in model["rows"]])
-    o = model["official"]
-    lines += ["", f"Against the official code: {o['seconds']} s on 8x H100 ({o['task']} {o['size'][0]}x{o['size'][1]}, "
-                  f"{o['steps']} steps); this model at {o['steps']} steps: {o['ours_s']:.0f} s (CFG 2 x Ulysses 4, "
-                  f"NVLink), {o['ours_1gpu_s']:.0f} s on one GPU.",
-              "", f"## Measured: `{preset}` on this machine", "",
-              f"gloo over loopback; OMP_NUM_THREADS=1 per process; {r['steps']} UniPC steps with CFG, one timed run "
-              f"after a warm-up per layout, each layout its own launch (`torchrun --standalone`). \"DiT calls\" hold "
-              "Ulysses' and FSDP's collectives; \"outside the DiT\" is the guidance, the sampler update and, with "
-              "CFG-parallel, the all-gather of the velocities, which includes waiting for the other branch's DiT "
-              "call to finish.", ""]
-    return lines + table(["layout", "processes", "step", "DiT calls", "outside the DiT", "of it, CFG all-gather",
-                          "outside, % of step"],
-                         [[m["layout"], m["processes"], f"{m['step_s'] * 1e3:.1f} ms", f"{m['dit_s'] * 1e3:.1f} ms",
-                           f"{m['other_s'] * 1e3:.2f} ms", f"{m.get('gather_s', 0) * 1e3:.2f} ms",
-                           f"{100 * m['other_s'] / m['step_s']:.1f} %"] for m in r["measured"]])
+    return Report("multi-process runs: cost model and measured overhead", r, [
+        f"## Cost model: {model['task']} {model['size'][0]}x{model['size'][1]}, {model['frames']} frames, "
+        f"{model['steps']} steps + CFG, {model['gpu']} (paper)", "",
+        f"Compute per rank = DiT FLOPs / U at peak, divided by the efficiency the single-GPU target implies "
+        f"({model['target_efficiency']:.2f}); communication not overlapped (upper bound); encoders and VAE "
+        f"replicated on every GPU ({model['other_stages_floor_s']:.1f} s floor).", "",
+        *table(["GPUs", "layout", "DiT FSDP", "GB sent / rank / step", "compute / step", "comm NVLink", "comm PCIe",
+                "end to end NVLink", "end to end PCIe"],
+               [[c["gpus"], lay(c), "yes" if c["dit_fsdp"] else "no", f"{c['bytes_total'] / 1e9:.2f}",
+                 f"{c['compute_target_s']:.2f} s", f"{c['comm_nvlink_s']:.3f} s", f"{c['comm_pcie_s']:.2f} s",
+                 f"{c['end_to_end_nvlink_s']:.0f} s", f"{c['end_to_end_pcie_s']:.0f} s"] for c in model["rows"]]), "",
+        f"Against the official code: {o['seconds']} s on 8x H100 ({o['task']} {o['size'][0]}x{o['size'][1]}, "
+        f"{o['steps']} steps); this model at {o['steps']} steps: {o['ours_s']:.0f} s (CFG 2 x Ulysses 4, "
+        f"NVLink), {o['ours_1gpu_s']:.0f} s on one GPU.", "",
+        f"## Measured: `{s.args.preset}` on this machine", "",
+        f"gloo over loopback; OMP_NUM_THREADS=1 per process; {r['steps']} UniPC steps with CFG, one timed run after "
+        f"a warm-up per layout, each layout its own launch (`torchrun --standalone`). \"DiT calls\" hold Ulysses' "
+        "and FSDP's collectives; \"outside the DiT\" is the guidance, the sampler update and, with CFG-parallel, "
+        "the all-gather of the velocities, which includes waiting for the other branch's DiT call to finish.", "",
+        *table(["layout", "processes", "step", "DiT calls", "outside the DiT", "of it, CFG all-gather",
+                "outside, % of step"],
+               [[m["layout"], m["processes"], f"{m['step_s'] * 1e3:.1f} ms", f"{m['dit_s'] * 1e3:.1f} ms",
+                 f"{m['other_s'] * 1e3:.2f} ms", f"{m.get('gather_s', 0) * 1e3:.2f} ms",
+                 f"{100 * m['other_s'] / m['step_s']:.1f} %"] for m in r["measured"]])])
 
 
 if __name__ == "__main__":

@@ -145,8 +145,7 @@ def full_width_dit(cfg, heavy: bool, seed: int = 0) -> WanDiT:
     return dit
 
 
-def dequantize(w_q: torch.Tensor, scale: torch.Tensor, block: int | None) -> torch.Tensor:
-    return dequantize_weight(w_q, scale, block)
+dequantize = dequantize_weight  # the name tests/test_bench.py uses
 
 
 @torch.no_grad()
@@ -254,51 +253,51 @@ def _mm(v: dict) -> str:
     return f"{v['mean']:.4f} / {v['max']:.4f}"
 
 
+def _rel_cos(v: dict) -> list[str]:
+    return [f"{v['rel']:.4f}", f"{v['cos']:.6f}"]
+
+
 def _quality_lines(dit: dict, full: dict | None, preset: str) -> list[str]:
     cols = list(dit["layers"])
-    md = [f"## Per-layer relative error, `{preset}` DiT ({dit['tokens']} tokens), mean / max over blocks", ""]
-    md += table(["layer", *cols], [[k, *(_mm(dit["layers"][c][k]) for c in cols)] for k in BLOCK_LINEARS])
-    md += ["", "DiT output against the reference:", ""]
-    md += table(["run", "rel. error", "cosine"], [[k, f"{v['rel']:.4f}", f"{v['cos']:.6f}"]
-                                                   for k, v in dit["output"].items()])
+    md = [f"## Per-layer relative error, `{preset}` DiT ({dit['tokens']} tokens), mean / max over blocks", "",
+          *table(["layer", *cols], [[k, *(_mm(dit["layers"][c][k]) for c in cols)] for k in BLOCK_LINEARS]), "",
+          "DiT output against the reference:", "",
+          *table(["run", "rel. error", "cosine"], [[k, *_rel_cos(v)] for k, v in dit["output"].items()])]
     if full is None:
         return md
     dists = full["by_weights"]
-    md += ["", f"## Full-width FLF2V-14B DiT, {full['layers']} blocks, {full['tokens']} tokens: fp8 vs bf16", "",
-           "Random weights: nn's default init, and a Student-t (df 3) of the same std for the blocks' linears, as "
-           "a stand-in for a trained model's outlier channels (we found no published per-layer statistics of "
-           "Wan2.1 14B's weights).", ""]
-    md += table(["layer", *(f"{d}: mean / max" for d in dists)],
-                [[k, *(_mm(v["layers"]["fp8 vs bf16"][k]) for v in dists.values())] for k in BLOCK_LINEARS])
-    md += ["", "DiT output, fp8 against bf16:", ""]
-    return md + table(["weights", "rel. error", "cosine", "seconds (both runs)"], [
-        [d, f"{v['output']['fp8 vs bf16']['rel']:.4f}", f"{v['output']['fp8 vs bf16']['cos']:.6f}", v["seconds"]]
-        for d, v in dists.items()])
+    return md + [
+        "", f"## Full-width FLF2V-14B DiT, {full['layers']} blocks, {full['tokens']} tokens: fp8 vs bf16", "",
+        "Random weights: nn's default init, and a Student-t (df 3) of the same std for the blocks' linears, as a "
+        "stand-in for a trained model's outlier channels (we found no published per-layer statistics of Wan2.1 "
+        "14B's weights).", "",
+        *table(["layer", *(f"{d}: mean / max" for d in dists)],
+               [[k, *(_mm(v["layers"]["fp8 vs bf16"][k]) for v in dists.values())] for k in BLOCK_LINEARS]), "",
+        "DiT output, fp8 against bf16:", "",
+        *table(["weights", "rel. error", "cosine", "seconds (both runs)"],
+               [[d, *_rel_cos(v["output"]["fp8 vs bf16"]), v["seconds"]] for d, v in dists.items()])]
 
 
-def _scale_lines(result: dict, preset: str) -> list[str]:
-    runs = {f"{preset}": result["dit"]["scales"]} | {
-        f"14B {d}": v["scales"] for d, v in result["full_width"]["by_weights"].items()}
-    md = ["", f"## Per-channel vs 128x128 blockwise weight scales ({preset}: mean over blocks; 14B: block 0)", "",
-          "Weight: ||W_q - W|| / ||W||; output: the layer's against x @ W^T in fp32, same input.", ""]
-    rows = [[f"{r}: {k}", *(f"{v[m][k]:.4f}" for m in v)] for r, v in runs.items() for k in BLOCK_LINEARS]
-    md += table(["weights: layer", *next(iter(runs.values()))], rows)
-    return md + ["", f"Kept: **{result['kept_scales']}**."]
-
-
-def _cost_lines(result: dict, preset: str) -> list[str]:
-    t, fl = result["timing"], result["floors"]
-    md = ["", f"## One `{preset}` DiT forward on this CPU ({result['dit']['tokens']} tokens)", ""]
-    md += table(["model", "median s (of 3)", "weights MiB"],
-                [[k, f"{v['median_s']:.3f}", f"{v['weight_bytes'] / 2**20:.1f}"] for k, v in t.items()])
-    sh = fl["share"]
-    md += ["", "## Cost-model floors: FLF2V-14B denoise, 720p, 81 frames, 50 steps x CFG 2 (100 forwards)", "",
-           f"A forward is {fl['forward_flops'] / 1e15:.3f} PFLOP: the blocks' linears {sh['linear']:.1%}, attention "
-           f"scores + AV {sh['attention']:.1%} (self-attention {sh['self_attention']:.1%}), embeddings and head "
-           f"{sh['other']:.4%}. 8-bit rate 1979 TFLOP/s (FP8 or INT8), bf16 989.", ""]
-    md += table(["run", "H100 s", "H200 s", "the issue's H100 s"], [
-        [k, f"{v['H100']:.0f}", f"{v['H200']:.0f}", ISSUE_H100.get(k, "–")] for k, v in fl["floor_s"].items()])
-    return md
+def markdown(r: dict, preset: str) -> list[str]:
+    t, fl, sh = r["timing"], r["floors"], r["floors"]["share"]
+    runs = {preset: r["dit"]["scales"]} | {f"14B {d}": v["scales"] for d, v in r["full_width"]["by_weights"].items()}
+    return _quality_lines(r["dit"], r["full_width"], preset) + [
+        "", f"## Per-channel vs 128x128 blockwise weight scales ({preset}: mean over blocks; 14B: block 0)", "",
+        "Weight: ||W_q - W|| / ||W||; output: the layer's against x @ W^T in fp32, same input.", "",
+        *table(["weights: layer", *runs[preset]],
+               [[f"{n}: {k}", *(f"{v[m][k]:.4f}" for m in v)] for n, v in runs.items() for k in BLOCK_LINEARS]), "",
+        f"Kept: **{r['kept_scales']}**.", "",
+        f"## One `{preset}` DiT forward on this CPU ({r['dit']['tokens']} tokens)", "",
+        *table(["model", "median s (of 3)", "weights MiB"],
+               [[k, f"{v['median_s']:.3f}", f"{v['weight_bytes'] / 2**20:.1f}"] for k, v in t.items()]), "",
+        "## Cost-model floors: FLF2V-14B denoise, 720p, 81 frames, 50 steps x CFG 2 (100 forwards)", "",
+        f"A forward is {fl['forward_flops'] / 1e15:.3f} PFLOP: the blocks' linears {sh['linear']:.1%}, attention "
+        f"scores + AV {sh['attention']:.1%} (self-attention {sh['self_attention']:.1%}), embeddings and head "
+        f"{sh['other']:.4%}. 8-bit rate 1979 TFLOP/s (FP8 or INT8), bf16 989.", "",
+        *table(["run", "H100 s", "H200 s", "the issue's H100 s"],
+               [[k, f"{v['H100']:.0f}", f"{v['H200']:.0f}", ISSUE_H100.get(k, "–")]
+                for k, v in fl["floor_s"].items()]),
+        *_says(r)]
 
 
 def _says(r: dict) -> list[str]:
@@ -328,21 +327,16 @@ def _says(r: dict) -> list[str]:
             f"errors (per-token scales absorb outlier tokens, not channels). Mode run time {r['seconds']:.0f} s."]
 
 
-def markdown(r: dict, preset: str) -> list[str]:
-    return (_quality_lines(r["dit"], r["full_width"], preset) + _scale_lines(r, preset) + _cost_lines(r, preset)
-            + _says(r))
-
-
 def checkpoint_markdown(r: dict) -> list[str]:
-    dit, g = r["dit"], r["dit"]["gate"]
-    md = [f"Checkpoint `{r['ckpt_dir']}` ({r['model']}): its DiT's first {r['layers']} of {r['of_blocks']} "
-          f"blocks, {dit['tokens']} tokens of random inputs, on {r['device']}; {r['seconds']:.0f} s.", ""]
-    md += _quality_lines(dit, None, "checkpoint")
-    md += ["", "## The quality gate (fp8 vs bf16 within the bound x bf16 vs fp32)", ""]
-    md += table(["line", "fp8 vs bf16", "bf16 vs fp32", "ratio", "bound", "verdict"], [
-        [k, f"{v['fp8_vs_bf16']:.3g}", f"{v['bf16_vs_fp32']:.3g}", f"{v['ratio']:.1f}x", f"{v['bound']:g}x",
-         "pass" if v["pass"] else "**fail**"] for k, v in g.items()])
-    md += ["", "## Per-channel vs 128x128 blockwise weight scales (mean over blocks)", ""]
-    md += table(["layer", *dit["scales"]], [[k, *(f"{v[k]:.4f}" for v in dit["scales"].values())]
-                                           for k in BLOCK_LINEARS])
-    return md + ["", "Random inputs: a real prompt's and video's activations can have outlier channels these lack."]
+    dit = r["dit"]
+    return [f"Checkpoint `{r['ckpt_dir']}` ({r['model']}): its DiT's first {r['layers']} of {r['of_blocks']} "
+            f"blocks, {dit['tokens']} tokens of random inputs, on {r['device']}; {r['seconds']:.0f} s.", "",
+            *_quality_lines(dit, None, "checkpoint"), "",
+            "## The quality gate (fp8 vs bf16 within the bound x bf16 vs fp32)", "",
+            *table(["line", "fp8 vs bf16", "bf16 vs fp32", "ratio", "bound", "verdict"],
+                   [[k, f"{v['fp8_vs_bf16']:.3g}", f"{v['bf16_vs_fp32']:.3g}", f"{v['ratio']:.1f}x",
+                     f"{v['bound']:g}x", "pass" if v["pass"] else "**fail**"] for k, v in dit["gate"].items()]), "",
+            "## Per-channel vs 128x128 blockwise weight scales (mean over blocks)", "",
+            *table(["layer", *dit["scales"]], [[k, *(f"{v[k]:.4f}" for v in dit["scales"].values())]
+                                               for k in BLOCK_LINEARS]), "",
+            "Random inputs: a real prompt's and video's activations can have outlier channels these lack."]

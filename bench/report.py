@@ -3,6 +3,7 @@ comparison, .png; the machine description they carry; Markdown helpers (also for
 Box-safe at import: stdlib only (torch and matplotlib are imported inside the functions that use them)."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -34,16 +35,14 @@ def table(header: list[str], rows, left: int = 1) -> list[str]:
 # ---- the machine ---------------------------------------------------------------------------------------
 
 def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (none where there is no such file)."""
     info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                k, _, v = line.partition(":")
-                info[k.strip()] = v.strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip():
+                break  # the first processor is enough
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
     return info
 
 
@@ -60,14 +59,11 @@ def slug(text: str) -> str:
 
 def machine_info() -> dict:
     import torch
-    cpu = _cpuinfo()
+    cpu, ram = _cpuinfo(), None
     model = cpu.get("model name") or platform.processor() or platform.machine()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        with open("/proc/meminfo") as f:
-            ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        ram = None
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     virt = "hypervisor" in cpu.get("flags", "").split()
     gpu = None
     if torch.cuda.is_available():

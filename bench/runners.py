@@ -6,6 +6,7 @@ time, per-stage time and peak memory, the time inside network calls (CPU) and th
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import tempfile
@@ -17,7 +18,7 @@ from PIL import Image
 
 from flf2v.runtime.pipeline import Pipeline
 
-from .measure import CallMeter, ChildFailed, Clock, Probe, StageProbe, TimedBackend, run_module
+from .measure import ChildFailed, Probe, TimedBackend, run_module, start_clock
 
 log = logging.getLogger("flf2v.bench")
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
@@ -75,24 +76,22 @@ class RunResult:
 
 
 class _Runner:
-    """What both runners share: meters, the timed run, and handing memory back when closed."""
+    """What both runners share: the timed run, and handing memory back when closed."""
     build_seconds = folder = pipe = None
 
-    def _timed(self, call) -> tuple[float, object]:
-        """Reset the meters, then run `call()` under the end-to-end clock: (seconds, result)."""
-        self.meter.clear()
+    def _measure(self, call, to_video=lambda v: v) -> RunResult:
+        """Reset the probe, run `call()` under the end-to-end clock, and collect what the probe saw."""
         self.probe.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        with Clock(self.device) as clock:  # as users run it: no extra grad mode
-            out = call()
-        return clock.seconds, out
-
-    def _result(self, seconds: float, stages, network: float, video) -> RunResult:
-        s = self.probe.samples
-        return RunResult(seconds, {k: s[k].seconds for k in stages}, {k: s[k].host_peak for k in stages},
-                         {k: s[k].cuda_peak for k in stages}, network if self.device.type == "cpu" else None,
-                         video.float().cpu())
+        stop = start_clock(self.device)
+        out = call()  # as users run it: no extra grad mode
+        seconds, s = stop(), self.probe.samples
+        # the scheduler's steps are timed (diffusers, CPU) but are not network work
+        network = sum(v for k, v in self.probe.calls.items() if k != "scheduler")
+        return RunResult(seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
+                         {k: v.cuda_peak for k, v in s.items()}, network if self.device.type == "cpu" else None,
+                         to_video(out).float().cpu())
 
     def close(self) -> None:
         """Free what the runner held, and hand freed heap back to the OS so the next backend's RSS starts near
@@ -101,11 +100,9 @@ class _Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back this way
             import ctypes
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 class OursRunner(_Runner):
@@ -132,11 +129,11 @@ class OursRunner(_Runner):
                 backend = open_backend(base, self.folder, job.ckpt_dir, job.preset, self.device, **options)
             except Exception as e:
                 raise Unavailable(f"open_backend failed: {type(e).__name__}: {e}") from None
-        self.meter, self.probe = CallMeter(), Probe(self.device)
-        timed = self.device.type == "cpu"  # on a GPU a host timer around a call measures the launch only
-        self.pipe = Pipeline(TimedBackend(backend, self.meter) if timed else backend,
-                             ck.load_tokenizer(job.ckpt_dir, job.preset), job.preset, self.device)
-        self.pipe.times = StageProbe(self.probe)
+        self.probe = Probe(self.device)
+        if self.device.type == "cpu":  # on a GPU a host timer around a call measures the launch only
+            backend = TimedBackend(backend, self.probe)
+        self.pipe = Pipeline(backend, ck.load_tokenizer(job.ckpt_dir, job.preset), job.preset, self.device)
+        self.pipe.times = self.probe
         self.first, self.last = job.frames_in()
 
     def _build_engines(self, kind: str, shape: str | None = None) -> Path:
@@ -144,20 +141,18 @@ class OursRunner(_Runner):
         process: the static shape of exactly that grid, or the named (dynamic) `shape`."""
         from flf2v.export.contracts import engine_shapes
         from flf2v.export.manifest import checkpoint_fingerprint  # the work folder outlives a checkpoint
-        job = self.job
+        job, grid = self.job, (self.job.width, self.job.height, self.job.frames)
+        try:
+            shape = shape or next((s.name for s in engine_shapes(job.preset).values()
+                                   if (s.width, s.height, s.frame_num) == grid), None)
+        except ValueError as e:
+            raise Unavailable(str(e)) from None
         if shape is None:
-            grid = (job.width, job.height, job.frames)
-            try:
-                shape = next((s.name for s in engine_shapes(job.preset).values()
-                              if (s.width, s.height, s.frame_num) == grid), None)
-            except ValueError as e:
-                raise Unavailable(str(e)) from None
-            if shape is None:
-                raise Unavailable(f"export/contracts.py has no engine shape {'x'.join(map(str, grid))} "
-                                  f"for model preset {job.preset.name}")
+            raise Unavailable(f"export/contracts.py has no engine shape {'x'.join(map(str, grid))} "
+                              f"for model preset {job.preset.name}")
         precision = "fp32" if self.dtype == torch.float32 else "bf16"
-        folder = self.engines_root / (f"{kind}-{job.preset.name}-{checkpoint_fingerprint(job.ckpt_dir)[:8]}-"
-                                      f"{shape}-{precision}")
+        fingerprint = checkpoint_fingerprint(job.ckpt_dir)[:8]
+        folder = self.engines_root / f"{kind}-{job.preset.name}-{fingerprint}-{shape}-{precision}"
         log.info("%s: engines in %s (built once, then current)", self.name, folder)
         try:
             self.build_seconds = run_module("flf2v.export.build", "--ckpt_dir", str(job.ckpt_dir), "--preset", shape,
@@ -169,11 +164,10 @@ class OursRunner(_Runner):
 
     def run(self) -> RunResult:
         job = self.job
-        seconds, video = self._timed(lambda: self.pipe.generate(
+        return self._measure(lambda: self.pipe.generate(
             job.prompt, self.first, self.last, size=job.size, frame_num=job.frames, sample_steps=job.steps,
             sample_shift=job.shift, guide_scale=job.guide, seed=job.seed, negative_prompt=job.negative_prompt,
             progress=False))
-        return self._result(seconds, list(self.probe.samples), self.meter.total, video)
 
 
 class DiffusersRunner(_Runner):
@@ -197,23 +191,21 @@ class DiffusersRunner(_Runner):
         except ImportError as e:
             raise Unavailable(f"diffusers not importable ({e})") from None
         self.pipe.set_progress_bar_config(disable=True)
-        self.meter, self.probe = CallMeter(), Probe(self.device)
-        p, m, pr = self.pipe, self.meter, self.probe
+        p, pr = self.pipe, Probe(self.device)
+        self.probe = pr
         for stage, obj in (("text_encoder", p.text_encoder), ("image_encoder", p.image_encoder)):
-            obj.forward = m.wrap(stage, obj.forward, pr)
-        p.vae.encode = m.wrap("vae_encode", p.vae.encode, pr, after=lambda: pr.start("denoise"))
-        p.vae.decode = m.wrap("vae_decode", p.vae.decode, pr, before=lambda: pr.stop("denoise"))
+            obj.forward = pr.wrap(stage, obj.forward)
+        p.vae.encode = pr.wrap("vae_encode", p.vae.encode, after=lambda: pr.start("denoise"))
+        p.vae.decode = pr.wrap("vae_decode", p.vae.decode, before=lambda: pr.stop("denoise"))
         if self.device.type == "cpu":  # on a GPU a host timer around a call measures the launch only
-            p.transformer.forward = m.wrap("transformer", p.transformer.forward)
-            p.scheduler.step = m.wrap("scheduler", p.scheduler.step)
+            p.transformer.forward = pr.wrap("transformer", p.transformer.forward, span=False)
+            p.scheduler.step = pr.wrap("scheduler", p.scheduler.step, span=False)
         self.first, self.last = self.job.frames_in()
 
     def run(self) -> RunResult:
         job = self.job
-        seconds, out = self._timed(lambda: self.pipe(
+        return self._measure(lambda: self.pipe(
             image=self.first, last_image=self.last, prompt=job.prompt, negative_prompt=job.negative_prompt,
             height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=job.steps,
-            guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"))
-        network = sum(v for k, v in self.meter.seconds.items() if k != "scheduler")
-        video = out.frames[0].permute(1, 0, 2, 3) * 2 - 1  # [F, 3, H, W] in [0, 1] -> ours
-        return self._result(seconds, [k for k in STAGES if k in self.probe.samples], network, video)
+            guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"),
+            lambda out: out.frames[0].permute(1, 0, 2, 3) * 2 - 1)  # [F, 3, H, W] in [0, 1] -> ours

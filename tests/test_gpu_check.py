@@ -310,7 +310,7 @@ def test_engine_runner_drives_a_dynamic_tensorrt_context(monkeypatch, tmp_path):
 
     import torch
 
-    from flf2v.bench.gpu_parts_dit import EngineRunner
+    from flf2v.bench.gpu_parts_engines import EngineRunner
     calls = []
 
     class Ctx:
@@ -362,7 +362,7 @@ def test_kernels_in_package_reads_names_and_code(tmp_path):
     package's file names or generated code (a .pt2 is a zip)."""
     import zipfile
 
-    from flf2v.bench.gpu_parts_aoti import kernels_in
+    from flf2v.bench.gpu_parts_engines import kernels_in
     path = tmp_path / "p.pt2"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("p/data/aotinductor/model/self_attn_fwd_kernel_0.cubin", b"\0\1")
