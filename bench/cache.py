@@ -1,14 +1,8 @@
-"""`flf2v-bench cache [--preset small] [--steps 50]`: the step cache (TeaCache, MagCache) against the uncached run.
-
-One process, a random checkpoint of --preset and its ONNX Runtime engines (fp32, the default static shape,
-the batch-2 DiT and its cached step), calibrated first by `flf2v-calibrate-cache` (one full run of the torch
-reference, timed). Then, each after a warm-up: the cache off, MagCache at the authors' two Wan2.1 I2V 720p
-settings (threshold 0.12 with at most 4 skips in a row, 0.24 with 6) and TeaCache at 0.5 and 1.0 (the
-authors' 0.2 and 0.3 skip nothing here: on random weights, whose output changes ~40 % a step, one step's
-rescaled change already exceeds them). Per run: the schedule, DiT forwards (counted at the backend), denoise
-and end-to-end seconds, the video's PSNR and SSIM against the uncached one of the same seed. Random weights:
-the curves are not a trained model's, so the schedules and PSNR/SSIM say nothing of visual quality; the time
-per skipped DiT forward does.
+"""`flf2v-bench cache [--preset small] [--steps 50]`: the step cache (TeaCache, MagCache) against the uncached run
+(README "Step cache"). --preset's random checkpoint and ONNX Runtime fp32 engines, calibrated by
+`flf2v-calibrate-cache` (timed); each run after a warm-up: its schedule, DiT forwards, denoise and end-to-end
+seconds, PSNR and SSIM against the uncached video. TeaCache at 0.5 and 1.0: the authors' 0.2 and 0.3 skip nothing
+on random weights, whose output changes ~40 % a step.
 """
 from __future__ import annotations
 
@@ -68,36 +62,33 @@ def ort_engines(s, folder, *extra) -> tuple[float, Job]:
                         preset.sample_guide_scale)
 
 
-def count_calls(backend, names=("denoise",)) -> list[tuple[str, int]]:
-    """(call, DiT batch rows) appended as the backend runs each of `names`."""
-    rows = []
-    for name in names:
-        real = getattr(backend, name)
-        setattr(backend, name, lambda x, *a, _real=real, _name=name: rows.append((_name, x.shape[0])) or _real(x, *a))
-    return rows
-
-
-def warm_then_time(pipe, job: Job, calls: list, kw: dict, warm: dict | None = None):
-    """(seconds, video) of a run with seed 42 after a warm-up run with seed 1 (sessions made, loop kept);
-    `calls` then holds the timed run's calls only."""
-    first, last = job.frames_in()
-    pipe.generate(job.prompt, first, last, seed=1, progress=False, **(kw if warm is None else warm))
-    calls.clear()
-    return timed(lambda: pipe.generate(job.prompt, first, last, seed=42, progress=False, **kw))
+def timed_runs(folder, job: Job, runs: dict, names=("denoise",), warm: dict | None = None):
+    """Yields (name, seconds, video, calls, pipe) of each run (name -> generate() options) through the engines in
+    `folder`: seed 42 after a warm-up with seed 1 (sessions made, loop kept; warm: name -> the warm-up's options);
+    calls: (call, DiT batch rows) of each of the backend's `names` calls in the timed run."""
+    from flf2v.runtime.pipeline import Pipeline
+    pipe = Pipeline.from_engines(folder, job.ckpt_dir)
+    calls, (first, last) = [], job.frames_in()
+    for call in names:
+        real = getattr(pipe.backend, call)
+        setattr(pipe.backend, call,
+                lambda x, *a, _real=real, _call=call: calls.append((_call, x.shape[0])) or _real(x, *a))
+    for name, kw in runs.items():
+        pipe.generate(job.prompt, first, last, seed=1, progress=False, **(warm or {}).get(name, kw))
+        calls.clear()
+        t, video = timed(lambda: pipe.generate(job.prompt, first, last, seed=42, progress=False, **kw))
+        yield name, t, video, calls, pipe
 
 
 def runs(folder, job: Job) -> dict:
-    from flf2v.runtime.pipeline import Pipeline
-    pipe = Pipeline.from_engines(folder, job.ckpt_dir)
-    calls = count_calls(pipe.backend, ("denoise", "denoise_full", "denoise_cached"))
     out, ref = {}, None
-    for name, kw in RUNS.items():
-        t, video = warm_then_time(pipe, job, calls, dict(sample_steps=job.steps, guide_scale=job.guide, **kw))
+    options = {name: dict(sample_steps=job.steps, guide_scale=job.guide, **kw) for name, kw in RUNS.items()}
+    for name, t, video, calls, pipe in timed_runs(folder, job, options, ("denoise", "denoise_full", "denoise_cached")):
         ref = video if ref is None else ref
         out[name] = {"seconds": t, "denoise_s": pipe.times.seconds["denoise"],
                      "dit_forwards": sum(n for k, n in calls if k != "denoise_cached"),
                      "cached_forwards": sum(n for k, n in calls if k == "denoise_cached"),
-                     "psnr_db": psnr(video, ref), "ssim": ssim(video, ref), "settings": kw}
+                     "psnr_db": psnr(video, ref), "ssim": ssim(video, ref), "settings": RUNS[name]}
         if pipe.last_cache:
             out[name]["cache"] = pipe.last_cache.to_json()
     return out

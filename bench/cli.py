@@ -11,9 +11,8 @@
     flf2v-bench quant [--preset small] [--layers 2]     (FP8 linears: per-layer error, 14B slice, scales, floors)
     flf2v-bench quant --ckpt_dir CKPT [--layers 2]      (the FP8 quality gate on a checkpoint's first blocks)
     flf2v-bench memory [--preset small] [--steps 2]     (memory plans: 14B per card, 4090 time model, measured runs)
-Every mode also takes --out DIR, --work DIR, --idle_wait S and -v / -q. Each waits (up to --idle_wait
-seconds) for an idle machine before timing, and writes [<mode>-]<preset>-<machine>-<date>.json and .md
-(the stage comparison also a .png) into --out. Random weights in the official layout go into --work.
+Every mode waits (up to --idle_wait s) for an idle machine before timing, and writes
+[<mode>-]<preset>-<machine>-<date>.json and .md (the stage comparison also a .png) into --out.
 """
 from __future__ import annotations
 
@@ -44,9 +43,8 @@ WORK = {"": str(DEFAULT_WORK), "export-memory": None}
 
 
 class Session:
-    """What every mode gets: its arguments, a work folder (--work, or a temporary one), random checkpoints in
-    it, the machine, and its load once settle() has waited for it to be idle (the writer adds load and machine
-    to the report)."""
+    """What every mode gets: its arguments, a work folder (--work, or a temporary one) with random checkpoints,
+    the machine, and its load once settle() has waited for it to be idle."""
 
     def __init__(self, args):
         self.args, self.load = args, None

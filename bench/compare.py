@@ -4,6 +4,7 @@ torch reference, ratios, and the cost model's floors (`--cost_only`: those alone
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from flf2v.models.config import get_preset
 from . import cost
 from .measure import BadInput, load_avg, rss_bytes, stats, timed
 from .report import GiB, STAGE_LABELS, Report, num, table
-from .runners import BACKENDS, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
+from .runners import BACKENDS, GPU_ONLY, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
 
 log = logging.getLogger("flf2v.bench")
 
@@ -50,7 +51,6 @@ PEER_NOTES = [
     "and conditioning mask). 'outside network' (CPU only) is end to end minus the time inside network calls "
     "(tokenizer, preprocessing, sampler, CFG, copies); '1 step' is the denoise loop over the steps.",
 ]
-COLS = ["text_encoder", "image_encoder", "vae_encode", "denoise_step", "denoise", "vae_decode", "end_to_end"]
 
 
 def parse_backends(text: str) -> list[str]:
@@ -76,33 +76,27 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def default_backends() -> list[str]:
-    gpu = torch.cuda.is_available()
-    return [b for b in BACKENDS if (gpu or b not in ("torch-triton", "trt", "trt-dynamic")) and b != "ort-numpy"]
+    return [b for b in BACKENDS if (torch.cuda.is_available() or b not in GPU_ONLY) and b != "ort-numpy"]
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
 
-def load_and_warm(runner, job: Job, warmup_steps: int | None) -> tuple[dict, object]:
+def load_and_warm(runner, warmup_steps: int | None) -> tuple[dict, object]:
     """Load and one warm-up run with the warm-up step count (reported, excluded from the timings)."""
     entry = {"status": "ok", "rss_before_load": rss_bytes(), "load_avg_before": load_avg()}
     entry["load_seconds"], _ = timed(runner.load)
     entry["engine_build_seconds"] = runner.build_seconds
     folder = runner.folder  # engines: the bytes of the folder (ONNX files, packages)
     entry["engine_bytes"] = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) if folder else None
-    runner.job = dataclasses.replace(job, steps=warmup_steps or job.steps)
-    try:
-        warm = runner.run()
-    finally:
-        runner.job = job
+    warm = runner.run(warmup_steps)
     entry["warmup_seconds"] = warm.seconds
     return entry, warm
 
 
-def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, interleave: bool):
-    """Sequential: one backend loaded at a time (load, warm up, `repeats` runs, close; memory from the timed
-    runs). Interleaved: memory from each backend alone (load, warm-up run, close); time with all loaded and
-    warmed up again, in `repeats` rounds of one run per backend, so that a slow spell of the machine hits every
-    backend alike. Returns (entries, {name: (timed runs, runs whose memory counts)})."""
+def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: bool):
+    """Sequential: one backend at a time (load, warm up, `repeats` runs, close). Interleaved: each alone (load,
+    warm-up run: its memory, close), then all loaded and warmed up again, timed in `repeats` rounds of one run
+    per backend. Returns (entries, {name: (timed runs, runs whose memory counts)})."""
     entries, memory, runs = {}, {}, {n: [] for n in runners}
 
     def attempt(n: str, fn) -> bool:
@@ -118,11 +112,9 @@ def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, int
         return False
 
     def alone(n: str, r) -> None:
-        entries[n], warm = load_and_warm(r, job, warmup_steps)
-        memory[n] = [warm]
-        if not interleave:
-            runs[n] += [r.run() for _ in range(repeats)]
-            memory[n] = runs[n]
+        entries[n], warm = load_and_warm(r, warmup_steps)
+        runs[n] += [] if interleave else [r.run() for _ in range(repeats)]
+        memory[n] = [warm] if interleave else runs[n]
 
     for n, r in runners.items():
         attempt(n, lambda: alone(n, r))
@@ -130,7 +122,7 @@ def measure(runners: dict, job: Job, repeats: int, warmup_steps: int | None, int
         log.info("%s: %s", n, entries[n]["status"])
     live = [n for n in runners if entries[n]["status"] == "ok"]
     if interleave:  # the first entry (load, warm-up alone) is the one reported
-        live = [n for n in live if attempt(n, lambda: load_and_warm(runners[n], job, warmup_steps))]
+        live = [n for n in live if attempt(n, lambda: load_and_warm(runners[n], warmup_steps))]
         for _ in range(repeats):
             for n in list(live):
                 if not attempt(n, lambda: runs[n].append(runners[n].run())):
@@ -189,11 +181,9 @@ def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
 def targets(backends: dict) -> list[str]:
     """The project's targets, stated with what this run measured (CPU, `small`)."""
     ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
-    out, sp = [], ok.get("ort", {}).get("speedup", {})
-    if "torch" in sp:
-        out.append(f"ORT ≥ 1.5× torch eager end to end: {sp['torch']['end_to_end']:.2f}×")
-    if "diffusers" in sp:
-        out.append(f"ORT ≥ 2× diffusers: {sp['diffusers']['end_to_end']:.2f}×")
+    sp = ok.get("ort", {}).get("speedup", {})
+    goals = {"torch": "ORT ≥ 1.5× torch eager end to end", "diffusers": "ORT ≥ 2× diffusers"}
+    out = [f"{goal}: {sp[base]['end_to_end']:.2f}×" for base, goal in goals.items() if base in sp]
     if "ort" in backends and "ort" not in ok:
         out.append(f"ORT targets not measured ({backends['ort']['status']})")
     if "ort" in ok and "ort-dynamic" in ok:
@@ -227,7 +217,9 @@ def run(s) -> Report | None:
         raise BadInput(f"--preset {args.preset} needs --ckpt_dir (the real checkpoint)")
     from flf2v.export.contracts import COMPUTE_DTYPE
     dtype = COMPUTE_DTYPE[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    quiet_transformers()
+    with contextlib.suppress(ImportError):  # the torchvision fallback notice of CLIPImageProcessor
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
     interleave = not bp.gpu_only if args.interleave is None else args.interleave
     job = Job(Path(args.ckpt_dir) if args.ckpt_dir else s.checkpoint(bp.model), preset, w, h, bp.frames, steps,
               preset.sample_shift, preset.sample_guide_scale)
@@ -235,7 +227,7 @@ def run(s) -> Report | None:
     s.settle()
     runners = {n: DiffusersRunner(job, device, dtype) if n == "diffusers"
                else OursRunner(n, job, device, dtype, s.work / "engines") for n in args.backends or default_backends()}
-    entries, runs = measure(runners, job, repeats, bp.warmup_steps, interleave)
+    entries, runs = measure(runners, repeats, bp.warmup_steps, interleave)
     videos = compare_videos(runs)
     backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e
                 for n, e in entries.items()}
@@ -249,14 +241,6 @@ def run(s) -> Report | None:
               "notes": PEER_NOTES + ([busy_note(s.load)] if s.load["busy_before"] else []),
               "targets": targets(backends)}
     return Report("benchmark", result, markdown(result, s.machine), chart=True)
-
-
-def quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()  # the torchvision fallback notice of CLIPImageProcessor
 
 
 def busy_note(load: dict) -> str:
@@ -301,23 +285,23 @@ def markdown(r: dict, m: dict) -> list[str]:
     rows = []
     for name, b in r["backends"].items():
         if b["status"] != "ok":
-            rows.append([name, b["status"]] + [""] * (len(COLS) + 2))
+            rows.append([name, b["status"]] + [""] * (len(STAGE_LABELS) + 2))
             continue
         out, load = b.get("outside_network_fraction"), [x[0] for x in (b.get("load_avg_before"),
                                                                        b.get("load_avg_after")) if x]
-        rows.append([name, *(_cell(b["stages"].get(c)) for c in COLS), _s(b["warmup_seconds"]),
+        rows.append([name, *(_cell(b["stages"].get(c)) for c in STAGE_LABELS), _s(b["warmup_seconds"]),
                      num(out if out is None else 100 * out, "{:.1f}%"), "→".join(f"{x:.1f}" for x in load)])
-    lines += table(["backend", *(STAGE_LABELS[c] for c in COLS), "warm-up", "outside network", "load avg"], rows)
-    ratio = lambda b, base, k: num(b.get("speedup", {}).get(base, {}).get(k), "{:.2f}×")  # noqa: E731
+    lines += table(["backend", *STAGE_LABELS.values(), "warm-up", "outside network", "load avg"], rows)
+    ratios = [(base, k) for base in ("torch", "diffusers") for k in ("end_to_end", "denoise")]
     lines += ["", "## Speedups (ratio of medians, same process and machine)", ""] + table(
         ["backend", "vs torch eager, end to end", "vs torch eager, denoise loop", "vs diffusers, end to end",
          "vs diffusers, denoise loop", "max abs diff of the video vs the torch reference"],
-        [[n, ratio(b, "torch", "end_to_end"), ratio(b, "torch", "denoise"), ratio(b, "diffusers", "end_to_end"),
-          ratio(b, "diffusers", "denoise"), "(reference)" if b.get("video_reference") == n
-          else num(b.get("video_max_abs_diff"), "{:.2e}")] for n, b in ok.items()])
+        [[n, *(num(b.get("speedup", {}).get(base, {}).get(k), "{:.2f}×") for base, k in ratios),
+          "(reference)" if b.get("video_reference") == n else num(b.get("video_max_abs_diff"), "{:.2e}")]
+         for n, b in ok.items()])
     if r["targets"]:
         lines += ["", "Targets (measured, not asserted): " + "; ".join(r["targets"]) + "."]
-    mem = [c for c in COLS if c != "denoise_step"]
+    mem = [c for c in STAGE_LABELS if c != "denoise_step"]
     lines += ["", "## Peak memory per stage (GiB, host RSS" + (", CUDA max allocated" if m["gpu"] else "") + ")", ""]
     lines += table(["backend", "before load", *(STAGE_LABELS[c] for c in mem)], [
         [n, gib(b["rss_before_load"]), *(gib(b["host_peak"].get(c)) + (f" / {gib(b['cuda_peak'][c])}"

@@ -1,9 +1,6 @@
-"""Official Wan2.1 checkpoint -> the diffusers / transformers classes, and the peer pipeline built from it.
-
-The configs of diffusers' `WanTransformer3DModel` and `AutoencoderKLWan` and of transformers'
-`UMT5EncoderModel` and `CLIPVisionModel` for a preset, and diffusers' `WanImageToVideoPipeline` built on the
-very weights of an official-layout `--ckpt_dir` (renamed by models/keymaps.py, cast one at a time while
-loading): the peer the benchmark measures against, and the independent references of the tests.
+"""diffusers' `WanImageToVideoPipeline` built on the very weights of an official-layout `--ckpt_dir` (renamed by
+models/keymaps.py, cast one at a time while loading), and the diffusers / transformers configs of a preset's
+networks: the peer the benchmark measures against, and the independent references of the tests.
 """
 from __future__ import annotations
 
@@ -37,7 +34,6 @@ def vae_diffusers_config(cfg: VAEConfig) -> dict:
 
 def t5_transformers_config(cfg: T5Config, **kw):
     from transformers import UMT5Config
-
     return UMT5Config(vocab_size=cfg.vocab, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.ffn_dim,
                       num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                       relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
@@ -46,7 +42,6 @@ def t5_transformers_config(cfg: T5Config, **kw):
 
 def clip_transformers_config(cfg: CLIPConfig, **kw):
     from transformers import CLIPVisionConfig
-
     return CLIPVisionConfig(hidden_size=cfg.dim, intermediate_size=cfg.dim * cfg.mlp_ratio,
                             num_attention_heads=cfg.num_heads, num_hidden_layers=cfg.num_layers,
                             image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="gelu",
@@ -60,7 +55,6 @@ def clip_image_processor(cfg: CLIPConfig):
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
         from transformers import CLIPImageProcessor
-
     s = cfg.image_size
     return CLIPImageProcessor(do_resize=True, size={"height": s, "width": s}, resample=3, do_center_crop=False,
                               do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
@@ -79,7 +73,6 @@ def official_unipc_scheduler(shift: float):
     """diffusers' UniPC configured like the official solver (flow prediction, bh2, order 2, final sigma 0)
     whose `set_timesteps(n)` builds the official schedule."""
     from diffusers import UniPCMultistepScheduler
-
     class OfficialFlowUniPC(UniPCMultistepScheduler):
         def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
             if sigmas is None:
@@ -111,7 +104,6 @@ def build_pipeline(ckpt_dir: str | os.PathLike, preset: Preset | None = None, dt
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
-
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     preset = preset or ck.preset_for(ckpt_dir)
 

@@ -1,13 +1,12 @@
 """`flf2v-bench export-memory --work DIR [--source lazy|ckpt] [--shape 720p] [--json FILE]`: peak memory and
-time of exporting the full-size FLF2V-14B DiT (16.4 B parameters) to ONNX.
+time of exporting the full-size FLF2V-14B DiT (16.4 B parameters, random weights) to ONNX, streamed
+(export/onnx_export.py): it must fit a 24 GiB machine.
 
-The streamed export (export/onnx_export.py) must fit a 24 GiB machine. Memory is measured as anonymous RSS
-(`RssAnon` in /proc/self/status), sampled by a thread: pages of memory-mapped weight files count in plain
-RSS but are file-backed and reclaimable, so RSS would overstate what the export needs. Weights are random.
-`--source lazy` (default) makes each checkpoint tensor on demand, fp32 as the official shards store them, so
-only the ONNX output (~33 GB bf16) touches the disk; `--source ckpt` first writes a sharded safetensors
-checkpoint (in `--ckpt_dtype`, bf16 by default: the fp32 one is 65.6 GB) and exports from it through the
-real checkpoint reader. Everything written under --work is deleted at the end unless --keep.
+Memory is anonymous RSS (`RssAnon`), sampled by a thread: the pages of memory-mapped weight files count in
+plain RSS but are file-backed and reclaimable. `--source lazy` makes each checkpoint tensor on demand (fp32, as
+the official shards), so only the ONNX output (~33 GB bf16) touches the disk; `--source ckpt` first writes a
+sharded checkpoint in `--ckpt_dtype` (the fp32 one is 65.6 GB) and exports through the real checkpoint reader.
+Everything written under --work is deleted at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -86,50 +85,41 @@ def lazy_source(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
     return {k: (lambda s=s, i=i: make(s, i)) for i, (k, s) in enumerate(shapes.items())}
 
 
-def shard_groups(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int = 2 << 30) -> list[list[str]]:
-    """Keys in order, cut into shards of at most `shard_bytes` (a larger tensor gets a shard of its own)."""
+def write_shards(folder: Path, cfg_json: dict, shapes: dict[str, tuple[int, ...]], dtype=torch.float32) -> None:
+    """lazy_source(shapes) in `dtype` as an official-layout DiT (config.json, safetensors shards of at most 2 GiB,
+    a larger tensor alone, and their index), written one shard at a time."""
+    from flf2v.models.make_tiny import write_dit_shards
     groups, size = [[]], 0
     for k, s in shapes.items():
-        n = math.prod(s) * itemsize
-        if groups[-1] and size + n > shard_bytes:
+        n = math.prod(s) * dtype.itemsize
+        if groups[-1] and size + n > 2 << 30:
             groups.append([])
             size = 0
         groups[-1].append(k)
         size += n
-    return groups
-
-
-def write_checkpoint(folder: Path, cfg, dtype=torch.bfloat16, shard_bytes: int = 2 << 30, seed: int = 0) -> Path:
-    """A random DiT checkpoint in the official layout (config.json, sharded safetensors + index), written one
-    shard at a time."""
-    from flf2v.models.make_tiny import write_dit_shards
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = dit_shapes(cfg)
-    source = lazy_source(shapes, seed)
-    write_dit_shards(folder, cfg.to_json_dict(), {k: (lambda g=g: g().to(dtype)) for k, g in source.items()},
-                     shard_groups(shapes, dtype.itemsize, shard_bytes))
-    return folder
+    write_dit_shards(folder, cfg_json, {k: (lambda g=g: g().to(dtype)) for k, g in lazy_source(shapes).items()}, groups)
 
 
 def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 2,
             ckpt_dtype=torch.bfloat16, layers: int | None = None) -> dict:
-    """Export dit_b<batch> of flf2v-14B (bf16) with streamed weights into `work`; peak RssAnon, seconds,
-    bytes. `layers` cuts the DiT to that many blocks (a quick check; the full model has 40)."""
+    """Export dit_b<batch> of flf2v-14B (bf16), streamed, into `work`, the DiT cut to `layers` blocks if given."""
     from flf2v.export import contracts as C
     from flf2v.export.onnx_export import export_graph
     preset = get_preset("flf2v-14B")
     cfg = dataclasses.replace(preset.dit, num_layers=layers or preset.dit.num_layers)
-    eshape = C.get_shape(preset, shape)
+    eshape, shapes = C.get_shape(preset, shape), dit_shapes(cfg)
     graph = C.get_graph(preset, eshape, "bf16", f"dit_b{batch}")
     ckpt, src = work / "ckpt", None
     result = {"source": source, "graph": graph.name, "shape": shape, "layers": cfg.num_layers}
     if source == "ckpt":
-        result["ckpt_write_seconds"] = round(timed(lambda: write_checkpoint(ckpt, cfg, dtype=ckpt_dtype))[0], 1)
+        t, _ = timed(lambda: write_shards(ckpt, cfg.to_json_dict(), shapes, ckpt_dtype))
+        result["ckpt_write_seconds"] = round(t, 1)
         result["ckpt_bytes"] = sum(f.stat().st_size for f in ckpt.iterdir())
     else:
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / ck.DIT_CONFIG).write_text(json.dumps(cfg.to_json_dict()))
-        src = lazy_source(dit_shapes(cfg))
+        src = lazy_source(shapes)
     out = work / "onnx" / f"{graph.name}.onnx"
     with PeakRssAnon() as m:
         t, _ = timed(lambda: export_graph(graph, ckpt, out, preset=preset, stream=True, source=src,
@@ -137,7 +127,7 @@ def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 
     return result | {"seconds": round(t, 1), "rss_anon_start_gib": round(m.start / 2**30, 3),
                      "rss_anon_peak_gib": round(m.peak / 2**30, 3), "onnx_bytes": out.stat().st_size,
                      "data_bytes": out.with_name(out.name + ".data").stat().st_size,
-                     "parameters": sum(math.prod(s) for s in dit_shapes(cfg).values())}
+                     "parameters": sum(math.prod(s) for s in shapes.values())}
 
 
 def run(s) -> Report:

@@ -1,22 +1,16 @@
-"""`flf2v-bench fewstep [--preset small] [--steps 50]`: 50 steps with CFG against 4 steps CFG-free, and LoRA costs.
-
-One process, a random checkpoint of --preset and its ONNX Runtime engines (fp32, both DiT layouts: batch 2
-for CFG, batch 1 for CFG-free):
-- 50 UniPC steps with CFG (guide 5, one batch-2 DiT call per step = 100 DiT forwards) against 4 steps
-  CFG-free (LightX2V's step-distill schedule 1000, 750, 500, 250 at shift 5, guide 1: 4 forwards); DiT
-  forwards counted, times end to end and in the denoising loop. Random weights: the 4-step video is not a
-  distilled model's video, only its cost.
-- LoRA costs: merging a rank-16 LoRA over every block linear while loading the torch DiT (vs loading it
-  plain), swapping it into the ONNX Runtime DiT session (vs creating the plain session), and rebuilding the
-  DiT engine with it (`flf2v-build --graphs dit_b2 --lora`), the alternative the swap saves.
+"""`flf2v-bench fewstep [--preset small] [--steps 50]`: 50 steps with CFG against 4 steps CFG-free, and LoRA costs
+(README "LoRAs, few-step and CFG-free runs"). --preset's random checkpoint and ONNX Runtime fp32 engines (batch-2
+and batch-1 DiT): DiT forwards and times of both schedules; a rank-16 LoRA over every block linear merged while
+loading the torch DiT, swapped into the ORT DiT session and built into a new DiT engine, each against plain.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
 
-from .cache import count_calls, ort_engines, warm_then_time
+from .cache import ort_engines, timed_runs
 from .measure import run_module, timed
 from .report import Report, table
 from .runners import Job
@@ -35,38 +29,30 @@ def add_args(ap) -> None:
     ap.add_argument("--steps", type=int, default=50, help="steps of the CFG run (default 50, the official count)")
 
 
-def write_lora(path: Path, ckpt_dir, rank: int = 16, seed: int = 0) -> Path:
+def write_lora(path: Path, ckpt_dir, rank: int = 16) -> Path:
     """A LoRA over every linear of every block, official key names (lora_A / lora_B)."""
     from safetensors.torch import save_file
 
     from flf2v.models import checkpoint as ck
-    cfg = ck.read_dit_config(ckpt_dir)
-    gen = torch.Generator().manual_seed(seed)
+    cfg, gen = ck.read_dit_config(ckpt_dir), torch.Generator().manual_seed(0)
     dims = {f"{a}.{p}": (cfg.dim, cfg.dim) for a in ("self_attn", "cross_attn") for p in "qkvo"}
     dims.update({"ffn.0": (cfg.ffn_dim, cfg.dim), "ffn.2": (cfg.dim, cfg.ffn_dim)})
     sd = {}
-    for i in range(cfg.num_layers):
-        for name, (out_dim, in_dim) in dims.items():
-            sd[f"blocks.{i}.{name}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * 0.01
-            sd[f"blocks.{i}.{name}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.01
+    for i, (name, (out_dim, in_dim)) in itertools.product(range(cfg.num_layers), dims.items()):
+        sd[f"blocks.{i}.{name}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * 0.01
+        sd[f"blocks.{i}.{name}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.01
     save_file(sd, str(path))
     return path
 
 
 def sampling(folder: Path, job: Job) -> dict:
     """50 steps with CFG vs 4 steps CFG-free through the same engines; DiT forwards counted."""
-    from flf2v.runtime.pipeline import Pipeline
-    pipe = Pipeline.from_engines(folder, job.ckpt_dir)
-    calls = count_calls(pipe.backend)
     runs = {"cfg": dict(sample_steps=job.steps, guide_scale=job.guide),
             "few-step CFG-free": dict(sample_timesteps=list(FEW_STEPS), sample_shift=FEW_SHIFT, guide_scale=1.0)}
-    out = {}
-    for name, kw in runs.items():
-        warm = {**kw, "sample_steps": 1} if name == "cfg" else kw  # one warm-up step for the long run
-        t, _ = warm_then_time(pipe, job, calls, kw, warm)
-        out[name] = {"seconds": t, "denoise_s": pipe.times.seconds["denoise"], "dit_calls": len(calls),
-                     "dit_forwards": sum(n for _, n in calls), "settings": dict(kw)}
-    return out
+    warm = {"cfg": {**runs["cfg"], "sample_steps": 1}}  # one warm-up step for the long run
+    return {name: {"seconds": t, "denoise_s": pipe.times.seconds["denoise"], "dit_calls": len(calls),
+                   "dit_forwards": sum(n for _, n in calls), "settings": dict(runs[name])}
+            for name, t, _, calls, pipe in timed_runs(folder, job, runs, warm=warm)}
 
 
 def lora_costs(folder: Path, ckpt, preset, work: Path) -> dict:

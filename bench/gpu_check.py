@@ -1,17 +1,8 @@
 """`make gpu-check`: everything a GPU must prove, in one run of at most 8 minutes, with random weights.
 
-    python -m flf2v.bench.gpu_check [--out bench/results] [--quick] [--budget 450] [--parts kernels,...]
-
-The harness: the parts (PARTS, in the order they run; bench/gpu_parts*.py), the time guard, the results and
-the exit code. Each part is reported ok / partial / failed / skipped; one failing part never loses the others'
-figures. Results: <out>/gpu-check-<gpu>-<date>.json and .md (bench/gpu_report.py), rewritten after every part.
-Exit 0 when no part failed, 1 when one did, 2 (one line, nothing written) without a CUDA GPU. Time guard: a
-budget from the process start, torch's import included; each part may use what is left less the plans of the
-parts after it, at most its cap, and is cut off past it (SIGALRM, between Python calls: `partial`, its figures
-kept); a watchdog writes the results and exits if the run is stuck in one GPU call 20 s past the budget.
-`--device cpu --smoke` (for tests) runs every part's code at tiny shapes on the CPU (Triton interpreter, ONNX
-Runtime for TensorRT); its figures measure nothing. Box-safe: the harness's modules import only the standard
-library at the top (the GPU box has no PIL, ftfy, onnx_ir, diffusers, tensorrt, ...).
+The harness (README.md, `make gpu-check`): the parts (PARTS, in the order they run), the time guard, the results
+(rewritten after every part) and the exit code. Box-safe: its modules import only the standard library at the
+top (the GPU box has no PIL, ftfy, onnx_ir, diffusers, tensorrt, ...).
 """
 from __future__ import annotations
 
@@ -73,8 +64,7 @@ PART_FUNCS = {p.key: p.fn for p in PARTS}  # what run_part calls (tests replace 
 class Run:
     """One gpu-check: its arguments, clock and deadline, and the results, written after every part."""
 
-    def __init__(self, args, t0: float | None = None):
-        """`t0`: when the budget started (main: the process start, T_START); now by default."""
+    def __init__(self, args, t0: float | None = None):  # t0: when the budget started (main: T_START)
         self.args, self.smoke, self.device, self.cuda = args, args.smoke, args.device, args.device == "cuda"
         self.t0 = time.monotonic() if t0 is None else t0
         self.deadline = self.t0 + args.budget
@@ -97,14 +87,11 @@ class Run:
         if self.paths is None:
             return
         with self.lock:  # the watchdog may save while the main thread writes: retry a dict changed mid-copy
-            for attempt in range(5):
-                try:
+            for attempt in range(5):  # the last try raises
+                with contextlib.suppress(RuntimeError) if attempt < 4 else contextlib.nullcontext():
                     res = json.loads(json.dumps(self.results, default=_jsonable))
                     break
-                except RuntimeError:
-                    if attempt == 4:
-                        raise
-                    time.sleep(0.05)
+                time.sleep(0.05)
         res["seconds"] = round(time.monotonic() - self.t0, 1)
         for path, text in zip(self.paths, (json.dumps(res, indent=2) + "\n", render_md(res))):
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -150,23 +137,19 @@ def watchdog(run: Run) -> None:
         os._exit(1)
 
 
-def _limit(run: Run, part: Part, reserve_after: float) -> tuple[float, str | None]:
-    """The part's time limit, or why it does not run."""
-    if part.key not in run.args.parts:
-        return 0, "not selected (--parts)"
-    if run.smoke:  # a test of the code on a slow CPU: more time, no reserves (its budget defaults to an hour)
-        return 3 * part.cap, None
-    limit = min(part.cap, run.left() - reserve_after)
-    if limit < MIN_PART_S:
-        return limit, f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s"
-    return limit, missing_prerequisites(part.key) if run.cuda else None  # the smoke's interpreter compiles nothing
-
-
 def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
-    part = next(p for p in PARTS if p.key == key)._replace(cap=cap, fn=PART_FUNCS[key])
+    part = next(p for p in PARTS if p.key == key)
     p = run.part(key)
     p["planned_s"] = part.plan
-    limit, skip = _limit(run, part, reserve_after)
+    limit = min(cap, run.left() - reserve_after)
+    if key not in run.args.parts:
+        skip = "not selected (--parts)"
+    elif run.smoke:  # a test of the code on a slow CPU: more time, no reserves (its budget defaults to an hour)
+        limit, skip = 3 * cap, None
+    elif limit < MIN_PART_S:
+        skip = f"time budget: {run.left():.0f} s left of {run.args.budget:.0f} s"
+    else:  # the smoke's interpreter compiles nothing: its tools are looked for on CUDA only
+        skip = missing_prerequisites(key) if run.cuda else None
     if skip:
         p.update(status="skipped", reason=skip)
         return
@@ -176,7 +159,7 @@ def run_part(run: Run, key: str, cap: float, reserve_after: float) -> None:
     t0 = time.monotonic()
     try:
         with alarm(limit):
-            part.fn(run, data, t0 + limit)
+            PART_FUNCS[key](run, data, t0 + limit)
         p["status"] = "ok"
         if data.get("summary_note"):
             p["note"] = data.pop("summary_note")
@@ -210,8 +193,7 @@ def parse_args(argv):
     ap.add_argument("--pytest-args", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = [s for s in args.parts if s not in PART_FUNCS]
-    if unknown:
+    if unknown := [s for s in args.parts if s not in PART_FUNCS]:
         ap.exit(2, f"gpu-check: error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PART_FUNCS)}\n")
     if (args.device == "cpu") != args.smoke:
         ap.exit(2, "gpu-check: error: --smoke runs on --device cpu, and --device cpu is only for the --smoke test "

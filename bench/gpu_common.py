@@ -1,10 +1,9 @@
-"""What the parts of `make gpu-check` share: the outcomes a part raises, logging, the time guard inside a part,
-timing on the device, error measures, and the model, shapes, random DiT and inputs the parts measure at. A part
-is `part(run, data, part_end)`: it fills `data` (recorded as it goes) and raises Skip or CheckFailed.
-Box-safe at import: stdlib only; torch and flf2v modules are imported inside the functions."""
+"""What the parts of `make gpu-check` share. A part is `part(run, data, part_end)`: it fills `data` (recorded
+as it goes) and raises Skip or CheckFailed. Box-safe at import: stdlib only (torch and flf2v inside)."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import statistics
 import time
 import traceback
@@ -38,6 +37,11 @@ def one_line(err: BaseException | str, limit: int = 400) -> str:
 def check(problems: list) -> None:
     if problems := [p for p in problems if p]:
         raise CheckFailed("; ".join(problems))
+
+
+def absent(modules) -> list[str]:
+    """The modules of `modules` that this python cannot import."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def short_of(run, part_end: float, need: float) -> str | None:
@@ -76,6 +80,15 @@ def timed_s(run, fn, reps: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def timed_call(run, row: dict, key: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) once, its wall seconds (synchronised on CUDA) recorded as row[key]; its result."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    sync(run)
+    row[key] = time.perf_counter() - t0
+    return out
+
+
 def free_cuda(run) -> None:
     gc.collect()
     if run.cuda:
@@ -107,7 +120,7 @@ def model_preset(run):
 
 
 def video_shapes(run) -> list[str]:
-    """Engine shape presets whose token counts the kernels and the DiT slice are measured at."""
+    """Engine shape presets whose token counts the parts measure at (the first: the DiT slice's, 8-bit's...)."""
     return ["tiny", "tiny-wide"] if run.smoke else ["720p", "480p"]
 
 
@@ -139,9 +152,8 @@ def loop_inputs(cfg, latent, device, seed: int = 1):
     return tuple(torch.randn(*s, generator=g).to(device) for s in shapes)
 
 
-def build_random_dit(cfg, dtype, device, seed: int = 0, attention: str = "sdpa"):
-    """WanDiT(cfg) with random weights made on `device` (no host copy): built on meta, moved with to_empty,
-    filled by models.make_tiny.randomize_ with a generator on that device."""
+def build_random_dit(cfg, dtype, device, attention: str = "sdpa"):
+    """WanDiT(cfg) with random weights made on `device` (no host copy: built on meta, filled on the device)."""
     import torch
 
     from flf2v.models.dit import WanDiT
@@ -150,7 +162,7 @@ def build_random_dit(cfg, dtype, device, seed: int = 0, attention: str = "sdpa")
         model = WanDiT(cfg, attention=attention)
     model = model.to(dtype).to_empty(device=device)  # the fixed tables are real and stay fp32 (WanDiT._apply)
     with torch.device(device):
-        randomize_(model, torch.Generator(device=device).manual_seed(seed))
+        randomize_(model, torch.Generator(device=device).manual_seed(0))
     return model.eval().requires_grad_(False)
 
 

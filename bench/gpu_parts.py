@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from flf2v.bench.gpu_common import (ROOT, PartTimeout, Skip, check, dtype_of, errors, free_cuda, log, loop_inputs,
-                                    model_preset, one_line, short_of, sync, timed_s, tokens_of, torch_denoiser,
+                                    model_preset, one_line, short_of, timed_call, timed_s, tokens_of, torch_denoiser,
                                     video_shapes)
 
 # Modules whose presence decides what can run, and the distributions of those not named as they import
@@ -123,9 +123,8 @@ def part_environment(run, data: dict, part_end: float) -> None:
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             broken[mod] = one_line(e, 200)
     data["prerequisites"] = found
-    absent = {part: why for part in NEEDS if (why := missing_prerequisites(part, found))}
-    if run.cuda and absent:
-        data["warning"] = "; ".join(f"part {part} will be skipped ({why})" for part, why in absent.items())
+    if run.cuda and (skips := {part: why for part in NEEDS if (why := missing_prerequisites(part, found))}):
+        data["warning"] = "; ".join(f"part {part} will be skipped ({why})" for part, why in skips.items())
     if data["packages"]["onnxruntime"]:
         with contextlib.suppress(Exception):
             import onnxruntime
@@ -183,15 +182,12 @@ GRAPH_TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # max rel difference, captured 
 
 
 def _best_of(run, loop, x0, reps: int) -> tuple[float, list]:
-    """Min seconds over `reps` runs of a loop from x0 (reset as DenoiseLoop.capture restores it after its warm-up
-    step); the final x of each run."""
+    """Min seconds over `reps` runs of a loop from x0; the final x of each run."""
     best, outs = math.inf, []
     for i in range(reps):
-        if i:
+        if i:  # reset as DenoiseLoop.capture restores it after its warm-up step
             loop.x.copy_(x0)
-            for buf in (loop.last, loop.m1, loop.m2):
-                buf.zero_()
-            loop.first_bad.fill_(loop.steps)
+            loop._clear()
         best = min(best, timed_s(run, loop.run, 1)[0])
         outs.append(loop.x.clone())
     return best, outs
@@ -204,11 +200,7 @@ def _graph_case(run, case: dict, new_loop, x0, steps: int, reps: int) -> str | N
         new_loop().run()  # warm-up: kernels chosen, allocator primed
         t_eager, (out_eager, *_) = _best_of(run, new_loop(), x0, reps)
         graph = new_loop()
-        t0 = time.perf_counter()
-        if run.cuda:
-            graph.capture()
-            sync(run)
-        case["capture_s"] = time.perf_counter() - t0
+        timed_call(run, case, "capture_s", graph.capture if run.cuda else lambda: None)
         t_graph, outs = _best_of(run, graph, x0, reps)
     e, same = errors(outs[0], out_eager), all(torch.equal(o, outs[0]) for o in outs)
     case.update(eager_step_ms=1e3 * t_eager / steps, graph_step_ms=1e3 * t_graph / steps,

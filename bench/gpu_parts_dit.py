@@ -1,15 +1,12 @@
-"""Parts 5, 8 and 9 of `make gpu-check`, at the flf2v-14B's width and the 720p token count: a 2-block slice of
-its DiT (torch eager, torch + Triton, a TensorRT engine) extrapolated to the video; 8-bit (the FP8 block
-linears, models/quant.py, and the sage self-attention, kernels/sage_attention.py) against bf16; DiT blocks
-streamed from pinned host memory (runtime/offload.py) against resident. Box-safe at import: stdlib only."""
+"""Parts 5, 8 and 9 of `make gpu-check`, at the flf2v-14B's width and the 720p token count: the DiT slice, 8-bit
+(models/quant.py, kernels/sage_attention.py) and streamed blocks (runtime/offload.py). Box-safe at import."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from flf2v.bench.gpu_common import (Skip, build_random_dit, check, cosine, dtype_of, errors, free_cuda, log,
-                                    model_preset, short_of, slice_inputs, sync, timed_s, tokens_of, torch_denoiser,
-                                    video_shapes)
+                                    model_preset, short_of, slice_inputs, timed_call, timed_s, tokens_of,
+                                    torch_denoiser, video_shapes)
 
 SLICE_BACKENDS = {"sdpa": "torch eager (SDPA)", "triton": "torch + Triton kernels"}
 TRT_ROW = "TensorRT engine (bf16)"
@@ -17,13 +14,13 @@ TRT_ROW = "TensorRT engine (bf16)"
 
 # ---- 5. full-width DiT slice ---------------------------------------------------------------------------
 
-def _floor(run, preset, shape, steps: int) -> tuple[float, str]:
+def _floor(run, preset, shape) -> tuple[float, str]:
     from flf2v.bench.cost import GPUS, floors, video_costs
     name = (run.results["machine"].get("gpu") or "").upper() if run.cuda else ""
     key = next((k for k in GPUS if k in name), None)
     label = f"{GPUS[key or 'H100'].name} floor" + ("" if key or not run.cuda else
                                                    " (this GPU is not in bench/cost.py's table)")
-    costs = video_costs(preset, shape.width, shape.height, shape.frame_num, steps)
+    costs = video_costs(preset, shape.width, shape.height, shape.frame_num, preset.sample_steps)
     return floors(costs)["denoise"][f"{key or 'H100'} bf16"], label
 
 
@@ -31,22 +28,21 @@ def _time_slice(run, model, inputs, reps: int):
     """One backend's slice forward: the first call (autotuning), the forward's and block 0's times (its inputs
     caught by a hook), peak memory; (row, output)."""
     import torch
-    caught = {}
+    caught, row = {}, {}
     hook = model.blocks[0].register_forward_pre_hook(lambda m, a, kw: caught.update(a=a, kw=kw), with_kwargs=True)
     try:
         with torch.no_grad():
             if run.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = model(*inputs)  # warm-up (the Triton kernels autotune here unless part 2 did at this L)
-            sync(run)
-            first = time.perf_counter() - t0
+            # warm-up (the Triton kernels autotune here unless part 2 did at this L)
+            out = timed_call(run, row, "first_call_s", model, *inputs)
+            first = row["first_call_s"]
             # the Triton interpreter takes seconds a call: in the smoke the first call is the timing
-            fwd, fwd_all = (first, [first]) if run.smoke else timed_s(run, lambda: model(*inputs), reps)
-            blk, _ = timed_s(run, lambda: model.blocks[0](*caught["a"], **caught["kw"]), reps)
+            row["forward_s"], row["forward_runs_s"] = ((first, [first]) if run.smoke else
+                                                       timed_s(run, lambda: model(*inputs), reps))
+            row["block_s"], _ = timed_s(run, lambda: model.blocks[0](*caught["a"], **caught["kw"]), reps)
     finally:
         hook.remove()
-    row = {"first_call_s": first, "forward_s": fwd, "forward_runs_s": fwd_all, "block_s": blk}
     if run.cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row | {"finite": bool(torch.isfinite(out).all())}, out
@@ -67,7 +63,7 @@ def part_dit_slice(run, data: dict, part_end: float) -> None:
     shape_name = video_shapes(run)[0]
     L, latent, shape = tokens_of(preset, shape_name)
     dtype, dtype_name = dtype_of(run)
-    floor_s, floor_label = _floor(run, preset, shape, preset.sample_steps)
+    floor_s, floor_label = _floor(run, preset, shape)
     forwards = 2 * preset.sample_steps  # classifier-free guidance: cond + uncond per step
     data.update(model=preset.name, blocks=n, of_blocks=full.num_layers, dim=full.dim, heads=full.num_heads,
                 ffn_dim=full.ffn_dim, shape=shape_name, latent=list(latent), tokens=L, text_tokens=full.text_len,
@@ -77,10 +73,8 @@ def part_dit_slice(run, data: dict, part_end: float) -> None:
                 forward_flops_full=dit_forward_flops(full, latent), block_flops=sum(dit_layer_flops(full, L).values()),
                 note=f"extrapolated: full forward = (slice forward - {n} x block) + {full.num_layers} x block; video "
                      f"= {forwards} forwards (B=1 each; the runtime batches cond+uncond)")
-    t0 = time.perf_counter()
-    model = build_random_dit(slice_cfg, dtype, run.device)
-    sync(run)
-    data.update(build_s=time.perf_counter() - t0, params=sum(p.numel() for p in model.parameters()),
+    model = timed_call(run, data, "build_s", build_random_dit, slice_cfg, dtype, run.device)
+    data.update(params=sum(p.numel() for p in model.parameters()),
                 weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30)
     inputs, outputs, problems = slice_inputs(run, slice_cfg, latent), {}, []
     for kind, name in SLICE_BACKENDS.items():
@@ -200,9 +194,8 @@ OFFLOAD_BLOCKS = 4  # of the 14B's 40: two slots plus two more, so copies into b
 
 
 def part_offload(run, data: dict, part_end: float) -> None:
-    """Every block of the slice streams (blocks:0, two block slots on the GPU), so each block's copy has to hide
-    behind the previous block's compute; the output must be bit-identical to resident. One block's host-to-device
-    copy is timed alone too (the PCIe rate the cost model assumes: 25 GB/s)."""
+    """Every block streamed (blocks:0, README's Memory plans), each copy hidden behind the previous block's
+    compute; bit-identical to resident. One block's copy is timed alone (the cost model assumes 25 GB/s)."""
     import torch
 
     from flf2v.runtime.offload import stream_blocks

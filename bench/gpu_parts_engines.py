@@ -1,13 +1,9 @@
-"""Parts 4 and 7 of `make gpu-check`, compiled engines against torch: tiny TensorRT DiT engines through the
-denoising loop (static engines) and at a landscape and a portrait grid (a dynamic engine), and the DiT slice of
-part 5 as a TensorRT engine; AOTInductor packages of the DiT slice (with torch's attention and with the flf2v
-Triton kernels compiled in) and of the tiny model's whole folder, run through the pipeline, also with its
-blocks streamed. Box-safe at import: stdlib only."""
+"""Parts 4 and 7 of `make gpu-check`, compiled engines against torch: tiny TensorRT DiT engines (and part 5's
+DiT slice as one), AOTInductor packages. Box-safe at import: stdlib only."""
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -16,9 +12,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from flf2v.bench.gpu_common import (Skip, build_random_dit, check, cosine, dtype_of, errors, free_cuda, guarded, log,
-                                    loop_inputs, model_preset, short_of, slice_inputs, sync, timed_s, tokens_of,
-                                    torch_denoiser, video_shapes)
+from flf2v.bench.gpu_common import (Skip, absent, build_random_dit, check, cosine, dtype_of, errors, free_cuda,
+                                    guarded, log, loop_inputs, model_preset, short_of, slice_inputs, timed_call,
+                                    timed_s, tokens_of, torch_denoiser, video_shapes)
 
 TRT_MODULES = ("tensorrt", "polygraphy", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
 
@@ -123,13 +119,10 @@ class TinyEngines:
 
     def build(self, v: dict, shape: str, graphs: list[str]) -> Path:
         from flf2v.export.build import build
-        t0 = time.perf_counter()
         name = f"{self.backend}-{v['precision']}-{v['attention']}-{v['shape']}"
-        folder = build(self.ckpt, shape, v["precision"], out=self.tmp / name,
-                       backend=self.backend, cfg_batch=tuple(int(g[-1]) for g in graphs), only=graphs,
-                       progress=False, attention=v["attention"])
-        v["build_s"] = time.perf_counter() - t0
-        return folder
+        return timed_call(self.run, v, "build_s", build, self.ckpt, shape, v["precision"], out=self.tmp / name,
+                          backend=self.backend, cfg_batch=tuple(int(g[-1]) for g in graphs), only=graphs,
+                          progress=False, attention=v["attention"])
 
     def run_loop(self, denoise_fns, cfg_batch: int) -> list[list]:
         """Loops stepped side by side; x after every step, per loop."""
@@ -183,9 +176,8 @@ class TinyEngines:
             v["problem"] = f"max rel {v['max_rel']:.3g} (tol {tol:g}), min cosine {v['min_cosine']:.6f} (tol {tol_cos})"
 
     def dynamic(self, v: dict) -> None:
-        """The `dynamic` folder's dit_b2 at one grid per optimization profile (DYNAMIC_VIDEOS), one engine and
-        context switched between them as the runtime's TrtBackend does, against the torch reference DiT at the
-        same inputs. No denoising loop: the static variants cover it."""
+        """The `dynamic` folder's dit_b2 at each of DYNAMIC_VIDEOS, its context switched between profiles as
+        TrtBackend does, against torch. No denoising loop: the static variants cover it."""
         import torch
 
         from flf2v.export import contracts as C
@@ -207,8 +199,7 @@ class TinyEngines:
         v.update(max_rel=max(e["max_rel"] for e in v["grids"].values()), tol_max_rel=tol)
         log(f"trt_tiny: {self.backend} {v['precision']} attention={v['attention']} dynamic: build {v['build_s']:.1f} s, "
             + ", ".join(f"{n} (profile {e['profile']}) max rel {e['max_rel']:.2e}" for n, e in v["grids"].items()))
-        over = [f"{n} {e['max_rel']:.3g}" for n, e in v["grids"].items() if not e["max_rel"] <= tol]  # NaN too
-        if over:
+        if over := [f"{n} {e['max_rel']:.3g}" for n, e in v["grids"].items() if not e["max_rel"] <= tol]:  # NaN too
             v["problem"] = f"max rel {', '.join(over)} (tol {tol:g})"
 
 
@@ -225,9 +216,7 @@ def _variant(v: dict, tiny: TinyEngines) -> None:
 
 
 def part_trt_tiny(run, data: dict, part_end: float) -> None:
-    needed = TRT_MODULES if run.cuda else ("onnxruntime", "onnxscript", "onnx_ir", "onnx_graphsurgeon", "ftfy", "regex")
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
+    if missing := absent(TRT_MODULES if run.cuda else ("onnxruntime", *TRT_MODULES[2:])):
         raise Skip(f"no {', '.join(missing)} on this python: TensorRT engines cannot be built here" if run.cuda
                    else f"smoke stand-in (ONNX Runtime) needs {', '.join(missing)}")
     if run.cuda:  # the dynamic variant before the plugins: a dynamic onnx-attention folder is the default build
@@ -261,8 +250,7 @@ def trt_slice(run, model, slice_cfg, preset, shape, inputs, part_end: float) -> 
     """The slice as a bf16 TensorRT engine: checkpoint -> export (streamed) -> build -> time one forward."""
     if not run.cuda:
         return {"skipped": "no CUDA"}
-    missing = [m for m in TRT_MODULES[:5] if importlib.util.find_spec(m) is None]
-    if missing:
+    if missing := absent(TRT_MODULES[:5]):
         return {"skipped": f"no {', '.join(missing)} on this python"}
     if reason := short_of(run, part_end, 240):
         return {"skipped": f"{reason}; a 2-block engine at {shape.name} needs an export of "
@@ -283,9 +271,8 @@ def trt_slice(run, model, slice_cfg, preset, shape, inputs, part_end: float) -> 
             graph = C.get_graph(sp, shape, "bf16", "dit_b1")
             onnx_path = export_graph(graph, tmp, tmp / "dit_b1.onnx", preset=sp)
             row["export_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            build_trt_engine(onnx_path, tmp / "dit_b1.engine", graph, 3, tmp / "timing.cache")
-            row["build_s"] = time.perf_counter() - t0
+            timed_call(run, row, "build_s", build_trt_engine, onnx_path, tmp / "dit_b1.engine", graph, 3,
+                       tmp / "timing.cache")
             runner = EngineRunner("trt", tmp / "dit_b1.engine", [s.to_json() for s in graph.inputs],
                                   [s.to_json() for s in graph.outputs], run.device)
             with torch.no_grad():
@@ -333,19 +320,15 @@ def _slice(row: dict, run, attention: str = "sdpa") -> None:
         compiled.load_state_dict(model.state_dict())
     with tempfile.TemporaryDirectory(prefix="flf2v-gpu-check-aoti-") as tmp, torch.no_grad():
         mod, ref_mod = DiTFull(compiled).eval(), DiTFull(model).eval()
-        t0 = time.perf_counter()
-        ep = torch.export.export(mod, inputs)
-        row["export_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "dit_b1.pt2"))
-        row.update(compile_s=time.perf_counter() - t0, package_mib=Path(path).stat().st_size / 2**20,
-                   kernels_in_package=kernels_in(path))
+        ep = timed_call(run, row, "export_s", torch.export.export, mod, inputs)
+        path = timed_call(run, row, "compile_s", torch._inductor.aoti_compile_and_package, ep,
+                          package_path=str(Path(tmp) / "dit_b1.pt2"))
+        row.update(package_mib=Path(path).stat().st_size / 2**20, kernels_in_package=kernels_in(path))
         pkg, reps = torch._inductor.aoti_load_package(path), 1 if run.smoke else 3
         out = pkg(*inputs)[0]
         row["aoti_forward_s"], _ = timed_s(run, lambda: pkg(*inputs), reps)
         ref = ref_mod(*inputs)[0]
         row["eager_forward_s"], _ = timed_s(run, lambda: ref_mod(*inputs), reps)
-        sync(run)
         row.update(vs_eager=errors(out, ref), speedup_vs_eager=row["eager_forward_s"] / row["aoti_forward_s"])
 
 
@@ -361,18 +344,16 @@ def _tiny(row: dict, run) -> None:
         tmp = Path(tmp)
         ckpt = write_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
         frames = [load_image(p) for p in write_demo_frames(tmp / "frames", (64, 64))]
-        t0 = time.perf_counter()
-        folder = build(ckpt, "tiny", "bf16", out=tmp / "aoti", backend="aoti", cfg_batch=(2,), progress=False)
-        row.update(build_s=time.perf_counter() - t0, folder_mib=sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+        folder = timed_call(run, row, "build_s", build, ckpt, "tiny", "bf16", out=tmp / "aoti", backend="aoti",
+                            cfg_batch=(2,), progress=False)
+        row["folder_mib"] = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         kw = dict(size="64*64", frame_num=9, seed=1, sample_steps=4, progress=False)
         ref = Pipeline.from_checkpoint(ckpt, dtype=torch.bfloat16, device=run.device).generate("a ball", *frames, **kw)
         captures, capture = [], DenoiseLoop.capture
         DenoiseLoop.capture = lambda loop: (captures.append(1), capture(loop))[1]  # counted, not changed
         try:
-            t0 = time.perf_counter()
-            got = Pipeline.from_engines(folder, device=run.device).generate("a ball", *frames, **kw)
-            sync(run)
-            row["first_run_s"] = time.perf_counter() - t0
+            got = timed_call(run, row, "first_run_s",
+                             lambda: Pipeline.from_engines(folder, device=run.device).generate("a ball", *frames, **kw))
         finally:
             DenoiseLoop.capture = capture
         row["steps_captured"] = len(captures)  # the packages' calls inside a CUDA graph of the step
@@ -389,38 +370,25 @@ def _streamed(row: dict, run, ckpt, folder, frames, kw, whole) -> None:
     from flf2v.runtime.pipeline import Pipeline
     streamed = folder.with_name("aoti-stream")
     shutil.copytree(folder, streamed)
-    t0 = time.perf_counter()
-    build(ckpt, "tiny", "bf16", out=streamed, backend="aoti", cfg_batch=(2,), only=["dit_b2"],
-          weight_streaming=True, force=True, progress=False)
-    row["build_s"] = time.perf_counter() - t0
+    timed_call(run, row, "build_s", build, ckpt, "tiny", "bf16", out=streamed, backend="aoti", cfg_batch=(2,),
+               only=["dit_b2"], weight_streaming=True, force=True, progress=False)
     preset = ck.preset_for(ckpt)
     backend = open_backend("aoti", streamed, ckpt, preset, run.device, resident_blocks=0)
-    t0 = time.perf_counter()
-    got = Pipeline(backend, ck.load_tokenizer(ckpt, preset), preset, run.device).generate("a ball", *frames, **kw)
-    sync(run)
-    row.update(first_run_s=time.perf_counter() - t0, block_copies=backend.blocks.copies,
-               pinned_bytes=backend.blocks.pinned_bytes, video_vs_whole=errors(got.float(), whole.float()))
+    got = timed_call(run, row, "first_run_s", lambda: Pipeline(
+        backend, ck.load_tokenizer(ckpt, preset), preset, run.device).generate("a ball", *frames, **kw))
+    row.update(block_copies=backend.blocks.copies, pinned_bytes=backend.blocks.pinned_bytes,
+               video_vs_whole=errors(got.float(), whole.float()))
 
 
-def part_aoti(run, data: dict, part_end: float) -> None:
-    """Part 5's slice compiled as `flf2v-build --backend aoti` does per graph, against eager; then with the
-    flf2v Triton kernels; the tiny folder through the pipeline (CUDA only: tests/test_aoti.py covers the CPU)."""
+def part_aoti(run, data: dict, part_end: float) -> None:  # the slice as `flf2v-build --backend aoti` compiles it
     _slice(data.setdefault("dit_slice", {}), run)  # a failure here fails the part
     free_cuda(run)  # the slice's weights and package went with _slice's frame
-    missing = [m for m in ("PIL", "ftfy", "regex", "transformers") if importlib.util.find_spec(m) is None]
-    if run.smoke:
-        data["dit_slice_triton"] = {"skipped": "smoke: the Triton kernels compile into a package only on CUDA "
-                                               "(tests/test_aoti.py checks the ops export on a CPU)"}
-    elif reason := short_of(run, part_end, 120):
-        data["dit_slice_triton"] = {"skipped": reason}
-    else:
-        data["dit_slice_triton"] = guarded(_slice, {}, run, "triton")
-        free_cuda(run)
-    if run.smoke:
-        data["tiny"] = {"skipped": "smoke: tests/test_aoti.py builds and checks the tiny AOTI folder on a CPU"}
-    elif missing:
-        data["tiny"] = {"skipped": f"no {', '.join(missing)} on this python (the tokenizer and images need them)"}
-    elif reason := short_of(run, part_end, 60):
-        data["tiny"] = {"skipped": reason}
-    else:
-        data["tiny"] = guarded(_tiny, {}, run)
+    why = ("smoke: the Triton kernels compile into a package only on CUDA (tests/test_aoti.py checks the ops "
+           "export on a CPU)" if run.smoke else short_of(run, part_end, 120))
+    data["dit_slice_triton"] = {"skipped": why} if why else guarded(_slice, {}, run, "triton")
+    free_cuda(run)
+    missing = absent(("PIL", "ftfy", "regex", "transformers"))
+    why = ("smoke: tests/test_aoti.py builds and checks the tiny AOTI folder on a CPU" if run.smoke else
+           f"no {', '.join(missing)} on this python (the tokenizer and images need them)" if missing else
+           short_of(run, part_end, 60))
+    data["tiny"] = {"skipped": why} if why else guarded(_tiny, {}, run)

@@ -1,6 +1,6 @@
-"""The Markdown report of `make gpu-check`: render_md(results) -> text. One section per part, rendered from its
-data alone (no code per part): its figures as an item / value table, each list or dict of rows as a table of
-its own, nested deeper as sub-tables. Box-safe at import: stdlib only."""
+"""The Markdown report of `make gpu-check`: render_md(results) -> text, a section per part rendered from its data
+alone (no code per part): its figures as an item / value table, then a table for each list or dict of rows, nested
+deeper as sub-tables. Box-safe at import: stdlib only."""
 from __future__ import annotations
 
 from flf2v.bench import report
@@ -34,18 +34,11 @@ def render_md(res: dict) -> str:
         lines += [f"Skipped: {p['reason']}", ""] if p.get("reason") else []
         lines += ["```", p["traceback"].rstrip(), "```", ""] if p.get("traceback") else []
         if p.get("data"):
-            lines += section({"machine": m} | p["data"] if key == "environment" else p["data"])
+            cells, apart = _flatten({"machine": m} | p["data"] if key == "environment" else p["data"])
+            lines += report.table(["item", "value"], cells.items()) if cells else []
+            for name, rows in apart.items():
+                lines += [""] + _table(name, rows, 3)
     return "\n".join(lines) + "\n"
-
-
-def section(d: dict, level: int = 3) -> list[str]:
-    """One part's data: its figures (nested dicts flattened to dotted names) as an item / value table, then a
-    table for each list or dict of rows."""
-    cells, apart = _flatten(d)
-    out = report.table(["item", "value"], cells.items()) if cells else []
-    for name, rows in apart.items():
-        out += [""] + _table(name, rows, level)
-    return out
 
 
 def _table(title: str, rows, level: int) -> list[str]:
@@ -68,8 +61,8 @@ def _flatten(d: dict, prefix: str = "") -> tuple[dict[str, str], dict]:
     wp)` = `3 x 3 x 5`), and apart what needs a table of its own (a list or dict of dicts)."""
     cells, apart = {}, {}
     for k, v in d.items():
-        name = f"{prefix}{k}"
-        if _is_rows(v):
+        name, rows = f"{prefix}{k}", v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        if rows and all(isinstance(r, dict) for r in rows):
             apart[name] = v
         elif isinstance(v, dict) and _ints(v.values()):
             cells[f"{name} ({' x '.join(map(str, v))})"] = _cell(list(v.values()))
@@ -79,11 +72,6 @@ def _flatten(d: dict, prefix: str = "") -> tuple[dict[str, str], dict]:
         else:
             cells[name] = _cell(v)
     return cells, apart
-
-
-def _is_rows(v) -> bool:
-    rows = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
-    return bool(rows) and all(isinstance(r, dict) for r in rows)
 
 
 def _ints(xs) -> bool:

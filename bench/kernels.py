@@ -2,13 +2,11 @@
 (needs CUDA; `make gpu-check` runs the same rows). Default: the FLF2V-14B 720p shapes, L 75,600, 40 heads of 128.
 
 FLOPs counted: self-attention 4 * B * H * L^2 * D (QK^T and PV), cross-attention 4 * B * H * Lq * (Lt + Li) * D.
-Rows: the Triton kernels (self-attention with k normed in a pre-pass or as tiles load), torch SDPA alone on
-already normed and rotated q', k' (the attention a fused kernel has to beat), the full PyTorch reference
-(RMSNorm + RoPE + SDPA), and cross-attention against two SDPA calls. Times are medians of
-triton.testing.do_bench on CUDA (L2 flushed between runs; the first Triton call autotunes and is not timed),
-of perf_counter on a CPU (the Triton interpreter: a smoke test of this code, not a measurement). Errors: max
-|a - b| / max |b| against the PyTorch reference, and against an fp64 computation of the specified maths on a
-sample of query rows (q', k' rounded to the input dtype where the kernels' spec rounds them).
+Rows: the Triton kernels, torch SDPA alone on already normed and rotated q', k' (what a fused kernel has to
+beat), the full PyTorch reference (RMSNorm + RoPE + SDPA; cross-attention: two SDPA calls). Times: medians of
+triton.testing.do_bench on CUDA (L2 flushed; the first Triton call autotunes and is timed apart), of
+perf_counter on a CPU (the Triton interpreter: a smoke test). Errors: max |a - b| / max |b| against the
+PyTorch reference, and against fp64 maths on a sample of query rows (q', k' rounded as the kernels' spec says).
 """
 from __future__ import annotations
 
@@ -34,18 +32,6 @@ def add_args(ap) -> None:
     ap.add_argument("--text", type=int, default=512)
     ap.add_argument("--image", type=int, default=514, help="514 (flf2v) or 257 (i2v)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-
-
-def bench_ms(fn, cuda: bool = True, warmup_ms: float = 50, rep_ms: float = 500, cpu_reps: int = 3) -> float:
-    """Median milliseconds of fn(): triton's do_bench on CUDA, perf_counter over cpu_reps runs on a CPU. The
-    kernels launch as they do inside their ops in eager (common.eager_launches), not through torch's tracing."""
-    if cuda:
-        from triton.testing import do_bench
-
-        from flf2v.kernels.common import eager_launches
-        with eager_launches():
-            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    return statistics.median(timed(fn)[0] * 1e3 for _ in range(max(1, cpu_reps)))
 
 
 def errors(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -107,7 +93,16 @@ class _Rows:
         return bool(reason)
 
     def ms(self, fn) -> float:
-        return bench_ms(fn, self.cuda, **self.timing)
+        """Median milliseconds of fn(): triton's do_bench on CUDA, the kernels launched as inside their ops in eager
+        (common.eager_launches), not through torch's tracing; perf_counter over cpu_reps runs on a CPU."""
+        t = self.timing
+        if self.cuda:
+            from triton.testing import do_bench
+
+            from flf2v.kernels.common import eager_launches
+            with eager_launches():
+                return float(do_bench(fn, warmup=t["warmup_ms"], rep=t["rep_ms"], return_mode="median"))
+        return statistics.median(timed(fn)[0] * 1e3 for _ in range(max(1, t["cpu_reps"])))
 
     def row(self, name: str, ms: float, out, vs_reference: bool = True) -> dict:
         r = {"name": name, "ms": ms, "tflops": self.flops / (ms * 1e-3) / 1e12}
@@ -127,6 +122,11 @@ class _Rows:
         first_s = time.perf_counter() - t0
         self.add(dict(self.row(name, first_s * 1e3 if self.first_is_figure else self.ms(fn), out),
                       first_call_s=first_s))
+
+    def reference(self, name: str, fn) -> None:
+        """The PyTorch reference's row: its output is the reference."""
+        if not self.skipped(name):
+            self.add(self.row(name, self.ms(fn), self.ref, vs_reference=False))
 
 
 def bench_self(b: int, s: int, h: int, d: int, dtype: torch.dtype, device="cuda", *, fuse_k=(False, True),
@@ -153,9 +153,7 @@ def bench_self(b: int, s: int, h: int, d: int, dtype: torch.dtype, device="cuda"
         rows.add(rows.row(name, rows.ms(lambda: F.scaled_dot_product_attention(qt, kt, vt)), out))
         del qt, kt, vt, out
     del qh, kh
-    name = "torch reference (norm + rope + SDPA)"
-    if not rows.skipped(name):
-        rows.add(rows.row(name, rows.ms(lambda: A.wan_self_attention_ref(*args)), rows.ref, vs_reference=False))
+    rows.reference("torch reference (norm + rope + SDPA)", lambda: A.wan_self_attention_ref(*args))
     if not rows.skipped("pre-passes"):
         rk = A.rms_stats(k, EPS)
         for name, fn, nbytes in (("rms_stats pre-pass (per tensor)", lambda: A.rms_stats(k, EPS), k.nbytes),
@@ -179,9 +177,7 @@ def bench_cross(b: int, lq: int, lt: int, li: int, h: int, d: int, dtype: torch.
                  oracle_rows(q, kt, vt, h, sample) + oracle_rows(q, ki, vi, h, sample), sample, on_row, should_stop,
                  timing)
     rows.kernel("triton fused (text + image, one launch)", lambda: X.wan_cross_attention(*args))
-    name = "torch reference (two SDPA + add)"
-    if not rows.skipped(name):
-        rows.add(rows.row(name, rows.ms(lambda: X.wan_cross_attention_ref(*args)), rows.ref, vs_reference=False))
+    rows.reference("torch reference (two SDPA + add)", lambda: X.wan_cross_attention_ref(*args))
     return rows.res
 
 
@@ -206,9 +202,6 @@ def md_rows(label: str, res: dict) -> list[list]:
     return [row(r) for r in res["rows"]]
 
 
-MD_HEADER = ["kernel", "ms", "TFLOP/s", "rel err vs reference", "rel err vs fp64 rows", "first call s"]
-
-
 def run(s) -> Report:
     a = s.args
     if not torch.cuda.is_available():
@@ -221,4 +214,5 @@ def run(s) -> Report:
          "cross": bench_cross(b, n, a.text, a.image, h, d, dtype, on_row=show)}
     return Report("attention kernels", r, [f"B={b} L={n} H={h} D={d} {a.dtype}; cross-attention keys {a.text} text + "
                                            f"{a.image} image; H100/H200 SXM dense bf16 peak: 989 TFLOP/s.", ""]
-                  + table(MD_HEADER, md_rows("self: ", r["self"]) + md_rows("cross: ", r["cross"])))
+                  + table(["kernel", "ms", "TFLOP/s", "rel err vs reference", "rel err vs fp64 rows", "first call s"],
+                          md_rows("self: ", r["self"]) + md_rows("cross: ", r["cross"])))

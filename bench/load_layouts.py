@@ -1,22 +1,14 @@
 """`flf2v-bench load-layouts [--layers 4] [--model flf2v-14B] [--keep]`: seconds and peak anonymous RSS of
-loading the DiT as bf16 from each checkpoint layout, side by side in one run.
-
-The DiT is the full-width model cut to --layers blocks (random weights), written as each layout ships it:
-official (fp32 shards + index, as Wan-AI's), diffusers (`transformer/` under diffusers' names, fp32 shards +
-index), ComfyUI single files in bf16 and in fp8_e4m3fn (upcast as it streams in). Their other networks are the
-tiny preset's: the layout is detected from every file, only the DiT is loaded. Each load runs in a fresh
-process through the loader flf2v-run uses (models/lora.load_dit), RssAnon sampled every 10 ms (see
-export_memory: the memory-mapped files' pages are the page cache's, not the load's). The files were just
-written, so they are read from the page cache. `ratio` is the load's growth of RssAnon over the bytes of the
-bf16 weights it made (target <= 1.1). Everything is written under --work and deleted unless --keep.
+loading the DiT as bf16 from each checkpoint layout (README "Checkpoints", load cost per layout): the full-width
+DiT cut to --layers blocks, random weights, written as official and diffusers fp32 shards and ComfyUI bf16 and
+fp8 files, each loaded in a fresh process through flf2v-run's loader with RssAnon sampled every 10 ms (see
+export_memory). `ratio`: the load's growth of RssAnon over its bf16 weight bytes (target <= 1.1).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,10 +18,10 @@ from safetensors.torch import save_file
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
 from flf2v.models.keymaps import dit_key_to_diffusers
-from flf2v.models.make_tiny import write_dit_shards, write_tiny_checkpoint
+from flf2v.models.make_tiny import write_tiny_checkpoint
 
-from .export_memory import PeakRssAnon, dit_shapes, lazy_source, shard_groups
-from .measure import ChildFailed, timed
+from .export_memory import PeakRssAnon, dit_shapes, lazy_source, write_shards
+from .measure import run_module, timed
 from .report import Report, table
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -58,21 +50,18 @@ def write_layouts(work: Path, preset) -> dict[str, Path]:
     tiny, tiny_diffusers = write_tiny_checkpoint(work / "tiny-official", "tiny", seed=0), work / "tiny-diffusers"
     build_pipeline(tiny).save_pretrained(tiny_diffusers)
     shapes, cfg = dit_shapes(preset.dit), preset.dit
-    source = lazy_source(shapes)
     out = {name: work / name for name in LAYOUTS}
     for d in out.values():
         d.mkdir(parents=True)
 
-    write_dit_shards(out["official"], cfg.to_json_dict(), source, shard_groups(shapes, 4))
+    write_shards(out["official"], cfg.to_json_dict(), shapes)
     for f in tiny.iterdir():
         if f.name != ck.DIT_CONFIG and not f.name.startswith("diffusion_pytorch_model"):
             (out["official"] / f.name).symlink_to(f)
 
-    renamed = {dit_key_to_diffusers(k): s for k, s in shapes.items()}
-    (out["diffusers"] / "transformer").mkdir()
-    write_dit_shards(out["diffusers"] / "transformer", {"_class_name": "WanTransformer3DModel", "num_layers":
-                     cfg.num_layers, "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.dim //
-                     cfg.num_heads}, {dit_key_to_diffusers(k): g for k, g in source.items()}, shard_groups(renamed, 4))
+    write_shards(out["diffusers"] / "transformer", {
+        "_class_name": "WanTransformer3DModel", "num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.dim // cfg.num_heads}, {dit_key_to_diffusers(k): s for k, s in shapes.items()})
     for f in tiny_diffusers.iterdir():
         if f.name != "transformer":
             (out["diffusers"] / f.name).symlink_to(f)
@@ -80,20 +69,11 @@ def write_layouts(work: Path, preset) -> dict[str, Path]:
     vae = {k: g() for k, g in ck.pth_tensor_source(tiny / ck.VAE_FILE).items()}
     for name in ("comfyui-bf16", "comfyui-fp8"):
         dtype, file = LAYOUTS[name]
-        save_file({COMFY_PREFIX + k: g().to(dtype) for k, g in source.items()}, out[name] / file)
+        save_file({COMFY_PREFIX + k: g().to(dtype) for k, g in lazy_source(shapes).items()}, out[name] / file)
         save_file(vae, out[name] / "wan_2.1_vae.safetensors")
         for sub, file in (("text_encoder", "umt5_xxl_fp16"), ("image_encoder", "clip_vision_h")):
             (out[name] / f"{file}.safetensors").symlink_to(next((tiny_diffusers / sub).glob("*.safetensors")))
     return out
-
-
-def load_in_child(folder: Path, model: str, layers: int) -> dict:
-    """One load in a fresh process (this module's main): its seconds, RssAnon and a checksum of the weights."""
-    cmd = [sys.executable, "-m", "flf2v.bench.load_layouts", str(folder), model, str(layers)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        raise ChildFailed(f"loading {folder} failed (exit {p.returncode}): {p.stderr.strip()[-400:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def run(s) -> Report:
@@ -103,7 +83,9 @@ def run(s) -> Report:
     try:
         folders = write_layouts(work, preset)
         s.settle()
-        got = {name: load_in_child(d, a.model, a.layers) for name, d in folders.items()}
+        for name, d in folders.items():  # each load in a fresh process: main below
+            run_module("flf2v.bench.load_layouts", str(d), a.model, str(a.layers), str(work / f"{name}.json"))
+        got = {name: json.loads((work / f"{name}.json").read_text()) for name in folders}
         sizes = {name: sum(f.stat().st_size for f in d.glob(LAYOUTS[name][1])) for name, d in folders.items()}
     finally:
         if not a.keep:
@@ -124,19 +106,15 @@ def run(s) -> Report:
 
 
 def main(argv: list[str]) -> int:
-    """The child: load the DiT of `folder` once as bf16, print one JSON line."""
+    """The child: load the DiT of `folder` once as bf16, write its seconds, RssAnon and weights' checksum."""
     from flf2v.models import dit, renamed  # noqa: F401  imported before the clock starts
     from flf2v.models.lora import load_dit
-    folder, model, layers = argv
+    folder, model, layers, out = argv
     preset = cut_preset(model, int(layers))
     with PeakRssAnon() as m:
         seconds, net = timed(lambda: load_dit(folder, torch.bfloat16, preset))
     sd = net.state_dict()
-    print(json.dumps({"seconds": round(seconds, 3), "rss_start": m.start, "rss_peak": m.peak,
-                      "weight_bytes": sum(v.numel() * v.element_size() for v in sd.values()),
-                      "checksum": sum(v.sum(dtype=torch.float64).item() for v in sd.values())}))
+    Path(out).write_text(json.dumps({"seconds": round(seconds, 3), "rss_start": m.start, "rss_peak": m.peak,
+                                     "weight_bytes": sum(v.numel() * v.element_size() for v in sd.values()),
+                                     "checksum": sum(v.sum(dtype=torch.float64).item() for v in sd.values())}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

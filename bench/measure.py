@@ -1,11 +1,8 @@
 """Clocks, memory gauges and the machine's load for every mode of the benchmark.
 
-Time: CUDA events on a GPU (device time between two points of the stream), `perf_counter` on the CPU.
-Memory: peak host RSS of a stage, by resetting the kernel's high-water mark (`VmHWM`, via
-`/proc/self/clear_refs`) when the stage starts and reading it when it ends; on CUDA also the larger of
-`torch.cuda.max_memory_allocated` since the stage started and the device memory in use when it ends
-(`cudaMemGetInfo`: what TensorRT allocates itself, which torch's counters never see). Where the mark cannot
-be reset (not Linux), the process-wide peak is reported.
+A stage's peak host RSS: the kernel's high-water mark (`VmHWM`) reset when the stage starts (via
+`/proc/self/clear_refs`; where it cannot be, not Linux, the process-wide peak) and read when it ends. On CUDA
+also the larger of torch's allocator peak and the device memory in use (TensorRT allocates outside torch).
 """
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -36,16 +32,13 @@ class BadInput(ValueError):
 
 def _status_bytes(field_name: str) -> int | None:
     """A field of /proc/self/status, in bytes; None where there is none (not Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field_name + ":")), None)
-    except OSError:
-        return None
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field_name + ":")), None)
+    return None
 
 
 def rss_bytes() -> int:
-    rss = _status_bytes("VmRSS")
-    return -1 if rss is None else rss
+    return _status_bytes("VmRSS") or -1
 
 
 def host_peak_bytes() -> int:
@@ -72,16 +65,15 @@ def run_module(module: str, *args, show_progress: bool = False) -> float:
 
 
 def load_avg() -> list[float] | None:
-    try:
+    with contextlib.suppress(OSError):  # not available on this platform
         return list(os.getloadavg())
-    except OSError:
-        return None
+    return None
 
 
-def wait_for_idle(cpus: int, max_wait: float, per_cpu: float = BUSY_PER_CPU, poll: float = 5.0) -> dict:
-    """Before timing anything: when the 1-minute load average is above `per_cpu` x `cpus`, wait (at most
+def wait_for_idle(cpus: int, max_wait: float, poll: float = 5.0) -> dict:
+    """Before timing anything: when the 1-minute load average is above BUSY_PER_CPU x `cpus`, wait (at most
     `max_wait` seconds) for it to drop. Returns what was seen, for the report."""
-    limit = per_cpu * cpus
+    limit = BUSY_PER_CPU * cpus
     first = last = load_avg()
     t0 = time.monotonic()
     busy = first is not None and first[0] > limit
@@ -92,18 +84,18 @@ def wait_for_idle(cpus: int, max_wait: float, per_cpu: float = BUSY_PER_CPU, pol
         while last[0] > limit and time.monotonic() - t0 < max_wait:
             time.sleep(max(0.0, min(poll, max_wait - (time.monotonic() - t0))))
             last = load_avg()
-    if last is not None and last[0] > limit:
+    still_busy = last is not None and last[0] > limit
+    if still_busy:
         log.warning("still busy (load average %.2f); timing anyway, the report says so", last[0])
     return {"cpus": cpus, "busy_above": limit, "first_seen": first, "before": last,
-            "waited_seconds": round(time.monotonic() - t0, 1) if busy else 0.0,
-            "busy_before": last is not None and last[0] > limit}
+            "waited_seconds": round(time.monotonic() - t0, 1) if busy else 0.0, "busy_before": still_busy}
 
 
 # ---- per-stage time and memory -------------------------------------------------------------------------
 
 def start_clock(device: torch.device):
-    """Starts a clock; calling what it returns gives the seconds since: CUDA events on a GPU (the stream's
-    time, not the launches'), perf_counter on the CPU."""
+    """Starts a clock; calling what it returns gives the seconds since (on a GPU the stream's time, by CUDA
+    events, not the launches')."""
     if device.type != "cuda":
         t0 = time.perf_counter()
         return lambda: time.perf_counter() - t0
@@ -117,30 +109,23 @@ def start_clock(device: torch.device):
     return stop
 
 
-@dataclass
-class Sample:
-    seconds: float = 0.0
-    host_peak: int = 0  # bytes
-    cuda_peak: int | None = None  # bytes
-
-
 class Probe(StageTimes):
-    """Per-stage time and peak memory, and host time inside wrapped calls. `with probe(name): ...`, or
-    `start(name)` ... `stop(name)` for a stage whose two ends lie in different hooks, adds the span's time to
-    `name` and raises its peak memory; being a StageTimes, it serves as `Pipeline.times` too. Each span costs a
-    reset of the host high-water mark, two /proc reads and, on a GPU, two CUDA events and a synchronisation:
-    the benchmark opens one per stage on both sides, never one per step."""
+    """Per-stage time and peak memory (bytes), and host time inside wrapped calls. `with probe(name): ...`, or
+    `start(name)` ... `stop(name)` where a stage's two ends lie in different hooks; a StageTimes, so it serves as
+    `Pipeline.times` too. A span costs a high-water mark reset, two /proc reads and, on a GPU, two CUDA events
+    and a synchronisation: the benchmark opens one per stage, never one per step."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device, self.cuda = device, device.type == "cuda"
-        self.samples: dict[str, Sample] = {}
+        self.host_peak: dict[str, int] = {}
+        self.cuda_peak: dict[str, int | None] = {}  # None on the CPU
         self.calls: dict[str, float] = {}  # host seconds inside wrap()ped calls, per name
         self.log: list[tuple[str, float, float]] = []  # (name, host start, host end) of every span, in order
         self._open: dict[str, tuple] = {}
 
     def clear(self) -> None:
-        for d in (self.samples, self.calls, self.log, self._open, self.seconds):
+        for d in (self.seconds, self.host_peak, self.cuda_peak, self.calls, self.log, self._open):
             d.clear()
 
     def start(self, name: str) -> None:
@@ -154,13 +139,11 @@ class Probe(StageTimes):
 
     def stop(self, name: str) -> None:
         t0, clock = self._open.pop(name)
-        s = self.samples.setdefault(name, Sample())
-        s.seconds += clock()
-        s.host_peak = max(s.host_peak, host_peak_bytes())
-        if self.cuda:  # torch's allocator peak, or all memory in use (TensorRT's engines count) if higher
-            s.cuda_peak = max(s.cuda_peak or 0, torch.cuda.max_memory_allocated(self.device),
-                              cuda_device_used(self.device))
-        self.seconds[name] = s.seconds
+        self.seconds[name] = self.seconds.get(name, 0.0) + clock()
+        self.host_peak[name] = max(self.host_peak.get(name, 0), host_peak_bytes())
+        # torch's allocator peak, or all memory in use (TensorRT's engines count) if higher
+        self.cuda_peak[name] = max(self.cuda_peak.get(name) or 0, torch.cuda.max_memory_allocated(self.device),
+                                   cuda_device_used(self.device)) if self.cuda else None
         self.log.append((name, t0, time.perf_counter()))
 
     @contextlib.contextmanager
@@ -186,20 +169,6 @@ class Probe(StageTimes):
                 after()
             return out
         return metered
-
-
-class TimedBackend:
-    """A backend whose network calls are timed by a Probe (no spans); everything else passes through."""
-
-    CALLS = ("encode_text", "encode_image", "vae_encode", "vae_decode", "denoise")
-
-    def __init__(self, backend, probe: Probe):
-        self._backend = backend
-        for name in self.CALLS:
-            setattr(self, name, probe.wrap(name, getattr(backend, name), span=False))
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
 
 
 def stats(values: list[float]) -> dict:

@@ -1,32 +1,29 @@
-"""`flf2v-bench memory [--preset small] [--steps 2]`: the memory plans (runtime/memory_plan.py) side by side.
-
-1. FLF2V-14B at 1280x720 and 832x480, 81 frames, bf16 and fp8: the plan chosen for 24/32/48/80 GiB cards
-   (64 GiB host), its device GiB per stage and host GiB; from the configs (no weights needed).
-2. Expected 720p 50-step + CFG denoise time on a 24 GB RTX 4090 from the cost model: the DiT's floor at the
-   card's data-sheet rates plus, per streamed block and DiT call, the part of its copy (PCIe Gen4 x16 at
-   25 GB/s) that the block's compute does not hide; beside LightX2V's published 4090 figures.
-3. Measured on this machine (--preset, random weights, fp32, --steps steps + CFG): each plan's run time and the
-   bytes the torch backend holds on the compute device per stage (on a CPU host and device are one memory:
-   what the plan would keep on a GPU), and whether the video equals the resident run's.
-4. The VAE decode at 720p/81 frames per latent tile size (bf16, models/sizes.py; its estimate is checked against
-   the live bytes of the meta-built 14B VAE in the tests), and the seams measured on this machine: the tiled
-   decode of --preset's VAE (random weights) against the untiled one, PSNR and max abs, per tile size.
-5. With --aoti: --preset's batch-2 DiT step as one AOTInductor package and as STREAM=1's embed, block and head
-   packages (export/aoti_stream.py), built in child processes: the streamed build's seconds, the step's median
-   time with all blocks resident and none (every block copied into a slot per step), and the streamed outputs
-   against the whole package's.
+"""`flf2v-bench memory [--preset small] [--steps 2] [--aoti]`: the memory plans (runtime/memory_plan.py) side by
+side (README "Memory plans"). 1. The FLF2V-14B plan per card (24/32/48/80 GiB, 64 GiB host), size (720p, 480p;
+81 frames) and precision (bf16, fp8): device GiB per stage, host GiB. 2. The 720p 50-step + CFG denoise time on a
+24 GB RTX 4090 (cost model: the DiT's floor plus the part of each streamed block's PCIe copy its compute does not
+hide). 3. Each plan run here on --preset (random weights, fp32, --steps steps + CFG): seconds, the bytes held on
+the compute device per stage, the video against the resident run's. 4. The 14B VAE decode's GiB per latent tile
+(720p, 81 frames, bf16) and the seams of --preset's tiled decode (PSNR, max abs). 5. With --aoti: the batch-2 DiT
+step as one AOTInductor package and as STREAM=1's packages: build seconds, step time with all blocks resident
+and none, outputs against the whole package's.
 """
 from __future__ import annotations
 
+import itertools
+import shutil
+import statistics
 import time
 
 import torch
 
+from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
 from flf2v.runtime import memory_plan as M
 
 from .cache import psnr
 from .cost import GPU, dit_cost
+from .measure import run_module, timed
 from .report import Report, table
 
 CARDS, SIZES = (24, 32, 48, 80), ((720, 1280), (480, 832))
@@ -44,15 +41,14 @@ def add_args(ap) -> None:
 
 def plans_14b() -> list[dict]:
     out = []
-    for quant in ("none", "fp8"):
-        for h, w in SIZES:
-            for card in CARDS:
-                video = M.Video(get_preset("flf2v-14B"), h, w, 81, 2, quant)
-                try:
-                    p = M.choose(video, card * M.GiB, host_bytes=64 * M.GiB)
-                    out.append({"quant": quant, "size": f"{w}x{h}", "card_gib": card, **p.to_json()})
-                except M.InputError as e:
-                    out.append({"quant": quant, "size": f"{w}x{h}", "card_gib": card, "error": str(e)})
+    for quant, (h, w), card in itertools.product(("none", "fp8"), SIZES, CARDS):
+        row = {"quant": quant, "size": f"{w}x{h}", "card_gib": card}
+        try:
+            row |= M.choose(M.Video(get_preset("flf2v-14B"), h, w, 81, 2, quant), card * M.GiB,
+                            host_bytes=64 * M.GiB).to_json()
+        except M.InputError as e:
+            row["error"] = str(e)
+        out.append(row)
     return out
 
 
@@ -61,12 +57,10 @@ def time_24gb(quant: str) -> dict:
     preset = get_preset("flf2v-14B")
     video = M.Video(preset, 720, 1280, 81, 2, quant)
     plan = M.choose(video, 24 * M.GiB, host_bytes=64 * M.GiB)
-    precision = "fp8" if quant == "fp8" else "bf16"
-    calls = 50 * (2 if plan.cfg_batch == 1 else 1)
-    per_call = dit_cost(preset.dit, video.latent, calls=plan.cfg_batch).floor(RTX4090, precision)  # one batch
-    n = preset.dit.num_layers
-    block_s = per_call / n
-    copy_s = M.sizes.dit_block_bytes(preset.dit, 2, quant) / PCIE
+    calls, n = 50 * (2 if plan.cfg_batch == 1 else 1), preset.dit.num_layers
+    per_call = dit_cost(preset.dit, video.latent, calls=plan.cfg_batch).floor(RTX4090, "fp8" if quant == "fp8"
+                                                                                else "bf16")  # one batch
+    block_s, copy_s = per_call / n, M.sizes.dit_block_bytes(preset.dit, 2, quant) / PCIE
     streamed = n - plan.blocks if plan.blocks is not None else 0
     exposed = streamed * max(0.0, copy_s - block_s)
     return {"quant": quant, "plan": plan.name, "dit_call_floor_s": round(per_call, 2), "block_compute_s":
@@ -75,7 +69,6 @@ def time_24gb(quant: str) -> dict:
 
 
 def measured(s, preset_name: str, steps: int) -> list[dict]:
-    from flf2v.models import checkpoint as ck
     from flf2v.models.make_tiny import write_demo_frames
     from flf2v.runtime.media import load_image
     from flf2v.runtime.pipeline import Pipeline
@@ -94,8 +87,7 @@ def measured(s, preset_name: str, steps: int) -> list[dict]:
                                                                         sum(backend.device_bytes().values()))))
         pipe = Pipeline(backend, ck.load_tokenizer(ckpt, preset), preset)
         t0 = time.perf_counter()
-        for name, method in (("text_encoder", "encode_text"), ("image_encoder", "encode_image"),
-                             ("vae_encode", "vae_encode"), ("denoise", "denoise"), ("vae_decode", "vae_decode")):
+        for name, method in zip(M.STAGES, ("encode_text", "encode_image", "vae_encode", "denoise", "vae_decode")):
             setattr(backend, method, _staged(getattr(backend, method), name, stage))
         video = pipe.generate("a cat", first, last, seed=3, progress=False, sample_steps=steps)
         seconds = time.perf_counter() - t0
@@ -119,12 +111,10 @@ def _staged(fn, name, stage):
 
 def vae_tiles(s, preset_name: str) -> dict:
     """Part 4: the 14B decode stage's GiB at 720p/81 frames per tile; the preset VAE's seams per tile."""
-    from flf2v.models import checkpoint as ck
     vae14 = get_preset("flf2v-14B").vae
     peak = [{"tile": t, "gib": M.sizes.vae_decode_bytes(vae14, 90, 160, 81, 2, t) / M.GiB}
             for t in (None, *M.TILES)]
-    ckpt = s.checkpoint(preset_name)
-    vae = ck.load(ckpt, "vae")
+    vae = ck.load(s.checkpoint(preset_name), "vae")
     z = torch.randn(1, vae.cfg.z_dim, 2, 40, 24, generator=torch.Generator().manual_seed(0))  # 320x192, 5 frames
     with torch.no_grad():
         ref = vae.decode(z)
@@ -137,14 +127,8 @@ def vae_tiles(s, preset_name: str) -> dict:
 
 def aoti_streamed(s, preset_name: str, reps: int = 5) -> dict:
     """Part 5: the DiT step (dit_b2, the preset's first static shape) as a whole package and streamed."""
-    import shutil
-    import statistics
-
     from flf2v.export import contracts as C
-    from flf2v.models import checkpoint as ck
     from flf2v.runtime.aoti_backend import AotiBackend
-
-    from .measure import run_module, timed
     ckpt = s.checkpoint(preset_name)
     preset = ck.preset_for(ckpt)
     shape = next(iter(C.engine_shapes(preset).values()))

@@ -1,17 +1,13 @@
 """`flf2v-bench parallel [--preset tiny-4h|small] [--steps 8]`: the multi-process run (runtime/parallel.py) on
-paper and on this machine.
+paper and on this machine (README "Several GPUs").
 
-1. Cost model, 720p / 81 frames (paper): per step and per rank, the DiT compute (bench/cost.py's FLOPs over
-   the ranks, at the H100's peak and at the efficiency the single-GPU target implies) against the bytes each
-   rank sends: Ulysses' 4 all-to-alls per block (q, k, v in, attention out; bf16 [L/U, dim] shards, (U-1)/U
-   of each leaves the rank) and the final all-gather of the blocks' output (fp32), FSDP's all-gather of each
-   block's weights (bf16, with --dit_fsdp), CFG-parallel's one all-gather of the velocity; over NVLink (H100
-   SXM: 450 GB/s per direction) and PCIe Gen5 x16 (64 GB/s per direction), not overlapped with compute (an
-   upper bound). Expected end to end for 1, 2, 4, 8 GPUs, next to the official 238.8 s (8x H100, I2V 720p,
-   40 steps).
-2. Measured (this machine, gloo over loopback): each layout launched with torchrun on --preset: the
-   denoising loop's seconds per step, the DiT calls' part of it (Ulysses' collectives are inside the DiT;
-   CFG-parallel's all-gather, the guidance and the sampler update are outside), and the rest.
+1. Cost model, 720p / 81 frames: per step and rank, the DiT compute (FLOPs over the ranks at the H100's peak and
+   at the single-GPU target's efficiency) and the bytes each rank sends: Ulysses' 4 bf16 all-to-alls per block
+   and the final fp32 all-gather, FSDP's bf16 all-gather of each block's weights (--dit_fsdp), CFG-parallel's
+   all-gather of the velocity; over NVLink and PCIe Gen5 x16, not overlapped (an upper bound). End to end for
+   1, 2, 4, 8 GPUs, next to the official 238.8 s (8x H100, I2V 720p, 40 steps).
+2. Measured (gloo over loopback, torchrun per layout, --preset): the denoising loop's seconds per step, the DiT
+   calls' part of it (Ulysses' collectives are inside the DiT; CFG-parallel's all-gather is outside), the rest.
 """
 from __future__ import annotations
 
@@ -38,7 +34,7 @@ def add_args(ap) -> None:
 
 
 def comm_per_step(preset, width: int, height: int, frames: int, ulysses: int, cfg_parallel: bool,
-                  dit_fsdp: bool = False, gpus: int | None = None) -> dict:
+                  dit_fsdp: bool = False) -> dict:
     """Bytes one rank sends per denoising step (CFG on: cond + uncond) and its DiT FLOPs."""
     from flf2v.bench.cost import dit_forward_flops, dit_params, dit_tokens
     cfg, u = preset.dit, ulysses
@@ -47,7 +43,7 @@ def comm_per_step(preset, width: int, height: int, frames: int, ulysses: int, cf
     n = dit_tokens(cfg, latent)
     shard = -(-n // u)
     calls = 1 if cfg_parallel else 2  # DiT calls per rank per step (batch 1 each, or one batch-2 call)
-    gpus = gpus or u * (2 if cfg_parallel else 1)
+    gpus = u * (2 if cfg_parallel else 1)
     a2a = 4 * shard * cfg.dim * 2 * (u - 1) / u * cfg.num_layers * calls
     gather = shard * cfg.dim * 4 * (u - 1) * calls  # ring all-gather of the blocks' output (fp32): U-1 shards
     fsdp = dit_params(cfg) * 2 * (gpus - 1) / gpus * calls if dit_fsdp else 0  # its rows to every other rank

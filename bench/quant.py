@@ -1,17 +1,14 @@
 """`flf2v-bench quant [--preset small] [--layers 2] [--tokens 256]`: FP8 (e4m3) linears (models/quant.py) in
-accuracy, CPU time and GPU floors. 1. --preset's DiT (random checkpoint, the product's loader), --tokens tokens,
-random inputs: fp32, bf16, fp8 (bf16 rest), fp8 (fp32 rest); per block-linear kind the relative error on the
-input it saw in the bf16 run (models.quant.layer_errors), mean and max over blocks; the output's error, cosine.
-2. The full-width FLF2V-14B DiT cut to --layers blocks, bf16 vs fp8, with nn's default init and with the blocks'
-linear weights from a Student-t (df 3) of the same std, for a trained model's outlier channels (we found no
-published per-layer statistics of Wan 14B's weights). 3. Per-channel vs 128x128 blockwise weight scales: weight
-and layer output errors against fp32 (--preset: every block; 14B slice: block 0). 4. Median of 3 forwards of
---preset's DiT in fp32 / bf16 / fp8 on this CPU and their weight bytes. 5. The 720p 81-frame 50-step CFG denoise
-floors on H100 / H200 with linears and/or attention at the 8-bit rate (cost.dit_split_floor).
+accuracy, CPU time and GPU floors, random weights and inputs (README "8-bit"). 1. --preset's DiT in fp32, bf16,
+fp8 (bf16 rest), fp8 (fp32 rest): per block-linear kind the relative error on the input it saw in the bf16 run,
+mean and max over blocks; the output's error and cosine. 2. The full-width FLF2V-14B DiT cut to --layers
+blocks, bf16 vs fp8, with nn's default init and with Student-t (df 3) block linear weights of the same std.
+3. Per-channel vs 128x128 blockwise weight scales (--preset: every block; 14B slice: block 0). 4. Median of 3
+forwards of --preset's DiT per precision on this CPU, weight bytes. 5. The 720p 81-frame 50-step CFG denoise
+floors on H100 / H200 with linears and/or attention at the 8-bit rate.
 
-`flf2v-bench quant --ckpt_dir CKPT [--layers 2] [--tokens 256] [--device cuda]`: the quality gate on a user's
-own checkpoint (any layout) instead: its DiT cut to its first --layers blocks (the rest never read), random
-inputs, parts 1 and 3, and the gate's verdict per line (fp8 vs bf16 within 16x bf16 vs fp32, as in the README).
+`flf2v-bench quant --ckpt_dir CKPT [--layers 2] [--tokens 256] [--device cuda]`: instead, parts 1 and 3 and the
+quality gate's verdict on the first --layers blocks of a user's checkpoint (any layout; the rest never read).
 """
 from __future__ import annotations
 
@@ -27,8 +24,9 @@ import torch.nn.functional as F
 
 from flf2v.models.config import get_preset
 from flf2v.models.dit import WanDiT
-from flf2v.models.quant import (BLOCK_LINEARS, block_linear_names, capture_inputs, dequantize_weight, layer_errors,
-                                quantize_dit, quantize_tokens, quantize_weight)
+from flf2v.models.quant import BLOCK_LINEARS, block_linear_names, capture_inputs, layer_errors, quantize_dit
+from flf2v.models.quant import dequantize_weight as dequantize  # the name tests/test_bench.py uses
+from flf2v.models.quant import quantize_tokens, quantize_weight
 
 from . import cost
 from .measure import BadInput, timed
@@ -40,7 +38,6 @@ LATENT_720P = (21, 90, 160)  # 81 frames at 1280x720
 FLOOR_RUNS = {"bf16": ("bf16", "bf16"), "fp8 linears": ("fp8", "bf16"), "8-bit attention": ("bf16", "fp8"),
               "both": ("fp8", "fp8")}
 ISSUE_H100 = {"bf16": 662, "fp8 linears": 570, "both": 330}  # the issue's figures
-BLOCK = 128
 # The gate (README "8-bit"): e4m3 keeps 3 mantissa bits, bf16 7, so fp8's rounding is 2^4 = 16x bf16's; per layer
 # 25% slack (measured 15.5x on `small`); 1 - cosine goes with the error's square: 256x
 FORMAT_RATIO, LAYER_SLACK = 16.0, 1.25
@@ -100,12 +97,11 @@ def preset_quality(ckpt, preset, latent, layers: int | None = None, device="cpu"
     inputs = capture_inputs(nets["bf16"], lambda: outs.setdefault("bf16", nets["bf16"](*args)),
                             block_linear_names(nets["bf16"]))
     outs |= {k: n(*args) for k, n in nets.items() if k != "bf16"}
-    as32 = {k: v.float() for k, v in inputs.items()}
-    layers = {"bf16 vs fp32": layer_errors(nets["fp32"], nets["bf16"], inputs),
-              "fp8 vs fp32": layer_errors(nets["fp32"], nets["fp8"], inputs),
-              "fp8 vs bf16": layer_errors(nets["bf16"], nets["fp8"], inputs)}
+    layers = {f"{a} vs {b}": layer_errors(nets[b], nets[a], inputs)
+              for a, b in (("bf16", "fp32"), ("fp8", "fp32"), ("fp8", "bf16"))}
     if rest32:
-        layers["fp8 (fp32 rest) vs fp32"] = layer_errors(nets["fp32"], nets["fp8 (fp32 rest)"], as32)
+        layers["fp8 (fp32 rest) vs fp32"] = layer_errors(nets["fp32"], nets["fp8 (fp32 rest)"],
+                                                         {k: v.float() for k, v in inputs.items()})
     output = {f"{k} vs fp32": compare(o, outs["fp32"]) for k, o in outs.items() if k != "fp32"}
     output["fp8 vs bf16"] = compare(outs["fp8"], outs["bf16"])
     res = {"latent": latent, "tokens": cost.dit_tokens(preset.dit, latent),
@@ -145,9 +141,6 @@ def full_width_dit(cfg, heavy: bool, seed: int = 0) -> WanDiT:
     return dit
 
 
-dequantize = dequantize_weight  # the name tests/test_bench.py uses
-
-
 @torch.no_grad()
 def scale_errors(dit, inputs: dict[str, torch.Tensor]) -> dict:
     """Per kind (mean over blocks): weight reconstruction and layer output errors of per-channel and 128x128
@@ -158,7 +151,7 @@ def scale_errors(dit, inputs: dict[str, torch.Tensor]) -> dict:
         w, b, x = layer.weight.float(), layer.bias.float(), x.reshape(-1, x.shape[-1])
         xq, xs = quantize_tokens(x)
         xd, ref = xq.float() * xs, F.linear(x.float(), w, b)
-        for scheme, block in (("per-channel", None), ("blockwise", BLOCK)):
+        for scheme, block in (("per-channel", None), ("blockwise", 128)):
             wd = dequantize(*quantize_weight(w, block), block)
             errs[f"weight {scheme}"][name] = rel(wd, w)
             errs[f"output {scheme}"][name] = rel(F.linear(xd, wd, b), ref)
@@ -198,8 +191,7 @@ def timing(s, nets: dict, latent) -> dict:
 def floors() -> dict:
     """Part 5: the 14B denoise (720p, 81 frames, 50 steps x CFG 2) floors and the FLOP split."""
     cfg = get_preset("flf2v-14B").dit
-    split = cost.dit_flops_split(cfg, LATENT_720P)
-    total = cost.dit_forward_flops(cfg, LATENT_720P)
+    split, total = cost.dit_flops_split(cfg, LATENT_720P), cost.dit_forward_flops(cfg, LATENT_720P)
     runs = {run: {g: cost.dit_split_floor(cfg, LATENT_720P, gpu, lin, att, calls=100) for g, gpu in cost.GPUS.items()}
             for run, (lin, att) in FLOOR_RUNS.items()}
     return {"forward_flops": total, "share": {k: v / total for k, v in split.items()}, "floor_s": runs}

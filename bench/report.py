@@ -36,14 +36,10 @@ def table(header: list[str], rows, left: int = 1) -> list[str]:
 
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (none where there is no such file)."""
-    info = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if not line.strip():
-                break  # the first processor is enough
-            k, _, v = line.partition(":")
-            info[k.strip()] = v.strip()
-    return info
+        first = f.read().split("\n\n")[0].splitlines()
+        return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
+    return {}
 
 
 def _version(pkg: str) -> str | None:
@@ -147,7 +143,7 @@ def chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = {k: v for k, v in result["backends"].items() if v["status"] == "ok"}
-    cols = ["text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode", "end_to_end"]
+    cols = [c for c in STAGE_LABELS if c != "denoise_step"]
     fig, ax = plt.subplots(figsize=(10, 4.8))
     width = 0.8 / max(1, len(ok))
     for i, (name, b) in enumerate(ok.items()):

@@ -1,9 +1,6 @@
 """What the stage comparison runs: our pipeline on each backend, and the peer, diffusers' WanImageToVideoPipeline.
-
-Every runner loads once, then `run()` makes one video of its `job` and returns a `RunResult`: end-to-end
-time, per-stage time and peak memory, the time inside network calls (CPU) and the video [3, F, H, W] in
-[-1, 1]. A backend this machine cannot run raises `Unavailable` with the reason.
-"""
+Each runner loads once; `run()` makes one video of its `job`. A backend this machine cannot run raises
+`Unavailable` with the reason."""
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +15,13 @@ from PIL import Image
 
 from flf2v.runtime.pipeline import Pipeline
 
-from .measure import ChildFailed, Probe, TimedBackend, run_module, start_clock
+from .measure import ChildFailed, Probe, run_module, start_clock
 
 log = logging.getLogger("flf2v.bench")
 STAGES = ("text_encoder", "image_encoder", "vae_encode", "denoise", "vae_decode")
 BACKENDS = ("torch", "torch-triton", "ort", "ort-dynamic", "ort-numpy", "trt", "trt-dynamic", "aoti", "aoti-dynamic",
             "diffusers")
+GPU_ONLY = ("torch-triton", "trt", "trt-dynamic")
 # variants of an engine backend: (base backend, its options, engine shape; None: the job's own static shape).
 # ort-numpy: ONNX Runtime through NumPy arrays instead of IO binding (the path before issue 17); *-dynamic:
 # the default `dynamic` build (one build for every shape, issue 12), against the static one in one run.
@@ -72,25 +70,28 @@ class RunResult:
     host_peak: dict[str, int]
     cuda_peak: dict[str, int | None]
     network_seconds: float | None  # time inside network calls (None where it cannot be told: GPU)
-    video: torch.Tensor = field(repr=False)
+    video: torch.Tensor = field(repr=False)  # [3, F, H, W] in [-1, 1]
 
 
 class _Runner:
-    """What both runners share: the timed run, and handing memory back when closed."""
+    """What both runners share: the probe, the timed run, and handing memory back when closed."""
     build_seconds = folder = pipe = None
+
+    def __init__(self, job: Job, device: torch.device, dtype: torch.dtype):
+        self.job, self.device, self.dtype, self.probe = job, device, dtype, Probe(device)
 
     def _measure(self, call, to_video=lambda v: v) -> RunResult:
         """Reset the probe, run `call()` under the end-to-end clock, and collect what the probe saw."""
-        self.probe.clear()
+        p = self.probe
+        p.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stop = start_clock(self.device)
         out = call()  # as users run it: no extra grad mode
-        seconds, s = stop(), self.probe.samples
+        seconds = stop()
         # the scheduler's steps are timed (diffusers, CPU) but are not network work
-        network = sum(v for k, v in self.probe.calls.items() if k != "scheduler")
-        return RunResult(seconds, {k: v.seconds for k, v in s.items()}, {k: v.host_peak for k, v in s.items()},
-                         {k: v.cuda_peak for k, v in s.items()}, network if self.device.type == "cpu" else None,
+        network = sum(v for k, v in p.calls.items() if k != "scheduler") if self.device.type == "cpu" else None
+        return RunResult(seconds, dict(p.seconds), dict(p.host_peak), dict(p.cuda_peak), network,
                          to_video(out).float().cpu())
 
     def close(self) -> None:
@@ -106,17 +107,17 @@ class _Runner:
 
 
 class OursRunner(_Runner):
-    """flf2v's Pipeline on one backend: torch (eager reference), torch-triton, ort (static engines),
-    ort-dynamic, ort-numpy, trt, trt-dynamic, aoti (AOTInductor packages) or aoti-dynamic."""
+    """flf2v's Pipeline on one of BACKENDS but diffusers (engines: built once into `engines_root`)."""
 
     def __init__(self, kind: str, job: Job, device: torch.device, dtype: torch.dtype, engines_root: Path):
-        self.name, self.job, self.device, self.dtype, self.engines_root = kind, job, device, dtype, engines_root
+        super().__init__(job, device, dtype)
+        self.name, self.engines_root = kind, engines_root
 
     def load(self) -> None:
         from flf2v.models import checkpoint as ck
         from flf2v.runtime.torch_backend import TorchBackend
         job, kind = self.job, self.name
-        if kind in ("torch-triton", "trt", "trt-dynamic") and self.device.type != "cuda":
+        if kind in GPU_ONLY and self.device.type != "cuda":
             raise Unavailable("needs a CUDA GPU")
         if kind in ("torch", "torch-triton"):
             backend = TorchBackend(job.ckpt_dir, job.preset, self.dtype, self.device,
@@ -129,9 +130,9 @@ class OursRunner(_Runner):
                 backend = open_backend(base, self.folder, job.ckpt_dir, job.preset, self.device, **options)
             except Exception as e:
                 raise Unavailable(f"open_backend failed: {type(e).__name__}: {e}") from None
-        self.probe = Probe(self.device)
         if self.device.type == "cpu":  # on a GPU a host timer around a call measures the launch only
-            backend = TimedBackend(backend, self.probe)
+            for call in ("encode_text", "encode_image", "vae_encode", "vae_decode", "denoise"):  # the networks
+                setattr(backend, call, self.probe.wrap(call, getattr(backend, call), span=False))
         self.pipe = Pipeline(backend, ck.load_tokenizer(job.ckpt_dir, job.preset), job.preset, self.device)
         self.pipe.times = self.probe
         self.first, self.last = job.frames_in()
@@ -162,27 +163,20 @@ class OursRunner(_Runner):
             raise Unavailable(f"flf2v-build failed; {e}") from None
         return folder
 
-    def run(self) -> RunResult:
+    def run(self, steps: int | None = None) -> RunResult:
         job = self.job
         return self._measure(lambda: self.pipe.generate(
-            job.prompt, self.first, self.last, size=job.size, frame_num=job.frames, sample_steps=job.steps,
+            job.prompt, self.first, self.last, size=job.size, frame_num=job.frames, sample_steps=steps or job.steps,
             sample_shift=job.shift, guide_scale=job.guide, seed=job.seed, negative_prompt=job.negative_prompt,
             progress=False))
 
 
 class DiffusersRunner(_Runner):
-    """The peer: diffusers' WanImageToVideoPipeline (with last_image) on the same checkpoint and settings.
-
-    Instrumented like ours: one probe span (time, peak memory) per stage and nothing per step. Stages are its
-    network calls (text encoder x2, image encoder, VAE encode, VAE decode) and `denoise`, which spans, as ours
-    does, from the end of the VAE encode to the start of the VAE decode: loop setup, every step, and the
-    latent normalisation around it. On the CPU the transformer calls and scheduler steps are also timed with
-    the host clock (no probe), like ours' network calls, for the 'outside network' share."""
+    """The peer: diffusers' WanImageToVideoPipeline (with last_image) on the same checkpoint and settings,
+    instrumented like ours (README "Benchmarks"): a span per network call, and `denoise` from the end of the
+    VAE encode to the start of the VAE decode; on the CPU the host time of its transformer and scheduler calls."""
 
     name = "diffusers"
-
-    def __init__(self, job: Job, device: torch.device, dtype: torch.dtype):
-        self.job, self.device, self.dtype = job, device, dtype
 
     def load(self) -> None:
         try:
@@ -191,8 +185,7 @@ class DiffusersRunner(_Runner):
         except ImportError as e:
             raise Unavailable(f"diffusers not importable ({e})") from None
         self.pipe.set_progress_bar_config(disable=True)
-        p, pr = self.pipe, Probe(self.device)
-        self.probe = pr
+        p, pr = self.pipe, self.probe
         for stage, obj in (("text_encoder", p.text_encoder), ("image_encoder", p.image_encoder)):
             obj.forward = pr.wrap(stage, obj.forward)
         p.vae.encode = pr.wrap("vae_encode", p.vae.encode, after=lambda: pr.start("denoise"))
@@ -202,10 +195,10 @@ class DiffusersRunner(_Runner):
             p.scheduler.step = pr.wrap("scheduler", p.scheduler.step, span=False)
         self.first, self.last = self.job.frames_in()
 
-    def run(self) -> RunResult:
+    def run(self, steps: int | None = None) -> RunResult:
         job = self.job
         return self._measure(lambda: self.pipe(
             image=self.first, last_image=self.last, prompt=job.prompt, negative_prompt=job.negative_prompt,
-            height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=job.steps,
+            height=job.height, width=job.width, num_frames=job.frames, num_inference_steps=steps or job.steps,
             guidance_scale=job.guide, generator=torch.Generator().manual_seed(job.seed), output_type="pt"),
             lambda out: out.frames[0].permute(1, 0, 2, 3) * 2 - 1)  # [F, 3, H, W] in [0, 1] -> ours
