@@ -49,6 +49,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
 
 
+def build_ort(ckpt, folder, *extra) -> float:
+    """Seconds of `flf2v-build` of fp32 ONNX Runtime engines of `ckpt` into `folder`, in a child process."""
+    return run_module("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32",
+                      "--out", str(folder), "--quiet", *extra)
+
+
 def ort_engines(s, folder, *extra) -> tuple[float, Job]:
     """Build seconds of --preset's ONNX Runtime fp32 engines at its default static shape (into `folder`,
     from a random checkpoint) and the Job of that shape with --steps steps. cache and fewstep share it."""
@@ -56,8 +62,7 @@ def ort_engines(s, folder, *extra) -> tuple[float, Job]:
     from flf2v.models.config import get_preset
     preset, ckpt = get_preset(s.args.preset), s.checkpoint(s.args.preset)
     shape = next(iter(engine_shapes(preset).values()))
-    build_s = run_module("flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32",
-                         "--preset", shape.name, "--out", str(folder), "--quiet", *extra)
+    build_s = build_ort(ckpt, folder, "--preset", shape.name, *extra)
     return build_s, Job(ckpt, preset, shape.width, shape.height, shape.frame_num, s.args.steps, preset.sample_shift,
                         preset.sample_guide_scale)
 

@@ -113,8 +113,10 @@ def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: b
 
     def alone(n: str, r) -> None:
         entries[n], warm = load_and_warm(r, warmup_steps)
-        runs[n] += [] if interleave else [r.run() for _ in range(repeats)]
-        memory[n] = [warm] if interleave else runs[n]
+        if interleave:
+            memory[n] = [warm]
+        else:
+            runs[n] = memory[n] = [r.run() for _ in range(repeats)]
 
     for n, r in runners.items():
         attempt(n, lambda: alone(n, r))

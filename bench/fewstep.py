@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import ort_engines, timed_runs
-from .measure import run_module, timed
+from .cache import build_ort, ort_engines, timed_runs
+from .measure import timed
 from .report import Report, table
 from .runners import Job
 
@@ -66,10 +66,8 @@ def lora_costs(folder: Path, ckpt, preset, work: Path) -> dict:
             "torch_load_merged_s": timed(lambda: load_dit(ckpt, torch.float32, preset, loras))[0],
             "ort_session_plain_s": timed(lambda: OrtBackend(folder, ckpt, preset).session("dit_b2"))[0],
             "ort_session_swapped_s": timed(lambda: OrtBackend(folder, ckpt, preset, loras=loras).session("dit_b2"))[0],
-            "ort_rebuild_dit_s": run_module(
-                "flf2v.export.build", "--ckpt_dir", str(ckpt), "--backend", "ort", "--precision", "fp32", "--cfg_batch",
-                "both", "--out", str(work / "fewstep-engines-lora"), "--quiet", "--graphs", "dit_b2", "--lora",
-                str(lora_path))}
+            "ort_rebuild_dit_s": build_ort(ckpt, work / "fewstep-engines-lora", "--cfg_batch", "both", "--graphs",
+                                           "dit_b2", "--lora", str(lora_path))}
 
 
 def run(s) -> Report:
@@ -79,7 +77,7 @@ def run(s) -> Report:
     s.settle()
     r = {"onnxruntime": onnxruntime.__version__, "build_s": build_s, "sampling": sampling(folder, job),
          "lora": lora_costs(folder, job.ckpt_dir, job.preset, s.work)}
-    (a, b), lc = r["sampling"].values(), r["lora"]
+    a, b, lc = r["sampling"]["cfg"], r["sampling"]["few-step CFG-free"], r["lora"]
     return Report("few-step / CFG-free and LoRA costs", r, [
         "ONNX Runtime fp32 engines (batch-2 and batch-1 DiT) · one timed run each after a warm-up.", "",
         *table(["run", "DiT calls", "DiT forwards (batch rows)", "denoise (s)", "end to end (s)"],

@@ -87,11 +87,13 @@ class Run:
         if self.paths is None:
             return
         with self.lock:  # the watchdog may save while the main thread writes: retry a dict changed mid-copy
-            for attempt in range(5):  # the last try raises
-                with contextlib.suppress(RuntimeError) if attempt < 4 else contextlib.nullcontext():
+            for _ in range(5):
+                with contextlib.suppress(RuntimeError):
                     res = json.loads(json.dumps(self.results, default=_jsonable))
                     break
                 time.sleep(0.05)
+            else:  # the last try raises
+                res = json.loads(json.dumps(self.results, default=_jsonable))
         res["seconds"] = round(time.monotonic() - self.t0, 1)
         for path, text in zip(self.paths, (json.dumps(res, indent=2) + "\n", render_md(res))):
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

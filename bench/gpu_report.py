@@ -34,11 +34,20 @@ def render_md(res: dict) -> str:
         lines += [f"Skipped: {p['reason']}", ""] if p.get("reason") else []
         lines += ["```", p["traceback"].rstrip(), "```", ""] if p.get("traceback") else []
         if p.get("data"):
-            cells, apart = _flatten({"machine": m} | p["data"] if key == "environment" else p["data"])
-            lines += report.table(["item", "value"], cells.items()) if cells else []
-            for name, rows in apart.items():
-                lines += [""] + _table(name, rows, 3)
+            try:
+                lines += _part(p["data"] if key != "environment" else {"machine": m} | p["data"])
+            except Exception as e:  # noqa: BLE001 - a rendering bug must not lose the JSON written beside it
+                lines.append(f"(could not render this part: {type(e).__name__}: {e}; see the JSON)")
     return "\n".join(lines) + "\n"
+
+
+def _part(data: dict) -> list[str]:
+    """A part's figures as an item / value table, then a table for each list or dict of rows."""
+    cells, apart = _flatten(data)
+    lines = report.table(["item", "value"], cells.items()) if cells else []
+    for name, rows in apart.items():
+        lines += [""] + _table(name, rows, 3)
+    return lines
 
 
 def _table(title: str, rows, level: int) -> list[str]:

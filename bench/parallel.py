@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .report import Report, table
@@ -87,32 +86,26 @@ def measure(job: dict) -> None:
     from flf2v.runtime import parallel as P
     from flf2v.runtime.media import load_image
     from flf2v.runtime.pipeline import Pipeline
+
+    from .measure import Probe
     par = P.init(2 if "ulysses" in job["flags"] else 1, "cfg_parallel" in job["flags"], torch.device("cpu"))
     pipe = Pipeline.from_checkpoint(job["ckpt"], parallel=par, **({"dit_fsdp": True} if "dit_fsdp" in job["flags"]
                                                                  else {}))
-    spent = {"dit": 0.0, "gather": 0.0}
-
-    def metered(key, fn):
-        def call(*a):
-            t0 = time.perf_counter()
-            out = fn(*a)
-            spent[key] += time.perf_counter() - t0
-            return out
-        return call
+    meter = Probe(torch.device("cpu"))  # host time inside the calls, no spans
     for name in ("denoise", "denoise_full"):
-        setattr(pipe.backend, name, metered("dit", getattr(pipe.backend, name)))
+        setattr(pipe.backend, name, meter.wrap("dit", getattr(pipe.backend, name), span=False))
     if par is not None and par.cfg is not None:  # CFG-parallel's all-gather, waiting for the other branch included
-        par.cfg.gather = metered("gather", par.cfg.gather)
+        par.cfg.gather = meter.wrap("gather", par.cfg.gather, span=False)
     frames = [load_image(Path(job["frames"]) / n) for n in ("first.png", "last.png")]
     kw = dict(seed=1, sample_steps=job["steps"], progress=False, output="latent")
     pipe.generate("a ball", *frames, **kw)  # warm-up
-    spent.update(dit=0.0, gather=0.0)
+    meter.clear()
     pipe.generate("a ball", *frames, **kw)
     n = job["steps"]
-    step, dit = pipe.times.seconds["denoise"] / n, spent["dit"] / n
+    step, dit = pipe.times.seconds["denoise"] / n, meter.calls.get("dit", 0.0) / n
     if par is None or par.is_main:
         Path(job["result"]).write_text(json.dumps({
-            "step_s": step, "dit_s": dit, "other_s": step - dit, "gather_s": spent["gather"] / n,
+            "step_s": step, "dit_s": dit, "other_s": step - dit, "gather_s": meter.calls.get("gather", 0.0) / n,
             "processes": 1 if par is None else par.world}))
     P.shutdown()
 

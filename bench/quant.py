@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from flf2v.models.config import get_preset
 from flf2v.models.dit import WanDiT
-from flf2v.models.quant import BLOCK_LINEARS, block_linear_names, capture_inputs, layer_errors, quantize_dit
-from flf2v.models.quant import dequantize_weight as dequantize  # the name tests/test_bench.py uses
-from flf2v.models.quant import quantize_tokens, quantize_weight
+from flf2v.models.quant import (BLOCK_LINEARS, block_linear_names, capture_inputs, dequantize_weight, layer_errors,
+                                quantize_dit, quantize_tokens, quantize_weight)
 
 from . import cost
 from .measure import BadInput, timed
@@ -152,7 +151,7 @@ def scale_errors(dit, inputs: dict[str, torch.Tensor]) -> dict:
         xq, xs = quantize_tokens(x)
         xd, ref = xq.float() * xs, F.linear(x.float(), w, b)
         for scheme, block in (("per-channel", None), ("blockwise", 128)):
-            wd = dequantize(*quantize_weight(w, block), block)
+            wd = dequantize_weight(*quantize_weight(w, block), block)
             errs[f"weight {scheme}"][name] = rel(wd, w)
             errs[f"output {scheme}"][name] = rel(F.linear(xd, wd, b), ref)
     return {k: {kind: v["mean"] for kind, v in by_kind(e).items()} for k, e in errs.items()}

@@ -461,7 +461,7 @@ def test_quant_mode_floors_split_and_layer_errors():
         assert abs(scales["output per-channel"][kind] - table[kind]["mean"]) < 0.1 * table[kind]["mean"], kind
         assert 0.015 < scales["weight per-channel"][kind] < 0.04 and 0.015 < scales["weight blockwise"][kind] < 0.04
     w = torch.randn(200, 72)  # out % 128 != 0: partial blocks at both edges
-    assert q.rel(q.dequantize(*q.quantize_weight(w, 128), 128), w) < 0.04
+    assert q.rel(q.dequantize_weight(*q.quantize_weight(w, 128), 128), w) < 0.04
 
 
 def test_quant_checkpoint_mode_gates_the_checkpoints_first_blocks(tiny_ckpt, tmp_path, capsys):

@@ -370,3 +370,20 @@ def test_kernels_in_package_reads_names_and_code(tmp_path):
         z.writestr("p/data/weights/w0.bin", b"norm_rope: a weight file's bytes are not code")
         z.writestr("p/data/aotinductor/model/other.cpp", "cpp_fused_mul_0(...);")
     assert kernels_in(path) == ["cross_attn_fwd", "self_attn_fwd"]
+
+
+def test_report_renders_each_part_and_a_rendering_bug_loses_only_that_part(monkeypatch):
+    """The Markdown is made from each part's data alone; a part whose rendering raises says so in one line and
+    the other parts' tables stay (the JSON is written beside it either way)."""
+    from flf2v.bench import gpu_report as R
+    res = {"mode": "smoke", "machine": {}, "started": "2026-12-06T21:00:00", "budget_s": 450.0, "parts": {
+        "kernels": {"number": 2, "title": "kernels", "status": "ok",
+                    "data": {"dtype": "float32", "rows": [{"name": "triton fused", "ms": 1.25}]}},
+        "quant": {"number": 8, "title": "8-bit", "status": "ok", "data": {"tokens": 75600}}}}
+    md = R.render_md(res)
+    assert "| triton fused | 1.25 |" in md and "| tokens | 75600 |" in md, md
+    real = R._part
+    monkeypatch.setattr(R, "_part", lambda data: real(data) if "rows" in data else 1 / 0)
+    md = R.render_md(res)
+    assert "(could not render this part: ZeroDivisionError" in md and "| triton fused | 1.25 |" in md, md
+    assert "## 8. 8-bit: ok" in md, md
