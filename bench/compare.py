@@ -240,17 +240,8 @@ def run(s) -> Report | None:
                 "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
                 "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
     result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "backends": backends,
-              "notes": PEER_NOTES + ([busy_note(s.load)] if s.load["busy_before"] else []),
-              "targets": targets(backends)}
+              "notes": PEER_NOTES, "targets": targets(backends)}
     return Report("benchmark", result, markdown(result, s.machine), chart=True)
-
-
-def busy_note(load: dict) -> str:
-    return (f"The machine was busy: 1-minute load average {load['before'][0]:.1f} when the timing started "
-            f"({load['cpus']} CPUs; waited {load['waited_seconds']:.0f} s for it to drop below "
-            f"{load['busy_above']:.1f}). Other processes on the cores inflate every time and its spread, torch's "
-            f"OpenMP-threaded small ops most (each parallel region waits for a descheduled thread); compare only "
-            f"runs made on an idle machine.")
 
 
 # ---- Markdown ------------------------------------------------------------------------------------------

@@ -23,17 +23,15 @@ the backend's own attention (`onnx`, the default): as TensorRT plugins (export/p
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
 under `engines/<target>-plugin/<key>/<shape>/`; `--attention sage` the same with the 8-bit self-attention
 (TensorRT: export/sage_graph.py's quantization ops and the sage plugin), under `engines/<target>-sage/`.
-`--quant fp8` builds the DiT with its blocks' linears in FP8 (models/quant.py; ONNX Q/DQ, export/qdq.py),
-under the build key `<model>-<precision>-fp8-<checkpoint>`; `--weight_streaming` one whose DiT blocks stream
-(`-stream`; TensorRT or export/aoti_stream.py).
+`--quant fp8`: the DiT's block linears in FP8 (models/quant.py; ONNX Q/DQ, export/qdq.py), build key
+`<model>-<precision>-fp8-<checkpoint>`; `--weight_streaming`: DiT blocks streamed (`-stream`; TensorRT or
+export/aoti_stream.py).
 
-The folder layout, manifest schema and checkpoint fingerprint are export/manifest.py's. An engine is
-current when its entry's `key` (graph contract, precision, checkpoint and code fingerprints, tool versions,
-builder options, GPU; for the DiT also the attention option and, for plugins, the kernels' code) matches
-and its files have the recorded sizes; current engines are skipped. Every file is written under a
-temporary name and renamed when complete; the manifest is rewritten (atomically) after each engine, so a
-killed build keeps what it finished and redoes the rest. Two builds into one folder serialise on `.lock`.
-"""
+Folder layout, manifest schema, fingerprints: export/manifest.py. An engine whose entry's `key` (contract,
+precision, checkpoint and code fingerprints, tool versions, builder options, GPU, attention, kernels' code)
+matches and whose files have the recorded sizes is current and skipped. Files are written under temporary
+names and renamed; the manifest is rewritten atomically per engine: a killed or interrupted (Ctrl-C: exit
+130) build keeps what it finished and redoes the rest. Two builds into one folder serialise on `.lock`."""
 from __future__ import annotations
 
 import argparse
@@ -287,6 +285,7 @@ def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, lo
     try:
         preset = ck.preset_for(ckpt_dir)
         eshape = C.get_shape(preset, shape)
+        ck.check_files(ckpt_dir, preset)
     except (ck.CheckpointError, ValueError) as e:
         raise BuildError(str(e)) from None
     backend = resolve_backend(backend, attention)
@@ -439,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flf2v-build: error: {e.strerror or e} ({e.filename or args.out}); choose another --out or free "
               f"space", file=sys.stderr)
         return 2
-    n = len(M.load(folder).get("engines", {}))
-    print(f"{folder}: {n} engines current")
+    except KeyboardInterrupt:  # each engine lands whole (renamed into place): those finished stay current
+        print("flf2v-build: error: interrupted; the engines finished are kept, the same command builds the rest",
+              file=sys.stderr)
+        return 130
+    print(f"{folder}: {len(M.load(folder).get('engines', {}))} engines current")
     return 0
 
 

@@ -216,9 +216,10 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
             p = folder / f
             if not p.is_file() or p.stat().st_size != size:
                 raise EngineError(f"{p}: missing or damaged engine file ({name}); {hint}")
-    missing = [g for g in COMPONENT_GRAPHS if g not in engines]
-    if missing or not any(g.startswith("dit_b") for g in engines):
-        raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing) or 'dit'}); {hint}")
+    missing = [g for g in COMPONENT_GRAPHS if g not in engines] + ([] if any(g.startswith("dit_b") for g in engines)
+                                                                  else ["the DiT"])
+    if missing:
+        raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing)}); {hint}")
     return m
 
 
@@ -273,14 +274,14 @@ def _check_types(m: dict) -> None:
 
 
 def folders_under(root) -> list[Path]:
-    """Engine folders at `root` or up to two levels below it (a target root holds a folder per build key,
-    each a folder per shape)."""
+    """Engine folders at `root` or up to three levels below it (engines/ holds a folder per target, each a
+    folder per build key, each a folder per shape)."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         return [root]
     if not root.is_dir():
         return []
-    return sorted({p.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for p in root.glob(pattern)})
+    return sorted({p.parent for depth in (1, 2, 3) for p in root.glob("*/" * depth + MANIFEST)})
 
 
 def lora_ids(entries) -> list[tuple[str, float]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,15 +152,33 @@ def _comfyui(d: Path, files: list[Path]) -> Layout:
     for role in ("dit", "t5", "clip", "vae"):
         got = by_role.get(role, [])
         if len(got) != 1:
-            flag = f"--{role}"
-            why = (f"no {role} file" if not got else
-                   f"{len(got)} {role} files ({', '.join(f.name for f, _ in got)})")
-            raise CheckpointError(f"{d}: ComfyUI folder with {why}; give the file with {flag} FILE (flf2v-run and "
-                              f"flf2v-build take --dit, --t5, --clip, --vae)")
+            why = (f"no {role} file; add it" if not got else
+                   f"{len(got)} {role} files ({', '.join(f.name for f, _ in got)}); keep one")
+            raise CheckpointError(f"{d}: ComfyUI folder with {why}, or give the four files with --dit, --t5, --clip "
+                                  f"and --vae FILE (and --tokenizer DIR) instead of --ckpt_dir")
         f, prefix = got[0]
         parts[role] = Part((f,), "official" if role in ("dit", "vae") else "transformers", prefix)
     tok = next((d / t for t in TOKENIZER_FOLDERS if (d / t).is_dir()), None)
     return Layout(COMFYUI, d, parts, tok, None)
+
+
+def _check_file(role: str, given, path: Path) -> None:
+    """CheckpointError unless `path` is a whole safetensors file of network `role` (header only)."""
+    if not path.is_file():
+        raise CheckpointError(f"--{role} {given}: no such file")
+    if zipfile.is_zipfile(path):  # the official umT5, CLIP and VAE files are PyTorch .pth zips
+        raise CheckpointError(f"--{role} {given}: a PyTorch .pth file, not safetensors; the official .pth files "
+                              f"load from their checkpoint folder: pass it as --ckpt_dir")
+    keys = safetensors_keys(path)
+    found, prefix = role_of(keys)
+    if found is None:
+        raise CheckpointError(f"--{role} {given}: holds none of Wan2.1's networks under the official or ComfyUI "
+                              f"names; a diffusers model loads from its folder: pass that as --ckpt_dir")
+    if found != role:
+        raise CheckpointError(f"--{role} {given}: holds the {found} weights, not the {role}'s; pass it as --{found}")
+    if role == "dit" and prefix + "patch_embedding.weight" not in keys:
+        raise CheckpointError(f"--dit {given}: a part of a DiT (no patch_embedding.weight), one shard of a sharded "
+                              f"checkpoint: pass its folder as --ckpt_dir")
 
 
 def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path) -> Path:
@@ -175,12 +194,7 @@ def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path
                               f"--clip and --vae (or put them in one folder and pass --ckpt_dir)")
     paths = {role: Path(files[role]).resolve() for role in ROLE_KEYS}
     for role, path in paths.items():
-        if not path.is_file():
-            raise CheckpointError(f"--{role} {files[role]}: no such file")
-        found = role_of(safetensors_keys(path))[0]
-        if found != role:
-            raise CheckpointError(f"--{role} {files[role]}: holds " + (f"the {found} weights, not the {role}'s; "
-                                  f"pass it as --{found}" if found else "none of Wan2.1's networks"))
+        _check_file(role, files[role], path)
     tok = Path(tokenizer).resolve() if tokenizer else None
     if tok is not None and not tok.is_dir():
         raise CheckpointError(f"--tokenizer {tokenizer}: no such folder (give the folder of umT5's tokenizer files)")

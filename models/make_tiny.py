@@ -169,9 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flf2v-make-tiny: error: {dest} exists and is not a tiny checkpoint written by this tool; "
               f"choose an empty or new directory", file=sys.stderr)
         return 2
-    write_tiny_checkpoint(dest, args.preset, args.seed)
-    if args.frames:
-        write_demo_frames(args.frames)
+    if args.frames and Path(args.frames).exists() and not Path(args.frames).is_dir():
+        print(f"flf2v-make-tiny: error: --frames {args.frames} is a file; give a directory for the two frames",
+              file=sys.stderr)
+        return 2
+    try:
+        write_tiny_checkpoint(dest, args.preset, args.seed)
+        if args.frames:
+            write_demo_frames(args.frames)
+    except OSError as e:  # a read-only or full disk: said in one line
+        print(f"flf2v-make-tiny: error: {e.strerror or e} ({e.filename or dest}); choose another directory",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.preset} checkpoint (random weights, seed {args.seed}) to {dest}")
     return 0
 

@@ -104,5 +104,12 @@ def _getter(key: str, reads: list[Callable], scales: list, component: str) -> Ca
     if len(reads) == 1 and scales[0] is None and component != "clip":
         return reads[0]  # a plain rename keeps the file's getter (and its row reads for sharded loading)
     if component == "clip":
-        return lambda: _clip_value(key, [value(r, s) for r, s in zip(reads, scales)])
-    return lambda: value(reads[0], scales[0])
+        def get():
+            return _clip_value(key, [value(r, s) for r, s in zip(reads, scales)])
+    else:
+        def get():
+            return value(reads[0], scales[0])
+    if all(hasattr(r, "shape") for r in reads):  # from the files' headers: checked before any weight is read
+        get.shape = lambda: _clip_value(key, [torch.empty(r.shape(), device="meta") for r in reads]).shape \
+            if component == "clip" else reads[0].shape()
+    return get

@@ -183,9 +183,13 @@ def check_attention(args, device: torch.device) -> None:
 
 
 def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> None:
-    """`flf2v-run --plan`: the memory plans of the run printed, nothing loaded."""
+    """`flf2v-run --plan`: the memory plans of the run printed, the one the run would take marked (the planning
+    flags narrow them as they narrow the run's); nothing loaded."""
     from . import memory_plan as M
-    print(M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device)))
+    check_quant(args, device)
+    allowed, what = _plan_filter(args, preset)
+    print(M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device), allowed=allowed,
+                  what=what))
 
 
 def _video(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
@@ -202,37 +206,44 @@ def _gpu_bytes(args, device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else M.host_memory()
 
 
-def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
-    """The run's memory plan (runtime/memory_plan.py) on --backend torch, or for the engines (TensorRT or
-    aoti) of manifest `engines` built with STREAM=1: planned for --gpu_memory, else on CUDA for the GPU's
-    free memory; None on a CPU without planning flags (host and device are one memory). The flags
-    --offload_model, --t5_cpu and --offload narrow the plans to those they name."""
-    from . import memory_plan as M
+def _plan_filter(args, preset, engines=None):
+    """(allowed(plan), the flags said for messages): the plans --offload_model, --t5_cpu and --offload leave, and
+    for engines (manifest `engines`) those their DiT layouts run. InputError for a flag that cannot apply."""
     blocks = getattr(args, "offload_blocks", None)
-    flags = args.offload is not None or args.t5_cpu or args.offload_model is not None
-    if args.gpu_memory is None and device.type != "cuda" and not flags:
-        return None
     if engines is not None and args.t5_cpu:
         raise InputError("--t5_cpu applies to --backend torch; engines run T5 on the GPU and release it before the "
                          "DiT loads: drop --t5_cpu")
+    if blocks is not None and not blocks < preset.dit.num_layers:
+        raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
+                         f"resident, or drop --offload")
     layouts = {int(g[len("dit_b"):]) for g in (engines or {}).get("engines", {}) if g.startswith("dit_b")}
-    video, gpu = _video(args, preset, height, width, frames, device, engines), _gpu_bytes(args, device)
 
     def allowed(p) -> bool:
         engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts)
         return ((not args.t5_cpu or p.t5_cpu) and (args.offload_model is None or p.offload_model == args.offload_model)
                 and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks)
                 and engine_ok)
-    what = " with " + " ".join(f for f, on in (("--t5_cpu", args.t5_cpu), (f"--offload {args.offload}", args.offload),
-                                               (f"--offload_model {args.offload_model}", args.offload_model is not None))
-                               if on) if flags else ""
+    flags = [f for f, on in (("--t5_cpu", args.t5_cpu), (f"--offload {args.offload}", args.offload is not None),
+                             (f"--offload_model {args.offload_model}", args.offload_model is not None)) if on]
+    what = " with " + " ".join(flags) if flags else ""
     if engines is not None and 1 not in layouts:
         aoti = " BACKEND=aoti" if engines.get("backend") == "aoti" else ""
         what += f" for these engines (DiT batch 2 only; make engines{aoti} CFG_BATCH=1 STREAM=1 adds batch 1)"
-    if blocks is not None and not blocks < preset.dit.num_layers:
-        raise InputError(f"--offload blocks:{blocks}: {preset.name} has {preset.dit.num_layers} blocks; keep fewer "
-                         f"resident, or drop --offload")
-    return M.choose(video, gpu, allowed, what=what)
+    return allowed, what
+
+
+def memory_plan(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):
+    """The run's memory plan (runtime/memory_plan.py) on --backend torch, or for the engines (TensorRT or
+    aoti) of manifest `engines` built with STREAM=1: planned for --gpu_memory, else on CUDA for the GPU's
+    free memory; None on a CPU without planning flags (host and device are one memory). The flags
+    --offload_model, --t5_cpu and --offload narrow the plans to those they name."""
+    from . import memory_plan as M
+    flags = args.offload is not None or args.t5_cpu or args.offload_model is not None
+    if args.gpu_memory is None and device.type != "cuda" and not flags:
+        return None
+    allowed, what = _plan_filter(args, preset, engines)
+    return M.choose(_video(args, preset, height, width, frames, device, engines), _gpu_bytes(args, device), allowed,
+                    what=what)
 
 
 def _torch_backend(args, preset, device: torch.device, loras, parallel, plan=None):

@@ -130,6 +130,7 @@ class Job:
         preset = ck.preset_for(args.ckpt_dir)
         check_model(args, preset)
         ck.tokenizer_folder(args.ckpt_dir)
+        ck.check_files(args.ckpt_dir, preset)
         self.checkpoint = describe(args.ckpt_dir)
         if _rank() == 0:  # said as the backend line is, under --quiet too
             dtypes = ", ".join(f"{k} {v}" for k, v in self.checkpoint["dtypes"].items())

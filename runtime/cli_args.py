@@ -177,6 +177,10 @@ def check_args(args) -> None:
     """The checkpoint folder (or its files), frames given, output paths writable, engine folder present,
     parallel flags that fit the processes."""
     from flf2v.models.layouts import CheckpointError, ckpt_dir_of
+    for flag in ("ckpt_dir", "dit", "t5", "clip", "vae", "tokenizer", "first_frame", "last_frame", "image", "size",
+                 "save_file", "metrics", "engines", "cache_calibration"):
+        if getattr(args, flag, None) == "":  # an unset shell variable: the default would run unasked
+            raise InputError(f"--{flag} is empty; give a value or drop the flag")
     try:
         args.ckpt_dir = ckpt_dir_of(args)
     except CheckpointError as e:
@@ -201,8 +205,20 @@ def check_args(args) -> None:
         check_folder("--save_file", "(default)", Path.cwd())
     if args.metrics:
         check_output("--metrics", args.metrics)
+        check_metrics_path(args)
     check_processes(args)
     check_memory_flags(args)
+
+
+def check_metrics_path(args) -> None:
+    """--metrics replaces whatever its path holds: a .json file, never one of the run's inputs (a checkpoint's
+    config.json, an engine folder's manifest.json)."""
+    if not args.metrics.lower().endswith(".json"):
+        raise InputError(f"--metrics {args.metrics} must end in .json")
+    path = Path(args.metrics).resolve()
+    for flag, folder in (("checkpoint folder --ckpt_dir", args.ckpt_dir), ("engine folder --engines", args.engines)):
+        if folder and path.is_relative_to(Path(folder).resolve()):
+            raise InputError(f"--metrics {args.metrics} is inside the {flag} {folder}; write it elsewhere")
 
 
 def check_memory_flags(args) -> None:

@@ -18,6 +18,7 @@ refused before anything loads, naming the smallest card it needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -125,12 +126,13 @@ def stage_bytes(video: Video, plan: Plan) -> dict[str, int]:
 
 
 def _host_bytes(video: Video, plan: Plan) -> tuple[int, int]:
-    """(host bytes held for the device, of them pinned) under `plan`."""
+    """(host bytes held for the device, of them pinned) under `plan`. Offloaded, the DiT's outer layers and
+    resident blocks are on the host too outside the loop: with the streamed blocks, the whole DiT."""
     w = sizes.weight_bytes(video.preset, video.dtype_bytes, video.quant)
     n = video.preset.dit.num_layers
     streamed = (n - plan.blocks) * w["dit_block"] if plan.blocks is not None else 0
-    dit = w["dit_outer"] + n * w["dit_block"] if plan.offload_model and plan.blocks is None else 0
-    return streamed + dit + (w["t5"] if plan.t5_cpu else 0), streamed
+    rest = w["dit_outer"] + n * w["dit_block"] - streamed if plan.offload_model else 0
+    return streamed + rest + (w["t5"] if plan.t5_cpu else 0), streamed
 
 
 def candidates(video: Video, allowed=None):
@@ -178,18 +180,20 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
                          f"least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over 90% "
                          f"of {host_bytes / GiB:.1f} GiB; add RAM{fp8}")
     need = min((finish(video, p, 0) for p in plans), key=lambda p: p.peak)
+    card = math.ceil((need.peak + RESERVE) / GiB * 10) / 10  # rounded up: a card of that size fits
     raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB at {video.width}x{video.height}, "
-                     f"{video.frames} frames ({video.preset.name}): it needs a {(need.peak + RESERVE) / GiB:.1f} GiB "
-                     f"card ({need.name}); lower --size or --frame_num{fp8}")
+                     f"{video.frames} frames ({video.preset.name}): it needs a {card:.1f} GiB card ({need.name}); "
+                     f"lower --size or --frame_num{fp8}")
 
 
-def table(video: Video, gpu_bytes: int, host_bytes: int | None = None) -> str:
-    """`flf2v-run --plan`: every plan level with its bytes per stage, the chosen one marked."""
+def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=None, what: str = "") -> str:
+    """`flf2v-run --plan`: every plan level with its bytes per stage, the one `choose` takes marked (among those
+    `allowed`), or why none fits."""
     budget = gpu_bytes - RESERVE
     try:
-        chosen = choose(video, gpu_bytes, host_bytes=host_bytes).name
-    except InputError:
-        chosen = None
+        chosen, why = choose(video, gpu_bytes, allowed, host_bytes, what).name, ""
+    except InputError as e:
+        chosen, why = None, str(e)
     lines = [f"memory plans for {video.preset.name} at {video.width}x{video.height}, {video.frames} frames, "
              f"{'fp8' if video.quant == 'fp8' else f'{8 * video.dtype_bytes}-bit'} weights, on "
              f"{gpu_bytes / GiB:.0f} GiB ({RESERVE / GiB:.0f} GiB reserved); device GiB per stage:",
@@ -200,7 +204,7 @@ def table(video: Video, gpu_bytes: int, host_bytes: int | None = None) -> str:
         b = dict(p.stages)
         mark = "*" if p.name == chosen else " "
         lines.append(f"{mark} " + "  ".join(f"{b[s] / GiB:12.1f}" for s in STAGES) + f"  {p.host / GiB:8.1f}  {p.name}")
-    lines.append(f"* chosen: {chosen}" if chosen else "no plan fits: see the smallest peak above")
+    lines.append(f"* chosen: {chosen}" if chosen else why)
     lines.append("(blocks:N streams all but N DiT blocks; of the streamed plans only the chosen one and the "
                  "smallest are shown)")
     return "\n".join(lines)

@@ -51,6 +51,24 @@ def test_killed_build_leaves_nothing_taken_for_finished(tiny_engines, tiny_ckpt,
     assert set(REDO) <= set(m["engines"]) and not list(work.glob(".*partial*"))
 
 
+def test_ctrl_c_is_one_line_exit_130_and_keeps_what_finished(tiny_engines, tiny_ckpt, tmp_path):
+    """SIGINT as a user's terminal sends it, mid-export: one line, exit 130, no partial file, the finished
+    engines whole (the same command then builds the rest)."""
+    work = shutil.copytree(tiny_engines, tmp_path / "e")
+    _forget(work, REDO)
+    p = subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.glob(".*partial*")):  # an export under way
+        time.sleep(0.05)
+    assert list(work.glob(".*partial*")), "the build never started an export"
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == 130 and err.startswith("flf2v-build: error: interrupted;") and "\n" not in err, err
+    _complete(work)
+    assert not list(work.glob(".*partial*")), list(work.iterdir())
+
+
 def test_two_builds_into_one_folder(tiny_engines, tiny_ckpt, tmp_path):
     """While the folder's lock is held (as by a build under way), two more builds into it both wait and
     touch nothing; once it is released they run one after the other and leave a complete folder."""

@@ -141,6 +141,10 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
     assert main([str(tmp_path / "photo.jpg")]) == 2
     err = capsys.readouterr().err.strip()
     assert "photo.jpg is a file" in err and len(err.splitlines()) == 1, err
+    assert main([str(tmp_path / "new"), "--frames", str(tmp_path / "photo.jpg")]) == 2  # checked before writing
+    err = capsys.readouterr().err.strip()
+    assert "--frames" in err and "photo.jpg is a file" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
 
 
 # -- damaged checkpoints: one clear error naming the file (and key) ------------------------------------
@@ -185,6 +189,22 @@ def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
     with pytest.raises(ck.CheckpointError, match=match) as e:
         load(c)
     assert "\n" not in str(e.value)
+
+
+def test_pth_cut_anywhere_or_a_folder_is_one_line_naming_the_file(tiny_ckpt, tmp_path):
+    """torch.load(mmap=True) reports a cut .pth as RuntimeError or, cut elsewhere, as OSError (EINVAL from the
+    mmap): both are the file's damage, as is a folder where the file should be."""
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    data = (c / ck.T5_FILE).read_bytes()
+    for cut in (1, 2, 3, 4, 5, 6, 7):
+        (c / ck.T5_FILE).write_bytes(data[: len(data) * cut // 8])
+        with pytest.raises(ck.CheckpointError, match=f"{ck.T5_FILE}: unreadable checkpoint .*; re-download it") as e:
+            ck.load_t5(c)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300, (cut, str(e.value))
+    (c / ck.T5_FILE).unlink()
+    (c / ck.T5_FILE).mkdir()
+    with pytest.raises(ck.CheckpointError, match=f"{ck.T5_FILE}: a folder, not a file"):
+        ck.load_t5(c)
 
 
 class _Payload:

@@ -103,18 +103,32 @@ def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_pat
     ("--save_file", "file/v.mp4", "is a file, not a folder"),
     ("--metrics", "dir.mp4", "is a folder"),
     ("--metrics", "file/deeper/m.json", "is a file, not a folder"),
+    ("--metrics", "v.mp4", "must end in .json"),  # written over the video, or a frame, after the run
+    ("--metrics", "ckpt/config.json", "inside the checkpoint folder"),
 ])
 def test_output_paths_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                        flag, where, match):
     (tmp_path / "dir.mp4").mkdir()
     (tmp_path / "file").write_text("not a folder")
     _no_weights(monkeypatch)
-    target = str(tmp_path / where)
+    target = str(tiny_ckpt / where.removeprefix("ckpt/") if where.startswith("ckpt/") else tmp_path / where)
     args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + [flag, target]
     assert run(args) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and target in err and len(err.splitlines()) == 1, err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["dir.mp4", "file"]  # nothing left behind
+
+
+@pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame"])
+def test_an_empty_value_is_refused_not_taken_for_the_default(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
+                                                             flag):
+    """`--size "$SIZE"` with SIZE unset must not quietly run the default size (or write the default file)."""
+    _no_weights(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + [flag, ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flag} is empty" in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fractional_fps(tiny_ckpt, demo_frames, tmp_path):

@@ -159,6 +159,7 @@ def test_two_checkpoints_never_share_a_default_folder(tiny_ckpt, other_ckpt, tmp
     assert {p.name: p.stat().st_mtime_ns for p in a.iterdir()} == a_files  # untouched
     assert a.parent.parent == b.parent.parent == M.target_root("ort") and a.name == b.name == "tiny"
     assert sorted(M.folders_under(M.target_root("ort"))) == sorted([a, b])
+    assert sorted(M.folders_under("engines")) == sorted([a, b])  # `--engines engines`: the root of every target
 
 
 def test_a_build_never_replaces_another_checkpoints_engines_unasked(tiny_ckpt, other_ckpt, tmp_path, capsys):

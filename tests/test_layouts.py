@@ -231,7 +231,7 @@ def test_missing_and_unexpected_keys_are_named(layouts, comfy_copy):
 def test_comfyui_folder_needs_one_file_per_network_and_a_tokenizer(comfy_copy):
     shutil.copy(comfy_copy / "wan2.1_flf2v_720p_14B_fp16.safetensors", comfy_copy / "wan2.1_flf2v_fp8.safetensors")
     msg = _error(ck.preset_for, comfy_copy)
-    assert "2 dit files" in msg and "--dit FILE" in msg, msg
+    assert "2 dit files" in msg and "keep one" in msg and "instead of --ckpt_dir" in msg, msg
     (comfy_copy / "wan2.1_flf2v_fp8.safetensors").unlink()
     shutil.rmtree(comfy_copy / "tokenizer")
     msg = _error(ck.load_tokenizer, comfy_copy)
@@ -300,6 +300,12 @@ def _bad_case(layouts, tmp_path, case):
         mixed = shutil.copytree(official, tmp_path / "mixed")
         shutil.copy(layouts["diffusers"] / "model_index.json", mixed)
         return ["--ckpt_dir", str(mixed)], "two checkpoint layouts"
+    if case == "official-vae":  # a .pth: its tensors' shapes from the memory-mapped file, none read
+        o = shutil.copytree(official, tmp_path / "o")
+        sd = torch.load(o / ck.VAE_FILE, weights_only=True)
+        key = next(iter(sd))
+        torch.save({**sd, key: torch.zeros(3, *sd[key].shape)}, o / ck.VAE_FILE)
+        return ["--ckpt_dir", str(o)], f"{ck.VAE_FILE}: {key!r} has shape (3, "
     c = shutil.copytree(comfy, tmp_path / "c")
     dit = c / "wan2.1_flf2v_720p_14B_fp16.safetensors"
     if case == "truncated":
@@ -308,7 +314,24 @@ def _bad_case(layouts, tmp_path, case):
     if case == "t2v":
         save_file({k: v for k, v in load_file(dit).items() if "img_emb" not in k and "_img" not in k}, dit)
         return _file_flags(c), "T2V DiT"
+    if case == "other-t5":  # a umT5 without the per-block position biases (T5 v1.1's layout, as Flux's t5xxl)
+        t5 = c / "umt5_xxl_fp16.safetensors"
+        save_file({k: v for k, v in load_file(t5).items() if "relative_attention_bias" not in k or ".block.0." in k},
+                  t5)
+        return ["--ckpt_dir", str(c)], f"{t5.name}: missing key 'encoder.block.1.layer.0.SelfAttention.relative"
+    if case == "other-clip":  # a CLIP tower of another width: only the files' headers can tell before it loads
+        clip = c / "clip_vision_h.safetensors"
+        save_file({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 16) if k.endswith("class_embedding") else v
+                   for k, v in load_file(clip).items()}, clip)
+        return ["--ckpt_dir", str(c)], f"{clip.name}: 'cls_embedding' has shape (1, 1, 80), the model needs (1, 1, 64)"
+    if case == "dit-part":  # one shard of a sharded DiT holds the head but not the patch embedding
+        save_file({k: v for k, v in load_file(dit).items() if "patch_embedding" not in k}, dit)
+        return _file_flags(c), "a part of a DiT (no patch_embedding.weight)"
+    if case == "unknown-names":  # e.g. a diffusers transformer saved as one file
+        save_file({"transformer_blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, dit)
+        return _file_flags(c), "none of Wan2.1's networks under the official or ComfyUI names"
     return {"both": (["--ckpt_dir", str(official), "--dit", str(dit)], "not both"),
+            "pth-as-file": ([*_file_flags(c), "--t5", str(official / ck.T5_FILE)], "a PyTorch .pth file"),
             "none": ([], "--ckpt_dir is required"),
             "swapped": ([*_file_flags(c), "--t5", str(c / "clip_vision_h.safetensors")], "pass it as --clip"),
             "no-tokenizer": (_file_flags(c, tokenizer=False), "--tokenizer DIR"),
@@ -316,8 +339,9 @@ def _bad_case(layouts, tmp_path, case):
                                    "drop --tokenizer")}[case]
 
 
-@pytest.mark.parametrize("case", ["mixed", "truncated", "t2v", "both", "none", "swapped", "no-tokenizer",
-                                  "tokenizer-official"])
+@pytest.mark.parametrize("case", ["mixed", "truncated", "t2v", "other-t5", "other-clip", "official-vae", "both",
+                                  "none", "swapped", "no-tokenizer", "tokenizer-official", "dit-part",
+                                  "unknown-names", "pth-as-file"])
 def test_cli_refuses_bad_checkpoints_in_one_line_before_any_weight_loads(layouts, demo_frames, tmp_path, capsys,
                                                                          monkeypatch, case):
     from helpers import run

@@ -2,6 +2,7 @@
 streamed / offloaded runs against the resident one, the device residency per stage, tiled VAE decode."""
 import dataclasses
 import functools
+import re
 import weakref
 from types import SimpleNamespace
 
@@ -170,6 +171,9 @@ def test_plan_per_card_is_the_fastest_that_fits_by_the_meta_sizes(card, height, 
     if not plan.t5_cpu:
         assert m["t5"] + m["vae"] + (0 if plan.offload_model else m["dit"]) <= budget
     assert plan.peak <= budget
+    # on the host: the whole DiT when offloaded (outside the loop), else the streamed blocks; T5 on the CPU
+    host = m["dit"] if plan.offload_model else (n - plan.blocks) * m["block"] if plan.blocks is not None else 0
+    assert plan.host == host + (m["t5"] if plan.t5_cpu else 0), (plan.host / GiB, host / GiB, plan.name)
 
 
 def test_plan_that_cannot_fit_names_the_smallest_card():
@@ -184,6 +188,11 @@ def test_plan_that_cannot_fit_names_the_smallest_card():
                  " with the DiT resident")
     table = M.table(video, 24 * GiB, 64 * GiB)
     assert "* chosen: offload + blocks:11 + cfg_batch 1" in table
+    for v in (video, M.Video(get_preset("tiny"), 64, 64, 9, 4)):  # the card named is one that fits (rounded up)
+        with pytest.raises(M.InputError) as e:
+            M.choose(v, GiB // 2, host_bytes=64 * GiB)
+        card = float(re.search(r"needs a ([\d.]+) GiB card", str(e.value)).group(1))
+        assert M.choose(v, int(card * GiB), host_bytes=64 * GiB).peak <= card * GiB - M.RESERVE, e.value
 
 
 # ---- runs under plans: the same video, and the device residency the plan counts ----------------------------
@@ -330,7 +339,16 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24")) == 0
     said = capsys.readouterr().out
     assert "* chosen: resident" in said and "on 24 GiB" in said, said
+    # the planning flags narrow the table's choice as they narrow the run's; none fitting is said with the reason
+    for flags, says in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n"),
+                        (["--offload_model", "true"], "* chosen: offload\n"),
+                        (["--offload", "blocks:1"], "* chosen: resident + blocks:1\n"),
+                        (["--gpu_memory", "0.5"], "\nno memory plan fits 0.5 GiB")):
+        assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *flags)) == 0, flags
+        said = capsys.readouterr().out
+        assert says in said, (flags, said)
     for flags, msg in ((["--gpu_memory", "0.5"], "no memory plan fits 0.5 GiB"),
+                       (["--plan", "--offload", "blocks:2"], "tiny has 2 blocks"),
                        (["--offload", "blocks:2"], "tiny has 2 blocks"),
                        (["--offload", "layers:1"], "use blocks or blocks:N"),
                        (["--gpu_memory", "-3"], "must be a positive number of GiB"),
