@@ -7,6 +7,7 @@ DiT stream through one tensor at a time, and the `.pth` files are memory-mapped 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -224,7 +225,7 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
     loaded, converted = {}, {}
     for key, ref in expected.items():
         t = source[key]()
-        _check_shape(key, tuple(t.shape), ref, origin)
+        _check_shape(key, tuple(t.shape), tuple(ref.shape), origin)
         getter = id(source[key])  # alive in `source` all along: a stable identity, unlike id(t)
         if getter not in converted:
             dt = stored_dtype(key, ref.dtype, dtype) if t.is_floating_point() else t.dtype
@@ -239,17 +240,27 @@ COMPONENTS = ("dit", "t5", "clip", "vae")
 
 def build_meta(ckpt_dir, component: str, preset: Preset, **kw) -> torch.nn.Module:
     """The network of `component` on the meta device (its fixed tables are built real on the CPU)."""
+    if kw and component != "dit":
+        raise ValueError(f"{sorted(kw)} apply to the DiT only, not to {component!r}")
+    return _meta(component, _config(ckpt_dir, component, preset), **kw)
+
+
+def _config(ckpt_dir, component: str, preset: Preset):
+    return read_dit_config(ckpt_dir, preset.dit) if component == "dit" else getattr(preset, component)
+
+
+def _meta(component: str, cfg, **kw) -> torch.nn.Module:
     from .clip import CLIPVisual
     from .dit import WanDiT
     from .t5 import UMT5Encoder
     from .vae import WanVAE
-    if kw and component != "dit":
-        raise ValueError(f"{sorted(kw)} apply to the DiT only, not to {component!r}")
     with torch.device("meta"):
-        if component == "dit":
-            return WanDiT(read_dit_config(ckpt_dir, preset.dit), **kw)
-        return {"t5": lambda: UMT5Encoder(preset.t5), "clip": lambda: CLIPVisual(preset.clip),
-                "vae": lambda: WanVAE(preset.vae)}[component]()
+        return {"dit": WanDiT, "t5": UMT5Encoder, "clip": CLIPVisual, "vae": WanVAE}[component](cfg, **kw)
+
+
+@functools.lru_cache(maxsize=None)  # configs are frozen: a process checking many checkpoints builds each once
+def _meta_shapes(component: str, cfg) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _meta(component, cfg).state_dict().items()}
 
 
 def tensor_source(ckpt_dir, component: str, preset: Preset | None = None
@@ -279,7 +290,7 @@ def _renamed_source(layout: Layout, component: str, preset: Preset):
     from .renamed import renamed_source
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
-    keys = list(build_meta(layout.root, component, preset).state_dict())
+    keys = list(_meta_shapes(component, _config(layout.root, component, preset)))
     part = layout.parts[component]
     files = safetensors_source(part.files, part.prefix)
     layers = {"clip": preset.clip.num_layers}.get(component, 0)
@@ -294,19 +305,24 @@ def check_files(ckpt_dir, preset: Preset | None = None) -> None:
     preset = preset or preset_for(ckpt_dir)
     official = detect(ckpt_dir).kind == OFFICIAL
     for component in COMPONENTS:
-        expected = build_meta(ckpt_dir, component, preset).state_dict()
+        expected = _meta_shapes(component, _config(ckpt_dir, component, preset))
         source, origin, ignore = tensor_source(ckpt_dir, component, preset)
-        check_keys(expected, source, origin, ignore)
-        for key, ref in expected.items():
+        try:
+            check_keys(expected, source, origin, ignore)
+        except CheckpointError as e:  # the official DiT is built from config.json: the two may disagree
+            hint = f" (config.json describes an {preset.dit.model_type.upper()} DiT)" if official and \
+                component == "dit" else ""
+            raise CheckpointError(f"{e}{hint}") from None
+        for key, want in expected.items():
             get = source[key]
             if hasattr(get, "shape") or official:  # .pth getters hand out memory-mapped tensors, unread
-                _check_shape(key, tuple(get.shape() if hasattr(get, "shape") else get().shape), ref, origin)
+                _check_shape(key, tuple(get.shape() if hasattr(get, "shape") else get().shape), want, origin)
 
 
-def _check_shape(key: str, shape: tuple, ref: torch.Tensor, origin: str) -> None:
-    if shape != tuple(ref.shape):
-        raise CheckpointError(f"{origin}: {key!r} has shape {shape}, the model needs {tuple(ref.shape)}; the "
-                              f"checkpoint does not match its config")
+def _check_shape(key: str, shape: tuple, want: tuple, origin: str) -> None:
+    if shape != want:
+        raise CheckpointError(f"{origin}: {key!r} has shape {shape}, the model needs {want}; the checkpoint does "
+                              f"not match its config")
 
 
 def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, **kw) -> torch.nn.Module:

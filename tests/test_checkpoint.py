@@ -207,6 +207,14 @@ def test_pth_cut_anywhere_or_a_folder_is_one_line_naming_the_file(tiny_ckpt, tmp
         ck.load_t5(c)
 
 
+def test_an_official_dit_that_disagrees_with_its_config_is_said_before_anything_loads(tiny_ckpt, tmp_path):
+    c = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    config = json.loads((c / ck.DIT_CONFIG).read_text())
+    (c / ck.DIT_CONFIG).write_text(json.dumps({**config, "model_type": "i2v"}))  # beside FLF2V weights
+    with pytest.raises(ck.CheckpointError, match=r"unexpected key 'img_emb.emb_pos'.*config.json describes an I2V"):
+        ck.check_files(c)
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_pickle",))
