@@ -276,10 +276,9 @@ def custom_shape(preset: Preset, name: str) -> EngineShape:
     sp = preset.vae.stride[1] * preset.dit.patch_size[1]
     if w <= 0 or h <= 0 or w % sp or h % sp or f < 1 or (f - 1) % preset.vae.stride[0]:
         raise ValueError(f"shape {name}: width and height must be positive multiples of {sp} and frames 4n+1")
-    largest = max(preset.sizes, key=lambda s: math.prod(map(int, s.split("*"))))
-    if w * h > 1.1 * math.prod(map(int, largest.split("*"))):  # a video keeps its size's area, give or take rounding
-        raise ValueError(f"shape {name}: {w}x{h} is larger than any video {preset.name} makes (its largest size is "
-                         f"{largest}); give a grid within the area of one of {', '.join(preset.sizes)}")
+    if w * h > 1.1 * max(math.prod(map(int, s.split("*"))) for s in preset.sizes):  # an area, give or take rounding
+        raise ValueError(f"shape {name}: {w}x{h} is larger than any video {preset.name} makes; give a grid within "
+                         f"the area of one of its sizes, {', '.join(preset.sizes)}")
     return EngineShape(name, w, h, f)
 
 

@@ -109,7 +109,8 @@ def _getter(key: str, reads: list[Callable], scales: list, component: str) -> Ca
     else:
         def get():
             return value(reads[0], scales[0])
-    if all(hasattr(r, "shape") for r in reads):  # from the files' headers: checked before any weight is read
-        get.shape = lambda: _clip_value(key, [torch.empty(r.shape(), device="meta") for r in reads]).shape \
-            if component == "clip" else reads[0].shape()
+    if component != "clip":
+        get.shape = reads[0].shape  # from the file's header: checked before any weight is read
+    elif all(hasattr(r, "shape") for r in reads):
+        get.shape = lambda: _clip_value(key, [torch.empty(r.shape(), device="meta") for r in reads]).shape
     return get

@@ -90,7 +90,7 @@ def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
     (["--preset", "720p"], "unknown shape '720p' for tiny; choose one of dynamic, tiny, tiny-wide, tiny-tall or "
                            "<W>x<H>x<frames>"),
     (["--preset", "70x64x9"], "must be positive multiples of 16"),
-    (["--preset", "1280x720x81"], "1280x720 is larger than any video tiny makes (its largest size is 96*64)"),
+    (["--preset", "1280x720x81"], "1280x720 is larger than any video tiny makes"),
     (["--precision", "bf16", "--backend", "ort"], "fp32 graphs only"),
     (["--graphs", "t5,unet"], "unknown graph 'unet'"),
 ])

@@ -121,6 +121,19 @@ def test_damaged_or_hostile_manifest_is_one_line(root, tiny_ckpt, damage):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("gone", [("vae_decode_chunk",), ("dit_b1", "dit_b2", "vae_decode_chunk")])
+def test_an_interrupted_build_names_every_graph_it_lacks(root, tiny_ckpt, gone):
+    from flf2v.runtime.engine_folders import read_manifest
+    folder = root / "tiny"
+    m = json.loads((folder / M.MANIFEST).read_text())
+    m["engines"] = {k: v for k, v in m["engines"].items() if k not in gone}
+    (folder / M.MANIFEST).write_text(json.dumps(m))
+    missing = "vae_decode_chunk" + (", the DiT" if len(gone) > 1 else "")
+    with pytest.raises(M.EngineError, match=f"incomplete build \\(missing {missing}\\); ") as e:
+        read_manifest(folder, tiny_ckpt, ck.preset_for(tiny_ckpt), "ort")
+    assert "\n" not in str(e.value)
+
+
 def test_engines_given_pick_their_backend(root, tiny_ckpt):
     """--engines with --backend auto runs those engines, whatever this machine would pick by itself."""
     preset = ck.preset_for(tiny_ckpt)
