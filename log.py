@@ -48,3 +48,11 @@ def setup(verbosity: int, prog: str = "flf2v") -> None:
     handler.setFormatter(_OneLine(prog))
     logger.addHandler(handler)
     logger.setLevel(LEVELS.get(verbosity, logging.DEBUG if verbosity > 1 else logging.ERROR))
+
+
+def ctrl_c(e: BaseException) -> bool:
+    """Whether `e` comes from a Ctrl-C: a KeyboardInterrupt, or the error a torch context manager raises in its
+    cleanup when the interrupt lands inside it (the KeyboardInterrupt then is its context)."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__context__
+    return e is not None

@@ -23,15 +23,13 @@ the backend's own attention (`onnx`, the default): as TensorRT plugins (export/p
 kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (kernels/ops.py triton_ops),
 under `engines/<target>-plugin/<key>/<shape>/`; `--attention sage` the same with the 8-bit self-attention
 (TensorRT: export/sage_graph.py's quantization ops and the sage plugin), under `engines/<target>-sage/`.
-`--quant fp8`: the DiT's block linears in FP8 (models/quant.py; ONNX Q/DQ, export/qdq.py), build key
-`<model>-<precision>-fp8-<checkpoint>`; `--weight_streaming`: DiT blocks streamed (`-stream`; TensorRT or
-export/aoti_stream.py).
-
-Folder layout, manifest schema, fingerprints: export/manifest.py. An engine whose entry's `key` (contract,
-precision, checkpoint and code fingerprints, tool versions, builder options, GPU, attention, kernels' code)
-matches and whose files have the recorded sizes is current and skipped. Files are written under temporary
-names and renamed; the manifest is rewritten atomically per engine: a killed or interrupted (Ctrl-C: exit
-130) build keeps what it finished and redoes the rest. Two builds into one folder serialise on `.lock`."""
+`--quant fp8`: FP8 block linears (models/quant.py, export/qdq.py), key `<model>-<precision>-fp8-<checkpoint>`;
+`--weight_streaming`: DiT blocks streamed (`-stream`; TensorRT or export/aoti_stream.py).
+Folder layout, manifest schema, fingerprints: export/manifest.py. An engine whose entry's `key` (contract, precision,
+checkpoint and code fingerprints, tool versions, builder options, GPU, attention, kernels' code) matches and whose
+files have the recorded sizes is current and skipped. Files are written under temporary names and renamed; the
+manifest is rewritten atomically per engine: a killed or interrupted (Ctrl-C: exit 130) build keeps what it finished
+and redoes the rest. Two builds into one folder serialise on `.lock`."""
 from __future__ import annotations
 
 import argparse
@@ -425,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
-    cfg_batch = (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),)
     only = [s for s in args.graphs.split(",") if s] if args.graphs else None
     try:
         folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
-                       cfg_batch, only, progress=not args.quiet, attention=args.attention, loras=args.lora,
-                       force=args.force, quant=args.quant, weight_streaming=args.weight_streaming)
+                       (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only, progress=not args.quiet,
+                       attention=args.attention, loras=args.lora, force=args.force, quant=args.quant,
+                       weight_streaming=args.weight_streaming)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2
@@ -438,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flf2v-build: error: {e.strerror or e} ({e.filename or args.out}); choose another --out or free "
               f"space", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # each engine lands whole (renamed into place): those finished stay current
+    except BaseException as e:  # Ctrl-C: each engine lands whole (renamed into place), the finished stay current
+        if not log.ctrl_c(e):
+            raise
         print("flf2v-build: error: interrupted; the engines finished are kept, the same command builds the rest",
               file=sys.stderr)
         return 130

@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)
     except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
+        if log.ctrl_c(e):  # a Ctrl-C inside a torch context manager surfaces as its cleanup's RuntimeError
+            return _fail("interrupted; no video was written", 130, every_rank=False)
         if job.par is None or not _collective_failure(e):
             raise
         msg = str(e).strip().splitlines()[0][:200]
