@@ -5,6 +5,7 @@ application that configures logging sees flf2v's records and one that does not s
 User-facing results (the "wrote ..." line, one-line errors) are printed by the commands, not logged."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -56,3 +57,29 @@ def ctrl_c(e: BaseException) -> bool:
     while e is not None and not isinstance(e, KeyboardInterrupt):
         e = e.__context__
     return e is not None
+
+
+_lost: list = []
+
+
+@contextlib.contextmanager
+def keep_ctrl_c():
+    """For one command: Python prints and drops an exception raised in a __del__ or a weakref callback
+    (`sys.unraisablehook`), and the garbage collector runs those anywhere, so a Ctrl-C landing there was a
+    traceback and a run that went on to write its video. Such a Ctrl-C is kept instead, for `ctrl_c_lost`."""
+    def hook(u):
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            _lost.append(u.exc_value)
+        else:
+            previous(u)
+    previous, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        _lost.clear()
+
+
+def ctrl_c_lost() -> bool:
+    """Whether a Ctrl-C was dropped in a __del__ inside `keep_ctrl_c` (the command then stops as interrupted)."""
+    return bool(_lost)

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .measure import run_module, timed
+from .measure import BadInput, run_module, timed
 from .report import Report, table
 from .runners import Job
 
@@ -103,7 +103,10 @@ def run(s) -> Report:
     import onnxruntime
 
     from flf2v.models.make_tiny import write_demo_frames
+    from flf2v.runtime.calibrate_cache import MIN_STEPS
     steps, folder = s.args.steps, s.work / "cache-engines"
+    if steps < MIN_STEPS:  # the calibration's, found in its child process after the engine build
+        raise BadInput(f"--steps {steps}: the step cache's calibration needs at least {MIN_STEPS} steps")
     build_s, job = ort_engines(s, folder)
     first, last = write_demo_frames(s.work / "frames", (job.width, job.height))  # as Job.frames_in
     # calibrated on another seed than the timed runs: one sample, as MagCache's authors calibrate

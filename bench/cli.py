@@ -89,12 +89,34 @@ def parser(name: str) -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args) -> None:
+    """Every mode's common flags and counts, before any work (a wrong --out was found only when writing the
+    report, minutes of measuring later)."""
+    from flf2v.runtime.media import InputError, check_folder
+    for flag in ("out", "work"):
+        if getattr(args, flag):
+            try:
+                check_folder(f"--{flag}", getattr(args, flag), Path(getattr(args, flag)))
+            except InputError as e:
+                raise BadInput(str(e)) from None
+    if not args.idle_wait >= 0:
+        raise BadInput(f"--idle_wait {args.idle_wait:g} must be 0 (do not wait) or more seconds")
+    for flag in ("repeats", "steps", "layers", "tokens"):  # 0 read as "the default" before
+        if (value := getattr(args, flag, None)) is not None and value < 1:
+            raise BadInput(f"--{flag} {value} must be a positive integer")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv and argv[0] in MODES else ""
     args = parser(name).parse_args(argv[1:] if name else argv)
     args.mode = name
     setup_logging(args.verbose - args.quiet, prog="flf2v-bench")
+    try:
+        check_args(args)
+    except BadInput as e:
+        print(f"flf2v-bench{' ' + name if name else ''}: error: {e}", file=sys.stderr)
+        return 2
     session = Session(args)
     try:
         report = MODES[name].run(session)

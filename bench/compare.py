@@ -93,10 +93,11 @@ def load_and_warm(runner, warmup_steps: int | None) -> tuple[dict, object]:
     return entry, warm
 
 
-def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: bool):
+def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: bool, settle=lambda: None):
     """Sequential: one backend at a time (load, warm up, `repeats` runs, close). Interleaved: each alone (load,
     warm-up run: its memory, close), then all loaded and warmed up again, timed in `repeats` rounds of one run
-    per backend. Returns (entries, {name: (timed runs, runs whose memory counts)})."""
+    per backend. `settle()` right before timed runs (after the engine builds, which the idle wait preceded:
+    minutes of load of our own). Returns (entries, {name: (timed runs, runs whose memory counts)})."""
     entries, memory, runs = {}, {}, {n: [] for n in runners}
 
     def attempt(n: str, fn) -> bool:
@@ -116,6 +117,7 @@ def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: b
         if interleave:
             memory[n] = [warm]
         else:
+            settle()
             runs[n] = memory[n] = [r.run() for _ in range(repeats)]
 
     for n, r in runners.items():
@@ -125,6 +127,7 @@ def measure(runners: dict, repeats: int, warmup_steps: int | None, interleave: b
     live = [n for n in runners if entries[n]["status"] == "ok"]
     if interleave:  # the first entry (load, warm-up alone) is the one reported
         live = [n for n in live if attempt(n, lambda: load_and_warm(runners[n], warmup_steps))]
+        settle()
         for _ in range(repeats):
             for n in list(live):
                 if not attempt(n, lambda: runs[n].append(runners[n].run())):
@@ -212,7 +215,18 @@ def run(s) -> Report | None:
         print(f"{args.preset}: {bp.model}, {w}x{h}, {bp.frames} frames, {steps} steps, CFG batch 2\n")
         print("\n".join(cost_lines(cost.cost_table(preset, w, h, bp.frames, steps))))
         return None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.cli_args import check_device
+    from flf2v.runtime.media import InputError
+    try:
+        device = check_device(args.device)
+    except InputError as e:
+        raise BadInput(str(e)) from None
+    if args.ckpt_dir:  # each backend's row said "failed" for a wrong folder, after the builds and the wait
+        if ck.preset_for(args.ckpt_dir).dit.model_type != preset.dit.model_type:
+            raise BadInput(f"--ckpt_dir {args.ckpt_dir}: --preset {args.preset} runs a {preset.dit.model_type} "
+                           f"model, this checkpoint holds another; give a {preset.dit.model_type} checkpoint")
+        ck.check_files(args.ckpt_dir, ck.preset_for(args.ckpt_dir))
     if bp.gpu_only and device.type != "cuda":
         raise BadInput(f"--preset {args.preset} needs a CUDA GPU; use tiny or small here")
     if bp.gpu_only and not args.ckpt_dir:
@@ -226,10 +240,9 @@ def run(s) -> Report | None:
     job = Job(Path(args.ckpt_dir) if args.ckpt_dir else s.checkpoint(bp.model), preset, w, h, bp.frames, steps,
               preset.sample_shift, preset.sample_guide_scale)
     costs = cost.cost_table(preset, w, h, bp.frames, steps)
-    s.settle()
     runners = {n: DiffusersRunner(job, device, dtype) if n == "diffusers"
                else OursRunner(n, job, device, dtype, s.work / "engines") for n in args.backends or default_backends()}
-    entries, runs = measure(runners, repeats, bp.warmup_steps, interleave)
+    entries, runs = measure(runners, repeats, bp.warmup_steps, interleave, s.settle)
     videos = compare_videos(runs)
     backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e
                 for n, e in entries.items()}

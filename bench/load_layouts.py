@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from flf2v.models import checkpoint as ck
-from flf2v.models.config import get_preset
+from flf2v.models.config import PRESETS, get_preset
 from flf2v.models.keymaps import dit_key_to_diffusers
 from flf2v.models.make_tiny import write_tiny_checkpoint
 
@@ -33,7 +33,8 @@ LAYOUTS = {"official": (torch.float32, "diffusion_pytorch_model-*-of-*.safetenso
 
 
 def add_args(ap) -> None:
-    ap.add_argument("--model", default="flf2v-14B", help="the preset whose full-width DiT is cut (default flf2v-14B)")
+    ap.add_argument("--model", default="flf2v-14B", choices=sorted(PRESETS),
+                    help="the preset whose full-width DiT is cut (default flf2v-14B)")
     ap.add_argument("--layers", type=int, default=4, help="DiT blocks kept (the full 14B has 40)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
 

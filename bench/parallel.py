@@ -28,7 +28,8 @@ MEASURED = {"1 process": (1, []), "CFG-parallel 2": (2, ["cfg_parallel"]), "Ulys
 
 
 def add_args(ap) -> None:
-    ap.add_argument("--preset", default="tiny-4h", help="model preset of the random checkpoint (default tiny-4h)")
+    ap.add_argument("--preset", default="tiny-4h", choices=("tiny", "tiny-4h", "small"),
+                    help="model preset of the random checkpoint (default tiny-4h)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps of each measured run (default 8)")
 
 

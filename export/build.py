@@ -307,7 +307,7 @@ def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, lo
 
 def _graphs_to_build(all_graphs, only: list[str] | None, cfg_batch) -> list:
     names = [g.name for g in all_graphs]
-    for n in only or ():
+    for n in [""] if only == [] else only or ():  # an empty --graphs names no graph, not "all of them"
         if n not in names:
             raise BuildError(f"--graphs: unknown graph {n!r}; choose from {', '.join(names)}")
     # each DiT layout with its cached step (runtime/cache.py); --graphs, when given, names the DiT graphs itself
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
-    only = [s for s in args.graphs.split(",") if s] if args.graphs else None
+    only = [s.strip() for s in args.graphs.split(",") if s.strip()] if args.graphs is not None else None
     try:
         folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                        (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only, progress=not args.quiet,

@@ -224,12 +224,19 @@ def _check(path: Path, entries: list, shapes: dict) -> None:
 
 
 def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> LoRA:
-    """The LoRA at `path`, checked against a DiT with these official key -> shape (nothing read but alphas)."""
+    """The LoRA at `path`, checked against a DiT with these official key -> shape (its values finite)."""
     path = Path(path)
     with _open(path) as f:
         if not list(f.keys()):
             raise LoRAError(f"{path}: holds no tensors; the file is not a LoRA")
         entries = _entries(path, f, shapes, _peft_alpha(path, f.metadata()))
+        for name in f.keys():  # read once already for the fingerprint; a NaN would surface only as NaN latents
+            try:
+                finite = bool(torch.isfinite(f.get_tensor(name)).all())
+            except (SafetensorError, OSError) as e:
+                raise LoRAError(f"{path}: cannot read {name!r} ({_line(e)}); the file is damaged") from None
+            if not finite:
+                raise LoRAError(f"{path}: {name!r} holds NaN or Inf values; the file is damaged, re-download it")
     _check(path, entries, shapes)
     parts: dict[str, tuple] = {}
     for _, key, part, _ in entries:

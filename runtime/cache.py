@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,8 +200,9 @@ def published(preset, size: str) -> Calibration | None:
                                                 "this checkpoint's own)" if preset.dit.model_type == "flf2v" else ""))
 
 
-def read_calibration(path, fingerprint: str | None = None) -> Calibration:
-    """A calibration JSON written by flf2v-calibrate-cache; CacheError naming the fix when unusable."""
+def read_calibration(path, fingerprint: str | None = None, chosen: bool = False) -> Calibration:
+    """A calibration JSON written by flf2v-calibrate-cache; CacheError naming the fix when unusable. One made
+    for another checkpoint than `fingerprint`'s: refused, or a warning when the user `chosen` it by name."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -212,7 +214,10 @@ def read_calibration(path, fingerprint: str | None = None) -> Calibration:
             raise ValueError("mag_ratios must hold (cond, uncond) pairs and coefficients 5 values")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"step-cache calibration {path} is unreadable ({e}); run flf2v-calibrate-cache again") from None
-    if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
+    if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint and chosen:
+        warnings.warn(f"step-cache calibration {path} was made for another checkpoint ({d.get('model')}); its "
+                      f"schedule may skip steps this one needs (flf2v-calibrate-cache makes this checkpoint's)")
+    elif fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
         raise CacheError(f"step-cache calibration {path} was made for another checkpoint; run "
                          f"flf2v-calibrate-cache --ckpt_dir <this checkpoint> again, or delete it")
     return cal
@@ -223,7 +228,7 @@ def find_calibration(preset, ckpt_dir, size: str, path=None) -> Calibration:
     from flf2v.export.manifest import checkpoint_fingerprint
     own = Path(ckpt_dir) / CALIBRATION_FILE
     if path is not None:
-        return read_calibration(path)
+        return read_calibration(path, checkpoint_fingerprint(ckpt_dir), chosen=True)
     if own.is_file():
         return read_calibration(own, checkpoint_fingerprint(ckpt_dir))
     cal = published(preset, size)

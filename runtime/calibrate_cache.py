@@ -83,13 +83,17 @@ def run(ckpt_dir, first, last, prompt: str, out=None, device=None, dtype=None, p
     from flf2v.export.manifest import checkpoint_fingerprint, write_atomic
     from flf2v.models import checkpoint as ck
 
+    from .cli_args import check_device
     from .pipeline import Pipeline
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .request import make_request
+    device = check_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     preset = ck.preset_for(ckpt_dir)
     out = Path(out) if out else Path(ckpt_dir) / C.CALIBRATION_FILE
     if options.get("sample_steps") is None:  # a curve to resample needs points (the test presets run 4 steps)
         options["sample_steps"] = max(preset.sample_steps, MIN_STEPS)
+    ck.check_files(ckpt_dir, preset)  # the files and the run's settings, before any weight loads
+    make_request(preset, prompt, (first.height, first.width), last is not None, ckpt_dir=ckpt_dir, **options)
     rec = Recorder(ckpt_dir, preset, dtype, device, offload_model=device.type == "cuda")
     # eager steps, CFG as one batch-2 call (no CFG: batch 1): each call's rows are the branches in order
     pipe = Pipeline(rec, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph=False)
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")
         check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
+        if args.last_frame and not args.first_frame:
+            raise InputError("--last_frame needs --first_frame (without both, the built-in pair is used)")
         first, last = builtin_frames(args.ckpt_dir) if args.first_frame is None else (
             load_image(args.first_frame), load_image(args.last_frame) if args.last_frame else None)
         out = run(args.ckpt_dir, first, last, args.prompt, args.out, args.device, progress=not args.quiet,

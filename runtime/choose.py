@@ -185,11 +185,17 @@ def check_attention(args, device: torch.device) -> None:
 def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> None:
     """`flf2v-run --plan`: the memory plans of the run printed, the one the run would take marked (the planning
     flags narrow them as they narrow the run's); nothing loaded."""
+    from flf2v.models.lora import load_loras
+
     from . import memory_plan as M
+    load_loras(args.lora, args.ckpt_dir)  # what the run would refuse, the table refuses
     check_quant(args, device)
+    check_attention(args, device)
     allowed, what = _plan_filter(args, preset)
     print(M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device), allowed=allowed,
                   what=what))
+    if device.type != "cuda" and args.gpu_memory is None:
+        print("(no GPU here: planned for a card of this host's memory; --gpu_memory GiB plans for your card)")
 
 
 def _video(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):

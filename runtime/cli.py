@@ -116,6 +116,7 @@ class Job:
     save: Path | None = None
     t_load: float = 0.0
     checkpoint: dict = field(default_factory=dict)  # layout and stored dtypes (models/fingerprint.describe)
+    local: bool = False  # checking what a torchrun job's ranks may not share (files): every rank says its error
 
     def run(self) -> None:
         """Every check before anything loads, then load, generate and save."""
@@ -129,6 +130,7 @@ class Job:
         check_args(args)
         preset = ck.preset_for(args.ckpt_dir)
         check_model(args, preset)
+        self.local = True  # files and devices: each node has its own, so a rank's error here is its alone
         ck.tokenizer_folder(args.ckpt_dir)
         ck.check_files(args.ckpt_dir, preset)
         self.checkpoint = describe(args.ckpt_dir)
@@ -139,6 +141,7 @@ class Job:
         self.device = check_device(args.device)
         first = load_image(args.first_frame)
         last = load_image(args.last_frame) if args.last_frame else None
+        self.local = False
         hw, options = (first.height, first.width), request_options(args)
         # the run's settings, with no backend yet (a static engine folder's shape is checked when it is chosen)
         req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
@@ -159,6 +162,8 @@ class Job:
         if self.pipe.memory_plan is not None:
             options["cfg_batch"] = self.pipe.memory_plan.cfg_batch
         self.video = self.pipe.generate(args.prompt, first, last, progress=not args.quiet, **options)
+        if log.ctrl_c_lost():  # a Ctrl-C that landed in a __del__ during the run (flf2v.log.keep_ctrl_c)
+            raise KeyboardInterrupt
         if self.video is not None:  # rank 0 of a torchrun job, or the one process
             v = self.video
             self.save = Path(args.save_file) if args.save_file else default_save_file(
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             return 0
     except InputError as e:
-        return _fail(str(e), every_rank=False)
+        return _fail(str(e), every_rank=job.local)
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
     except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left

@@ -51,6 +51,8 @@ def check_folder(flag: str, path: str, folder: Path) -> None:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """An 8-bit RGB image from disk as an image viewer shows it (see `to_rgb`)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"image {path} is a folder; pass a PNG/JPEG file")
     if not path.is_file():
         raise InputError(f"image {path} not found; pass an existing PNG/JPEG file")
     try:
@@ -154,9 +156,14 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 16, cr
             # a rational rate: 29.97 is 2997/100 (an int-only rate refused NTSC-like rates)
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # One video saved again was sometimes another file (threaded x264 gave 5 files from 12 saves of one
+            # 64x64 video; pixels off by up to 38): one x264 thread (the codec context's thread_count did not
+            # reach it) and the RGB -> YUV conversion done before encode() made that rare but not gone (1 run
+            # in 8 of 16 saves still had 2 files); 81 frames at 720p take about 1.5 s so (2-vCPU Xeon)
+            stream.options = {"crf": str(crf), "threads": "1"}
             for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+                yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+                out.mux(stream.encode(yuv))
             out.mux(stream.encode())
         os.replace(tmp, path)
     except BaseException:

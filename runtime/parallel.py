@@ -77,6 +77,22 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def agree(self, run: dict, seed: int) -> int:
+        """Rank 0's seed, once every rank holds the same `run` (settings and frames, seed left out): a random
+        seed (-1) is drawn by each process, and ranks that differ in a setting or a frame (a flag or file given
+        differently to one node) would run collectives of other shapes, or another video, without a word.
+        InputError on every rank, naming the first setting that differs, before any collective of the run."""
+        runs = [None] * self.world
+        dist.all_gather_object(runs, (run, seed))
+        first = runs[0][0]
+        for r, (other, _) in enumerate(runs):  # every rank finds the same difference, and rank 0 says it
+            if other != first:
+                key = next(k for k in sorted(first.keys() | other.keys()) if first.get(k) != other.get(k))
+                raise InputError(f"the processes of this torchrun job disagree on {key} (rank 0: "
+                                 f"{first.get(key)!r}, rank {r}: {other.get(key)!r}); give every process the "
+                                 f"same flags and files")
+        return runs[0][1]
+
 
 def init(ulysses_size: int = 1, cfg_parallel: bool = False, device: torch.device | None = None,
          timeout_s: float = 600.0, ring_size: int = 1) -> Parallel | None:

@@ -11,10 +11,11 @@ A run's settings are checked and resolved by runtime/request.py (`Request`).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -88,6 +89,8 @@ class Pipeline:
         self.times = StageTimes()
         self.said: set[str] = set()  # warnings given once per pipeline
         self.last_cache: step_cache.CachePlan | None = None  # the last run's step-cache schedule
+        self.last_request: Request | None = None  # the last run's settings, its seed the one it ran
+        self.seed: int | None = None
         self.memory_plan = None  # runtime/memory_plan.py Plan the torch backend was opened with (flf2v-run)
 
     @classmethod
@@ -179,7 +182,10 @@ class Pipeline:
         # paths, PIL images and arrays alike, read as the CLI reads them (orientation, bit depth, alpha)
         first_frame = as_image(first_frame)
         last_frame = as_image(last_frame) if last_frame is not None else None
-        req = self.last_request = self.request(prompt, first_frame, last_frame, **options)
+        req = self.request(prompt, first_frame, last_frame, **options)
+        if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
+            req = replace(req, seed=self.parallel.agree(_run_of(req, first_frame, last_frame, latents), req.seed))
+        self.last_request = req
         logger.info("run: %s", {k: v for k, v in req.to_json().items() if k != "negative_prompt"})
         self.seed = req.seed
         self.times.seconds.clear()
@@ -293,3 +299,12 @@ class Pipeline:
         with tqdm(total=loop.steps, desc="denoising", disable=not progress, leave=False) as bar:
             out = loop.run(bar, compute if cached else None)
             return out.clone() if sampler_key is not None else out
+
+
+def _run_of(req: Request, first_frame: Image.Image, last_frame: Image.Image | None, latents) -> dict:
+    """What must be equal on every rank of a torchrun job: the settings but the seed, the frames' pixels, the
+    latents given."""
+    pixels = hashlib.sha256(first_frame.tobytes() + (last_frame.tobytes() if last_frame is not None else b""))
+    noise = hashlib.sha256(latents.cpu().numpy().tobytes()).hexdigest() if latents is not None else None
+    return {**{k: v for k, v in req.to_json().items() if k != "seed"}, "frames": pixels.hexdigest(),
+            "latents": noise}

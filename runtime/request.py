@@ -9,6 +9,7 @@ calls it again with the backend that runs, whose engines may fix the shape (its 
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import warnings
 from dataclasses import asdict, dataclass
@@ -70,8 +71,18 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
     given. `backend` (runtime/backend.py), None before one is chosen; `ckpt_dir` then names the checkpoint
     (a step cache's calibration is looked up beside it). `cfg_parallel`: each process runs one CFG branch.
     `said`: warnings already given (each once)."""
+    prompt, negative_prompt = _typed("prompt", prompt, str, False), _typed("negative_prompt", negative_prompt, str)
+    seed = _typed("seed", seed, numbers.Integral, False)
+    frame_num, sample_steps, cfg_batch, cache_max_skips = (_typed(k, v, numbers.Integral) for k, v in (
+        ("frame_num", frame_num), ("sample_steps", sample_steps), ("cfg_batch", cfg_batch),
+        ("cache_max_skips", cache_max_skips)))
+    sample_shift, guide_scale, cache_threshold = (_typed(k, v, numbers.Real) for k, v in (
+        ("sample_shift", sample_shift), ("guide_scale", guide_scale), ("cache_threshold", cache_threshold)))
+    if isinstance(sample_timesteps, str):
+        raise InputError(f"sample_timesteps must be a list of integers like [1000, 750, 500, 250], got the "
+                         f"string {sample_timesteps!r}")
     flf2v = preset.dit.model_type == "flf2v"
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not prompt.strip():
         raise InputError("--prompt is empty; describe the video to generate")
     if flf2v and not last_frame:
         raise InputError(f"{preset.name} needs a last frame; pass --last_frame")
@@ -97,6 +108,17 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
                    cache_max_skips=cache_max_skips, cache_calibration=calibration)
 
 
+def _typed(name: str, value, kind: type, optional: bool = True):
+    """`value` as `kind` (numbers.Integral: int, numbers.Real: float, str), or an InputError naming it: the
+    Python API's arguments are not typed by argparse (a numpy integer is an integer; a bool is not one)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value if kind is str else int(value) if kind is numbers.Integral else float(value)
+    what = {numbers.Integral: "an integer", numbers.Real: "a number", str: "a string"}[kind]
+    raise InputError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+
 # ---- video shape -------------------------------------------------------------------------------------
 
 def parse_size(size: str, preset: Preset) -> tuple[int, int]:
@@ -113,7 +135,7 @@ def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int)
     try:
         return config.latent_grid(img_hw, max_area, stride, patch)
     except ValueError as e:
-        raise InputError(str(e)) from None
+        raise InputError(f"the first frame: {e}") from None  # the last one is resized to its shape
 
 
 def check_frame_num(frame_num: int, max_latent_frames: int) -> int:
@@ -191,6 +213,8 @@ def dit_batch(cfg: bool, asked: int | None, backend, cfg_parallel: bool, said: s
     """The DiT batch of each call (`asked`, else 2 with CFG and 1 without) among the layouts the backend
     holds (engines may hold only one); with CFG-parallel 1, each process running one branch."""
     batches = backend.cfg_batches if backend is not None else (1, 2)
+    if asked not in (None, 1, 2):
+        raise InputError(f"cfg_batch {asked!r} must be 1 (cond and uncond as two DiT calls) or 2 (one call)")
     if cfg_parallel:
         if not cfg:
             raise InputError("--cfg_parallel splits the cond and uncond DiT calls, but guide scale 1 runs no "

@@ -111,7 +111,21 @@ def run_cli(args) -> int:
                         time.sleep(3600)
                     return load(self, i)
                 DenoiseLoop._load = failing
-    return cli.main(args.rest)
+    rest = args.rest
+    if args.rank_args:  # RANK:ARGS, more flags for that rank only (a node given other files or flags)
+        rank, more = args.rank_args.split(":", 1)
+        rest = rest + more.split() if int(os.environ["RANK"]) == int(rank) else rest
+    if args.record:  # each rank writes the seed its run took
+        from flf2v.runtime.pipeline import Pipeline
+        generate = Pipeline.generate
+
+        def recording(self, *a, **k):
+            try:
+                return generate(self, *a, **k)
+            finally:
+                Path(f"{args.record}.{os.environ['RANK']}").write_text(str(self.last_request.seed))
+        Pipeline.generate = recording
+    return cli.main(rest)
 
 
 def main() -> int:
@@ -127,6 +141,8 @@ def main() -> int:
     r = sub.add_parser("cli")
     r.add_argument("--kill", default=None)
     r.add_argument("--hang", default=None)
+    r.add_argument("--rank_args", default=None)
+    r.add_argument("--record", default=None)
     r.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.what == "cases":

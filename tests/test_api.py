@@ -1,5 +1,6 @@
 """The Python API: a request resolves every default as the official code does, latents go in and come out,
 and a CFG layout the engines lack is said, not silently swapped."""
+import re
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ from helpers import StubBackend
 from PIL import Image
 
 from flf2v.models.config import get_preset
+from flf2v.runtime.media import InputError
 from flf2v.runtime.pipeline import Pipeline
 
 KW = dict(size="64*64", frame_num=5, sample_steps=2, progress=False)
@@ -61,6 +63,23 @@ def test_i2v_shift_follows_the_official_size_rule(size, shift):
     assert flf2v.request("x", image, image, size=size).sample_shift == 16.0
 
 
+@pytest.mark.parametrize("options, says", [
+    ({"seed": 3.5}, "seed must be an integer, got 3.5 (float)"), ({"seed": True}, "seed must be an integer"),
+    ({"seed": "3"}, "seed must be an integer, got '3' (str)"), ({"frame_num": "5"}, "frame_num must be an integer"),
+    ({"guide_scale": "5"}, "guide_scale must be a number"), ({"negative_prompt": 5}, "negative_prompt must be a "),
+    ({"prompt": b"x"}, "prompt must be a string"), ({"sample_timesteps": "1000,500"}, "got the string '1000,500'"),
+])
+def test_api_arguments_of_the_wrong_type_are_named(options, says):
+    """Were TypeErrors from deep inside, or false messages ("--frame_num 5 is not of the form 4n+1")."""
+    import numpy as np
+    pipe = Pipeline(StubBackend(), None, get_preset("tiny"))
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(InputError, match=re.escape(says)):
+        pipe.request(options.pop("prompt", "x"), image, image, **options)
+    req = pipe.request("x", image, image, seed=np.int64(3), frame_num=np.int64(5), sample_steps=np.int64(2))
+    assert (req.seed, req.frame_num, req.sample_steps) == (3, 5, 2) and type(req.seed) is int
+
+
 def test_cfg_layout_the_engines_lack_is_said():
     pipe = Pipeline(StubBackend(cfg_batches=(1,)), None, get_preset("tiny"))
     image = Image.new("RGB", (64, 64))
@@ -69,3 +88,9 @@ def test_cfg_layout_the_engines_lack_is_said():
         assert pipe.request("x", image, image).cfg_batch == 1  # nothing asked: the layout there is
     with pytest.warns(UserWarning, match="only the batch-1 DiT"):
         assert pipe.request("x", image, image, cfg_batch=2).cfg_batch == 1
+    for bad in (0, 3):  # was run as the one layout there, with a warning naming a batch of 3
+        with pytest.raises(InputError, match=f"cfg_batch {bad} must be 1"):
+            pipe.request("x", image, image, cfg_batch=bad)
+    assert pipe.last_request is None and pipe.seed is None  # no run yet (was an AttributeError)
+    with pytest.raises(InputError, match="^the first frame: a 400x20 frame is too elongated"):  # which one
+        pipe.request("x", Image.new("RGB", (400, 20)), image)

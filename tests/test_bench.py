@@ -259,6 +259,69 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     assert e.value.code == 2 and "unknown backend 'foo'" in err[-1], err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--preset", "tiny", "--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["quant", "--out", "{file}/sub"], "--out {file}/sub: {file} is a file, not a folder"),
+    (["export-memory", "--work", "{file}"], "--work {file}: {file} is a file, not a folder"),
+    (["--preset", "tiny", "--repeats", "0"], "--repeats 0 must be a positive integer"),
+    (["fewstep", "--steps", "-1"], "--steps -1 must be a positive integer"),
+    (["--preset", "tiny", "--idle_wait", "-5"], "--idle_wait -5 must be 0"),
+    (["cache", "--preset", "tiny", "--steps", "4"], "calibration needs at least 8 steps"),
+    (["--preset", "tiny", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
+    (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "none"),
+    (["--preset", "tiny", "--ckpt_dir", "{i2v}"], "this checkpoint holds another"),
+])
+def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
+    """Each was found only after minutes of building and measuring (or became a failed row and exit 0)."""
+    import torch
+
+    from flf2v.bench import cli
+    if "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
+    monkeypatch.setattr(cli, "wait_for_idle", lambda *a: pytest.fail("work began"))
+    monkeypatch.setattr(cli.Session, "checkpoint", lambda *a: pytest.fail("work began"))
+    (tmp_path / "f").write_text("x")
+    fill = {"file": str(tmp_path / "f"), "tmp": str(tmp_path), "i2v": str(tmp_path / "i2v")}
+    if "{i2v}" in argv:
+        from flf2v.models.make_tiny import write_tiny_checkpoint
+        write_tiny_checkpoint(tmp_path / "i2v", "tiny-i2v")
+    argv = [a.format(**fill) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert cli.main([*argv, "--work", str(tmp_path / "w")] if "--work" not in argv else argv) == 2
+    err = capsys.readouterr().err
+    assert says.format(**fill) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_the_idle_wait_comes_after_the_builds_right_before_timing(interleave):
+    """The wait for an idle machine preceded the engine builds (minutes of our own load) before."""
+    from flf2v.bench.compare import measure
+    order = []
+
+    class Runner:
+        build_seconds = folder = None
+
+        def __init__(self, name):
+            self.name = name
+
+        def load(self):
+            order.append(f"build {self.name}")
+
+        def run(self, steps=None):
+            order.append(f"{'warm' if steps else 'time'} {self.name}")
+            return type("Run", (), {"seconds": 1.0})()
+
+        def close(self):
+            pass
+
+    measure({"a": Runner("a"), "b": Runner("b")}, 1, 1, interleave, lambda: order.append("settle"))
+    first_timed = next(i for i, e in enumerate(order) if e.startswith("time"))
+    assert order[first_timed - 1] == "settle" and order.index("settle") > order.index("build b" if interleave
+                                                                                      else "build a"), order
+
+
 def test_busy_warning_is_in_the_chart_too(tmp_path):
     """The PNG travels without the Markdown: a busy machine changes the chart (it carries the warning)."""
     from flf2v.bench.report import chart

@@ -93,6 +93,7 @@ def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
     (["--preset", "1280x720x81"], "1280x720 is larger than any video tiny makes"),
     (["--precision", "bf16", "--backend", "ort"], "fp32 graphs only"),
     (["--graphs", "t5,unet"], "unknown graph 'unet'"),
+    (["--graphs", ""], "unknown graph ''"),  # not "build them all"
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, args, message):
     argv = ["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path / "e"), "--quiet", *args]

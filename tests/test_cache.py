@@ -314,6 +314,24 @@ def test_calibrate_cli(tiny_ckpt, demo_frames, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # written whole, no temporary left
 
 
+
+@pytest.mark.parametrize("flags, says", [(["--frame_num", "10"], "--frame_num 10"),
+                                         (["--sample_shift", "nan"], "--sample_shift"),
+                                         (["--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
+                                         ([], "--last_frame needs --first_frame")])
+def test_calibrate_cli_refuses_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
+                                                       flags, says):
+    if "--device" in flags and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
+    monkeypatch.setattr(K.Recorder, "__init__", lambda *a, **k: pytest.fail("weights loaded"))
+    first = ["--first_frame", str(demo_frames[0])] if flags else []  # [] : --last_frame alone
+    assert K.main(["--ckpt_dir", str(tiny_ckpt), "--last_frame", str(demo_frames[1]), "--size", "64*64", "--out",
+                   str(tmp_path / "c.json"), "--quiet", *first, *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoints_own_calibration_is_found_and_checked(tiny_ckpt, calibration, tmp_path):
     from flf2v.models.config import get_preset
     ckpt = tmp_path / "ckpt"
@@ -327,6 +345,9 @@ def test_a_checkpoints_own_calibration_is_found_and_checked(tiny_ckpt, calibrati
     (ckpt / "config.json").write_text(json.dumps({**cfg, "eps": 2e-6}))  # another checkpoint now
     with pytest.raises(C.CacheError, match="another checkpoint"):
         C.find_calibration(p, ckpt, "64*64")
+    # given by name, it runs, with a warning (a near model's calibration may be what the user wants)
+    with pytest.warns(UserWarning, match=r"made for another checkpoint \(tiny\)"):
+        C.find_calibration(p, ckpt, "64*64", path=ckpt / C.CALIBRATION_FILE)
 
 
 def test_published_calibration_for_the_14b_models():

@@ -178,6 +178,27 @@ def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_fra
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+def test_ctrl_c_dropped_in_a_del_still_stops_the_run(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """The garbage collector runs __del__ anywhere, and Python drops what it raises (a traceback on stderr): a
+    Ctrl-C landing there went on to write the video and exit 0."""
+    from flf2v import entry
+    from flf2v.runtime.pipeline import Pipeline
+
+    class Dropped:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    generate = Pipeline.generate
+    monkeypatch.setattr(Pipeline, "generate", lambda self, *a, **k: (Dropped(), generate(self, *a, **k))[1])
+    out = tmp_path / "v.mp4"
+    assert entry.run(_args(tiny_ckpt, demo_frames, out)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "flf2v-run: error: interrupted; no video was written", err
+    assert not out.exists() and not list(tmp_path.glob("*.part*"))
+    from flf2v import log
+    assert not log.ctrl_c_lost(), "the next command in this process would stop as interrupted"
+
+
 def test_task_is_the_checkpoints(demo_frames, tmp_path, capsys):
     """An I2V checkpoint with --image and no --task runs I2V (and says so), as an FLF2V one runs FLF2V."""
     from flf2v.models.make_tiny import write_tiny_checkpoint

@@ -265,6 +265,11 @@ def _bad_files(tmp, shapes):
     save_file({"blocks.0.self_attn.q.diff_b": down[0, :1].clone(), "transformer.blocks.0.attn1.to_q.lora_A.weight": down,
                "blocks.0.self_attn.q.lora_down.weight": down.clone()}, str(tmp / "twice.safetensors"))
     yield "twice", tmp / "twice.safetensors", None, "are the same LoRA tensor"
+    nan = down.clone()
+    nan[0, 0] = float("nan")
+    save_file({"blocks.0.self_attn.q.lora_down.weight": nan, "blocks.0.self_attn.q.lora_up.weight": up},
+              str(tmp / "nan.safetensors"))
+    yield "nan", tmp / "nan.safetensors", None, "'blocks.0.self_attn.q.lora_down.weight' holds NaN or Inf"
     yield "scale", tmp / "unknown.safetensors", "oops", "not a finite number"
 
 
@@ -276,4 +281,4 @@ def test_bad_inputs_fail_in_one_line(tiny_ckpt, shapes, tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and (path.name in msg or what == "scale"), f"{what}: {msg}"
         seen.append(what)
-    assert len(seen) == 13
+    assert len(seen) == 14

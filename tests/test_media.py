@@ -148,6 +148,9 @@ def test_bad_images(tmp_path):
         load_image(tmp_path / "not.png")
     with pytest.raises(InputError, match="not found"):
         load_image(tmp_path / "missing.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(InputError, match="folder.png is a folder"):  # was "not found"
+        load_image(tmp_path / "folder.png")
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "t.png")
     data = (tmp_path / "t.png").read_bytes()
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])

@@ -339,6 +339,9 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24")) == 0
     said = capsys.readouterr().out
     assert "* chosen: resident" in said and "on 24 GiB" in said, said
+    assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--device", "cpu")) == 0
+    said = capsys.readouterr().out
+    assert "no GPU here: planned for a card of this host's memory" in said, said  # not an invented card
     # the planning flags narrow the table's choice as they narrow the run's; none fitting is said with the reason
     for flags, says in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n"),
                         (["--offload_model", "true"], "* chosen: offload\n"),
@@ -349,6 +352,8 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
         assert says in said, (flags, said)
     for flags, msg in ((["--gpu_memory", "0.5"], "no memory plan fits 0.5 GiB"),
                        (["--plan", "--offload", "blocks:2"], "tiny has 2 blocks"),
+                       (["--plan", "--lora", str(tmp_path / "none.safetensors")], "none.safetensors"),
+                       (["--plan", "--attention", "sage", "--backend", "ort"], "--attention sage applies to --backend torch"),
                        (["--offload", "blocks:2"], "tiny has 2 blocks"),
                        (["--offload", "layers:1"], "use blocks or blocks:N"),
                        (["--gpu_memory", "-3"], "must be a positive number of GiB"),

@@ -108,10 +108,14 @@ def _cli(ckpt, frames, out: Path, *extra):
 
 
 def test_cli_under_torchrun_writes_one_video(ckpt4, demo_frames, tmp_path):
-    out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
-    r = torchrun(2, "cli", *_cli(ckpt4, demo_frames, out, "--ulysses_size", "2", "--dit_fsdp", "--metrics", metrics))
+    """With a random seed (--base_seed -1: each process draws one), both ranks run rank 0's."""
+    out, metrics, seeds = tmp_path / "v.mp4", tmp_path / "m.json", tmp_path.parent / f"{tmp_path.name}-seed"
+    r = torchrun(2, "cli", "--record", seeds, *_cli(ckpt4, demo_frames, out, "--ulysses_size", "2", "--dit_fsdp",
+                                                    "--metrics", metrics, "--base_seed", "-1"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "v.mp4"]
+    ran = [int(Path(f"{seeds}.{rank}").read_text()) for rank in (0, 1)]
+    assert ran[0] == ran[1] == json.loads(metrics.read_text())["run"]["seed"], ran
     assert r.stdout.count("wrote ") == 1 and r.stdout.count("flf2v-run: backend torch") == 1, r.stdout
     assert "flf2v-run: rank 1: peak memory: host_peak_rss_gib" in r.stdout, r.stdout
     m = json.loads(metrics.read_text())
@@ -131,6 +135,29 @@ def test_a_failed_process_stops_the_run_without_a_video(ckpt4, demo_frames, tmp_
     assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
     ours = [line for line in r.stderr.splitlines() if line.startswith("flf2v-run: rank 0: error:")]
     assert len(ours) == 1 and "no video was written" in ours[0], r.stderr[-3000:]
+
+
+def test_ranks_given_other_flags_refuse_in_one_line(ckpt4, demo_frames, tmp_path):
+    """Rank 1 given another --frame_num would run collectives of another shape (gloo aborts, NCCL hangs)."""
+    out = tmp_path / "v.mp4"
+    r = torchrun(2, "cli", "--rank_args", "1:--frame_num 5", *_cli(ckpt4, demo_frames, out, "--ulysses_size", "2"))
+    ours = [line for line in r.stderr.splitlines() if line.startswith("flf2v-run:")]
+    assert r.returncode != 0 and ours == [
+        "flf2v-run: rank 0: error: the processes of this torchrun job disagree on frame_num (rank 0: 9, rank 1: 5); "
+        "give every process the same flags and files"], r.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_a_file_error_of_one_rank_is_said_by_that_rank(tiny_ckpt, demo_frames, tmp_path, monkeypatch, capsys):
+    """A frame missing on one node: that rank says so (the others have no error to say)."""
+    from flf2v.runtime import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = _cli(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--ulysses_size", "2", "--first_frame",
+                tmp_path / "none.png")[1:]
+    assert cli.main(args) == 2 and not torch.distributed.is_initialized()
+    err = capsys.readouterr().err
+    assert err.startswith("flf2v-run: rank 1: error: ") and "none.png" in err and err.count("\n") == 1, err
 
 
 # ---- in one process -------------------------------------------------------------------------------------

@@ -95,3 +95,28 @@ def test_checkpoint_header_fuzz(tmp_path, header, which):
         ck.dit_tensor_source(d)
     except ck.CheckpointError as e:
         assert "\n" not in str(e)
+
+
+# A real SIGINT while the script imports torch (the first second or more of every command): the finder asks
+# for it at the moment the import machinery looks torch up, as a user's Ctrl-C would land.
+_SIGINT_ON_TORCH = """
+import importlib.abc, os, signal, sys
+from importlib.metadata import entry_points
+signal.signal(signal.SIGINT, signal.default_int_handler)
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Finder())
+sys.exit(next(e for e in entry_points(group="console_scripts") if e.name == sys.argv[1]).load()(["--help"]))
+"""
+
+
+@pytest.mark.parametrize("command", ["flf2v-run", "flf2v-build", "flf2v-make-tiny", "flf2v-bench",
+                                     "flf2v-calibrate-cache"])
+def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(command, tmp_path):
+    # cwd: outside the checkout, whose own *.egg-info (a build's leftover) would name the entry points
+    p = subprocess.run([sys.executable, "-c", _SIGINT_ON_TORCH, command], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert (p.returncode, p.stderr.strip()) == (130, f"{command}: error: interrupted"), p.stderr[-2000:]

@@ -1,0 +1,45 @@
+"""The console scripts. Each imports its command's module only once inside a guard: that import (torch and
+the networks) takes a second or more, and a Ctrl-C landing in it, anywhere a command has no handler of its
+own, or in a __del__ (log.keep_ctrl_c), is one line and exit 130 like an interrupted run, not a traceback."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from flf2v import log
+
+
+def _command(prog: str, target: str, argv: list[str] | None) -> int:
+    module, name = target.split(":")
+    with log.keep_ctrl_c():
+        try:
+            code = getattr(importlib.import_module(module), name)(argv)
+        except BaseException as e:  # noqa: B036 - only a Ctrl-C is answered here; everything else goes on up
+            if not log.ctrl_c(e):
+                raise
+            code = None
+        lost = log.ctrl_c_lost()
+    if code is None or code == 0 and lost:  # what it wrote, it wrote whole (atomic writes)
+        print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    return _command("flf2v-run", "flf2v.runtime.cli:main", argv)
+
+
+def build(argv: list[str] | None = None) -> int:
+    return _command("flf2v-build", "flf2v.export.build:main", argv)
+
+
+def make_tiny(argv: list[str] | None = None) -> int:
+    return _command("flf2v-make-tiny", "flf2v.models.make_tiny:main", argv)
+
+
+def bench(argv: list[str] | None = None) -> int:
+    return _command("flf2v-bench", "flf2v.bench.cli:main", argv)
+
+
+def calibrate_cache(argv: list[str] | None = None) -> int:
+    return _command("flf2v-calibrate-cache", "flf2v.runtime.calibrate_cache:main", argv)
