@@ -223,10 +223,11 @@ def run(s) -> Report | None:
     except InputError as e:
         raise BadInput(str(e)) from None
     if args.ckpt_dir:  # each backend's row said "failed" for a wrong folder, after the builds and the wait
-        if ck.preset_for(args.ckpt_dir).dit.model_type != preset.dit.model_type:
+        theirs = ck.preset_for(args.ckpt_dir)
+        if theirs.dit.model_type != preset.dit.model_type:
             raise BadInput(f"--ckpt_dir {args.ckpt_dir}: --preset {args.preset} runs a {preset.dit.model_type} "
                            f"model, this checkpoint holds another; give a {preset.dit.model_type} checkpoint")
-        ck.check_files(args.ckpt_dir, ck.preset_for(args.ckpt_dir))
+        ck.check_files(args.ckpt_dir, theirs)
     if bp.gpu_only and device.type != "cuda":
         raise BadInput(f"--preset {args.preset} needs a CUDA GPU; use tiny or small here")
     if bp.gpu_only and not args.ckpt_dir:

@@ -214,12 +214,12 @@ def read_calibration(path, fingerprint: str | None = None, chosen: bool = False)
             raise ValueError("mag_ratios must hold (cond, uncond) pairs and coefficients 5 values")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"step-cache calibration {path} is unreadable ({e}); run flf2v-calibrate-cache again") from None
-    if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint and chosen:
+    if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
+        if not chosen:
+            raise CacheError(f"step-cache calibration {path} was made for another checkpoint; run "
+                             f"flf2v-calibrate-cache --ckpt_dir <this checkpoint> again, or delete it")
         warnings.warn(f"step-cache calibration {path} was made for another checkpoint ({d.get('model')}); its "
                       f"schedule may skip steps this one needs (flf2v-calibrate-cache makes this checkpoint's)")
-    elif fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
-        raise CacheError(f"step-cache calibration {path} was made for another checkpoint; run "
-                         f"flf2v-calibrate-cache --ckpt_dir <this checkpoint> again, or delete it")
     return cal
 
 

@@ -81,7 +81,8 @@ class Parallel:
         """Rank 0's seed, once every rank holds the same `run` (settings and frames, seed left out): a random
         seed (-1) is drawn by each process, and ranks that differ in a setting or a frame (a flag or file given
         differently to one node) would run collectives of other shapes, or another video, without a word.
-        InputError on every rank, naming the first setting that differs, before any collective of the run."""
+        InputError on every rank, naming the first setting that differs, before any collective of the run.
+        Ran over gloo only (UNVERIFIED under NCCL: all_gather_object there goes through the rank's GPU)."""
         runs = [None] * self.world
         dist.all_gather_object(runs, (run, seed))
         first = runs[0][0]

@@ -268,7 +268,7 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     (["--preset", "tiny", "--idle_wait", "-5"], "--idle_wait -5 must be 0"),
     (["cache", "--preset", "tiny", "--steps", "4"], "calibration needs at least 8 steps"),
     (["--preset", "tiny", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
-    (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "none"),
+    (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "{tmp}/none: not a directory"),
     (["--preset", "tiny", "--ckpt_dir", "{i2v}"], "this checkpoint holds another"),
 ])
 def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
