@@ -12,7 +12,7 @@
     flf2v-bench quant --ckpt_dir CKPT [--layers 2]      (the FP8 quality gate on a checkpoint's first blocks)
     flf2v-bench memory [--preset small] [--steps 2]     (memory plans: 14B per card, 4090 time model, measured runs)
 Every mode waits (up to --idle_wait s) for an idle machine before timing, and writes
-[<mode>-]<preset>-<machine>-<date>.json and .md (the stage comparison also a .png) into --out.
+[<mode>-][<preset>-]<machine>-<date>.json and .md (the stage comparison also a .png) into --out.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 from flf2v.models.config import get_preset
 
 from . import cost
-from .measure import BadInput, load_avg, rss_bytes, stats, timed
+from .measure import BadInput, gemm_roof, load_avg, rss_bytes, stats, timed
 from .report import GiB, STAGE_LABELS, Report, num, table
 from .runners import BACKENDS, GPU_ONLY, STAGES, DiffusersRunner, Job, OursRunner, Unavailable
 
@@ -169,8 +169,10 @@ def compare_videos(runs: dict, reference: str = "torch") -> dict[str, dict]:
             for name, (timed, _) in runs.items()}
 
 
-def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
-    """Speedups against torch and diffusers (ratios of medians); on a known GPU, the achieved floor fraction."""
+def add_ratios(backends: dict, costs: dict, gpu_name: str | None, roof: dict) -> None:
+    """Speedups against torch and diffusers (ratios of medians); the achieved fraction of this machine's measured
+    GEMM roof (the cost model's FLOPs over the median time, over measure.gemm_roof's FLOP/s); on a known GPU,
+    the achieved floor fraction."""
     med = lambda b, k: b["stages"].get(k, {}).get("median")  # noqa: E731
     ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
     for base in (b for b in ("torch", "diffusers") if b in ok):
@@ -178,17 +180,24 @@ def add_ratios(backends: dict, costs: dict, gpu_name: str | None) -> None:
             if name != base:
                 b.setdefault("speedup", {})[base] = {k: med(ok[base], k) / med(b, k) for k in ok[base]["stages"]
                                                      if med(b, k)}
+    for b in ok.values():
+        b["gemm_roof_fraction"] = {k: costs[k]["flops"] / med(b, k) / roof["flops_per_s"]
+                                   for k in ("denoise", "end_to_end") if med(b, k)}
     key = next((g for g in cost.GPUS if g in gpu_name.upper()), None) if gpu_name else None
     for b in ok.values() if key else ():
         b["floor_fraction"] = {k: costs[k]["floor_s"][f"{key} bf16"] / med(b, k) for k in costs if med(b, k)}
 
 
-def targets(backends: dict) -> list[str]:
+def targets(backends: dict, roof: dict) -> list[str]:
     """The project's targets, stated with what this run measured (CPU, `small`)."""
     ok = {n: b for n, b in backends.items() if b["status"] == "ok"}
     sp = ok.get("ort", {}).get("speedup", {})
-    goals = {"torch": "ORT ≥ 1.5× torch eager end to end", "diffusers": "ORT ≥ 2× diffusers"}
+    goals = {"torch": "ORT ≥ 1.5× torch eager end to end", "diffusers": "ORT ahead of diffusers end to end"}
     out = [f"{goal}: {sp[base]['end_to_end']:.2f}×" for base, goal in goals.items() if base in sp]
+    loops = [f"{n} {100 * b['gemm_roof_fraction']['denoise']:.0f}%" for n, b in ok.items()
+             if "denoise" in b.get("gemm_roof_fraction", {})]
+    if loops:
+        out.append(f"denoise loop ≥ 90% of the measured GEMM roof ({roof_text(roof)}): " + ", ".join(loops))
     if "ort" in backends and "ort" not in ok:
         out.append(f"ORT targets not measured ({backends['ort']['status']})")
     if "ort" in ok and "ort-dynamic" in ok:
@@ -247,14 +256,15 @@ def run(s) -> Report | None:
     videos = compare_videos(runs)
     backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e
                 for n, e in entries.items()}
-    add_ratios(backends, costs, s.machine["gpu"]["name"] if s.machine["gpu"] else None)
+    roof = gemm_roof(device, dtype)  # after the runs, in their process and threads: the machine as it ran them
+    add_ratios(backends, costs, s.machine["gpu"]["name"] if s.machine["gpu"] else None, roof)
     job_json = {"task": preset.dit.model_type, "model_preset": preset.name, "width": w, "height": h,
                 "frames": bp.frames, "steps": steps, "shift": job.shift, "guide": job.guide, "seed": job.seed,
                 "prompt": job.prompt, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                 "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
                 "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
-    result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "backends": backends,
-              "notes": PEER_NOTES, "targets": targets(backends)}
+    result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "gemm_roof": roof,
+              "backends": backends, "notes": PEER_NOTES, "targets": targets(backends, roof)}
     return Report("benchmark", result, markdown(result, s.machine), chart=True)
 
 
@@ -267,6 +277,11 @@ def _s(x: float | None) -> str:
 def _cell(st: dict | None) -> str:
     return "–" if not st else f"{_s(st['median'])} [{_s(st['min'])}–{_s(st['max'])}]" if st["n"] > 1 \
         else _s(st["median"])
+
+
+def roof_text(roof: dict) -> str:
+    return (f"{roof['flops_per_s'] / 1e9:.1f} GFLOP/s, best {roof['n']}³ {roof['dtype']} torch.mm on "
+            f"{roof['threads']} threads")
 
 
 def cost_lines(costs: dict, achieved: dict[str, str] | None = None) -> list[str]:
@@ -323,4 +338,9 @@ def markdown(r: dict, m: dict) -> list[str]:
     achieved = {stage: ", ".join(f"{n} {100 * b['floor_fraction'][stage]:.1f}%" for n, b in ok.items()
                                  if stage in b.get("floor_fraction", {})) for stage in r["cost"]} if m["gpu"] else None
     lines += ["", "## Cost model (FLOPs, minimum bytes, floor time on one GPU)", "", *cost_lines(r["cost"], achieved)]
+    roof = [[n, *(num(b["gemm_roof_fraction"].get(k), "{:.0%}") for k in ("denoise", "end_to_end"))]
+            for n, b in ok.items()]
+    lines += ["", f"Achieved fraction of this machine's measured GEMM roof ({roof_text(r['gemm_roof'])}): the "
+              "cost model's FLOPs over the median time, over the roof.", "",
+              *table(["backend", "denoise loop", "end to end"], roof)]
     return lines + ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]

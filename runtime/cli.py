@@ -225,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import parallel as P
     from .denoise import NumericalError
-    from .media import InputError
+    from .media import FrameError, InputError
     job = Job(args)
     try:
         job.run()
         if args.plan:
             return 0
     except InputError as e:
-        return _fail(str(e), every_rank=job.local)
+        return _fail(str(e), every_rank=job.local or isinstance(e, FrameError))
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
     except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left

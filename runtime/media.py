@@ -25,6 +25,11 @@ class InputError(ValueError):
     """A user-supplied input (image, flag, path) is unusable; the message says how to fix it."""
 
 
+class FrameError(InputError):
+    """An input frame that can be read but not used (its shape): in a torchrun job each node reads its own frames,
+    so the rank that has it says it."""
+
+
 def check_output(flag: str, path: str) -> None:
     """An output path can be written, checked before anything loads: refused after the generation, the
     run would be lost. Folders that do not exist yet are made when the file is written."""

@@ -18,7 +18,7 @@ from flf2v.models import config
 from flf2v.models.config import Preset
 
 from . import cache as step_cache
-from .media import InputError
+from .media import FrameError, InputError
 from .scheduler import DISTILL, check_timesteps, make_sampler
 
 
@@ -135,7 +135,7 @@ def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int)
     try:
         return config.latent_grid(img_hw, max_area, stride, patch)
     except ValueError as e:
-        raise InputError(f"the first frame: {e}") from None  # the last one is resized to its shape
+        raise FrameError(f"the first frame: {e}") from None  # the last one is resized to its shape
 
 
 def check_frame_num(frame_num: int, max_latent_frames: int) -> int:

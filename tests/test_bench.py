@@ -238,10 +238,26 @@ def test_bench_cli_writes_json_markdown_chart(tmp_path, tiny_ckpt, capsys):
     assert 0 < b["diffusers"]["video_max_abs_diff"] < 0.5, b["diffusers"]["video_max_abs_diff"]
     load = res["load"]
     assert len(load["before"]) == len(load["after"]) == 3 and load["cpus"] == res["machine"]["cpu"]["cpus"]
+    roof = res["gemm_roof"]
+    assert roof["n"] == 2048 and roof["dtype"] == "float32" and roof["flops_per_s"] > 0, roof
+    for name in ("torch", "diffusers"):  # achieved FLOP/s of the loop = the cost model's FLOPs / its median time
+        achieved = res["cost"]["denoise"]["flops"] / b[name]["stages"]["denoise"]["median"]
+        assert close(b[name]["gemm_roof_fraction"]["denoise"] * roof["flops_per_s"], achieved, 1e-9)
+    assert any(t.startswith("denoise loop ≥ 90% of the measured GEMM roof (") for t in res["targets"])
     md = files[".md"].read_text()
     assert "| torch |" in md and "| diffusers |" in md and "unavailable" in md
     assert "Machine load (1-minute load average" in md and "(reference)" in md
+    assert "Achieved fraction of this machine's measured GEMM roof (" in md
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemm_roof_is_the_best_product_rate(monkeypatch):
+    from flf2v.bench import measure
+    seconds = iter([0.4, 0.1, 0.3, 0.2, 0.5])  # one clock per timed product, after the untimed warm-up
+    monkeypatch.setattr(measure, "start_clock", lambda device: lambda: next(seconds))
+    roof = measure.gemm_roof(torch.device("cpu"), torch.float32, n=64, repeats=5)
+    assert roof["seconds"] == 0.1 and close(roof["flops_per_s"], 2 * 64 ** 3 / 0.1, 1e-12), roof
+    assert roof["dtype"] == "float32" and roof["threads"] == torch.get_num_threads()
 
 
 def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):

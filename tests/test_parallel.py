@@ -148,16 +148,22 @@ def test_ranks_given_other_flags_refuse_in_one_line(ckpt4, demo_frames, tmp_path
     assert not out.exists()
 
 
-def test_a_file_error_of_one_rank_is_said_by_that_rank(tiny_ckpt, demo_frames, tmp_path, monkeypatch, capsys):
-    """A frame missing on one node: that rank says so (the others have no error to say)."""
+@pytest.mark.parametrize("frame,says", [("none.png", "none.png"), ("thin.png", "the first frame: ")])
+def test_a_file_error_of_one_rank_is_said_by_that_rank(tiny_ckpt, demo_frames, tmp_path, monkeypatch, capsys, frame,
+                                                       says):
+    """A frame missing on one node, or readable there but too elongated for the model's sizing: that rank says so
+    (the others have no error to say)."""
+    from PIL import Image
+
     from flf2v.runtime import cli
+    Image.new("RGB", (2000, 8)).save(tmp_path / "thin.png")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     args = _cli(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--ulysses_size", "2", "--first_frame",
-                tmp_path / "none.png")[1:]
+                tmp_path / frame)[1:]
     assert cli.main(args) == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err
-    assert err.startswith("flf2v-run: rank 1: error: ") and "none.png" in err and err.count("\n") == 1, err
+    assert err.startswith("flf2v-run: rank 1: error: ") and says in err and err.count("\n") == 1, err
 
 
 # ---- in one process -------------------------------------------------------------------------------------
