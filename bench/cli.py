@@ -12,7 +12,7 @@
     flf2v-bench quant --ckpt_dir CKPT [--layers 2]      (the FP8 quality gate on a checkpoint's first blocks)
     flf2v-bench memory [--preset small] [--steps 2]     (memory plans: 14B per card, 4090 time model, measured runs)
 Every mode waits (up to --idle_wait s) for an idle machine before timing, and writes
-[<mode>-][<preset>-]<machine>-<date>.json and .md (the stage comparison also a .png) into --out.
+[<mode>-][<preset>-]<machine>-<date>[-N].json and .md (the stage comparison also a .png) into --out.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class Session:
         self.args, self.load = args, None
         self._tmp = None if args.work else tempfile.TemporaryDirectory(prefix=f"flf2v-bench-{args.mode or 'run'}-")
         self.work = Path(args.work or self._tmp.name)
+        self._made = [f for f in (self.work, *self.work.parents) if not f.exists()]  # deepest first
         self.work.mkdir(parents=True, exist_ok=True)
         self.machine = machine_info()
 
@@ -68,6 +69,9 @@ class Session:
     def close(self) -> None:
         if self._tmp:
             self._tmp.cleanup()
+        for folder in self._made:  # a run refused before any work leaves no empty folders behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def parser(name: str) -> argparse.ArgumentParser:

@@ -237,6 +237,9 @@ def run(s) -> Report | None:
             raise BadInput(f"--ckpt_dir {args.ckpt_dir}: --preset {args.preset} runs a {preset.dit.model_type} "
                            f"model, this checkpoint holds another; give a {preset.dit.model_type} checkpoint")
         ck.check_files(args.ckpt_dir, theirs)
+    asked = args.backends or default_backends()
+    if device.type != "cuda" and all(n in GPU_ONLY for n in asked):  # else a report of "unavailable" rows, exit 0
+        raise BadInput(f"--backends {','.join(asked)}: none of them runs without a CUDA GPU; add torch or ort")
     if bp.gpu_only and device.type != "cuda":
         raise BadInput(f"--preset {args.preset} needs a CUDA GPU; use tiny or small here")
     if bp.gpu_only and not args.ckpt_dir:
@@ -251,7 +254,7 @@ def run(s) -> Report | None:
               preset.sample_shift, preset.sample_guide_scale)
     costs = cost.cost_table(preset, w, h, bp.frames, steps)
     runners = {n: DiffusersRunner(job, device, dtype) if n == "diffusers"
-               else OursRunner(n, job, device, dtype, s.work / "engines") for n in args.backends or default_backends()}
+               else OursRunner(n, job, device, dtype, s.work / "engines") for n in asked}
     entries, runs = measure(runners, repeats, bp.warmup_steps, interleave, s.settle)
     videos = compare_videos(runs)
     backends = {n: summarize(e, runs[n][0], steps, runs[n][1]) | videos[n] if n in runs else e

@@ -117,7 +117,7 @@ class Report:
 
 
 def write(report: Report, mode: str, preset: str | None, machine: dict, load: dict | None, out) -> dict:
-    """<out>/[<mode>-][<preset>-]<machine>-<date>.{json,md[,png]} -> {"json": path, "md": path[, "png": path]}."""
+    """<out>/[<mode>-][<preset>-]<machine>-<date>[-N].{json,md[,png]} -> {"json": path, "md": path[, "png": path]}."""
     r = {"mode": mode or "stages", "preset": preset, "machine": machine, "load": load, **report.result}
     v = machine["versions"]
     md = [f"# flf2v {report.title}" + (f": `{preset}`" if preset else "") + f" on {machine['description']}", "",
@@ -126,7 +126,11 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
           f"{machine['cpu']['torch_threads']} torch threads", "", *load_lines(r), *report.body]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / "-".join(s for s in (mode, preset, machine["slug"], machine["date"]) if s)
+    stem = "-".join(s for s in (mode, preset, machine["slug"], machine["date"]) if s)
+    base, n = out / stem, 1
+    while base.with_suffix(".json").exists():  # an earlier run of the day is kept: -2, -3, ...
+        n += 1
+        base = out / f"{stem}-{n}"
     paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md")}
     paths["json"].write_text(json.dumps(r, indent=2, default=str) + "\n")
     paths["md"].write_text("\n".join(md).rstrip("\n") + "\n")

@@ -217,7 +217,7 @@ def read_calibration(path, fingerprint: str | None = None, chosen: bool = False)
     if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
         if not chosen:
             raise CacheError(f"step-cache calibration {path} was made for another checkpoint; run "
-                             f"flf2v-calibrate-cache --ckpt_dir <this checkpoint> again, or delete it")
+                             f"flf2v-calibrate-cache --ckpt_dir {Path(path).parent} again, or delete it")
         warnings.warn(f"step-cache calibration {path} was made for another checkpoint ({d.get('model')}); its "
                       f"schedule may skip steps this one needs (flf2v-calibrate-cache makes this checkpoint's)")
     return cal

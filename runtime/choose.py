@@ -81,11 +81,14 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
     from .engine_folders import build_serving
     name = build_serving(preset, *want(args, preset, first_hw, None))
     root = Path(args.engines) if args.engines else None
-    if root is not None and (root / M.MANIFEST).is_file():
+    one_shape = root is not None and (root / M.MANIFEST).is_file()
+    if one_shape:
         root = root.parent  # a shape folder was given: the new shape goes beside it
     fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
                          loras=L.lora_arg(loras) if kind != "ort" or args.quant != "none" else "",  # ORT swaps them
                          cfg_batch="both" if cfg_parallel else None, quant=args.quant)
+    if one_shape:  # that folder stays the only one the same command reads: the hint looped
+        fix += f", then run with --engines {root}"
     run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
         f", {args.frame_num} frames" if args.frame_num else "") + (" with --cfg_parallel (the batch-1 DiT)"
                                                                    if cfg_parallel else "") + (

@@ -98,10 +98,9 @@ def versions() -> dict[str, str]:
 
 
 def write_metrics(path: str, metrics: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.part")
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    os.replace(tmp, path)
+    from .media import replacing
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2, default=str))
 
 
 @dataclass
@@ -143,9 +142,12 @@ class Job:
         last = load_image(args.last_frame) if args.last_frame else None
         self.local = False
         hw, options = (first.height, first.width), request_options(args)
-        # the run's settings, with no backend yet (a static engine folder's shape is checked when it is chosen)
-        req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
-                           cfg_parallel=args.cfg_parallel, **options)
+        # the run's settings, with no backend yet (a static engine folder's shape is checked when it is chosen);
+        # its warnings are the run's own request's too, said there (each was said twice)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
+                               cfg_parallel=args.cfg_parallel, **options)
         shape = (req.height, req.width, req.frame_num)
         if args.plan:  # the table, then nothing loads
             from .choose import plan_table

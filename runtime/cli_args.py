@@ -189,6 +189,8 @@ def check_args(args) -> None:
     if args.image and args.first_frame:
         raise InputError("give the input image once: --image or --first_frame, not both")
     args.first_frame = args.first_frame or args.image
+    if args.prompt is None:  # the official generate.py falls back on its example prompt and images, not shipped
+        raise InputError('--prompt is required: describe the video to generate (--prompt "...")')
     if not args.first_frame:
         raise InputError("--first_frame is required (the image the video starts from)")
     if not (math.isfinite(args.fps) and 1 <= args.fps <= 240):
@@ -259,7 +261,8 @@ def check_model(args, preset) -> None:
     """--task and --ulysses_size against the checkpoint's model (its config, no weights)."""
     want = "flf2v" if args.task.startswith("flf2v") else "i2v"
     if preset.dit.model_type != want:
-        raise InputError(f"--task {args.task} needs a {want} checkpoint, but {args.ckpt_dir} holds a "
+        article = "an" if want == "i2v" else "a"
+        raise InputError(f"--task {args.task} needs {article} {want} checkpoint, but {args.ckpt_dir} holds a "
                          f"{preset.dit.model_type} model; pass the matching --task")
     if preset.dit.num_heads % args.ulysses_size:
         raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "

@@ -5,20 +5,24 @@ crash or a full disk never leaves a playable-looking partial video.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import numbers
 import os
 import tempfile
 import warnings
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from flf2v.log import logger
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8k x 8k; anything bigger is refused before it is decoded
+HALF_STEP = 0.5 / 255  # float frames may overshoot [0, 1] by this (a bicubic resize does): it rounds away
 
 
 class InputError(ValueError):
@@ -34,6 +38,10 @@ def check_output(flag: str, path: str) -> None:
     """An output path can be written, checked before anything loads: refused after the generation, the
     run would be lost. Folders that do not exist yet are made when the file is written."""
     p = Path(path)
+    size, limit = len(os.fsencode(p.name)), os.pathconf(next(f for f in p.parents if f.is_dir()), "PC_NAME_MAX")
+    if size > limit:
+        raise InputError(f"{flag} {path}: the file name is {size} bytes, over the {limit} this file system "
+                         f"takes; shorten it")
     if p.is_dir():
         raise InputError(f"{flag} {path} is a folder; give a file path in it")
     check_folder(flag, path, p.parent)
@@ -42,6 +50,9 @@ def check_output(flag: str, path: str) -> None:
 def check_folder(flag: str, path: str, folder: Path) -> None:
     """`folder` (or its nearest existing parent, when it is yet to be made) can take a new file."""
     while not folder.exists():
+        if folder.is_symlink():  # the file's folders would be made through it: mkdir says only "File exists"
+            raise InputError(f"{flag} {path}: {folder} is a link to {os.readlink(folder)}, which does not "
+                             f"exist; choose another path")
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")
@@ -61,20 +72,25 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image {path} not found; pass an existing PNG/JPEG file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise InputError(f"image {path} is {im.width}x{im.height}, over the "
                                      f"{MAX_IMAGE_PIXELS // 2**20} Mpixel limit; downscale it first")
                 im.load()
-                return to_rgb(im)
+                out = to_rgb(im)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"image {path} cannot be read ({e}); pass a valid PNG/JPEG file") from None
+    # Pillow warns of a damaged EXIF block once per parse, naming no file: once, with its file
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in seen):
+        warnings.warn(f"image {path}: {message}", stacklevel=2)
+    return out
 
 
 def as_image(x) -> Image.Image:
@@ -83,7 +99,12 @@ def as_image(x) -> Image.Image:
     if isinstance(x, (str, os.PathLike)):
         return load_image(x)
     if isinstance(x, Image.Image):
+        if 0 in x.size:
+            raise InputError(f"a frame image is empty ({x.width}x{x.height})")
         return to_rgb(x)
+    if isinstance(x, torch.Tensor):  # autograd and bf16 tensors have no NumPy view
+        x = x.detach().cpu()
+        x = x.float() if x.dtype == torch.bfloat16 else x
     a = np.asarray(x)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or a.size == 0:
         raise InputError(f"a frame array must be [H, W] or [H, W, 3|4], got shape {a.shape}")
@@ -92,8 +113,13 @@ def as_image(x) -> Image.Image:
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
             raise InputError("a frame array holds NaN or infinite values")
-        if a.max() > 1.0:  # 0..255 floats would all clip to white
-            raise InputError(f"a float frame array must be in [0, 1], its maximum is {a.max():g}; divide by 255")
+        lo, hi = a.min(), a.max()
+        if hi > 1 + HALF_STEP:  # 0..255 floats would all clip to white
+            raise InputError(f"a float frame array must be in [0, 1], its maximum is {hi:g}; "
+                             + ("divide by 255" if hi > 2 else "clip it to [0, 1]"))
+        if lo < -HALF_STEP:  # the model's own [-1, 1] would lose everything below mid-grey
+            raise InputError(f"a float frame array must be in [0, 1], its minimum is {lo:g}; "
+                             + ("for [-1, 1] data pass (x + 1) / 2" if lo >= -1 - HALF_STEP else "clip it to [0, 1]"))
         a = (np.clip(a, 0.0, 1.0) * 255.0).round()
     elif a.dtype != np.uint8:
         raise InputError(f"a frame array must be uint8, uint16 or float in [0, 1], got {a.dtype}")
@@ -104,6 +130,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit sRGB as viewers show it: EXIF orientation applied (phone photos are stored sideways), colours
     through the embedded ICC profile (CMYK, wide-gamut), 16-bit samples scaled by the type's range (not by
     the image's own maximum, which brightened dark frames), transparency composited on white."""
+    if im.mode == "F":  # convert() clips floats to 0..255: a [0, 1] float image would come out black
+        raise InputError("a 32-bit float image has no defined range; save it as an 8- or 16-bit PNG")
     im = ImageOps.exif_transpose(im)
     icc = im.info.get("icc_profile")
     if icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
@@ -115,7 +143,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
                                                outputMode="RGBA" if im.mode == "RGBA" else "RGB")
                 im.info.pop("icc_profile", None)  # now sRGB: a second read must not convert again
         except (ImageCms.PyCMSError, OSError) as e:  # a damaged profile: the samples as they are
-            logger.warning("the image's ICC profile cannot be applied (%s); reading its colours as sRGB", e)
+            warnings.warn(f"the image's ICC profile cannot be applied ({e}); reading its colours as sRGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNGs (Pillow reads some as 32-bit "I")
         a = np.asarray(im, dtype=np.float64)
         im = Image.fromarray((np.clip(a, 0, 65535) * (255.0 / 65535.0)).round().astype(np.uint8))
@@ -123,8 +151,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         bg = Image.new("RGB", im.size, (255, 255, 255))
         bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return im.convert("RGB")
+        im = bg
+    out = im.convert("RGB")
+    out.info = {}  # orientation and profile applied: read again (the API reads a PIL image), nothing changes
+    return out
+
+
+def warn_if_stretched(first: Image.Image, last: Image.Image) -> None:
+    """The last frame is resized to the video's size, set by the first frame: another aspect ratio stretches."""
+    ratio = (last.width * first.height) / (last.height * first.width)
+    if not 1 / 1.05 < ratio < 1.05:
+        warnings.warn(f"the last frame ({last.width}x{last.height}) has another aspect ratio than the first "
+                      f"({first.width}x{first.height}); it is stretched to the first's: crop it to match")
 
 
 def image_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -141,23 +179,39 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
-def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
-    """Write [3, F, H, W] in [-1, 1] as an H.264 mp4 (yuv420p), atomically."""
-    import av
-
-    path = Path(path)
-    frames = video_to_uint8(video)
-    f, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 needs even frame sizes, got {w}x{h}")
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` to write, renamed onto it once complete and removed on any failure: a
+    crash or a full disk leaves no partial file. A link is written through to its target; a file replaced
+    keeps its permissions, a new one gets those any new file would (mkstemp makes 0600)."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.mp4", dir=path.parent)
+    # a short name of its own: one made from the target's name can pass the file system's limit where it does not
+    fd, tmp = tempfile.mkstemp(prefix=".flf2v-", suffix=".part" + path.suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video gets the mode any new file would
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask)
     try:
-        with av.open(tmp, mode="w", format="mp4") as out:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
+    """Write [3, F, H, W] in [-1, 1] as an H.264 mp4 (yuv420p), atomically (`replacing`)."""
+    import av
+
+    if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")  # 0 was written as 24 fps
+    frames = video_to_uint8(torch.as_tensor(video))
+    f, h, w, _ = frames.shape
+    if f == 0 or h % 2 or w % 2:
+        raise ValueError(f"H.264 needs one frame or more of even sizes, got {f} of {w}x{h}")
+    with replacing(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as out:
             # a rational rate: 29.97 is 2997/100 (an int-only rate refused NTSC-like rates)
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -170,11 +224,7 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 16, cr
                 yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
                 out.mux(stream.encode(yuv))
             out.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -176,12 +176,12 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
                 return p
     if fit:
         least = min(fit, key=lambda p: p.host)
-        raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB with this host's RAM: the one that needs "
-                         f"least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over 90% "
-                         f"of {host_bytes / GiB:.1f} GiB; add RAM{fp8}")
+        raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:.3g} GiB with this host's RAM: the one that "
+                         f"needs least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over "
+                         f"90% of {host_bytes / GiB:.1f} GiB; add RAM{fp8}")
     need = min((finish(video, p, 0) for p in plans), key=lambda p: p.peak)
     card = math.ceil((need.peak + RESERVE) / GiB * 10) / 10  # rounded up: a card of that size fits
-    raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:g} GiB at {video.width}x{video.height}, "
+    raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:.3g} GiB at {video.width}x{video.height}, "
                      f"{video.frames} frames ({video.preset.name}): it needs a {card:.1f} GiB card ({need.name}); "
                      f"lower --size or --frame_num{fp8}")
 
@@ -196,7 +196,7 @@ def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=N
         chosen, why = None, str(e)
     lines = [f"memory plans for {video.preset.name} at {video.width}x{video.height}, {video.frames} frames, "
              f"{'fp8' if video.quant == 'fp8' else f'{8 * video.dtype_bytes}-bit'} weights, on "
-             f"{gpu_bytes / GiB:.0f} GiB ({RESERVE / GiB:.0f} GiB reserved); device GiB per stage:",
+             f"{gpu_bytes / GiB:.3g} GiB ({RESERVE / GiB:.0f} GiB reserved); device GiB per stage:",
              "  " + "  ".join(f"{s[:12]:>12}" for s in STAGES) + "  host GiB  plan"]
     shown = [p for p in candidates(video) if p.blocks is None or (p.offload_model and p.t5_cpu and p.blocks == 0)
              or finish(video, p, budget).name == chosen]

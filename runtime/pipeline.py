@@ -31,7 +31,7 @@ from flf2v.log import logger
 from . import cache as step_cache
 from .backend import Backend
 from .denoise import DenoiseLoop
-from .media import InputError, as_image, image_to_tensor
+from .media import InputError, as_image, image_to_tensor, warn_if_stretched
 from .request import Request, make_request
 from .scheduler import make_sampler
 
@@ -183,6 +183,8 @@ class Pipeline:
         first_frame = as_image(first_frame)
         last_frame = as_image(last_frame) if last_frame is not None else None
         req = self.request(prompt, first_frame, last_frame, **options)
+        if last_frame is not None:
+            warn_if_stretched(first_frame, last_frame)
         if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
             req = replace(req, seed=self.parallel.agree(_run_of(req, first_frame, last_frame, latents), req.seed))
         self.last_request = req

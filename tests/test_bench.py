@@ -286,13 +286,14 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     (["--preset", "tiny", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
     (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "{tmp}/none: not a directory"),
     (["--preset", "tiny", "--ckpt_dir", "{i2v}"], "this checkpoint holds another"),
+    (["--preset", "tiny", "--backends", "trt,trt-dynamic"], "none of them runs without a CUDA GPU"),
 ])
 def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
     """Each was found only after minutes of building and measuring (or became a failed row and exit 0)."""
     import torch
 
     from flf2v.bench import cli
-    if "cuda:0" in argv and torch.cuda.is_available():
+    if ("cuda:0" in argv or "trt,trt-dynamic" in argv) and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is usable here")
     monkeypatch.setattr(cli, "wait_for_idle", lambda *a: pytest.fail("work began"))
     monkeypatch.setattr(cli.Session, "checkpoint", lambda *a: pytest.fail("work began"))
@@ -307,7 +308,17 @@ def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatc
     assert cli.main([*argv, "--work", str(tmp_path / "w")] if "--work" not in argv else argv) == 2
     err = capsys.readouterr().err
     assert says.format(**fill) in err and err.count("\n") == 1, err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()  # no empty work folder either
+
+
+def test_a_report_never_replaces_an_earlier_one_of_the_day(tmp_path):
+    """A second run into one folder overwrote the first (the names hold the date, not the time)."""
+    from flf2v.bench.report import Report, machine_info, write
+    machine = machine_info()
+    first = write(Report("t", {"run": 1}), "quant", "tiny", machine, None, tmp_path)
+    second = write(Report("t", {"run": 2}), "quant", "tiny", machine, None, tmp_path)
+    assert second["json"].name == first["json"].stem + "-2.json", (first, second)
+    assert json.loads(first["json"].read_text())["run"] == 1 and json.loads(second["json"].read_text())["run"] == 2
 
 
 @pytest.mark.parametrize("interleave", [False, True])

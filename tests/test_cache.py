@@ -3,6 +3,8 @@ decisions, threshold 0 equals the uncached run, cached steps equal a hand-writte
 both step programs export, engines equal torch, the calibration command, and the CLI's errors."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -373,6 +375,19 @@ def test_cli_cached_run_writes_the_schedule(tiny_ckpt, demo_frames, calibration,
     c = m["cache"]
     assert len(c["schedule"]) == 8 and c["schedule"][0] == "F" and c["steps_skipped"] == c["schedule"].count("c") > 0
     assert m["run"]["cache"] == "magcache" and m["run"]["cache_threshold"] == 0.3
+
+
+def test_cli_says_another_checkpoints_calibration_once(tiny_ckpt, demo_frames, calibration, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "eps": 2e-6}))  # another checkpoint
+    args = _args(ckpt, demo_frames, tmp_path / "v.mp4", "--cache", "magcache", "--cache_calibration", str(calibration))
+    args[args.index("--sample_steps") + 1] = "8"
+    # a process of its own: pytest's warning filters hid the second line
+    r = subprocess.run([sys.executable, "-c", "import sys; from flf2v.runtime.cli import main; sys.exit(main())",
+                        *args], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.count("was made for another checkpoint") == 1, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -59,7 +59,7 @@ def test_help_shows_the_checkpoints_defaults(tiny_ckpt, capsys):
     (["--sample_guide_scale", "nan"], "finite"),
     (["--prompt", "  "], "--prompt is empty"),
     (["--backend", "tpu"], "invalid choice"),
-    (["--task", "i2v-14B"], "needs a i2v checkpoint"),
+    (["--task", "i2v-14B"], "needs an i2v checkpoint"),
     (["--base_seed", str(2**64)], "out of range"),
     (["--save_file", "x.avi"], "must end in .mp4"),
     (["--device", "tpu:0"], "--device tpu:0"),
@@ -117,6 +117,29 @@ def test_output_paths_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tm
     err = capsys.readouterr().err.strip()
     assert match in err and target in err and len(err.splitlines()) == 1, err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["dir.mp4", "file"]  # nothing left behind
+
+
+@pytest.mark.parametrize("flag,where,match", [
+    ("--save_file", "dl/sub/v.mp4", "is a link to"),  # mkdir said only "File exists", after the run
+    ("--metrics", "dl/m.json", "is a link to"),
+    ("--save_file", "a" * 300 + ".mp4", "bytes, over the"),
+])
+def test_output_paths_no_file_system_takes_are_refused_first(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
+                                                             flag, where, match):
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    _no_weights(monkeypatch)
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + [flag, str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and flag in err and len(err.splitlines()) == 1, err
+
+
+def test_a_missing_prompt_is_one_line(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    _no_weights(monkeypatch)
+    args = _args(tiny_ckpt, demo_frames, tmp_path / "v.mp4")
+    del args[args.index("--prompt"):args.index("--prompt") + 2]
+    assert run(args) == 2
+    assert capsys.readouterr().err.strip() == 'flf2v-run: error: --prompt is required: describe the video to ' \
+                                               'generate (--prompt "...")'
 
 
 @pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame"])

@@ -80,8 +80,12 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
     with pytest.raises(M.EngineError) as e:  # a tall first frame against the square folder
         choose_engines(args, preset, (96, 64), torch.device("cpu"))
     msg = str(e.value)
-    assert f"make engines CKPT={tiny_ckpt} PRESET=dynamic ENGINES={root / 'dynamic'}" in msg, msg
+    # the same --engines would read the square folder again: the hint names the folder that holds both
+    assert f"PRESET=dynamic ENGINES={root / 'dynamic'}`, then run with --engines {root}," in msg, msg
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
+    # the folder the hint names holds the new one beside the old: a wide frame finds its own there
+    args.engines = str(root)
+    assert choose_engines(args, preset, (64, 96), torch.device("cpu"))[:2] == ("ort", root / "tiny-wide")
 
 
 def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, tmp_path):

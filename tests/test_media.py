@@ -1,10 +1,15 @@
 """Images in, mp4 out: conversions, the H.264 round trip and atomic writes."""
+import os
+import struct
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from flf2v.runtime.media import InputError, as_image, image_to_tensor, load_image, read_video, save_video
+from flf2v.runtime.media import (InputError, as_image, image_to_tensor, load_image, read_video, replacing, save_video,
+                                 warn_if_stretched)
 
 
 def smooth_video(f=9, h=48, w=64):
@@ -130,7 +135,10 @@ def test_a_wide_gamut_profile_is_applied_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad,match", [(np.zeros((4, 4, 2), np.uint8), r"\[H, W, 3\|4\]"),
                                        (np.zeros((4, 4), np.int64), "uint8, uint16 or float"),
                                        (np.full((4, 4), np.nan), "NaN"),
-                                       (np.full((4, 4), 200.0), "divide by 255")])
+                                       (np.full((4, 4), 200.0), "divide by 255"),
+                                       (np.full((4, 4), 1.2), r"maximum is 1.2; clip it"),
+                                       (np.linspace(-1, 1, 16).reshape(4, 4), r"\(x \+ 1\) / 2"),
+                                       (Image.new("RGB", (0, 0)), r"empty \(0x0\)")])
 def test_bad_arrays(bad, match):
     with pytest.raises(InputError, match=match):
         as_image(bad)
@@ -138,8 +146,68 @@ def test_bad_arrays(bad, match):
 
 def test_arrays_of_every_dtype_read_alike():
     a8 = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    for a in (a8, a8.astype(np.uint16) * 257, a8 / 255.0):
+    f = torch.from_numpy(a8 / 255.0)
+    # a resize's overshoot of under half an 8-bit step rounds away; bf16 and autograd tensors have no NumPy view
+    for a in (a8, a8.astype(np.uint16) * 257, a8 / 255.0, f * (1 + 1e-6) - 1e-6, f.requires_grad_()):
         assert np.array_equal(np.asarray(as_image(a)), a8), a.dtype
+    b = f.detach().bfloat16()  # 8 mantissa bits: not every 8-bit level, so against its own fp32 values
+    assert np.array_equal(np.asarray(as_image(b)), np.asarray(as_image(b.float().numpy())))
+
+
+def test_a_damaged_exif_block_is_one_warning_naming_its_file(tmp_path):
+    """The EXIF entry points past the block's end: Pillow warned once per read of the frame, naming no file."""
+    ifd = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">HHHII", 1, 0x010F, 2, 12, 0x1A) + b"\x00" * 4 + b"ab"
+    Image.new("RGB", (32, 16), (200, 30, 30)).save(tmp_path / "e.jpg", exif=b"Exif\x00\x00" + ifd)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        as_image(as_image(load_image(tmp_path / "e.jpg")))
+    said = [str(w.message) for w in seen]
+    assert len(said) == 1 and said[0].startswith(f"image {tmp_path / 'e.jpg'}: "), said
+
+
+def test_a_float_image_file_is_refused(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "f.tiff")  # read as 0..255: black
+    with pytest.raises(InputError, match="32-bit float image"):
+        load_image(tmp_path / "f.tiff")
+
+
+def test_a_last_frame_of_another_aspect_ratio_is_said_stretched():
+    first = Image.new("RGB", (64, 48))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn_if_stretched(first, Image.new("RGB", (130, 96)))  # 1.6 % off: the rounding of a resize
+        warn_if_stretched(first, Image.new("RGB", (48, 64)))
+    assert [str(w.message) for w in seen] == ["the last frame (48x64) has another aspect ratio than the first "
+                                              "(64x48); it is stretched to the first's: crop it to match"]
+
+
+def test_a_long_name_the_file_system_takes_is_written(tmp_path):
+    """A temporary name made from the target's ran past NAME_MAX for names of 237-255 bytes, after the run."""
+    name = "a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".mp4"
+    assert save_video(smooth_video(f=1), tmp_path / name).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_replacing_a_file_keeps_its_mode_and_writes_through_a_link(tmp_path):
+    (tmp_path / "old.mp4").write_bytes(b"old")
+    os.chmod(tmp_path / "old.mp4", 0o600)
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "old.mp4")
+    save_video(smooth_video(f=1), tmp_path / "link.mp4")
+    assert (tmp_path / "link.mp4").is_symlink() and (tmp_path / "old.mp4").read_bytes()[4:8] == b"ftyp"
+    assert (tmp_path / "old.mp4").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(OSError), replacing(tmp_path / "old.mp4") as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mp4", "old.mp4"]
+
+
+@pytest.mark.parametrize("fps", [0, -5, float("nan")])
+def test_save_video_refuses_what_it_cannot_write(tmp_path, fps):
+    with pytest.raises(ValueError, match="fps must be a positive number"):  # 0 was written as 24 fps
+        save_video(smooth_video(), tmp_path / "v.mp4", fps=fps)
+    with pytest.raises(ValueError, match="one frame or more"):  # was an empty file, said written
+        save_video(smooth_video()[:, :0], tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_images(tmp_path):

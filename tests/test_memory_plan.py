@@ -346,7 +346,8 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     for flags, says in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n"),
                         (["--offload_model", "true"], "* chosen: offload\n"),
                         (["--offload", "blocks:1"], "* chosen: resident + blocks:1\n"),
-                        (["--gpu_memory", "0.5"], "\nno memory plan fits 0.5 GiB")):
+                        (["--gpu_memory", "0.5"], "\nno memory plan fits 0.5 GiB"),
+                        (["--gpu_memory", "0.001"], "on 0.001 GiB (")):  # was "on 0 GiB", then 0.000999999
         assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *flags)) == 0, flags
         said = capsys.readouterr().out
         assert says in said, (flags, said)
