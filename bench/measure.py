@@ -94,8 +94,9 @@ def wait_for_idle(cpus: int, max_wait: float, poll: float = 5.0) -> dict:
 def gemm_roof(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> dict:
     """This machine's measured GEMM roof: the best FLOP/s of an n x n x n `torch.mm` in the run's dtype and thread
     count (oneDNN/MKL on a CPU, cuBLAS on a GPU), the denominator of the project's "denoise loop >= 90% of the
-    roof" target. n: 2048 on a CPU (0.1-0.3 s a product on 2 vCPUs), 8192 on a GPU. The best of `repeats`
-    after one warm-up: a roof is what the machine can do, not what it usually does."""
+    roof" target. n: 2048 on a CPU (0.08 s a product on the 2-vCPU Xeon, 2026-12-07), 8192 on a GPU (not run
+    on one yet). The best of `repeats` after one warm-up: a roof is what the machine can do, not what it usually
+    does."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
