@@ -383,7 +383,8 @@ def test_quant_gate_on_a_checkpoint_reads_every_layout(layouts, tmp_path):
         assert main(["quant", "--ckpt_dir", str(layouts[name]), "--layers", "1", "--tokens", "32", "--out", str(out),
                      "--idle_wait", "0", "-q"]) == 0
         got[name] = json.loads(next(out.glob("*.json")).read_text())["dit"]["output"]
-    # the same weights, mapped from each file at another alignment: AVX2 GEMMs (AMD EPYC) then sum in another
-    # order (last-bit differences: 1.2e-7 relative measured); a weight read wrong moves these far more
+    # the same weights, mapped from each file at another alignment: AVX-512 GEMMs on AMD EPYC Zen 4
+    # (family 25 model 17) then sum in another order (last-bit differences: 1.2e-7 relative measured);
+    # a weight read wrong moves these far more
     want = {run: {k: pytest.approx(v, rel=1e-5) for k, v in figures.items()} for run, figures in got["official"].items()}
     assert got["diffusers"] == want and got["comfyui"] == want, got
