@@ -131,12 +131,16 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
     while base.with_suffix(".json").exists():  # an earlier run of the day is kept: -2, -3, ...
         n += 1
         base = out / f"{stem}-{n}"
+    from flf2v.runtime.media import replacing  # a run stopped while writing leaves no truncated table
     paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md")}
-    paths["json"].write_text(json.dumps(r, indent=2, default=str) + "\n")
-    paths["md"].write_text("\n".join(md).rstrip("\n") + "\n")
+    with replacing(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(r, indent=2, default=str) + "\n")
+    with replacing(paths["md"]) as tmp:
+        tmp.write_text("\n".join(md).rstrip("\n") + "\n")
     if report.chart:
         paths["png"] = base.with_suffix(".png")
-        chart(r, paths["png"])
+        with replacing(paths["png"]) as tmp:
+            chart(r, tmp)
     return paths
 
 

@@ -75,6 +75,10 @@ def _input_flags(a, p) -> None:
     a("--offload_model", type=_str2bool, default=None,
       help="keep the DiT off the GPU but for the denoising loop (default: the memory plan's choice on CUDA)")
     a("--t5_cpu", action="store_true", help="run the text encoder on the CPU (its 11.4 GB never on the GPU)")
+    a("--use_prompt_extend", action="store_true",
+      help="official flag; no prompt extender is built in: write the extended prompt into --prompt")
+    for flag in ("--prompt_extend_method", "--prompt_extend_model", "--prompt_extend_target_lang"):
+        a(flag, default=None, help=argparse.SUPPRESS)
 
 
 def _sampling_flags(a, p) -> None:
@@ -193,6 +197,11 @@ def check_args(args) -> None:
         raise InputError('--prompt is required: describe the video to generate (--prompt "...")')
     if not args.first_frame:
         raise InputError("--first_frame is required (the image the video starts from)")
+    extend = [f"--{k}" for k in ("use_prompt_extend", "prompt_extend_method", "prompt_extend_model",
+                                 "prompt_extend_target_lang") if getattr(args, k)]
+    if extend:  # the official extender needs Qwen (a local Qwen2.5-VL or the DashScope API): not ours to run
+        raise InputError(f"{extend[0]}: flf2v has no prompt extender (the official one rewrites the prompt with "
+                         f"Qwen); write the extended prompt into --prompt and drop {' '.join(extend)}")
     if not (math.isfinite(args.fps) and 1 <= args.fps <= 240):
         raise InputError(f"--fps {args.fps:g} is out of range; use 1..240 (16 is the official rate)")
     if args.save_file and not args.save_file.lower().endswith(".mp4"):

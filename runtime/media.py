@@ -81,6 +81,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                                      f"{MAX_IMAGE_PIXELS // 2**20} Mpixel limit; downscale it first")
                 im.load()
                 out = to_rgb(im)
+                # an animation reads as its first frame, as the official code's Image.open; a photo's MPO
+                # preview (phones, stereo cameras) is not one
+                if im.format in ("GIF", "PNG", "WEBP") and getattr(im, "n_frames", 1) > 1:
+                    warnings.warn(f"an animation of {im.n_frames} frames; its first is used")
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

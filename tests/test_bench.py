@@ -3,6 +3,7 @@ pipeline against our networks on the same checkpoint, and one tiny end-to-end ru
 (structure of its outputs only: timings are never asserted)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,6 +320,21 @@ def test_a_report_never_replaces_an_earlier_one_of_the_day(tmp_path):
     second = write(Report("t", {"run": 2}), "quant", "tiny", machine, None, tmp_path)
     assert second["json"].name == first["json"].stem + "-2.json", (first, second)
     assert json.loads(first["json"].read_text())["run"] == 1 and json.loads(second["json"].read_text())["run"] == 2
+
+
+def test_a_report_stopped_while_writing_leaves_no_truncated_file(tmp_path, monkeypatch):
+    """The chart failed (or Ctrl-C came) halfway through its file: a truncated PNG was left as a result."""
+    from flf2v.bench import report as R
+
+    def half_a_chart(result, path):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "chart", half_a_chart)
+    with pytest.raises(KeyboardInterrupt):
+        R.write(R.Report("t", {"run": 1}, chart=True), "quant", "tiny", R.machine_info(), None, tmp_path)
+    left = sorted(p.suffix for p in tmp_path.iterdir())
+    assert left == [".json", ".md"], sorted(p.name for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("interleave", [False, True])

@@ -142,6 +142,19 @@ def test_a_missing_prompt_is_one_line(tiny_ckpt, demo_frames, tmp_path, capsys, 
                                                'generate (--prompt "...")'
 
 
+@pytest.mark.parametrize("extra", [["--use_prompt_extend"], ["--use_prompt_extend", "--prompt_extend_method",
+                                                              "local_qwen", "--prompt_extend_target_lang", "en"]])
+def test_the_official_prompt_extension_is_refused_with_the_fix(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
+                                                               extra):
+    """The official README's --use_prompt_extend command: one line naming the fix, not "unrecognized"."""
+    _no_weights(monkeypatch)
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--use_prompt_extend: flf2v has no prompt extender" in err and "into --prompt" in err, err
+    assert " ".join(f for f in extra if f.startswith("--")) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "v.mp4").exists()
+
+
 @pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame"])
 def test_an_empty_value_is_refused_not_taken_for_the_default(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                              flag):

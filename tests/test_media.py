@@ -165,6 +165,20 @@ def test_a_damaged_exif_block_is_one_warning_naming_its_file(tmp_path):
     assert len(said) == 1 and said[0].startswith(f"image {tmp_path / 'e.jpg'}: "), said
 
 
+@pytest.mark.parametrize("ext", ["gif", "png", "webp"])
+def test_an_animation_is_read_as_its_first_frame_and_said(tmp_path, ext):
+    frames = [Image.new("RGB", (32, 16), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    frames[0].save(tmp_path / f"a.{ext}", save_all=True, append_images=frames[1:], lossless=True)
+    frames[0].save(tmp_path / f"still.{ext}", lossless=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first, still = load_image(tmp_path / f"a.{ext}"), load_image(tmp_path / f"still.{ext}")
+    got, want = np.asarray(first, np.int16), np.asarray(still, np.int16)
+    assert np.abs(got - want).max() <= 2 and want[0, 0].tolist() == [200, 30, 30], (got[0, 0], want[0, 0])
+    assert [str(w.message) for w in seen] == [f"image {tmp_path / f'a.{ext}'}: an animation of 3 frames; its "
+                                              f"first is used"]
+
+
 def test_a_float_image_file_is_refused(tmp_path):
     Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "f.tiff")  # read as 0..255: black
     with pytest.raises(InputError, match="32-bit float image"):
