@@ -90,11 +90,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
     except (OSError, SyntaxError, ValueError) as e:
+        if _is_heif(path):  # phones' default photo format: Pillow has no HEVC decoder
+            raise InputError(f"image {path} is a HEIC/HEIF photo, which Pillow cannot read; convert it to PNG or "
+                             f"JPEG first (or export it from the phone as 'Most Compatible')") from None
         raise InputError(f"image {path} cannot be read ({e}); pass a valid PNG/JPEG file") from None
     # Pillow warns of a damaged EXIF block once per parse, naming no file: once, with its file
     for message in dict.fromkeys(" ".join(str(w.message).split()) for w in seen):
         warnings.warn(f"image {path}: {message}", stacklevel=2)
     return out
+
+
+def _is_heif(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(12)
+    return head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
+                                                    b"msf1")
 
 
 def as_image(x) -> Image.Image:

@@ -179,6 +179,18 @@ def test_an_animation_is_read_as_its_first_frame_and_said(tmp_path, ext):
                                               f"first is used"]
 
 
+@pytest.mark.parametrize("brand", [b"heic", b"mif1"])
+def test_an_iphone_heic_photo_is_refused_with_the_fix(tmp_path, brand):
+    """Pillow has no HEIC decoder: it said "cannot identify image file ... pass a valid PNG/JPEG file" of a photo."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftyp" + brand + b"\x00" * 4 + b"mif1heic" + b"\x00" * 64)
+    with pytest.raises(InputError, match=r"IMG_0001.HEIC is a HEIC/HEIF photo, which Pillow cannot read; convert it "
+                                         r"to PNG or JPEG"):
+        load_image(tmp_path / "IMG_0001.HEIC")
+    (tmp_path / "junk.png").write_bytes(b"\x00" * 64)  # any other unreadable file keeps the general line
+    with pytest.raises(InputError, match="cannot be read .*; pass a valid PNG/JPEG file"):
+        load_image(tmp_path / "junk.png")
+
+
 def test_a_float_image_file_is_refused(tmp_path):
     Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "f.tiff")  # read as 0..255: black
     with pytest.raises(InputError, match="32-bit float image"):
