@@ -12,7 +12,7 @@ PyTorch's AOTInductor instead (export/aoti.py; no ONNX): `engines/<gpu>-sm<cc>-a
 <graph>.pt2` on a GPU (bf16), `engines/cpu-aoti-torch<x.y>/...` on a CPU (fp32). The build key
 (`<model>-<precision>-<checkpoint fingerprint>[-lora<set>]`, export/manifest.py) keeps two checkpoints,
 precisions or LoRA sets apart; a build into a folder holding another one's engines (`--out`) is refused
-unless `--force`.
+unless `--force` (which also rebuilds current engines).
 Shapes (export/contracts.py): `dynamic`, the default, serves every official size and first-frame aspect
 ratio from 1:2.4 to 2.4:1 and 5..81 frames with one build (DiT and VAE graphs with dynamic latent frames,
 height and width; TensorRT optimization profiles for landscape and portrait grids); `dynamic-480p` only
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -83,7 +84,7 @@ def file_sha256(*paths: Path) -> str:
 def tool_versions(backend: str) -> dict:
     import torch
     if backend == "aoti":
-        return {"torch": torch.__version__, "device": str(_aoti_device())}
+        return {"torch": torch.__version__, "device": "cuda" if _on_gpu(backend) else "cpu"}
     import onnx
     v = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": C.OPSET}
     if backend == "ort":
@@ -126,9 +127,9 @@ def _remove_leftovers(folder: Path) -> None:
 
 # ---- the build -------------------------------------------------------------------------------------
 
-def _aoti_device():
+def _on_gpu(backend: str) -> bool:
     from .aoti import aoti_device
-    return aoti_device()
+    return backend == "trt" or (backend == "aoti" and aoti_device().type == "cuda")
 
 
 def check_quant(backend: str, quant: str) -> None:
@@ -141,8 +142,7 @@ def check_quant(backend: str, quant: str) -> None:
     if backend == "ort" and M.ort_cuda_available():
         raise BuildError("--quant fp8: ONNX Runtime's CUDA provider has no FP8 GEMM; use --backend trt on an sm89+ "
                          "GPU (Ada, Hopper), or build fp32 ONNX Runtime engines on a CPU")
-    on_gpu = backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda")
-    info = M.gpu_info() if on_gpu else None
+    info = M.gpu_info() if _on_gpu(backend) else None
     if info is not None and tuple(info[1]) < (8, 9):
         raise BuildError(f"--quant fp8 needs FP8 tensor cores (sm89+: Ada, Hopper); this {info[0]} is "
                          f"sm{info[1][0]}{info[1][1]}: build without --quant")
@@ -164,7 +164,7 @@ def resolve_backend(backend: str, attention: str) -> str:
         raise BuildError(f"--attention {attention} needs TensorRT or AOTInductor on a CUDA GPU (--backend trt|aoti): "
                          f"the plugin nodes run the Triton kernels, which ONNX Runtime cannot; use --attention onnx"
                          + (" (or flf2v-run --backend torch --attention sage)" if attention == "sage" else ""))
-    if attention != "onnx" and backend == "aoti" and _aoti_device().type != "cuda":
+    if attention != "onnx" and backend == "aoti" and not _on_gpu(backend):
         # the interpreter's kernels cannot be traced (kernels/ops.py): a CPU package cannot hold them
         raise BuildError(f"--backend aoti --attention {attention} compiles the Triton kernels into the packages, "
                          f"which needs a CUDA GPU; on this CPU use --attention onnx (C++ attention kernels)")
@@ -180,7 +180,7 @@ class Plan:
         self.weight_streaming = weight_streaming
         self.backend, self.opt_level, self.attention, self.quant = backend, opt_level, attention, quant
         self.loras = list(loras)  # [(models.lora.LoRA, scale)], merged into the DiT at export
-        info = M.gpu_info() if backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda") else None
+        info = M.gpu_info() if _on_gpu(backend) else None
         self.gpu = {"name": info[0], "compute_capability": f"{info[1][0]}.{info[1][1]}"} if info else None
         self.fingerprint = M.checkpoint_fingerprint(ckpt_dir)
         self.code = code_fingerprint()
@@ -291,12 +291,11 @@ def _settings(ckpt_dir: Path, shape, precision, backend: str, attention: str, lo
     if loras:
         from flf2v.models.lora import LoRAError, load_loras
         try:
-            loras = load_loras(list(loras), ckpt_dir)
+            loras = load_loras(loras, ckpt_dir)
         except LoRAError as e:
             raise BuildError(str(e)) from None
-    on_gpu = backend == "trt" or (backend == "aoti" and _aoti_device().type == "cuda")
-    precision = precision or ("bf16" if on_gpu else "fp32")
-    if backend == "aoti" and precision != "fp32" and not on_gpu:
+    precision = precision or ("bf16" if _on_gpu(backend) else "fp32")
+    if backend == "aoti" and precision != "fp32" and not _on_gpu(backend):
         raise BuildError(f"--precision {precision}: AOTInductor packages on the CPU are fp32 (bf16 needs a CUDA "
                          f"GPU); use --precision fp32")
     if backend == "ort" and precision != "fp32" and not M.ort_cuda_available():
@@ -354,9 +353,9 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             raise BuildError(f"{folder} holds the engines of another build ({other}); this build would replace "
                              f"them: leave out --out (ENGINES=) for a folder of its own, or add --force (FORCE=1) "
                              f"to replace them")
-        old = prior.get("engines", {})
-        manifest = plan.manifest({g.name: old[g.name] for g in all_graphs
-                                  if is_current(old.get(g.name), plan.key(g), folder)})
+        old = prior.get("engines", {})  # current is judged by key and file sizes: --force rebuilds the graphs asked
+        manifest = plan.manifest({g.name: old[g.name] for g in all_graphs if not (force and g in todo)
+                                  and is_current(old.get(g.name), plan.key(g), folder)})
         for name, entry in old.items():  # engines of another checkpoint, shape or precision: gone
             if name not in manifest["engines"]:
                 for f in entry.get("files", {}):
@@ -388,8 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt", "aoti"),
                     help="auto: TensorRT where it imports with a GPU, else ONNX Runtime; aoti: PyTorch's "
                          "AOTInductor packages (.pt2), on a GPU or a CPU")
-    ap.add_argument("--opt_level", type=int, default=3, choices=range(6), metavar="{0..5}",
-                    help="TensorRT builder optimization level")
+    ap.add_argument("--opt_level", type=int, default=3, choices=range(6), help="TensorRT builder optimization level")
     ap.add_argument("--cfg_batch", default="2", choices=("1", "2", "both"),
                     help="DiT engines to build: batch 2 (CFG as one batch, the default layout), batch 1 (two "
                          "forwards per step), or both (for the 14B each DiT engine costs ~33 GB of disk for "
@@ -410,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
                          "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
                          "LoRAs at run time without a rebuild (flf2v-run --lora)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace the engines of another build (model, checkpoint, precision, attention, shape, "
-                         "LoRAs) in --out")
+    ap.add_argument("--force", action="store_true", help="rebuild the graphs asked for even when current (a "
+                    "damaged file of the right size), and replace another build's engines (model, checkpoint, "
+                    "precision, attention, shape, LoRAs) in --out")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and of the log only errors")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="log what runs to stderr: -v the steps, -vv debug detail too")
@@ -433,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable --out, a full disk: said in one line, the folder's lock released
-        print(f"flf2v-build: error: {e.strerror or e} ({e.filename or args.out}); choose another --out or free "
-              f"space", file=sys.stderr)
+        fix = "free space or " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""  # not for a read-only folder
+        print(f"flf2v-build: error: {e.strerror or e} ({e.filename or args.out}); {fix}choose another --out",
+              file=sys.stderr)
         return 2
     except BaseException as e:  # Ctrl-C: each engine lands whole (renamed into place), the finished stay current
         if not log.ctrl_c(e):

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -156,28 +157,33 @@ def write(folder: Path, manifest: dict) -> None:
 def load(folder) -> dict:
     """The manifest as written; {} when the folder has none or it is damaged (nothing known current)."""
     try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
+        m = json.loads((Path(folder) / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return m if isinstance(m, dict) else {}
 
 
 def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str | None = None,
-                 attention: str | None = None, loras: str = "", backend: str | None = None,
-                 cfg_batch: str | None = None, quant: str | None = None) -> str:
-    """The `make engines` command that builds `folder` (or the default one) as this run needs it; `loras`
-    as `LORA=` takes them ("PATH:SCALE ..."); `backend` "aoti" adds BACKEND=aoti (the others are the
-    machine's default); `cfg_batch` the DiT layouts (CFG_BATCH=both for --cfg_parallel)."""
-    args = [f"CKPT={ckpt_dir}"] + [f"{k}={v}" for k, v in (("PRESET", shape), ("PRECISION", precision),
-                                                           ("ENGINES", folder), ("CFG_BATCH", cfg_batch)) if v]
-    if backend == "aoti":
-        args.append("BACKEND=aoti")
-    if attention and attention != "onnx":
-        args.append(f"ATTENTION={attention}")
-    if quant and quant != "none":
-        args.append(f"QUANT={quant}")
-    if loras:
-        args.append(f'LORA="{loras}"' if " " in loras else f"LORA={loras}")
-    return f"run `make engines {' '.join(args)}`"
+                 attention: str | None = None, loras=(), backend: str | None = None,
+                 cfg_batch: str | None = None, quant: str | None = None, force: bool = False) -> str:
+    """The `flf2v-build` command that builds `folder` (or the default one, under ./engines, where runs look)
+    as this run needs it: it works from wherever the run was started, a pip install included (`make engines`
+    needs the checkout's Makefile). `loras`: "PATH:SCALE" entries; `backend` "aoti" adds --backend aoti (the
+    others are the machine's default); `cfg_batch` the DiT layouts ("both" for --cfg_parallel); `force` rebuilds
+    engines that look current (a damaged file of the right size)."""
+    flags = [("--ckpt_dir", ckpt_dir), ("--preset", shape), ("--precision", precision), ("--out", folder),
+             ("--cfg_batch", cfg_batch), ("--backend", "aoti" if backend == "aoti" else None),
+             ("--attention", attention if attention != "onnx" else None),
+             ("--quant", quant if quant != "none" else None)] + [("--lora", e) for e in loras]
+    words = [w for flag, v in flags if v for w in (flag, shlex.quote(str(v)))] + (["--force"] if force else [])
+    return f"run `flf2v-build {' '.join(words)}`"
+
+
+def hint_for(m: dict, ckpt_dir, folder, **kw) -> str:
+    """rebuild_hint for the build manifest `m` records, into `folder` (None: the default one); `kw` overrides."""
+    built = dict(shape=m["shape"]["name"], precision=m.get("precision"), attention=m.get("attention"),
+                 backend=m.get("backend"), quant=m.get("quant"))
+    return rebuild_hint(ckpt_dir, folder, **(built | kw))
 
 
 def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | None = None) -> dict:
@@ -190,21 +196,19 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
                           f"{rebuild_hint(ckpt_dir, folder)}")
     m = load(folder)
     try:
-        engines, shape = m["engines"], m["shape"]
-        hint = rebuild_hint(ckpt_dir, folder, shape["name"], m.get("precision"), m.get("attention"),
-                            backend=m.get("backend"), quant=m.get("quant"))
+        engines, hint = m["engines"], hint_for(m, ckpt_dir, folder)  # hint_for reads m["shape"]
         _check_types(m)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
     if m.get("schema") != SCHEMA:
         raise EngineError(f"{folder} was built by an older flf2v (manifest schema {m.get('schema')}, "
                           f"need {SCHEMA}); {hint}")
+    # another backend's, model's or checkpoint's engines stay: the fix builds a folder of its own beside them
+    own = " (runs without --engines find it)"
     if m.get("backend") != kind:
         raise EngineError(f"{folder} holds {m.get('backend')} engines, not {kind}; pass --backend "
-                          f"{m.get('backend')} or {hint}")
-    # another model's or checkpoint's engines stay: the fix builds this checkpoint's own folder beside them
-    own = rebuild_hint(ckpt_dir, None, shape["name"], m.get("precision"), m.get("attention"),
-                       backend=m.get("backend"), quant=m.get("quant")) + " (runs without --engines find it)"
+                          f"{m.get('backend')}, or for {kind} engines {hint_for(m, ckpt_dir, None, backend=kind)}{own}")
+    own = hint_for(m, ckpt_dir, None) + own
     if m.get("model_preset") != preset.name:
         raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {own}")
     if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):

@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 
 from . import checkpoint as ck
 
-PREFIXES = ("lora_unet_", "diffusion_model.", "transformer.", "base_model.model.")
+# kohya, ComfyUI, diffusers, PEFT; LightX2V also strips "model." and "unet." (its lora_loader.py)
+PREFIXES = ("lora_unet_", "diffusion_model.", "transformer.", "base_model.model.", "model.", "unet.")
 # suffix -> (kind, leaf of the DiT tensor it changes)
 SUFFIXES = {".lora_A.weight": ("down", "weight"), ".lora_down.weight": ("down", "weight"),
             ".lora_B.weight": ("up", "weight"), ".lora_up.weight": ("up", "weight"),
@@ -97,6 +98,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 def _open(path: Path):
     """safe_open, with a pickle or a damaged file refused in one line."""
+    if path.is_dir():
+        raise LoRAError(f"{path}: a folder, not a LoRA file; pass the .safetensors file in it")
     if not path.is_file():
         raise LoRAError(f"{path}: no such LoRA file")
     if path.suffix.lower() in PICKLES:
@@ -295,10 +298,21 @@ def _cut(model: torch.nn.Module, source: dict, layers: int) -> dict:
     return {k: g for k, g in source.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < layers}
 
 
+def _is_pair(s, number: bool = False) -> bool:
+    """(path, scale); `number`: with a numeric scale (one pair given alone, not a list of two paths)."""
+    return isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], (str, os.PathLike)) and (
+        not number or isinstance(s[1], (int, float)) and not isinstance(s[1], bool))
+
+
 def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:
     """[(LoRA, scale)] for `specs`: "PATH[:SCALE]" strings or (path, scale) pairs, checked against the DiT."""
     if not specs:
         return []
+    if isinstance(specs, (str, os.PathLike)) or _is_pair(specs, number=True):  # one LoRA, not a list of them
+        specs = [specs]
+    specs = list(specs)
+    if bad := [s for s in specs if not isinstance(s, (str, os.PathLike)) and not _is_pair(s)]:
+        raise LoRAError(f"LoRA {bad[0]!r}: give \"PATH[:SCALE]\" or (path, scale), in a list for several")
     pairs = [parse_lora_arg(s) if isinstance(s, (str, os.PathLike)) else (s[0], _finite(s[1], str(s[0])))
              for s in specs]
     shapes = ck.dit_shapes(ckpt_dir)

@@ -33,14 +33,13 @@ class AotiBackend(EngineBackend):
         super().__init__(folder, ckpt_dir, preset, device, "aoti", loras)
         if resident_blocks is not None and not self.manifest.get("weight_streaming"):
             raise EngineError(f"{self.folder} holds whole-DiT packages, which cannot stream blocks; rebuild with "
-                              f"make engines BACKEND=aoti STREAM=1, or drop --offload blocks")
+                              f"flf2v-build --backend aoti --weight_streaming, or drop --offload blocks")
         if self.lora_swap:  # the weights are compiled into the packages
             from flf2v.export import manifest as M
 
             from . import loras as L
-            raise L.refuse(self.folder, self.manifest, self.loras, "AOTInductor packages", M.rebuild_hint(
-                ckpt_dir, None, self.shape.name, self.manifest.get("precision"), self.manifest.get("attention"),
-                loras=L.lora_arg(self.loras), backend="aoti", quant=self.quant))
+            raise L.refuse(self.folder, self.manifest, self.loras, "AOTInductor packages",
+                           M.hint_for(self.manifest, ckpt_dir, None, loras=L.lora_arg(self.loras)))
         built_on = torch.device(next(iter(self.manifest["engines"].values()))["builder"].get("device", "cpu"))
         if built_on.type != self.device.type:
             raise EngineError(f"{self.folder} holds AOTInductor packages compiled for {built_on.type}, this run is "

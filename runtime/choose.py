@@ -2,6 +2,7 @@
 (engines/<this machine>[-plugin]/) that serve the run, else the torch reference; one line saying what runs."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
         given = [M.load(f).get("backend") for f in M.folders_under(args.engines)] if args.engines else []
         kind = given[0] if given and given[0] in ("ort", "trt", "aoti") else engine_kind(device)
     if kind == "torch":
+        if args.engines:
+            warnings.warn(f"--engines {args.engines} is not used: --backend torch runs the PyTorch reference")
         return "torch", None, None
     check_backend(kind, device)
     cfg_parallel = getattr(args, "cfg_parallel", False)  # each process runs the batch-1 DiT
@@ -59,6 +62,9 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
         logger.debug("passed over: %s", why)
     if folder is not None:
         logger.info("engines %s serve this run", folder)
+        if getattr(args, "dtype", None) and args.dtype != (built := M.load(folder).get("precision")):
+            warnings.warn(f"--dtype {args.dtype} is not used: engines run in the precision they were built in "
+                          f"({built}); --backend torch runs {args.dtype}")
         return kind, folder, None
     if args.engines and unusable and not other_shapes:
         raise M.EngineError(unusable[0])  # the folder given cannot serve this checkpoint: its reason and fix
@@ -85,7 +91,7 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
     if one_shape:
         root = root.parent  # a shape folder was given: the new shape goes beside it
     fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
-                         loras=L.lora_arg(loras) if kind != "ort" or args.quant != "none" else "",  # ORT swaps them
+                         loras=L.lora_arg(loras) if kind != "ort" or args.quant != "none" else (),  # ORT swaps them
                          cfg_batch="both" if cfg_parallel else None, quant=args.quant)
     if one_shape:  # that folder stays the only one the same command reads: the hint looped
         fix += f", then run with --engines {root}"
@@ -94,7 +100,7 @@ def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras,
                                                                    if cfg_parallel else "") + (
         f" with --quant {args.quant}" if args.quant != "none" else "")
     if args.engines or args.backend != "auto":
-        detail = f" ({why[0]})" if why else ""
+        detail = f" ({why[0].split('; ')[0]})" if why else ""  # its own fix would be for its shape, not this run's
         raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "
                             f"or use --backend torch")
     return f"no current {kind} engines for this checkpoint serve {run} under {roots[0]}; {fix}"
@@ -131,7 +137,8 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
             options = {"weight_budget": plan.dit_budget} if kind == "trt" else {"resident_blocks": plan.blocks}
     elif args.offload is not None or args.t5_cpu:
         raise InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to trt or aoti engines built "
-                         f"with STREAM=1), but {kind} engines run this job; add --backend torch or drop them")
+                         f"with flf2v-build --weight_streaming), but {kind} engines run this job; add --backend "
+                         f"torch or drop them")
     if kind == "torch":
         backend, says = _torch_backend(args, preset, device, loras, parallel, plan)
         says += f"; {note}" if note else ""
@@ -176,7 +183,7 @@ def check_attention(args, device: torch.device) -> None:
         return
     if args.backend not in ("auto", "torch"):
         raise InputError(f"--attention {args.attention} applies to --backend torch; engines hold the attention they "
-                         f"were built with (make engines ATTENTION=plugin); drop --attention or use --backend torch")
+                         f"were built with (flf2v-build --attention plugin); drop --attention or use --backend torch")
     if args.ulysses_size > 1 and args.attention == "sage":
         raise InputError("--attention sage runs in one process; with --ulysses_size use sdpa or triton")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -236,8 +243,9 @@ def _plan_filter(args, preset, engines=None):
                              (f"--offload_model {args.offload_model}", args.offload_model is not None)) if on]
     what = " with " + " ".join(flags) if flags else ""
     if engines is not None and 1 not in layouts:
-        aoti = " BACKEND=aoti" if engines.get("backend") == "aoti" else ""
-        what += f" for these engines (DiT batch 2 only; make engines{aoti} CFG_BATCH=1 STREAM=1 adds batch 1)"
+        aoti = " --backend aoti" if engines.get("backend") == "aoti" else ""
+        what += (f" for these engines (DiT batch 2 only; flf2v-build{aoti} --cfg_batch 1 --weight_streaming adds "
+                 f"batch 1)")
     return allowed, what
 
 

@@ -35,16 +35,19 @@ def help_preset(argv: list[str] | None):
     else the --task's."""
     from flf2v.models import checkpoint as ck
     from flf2v.models.config import get_preset
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", default="flf2v-14B", choices=TASKS)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--task", default="flf2v-14B")
     pre.add_argument("--ckpt_dir", default=None)
-    known, _ = pre.parse_known_args(argv)
+    try:  # a bad --task or a flag without its value: the full parser says so, in its one line
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return get_preset("flf2v-14B")
     if known.ckpt_dir:
         try:
             return ck.preset_for(known.ckpt_dir)
         except (ck.CheckpointError, OSError):
             pass
-    return get_preset(known.task)
+    return get_preset(known.task if known.task in TASKS else "flf2v-14B")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -123,8 +126,9 @@ def _backend_flags(a, p) -> None:
     a("--backend", default="auto", choices=BACKENDS,
       help="auto (default): engines of this checkpoint that serve the run, under --engines or "
            "engines/<this machine>[-plugin]/, else the torch reference; aoti: AOTInductor packages "
-           "(make engines BACKEND=aoti)")
-    a("--engines", default=None, help="engine folder from `make engines`, or a folder of them (one per shape)")
+           "(flf2v-build --backend aoti)")
+    a("--engines", default=None,
+      help="engine folder from flf2v-build (make engines), or a folder of them (one per shape)")
     a("--dtype", default=None, choices=("fp32", "bf16"), help="torch backend precision (default: bf16 on "
                                                                 "CUDA, fp32 on CPU)")
     a("--attention", default="sdpa", choices=("sdpa", "triton", "sage"),
@@ -133,14 +137,14 @@ def _backend_flags(a, p) -> None:
            "in the Triton interpreter, TRITON_INTERPRET=1, slow)")
     a("--quant", default="none", choices=("none", "fp8"),
       help="fp8: the DiT's block linears in FP8 e4m3 (torch._scaled_mm on --backend torch; engines built with "
-           "make engines QUANT=fp8); everything else stays in the run's precision. README \"8-bit\"")
+           "flf2v-build --quant fp8); everything else stays in the run's precision. README \"8-bit\"")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--gpu_memory", type=float, default=None, metavar="GIB",
       help="plan memory for a card of this many GiB (default on CUDA: the GPU's free memory); README \"Memory "
            "plans\"")
     a("--offload", default=None, metavar="blocks[:N]",
       help="stream the DiT's blocks from pinned host memory, N of them resident on the GPU (default N: the "
-           "most that fit); --backend torch, or trt / aoti engines built with STREAM=1")
+           "most that fit); --backend torch, or trt / aoti engines built with --weight_streaming")
     a("--plan", action="store_true", help="print the memory plans for this checkpoint, size and frames, and exit")
     a("--cuda_graph", type=_str2bool, default=True,
       help="on CUDA, replay the denoising step as one captured CUDA graph (default true); false runs it "
@@ -148,7 +152,7 @@ def _backend_flags(a, p) -> None:
     a("--lora", action="append", default=[], metavar="PATH[:SCALE]",
       help="a LoRA (safetensors: diffusers/PEFT, official or kohya names) for the DiT, scale 1 unless given; "
            "repeatable. Torch merges it while loading; ONNX Runtime engines swap it in without a rebuild; "
-           "TensorRT engines must have been built with it (make engines LORA=...)")
+           "TensorRT engines must have been built with it (flf2v-build --lora)")
 
 
 def _parallel_flags(a, p) -> None:
@@ -207,7 +211,7 @@ def check_args(args) -> None:
     if args.save_file and not args.save_file.lower().endswith(".mp4"):
         raise InputError(f"--save_file {args.save_file} must end in .mp4")
     if args.engines and not Path(args.engines).is_dir():
-        raise InputError(f"--engines {args.engines}: no such folder; give a folder `make engines` built, or drop "
+        raise InputError(f"--engines {args.engines}: no such folder; give a folder flf2v-build built, or drop "
                          f"--engines to use engines/<this machine>/")
     from .media import check_folder, check_output
     if args.save_file:
@@ -246,8 +250,8 @@ def check_memory_flags(args) -> None:
         raise InputError("--t5_cpu applies to --backend torch; engines run T5 on the GPU and release it before the "
                          "DiT loads: drop it or use --backend torch")
     if args.offload is not None and args.backend not in ("auto", "torch", "trt", "aoti"):
-        raise InputError(f"--offload applies to --backend torch and to trt or aoti engines built with make engines "
-                         f"STREAM=1; {args.backend} engines load whole: drop it or use --backend torch")
+        raise InputError(f"--offload applies to --backend torch and to trt or aoti engines built with flf2v-build "
+                         f"--weight_streaming; {args.backend} engines load whole: drop it or use --backend torch")
     if planned and (args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp):
         raise InputError("--offload / --t5_cpu run in one process; several GPUs share the weights instead "
                          "(--dit_fsdp, --t5_fsdp)")

@@ -42,12 +42,10 @@ class EngineBackend:
         self.lora_swap = L.needs_swap(self.manifest, self.loras)
         self.shape = M.shape_of(self.manifest)
         self.quant = self.manifest.get("quant", "none")
-        self.hint = M.rebuild_hint(ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
-                                   self.manifest.get("attention"), backend=kind, quant=self.quant)
+        self.hint = M.hint_for(self.manifest, ckpt_dir, self.folder)
         if self.lora_swap and self.quant != "none":  # a swap writes high-precision weights over the FP8 ones
-            raise L.refuse(self.folder, self.manifest, self.loras, f"{self.quant} engines", M.rebuild_hint(
-                ckpt_dir, None, self.shape.name, self.manifest.get("precision"), self.manifest.get("attention"),
-                loras=L.lora_arg(self.loras), backend=kind, quant=self.quant))
+            raise L.refuse(self.folder, self.manifest, self.loras, f"{self.quant} engines",
+                           M.hint_for(self.manifest, ckpt_dir, None, loras=L.lora_arg(self.loras)))
         self.video_shape = engine_video_shape(self.manifest)  # None: dynamic, any shape of its profiles
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
@@ -80,8 +78,7 @@ class EngineBackend:
 
     def _outside(self, height: int, width: int, frame_num: int) -> str:
         name = build_serving(self.preset, height, width, frame_num)
-        hint = M.rebuild_hint(self.ckpt_dir, self.folder.parent / name, name, self.manifest.get("precision"),
-                              self.manifest.get("attention"), backend=self.manifest.get("backend"))
+        hint = M.hint_for(self.manifest, self.ckpt_dir, self.folder.parent / name, shape=name)
         return (f"the engines in {self.folder} serve {M.describe(self.manifest)}, but this run needs {width}x"
                 f"{height}, {frame_num} frames (from --size, --frame_num and the first frame's aspect ratio); "
                 f"{hint} for engines that serve it, or use --backend torch")

@@ -20,7 +20,7 @@ def read_manifest(folder: Path, ckpt_dir, preset: Preset, kind: str, fingerprint
     m = M.validate(folder, ckpt_dir, preset, kind, fingerprint)
     if kind == "ort":
         for e in m["engines"].values():
-            check_external_data(folder / e["file"], folder)
+            check_external_data(folder / e["file"], folder, M.hint_for(m, ckpt_dir, folder, force=True))
     return m
 
 
@@ -61,10 +61,14 @@ def build_serving(preset: Preset, height: int, width: int, frame_num: int) -> st
     return f"{width}x{height}x{frame_num}"
 
 
-def check_external_data(onnx_path: Path, folder: Path) -> None:
-    """Refuse ONNX files whose external weights point outside the engine folder."""
+def check_external_data(onnx_path: Path, folder: Path, hint: str) -> None:
+    """Refuse ONNX files that do not parse, or whose external weights point outside the engine folder."""
     import onnx
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    from google.protobuf.message import DecodeError
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:  # a damaged file of the recorded size passes validate
+        raise EngineError(f"{onnx_path}: damaged engine file ({type(e).__name__}: {e}); {hint}") from None
     root = folder.resolve()
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -73,4 +77,4 @@ def check_external_data(onnx_path: Path, folder: Path) -> None:
         target = (onnx_path.parent / loc).resolve()
         if Path(loc).is_absolute() or root not in target.parents:
             raise EngineError(f"{onnx_path}: external data of {t.name!r} points outside {folder} ({loc!r}); "
-                              f"refusing to load it, rebuild the engines")
+                              f"refusing to load it; {hint}")

@@ -37,9 +37,9 @@ def needs_swap(manifest: dict, loras) -> bool:
     return M.lora_ids(manifest.get("loras")) != M.lora_ids(wanted(loras))
 
 
-def lora_arg(loras) -> str:
-    """The run's LoRAs as `make engines LORA=` takes them ("" for none)."""
-    return " ".join(f"{e['path']}:{e['scale']:g}" for e in wanted(loras))
+def lora_arg(loras) -> list[str]:
+    """The run's LoRAs as `flf2v-build --lora` takes them, PATH:SCALE each ([] for none)."""
+    return [f"{e['path']}:{e['scale']:g}" for e in wanted(loras)]
 
 
 def refuse(folder, manifest: dict, loras, what: str, hint: str) -> EngineError:

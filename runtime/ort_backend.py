@@ -52,9 +52,10 @@ class OrtBackend(EngineBackend):
         precision = self.manifest["precision"]
         if precision != "fp32" and not self.cuda:
             # ORT's CPU provider has no bf16 kernels for these graphs: it would fail deep in a session
-            cpu_hint = self.hint.replace(f"PRECISION={precision}", "PRECISION=fp32")
+            cpu_hint = M.hint_for(self.manifest, self.ckpt_dir, None, precision="fp32")  # a folder of its own
             raise EngineError(f"{self.folder} holds {precision} ONNX Runtime engines, which run on the CUDA "
-                              f"provider only (onnxruntime-gpu, --device cuda); {cpu_hint} for the CPU")
+                              f"provider only (onnxruntime-gpu, --device cuda); {cpu_hint} for the CPU (runs "
+                              f"without --engines find it)")
         self.sessions: dict = {}
         self.bindings: dict = {}  # (graph, cache set in) -> (IOBinding, {name: static buffer}), io_binding
         self.host_transfers = 0
@@ -76,8 +77,7 @@ class OrtBackend(EngineBackend):
         if not (self.lora_swap and graph.startswith("dit_")):
             return str(path)
         from . import loras as L
-        hint = M.rebuild_hint(self.ckpt_dir, self.folder, self.shape.name, self.manifest.get("precision"),
-                              self.manifest.get("attention"), L.lora_arg(self.loras), quant=self.quant)
+        hint = M.hint_for(self.manifest, self.ckpt_dir, self.folder, loras=L.lora_arg(self.loras))
         # the cached step holds only the embeddings and head: the LoRA keys it has, if any
         return L.ort_model(path, self.manifest, self.ckpt_dir, self.loras, hint, subset=graph.startswith("dit_cached"))
 

@@ -111,7 +111,7 @@ class Pipeline:
 
         from .torch_backend import TorchBackend
         preset = ck.preset_for(ckpt_dir)
-        backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(list(loras), ckpt_dir), **kw)
+        backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(loras, ckpt_dir), **kw)
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, kw.get("parallel"))
 
     @classmethod
@@ -144,7 +144,7 @@ class Pipeline:
         preset = ck.preset_for(ckpt_dir)
         if parallel is not None and parallel.sp is not None:
             raise InputError("Ulysses (--ulysses_size > 1) runs on the torch backend: engines hold whole sequences")
-        backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(list(loras), ckpt_dir))
+        backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(loras, ckpt_dir))
         return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------

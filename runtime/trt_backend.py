@@ -53,9 +53,8 @@ class TrtBackend(EngineBackend):
         self.set_weight_budget(weight_budget)
         if self.lora_swap:
             from . import loras as L
-            raise L.refuse(self.folder, self.manifest, self.loras, "TensorRT engines", M.rebuild_hint(
-                ckpt_dir, None, self.shape.name, self.manifest.get("precision"),
-                self.manifest.get("attention"), L.lora_arg(self.loras)))
+            raise L.refuse(self.folder, self.manifest, self.loras, "TensorRT engines",
+                           M.hint_for(self.manifest, ckpt_dir, None, loras=L.lora_arg(self.loras)))
         self.keep_dit = keep_dit
         self._generation = 0  # numbers every buffer set ever allocated (a captured graph names its set)
         import tensorrt as trt
@@ -71,7 +70,7 @@ class TrtBackend(EngineBackend):
         """Device bytes of DiT weights (the memory plan's) for engines built with STREAM=1; None: all of them."""
         if budget is not None and not self.manifest.get("weight_streaming"):
             raise EngineError(f"{self.folder}: these DiT engines load whole; a weight budget needs engines built "
-                              f"with make engines STREAM=1")
+                              f"with flf2v-build --weight_streaming")
         self.weight_budget = budget
 
     def _deserialize(self, graph: str):

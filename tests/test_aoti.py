@@ -103,7 +103,7 @@ def test_damaged_package_is_refused_in_one_line(tiny_aoti_engines, tiny_ckpt, de
     args[args.index("--frame_num") + 1] = "9"
     assert run(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "t5.pt2: not a loadable AOTInductor package" in err and "BACKEND=aoti" in err, err
+    assert "t5.pt2: not a loadable AOTInductor package" in err and "--backend aoti" in err, err
     assert "\n" not in err and not out.exists()
 
 
@@ -113,7 +113,7 @@ def test_foreign_package_is_refused_with_the_rebuild_command(tiny_aoti_engines, 
     m["target"] = "h100-sm90-aoti-torch2.12"
     (folder / M.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(M.EngineError, match=r"built for h100-sm90-aoti-torch2.12, this machine is cpu-aoti-torch"
-                                            r".*make engines .*BACKEND=aoti"):
+                                            r".*flf2v-build .*--backend aoti"):
         Pipeline.from_engines(folder)
 
 
@@ -243,5 +243,5 @@ def test_cli_streams_aoti_blocks_as_planned(streamed_engines, tiny_aoti_engines,
     capsys.readouterr()
     assert run(args(tiny_aoti_engines, tmp_path / "x.mp4", "--offload", "blocks:1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "STREAM=1" in err[0], err
+    assert len(err) == 1 and "--weight_streaming" in err[0], err
     assert not (tmp_path / "x.mp4").exists()

@@ -82,7 +82,7 @@ def test_every_member_is_there(backend):
     if b.name == "torch":
         assert (b.folder, b.manifest, b.hint, b.video_shape, b.cfg_batches) == (None, None, None, None, (1, 2))
     else:  # the static `tiny` build of the engines
-        assert isinstance(b.folder, Path) and isinstance(b.manifest, dict) and "make engines" in b.hint
+        assert isinstance(b.folder, Path) and isinstance(b.manifest, dict) and b.hint.startswith("run `flf2v-build --ckpt_dir ")
         assert b.video_shape == SHAPE, b.video_shape
 
 
@@ -207,5 +207,5 @@ def test_check_video_serves_its_shape_and_names_the_build_for_others(backend):
     if backend.video_shape is None:
         backend.check_video(*other)
     else:
-        with pytest.raises(EngineError, match=r"needs 96x64, 9 frames.*`make engines .*PRESET="):
+        with pytest.raises(EngineError, match=r"needs 96x64, 9 frames.*`flf2v-build .*--preset "):
             backend.check_video(*other)

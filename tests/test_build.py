@@ -2,7 +2,9 @@
 folder lock; TensorRT builds compared with ONNX Runtime through polygraphy (gpu)."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import threading
@@ -83,6 +85,35 @@ def test_partial_and_damaged_files_are_rebuilt(folder, tiny_ckpt, tmp_path):
     assert (work / "vae_encode_first.onnx").stat().st_mtime_ns != stale
     assert (work / "dit_b1.onnx").stat().st_mtime_ns == untouched
     ort.InferenceSession(str(work / "clip.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_force_rebuilds_a_damaged_file_of_the_right_size_and_keeps_the_rest(folder, tiny_ckpt, tmp_path, capsys):
+    """A same-size damaged graph looks current (sizes are compared): the fix the run prints adds --force, which
+    did nothing before ("8 engines current")."""
+    work = tmp_path / "engines"
+    shutil.copytree(folder, work)
+    size = (work / "clip.onnx").stat().st_size
+    (work / "clip.onnx").write_bytes(bytes(size))
+    untouched = (work / "t5.onnx").stat().st_mtime_ns
+    base = ["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(work), "--quiet"]
+    assert B.main(base) == 0 and (work / "clip.onnx").read_bytes() == bytes(size)  # current by its size
+    assert B.main(base + ["--force", "--graphs", "clip"]) == 0
+    assert B.file_sha256(work / "clip.onnx") == B.file_sha256(folder / "clip.onnx")
+    assert (work / "t5.onnx").stat().st_mtime_ns == untouched  # the graphs not asked for are kept
+    assert sorted(json.loads((work / "manifest.json").read_text())["engines"]) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("err, fix", [(errno.ENOSPC, "; free space or choose another --out"),
+                                      (errno.EROFS, "; choose another --out"), (errno.EACCES, "; choose another --out")])
+def test_a_write_error_names_its_own_fix(tiny_ckpt, tmp_path, capsys, monkeypatch, err, fix):
+    """A folder the user may not write to was told to "free space"."""
+    def refuse(*a, **k):
+        raise OSError(err, os.strerror(err), str(tmp_path / "e" / "t5.onnx"))
+
+    monkeypatch.setattr(B, "build", refuse)
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"flf2v-build: error: {os.strerror(err)} ({tmp_path / 'e' / 't5.onnx'}){fix}", line
 
 
 @pytest.mark.parametrize("args, message", [

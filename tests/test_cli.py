@@ -155,6 +155,17 @@ def test_the_official_prompt_extension_is_refused_with_the_fix(tiny_ckpt, demo_f
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--task", "flf2v-1.3B"], "argument --task: invalid choice: 'flf2v-1.3B' (choose from 'flf2v-14B', 'i2v-14B')"),
+    (["--prompt", "x", "--ckpt_dir"], "argument --ckpt_dir: expected one argument"),
+    (["--task"], "argument --task: expected one argument")])
+def test_a_bad_task_or_a_flag_without_its_value_is_one_line(capsys, argv, said):
+    """The pre-parser that picks --help's defaults printed its own two-flag usage line above the error."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == f"flf2v-run: error: {said}\n"
+
+
 @pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame"])
 def test_an_empty_value_is_refused_not_taken_for_the_default(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                              flag):

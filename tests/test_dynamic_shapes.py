@@ -157,17 +157,17 @@ def test_outside_the_ranges_exits_2_with_the_build_that_serves(tiny_ckpt, dynami
             "--engines", str(dynamic_engines), "--save_file", str(out), "--quiet"]
     assert main(base + ["--first_frame", str(narrow)]) == 2
     err = capsys.readouterr().err
-    assert "make engines" in err and "PRESET=160x16x9" in err and err.count("\n") == 1, err
+    assert "`flf2v-build " in err and "--preset 160x16x9" in err and err.count("\n") == 1, err
     assert main(base + ["--first_frame", str(demo_frames[0]), "--frame_num", "21"]) == 2  # frames 5..17 built
     err = capsys.readouterr().err
-    assert "PRESET=64x64x21" in err and err.count("\n") == 1, err
+    assert "--preset 64x64x21" in err and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob("*.mp4*"))
 
 
 def test_pipeline_refuses_outside_the_ranges(dynamic_engines, demo_frames):
     pipe = Pipeline.from_engines(dynamic_engines)
     first, last = (load_image(p) for p in demo_frames)
-    with pytest.raises(EngineError, match="PRESET=64x64x21"):
+    with pytest.raises(EngineError, match="--preset 64x64x21"):
         pipe.generate("x", first, last, frame_num=21, **KW)
 
 
@@ -219,4 +219,4 @@ def test_damaged_profiles_are_refused_in_one_line(dynamic_engines, tiny_ckpt, tm
     (folder / M.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(EngineError, match="unreadable manifest") as e:
         Pipeline.from_engines(folder, tiny_ckpt)
-    assert "\n" not in str(e.value) and "make engines" in str(e.value)
+    assert "\n" not in str(e.value) and "flf2v-build" in str(e.value)

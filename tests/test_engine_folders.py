@@ -3,6 +3,7 @@ picking the folder that serves it (and saying so), rebuild hints that fix the pr
 import json
 import os
 import shutil
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -71,7 +72,7 @@ def test_auto_falls_back_to_torch_and_says_what_to_build(root, tiny_ckpt):
     preset = ck.preset_for(tiny_ckpt)
     kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (96, 64), torch.device("cpu"))
     assert kind == "torch" and folder is None
-    assert "a 64x96 first frame" in note and f"make engines CKPT={tiny_ckpt} PRESET=dynamic`" in note, note
+    assert "a 64x96 first frame" in note and f"flf2v-build --ckpt_dir {tiny_ckpt} --preset dynamic`" in note, note
 
 
 def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
@@ -81,11 +82,50 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
         choose_engines(args, preset, (96, 64), torch.device("cpu"))
     msg = str(e.value)
     # the same --engines would read the square folder again: the hint names the folder that holds both
-    assert f"PRESET=dynamic ENGINES={root / 'dynamic'}`, then run with --engines {root}," in msg, msg
+    assert f"--preset dynamic --out {root / 'dynamic'}`, then run with --engines {root}," in msg, msg
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
     # the folder the hint names holds the new one beside the old: a wide frame finds its own there
     args.engines = str(root)
     assert choose_engines(args, preset, (64, 96), torch.device("cpu"))[:2] == ("ort", root / "tiny-wide")
+
+
+@pytest.mark.parametrize("damage", [b"\0", b"\x08\x07\xff"])
+def test_a_damaged_graph_of_the_right_size_is_one_line_and_passed_over_when_another_serves(root, tiny_ckpt, damage,
+                                                                                          capsys, demo_frames):
+    """A same-size damaged .onnx was a protobuf DecodeError traceback, even when another folder served the run."""
+    bad = root.parent / "damaged" / "tiny"  # sorted before the good folders
+    shutil.copytree(root / "tiny", bad)
+    size = (bad / "vae_decode_chunk.onnx").stat().st_size
+    (bad / "vae_decode_chunk.onnx").write_bytes((damage * size)[:size])
+    args = ["--ckpt_dir", str(tiny_ckpt), "--first_frame", str(demo_frames[0]), "--last_frame", str(demo_frames[1]),
+            "--prompt", "x", "--sample_steps", "1", "--quiet", "--save_file", "v.mp4", "--backend", "ort"]
+    assert main(args + ["--engines", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flf2v-run: error: {bad / 'vae_decode_chunk.onnx'}: damaged engine file (DecodeError"), err
+    assert err.endswith(f"--out {bad} --force`") and len(err.splitlines()) == 1, err
+    preset = ck.preset_for(tiny_ckpt)
+    assert choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(root.parent)), preset, (64, 64),
+                          torch.device("cpu"))[:2] == ("ort", root / "tiny")
+
+
+def test_a_manifest_that_is_not_an_object_is_one_line(root, tiny_ckpt):
+    """`[]` as manifest.json: AttributeError ('list' object has no attribute 'get') under --backend auto."""
+    (root / "tiny" / M.MANIFEST).write_text("[]")
+    assert M.load(root / "tiny") == {}
+    with pytest.raises(M.EngineError, match=r"unreadable manifest .*; run `flf2v-build --ckpt_dir "):
+        choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(root / "tiny")), ck.preset_for(tiny_ckpt), (64, 64),
+                       torch.device("cpu"))
+
+
+def test_another_backends_folder_names_the_build_for_the_backend_asked(root, tiny_ckpt):
+    """The fix for "holds ort engines, not aoti" rebuilt the same ORT folder (it said "8 engines current")."""
+    from flf2v.runtime.engine_folders import read_manifest
+    with pytest.raises(M.EngineError) as e:
+        read_manifest(root / "tiny", tiny_ckpt, ck.preset_for(tiny_ckpt), "aoti")
+    msg = str(e.value)
+    assert msg.startswith(f"{root / 'tiny'} holds ort engines, not aoti; pass --backend ort, or for aoti engines "
+                          f"run `flf2v-build --ckpt_dir {tiny_ckpt} --preset tiny --precision fp32 --backend aoti` "
+                          f"(runs without --engines find it)"), msg
 
 
 def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, tmp_path):
@@ -95,8 +135,8 @@ def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, 
     shutil.copytree(tiny_ckpt, other)
     cfg = json.loads((other / ck.DIT_CONFIG).read_text())  # other weights or config: another checkpoint
     (other / ck.DIT_CONFIG).write_text(json.dumps({**cfg, "eps": 1e-5}))
-    with pytest.raises(M.EngineError, match=rf"another checkpoint.*make engines CKPT={other} PRESET=tiny-wide "
-                                            rf"PRECISION=fp32` \(runs without --engines find it\)"):
+    with pytest.raises(M.EngineError, match=rf"another checkpoint.*flf2v-build --ckpt_dir {other} --preset tiny-wide "
+                                            rf"--precision fp32` \(runs without --engines find it\)"):
         read_manifest(root / "tiny-wide", other, ck.preset_for(other), "ort")
 
 
@@ -151,7 +191,7 @@ def test_bf16_ort_engines_need_the_cuda_provider(root, tiny_ckpt):
     folder = root / "tiny"
     m = json.loads((folder / M.MANIFEST).read_text())
     (folder / M.MANIFEST).write_text(json.dumps({**m, "precision": "bf16"}))
-    with pytest.raises(M.EngineError, match=r"run on the CUDA provider only.*PRECISION=fp32") as e:
+    with pytest.raises(M.EngineError, match=r"run on the CUDA provider only.*--precision fp32") as e:
         OrtBackend(folder, tiny_ckpt, ck.preset_for(tiny_ckpt))
     assert "\n" not in str(e.value)
 
@@ -161,6 +201,17 @@ def other_ckpt(tmp_path_factory):
     """A second tiny checkpoint: same model, other weights."""
     from flf2v.models.make_tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "ckpt", seed=1)
+
+
+def test_no_folder_serving_gives_one_fix_not_each_folders_own(root, other_ckpt):
+    """Only another checkpoint's folders here: the message carried their fix (a tiny build, which would not
+    serve this frame) beside the run's own (the dynamic one), two commands in one line."""
+    with pytest.raises(M.EngineError) as e:
+        choose_engines(_args(ckpt_dir=other_ckpt, backend="ort"), ck.preset_for(other_ckpt), (128, 128),
+                       torch.device("cpu"))
+    msg = str(e.value)
+    assert msg.count("flf2v-build") == 1 and "another checkpoint" in msg, msg
+    assert msg.endswith(f"run `flf2v-build --ckpt_dir {other_ckpt} --preset dynamic`, or use --backend torch"), msg
 
 
 def test_two_checkpoints_never_share_a_default_folder(tiny_ckpt, other_ckpt, tmp_path, monkeypatch):
@@ -219,40 +270,47 @@ def test_rebuild_hint_names_the_backend_of_the_run(tiny_ckpt, tmp_path, monkeypa
     preset = ck.preset_for(tiny_ckpt)
     with pytest.raises(M.EngineError) as e:
         choose_engines(_args(ckpt_dir=tiny_ckpt, backend=backend), preset, (96, 64), torch.device("cpu"))
-    assert ("BACKEND=aoti" in str(e.value)) == (backend == "aoti"), str(e.value)
-    assert "make engines CKPT=" in str(e.value)
+    assert ("--backend aoti" in str(e.value)) == (backend == "aoti"), str(e.value)
+    assert f"flf2v-build --ckpt_dir {tiny_ckpt} " in str(e.value)
 
 
 def test_cfg_parallel_needs_the_batch_1_dit(tiny_dynamic_engines, tiny_ckpt, tmp_path, monkeypatch):
-    """`make engines` builds the batch-2 DiT only: --cfg_parallel falls back to torch under auto (saying the
+    """`flf2v-build` builds the batch-2 DiT only: --cfg_parallel falls back to torch under auto (saying the
     command that builds what it needs) and names that command when a backend was asked for."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_dynamic_engines, M.target_root("ort") / "dynamic")
     preset, cpu = ck.preset_for(tiny_ckpt), torch.device("cpu")
     assert choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (64, 64), cpu)[0] == "ort"
     kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt, cfg_parallel=True), preset, (64, 64), cpu)
-    assert (kind, folder) == ("torch", None) and "CFG_BATCH=both" in note, note
-    with pytest.raises(M.EngineError, match="CFG_BATCH=both"):
+    assert (kind, folder) == ("torch", None) and "--cfg_batch both" in note, note
+    with pytest.raises(M.EngineError, match="--cfg_batch both"):
         choose_engines(_args(ckpt_dir=tiny_ckpt, cfg_parallel=True, backend="ort"), preset, (64, 64), cpu)
 
 
-MAKE_FLAGS = {"CKPT": "--ckpt_dir", "PRESET": "--preset", "PRECISION": "--precision", "ENGINES": "--out",
-              "BACKEND": "--backend", "ATTENTION": "--attention", "CFG_BATCH": "--cfg_batch"}  # the Makefile's
-
-
-def run_make_engines_hint(text: str) -> None:
-    """Runs the `make engines ...` command a message gives, as the Makefile's engines target would."""
+def run_build_hint(text: str) -> None:
+    """Runs the `flf2v-build ...` command a message gives, as the shell would pass its words."""
     import re
     import shlex
 
     from flf2v.export.build import main as build_main
-    cmd = re.search(r"`make engines ([^`]*)`", text)
+    cmd = re.search(r"`flf2v-build ([^`]*)`", text)
     assert cmd, text
-    argv = []
-    for word in shlex.split(cmd[1]):
-        key, _, value = word.partition("=")
-        argv += [MAKE_FLAGS[key], value]
-    assert build_main(argv + ["--quiet"]) == 0
+    assert build_main(shlex.split(cmd[1]) + ["--quiet"]) == 0
+
+
+def test_flags_the_backend_does_not_use_are_said(root, tiny_ckpt):
+    """--engines with --backend torch, and --dtype bf16 on fp32 engines, were dropped without a word."""
+    preset, cpu = ck.preset_for(tiny_ckpt), torch.device("cpu")
+    with pytest.warns(UserWarning, match=r"^--engines engines is not used: --backend torch runs the PyTorch ref"):
+        assert choose_engines(_args(ckpt_dir=tiny_ckpt, backend="torch", engines="engines"), preset, (64, 64),
+                              cpu)[0] == "torch"
+    with pytest.warns(UserWarning, match=r"^--dtype bf16 is not used: engines run in the precision they were built "
+                                         r"in \(fp32\); --backend torch runs bf16$"):
+        assert choose_engines(_args(ckpt_dir=tiny_ckpt, dtype="bf16"), preset, (64, 64), cpu)[0] == "ort"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the engines' own precision, or none asked: nothing said
+        for dtype in ("fp32", None):
+            assert choose_engines(_args(ckpt_dir=tiny_ckpt, dtype=dtype), preset, (64, 64), cpu)[0] == "ort"
 
 
 def test_another_checkpoints_folder_is_one_line_with_one_working_command(tiny_engines, other_ckpt, demo_frames,
@@ -263,9 +321,9 @@ def test_another_checkpoints_folder_is_one_line_with_one_working_command(tiny_en
             str(tmp_path / "v.mp4"), "--backend", "ort"]
     assert main(args + ["--engines", str(tiny_engines)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.count("make engines") == 1, err
+    assert len(err.splitlines()) == 1 and err.count("flf2v-build") == 1, err
     assert err.startswith(f"flf2v-run: error: {tiny_engines} was built from another checkpoint"), err
-    run_make_engines_hint(err)  # as printed, from the same folder
+    run_build_hint(err)  # as printed, from the same folder
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr().err
     assert "tiny-fp32-" in capsys.readouterr().out  # the new folder of its own ran

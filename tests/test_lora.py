@@ -273,6 +273,34 @@ def _bad_files(tmp, shapes):
     yield "scale", tmp / "unknown.safetensors", "oops", "not a finite number"
 
 
+def test_lightx2v_prefixes_read_as_the_bare_names(tiny_ckpt, shapes, tmp_path):
+    """LightX2V strips "model." and "unet." (its lora_loader.py); such a file was "a LoRA for another model"."""
+    from safetensors.torch import load_file
+    bare = write(tmp_path / "bare.safetensors", *make_lora(shapes, PAIRS, BIASES), "bare")
+    want = lr.read_lora(bare, shapes)
+    for prefix in ("model.", "unet."):
+        path = tmp_path / f"{prefix}safetensors"
+        save_file({prefix + k: v for k, v in load_file(str(bare)).items()}, str(path))
+        got = lr.read_lora(path, shapes)
+        keys = [m + ".weight" for m, _ in PAIRS] + BIASES
+        assert all(torch.equal(got.delta(k), want.delta(k)) for k in keys), prefix
+        assert all(want.delta(k).abs().max() > 0 for k in keys)
+
+
+def test_the_api_takes_one_lora_as_well_as_a_list(tiny_ckpt, shapes, tmp_path):
+    """loras="a.safetensors:0.8" was read as 24 LoRAs named by its characters ("a: no such LoRA file")."""
+    path = write(tmp_path / "a.safetensors", *make_lora(shapes, PAIRS), "official")
+    want = [(lr.read_lora(path, shapes).fingerprint, 0.8)]
+    for spec in (f"{path}:0.8", (path, 0.8), [str(path), 0.8], [f"{path}:0.8"], [(path, 0.8)]):
+        assert [(lo.fingerprint, s) for lo, s in lr.load_loras(spec, tiny_ckpt)] == want, spec
+    for spec in ([(path,)], [(path, 0.8, 1)], [0.8], [None]):
+        with pytest.raises(lr.LoRAError, match=r'give "PATH\[:SCALE\]" or \(path, scale\)') as e:
+            lr.load_loras(spec, tiny_ckpt)
+        assert "\n" not in str(e.value)
+    with pytest.raises(lr.LoRAError, match=rf"{tmp_path}: a folder, not a LoRA file; pass the .safetensors file"):
+        lr.load_loras([str(tmp_path)], tiny_ckpt)
+
+
 def test_bad_inputs_fail_in_one_line(tiny_ckpt, shapes, tmp_path):
     seen = []
     for what, path, scale, pattern in _bad_files(tmp_path, shapes):

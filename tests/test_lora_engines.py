@@ -95,7 +95,7 @@ def test_trt_folder_with_other_loras_is_refused(tiny_ckpt, lora_engines, lora_fi
     msg = str(e.value)
     assert "built with LoRAs style.safetensors:0.8" in msg and "cannot swap" in msg and "\n" not in msg, msg
     other = load_loras([(str(lora_file), 0.5)], tiny_ckpt)
-    with pytest.raises(M.EngineError, match=f'LORA={lora_file}:0.5'):
+    with pytest.raises(M.EngineError, match=f'--lora {lora_file}:0.5'):
         trt_backend.TrtBackend(folder, tiny_ckpt, preset, "cpu", loras=other)
 
 

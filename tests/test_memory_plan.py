@@ -271,7 +271,7 @@ def test_streaming_engines_take_the_plans_their_folder_runs(monkeypatch):
         assert plan.offload_model and not plan.t5_cpu and plan.cfg_batch in layouts and plan.blocks, plan.name
         assert budget == w["dit"] - (FULL.dit.num_layers - plan.blocks) * w["block"], (budget, plan.name)
     assert plan.name == EXPECTED[(24, 720, 1280)], plan.name  # the torch backend's plan, with dit_b1 built
-    with pytest.raises(InputError, match="CFG_BATCH=1"):  # the batch-2 DiT's activations alone need more
+    with pytest.raises(InputError, match="--cfg_batch 1"):  # the batch-2 DiT's activations alone need more
         plan_for(24, (2,))
     with pytest.raises(InputError, match="--t5_cpu"):
         plan_for(24, (1, 2), t5_cpu=True)
@@ -382,7 +382,7 @@ def test_cli_streamed_run_writes_the_resident_video_and_records_its_plan(tiny_ck
 
 
 def test_weight_streaming_build_needs_tensorrt(tiny_ckpt, tmp_path, capsys):
-    """make engines STREAM=1 where the build is not TensorRT's: one line, exit 2, no folder."""
+    """flf2v-build --weight_streaming where the build is not TensorRT's: one line, exit 2, no folder."""
     from flf2v.export.build import main
     out = tmp_path / "engines"
     assert main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--weight_streaming", "-q"]) == 2

@@ -174,7 +174,7 @@ def test_cli_runs_fp8_and_refuses_engines_of_another_quantization(tiny_ckpt, dem
     code = run(_args(tiny_ckpt, demo_frames, tmp_path / "b.mp4", "--quant", "fp8", "--backend", "ort",
                      "--engines", str(tiny_engines)))
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "QUANT=fp8" in err and "--quant fp8" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "`flf2v-build " in err and "--quant fp8`" in err, err
     assert not (tmp_path / "b.mp4").exists()
 
 

@@ -51,7 +51,7 @@ def test_cli_ort_backend(tiny_ckpt, tiny_engines, demo_frames, tmp_path):
 
 def test_engine_shape_mismatch(tiny_engines, demo_frames):
     first, last = (load_image(p) for p in demo_frames)
-    with pytest.raises(EngineError, match="make engines .*PRESET=dynamic"):
+    with pytest.raises(EngineError, match="flf2v-build .*--preset dynamic"):
         Pipeline.from_engines(tiny_engines).generate("x", first, last, **{**KW, "frame_num": 5})
 
 
@@ -64,7 +64,7 @@ def test_engines_of_another_checkpoint(engines_copy, tmp_path):
     from flf2v.models.config import get_preset
     from flf2v.models.make_tiny import write_tiny_checkpoint
     other = write_tiny_checkpoint(tmp_path / "other", seed=1)
-    with pytest.raises(EngineError, match="another checkpoint.*make engines CKPT="):
+    with pytest.raises(EngineError, match="another checkpoint.*flf2v-build --ckpt_dir "):
         OrtBackend(engines_copy, other, get_preset("tiny"))
 
 
@@ -88,7 +88,7 @@ def test_external_data_outside_folder_is_refused(engines_copy, tmp_path):
     entry.key, entry.value = "location", "../../etc/passwd"
     onnx.save(m, str(engines_copy / "clip.onnx"))
     with pytest.raises(EngineError, match="points outside"):
-        check_external_data(engines_copy / "clip.onnx", engines_copy)
+        check_external_data(engines_copy / "clip.onnx", engines_copy, "run `flf2v-build ...`")
 
 
 def test_manifest_for_another_preset(engines_copy, tiny_ckpt):

@@ -73,7 +73,7 @@ def test_engine_io_mismatch_is_refused(backends):
     engine.io[0] = ({**real[0], "shape": [-1, *real[0]["shape"][1:]]}, "in")  # as TensorRT may report a dim
     trt.check_io("clip", engine)
     engine.io[0] = ({**engine.io[0][0], "shape": [9, 3, 8, 8]}, "in")
-    with pytest.raises(engine_folders.EngineError, match=r"I/O differs from the manifest.*make engines"):
+    with pytest.raises(engine_folders.EngineError, match=r"I/O differs from the manifest.*flf2v-build"):
         trt.check_io("clip", engine)
     engine.io[0] = ({**engine.io[0][0], "dtype": "bfloat16", "shape": trt.specs["clip"]["inputs"][0]["shape"]},
                     "in")
@@ -85,7 +85,7 @@ def test_failed_deserialization_is_one_line(backends, monkeypatch, tmp_path):
     trt, _, _ = backends
     trt.runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: None)
     monkeypatch.setattr(trt, "_deserialize", lambda g: trt_backend.TrtBackend._deserialize(trt, g))
-    with pytest.raises(engine_folders.EngineError, match=r"could not deserialize.*make engines") as e:
+    with pytest.raises(engine_folders.EngineError, match=r"could not deserialize.*flf2v-build") as e:
         trt._load("clip")
     assert "\n" not in str(e.value)
 
@@ -166,7 +166,7 @@ def test_weight_streaming_budget_is_set_on_the_dit_engines_before_their_contexts
     monkeypatch.setattr(M, "target_tag", lambda backend: "fake-sm90-trt11.4")
     preset = ck.preset_for(tiny_ckpt)
     ort = ort_backend.OrtBackend(tiny_engines, tiny_ckpt, preset)
-    with pytest.raises(M.EngineError, match="STREAM=1"):
+    with pytest.raises(M.EngineError, match="flf2v-build --weight_streaming"):
         FakeTrtBackend(relabel(tiny_engines, tmp_path_factory), tiny_ckpt, preset, ort, weight_budget=1234)
     folder = relabel(tiny_engines, tmp_path_factory, weight_streaming=True)
     ref = run(ort, preset, tiny_ckpt, demo_frames, 2)
