@@ -168,11 +168,11 @@ def rebuild_hint(ckpt_dir, folder=None, shape: str | None = None, precision: str
                  cfg_batch: str | None = None, quant: str | None = None, force: bool = False) -> str:
     """The `flf2v-build` command that builds `folder` (or the default one, under ./engines, where runs look)
     as this run needs it: it works from wherever the run was started, a pip install included (`make engines`
-    needs the checkout's Makefile). `loras`: "PATH:SCALE" entries; `backend` "aoti" adds --backend aoti (the
-    others are the machine's default); `cfg_batch` the DiT layouts ("both" for --cfg_parallel); `force` rebuilds
-    engines that look current (a damaged file of the right size)."""
+    needs the checkout's Makefile). `loras`: "PATH:SCALE" entries; `backend` always named when known (the
+    build's auto would pick TensorRT on a GPU where an ORT folder was meant); `cfg_batch` the DiT layouts
+    ("both" for --cfg_parallel); `force` rebuilds engines that look current (a damaged file of the right size)."""
     flags = [("--ckpt_dir", ckpt_dir), ("--preset", shape), ("--precision", precision), ("--out", folder),
-             ("--cfg_batch", cfg_batch), ("--backend", "aoti" if backend == "aoti" else None),
+             ("--cfg_batch", cfg_batch), ("--backend", backend),
              ("--attention", attention if attention != "onnx" else None),
              ("--quant", quant if quant != "none" else None)] + [("--lora", e) for e in loras]
     words = [w for flag, v in flags if v for w in (flag, shlex.quote(str(v)))] + (["--force"] if force else [])

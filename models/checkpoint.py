@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .config import PRESETS, DiTConfig, Preset
 from .keymaps import dit_key_to_diffusers
 from .quant import stored_dtype
-from .layouts import OFFICIAL, CheckpointError, Layout, detect
+from .layouts import OFFICIAL, CheckpointError, Layout, cache_folder, detect
 
 DIT_CONFIG = "config.json"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -368,17 +368,32 @@ def load_vae(ckpt_dir, dtype=torch.float32, preset: Preset | None = None):
 def tokenizer_folder(ckpt_dir) -> Path:
     """The umT5 tokenizer's folder of a checkpoint; CheckpointError naming the fix when there is none."""
     layout = detect(ckpt_dir)
-    if layout.tokenizer is None:
-        raise CheckpointError(f"{ckpt_dir}: no umT5 tokenizer beside the ComfyUI files (ComfyUI keeps it in its "
-                              f"own code); put google/umt5-xxl's tokenizer files in a tokenizer/ folder beside "
-                              f"them or pass --tokenizer DIR")
+    if layout.tokenizer is None:  # a folder of links to files given one by one names no folder the user typed
+        given = Path(ckpt_dir).resolve().parent == cache_folder().resolve()
+        raise CheckpointError(f"{'the files of --dit/--t5/--clip/--vae' if given else f'{ckpt_dir}: the ComfyUI files'}"
+                              f" have no umT5 tokenizer beside them (ComfyUI keeps it in its own code); pass "
+                              f"--tokenizer DIR, or put google/umt5-xxl's tokenizer files in a tokenizer/ folder "
+                              f"beside them")
     return _need(layout.tokenizer, "umT5 tokenizer folder", folder=True)
 
 
 def load_tokenizer(ckpt_dir, preset: Preset | None = None):
-    from .tokenizer import T5Tokenizer
+    """The checkpoint's umT5 tokenizer; CheckpointError (one line) for a folder it cannot be loaded from.
+    Cached: the CLI loads it among its checks, before any weights, and the pipeline gets the same one."""
     preset = preset or preset_for(ckpt_dir)
-    return T5Tokenizer(tokenizer_folder(ckpt_dir), preset.t5.text_len)
+    return _tokenizer(tokenizer_folder(ckpt_dir).resolve(), preset.t5.text_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: Path, text_len: int):
+    from .tokenizer import T5Tokenizer
+    try:
+        return T5Tokenizer(folder, text_len)
+    except (RuntimeError, OSError) as e:
+        why = str(e.__cause__ or e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{folder}: no usable umT5 tokenizer there ({why}); give the folder of "
+                              f"google/umt5-xxl's tokenizer files (tokenizer.json or spiece.model, with "
+                              f"tokenizer_config.json)") from None
 
 
 def weight_files(ckpt_dir: str | os.PathLike) -> Iterable[Path]:

@@ -198,6 +198,8 @@ def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path
     tok = Path(tokenizer).resolve() if tokenizer else None
     if tok is not None and not tok.is_dir():
         raise CheckpointError(f"--tokenizer {tokenizer}: no such folder (give the folder of umT5's tokenizer files)")
+    if tok is None:  # as for a folder of ComfyUI files: one beside them (ComfyUI ships none)
+        tok = next((p.parent / n for p in paths.values() for n in TOKENIZER_FOLDERS if (p.parent / n).is_dir()), None)
     links = {f"{role}.safetensors": p for role, p in paths.items()} | ({"tokenizer": tok} if tok else {})
     key = hashlib.sha256(repr(sorted((k, str(v)) for k, v in links.items())).encode()).hexdigest()[:16]
     folder = Path(cache) / key

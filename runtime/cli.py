@@ -130,7 +130,7 @@ class Job:
         preset = ck.preset_for(args.ckpt_dir)
         check_model(args, preset)
         self.local = True  # files and devices: each node has its own, so a rank's error here is its alone
-        ck.tokenizer_folder(args.ckpt_dir)
+        ck.load_tokenizer(args.ckpt_dir, preset)  # a damaged one said now, not after the weights (cached for the run)
         ck.check_files(args.ckpt_dir, preset)
         self.checkpoint = describe(args.ckpt_dir)
         if _rank() == 0:  # said as the backend line is, under --quiet too

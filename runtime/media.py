@@ -119,9 +119,12 @@ def as_image(x) -> Image.Image:
     if isinstance(x, torch.Tensor):  # autograd and bf16 tensors have no NumPy view
         x = x.detach().cpu()
         x = x.float() if x.dtype == torch.bfloat16 else x
+    if not (isinstance(x, (list, tuple)) or hasattr(x, "__array__")):  # None, the bytes of a file, ...
+        raise InputError(f"a frame is a {type(x).__name__}; pass a path, a PIL image or an [H, W, 3] array")
     a = np.asarray(x)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or a.size == 0:
-        raise InputError(f"a frame array must be [H, W] or [H, W, 3|4], got shape {a.shape}")
+        chw = " (channels first: permute it to [H, W, C])" if a.ndim == 3 and a.shape[0] in (3, 4) else ""
+        raise InputError(f"a frame array must be [H, W] or [H, W, 3|4], got shape {a.shape}{chw}")
     if a.dtype == np.uint16:
         a = a.astype(np.float64) / 65535.0
     if a.dtype.kind == "f":

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +111,14 @@ class Pipeline:
         from flf2v.models.lora import load_loras
 
         from .torch_backend import TorchBackend
+        from .cli_args import check_device
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InputError(f"dtype {dtype!r}: use torch.float32 (the CPU's, the reference) or torch.bfloat16 (CUDA)")
+        device = check_device(str(device) if device is not None else None)
         preset = ck.preset_for(ckpt_dir)
+        tokenizer = ck.load_tokenizer(ckpt_dir, preset)  # its errors before any weight loads
         backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(loras, ckpt_dir), **kw)
-        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, kw.get("parallel"))
+        return cls(backend, tokenizer, preset, device, cuda_graph, kw.get("parallel"))
 
     @classmethod
     def from_engines(cls, folder, ckpt_dir=None, device=None, cuda_graph: bool = True, loras=(),
@@ -135,17 +141,19 @@ class Pipeline:
         m = M.load(folder)
         try:
             kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]
-        except (KeyError, TypeError) as e:
-            raise M.EngineError(f"{folder}: not an engine folder (no readable {M.MANIFEST}: {e!r}); build one "
-                                f"with `make engines`") from None
+        except (KeyError, TypeError):
+            what = "not an engine folder" if Path(folder).is_dir() else "no such folder"
+            raise M.EngineError(f"{folder}: {what} (no readable {M.MANIFEST}); build one with "
+                                f"`flf2v-build --ckpt_dir CKPT --out {folder}`") from None
         if kind == "aoti":  # the device the packages were compiled for
             built = torch.device(next(iter(m["engines"].values()), {}).get("builder", {}).get("device", "cpu"))
         device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))
         preset = ck.preset_for(ckpt_dir)
         if parallel is not None and parallel.sp is not None:
             raise InputError("Ulysses (--ulysses_size > 1) runs on the torch backend: engines hold whole sequences")
+        tokenizer = ck.load_tokenizer(ckpt_dir, preset)
         backend = open_backend(kind, folder, ckpt_dir, preset, device, loras=load_loras(loras, ckpt_dir))
-        return cls(backend, ck.load_tokenizer(ckpt_dir, preset), preset, device, cuda_graph, parallel)
+        return cls(backend, tokenizer, preset, device, cuda_graph, parallel)
 
     # -----------------------------------------------------------------------------------------------
     def request(self, prompt: str, first_frame, last_frame=None, **options) -> Request:
@@ -216,8 +224,12 @@ class Pipeline:
             # Noise is drawn on the CPU so a seed gives the same video on every device (the official
             # code draws it on the GPU).
             latents = torch.randn(1, *lat, dtype=torch.float32, generator=torch.Generator().manual_seed(req.seed))
+        elif not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch tensor of shape {(1, *lat)}, got {type(latents).__name__}")
         elif tuple(latents.shape) != (1, *lat):
             raise InputError(f"latents must have shape {(1, *lat)} for this run, got {tuple(latents.shape)}")
+        elif not torch.isfinite(latents).all():  # else "the latents became NaN" blames the dtype or checkpoint
+            raise InputError("latents hold NaN or Inf; pass finite noise (e.g. torch.randn)")
         ids, mask = self.tokenizer([req.prompt, req.negative_prompt] if req.cfg else [req.prompt])
         sized = [resize(f, h, w) for f in frames]  # the official bug fix: last frame resized too
         cond = torch.zeros(3, n, h, w)

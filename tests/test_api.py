@@ -43,6 +43,42 @@ def test_wrong_latents_shape_is_refused(pipe, frames):
         pipe.generate("x", *frames, latents=torch.zeros(1, 16, 3, 8, 8), **KW)
 
 
+def test_latents_that_are_not_finite_tensors_are_refused_before_the_loop(pipe, frames):
+    """NaN noise ran the encoders and the loop, then blamed the dtype and the checkpoint; a NumPy array was an
+    AttributeError."""
+    import numpy as np
+    with pytest.raises(InputError, match=r"^latents must be a torch tensor of shape \(1, 16, 2, 8, 8\), got ndarray"):
+        pipe.generate("x", *frames, latents=np.zeros((1, 16, 2, 8, 8), np.float32), **KW)
+    with pytest.raises(InputError, match=r"^latents hold NaN or Inf; pass finite noise"):
+        pipe.generate("x", *frames, latents=torch.full((1, 16, 2, 8, 8), float("nan")), **KW)
+
+
+@pytest.mark.parametrize("kw, said", [(dict(dtype=torch.float16), r"^dtype torch.float16: use torch.float32 "),
+                                      (dict(dtype="bf16"), r"^dtype 'bf16': use torch.float32 "),
+                                      (dict(device="gpu"), r"--device gpu is not a device; use cuda, cuda:N or cpu"),
+                                      (dict(device="cuda"), r"no CUDA GPU is usable here")])
+def test_from_checkpoint_checks_dtype_and_device_before_any_weight_loads(tiny_ckpt, monkeypatch, kw, said):
+    """Raw torch errors (a TypeError in .to(), "Torch not compiled with CUDA") came after weights loaded."""
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
+
+    def loads(*a, **k):
+        raise AssertionError("weights loaded before the arguments were checked")
+    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
+    with pytest.raises(InputError, match=said):
+        Pipeline.from_checkpoint(tiny_ckpt, **kw)
+
+
+@pytest.mark.parametrize("where", ["missing", "checkpoint"])
+def test_from_engines_on_a_folder_without_engines_names_the_build(tiny_ckpt, tmp_path, where):
+    from flf2v.export.manifest import EngineError
+    folder = tmp_path / "nope" if where == "missing" else tiny_ckpt
+    what = "no such folder" if where == "missing" else "not an engine folder"
+    with pytest.raises(EngineError, match=rf"^{re.escape(str(folder))}: {what} \(no readable manifest.json\); build "
+                                          rf"one with `flf2v-build --ckpt_dir CKPT --out {re.escape(str(folder))}`$"):
+        Pipeline.from_engines(folder)
+
+
 def test_last_request_records_the_values_used(pipe, frames):
     pipe.generate("a red ball", *frames, seed=9, **KW)
     r = pipe.last_request

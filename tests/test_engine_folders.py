@@ -72,7 +72,9 @@ def test_auto_falls_back_to_torch_and_says_what_to_build(root, tiny_ckpt):
     preset = ck.preset_for(tiny_ckpt)
     kind, folder, note = choose_engines(_args(ckpt_dir=tiny_ckpt), preset, (96, 64), torch.device("cpu"))
     assert kind == "torch" and folder is None
-    assert "a 64x96 first frame" in note and f"flf2v-build --ckpt_dir {tiny_ckpt} --preset dynamic`" in note, note
+    # the backend named: the build's auto would make TensorRT engines on a GPU where ORT's were meant
+    assert "a 64x96 first frame" in note, note
+    assert f"flf2v-build --ckpt_dir {tiny_ckpt} --preset dynamic --backend ort`" in note, note
 
 
 def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
@@ -82,7 +84,7 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
         choose_engines(args, preset, (96, 64), torch.device("cpu"))
     msg = str(e.value)
     # the same --engines would read the square folder again: the hint names the folder that holds both
-    assert f"--preset dynamic --out {root / 'dynamic'}`, then run with --engines {root}," in msg, msg
+    assert f"--preset dynamic --out {root / 'dynamic'} --backend ort`, then run with --engines {root}," in msg, msg
     assert "serves 64x64, 9 frames" in msg and "\n" not in msg
     # the folder the hint names holds the new one beside the old: a wide frame finds its own there
     args.engines = str(root)
@@ -102,7 +104,7 @@ def test_a_damaged_graph_of_the_right_size_is_one_line_and_passed_over_when_anot
     assert main(args + ["--engines", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"flf2v-run: error: {bad / 'vae_decode_chunk.onnx'}: damaged engine file (DecodeError"), err
-    assert err.endswith(f"--out {bad} --force`") and len(err.splitlines()) == 1, err
+    assert err.endswith(f"--out {bad} --backend ort --force`") and len(err.splitlines()) == 1, err
     preset = ck.preset_for(tiny_ckpt)
     assert choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(root.parent)), preset, (64, 64),
                           torch.device("cpu"))[:2] == ("ort", root / "tiny")
@@ -136,7 +138,7 @@ def test_rebuild_hint_never_targets_another_checkpoints_folder(root, tiny_ckpt, 
     cfg = json.loads((other / ck.DIT_CONFIG).read_text())  # other weights or config: another checkpoint
     (other / ck.DIT_CONFIG).write_text(json.dumps({**cfg, "eps": 1e-5}))
     with pytest.raises(M.EngineError, match=rf"another checkpoint.*flf2v-build --ckpt_dir {other} --preset tiny-wide "
-                                            rf"--precision fp32` \(runs without --engines find it\)"):
+                                            rf"--precision fp32 --backend ort` \(runs without --engines find it\)"):
         read_manifest(root / "tiny-wide", other, ck.preset_for(other), "ort")
 
 
@@ -211,7 +213,8 @@ def test_no_folder_serving_gives_one_fix_not_each_folders_own(root, other_ckpt):
                        torch.device("cpu"))
     msg = str(e.value)
     assert msg.count("flf2v-build") == 1 and "another checkpoint" in msg, msg
-    assert msg.endswith(f"run `flf2v-build --ckpt_dir {other_ckpt} --preset dynamic`, or use --backend torch"), msg
+    assert msg.endswith(f"run `flf2v-build --ckpt_dir {other_ckpt} --preset dynamic --backend ort`, or use "
+                        f"--backend torch"), msg
 
 
 def test_two_checkpoints_never_share_a_default_folder(tiny_ckpt, other_ckpt, tmp_path, monkeypatch):

@@ -251,6 +251,8 @@ def test_files_given_one_by_one_make_one_folder(layouts, tmp_path):
     assert view == file_view(files, c / "tokenizer", tmp_path / "views")
     assert content_fingerprint(view) == content_fingerprint(layouts["official"])
     assert ck.load_tokenizer(view) is not None
+    # without --tokenizer, the one beside the files (as for a folder of them), not "no umT5 tokenizer"
+    assert (file_view(files, None, tmp_path / "views") / "tokenizer").resolve() == (c / "tokenizer").resolve()
     msg = _error(file_view, {**files, "t5": files["clip"]}, None, tmp_path / "views")
     assert "--t5" in msg and "pass it as --clip" in msg, msg
     assert "--vae missing" in _error(file_view, {**files, "vae": None}, None, tmp_path / "views")
@@ -327,6 +329,17 @@ def _bad_case(layouts, tmp_path, case):
     if case == "dit-part":  # one shard of a sharded DiT holds the head but not the patch embedding
         save_file({k: v for k, v in load_file(dit).items() if "patch_embedding" not in k}, dit)
         return _file_flags(c), "a part of a DiT (no patch_embedding.weight)"
+    if case in ("no-tokenizer", "empty-tokenizer"):  # the files with no tokenizer beside them, or a broken one
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for f in _files(comfy).values():
+            shutil.copy(f, bare)
+        if case == "no-tokenizer":
+            return _file_flags(bare, tokenizer=False), ("the files of --dit/--t5/--clip/--vae have no umT5 tokenizer "
+                                                        "beside them (ComfyUI keeps it in its own code); pass "
+                                                        "--tokenizer DIR")
+        (bare / "tokenizer").mkdir()  # the transformers error behind it suggested installing sentencepiece
+        return _file_flags(bare), f"{(bare / 'tokenizer').resolve()}: no usable umT5 tokenizer there ("
     if case == "unknown-names":  # e.g. a diffusers transformer saved as one file
         save_file({"transformer_blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, dit)
         return _file_flags(c), "none of Wan2.1's networks under the official or ComfyUI names"
@@ -334,14 +347,13 @@ def _bad_case(layouts, tmp_path, case):
             "pth-as-file": ([*_file_flags(c), "--t5", str(official / ck.T5_FILE)], "a PyTorch .pth file"),
             "none": ([], "--ckpt_dir is required"),
             "swapped": ([*_file_flags(c), "--t5", str(c / "clip_vision_h.safetensors")], "pass it as --clip"),
-            "no-tokenizer": (_file_flags(c, tokenizer=False), "--tokenizer DIR"),
             "tokenizer-official": (["--ckpt_dir", str(official), "--tokenizer", str(c / "tokenizer")],
                                    "drop --tokenizer")}[case]
 
 
 @pytest.mark.parametrize("case", ["mixed", "truncated", "t2v", "other-t5", "other-clip", "official-vae", "both",
-                                  "none", "swapped", "no-tokenizer", "tokenizer-official", "dit-part",
-                                  "unknown-names", "pth-as-file"])
+                                  "none", "swapped", "no-tokenizer", "empty-tokenizer", "tokenizer-official",
+                                  "dit-part", "unknown-names", "pth-as-file"])
 def test_cli_refuses_bad_checkpoints_in_one_line_before_any_weight_loads(layouts, demo_frames, tmp_path, capsys,
                                                                          monkeypatch, case):
     from helpers import run

@@ -138,7 +138,11 @@ def test_a_wide_gamut_profile_is_applied_once(tmp_path, monkeypatch):
                                        (np.full((4, 4), 200.0), "divide by 255"),
                                        (np.full((4, 4), 1.2), r"maximum is 1.2; clip it"),
                                        (np.linspace(-1, 1, 16).reshape(4, 4), r"\(x \+ 1\) / 2"),
-                                       (Image.new("RGB", (0, 0)), r"empty \(0x0\)")])
+                                       (Image.new("RGB", (0, 0)), r"empty \(0x0\)"),
+                                       # said as "got shape ()" before: what it is, and the fix
+                                       (None, r"^a frame is a NoneType; pass a path, a PIL image or an \[H, W, 3\]"),
+                                       (b"\x89PNG\r\n", r"^a frame is a bytes; pass a path"),
+                                       (torch.zeros(3, 8, 8), r"got shape \(3, 8, 8\) \(channels first: permute")])
 def test_bad_arrays(bad, match):
     with pytest.raises(InputError, match=match):
         as_image(bad)
