@@ -17,6 +17,7 @@ Every mode waits (up to --idle_wait s) for an idle machine before timing, and wr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -103,7 +104,7 @@ def check_args(args) -> None:
                 check_folder(f"--{flag}", getattr(args, flag), Path(getattr(args, flag)))
             except InputError as e:
                 raise BadInput(str(e)) from None
-    if not args.idle_wait >= 0:
+    if not 0 <= args.idle_wait < math.inf:  # inf waited for ever on a busy machine
         raise BadInput(f"--idle_wait {args.idle_wait:g} must be 0 (do not wait) or more seconds")
     for flag in ("repeats", "steps", "layers", "tokens"):  # 0 read as "the default" before
         if (value := getattr(args, flag, None)) is not None and value < 1:

@@ -6,6 +6,7 @@ also the larger of torch's allocator peak and the device memory in use (TensorRT
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -57,11 +58,17 @@ def run_module(module: str, *args, show_progress: bool = False) -> float:
     """Seconds of `python -c 'from <module> import main; main(args)'` in a child process (an export's memory is
     then not this process's); ChildFailed with the end of its output when it fails."""
     cmd = [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))", *args]
-    t, proc = timed(lambda: subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
-                                           stderr=None if show_progress else subprocess.STDOUT))
+    t0, tail, text = time.perf_counter(), "", codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        while chunk := proc.stdout.read1(1 << 16):  # its progress shown live, and its error kept for the report
+            tail = (tail + (part := text.decode(chunk)))[-4000:]
+            if show_progress:
+                sys.stderr.write(part)
+                sys.stderr.flush()
     if proc.returncode:
-        raise ChildFailed(f"{module} failed (exit {proc.returncode}): {(proc.stdout or '').strip()[-400:]}")
-    return t
+        last = tail.replace("\r", "\n").strip().splitlines()
+        raise ChildFailed(f"{module} failed (exit {proc.returncode}): {last[-1][-400:] if last else 'no output'}")
+    return time.perf_counter() - t0
 
 
 def load_avg() -> list[float] | None:

@@ -212,8 +212,11 @@ def read_calibration(path, fingerprint: str | None = None, chosen: bool = False)
                           tuple(float(v) for v in d["teacache"]["coefficients"]), str(path))
         if len(cal.mag_ratios) < 4 or len(cal.mag_ratios) % 2 or len(cal.coefficients) != 5:
             raise ValueError("mag_ratios must hold (cond, uncond) pairs and coefficients 5 values")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CacheError(f"step-cache calibration {path} is unreadable ({e}); run flf2v-calibrate-cache again") from None
+    except FileNotFoundError:
+        raise CacheError(f"step-cache calibration {path}: no such file; check the path") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a PNG, a metrics file, a damaged calibration
+        raise CacheError(f"step-cache calibration {path} is not a flf2v-calibrate-cache file ({e}); give the "
+                         f"file flf2v-calibrate-cache wrote, or run it again") from None
     if fingerprint is not None and d.get("checkpoint_fingerprint") != fingerprint:
         if not chosen:
             raise CacheError(f"step-cache calibration {path} was made for another checkpoint; run "

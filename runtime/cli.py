@@ -149,9 +149,10 @@ class Job:
             req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
                                cfg_parallel=args.cfg_parallel, **options)
         shape = (req.height, req.width, req.frame_num)
-        if args.plan:  # the table, then nothing loads
+        if args.plan:  # the table, then nothing loads; under torchrun once, by rank 0
             from .choose import plan_table
-            plan_table(args, preset, *shape, self.device)
+            if _rank() == 0:
+                plan_table(args, preset, *shape, self.device)
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
@@ -201,7 +202,8 @@ class Job:
         return 0
 
     def metrics(self, total: float, mem: dict) -> dict:
-        # the stages add up to the end-to-end time: "other" is argument checks and reading the images
+        # the stages add up to the end-to-end time: "other" is Python's imports and the checks before anything
+        # loads (the checkpoint's headers and shapes, the tokenizer, the images)
         pipe, par, folder = self.pipe, self.par, self.pipe.backend.folder
         seconds = {"load": self.t_load, **pipe.times.seconds}
         seconds["other"] = total - sum(seconds.values())

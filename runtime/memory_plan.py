@@ -179,6 +179,9 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
         raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:.3g} GiB with this host's RAM: the one that "
                          f"needs least ({least.name}) keeps {least.host / GiB:.1f} GiB of weights in host memory, over "
                          f"90% of {host_bytes / GiB:.1f} GiB; add RAM{fp8}")
+    if gpu_bytes <= RESERVE:  # no plan helps: the reserve alone fills the card
+        raise InputError(f"{gpu_bytes / GiB:.3g} GiB is no more than the {RESERVE / GiB:.0f} GiB reserved for CUDA's "
+                         f"context and allocator; give the card's size (--gpu_memory GiB)")
     need = min((finish(video, p, 0) for p in plans), key=lambda p: p.peak)
     card = math.ceil((need.peak + RESERVE) / GiB * 10) / 10  # rounded up: a card of that size fits
     raise InputError(f"no memory plan{what} fits {gpu_bytes / GiB:.3g} GiB at {video.width}x{video.height}, "
@@ -203,7 +206,8 @@ def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=N
     for p in (finish(video, p, budget) for p in shown):
         b = dict(p.stages)
         mark = "*" if p.name == chosen else " "
-        lines.append(f"{mark} " + "  ".join(f"{b[s] / GiB:12.1f}" for s in STAGES) + f"  {p.host / GiB:8.1f}  {p.name}")
+        # 3 significant digits: a small model's MB show, not rows of 0.0
+        lines.append(f"{mark} " + "  ".join(f"{b[s] / GiB:12.3g}" for s in STAGES) + f"  {p.host / GiB:8.3g}  {p.name}")
     lines.append(f"* chosen: {chosen}" if chosen else why)
     lines.append("(blocks:N streams all but N DiT blocks; of the streamed plans only the chosen one and the "
                  "smallest are shown)")

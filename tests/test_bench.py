@@ -283,6 +283,7 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     (["--preset", "tiny", "--repeats", "0"], "--repeats 0 must be a positive integer"),
     (["fewstep", "--steps", "-1"], "--steps -1 must be a positive integer"),
     (["--preset", "tiny", "--idle_wait", "-5"], "--idle_wait -5 must be 0"),
+    (["memory", "--idle_wait", "inf"], "--idle_wait inf must be 0"),  # waited for ever on a busy machine
     (["cache", "--preset", "tiny", "--steps", "4"], "calibration needs at least 8 steps"),
     (["--preset", "tiny", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
     (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "{tmp}/none: not a directory"),
@@ -320,6 +321,18 @@ def test_a_report_never_replaces_an_earlier_one_of_the_day(tmp_path):
     second = write(Report("t", {"run": 2}), "quant", "tiny", machine, None, tmp_path)
     assert second["json"].name == first["json"].stem + "-2.json", (first, second)
     assert json.loads(first["json"].read_text())["run"] == 1 and json.loads(second["json"].read_text())["run"] == 2
+
+
+@pytest.mark.parametrize("show_progress", [False, True])
+def test_a_child_build_that_fails_is_reported_with_its_error(tmp_path, capfd, show_progress):
+    """With its progress shown, the child's stderr went to the terminal only: the report said
+    "flf2v.export.build failed (exit 2): " and nothing after it."""
+    from flf2v.bench.measure import ChildFailed, run_module
+    with pytest.raises(ChildFailed) as e:
+        run_module("flf2v.export.build", "--ckpt_dir", str(tmp_path / "none"), show_progress=show_progress)
+    assert str(e.value) == (f"flf2v.export.build failed (exit 2): flf2v-build: error: --ckpt_dir {tmp_path / 'none'}: "
+                            f"no such directory"), str(e.value)
+    assert ("no such directory" in capfd.readouterr().err) == show_progress  # shown live as well
 
 
 def test_a_report_stopped_while_writing_leaves_no_truncated_file(tmp_path, monkeypatch):
@@ -417,7 +430,8 @@ def test_ours_and_peer_are_instrumented_alike(tiny_ckpt):
         i = names.index("denoise")
         (n0, _, enc_end), (_, start, end), (n2, dec_start, _) = three[i - 1:i + 2]
         assert (n0, n2) == ("vae_encode", "vae_decode"), (runner.name, names)
-        assert 0 <= start - enc_end < 0.01 and 0 <= dec_start - end < 0.01, (runner.name, start - enc_end,
+        # gaps measured 0.04-0.3 ms alone; 12 ms once in the suite (its other worker preempting on 2 vCPUs)
+        assert 0 <= start - enc_end < 0.05 and 0 <= dec_start - end < 0.05, (runner.name, start - enc_end,
                                                                              dec_start - end)
 
 

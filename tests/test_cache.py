@@ -395,10 +395,14 @@ def test_cli_says_another_checkpoints_calibration_once(tiny_ckpt, demo_frames, c
     (["--cache", "magcache", "--cache_threshold", "-1"], "must be a finite number >= 0"),
     (["--cache", "teacache", "--cache_max_skips", "-2"], "must be an integer >= 0"),
     (["--cache", "magcache"], "run flf2v-calibrate-cache --ckpt_dir"),
-    (["--cache", "magcache", "--cache_calibration", "/nonexistent.json"], "unreadable"),
+    # a mistyped path, or the wrong file, was told to run flf2v-calibrate-cache again
+    (["--cache", "magcache", "--cache_calibration", "/nonexistent.json"], "/nonexistent.json: no such file; check "
+                                                                          "the path"),
+    (["--cache", "magcache", "--cache_calibration", "{frame}"], "is not a flf2v-calibrate-cache file"),
 ])
 def test_cli_cache_mistakes_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, msg):
     out = tmp_path / "v.mp4"
+    extra = [str(demo_frames[0]) if x == "{frame}" else x for x in extra]
     assert run(_args(tiny_ckpt, demo_frames, out, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err and "Traceback" not in err, err

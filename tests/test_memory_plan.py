@@ -189,8 +189,10 @@ def test_plan_that_cannot_fit_names_the_smallest_card():
     table = M.table(video, 24 * GiB, 64 * GiB)
     assert "* chosen: offload + blocks:11 + cfg_batch 1" in table
     for v in (video, M.Video(get_preset("tiny"), 64, 64, 9, 4)):  # the card named is one that fits (rounded up)
-        with pytest.raises(M.InputError) as e:
+        with pytest.raises(M.InputError, match="no more than the 1 GiB reserved"):  # "lower --size" cannot help
             M.choose(v, GiB // 2, host_bytes=64 * GiB)
+        with pytest.raises(M.InputError) as e:
+            M.choose(v, M.RESERVE + 2**20, host_bytes=64 * GiB)
         card = float(re.search(r"needs a ([\d.]+) GiB card", str(e.value)).group(1))
         assert M.choose(v, int(card * GiB), host_bytes=64 * GiB).peak <= card * GiB - M.RESERVE, e.value
 
@@ -339,6 +341,9 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24")) == 0
     said = capsys.readouterr().out
     assert "* chosen: resident" in said and "on 24 GiB" in said, said
+    # tiny's MB were rows of 0.0: 3 significant digits show them
+    row = next(line for line in said.splitlines() if line.startswith("* ") and line.endswith("  resident"))
+    assert all(float(v) > 0 for v in row.split()[1:-2]), row  # the stages (host: 0, all resident)
     assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--device", "cpu")) == 0
     said = capsys.readouterr().out
     assert "no GPU here: planned for a card of this host's memory" in said, said  # not an invented card
@@ -346,12 +351,13 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     for flags, says in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n"),
                         (["--offload_model", "true"], "* chosen: offload\n"),
                         (["--offload", "blocks:1"], "* chosen: resident + blocks:1\n"),
-                        (["--gpu_memory", "0.5"], "\nno memory plan fits 0.5 GiB"),
+                        # under the reserve no plan can help: said so, not "lower --size"
+                        (["--gpu_memory", "0.5"], "\n0.5 GiB is no more than the 1 GiB reserved for CUDA's context"),
                         (["--gpu_memory", "0.001"], "on 0.001 GiB (")):  # was "on 0 GiB", then 0.000999999
         assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *flags)) == 0, flags
         said = capsys.readouterr().out
         assert says in said, (flags, said)
-    for flags, msg in ((["--gpu_memory", "0.5"], "no memory plan fits 0.5 GiB"),
+    for flags, msg in ((["--gpu_memory", "0.5"], "0.5 GiB is no more than the 1 GiB reserved"),
                        (["--plan", "--offload", "blocks:2"], "tiny has 2 blocks"),
                        (["--plan", "--lora", str(tmp_path / "none.safetensors")], "none.safetensors"),
                        (["--plan", "--attention", "sage", "--backend", "ort"], "--attention sage applies to --backend torch"),
@@ -364,6 +370,15 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (flags, err)
     assert not out.exists()
+
+
+def test_cli_plan_is_printed_by_rank_0_only(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """Under torchrun every process printed the whole table."""
+    from helpers import _args, run
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--plan", "--gpu_memory", "24")) == 0
+        assert ("* chosen: resident" in capsys.readouterr().out) == printed, rank
 
 
 def test_cli_streamed_run_writes_the_resident_video_and_records_its_plan(tiny_ckpt, demo_frames, tmp_path,
