@@ -163,6 +163,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
             warnings.warn(f"the image's ICC profile cannot be applied ({e}); reading its colours as sRGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNGs (Pillow reads some as 32-bit "I")
         a = np.asarray(im, dtype=np.float64)
+        if 0 < a.max() <= 255:  # e.g. convert("I") of an 8-bit image: read as 16-bit it comes out black
+            warnings.warn(f"a 16-bit ({im.mode}) image whose samples are at most {a.max():g} of 65535 comes out "
+                          f"nearly black; if it holds 8-bit values, convert it to 'L' or 'RGB' first")
         im = Image.fromarray((np.clip(a, 0, 65535) * (255.0 / 65535.0)).round().astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")

@@ -195,6 +195,19 @@ def test_an_iphone_heic_photo_is_refused_with_the_fix(tmp_path, brand):
         load_image(tmp_path / "junk.png")
 
 
+def test_8_bit_values_in_a_16_bit_image_are_warned_of(tmp_path):
+    """frame.convert("I") of an 8-bit photo is scaled by 65535 (as a 16-bit PNG must be): black, silently."""
+    photo = Image.new("RGB", (8, 6), (200, 120, 40)).convert("L")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dark = np.asarray(as_image(photo.convert("I")))
+        as_image(Image.fromarray((np.asarray(photo).astype(np.uint16) * 257)))  # real 16-bit: nothing said
+    assert dark.max() <= 1, dark.max()
+    assert [str(w.message) for w in seen] == [f"a 16-bit (I) image whose samples are at most {np.asarray(photo).max()} "
+                                              f"of 65535 comes out nearly black; if it holds 8-bit values, convert "
+                                              f"it to 'L' or 'RGB' first"], [str(w.message) for w in seen]
+
+
 def test_a_float_image_file_is_refused(tmp_path):
     Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "f.tiff")  # read as 0..255: black
     with pytest.raises(InputError, match="32-bit float image"):
