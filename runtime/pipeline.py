@@ -195,6 +195,8 @@ class Pipeline:
             warn_if_stretched(first_frame, last_frame)
         if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
             req = replace(req, seed=self.parallel.agree(_run_of(req, first_frame, last_frame, latents), req.seed))
+        if latents is not None:  # no seed drew this noise: a random one recorded would not reproduce the run
+            req = replace(req, seed=None)
         self.last_request = req
         logger.info("run: %s", {k: v for k, v in req.to_json().items() if k != "negative_prompt"})
         self.seed = req.seed

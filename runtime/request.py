@@ -34,7 +34,7 @@ class Request:
     sample_steps: int
     sample_shift: float
     guide_scale: float
-    seed: int
+    seed: int | None  # None: the run's noise was given (generate's latents)
     cfg_batch: int  # the DiT batch of each call (2: [x, x] in one call)
     cfg: bool = True  # False at guide 1: the uncond forward and the negative prompt skipped
     sample_timesteps: tuple[int, ...] | None = None  # the few-step list of the DISTILL sampler
