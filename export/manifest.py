@@ -204,11 +204,12 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
         raise EngineError(f"{folder} was built by an older flf2v (manifest schema {m.get('schema')}, "
                           f"need {SCHEMA}); {hint}")
     # another backend's, model's or checkpoint's engines stay: the fix builds a folder of its own beside them
-    own = " (runs without --engines find it)"
+    found = " (runs without --engines find it)"
     if m.get("backend") != kind:
+        other = hint_for(m, ckpt_dir, None, backend=kind)
         raise EngineError(f"{folder} holds {m.get('backend')} engines, not {kind}; pass --backend "
-                          f"{m.get('backend')}, or for {kind} engines {hint_for(m, ckpt_dir, None, backend=kind)}{own}")
-    own = hint_for(m, ckpt_dir, None) + own
+                          f"{m.get('backend')}, or for {kind} engines {other}{found}")
+    own = hint_for(m, ckpt_dir, None) + found
     if m.get("model_preset") != preset.name:
         raise EngineError(f"{folder} was built for {m.get('model_preset')}, the checkpoint is {preset.name}; {own}")
     if m.get("checkpoint", {}).get("fingerprint") != (fingerprint or checkpoint_fingerprint(ckpt_dir)):

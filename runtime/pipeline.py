@@ -143,8 +143,8 @@ class Pipeline:
             kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]
         except (KeyError, TypeError):
             what = "not an engine folder" if Path(folder).is_dir() else "no such folder"
-            raise M.EngineError(f"{folder}: {what} (no readable {M.MANIFEST}); build one with "
-                                f"`flf2v-build --ckpt_dir CKPT --out {folder}`") from None
+            raise M.EngineError(f"{folder}: {what} (no readable {M.MANIFEST}); build one: "
+                                f"{M.rebuild_hint(ckpt_dir or 'CKPT', folder)}") from None
         if kind == "aoti":  # the device the packages were compiled for
             built = torch.device(next(iter(m["engines"].values()), {}).get("builder", {}).get("device", "cpu"))
         device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))

@@ -76,7 +76,7 @@ def test_from_engines_on_a_folder_without_engines_names_the_build(tiny_ckpt, tmp
     folder = tmp_path / "nope" if where == "missing" else tiny_ckpt
     what = "no such folder" if where == "missing" else "not an engine folder"
     with pytest.raises(EngineError, match=rf"^{re.escape(str(folder))}: {what} \(no readable manifest.json\); build "
-                                          rf"one with `flf2v-build --ckpt_dir CKPT --out {re.escape(str(folder))}`$"):
+                                          rf"one: run `flf2v-build --ckpt_dir CKPT --out {re.escape(str(folder))}`$"):
         Pipeline.from_engines(folder)
 
 

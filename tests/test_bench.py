@@ -430,7 +430,7 @@ def test_ours_and_peer_are_instrumented_alike(tiny_ckpt):
         i = names.index("denoise")
         (n0, _, enc_end), (_, start, end), (n2, dec_start, _) = three[i - 1:i + 2]
         assert (n0, n2) == ("vae_encode", "vae_decode"), (runner.name, names)
-        # gaps measured 0.04-0.3 ms alone; 12 ms once in the suite (its other worker preempting on 2 vCPUs)
+        # gaps measured 0.04-0.3 ms alone; 12 ms once in the full suite (two workers on 2 vCPUs)
         assert 0 <= start - enc_end < 0.05 and 0 <= dec_start - end < 0.05, (runner.name, start - enc_end,
                                                                              dec_start - end)
 
