@@ -192,9 +192,9 @@ def check_attention(args, device: torch.device) -> None:
     args.backend = "torch"
 
 
-def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> None:
+def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> bool:
     """`flf2v-run --plan`: the memory plans of the run printed, the one the run would take marked (the planning
-    flags narrow them as they narrow the run's); nothing loaded."""
+    flags narrow them as they narrow the run's); nothing loaded. False where no plan fits."""
     from flf2v.models.lora import load_loras
 
     from . import memory_plan as M
@@ -202,10 +202,12 @@ def plan_table(args, preset, height: int, width: int, frames: int, device: torch
     check_quant(args, device)
     check_attention(args, device)
     allowed, what = _plan_filter(args, preset)
-    print(M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device), allowed=allowed,
-                  what=what))
+    text, chosen = M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device),
+                           allowed=allowed, what=what)
+    print(text)
     if device.type != "cuda" and args.gpu_memory is None:
         print("(no GPU here: planned for a card of this host's memory; --gpu_memory GiB plans for your card)")
+    return chosen is not None
 
 
 def _video(args, preset, height: int, width: int, frames: int, device: torch.device, engines=None):

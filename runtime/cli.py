@@ -116,6 +116,7 @@ class Job:
     t_load: float = 0.0
     checkpoint: dict = field(default_factory=dict)  # layout and stored dtypes (models/fingerprint.describe)
     local: bool = False  # checking what a torchrun job's ranks may not share (files): every rank says its error
+    plan_fits: bool = True  # --plan: whether a plan fits the card
 
     def run(self) -> None:
         """Every check before anything loads, then load, generate and save."""
@@ -151,8 +152,8 @@ class Job:
         shape = (req.height, req.width, req.frame_num)
         if args.plan:  # the table, then nothing loads; under torchrun once, by rank 0
             from .choose import plan_table
-            if _rank() == 0:
-                plan_table(args, preset, *shape, self.device)
+            # exit 2 where none fits, as the run would be refused: `--plan` answers "will it fit?" in scripts too
+            self.plan_fits = _rank() != 0 or plan_table(args, preset, *shape, self.device)
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job.run()
         if args.plan:
-            return 0
+            return 0 if job.plan_fits else 2
     except InputError as e:
         return _fail(str(e), every_rank=job.local or isinstance(e, FrameError))
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)

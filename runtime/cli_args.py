@@ -87,7 +87,7 @@ def _input_flags(a, p) -> None:
 def _sampling_flags(a, p) -> None:
     shift = (f"{p.sample_shift:g}" + (", 3 at 832*480 / 480*832 as the official code"
                                       if p.dit.model_type == "i2v" else ""))
-    a("--sample_solver", default="unipc", choices=("unipc", "dpm++"), help="sampler (default unipc)")
+    a("--sample_solver", default=None, choices=("unipc", "dpm++"), help="sampler (default unipc)")
     a("--sample_steps", type=int, default=None, help=f"denoising steps (default {p.sample_steps})")
     a("--sample_shift", type=float, default=None, help=f"flow-matching shift (default {shift})")
     a("--sample_guide_scale", type=float, default=None,

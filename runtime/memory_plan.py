@@ -189,9 +189,10 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
                      f"lower --size or --frame_num{fp8}")
 
 
-def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=None, what: str = "") -> str:
-    """`flf2v-run --plan`: every plan level with its bytes per stage, the one `choose` takes marked (among those
-    `allowed`), or why none fits."""
+def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=None,
+          what: str = "") -> tuple[str, str | None]:
+    """`flf2v-run --plan`: (every plan level with its bytes per stage, the one `choose` takes marked among those
+    `allowed` or why none fits; that plan's name, None where none fits)."""
     budget = gpu_bytes - RESERVE
     try:
         chosen, why = choose(video, gpu_bytes, allowed, host_bytes, what).name, ""
@@ -211,4 +212,4 @@ def table(video: Video, gpu_bytes: int, host_bytes: int | None = None, allowed=N
     lines.append(f"* chosen: {chosen}" if chosen else why)
     lines.append("(blocks:N streams all but N DiT blocks; of the streamed plans only the chosen one and the "
                  "smallest are shown)")
-    return "\n".join(lines)
+    return "\n".join(lines), chosen

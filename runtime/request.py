@@ -60,7 +60,7 @@ class Request:
 
 def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_frame: bool, backend=None, *,
                  ckpt_dir=None, cfg_parallel: bool = False, said: set | None = None,
-                 size: str | None = None, frame_num: int | None = None, sample_solver: str = "unipc",
+                 size: str | None = None, frame_num: int | None = None, sample_solver: str | None = None,
                  sample_steps: int | None = None, sample_shift: float | None = None,
                  guide_scale: float | None = None, seed: int = -1, negative_prompt: str = "",
                  cfg_batch: int | None = None, sample_timesteps=None, cache: str = "off",
@@ -170,7 +170,7 @@ def output_shape(preset: Preset, first_hw: tuple[int, int], size: str, frame_num
 def few_steps(solver: str, timesteps, steps: int | None) -> tuple[str, tuple[int, ...], int]:
     """(solver, timesteps, steps) of a run given an explicit timestep list, which implies the DISTILL sampler
     (the few-step one of step-distilled models); InputError for a bad list or a conflicting choice."""
-    if solver not in ("unipc", DISTILL):  # "unipc" is the default, not a choice to refuse
+    if solver not in (None, DISTILL):  # an explicit unipc too: it ran the distill sampler without a word
         raise InputError(f"--sample_solver {solver} does not apply to --sample_timesteps (the few-step distill "
                          f"sampler); drop one of them")
     try:
@@ -200,6 +200,7 @@ def sampling(preset: Preset, size: str, solver: str, steps: int | None, shift: f
     n = preset.sample_steps if steps is None else steps
     if timesteps is not None:  # the few-step sampler of step-distilled models
         solver, timesteps, n = few_steps(solver, timesteps, steps)
+    solver = solver or "unipc"
     # distilled models run without CFG (LightX2V: enable_cfg false), the others at the official scale
     guide = (1.0 if timesteps is not None else preset.sample_guide_scale) if guide is None else guide
     try:

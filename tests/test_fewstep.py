@@ -198,6 +198,8 @@ def test_generate_with_sample_timesteps(pipe, frames, monkeypatch):
     (dict(sample_timesteps=[]), "is empty"),
     (dict(sample_timesteps=[1000, 500], sample_steps=50), "drop --sample_steps"),
     (dict(sample_timesteps=[1000, 500], sample_solver="dpm++"), "drop one of them"),
+    # an explicit unipc ran the distill sampler without a word: only the unset default defers to the list
+    (dict(sample_timesteps=[1000, 500], sample_solver="unipc"), "--sample_solver unipc does not apply"),
 ])
 def test_bad_timesteps_in_the_api(options, match):
     image = Image.new("RGB", (64, 64))
@@ -216,6 +218,7 @@ def few_step_args(ckpt, frames, out):
     ("1001,500", [], "outside 1..1000"), ("0", [], "outside 1..1000"), ("-5", [], "outside 1..1000"),
     ("", [], "empty"), ("1000,abc", [], "not integers"), ("1000,7.5", [], "not integers"),
     ("1000,500", ["--sample_solver", "dpm++"], "drop one of them"),
+    ("1000,500", ["--sample_solver", "unipc"], "--sample_solver unipc does not apply"),
 ])
 def test_bad_sample_timesteps_exit_2_in_one_line(tiny_ckpt, demo_frames, tmp_path, capsys, value, extra, says):
     args = few_step_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4")

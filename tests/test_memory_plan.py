@@ -186,8 +186,8 @@ def test_plan_that_cannot_fit_names_the_smallest_card():
     with pytest.raises(M.InputError, match="no memory plan with the DiT resident fits 24 GiB"):
         M.choose(video, 24 * GiB, lambda p: not p.offload_model and p.blocks is None, 64 * GiB,
                  " with the DiT resident")
-    table = M.table(video, 24 * GiB, 64 * GiB)
-    assert "* chosen: offload + blocks:11 + cfg_batch 1" in table
+    table, chosen = M.table(video, 24 * GiB, 64 * GiB)
+    assert "* chosen: offload + blocks:11 + cfg_batch 1" in table and chosen == "offload + blocks:11 + cfg_batch 1"
     for v in (video, M.Video(get_preset("tiny"), 64, 64, 9, 4)):  # the card named is one that fits (rounded up)
         with pytest.raises(M.InputError, match="no more than the 1 GiB reserved"):  # "lower --size" cannot help
             M.choose(v, GiB // 2, host_bytes=64 * GiB)
@@ -348,13 +348,15 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     said = capsys.readouterr().out
     assert "no GPU here: planned for a card of this host's memory" in said, said  # not an invented card
     # the planning flags narrow the table's choice as they narrow the run's; none fitting is said with the reason
-    for flags, says in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n"),
-                        (["--offload_model", "true"], "* chosen: offload\n"),
-                        (["--offload", "blocks:1"], "* chosen: resident + blocks:1\n"),
-                        # under the reserve no plan can help: said so, not "lower --size"
-                        (["--gpu_memory", "0.5"], "\n0.5 GiB is no more than the 1 GiB reserved for CUDA's context"),
-                        (["--gpu_memory", "0.001"], "on 0.001 GiB (")):  # was "on 0 GiB", then 0.000999999
-        assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *flags)) == 0, flags
+    # none fitting: exit 2 as the run would be refused (was 0: a script asking "will it fit?" heard yes)
+    for flags, says, rc in ((["--t5_cpu"], "* chosen: resident + t5_cpu\n", 0),
+                            (["--offload_model", "true"], "* chosen: offload\n", 0),
+                            (["--offload", "blocks:1"], "* chosen: resident + blocks:1\n", 0),
+                            # under the reserve no plan can help: said so, not "lower --size"
+                            (["--gpu_memory", "0.5"], "\n0.5 GiB is no more than the 1 GiB reserved for CUDA's context",
+                             2),
+                            (["--gpu_memory", "0.001"], "on 0.001 GiB (", 2)):  # was "on 0 GiB", then 0.000999999
+        assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *flags)) == rc, flags
         said = capsys.readouterr().out
         assert says in said, (flags, said)
     for flags, msg in ((["--gpu_memory", "0.5"], "0.5 GiB is no more than the 1 GiB reserved"),
