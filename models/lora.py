@@ -24,8 +24,9 @@ from safetensors import SafetensorError, safe_open
 
 from . import checkpoint as ck
 
-# kohya, ComfyUI, diffusers, PEFT; LightX2V also strips "model." and "unet." (its lora_loader.py)
-PREFIXES = ("lora_unet_", "diffusion_model.", "transformer.", "base_model.model.", "model.", "unet.")
+# kohya, ComfyUI (its Wan key map also reads LyCORIS' "lycoris_"), diffusers, PEFT; LightX2V also strips
+# "model." and "unet." (its lora_loader.py)
+PREFIXES = ("lora_unet_", "lycoris_", "diffusion_model.", "transformer.", "base_model.model.", "model.", "unet.")
 # suffix -> (kind, leaf of the DiT tensor it changes)
 SUFFIXES = {".lora_A.weight": ("down", "weight"), ".lora_down.weight": ("down", "weight"),
             ".lora_B.weight": ("up", "weight"), ".lora_up.weight": ("up", "weight"),
@@ -127,13 +128,14 @@ def _fingerprint(path: Path) -> str:
 
 def _aliases(shapes: Iterable[str]) -> dict[str, str]:
     """Every spelling of a DiT tensor name a LoRA may use -> the official key: the official name, the
-    diffusers name (inverting models/keymaps.py's map) and kohya's (module dots as underscores)."""
+    diffusers name (inverting models/keymaps.py's map) and kohya's of either (module dots as underscores)."""
     from .keymaps import dit_key_to_diffusers
     table = {}
     for key in shapes:
-        module, _, leaf = key.rpartition(".")
-        for alias in (key, dit_key_to_diffusers(key), f"{module.replace('.', '_')}.{leaf}"):
-            table.setdefault(alias, key)
+        for name in (key, dit_key_to_diffusers(key)):
+            module, _, leaf = name.rpartition(".")
+            for alias in (name, f"{module.replace('.', '_')}.{leaf}"):
+                table.setdefault(alias, key)
     return table
 
 

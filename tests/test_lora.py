@@ -287,6 +287,28 @@ def test_lightx2v_prefixes_read_as_the_bare_names(tiny_ckpt, shapes, tmp_path):
         assert all(want.delta(k).abs().max() > 0 for k in keys)
 
 
+def test_kohya_names_of_diffusers_modules_and_lycoris_prefix_read_as_the_official_ones(tiny_ckpt, shapes, tmp_path):
+    """kohya-style names of diffusers modules (lora_unet_blocks_0_attn1_to_q) and LyCORIS' "lycoris_" prefix (read
+    by ComfyUI's Wan key map) were refused as "a LoRA for another model"."""
+    low, full = make_lora(shapes, PAIRS)
+    want = lr.read_lora(write(tmp_path / "official.safetensors", low, full, "official"), shapes)
+    for fmt, spell in (("kohya-diffusers", lambda m: dit_key_to_diffusers(m + ".weight").removesuffix(".weight")),
+                       ("lycoris", lambda m: m)):
+        prefix = "lycoris_" if fmt == "lycoris" else "lora_unet_"
+        sd = {}
+        for m, (down, up, alpha) in low.items():
+            name = prefix + spell(m).replace(".", "_")
+            sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+            if alpha is not None:
+                sd[f"{name}.alpha"] = torch.tensor(alpha)
+        assert fmt == "lycoris" or "lora_unet_blocks_0_attn1_to_q.alpha" in sd, sorted(sd)  # diffusers' spelling
+        save_file(sd, str(tmp_path / f"{fmt}.safetensors"))
+        got = lr.read_lora(tmp_path / f"{fmt}.safetensors", shapes)
+        keys = [m + ".weight" for m, _ in PAIRS]
+        assert set(got.keys) == set(keys), (fmt, got.keys)
+        assert all(torch.equal(got.delta(k), want.delta(k)) for k in keys), fmt
+
+
 def test_the_api_takes_one_lora_as_well_as_a_list(tiny_ckpt, shapes, tmp_path):
     """loras="a.safetensors:0.8" was read as 24 LoRAs named by its characters ("a: no such LoRA file")."""
     path = write(tmp_path / "a.safetensors", *make_lora(shapes, PAIRS), "official")
