@@ -60,9 +60,10 @@ class Plan:
         return max(b for _, b in self.stages)
 
     def describe(self) -> str:
-        stages = ", ".join(f"{s} {b / GiB:.1f}" for s, b in self.stages)
-        return (f"memory plan: {self.name}; device GiB at peak per stage: {stages}; host {self.host / GiB:.1f} GiB "
-                f"({self.pinned / GiB:.1f} pinned)")
+        # 3 significant digits, as the --plan table: a small model's MB were a line of 0.0
+        stages = ", ".join(f"{s} {b / GiB:.3g}" for s, b in self.stages)
+        return (f"memory plan: {self.name}; device GiB at peak per stage: {stages}; host {self.host / GiB:.3g} GiB "
+                f"({self.pinned / GiB:.3g} pinned)")
 
     def to_json(self) -> dict:
         return {"name": self.name, "offload_model": self.offload_model, "t5_cpu": self.t5_cpu,

@@ -374,6 +374,16 @@ def test_cli_plan_table_and_refusals_before_anything_loads(tiny_ckpt, demo_frame
     assert not out.exists()
 
 
+def test_the_plan_line_shows_a_small_model_s_bytes():
+    """A tiny model's plan line read "text_encoder 0.0, ..., denoise 0.0; host 0.0 GiB": a plan of nothing."""
+    plan = M.choose(M.Video(get_preset("tiny"), 64, 64, 9, 4), 24 * GiB, host_bytes=64 * GiB)
+    line = plan.describe()
+    figures = [float(v) for v in re.findall(r" (\d[\d.e-]*)(?:,|;)", line)]
+    assert len(figures) == len(plan.stages) and all(v > 0 for v in figures), line
+    for v, (stage, b) in zip(figures, plan.stages):  # 3 significant digits of the plan's own bytes
+        assert abs(v - b / GiB) <= 0.005 * b / GiB, (stage, v, b, line)
+
+
 def test_cli_plan_is_printed_by_rank_0_only(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
     """Under torchrun every process printed the whole table."""
     from helpers import _args, run
