@@ -90,6 +90,9 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
         raise InputError(f"{preset.name} is image-to-video and takes no last frame; drop --last_frame")
     if not -1 <= seed < 2**63:
         raise InputError(f"--base_seed {seed} is out of range; use -1 or 0..2^63-1")
+    if seed >= 2**32:  # torch's CPU generator (the noise's, on every device) seeds from the low 32 bits only
+        warnings.warn(f"--base_seed {seed}: the noise generator keeps its low 32 bits, so this is the video of seed "
+                      f"{seed % 2**32}; seeds 0..{2**32 - 1} are distinct", stacklevel=2)
     size, frame_num = default_shape(preset, size, frame_num, backend.video_shape if backend is not None else None)
     h, w, frame_num = output_shape(preset, first_hw, size, frame_num)
     if backend is not None:  # engines: EngineError naming the build that serves it
@@ -103,7 +106,7 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
     return Request(prompt=prompt, negative_prompt=(negative_prompt or preset.sample_neg_prompt) if cfg else None,
                    height=h, width=w, frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
                    sample_shift=shift, guide_scale=guide,
-                   seed=random.randint(0, 2**63 - 1) if seed < 0 else seed, cfg_batch=cfg_batch, cfg=cfg,
+                   seed=random.randint(0, 2**32 - 1) if seed < 0 else seed, cfg_batch=cfg_batch, cfg=cfg,
                    sample_timesteps=sample_timesteps, cache=cache, cache_threshold=cache_threshold,
                    cache_max_skips=cache_max_skips, cache_calibration=calibration)
 

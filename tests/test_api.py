@@ -117,6 +117,22 @@ def test_api_arguments_of_the_wrong_type_are_named(options, says):
     assert (req.seed, req.frame_num, req.sample_steps) == (3, 5, 2) and type(req.seed) is int
 
 
+def test_seeds_are_distinct_in_32_bits_and_a_larger_one_is_said():
+    """torch's CPU generator (the noise's) seeds from the low 32 bits: seeds 0 and 2^32 gave one video without a
+    word, and random seeds drawn from 0..2^63-1 recorded a seed of which only part counted."""
+    pipe = Pipeline(StubBackend(), None, get_preset("tiny"))
+    image = Image.new("RGB", (64, 64))
+    noise = [torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in (3, 2**32 + 3, 4)]
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])  # what the warning says
+    with pytest.warns(UserWarning, match=rf"--base_seed {2**32 + 3}: .* the video of seed 3; seeds 0\.\.4294967295"):
+        assert pipe.request("x", image, image, seed=2**32 + 3).seed == 2**32 + 3  # recorded as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipe.request("x", image, image, seed=2**32 - 1).seed == 2**32 - 1
+        drawn = [pipe.request("x", image, image).seed for _ in range(64)]
+    assert all(0 <= s < 2**32 for s in drawn) and len(set(drawn)) > 60, drawn
+
+
 def test_cfg_layout_the_engines_lack_is_said():
     pipe = Pipeline(StubBackend(cfg_batches=(1,)), None, get_preset("tiny"))
     image = Image.new("RGB", (64, 64))
