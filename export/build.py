@@ -32,7 +32,6 @@ manifest is rewritten atomically per engine: a killed or interrupted (Ctrl-C: ex
 and redoes the rest. Two builds into one folder serialise on `.lock`."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -43,13 +42,15 @@ import sys
 import time
 from pathlib import Path
 
+from flf2v.log import logger
 from flf2v.models import checkpoint as ck
 from flf2v.models.fingerprint import describe
-from flf2v.models.layouts import add_checkpoint_flags, ckpt_dir_of
+from flf2v.models.layouts import ckpt_dir_of
 from flf2v.models.quant import QUANTS
 
 from . import contracts as C
 from . import manifest as M
+from .build_args import build_parser
 from .plugins import ATTENTION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,77 +357,43 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
         old = prior.get("engines", {})  # current is judged by key and file sizes: --force rebuilds the graphs asked
         manifest = plan.manifest({g.name: old[g.name] for g in all_graphs if not (force and g in todo)
                                   and is_current(old.get(g.name), plan.key(g), folder)})
+        logger.info("%s: %s %s engines of %s (%s), key %s", folder, backend, precision, preset.name, eshape.name,
+                    key)
         for name, entry in old.items():  # engines of another checkpoint, shape or precision: gone
             if name not in manifest["engines"]:
+                logger.debug("%s: not current, its files removed: %s", name, ", ".join(entry.get("files", {})))
                 for f in entry.get("files", {}):
                     (folder / f).unlink(missing_ok=True)
         M.write(folder, manifest)
         bar = tqdm(todo, desc="engines", unit="graph", disable=not progress)
         for g in bar:
-            if g.name not in manifest["engines"]:
-                bar.set_postfix_str(g.name)
-                manifest["engines"][g.name] = plan.build_one(g, folder)
-                M.write(folder, manifest)
+            if g.name in manifest["engines"]:
+                logger.info("%s: current, kept", g.name)
+                continue
+            bar.set_postfix_str(g.name)
+            logger.info("%s: %s", g.name, "compiling" if backend == "aoti" else "exporting"
+                        + (" and building" if backend == "trt" else ""))
+            entry = manifest["engines"][g.name] = plan.build_one(g, folder)
+            logger.info("%s: done in %.1f s, %.3g MB", g.name, entry["seconds"], sum(entry["files"].values()) / 1e6)
+            M.write(folder, manifest)
     return folder
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flf2v-build", usage=argparse.SUPPRESS,  # errors: one line, exit 2
-                                 description="Export a Wan2.1 checkpoint to ONNX and build engines.")
-    add_checkpoint_flags(ap.add_argument)
-    ap.add_argument("--preset", default=None,
-                    help="engine shape: dynamic (the default: every official size, first-frame aspect ratios "
-                         "1:2.4..2.4:1, 5..81 frames), dynamic-480p (the 480p area only), or a static shape: "
-                         "720p, 720p-portrait, 480p, 480p-portrait, 1024-square or <W>x<H>x<frames>")
-    ap.add_argument("--precision", default=None, choices=C.PRECISIONS,
-                    help="graph precision (default: bf16 for TensorRT, fp32 for ONNX Runtime)")
-    ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<build key>/<shape>, "
-                                                "e.g. engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt", "aoti"),
-                    help="auto: TensorRT where it imports with a GPU, else ONNX Runtime; aoti: PyTorch's "
-                         "AOTInductor packages (.pt2), on a GPU or a CPU")
-    ap.add_argument("--opt_level", type=int, default=3, choices=range(6), help="TensorRT builder optimization level")
-    ap.add_argument("--cfg_batch", default="2", choices=("1", "2", "both"),
-                    help="DiT engines to build: batch 2 (CFG as one batch, the default layout), batch 1 (two "
-                         "forwards per step), or both (for the 14B each DiT engine costs ~33 GB of disk for "
-                         "its ONNX and as much for the engine, and its own build)")
-    ap.add_argument("--graphs", default=None, help="comma-separated subset of the graphs to build")
-    ap.add_argument("--attention", default="onnx", choices=ATTENTION,
-                    help="DiT attention: the backend's own (onnx) or the fused Triton kernels (plugin, CUDA GPU: "
-                         "TensorRT plugins, or compiled into AOTI packages; default folder "
-                         "engines/<target tag>-plugin/<build key>/<shape>), or the 8-bit Triton self-attention "
-                         "(sage: TensorRT plugin or AOTI packages on a CUDA GPU, engines/<target tag>-sage/...)")
-    ap.add_argument("--quant", default="none", choices=QUANTS,
-                    help="fp8: the DiT's block linears in FP8 e4m3 (per-channel weight scales, dynamic per-token "
-                         "activation scales; TensorRT on sm89+, AOTInductor, ONNX Runtime on the CPU)")
-    ap.add_argument("--weight_streaming", action="store_true",
-                    help="a DiT whose weights stream from host memory as flf2v-run's memory plan sets (24-48 GB "
-                         "cards; make engines STREAM=1): TensorRT weight streaming, or aoti block packages")
-    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="a LoRA (safetensors) merged into the DiT at export, scale 1 unless given; repeatable. "
-                         "The manifest records each one's fingerprint and scale; ONNX Runtime engines can swap "
-                         "LoRAs at run time without a rebuild (flf2v-run --lora)")
-    ap.add_argument("--force", action="store_true", help="rebuild the graphs asked for even when current (a "
-                    "damaged file of the right size), and replace another build's engines (model, checkpoint, "
-                    "precision, attention, shape, LoRAs) in --out")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and of the log only errors")
-    ap.add_argument("-v", "--verbose", action="count", default=0,
-                    help="log what runs to stderr: -v the steps, -vv debug detail too")
-    return ap
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     only = [s.strip() for s in args.graphs.split(",") if s.strip()] if args.graphs is not None else None
     try:
-        folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
-                       (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only, progress=not args.quiet,
-                       attention=args.attention, loras=args.lora, force=args.force, quant=args.quant,
-                       weight_streaming=args.weight_streaming)
+        with logging_redirect_tqdm([log.logger]):  # -v: log lines above the progress bar, not inside it
+            folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
+                           (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only,
+                           progress=not args.quiet, attention=args.attention, loras=args.lora, force=args.force,
+                           quant=args.quant, weight_streaming=args.weight_streaming)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2
@@ -438,10 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # Ctrl-C: each engine lands whole (renamed into place), the finished stay current
         if not log.ctrl_c(e):
             raise
-        print("flf2v-build: error: interrupted; the engines finished are kept, the same command builds the rest",
-              file=sys.stderr)
+        print("flf2v-build: error: interrupted; the engines finished are kept, the same command "  # --force: all again
+              f"{'without --force ' if args.force else ''}builds the rest", file=sys.stderr)
         return 130
-    print(f"{folder}: {len(M.load(folder).get('engines', {}))} engines current")
+    n = len(M.load(folder).get('engines', {}))
+    print(f"{folder}: {n} engine{'s' * (n != 1)} current")
     return 0
 
 

@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,8 +54,9 @@ def _collective_failure(e: RuntimeError) -> bool:
     return isinstance(e, torch.distributed.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection"))
 
 
-class Stopped(Exception):
-    """torchrun stopped this process (SIGTERM) because another one failed."""
+class Stopped(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way turns it into another error
+    """SIGTERM: torchrun stopping this process because another one failed, or `kill`, `docker stop`, a batch
+    scheduler (whose default action left a partial mp4 beside the output and said nothing)."""
 
 
 def _on_sigterm(signum, frame):
@@ -157,7 +159,6 @@ class Job:
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
-            signal.signal(signal.SIGTERM, _on_sigterm)
             self.par = P.init(args.ulysses_size, args.cfg_parallel, self.device, args.dist_timeout, args.ring_size)
             self.device = self.par.device
             args.quiet = args.quiet or not self.par.is_main
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     from .denoise import NumericalError
     from .media import FrameError, InputError
     job = Job(args)
+    # an API caller's thread cannot take signals (nor keeps a handler of ours after the call)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         job.run()
         if args.plan:
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left
         return _fail("interrupted; no video was written", 130, every_rank=False)
     except Stopped:
+        if P.world_from_env()[1] == 1:
+            return _fail("terminated (SIGTERM); no video was written", 143, every_rank=False)
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)
     except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
@@ -256,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, sigterm)
         if job.par is not None:
             P.shutdown()
     return job.report()

@@ -1,5 +1,6 @@
 """Real faults during engine builds: a build process killed mid-export, two builds into one folder."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -109,3 +110,23 @@ def test_two_builds_into_one_folder(tiny_engines, tiny_ckpt, tmp_path):
 
 def _waiting(log: list[str]) -> bool:
     return any("waiting for another build" in line for line in log)
+
+
+def test_verbose_build_logs_its_steps_and_an_interrupted_force_build_says_to_drop_force(tiny_ckpt, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """-v promised "the steps" and printed nothing; after Ctrl-C, "the same command builds the rest" with --force
+    rebuilt the finished engines too (hours at 14B)."""
+    from flf2v.export import build as B
+    out = tmp_path / "e"
+    args = ["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--graphs", "t5", "-v"]
+    assert B.main(args) == 0
+    err = capsys.readouterr().err
+    assert "flf2v-build: t5: exporting\n" in err and re.search(r"flf2v-build: t5: done in [\d.]+ s, [\d.]+ MB\n", err), err
+    assert B.main(args) == 0
+    assert "flf2v-build: t5: current, kept\n" in capsys.readouterr().err
+    monkeypatch.setattr(B.Plan, "build_one", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    for extra, says in (([], "the same command builds the rest"),
+                        (["--force"], "the same command without --force builds the rest")):
+        assert B.main(args[:-3] + ["-q"] + extra) == 130
+        err = capsys.readouterr().err.strip()
+        assert err == f"flf2v-build: error: interrupted; the engines finished are kept, {says}", err

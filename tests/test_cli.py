@@ -199,8 +199,12 @@ def test_ctrl_c_says_one_line_and_exits_130(tiny_ckpt, demo_frames, tmp_path, ca
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
-def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_frames, tmp_path):
-    """Ctrl-C as the user sends it: SIGINT to a `flf2v-run` process in its denoising loop."""
+@pytest.mark.parametrize("sig,code,says", [
+    ("SIGINT", 130, "interrupted; no video was written"),
+    # kill, docker stop, a batch scheduler: was killed silently (exit -15), a partial mp4 left if in the save
+    ("SIGTERM", 143, "terminated (SIGTERM); no video was written")])
+def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_frames, tmp_path, sig, code, says):
+    """Ctrl-C as the user sends it: SIGINT to a `flf2v-run` process in its denoising loop; and SIGTERM."""
     import signal
     import subprocess
     import sys
@@ -217,11 +221,11 @@ def test_sigint_to_the_real_command_is_one_line_and_exit_130(tiny_ckpt, demo_fra
         while "flf2v-run: backend" not in p.stdout.readline():  # loaded: the loop starts next
             assert p.poll() is None, p.stderr.read()
         time.sleep(2)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(getattr(signal, sig))
         _, err = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 130 and err.strip() == "flf2v-run: error: interrupted; no video was written", err
+    assert p.returncode == code and err.strip() == f"flf2v-run: error: {says}", (p.returncode, err)
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
