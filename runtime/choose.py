@@ -2,6 +2,8 @@
 (engines/<this machine>[-plugin]/) that serve the run, else the torch reference; one line saying what runs."""
 from __future__ import annotations
 
+import itertools
+import shlex
 import warnings
 from pathlib import Path
 
@@ -30,9 +32,8 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
     A static folder of exactly the run's shape wins over a dynamic one that serves it."""
     from flf2v.export import manifest as M
 
-    from . import loras as L
     from .backends import check_backend
-    from .engine_folders import engine_video_shape, find_engines
+    from .engine_folders import find_engines
 
     kind = args.backend
     if kind == "auto":  # the kind of the engines given, else what this machine runs
@@ -43,22 +44,10 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
             warnings.warn(f"--engines {args.engines} is not used: --backend torch runs the PyTorch reference")
         return "torch", None, None
     check_backend(kind, device)
-    cfg_parallel = getattr(args, "cfg_parallel", False)  # each process runs the batch-1 DiT
-
-    def serves(m) -> bool:
-        if cfg_parallel and "dit_b1" not in m.get("engines", {}):
-            return False
-        if m.get("quant", "none") != args.quant:
-            return False
-        try:
-            return M.serves(m, preset, *want(args, preset, first_hw, engine_video_shape(m)))
-        except (InputError, KeyError, TypeError, ValueError):
-            return False
-
+    judges = _judges(args, preset, first_hw, loras)
     roots = [Path(args.engines)] if args.engines else [M.target_root(kind, a) for a in ("onnx", "plugin", "sage")]
-    folder, unusable, other_shapes = find_engines(roots, args.ckpt_dir, preset, kind, serves,
-                                                  prefer=lambda m: not L.needs_swap(m, loras))  # LoRAs built in
-    for why in other_shapes + unusable:
+    folder, unusable, others = find_engines(roots, args.ckpt_dir, preset, kind, *judges)
+    for why in others + unusable:
         logger.debug("passed over: %s", why)
     if folder is not None:
         logger.info("engines %s serve this run", folder)
@@ -66,10 +55,46 @@ def choose_engines(args, preset, first_hw: tuple[int, int], device: torch.device
             warnings.warn(f"--dtype {args.dtype} is not used: engines run in the precision they were built in "
                           f"({built}); --backend torch runs {args.dtype}")
         return kind, folder, None
-    if args.engines and unusable and not other_shapes:
+    if args.engines and unusable and not others:
         raise M.EngineError(unusable[0])  # the folder given cannot serve this checkpoint: its reason and fix
-    return "torch", None, _none_serve(args, preset, first_hw, kind, roots, other_shapes + unusable, loras,
-                                      cfg_parallel)
+    beside = None
+    if args.engines and (Path(args.engines) / M.MANIFEST).is_file():  # one shape folder: one beside it may serve
+        beside = find_engines([Path(args.engines).parent], args.ckpt_dir, preset, kind, *judges)[0]
+    return "torch", None, _none_serve(args, preset, first_hw, kind, roots, others + unusable, loras, beside)
+
+
+def _judges(args, preset, first_hw: tuple[int, int], loras):
+    """(serves, prefer, why) of engine_folders.find_engines for this run."""
+    from flf2v.export import manifest as M
+
+    from . import loras as L
+    from .engine_folders import engine_video_shape
+    cfg_parallel = getattr(args, "cfg_parallel", False)  # each process runs the batch-1 DiT
+    try:
+        default = want(args, preset, first_hw, None)
+    except InputError:
+        default = None
+
+    def serves(m) -> bool:
+        if (cfg_parallel and "dit_b1" not in m.get("engines", {})) or m.get("quant", "none") != args.quant:
+            return False
+        try:
+            return M.serves(m, preset, *want(args, preset, first_hw, engine_video_shape(m)))
+        except (InputError, KeyError, TypeError, ValueError):
+            return False
+
+    def prefer(m) -> tuple[bool, bool]:
+        # the run's LoRAs built in; then the model's default shape where --size / --frame_num are unset (they
+        # take a static folder's own: with several, the video's length hung on the folders' names)
+        return not L.needs_swap(m, loras), engine_video_shape(m) in (None, default)
+
+    def why(m) -> str:  # a folder passed over (a quant mismatch was said as one of shape)
+        if cfg_parallel and "dit_b1" not in m.get("engines", {}):
+            return "holds no batch-1 DiT, which --cfg_parallel runs (build with --cfg_batch both)"
+        if (quant := m.get("quant", "none")) != args.quant:
+            return f"holds --quant {quant} engines, which --quant {quant} runs"
+        return f"serves {M.describe(m)}"
+    return serves, prefer, why
 
 
 def want(args, preset, first_hw: tuple[int, int], fixed) -> tuple[int, int, int]:
@@ -78,27 +103,35 @@ def want(args, preset, first_hw: tuple[int, int], fixed) -> tuple[int, int, int]
     return output_shape(preset, first_hw, *default_shape(preset, args.size, args.frame_num, fixed))
 
 
-def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras, cfg_parallel: bool) -> str:
-    """No folder serves the run: EngineError naming the build that would when engines were asked for,
-    else the note (with that build) that the torch reference runs instead."""
+def _none_serve(args, preset, first_hw, kind: str, roots, why: list[str], loras, beside=None) -> str:
+    """No folder serves the run: EngineError naming the folder beside the one given that would (`beside`), else
+    the build that would, when engines were asked for; else the note (with that build) that the torch reference
+    runs instead."""
     from flf2v.export import manifest as M
 
     from . import loras as L
     from .engine_folders import build_serving
+    cfg_parallel = getattr(args, "cfg_parallel", False)
     name = build_serving(preset, *want(args, preset, first_hw, None))
     root = Path(args.engines) if args.engines else None
     one_shape = root is not None and (root / M.MANIFEST).is_file()
     if one_shape:
         root = root.parent  # a shape folder was given: the new shape goes beside it
-    fix = M.rebuild_hint(args.ckpt_dir, root / name if root else None, name, backend=kind,
+    out = None
+    if root:  # a folder of its own: one holding another build (quant, LoRAs, backend) refused the hint's build
+        names = itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))
+        out = next(root / n for n in names if not (root / n / M.MANIFEST).exists())
+    fix = M.rebuild_hint(args.ckpt_dir, out, name, backend=kind,
                          loras=L.lora_arg(loras) if kind != "ort" or args.quant != "none" else (),  # ORT swaps them
                          cfg_batch="both" if cfg_parallel else None, quant=args.quant)
     if one_shape:  # that folder stays the only one the same command reads: the hint looped
-        fix += f", then run with --engines {root}"
-    run = f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "") + (
-        f", {args.frame_num} frames" if args.frame_num else "") + (" with --cfg_parallel (the batch-1 DiT)"
-                                                                   if cfg_parallel else "") + (
-        f" with --quant {args.quant}" if args.quant != "none" else "")
+        fix += f", then run with --engines {shlex.quote(str(root))}"
+    if beside is not None:
+        fix = f"{beside} serves it: run with --engines {shlex.quote(str(beside))}"
+    run = (f"a {first_hw[1]}x{first_hw[0]} first frame" + (f", --size {args.size}" if args.size else "")
+           + (f", {args.frame_num} frames" if args.frame_num else "")
+           + (" with --cfg_parallel (the batch-1 DiT)" if cfg_parallel else "")
+           + (f" with --quant {args.quant}" if args.quant != "none" else ""))
     if args.engines or args.backend != "auto":
         detail = f" ({why[0].split('; ')[0]})" if why else ""  # its own fix would be for its shape, not this run's
         raise M.EngineError(f"no {kind} engines in {args.engines or roots[0]} serve {run}{detail}; {fix}, "

@@ -30,15 +30,16 @@ def engine_video_shape(m: dict) -> tuple[int, int, int] | None:
     return None if s.dynamic else (s.height, s.width, s.frame_num)
 
 
-def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves,
-                 prefer=None) -> tuple[Path | None, list[str], list[str]]:
+def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves, prefer=None,
+                 why=None) -> tuple[Path | None, list[str], list[str]]:
     """The folder under `roots` whose engines are current for `ckpt_dir` on this machine and whose shape
-    `serves(manifest) -> bool` accepts: one that `prefer(manifest)` accepts (the run's LoRAs built in) before
-    one it does not, a static one before a dynamic one (TensorRT may be faster at a fixed shape); then why
-    the others were passed over: folders that cannot serve this checkpoint here (each reason with its fix),
-    and folders of other shapes."""
+    `serves(manifest) -> bool` accepts: the one `prefer(manifest)` ranks highest (a bool or a tuple of them:
+    the run's LoRAs built in, ...), then a static one before a dynamic one (TensorRT may be faster at a fixed
+    shape), then the first found; and why the others were passed over: folders that cannot serve this
+    checkpoint here (each reason with its fix), and the others, each `folder + why(manifest)` (default: the
+    shape it serves)."""
     fingerprint = M.checkpoint_fingerprint(ckpt_dir)  # read once for all candidates
-    unusable, shapes, found = [], [], []
+    unusable, others, found = [], [], []
     for folder in (f for r in roots for f in M.folders_under(r)):
         try:
             m = read_manifest(folder, ckpt_dir, preset, kind, fingerprint)
@@ -46,10 +47,10 @@ def find_engines(roots, ckpt_dir, preset: Preset, kind: str, serves,
             unusable.append(str(e))
             continue
         if serves(m):
-            found.append((prefer is not None and not prefer(m), M.shape_of(m).dynamic, len(found), folder))
+            found.append((prefer(m) if prefer else True, not M.shape_of(m).dynamic, -len(found), folder))
         else:
-            shapes.append(f"{folder} serves {M.describe(m)}")
-    return (min(found)[-1] if found else None), unusable, shapes
+            others.append(f"{folder} {why(m) if why else 'serves ' + M.describe(m)}")
+    return (max(found)[-1] if found else None), unusable, others
 
 
 def build_serving(preset: Preset, height: int, width: int, frame_num: int) -> str:

@@ -2,8 +2,10 @@
 picking the folder that serves it (and saying so), rebuild hints that fix the problem as given."""
 import json
 import os
+import re
 import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -347,3 +349,38 @@ def test_output_folders_checked_before_any_work(tiny_ckpt, tmp_path, capsys, com
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "file") in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _copy_as(src, dest, **fields):
+    shutil.copytree(src, dest)
+    m = json.loads((dest / M.MANIFEST).read_text())
+    (dest / M.MANIFEST).write_text(json.dumps({**m, **fields}))
+    return dest
+
+
+def test_several_folders_the_choice_and_the_fix(tiny_engines, tiny_ckpt, tmp_path):
+    """Found by a new user: with two static folders, an unset --frame_num took the first folder's by name (the
+    video's length hung on folder names); a folder of --quant fp8 engines was said to serve another shape; the
+    fix built into a folder holding another build (refused there, pointing at --force), or built when a folder
+    beside the one given already served the run."""
+    preset, cpu = ck.preset_for(tiny_ckpt), torch.device("cpu")
+    shape = M.load(tiny_engines)["shape"]
+    assert (shape["width"], shape["height"], shape["frame_num"]) == (64, 64, 9), shape  # the model's default
+    long = {**shape, "name": "64x64x21", "frame_num": 21, "latent": [6, *shape["latent"][1:]]}
+    a = _copy_as(tiny_engines, tmp_path / "static" / "a-21", shape=long)  # first by name
+    b = _copy_as(tiny_engines, tmp_path / "static" / "b-9")
+    for frames, want in ((None, b), (21, a), (9, b)):
+        got = choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(tmp_path / "static"), frame_num=frames), preset,
+                             (64, 64), cpu)[1]
+        assert got == want, (frames, got)
+    fp8 = _copy_as(tiny_engines, tmp_path / "q" / "fp8", quant="fp8")
+    with pytest.raises(M.EngineError) as e:  # alone under its root: the fix builds, into a folder of its own
+        choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(fp8)), preset, (64, 64), cpu)
+    said = str(e.value)
+    assert f"({fp8} holds --quant fp8 engines, which --quant fp8 runs)" in said, said
+    out = re.search(r"--out (\S+)", said).group(1)
+    assert not (Path(out) / M.MANIFEST).exists() and Path(out).parent == fp8.parent, said
+    beside = _copy_as(tiny_engines, tmp_path / "q" / "tiny")
+    with pytest.raises(M.EngineError) as e:
+        choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(fp8)), preset, (64, 64), cpu)
+    assert f"{beside} serves it: run with --engines {beside}," in str(e.value) and "flf2v-build" not in str(e.value)
