@@ -89,6 +89,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
+    except PermissionError as e:  # before the HEIF sniff, which opens the file again
+        raise InputError(f"image {path} cannot be read ({e.strerror}); check its permissions") from None
     except (OSError, SyntaxError, ValueError) as e:
         if _is_heif(path):  # phones' default photo format: Pillow has no HEVC decoder
             raise InputError(f"image {path} is a HEIC/HEIF photo, which Pillow cannot read; convert it to PNG or "

@@ -77,6 +77,28 @@ def test_bad_flags_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, match
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+def test_output_engines_and_frame_paths_said_for_what_they_are(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """Found by a new user: a folder as --save_file was told to "end in .mp4"; "x.mp4 " (a trailing space) was
+    told so too, the space unseen; a file as --engines was "no such folder"; an unreadable frame came out as a
+    bare "Permission denied" (the HEIF sniff opened it again), naming no flag and no fix."""
+    _no_weights(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    for flag, value, says in (("--save_file", str(tmp_path), f"--save_file {tmp_path} is a folder; give a file path"),
+                              ("--save_file", "x.mp4 ", "--save_file 'x.mp4 ' must end in .mp4"),
+                              ("--engines", str(tmp_path / "afile"), "afile: is a file, not a folder; give a folder")):
+        assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + [flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(demo_frames[0]))
+    monkeypatch.setattr("PIL.Image.open", denied)  # chmod 000 does not stop root, who runs CI
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flf2v-run: error: image {demo_frames[0]} cannot be read (Permission denied); check its " \
+                  f"permissions", err
+
+
 def _no_weights(monkeypatch):
     def loads(*a, **k):
         raise AssertionError("a backend started loading weights before the request was checked")
