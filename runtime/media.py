@@ -187,6 +187,14 @@ def warn_if_stretched(first: Image.Image, last: Image.Image) -> None:
                       f"({first.width}x{first.height}); it is stretched to the first's: crop it to match")
 
 
+def warn_if_upscaled(name: str, frame: Image.Image, height: int, width: int, limit: float = 4.0) -> None:
+    """A thumbnail (an 8x8 icon became 960x960) is upscaled without a word otherwise: the video starts blurred."""
+    scale = max(height / frame.height, width / frame.width)
+    if scale > limit:
+        warnings.warn(f"the {name} frame ({frame.width}x{frame.height}) is upscaled {scale:.3g}x to {width}x{height}; "
+                      f"the video will start from a blurred image: give a larger photo")
+
+
 def image_to_tensor(im: Image.Image) -> torch.Tensor:
     """[3, H, W] float32 in [-1, 1], as the official `TF.to_tensor(img).sub_(0.5).div_(0.5)`."""
     a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())

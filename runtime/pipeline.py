@@ -32,7 +32,7 @@ from flf2v.log import logger
 from . import cache as step_cache
 from .backend import Backend
 from .denoise import DenoiseLoop
-from .media import InputError, as_image, image_to_tensor, warn_if_stretched
+from .media import InputError, as_image, image_to_tensor, warn_if_stretched, warn_if_upscaled
 from .request import Request, make_request
 from .scheduler import make_sampler
 
@@ -193,6 +193,9 @@ class Pipeline:
         req = self.request(prompt, first_frame, last_frame, **options)
         if last_frame is not None:
             warn_if_stretched(first_frame, last_frame)
+        for name, frame in (("first", first_frame), ("last", last_frame)):
+            if frame is not None:
+                warn_if_upscaled(name, frame, req.height, req.width)
         if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
             req = replace(req, seed=self.parallel.agree(_run_of(req, first_frame, last_frame, latents), req.seed))
         if latents is not None:  # no seed drew this noise: a random one recorded would not reproduce the run

@@ -16,6 +16,12 @@ from flf2v.runtime.pipeline import Pipeline
 KW = dict(size="64*64", frame_num=5, sample_steps=2, progress=False)
 
 
+def test_a_thumbnail_frame_is_warned_of(pipe):
+    with pytest.warns(UserWarning, match=r"the first frame \(8x8\) is upscaled 8x to 64x64"):
+        pipe.generate("a red ball", Image.new("RGB", (8, 8)), Image.new("RGB", (64, 64)), seed=5,
+                      output="latent", **{**KW, "sample_steps": 1})
+
+
 def test_latents_in_and_out_reproduce_the_video(pipe, frames):
     video = pipe.generate("a red ball", *frames, seed=5, **KW)
     latent = pipe.generate("a red ball", *frames, seed=5, output="latent", **KW)

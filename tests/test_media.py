@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from flf2v.runtime.media import (InputError, as_image, image_to_tensor, load_image, read_video, replacing, save_video,
-                                 warn_if_stretched)
+                                 warn_if_stretched, warn_if_upscaled)
 
 
 def smooth_video(f=9, h=48, w=64):
@@ -222,6 +222,16 @@ def test_a_last_frame_of_another_aspect_ratio_is_said_stretched():
         warn_if_stretched(first, Image.new("RGB", (48, 64)))
     assert [str(w.message) for w in seen] == ["the last frame (48x64) has another aspect ratio than the first "
                                               "(64x48); it is stretched to the first's: crop it to match"]
+
+
+def test_a_thumbnail_upscaled_more_than_4x_is_said():
+    """An 8x8 icon became a 960x960 video's first frame without a word."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn_if_upscaled("first", Image.new("RGB", (320, 180)), 720, 1280)  # 4x: a thumbnail's limit, not said
+        warn_if_upscaled("last", Image.new("RGB", (8, 8)), 960, 960)
+    assert [str(w.message) for w in seen] == ["the last frame (8x8) is upscaled 120x to 960x960; the video will "
+                                              "start from a blurred image: give a larger photo"]
 
 
 def test_a_long_name_the_file_system_takes_is_written(tmp_path):
