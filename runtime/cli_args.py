@@ -208,15 +208,15 @@ def check_args(args) -> None:
                          f"Qwen); write the extended prompt into --prompt and drop {' '.join(extend)}")
     if not (math.isfinite(args.fps) and 1 <= args.fps <= 240):
         raise InputError(f"--fps {args.fps:g} is out of range; use 1..240 (16 is the official rate)")
-    if args.save_file and not Path(args.save_file).is_dir() and not args.save_file.lower().endswith(".mp4"):
-        raise InputError(f"--save_file {args.save_file!r} must end in .mp4")  # quoted: a trailing space is invisible
     if args.engines and not Path(args.engines).is_dir():
         what = "is a file, not a folder" if Path(args.engines).exists() else "no such folder"
         raise InputError(f"--engines {args.engines}: {what}; give a folder flf2v-build built, or drop "
                          f"--engines to use engines/<this machine>/")
     from .media import check_folder, check_output
     if args.save_file:
-        check_output("--save_file", args.save_file)
+        check_output("--save_file", args.save_file)  # first: a folder given was told to "end in .mp4"
+        if not args.save_file.lower().endswith(".mp4"):  # quoted: a trailing space is invisible
+            raise InputError(f"--save_file {args.save_file!r} must end in .mp4")
     else:  # the default name goes to the current folder
         check_folder("--save_file", "(default)", Path.cwd())
     if args.metrics:
