@@ -327,8 +327,6 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py).
     `weight_streaming`: a DiT whose weights the runtime streams from host memory as its memory plan sets
     (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
-    from tqdm.auto import tqdm
-
     ckpt_dir = Path(ckpt_dir)
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
@@ -365,18 +363,24 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
                 for f in entry.get("files", {}):
                     (folder / f).unlink(missing_ok=True)
         M.write(folder, manifest)
-        bar = tqdm(todo, desc="engines", unit="graph", disable=not progress)
-        for g in bar:
-            if g.name in manifest["engines"]:
-                logger.info("%s: current, kept", g.name)
-                continue
-            bar.set_postfix_str(g.name)
-            logger.info("%s: %s", g.name, "compiling" if backend == "aoti" else "exporting"
-                        + (" and building" if backend == "trt" else ""))
-            entry = manifest["engines"][g.name] = plan.build_one(g, folder)
-            logger.info("%s: done in %.1f s, %.3g MB", g.name, entry["seconds"], sum(entry["files"].values()) / 1e6)
-            M.write(folder, manifest)
+        _build_missing(plan, folder, manifest, todo, progress)
     return folder
+
+
+def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:
+    """Build the graphs of `todo` the manifest lacks, rewriting it after each (a killed build keeps them)."""
+    from tqdm.auto import tqdm
+    bar = tqdm(todo, desc="engines", unit="graph", disable=not progress)
+    for g in bar:
+        if g.name in manifest["engines"]:
+            logger.info("%s: current, kept", g.name)
+            continue
+        bar.set_postfix_str(g.name)
+        logger.info("%s: %s", g.name, "compiling" if plan.backend == "aoti" else "exporting"
+                    + (" and building" if plan.backend == "trt" else ""))
+        entry = manifest["engines"][g.name] = plan.build_one(g, folder)
+        logger.info("%s: done in %.1f s, %.3g MB", g.name, entry["seconds"], sum(entry["files"].values()) / 1e6)
+        M.write(folder, manifest)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
