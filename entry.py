@@ -4,24 +4,23 @@ own, or in a __del__ (log.keep_ctrl_c), is one line and exit 130 like an interru
 from __future__ import annotations
 
 import importlib
-import sys
 
 from flf2v import log
 
 
 def _command(prog: str, target: str, argv: list[str] | None) -> int:
     module, name = target.split(":")
-    with log.keep_ctrl_c():
+    stop = None
+    with log.keep_ctrl_c(), log.sigterm_as_ctrl_c():
         try:
             code = getattr(importlib.import_module(module), name)(argv)
         except BaseException as e:  # noqa: B036 - only a Ctrl-C is answered here; everything else goes on up
-            if not log.ctrl_c(e):
+            if not (stop := log.ctrl_c(e)):
                 raise
             code = None
         lost = log.ctrl_c_lost()
     if code is None or code == 0 and lost:  # what it wrote, it wrote whole (atomic writes)
-        print(f"{prog}: error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return log.stopped(prog, stop)
     return code
 
 

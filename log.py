@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 
 logger = logging.getLogger("flf2v")
 logger.addHandler(logging.NullHandler())
@@ -51,12 +53,42 @@ def setup(verbosity: int, prog: str = "flf2v") -> None:
     logger.setLevel(LEVELS.get(verbosity, logging.DEBUG if verbosity > 1 else logging.ERROR))
 
 
-def ctrl_c(e: BaseException) -> bool:
-    """Whether `e` comes from a Ctrl-C: a KeyboardInterrupt, or the error a torch context manager raises in its
-    cleanup when the interrupt lands inside it (the KeyboardInterrupt then is its context)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler) raised as a Ctrl-C is, so every clean-up a Ctrl-C runs runs:
+    its default action killed a command where it stood, saying nothing, its temporary files left."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """For one command in the main thread (another cannot take signals): SIGTERM raises `Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ctrl_c(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or `Terminated`) `e` comes from, None if none: a KeyboardInterrupt, or the error a torch
+    context manager raises in its cleanup when the interrupt lands inside it (the KeyboardInterrupt then is its
+    context)."""
     while e is not None and not isinstance(e, KeyboardInterrupt):
         e = e.__context__
-    return e is not None
+    return e
+
+
+def stopped(prog: str, e: KeyboardInterrupt | None, what: str = "") -> int:
+    """A command's one line for a Ctrl-C (exit 130) or a SIGTERM (exit 143), `what` after it."""
+    term = isinstance(e, Terminated)
+    print(f"{prog}: error: {'terminated (SIGTERM)' if term else 'interrupted'}{what}", file=sys.stderr, flush=True)
+    return 143 if term else 130
 
 
 _lost: list = []

@@ -60,11 +60,20 @@ def run_module(module: str, *args, show_progress: bool = False) -> float:
     cmd = [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main(sys.argv[1:]))", *args]
     t0, tail, text = time.perf_counter(), "", codecs.getincrementaldecoder("utf-8")(errors="replace")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        while chunk := proc.stdout.read1(1 << 16):  # its progress shown live, and its error kept for the report
-            tail = (tail + (part := text.decode(chunk)))[-4000:]
-            if show_progress:
-                sys.stderr.write(part)
-                sys.stderr.flush()
+        try:
+            while chunk := proc.stdout.read1(1 << 16):  # its progress shown live, its error kept for the report
+                tail = (tail + (part := text.decode(chunk)))[-4000:]
+                if show_progress:
+                    sys.stderr.write(part)
+                    sys.stderr.flush()
+        except BaseException:  # Ctrl-C, SIGTERM: Popen's exit waited 0.25 s and left the child exporting, orphaned
+            proc.terminate()  # its own clean-up (flf2v-build keeps what it finished), then no more time
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     if proc.returncode:
         last = tail.replace("\r", "\n").strip().splitlines()
         raise ChildFailed(f"{module} failed (exit {proc.returncode}): {last[-1][-400:] if last else 'no output'}")

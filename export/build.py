@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     only = [s.strip() for s in args.graphs.split(",") if s.strip()] if args.graphs is not None else None
     try:
-        with logging_redirect_tqdm([log.logger]):  # -v: log lines above the progress bar, not inside it
+        # -v: log lines above the progress bar, not inside it; SIGTERM as Ctrl-C here too (bench runs this main)
+        with logging_redirect_tqdm([log.logger]), log.sigterm_as_ctrl_c():
             folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                            (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only,
                            progress=not args.quiet, attention=args.attention, loras=args.lora, force=args.force,
@@ -407,11 +408,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except BaseException as e:  # Ctrl-C: each engine lands whole (renamed into place), the finished stay current
-        if not log.ctrl_c(e):
+        if not (stop := log.ctrl_c(e)):
             raise
-        print("flf2v-build: error: interrupted; the engines finished are kept, the same command "  # --force: all again
-              f"{'without --force ' if args.force else ''}builds the rest", file=sys.stderr)
-        return 130
+        return log.stopped("flf2v-build", stop, "; the engines finished are kept, the same command "  # --force: all
+                           f"{'without --force ' if args.force else ''}builds the rest")
     n = len(M.load(folder).get('engines', {}))
     print(f"{folder}: {n} engine{'s' * (n != 1)} current")
     return 0

@@ -15,7 +15,6 @@ import re
 import resource
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,14 +48,20 @@ def _say_warning(message, category, filename, lineno, file=None, line=None) -> N
         print(f"flf2v-run: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _stopped(e: KeyboardInterrupt) -> int:
+    """Ctrl-C (exit 130) or SIGTERM (log.Terminated, exit 143): said once, by rank 0."""
+    term = isinstance(e, log.Terminated)
+    return _fail(f"{'terminated (SIGTERM)' if term else 'interrupted'}; no video was written", 143 if term else 130,
+                 every_rank=False)
+
+
 def _collective_failure(e: RuntimeError) -> bool:
     """torch.distributed's own errors, and gloo's, which come as plain RuntimeErrors naming gloo."""
     return isinstance(e, torch.distributed.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection"))
 
 
 class Stopped(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way turns it into another error
-    """SIGTERM: torchrun stopping this process because another one failed, or `kill`, `docker stop`, a batch
-    scheduler (whose default action left a partial mp4 beside the output and said nothing)."""
+    """torchrun stopped this process (SIGTERM) because another one failed."""
 
 
 def _on_sigterm(signum, frame):
@@ -159,6 +164,7 @@ class Job:
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:
+            signal.signal(signal.SIGTERM, _on_sigterm)
             self.par = P.init(args.ulysses_size, args.cfg_parallel, self.device, args.dist_timeout, args.ring_size)
             self.device = self.par.device
             args.quiet = args.quiet or not self.par.is_main
@@ -233,27 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     from .denoise import NumericalError
     from .media import FrameError, InputError
     job = Job(args)
-    # an API caller's thread cannot take signals (nor keeps a handler of ours after the call)
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        job.run()
+        with log.sigterm_as_ctrl_c():  # kill, docker stop: as Ctrl-C (a torchrun job's processes: Stopped)
+            job.run()
         if args.plan:
             return 0 if job.plan_fits else 2
     except InputError as e:
         return _fail(str(e), every_rank=job.local or isinstance(e, FrameError))
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
-    except KeyboardInterrupt:  # the video is written atomically: nothing half-written is left
-        return _fail("interrupted; no video was written", 130, every_rank=False)
+    except KeyboardInterrupt as e:  # the video is written atomically: nothing half-written is left
+        return _stopped(e)
     except Stopped:
-        if P.world_from_env()[1] == 1:
-            return _fail("terminated (SIGTERM); no video was written", 143, every_rank=False)
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)
     except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
-        if log.ctrl_c(e):  # a Ctrl-C inside a torch context manager surfaces as its cleanup's RuntimeError
-            return _fail("interrupted; no video was written", 130, every_rank=False)
+        if stop := log.ctrl_c(e):  # a Ctrl-C inside a torch context manager surfaces as its cleanup's RuntimeError
+            return _stopped(stop)
         if job.par is None or not _collective_failure(e):
             raise
         msg = str(e).strip().splitlines()[0][:200]
@@ -262,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, sigterm)
         if job.par is not None:
             P.shutdown()
     return job.report()

@@ -335,6 +335,36 @@ def test_a_child_build_that_fails_is_reported_with_its_error(tmp_path, capfd, sh
     assert ("no such directory" in capfd.readouterr().err) == show_progress  # shown live as well
 
 
+def test_a_bench_stopped_stops_its_child(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM to flf2v-bench left its flf2v-build child running, orphaned, exporting into --work."""
+    import os
+    import sys
+    import time
+    from flf2v.bench.measure import run_module
+    (tmp_path / "slow_child.py").write_text(
+        "import os, sys, time\n"
+        "def main(argv):\n"
+        "    open(argv[0], 'w').write(str(os.getpid()))\n"
+        "    print('exporting', flush=True)\n"
+        "    time.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    class Interrupted:  # the Ctrl-C lands while the child's progress is relayed
+        def write(self, text):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stderr", Interrupted())
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_module("slow_child", str(tmp_path / "pid"), show_progress=True)
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running
+        os.kill(pid, 0)
+    assert time.monotonic() - t0 < 60
+
+
 def test_a_report_stopped_while_writing_leaves_no_truncated_file(tmp_path, monkeypatch):
     """The chart failed (or Ctrl-C came) halfway through its file: a truncated PNG was left as a result."""
     from flf2v.bench import report as R

@@ -9,6 +9,7 @@ import threading
 import time
 
 import onnxruntime as ort
+import pytest
 
 REDO = ("t5", "clip")
 
@@ -52,9 +53,11 @@ def test_killed_build_leaves_nothing_taken_for_finished(tiny_engines, tiny_ckpt,
     assert set(REDO) <= set(m["engines"]) and not list(work.glob(".*partial*"))
 
 
-def test_ctrl_c_is_one_line_exit_130_and_keeps_what_finished(tiny_engines, tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("sig,code,says", [("SIGINT", 130, "interrupted;"),
+                                           ("SIGTERM", 143, "terminated (SIGTERM);")])  # was silent, .partial left
+def test_ctrl_c_is_one_line_exit_130_and_keeps_what_finished(tiny_engines, tiny_ckpt, tmp_path, sig, code, says):
     """SIGINT as a user's terminal sends it, mid-export: one line, exit 130, no partial file, the finished
-    engines whole (the same command then builds the rest)."""
+    engines whole (the same command then builds the rest); SIGTERM (kill, docker stop) alike, exit 143."""
     work = shutil.copytree(tiny_engines, tmp_path / "e")
     _forget(work, REDO)
     p = subprocess.Popen(_build_cmd(tiny_ckpt, work), stderr=subprocess.PIPE, text=True,
@@ -63,9 +66,10 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_what_finished(tiny_engines, tiny_
     while time.time() < deadline and not list(work.glob(".*partial*")):  # an export under way
         time.sleep(0.05)
     assert list(work.glob(".*partial*")), "the build never started an export"
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     err = p.communicate(timeout=120)[1].strip()
-    assert p.returncode == 130 and err.startswith("flf2v-build: error: interrupted;") and "\n" not in err, err
+    assert p.returncode == code and err.startswith(f"flf2v-build: error: {says}") and "\n" not in err, err
+    assert not list(work.glob(".*partial*")), list(work.iterdir())
     _complete(work)
     assert not list(work.glob(".*partial*")), list(work.iterdir())
 

@@ -120,3 +120,25 @@ def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(command, tmp_pa
     p = subprocess.run([sys.executable, "-c", _SIGINT_ON_TORCH, command], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert (p.returncode, p.stderr.strip()) == (130, f"{command}: error: interrupted"), p.stderr[-2000:]
+
+
+def test_sigterm_to_a_command_is_one_line_and_exit_143(monkeypatch, capsys):
+    """kill / docker stop / a scheduler: the default action ended a command where it stood, silent, its temporary
+    files left; now it runs a Ctrl-C's clean-up and says so."""
+    import threading
+    import time
+
+    from flf2v import entry
+    from flf2v.models import make_tiny
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only; this test's SIGTERM would end the test process")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        return 0
+    monkeypatch.setattr(make_tiny, "main", killed)
+    assert entry.make_tiny([]) == 143
+    assert capsys.readouterr().err.strip() == "flf2v-make-tiny: error: terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
