@@ -31,7 +31,8 @@ CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_TOKENIZER = "xlm-roberta-large"
 VAE_FILE = "Wan2.1_VAE.pth"
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-             "F8_E5M2": "float8_e5m2", "F64": "float64", "I64": "int64"}  # safetensors' names -> torch's
+             "F8_E5M2": "float8_e5m2", "F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16",
+             "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # safetensors' names -> torch's
 
 
 
@@ -226,6 +227,7 @@ def fill(model: torch.nn.Module, source: dict[str, Callable[[], torch.Tensor]], 
     for key, ref in expected.items():
         t = source[key]()
         _check_shape(key, tuple(t.shape), tuple(ref.shape), origin)
+        _check_dtype(key, t.dtype, ref.dtype, origin)
         getter = id(source[key])  # alive in `source` all along: a stable identity, unlike id(t)
         if getter not in converted:
             dt = stored_dtype(key, ref.dtype, dtype) if t.is_floating_point() else t.dtype
@@ -305,7 +307,8 @@ def check_files(ckpt_dir, preset: Preset | None = None) -> None:
     preset = preset or preset_for(ckpt_dir)
     official = detect(ckpt_dir).kind == OFFICIAL
     for component in COMPONENTS:
-        expected = _meta_shapes(component, _config(ckpt_dir, component, preset))
+        meta = _meta(component, _config(ckpt_dir, component, preset)).state_dict()
+        expected = {k: tuple(v.shape) for k, v in meta.items()}
         source, origin, ignore = tensor_source(ckpt_dir, component, preset)
         try:
             check_keys(expected, source, origin, ignore)
@@ -317,12 +320,22 @@ def check_files(ckpt_dir, preset: Preset | None = None) -> None:
             get = source[key]
             if hasattr(get, "shape") or official:  # .pth getters hand out memory-mapped tensors, unread
                 _check_shape(key, tuple(get.shape() if hasattr(get, "shape") else get().shape), want, origin)
+                _check_dtype(key, get.dtype() if hasattr(get, "dtype") else get().dtype, meta[key].dtype, origin)
 
 
 def _check_shape(key: str, shape: tuple, want: tuple, origin: str) -> None:
     if shape != want:
         raise CheckpointError(f"{origin}: {key!r} has shape {shape}, the model needs {want}; the checkpoint does "
                               f"not match its config")
+
+
+def _check_dtype(key: str, dtype, want: torch.dtype, origin: str) -> None:
+    """A weight stored as integers (or a dtype torch has no name for): a traceback from load_state_dict before,
+    and engines built from it without a word."""
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # a safetensors header's: a name
+    if want.is_floating_point and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{origin}: {key!r} is stored as {dtype}, not as floating point; the file is damaged "
+                              f"or not this model: download it again")
 
 
 def load(ckpt_dir, component: str, dtype=torch.float32, preset: Preset | None = None, **kw) -> torch.nn.Module:

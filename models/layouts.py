@@ -52,7 +52,9 @@ class Part:
 
     @property
     def origin(self) -> str:
-        return str(self.files[0]) if len(self.files) == 1 else f"{self.files[0].parent} ({len(self.files)} shards)"
+        # the file itself, not a link to it in the cache folder of files given one by one (file_view)
+        first = Path(os.path.realpath(self.files[0]))
+        return str(first) if len(self.files) == 1 else f"{first.parent} ({len(self.files)} shards)"
 
 
 @dataclass(frozen=True)

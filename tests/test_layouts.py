@@ -308,11 +308,20 @@ def _bad_case(layouts, tmp_path, case):
         key = next(iter(sd))
         torch.save({**sd, key: torch.zeros(3, *sd[key].shape)}, o / ck.VAE_FILE)
         return ["--ckpt_dir", str(o)], f"{ck.VAE_FILE}: {key!r} has shape (3, "
+    if case == "int-vae":  # integer weights: a traceback from load_state_dict, and engines built without a word
+        o = shutil.copytree(official, tmp_path / "o")
+        sd = torch.load(o / ck.VAE_FILE, weights_only=True)
+        key = next(k for k, v in sd.items() if v.is_floating_point())
+        torch.save({**sd, key: sd[key].long()}, o / ck.VAE_FILE)
+        return ["--ckpt_dir", str(o)], f"{ck.VAE_FILE}: {key!r} is stored as torch.int64, not as floating point"
     c = shutil.copytree(comfy, tmp_path / "c")
     dit = c / "wan2.1_flf2v_720p_14B_fp16.safetensors"
     if case == "truncated":
         dit.write_bytes(dit.read_bytes()[:1000])
         return ["--ckpt_dir", str(c)], f"{dit.name}: unreadable safetensors file"
+    if case == "int-dit":
+        save_file({k: v.int() if k.endswith("cross_attn.k.weight") else v for k, v in load_file(dit).items()}, dit)
+        return _file_flags(c), f"{dit.name}: 'blocks.0.cross_attn.k.weight' is stored as torch.int32, not as floating"
     if case == "t2v":
         save_file({k: v for k, v in load_file(dit).items() if "img_emb" not in k and "_img" not in k}, dit)
         return _file_flags(c), "T2V DiT"
@@ -353,7 +362,7 @@ def _bad_case(layouts, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["mixed", "truncated", "t2v", "other-t5", "other-clip", "official-vae", "both",
                                   "none", "swapped", "no-tokenizer", "empty-tokenizer", "tokenizer-official",
-                                  "dit-part", "unknown-names", "pth-as-file"])
+                                  "dit-part", "unknown-names", "pth-as-file", "int-dit", "int-vae"])
 def test_cli_refuses_bad_checkpoints_in_one_line_before_any_weight_loads(layouts, demo_frames, tmp_path, capsys,
                                                                          monkeypatch, case):
     from helpers import run
