@@ -55,13 +55,14 @@ def read_dit_config(ckpt_dir: str | os.PathLike, base: DiTConfig | None = None) 
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is damaged: download it again") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}; the file is damaged: "
+                              f"download it again")
     try:
         return DiTConfig.from_json_dict(raw, base)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}; the file is damaged or edited: download it again") from None
 
 
 def preset_for(ckpt_dir: str | os.PathLike) -> Preset:

@@ -13,6 +13,30 @@ import math
 from dataclasses import dataclass, field
 
 
+def _field(name: str, v, like):
+    """`v`, a config.json value, checked to be of the kind of `like` (the default): "num_heads": 0 was a
+    ZeroDivisionError traceback, "patch_size": null a TypeError deep in the model."""
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    if isinstance(like, tuple):
+        ok, want = isinstance(v, tuple) and len(v) == len(like) and all(map(count, v)), \
+            f"a list of {len(like)} positive integers"
+    elif isinstance(like, int):
+        ok, want = count(v), "a positive integer"
+    elif isinstance(like, float):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        want, v = "a positive number", float(v) if ok else v
+    else:
+        ok, want = isinstance(v, str), "a string"
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {_json_repr(v)}")
+    return v
+
+
+def _json_repr(v) -> str:
+    return "null" if v is None else repr(list(v) if isinstance(v, tuple) else v)
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     model_type: str = "flf2v"  # "flf2v" (2 CLIP frames, learned emb_pos) or "i2v" (1 frame)
@@ -53,8 +77,9 @@ class DiTConfig:
     def from_json_dict(cls, d: dict, base: "DiTConfig | None" = None) -> "DiTConfig":
         """Config from an official config.json; keys it lacks come from `base` (or the defaults)."""
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         base = base or cls()
+        kw = {k: _field(k, tuple(v) if isinstance(v, list) else v, getattr(base, k)) for k, v in d.items()
+              if k in names}
         return dataclasses.replace(base, **kw)
 
     def to_json_dict(self) -> dict:

@@ -240,6 +240,25 @@ def test_preset_unknown_dims(tiny_ckpt, tmp_path):
         ck.preset_for(c)
 
 
+@pytest.mark.parametrize("key,value,says", [
+    ("num_heads", 0, "num_heads must be a positive integer, got 0"),  # was a ZeroDivisionError traceback
+    ("num_heads", None, "num_heads must be a positive integer, got null"),
+    ("num_layers", "2", "num_layers must be a positive integer, got '2'"),  # was "no preset has num_layers=2"
+    ("num_heads", -2, "num_heads must be a positive integer, got -2"),
+    ("patch_size", None, "patch_size must be a list of 3 positive integers, got null"),  # TypeError deep inside
+    ("patch_size", {}, "patch_size must be a list of 3 positive integers, got {}"),
+    ("eps", "1e-6", "eps must be a positive number, got '1e-6'"),
+    ("model_type", 3, "model_type must be a string, got 3"),
+])
+def test_config_json_values_of_the_wrong_kind_are_one_line(tiny_ckpt, tmp_path, key, value, says):
+    bad = shutil.copytree(tiny_ckpt, tmp_path / "bad")
+    cfg = json.loads((bad / ck.DIT_CONFIG).read_text())
+    (bad / ck.DIT_CONFIG).write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.preset_for(bad)
+    assert str(e.value) == f"{bad / ck.DIT_CONFIG}: {says}; the file is damaged or edited: download it again"
+
+
 def test_real_config_json_maps_to_14b():
     real = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 5120, "eps": 1e-06,
             "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36, "model_type": "flf2v", "num_heads": 40,
