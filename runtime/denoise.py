@@ -38,7 +38,7 @@ from .scheduler import State
 
 
 class NumericalError(RuntimeError):
-    """The latents became NaN/Inf during denoising."""
+    """The latents became NaN/Inf during denoising, or the VAE decoded them to NaN/Inf."""
 
 
 class DenoiseLoop(torch.nn.Module):

@@ -31,7 +31,7 @@ from flf2v.log import logger
 
 from . import cache as step_cache
 from .backend import Backend
-from .denoise import DenoiseLoop
+from .denoise import DenoiseLoop, NumericalError
 from .media import InputError, as_image, image_to_tensor, warn_if_stretched, warn_if_upscaled
 from .request import Request, make_request
 from .scheduler import make_sampler
@@ -215,7 +215,12 @@ class Pipeline:
             return None  # rank 0 decodes and writes
         with self.times("vae_decode", self.device):
             bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
-            return self.backend.vae_decode(latent, bar)[0]
+            video = self.backend.vae_decode(latent, bar)[0]
+            # clamped to the mp4's range, NaN wrote a broken video, exit 0; a sum, not a video-sized mask (720p: GBs)
+            if not torch.isfinite(video.sum(dtype=torch.float32)):
+                raise NumericalError("the VAE decoded the latents to NaN/Inf; check the checkpoint's VAE "
+                                     "(Wan2.1_VAE.pth), or try --dtype fp32")
+            return video
 
     def prepare(self, req: Request, first_frame: Image.Image, last_frame: Image.Image | None,
                 latents: torch.Tensor | None = None) -> dict:

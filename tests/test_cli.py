@@ -344,3 +344,22 @@ def test_trt_backend_without_tensorrt_names_the_install(tiny_ckpt, demo_frames, 
     assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4", "--backend", "trt", "--device", "cuda")) == 2
     err = capsys.readouterr().err.strip()
     assert "needs TensorRT" in err and "pip install tensorrt-cu13" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_vae_decoding_to_nan_writes_no_video(tiny_ckpt, demo_frames, tmp_path, capsys):
+    """NaN decoder weights: the latents were finite, the decoded video NaN, clamped into a broken mp4, exit 0."""
+    import shutil
+
+    import torch
+
+    from flf2v.models import checkpoint as ck
+    bad = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    sd = torch.load(bad / ck.VAE_FILE, weights_only=True)
+    torch.save({k: v.fill_(float("nan")) if k.startswith("decoder.") and v.is_floating_point() else v
+                for k, v in sd.items()}, bad / ck.VAE_FILE)
+    out = tmp_path / "v.mp4"
+    assert run(_args(bad, demo_frames, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flf2v-run: error: the VAE decoded the latents to NaN/Inf; check the checkpoint's VAE " \
+                  "(Wan2.1_VAE.pth), or try --dtype fp32", err
+    assert not out.exists() and not list(tmp_path.glob("*.part*"))
