@@ -17,6 +17,7 @@ Every mode waits (up to --idle_wait s) for an idle machine before timing, and wr
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (BadInput, CheckpointError) as e:  # the user's flags or files, checked before any weight is read
         print(f"flf2v-bench{' ' + name if name else ''}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk at --out or --work (was a traceback; the report is written all or none)
+        fix = "free space or " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"flf2v-bench: error: {e.strerror or e} ({e.filename or args.out}); {fix}choose another --out or "
+              f"--work; no report was written", file=sys.stderr)
         return 2
     finally:
         session.close()

@@ -132,15 +132,19 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
         n += 1
         base = out / f"{stem}-{n}"
     from flf2v.runtime.media import replacing  # a run stopped while writing leaves no truncated table
-    paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md")}
-    with replacing(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    with replacing(paths["md"]) as tmp:
-        tmp.write_text("\n".join(md).rstrip("\n") + "\n")
-    if report.chart:
-        paths["png"] = base.with_suffix(".png")
-        with replacing(paths["png"]) as tmp:
-            chart(r, tmp)
+    writers = {"json": lambda tmp: tmp.write_text(json.dumps(r, indent=2, default=str) + "\n"),
+               "md": lambda tmp: tmp.write_text("\n".join(md).rstrip("\n") + "\n"),
+               **({"png": lambda tmp: chart(r, tmp)} if report.chart else {})}
+    paths = {}
+    try:  # all or none: a full disk at the chart left the JSON and the table of a report without it
+        for kind, write_to in writers.items():
+            with replacing(base.with_suffix(f".{kind}")) as tmp:
+                write_to(tmp)
+            paths[kind] = base.with_suffix(f".{kind}")
+    except BaseException:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
     return paths
 
 

@@ -366,7 +366,8 @@ def test_a_bench_stopped_stops_its_child(tmp_path, monkeypatch):
 
 
 def test_a_report_stopped_while_writing_leaves_no_truncated_file(tmp_path, monkeypatch):
-    """The chart failed (or Ctrl-C came) halfway through its file: a truncated PNG was left as a result."""
+    """The chart failed (or Ctrl-C came) halfway through its file: a truncated PNG was left as a result; then
+    the JSON and table were left without their chart (a report is written all or none)."""
     from flf2v.bench import report as R
 
     def half_a_chart(result, path):
@@ -376,8 +377,26 @@ def test_a_report_stopped_while_writing_leaves_no_truncated_file(tmp_path, monke
     monkeypatch.setattr(R, "chart", half_a_chart)
     with pytest.raises(KeyboardInterrupt):
         R.write(R.Report("t", {"run": 1}, chart=True), "quant", "tiny", R.machine_info(), None, tmp_path)
-    left = sorted(p.suffix for p in tmp_path.iterdir())
-    assert left == [".json", ".md"], sorted(p.name for p in tmp_path.iterdir())
+    assert not list(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_full_disk_at_out_is_one_line_and_no_report(tmp_path, monkeypatch, capsys):
+    """A full disk at --out was two chained tracebacks, the JSON and table kept without their chart."""
+    import errno
+
+    from flf2v.bench import cli, compare
+    from flf2v.bench import report as R
+
+    def full(result, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(compare, "run", lambda session: R.Report("t", {"run": 1}, chart=True))
+    monkeypatch.setattr(R, "chart", full)
+    out = tmp_path / "out"
+    assert cli.main(["--preset", "tiny", "--out", str(out), "--work", str(tmp_path / "w"), "--idle_wait", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flf2v-bench: error: No space left on device (") and err.endswith(
+        "); free space or choose another --out or --work; no report was written") and "\n" not in err, err
+    assert not list(out.iterdir()), sorted(p.name for p in out.iterdir())
 
 
 @pytest.mark.parametrize("interleave", [False, True])
