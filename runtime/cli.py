@@ -132,7 +132,7 @@ class Job:
 
         from . import parallel as P
         from .media import load_image, save_video
-        from .request import make_request
+        from .request import make_request, size_hw
         args = self.args
         check_args(args)
         preset = ck.preset_for(args.ckpt_dir)
@@ -146,15 +146,17 @@ class Job:
             print(f"flf2v-run: checkpoint {args.ckpt_dir}: {self.checkpoint['layout']} layout, {preset.name} "
                   f"({dtypes})", flush=True)
         self.device = check_device(args.device)
-        first = load_image(args.first_frame)
+        first = load_image(args.first_frame) if args.first_frame else None  # None: --plan of a size alone
         last = load_image(args.last_frame) if args.last_frame else None
         self.local = False
-        hw, options = (first.height, first.width), request_options(args)
+        options = request_options(args)
+        hw = (first.height, first.width) if first else size_hw(preset, args.size)
         # the run's settings, with no backend yet (a static engine folder's shape is checked when it is chosen);
         # its warnings are the run's own request's too, said there (each was said twice)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            req = make_request(preset, args.prompt, hw, last is not None, ckpt_dir=args.ckpt_dir,
+            req = make_request(preset, args.prompt or "--plan", hw, last is not None if first else
+                               preset.dit.model_type == "flf2v", ckpt_dir=args.ckpt_dir,
                                cfg_parallel=args.cfg_parallel, **options)
         shape = (req.height, req.width, req.frame_num)
         if args.plan:  # the table, then nothing loads; under torchrun once, by rank 0

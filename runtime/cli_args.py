@@ -197,9 +197,10 @@ def check_args(args) -> None:
     if args.image and args.first_frame:
         raise InputError("give the input image once: --image or --first_frame, not both")
     args.first_frame = args.first_frame or args.image
-    if args.prompt is None:  # the official generate.py falls back on its example prompt and images, not shipped
+    # --plan prints the memory plans of a size alone: no prompt or frames needed (a first frame sets the grid)
+    if args.prompt is None and not args.plan:  # the official generate.py falls back on its example prompt, not shipped
         raise InputError('--prompt is required: describe the video to generate (--prompt "...")')
-    if not args.first_frame:
+    if not args.first_frame and not args.plan:
         raise InputError("--first_frame is required (the image the video starts from)")
     extend = [f"--{k}" for k in ("use_prompt_extend", "prompt_extend_method", "prompt_extend_model",
                                  "prompt_extend_target_lang") if getattr(args, k)]

@@ -159,6 +159,12 @@ def default_shape(preset: Preset, size: str | None, frame_num: int | None,
     return size, frame_num
 
 
+def size_hw(preset: Preset, size: str | None) -> tuple[int, int]:
+    """(H, W) of `size` (None: the model's default): a first frame of exactly that shape (--plan without frames)."""
+    w, h = parse_size(size or preset.default_size, preset)
+    return h, w
+
+
 def output_shape(preset: Preset, first_hw: tuple[int, int], size: str, frame_num: int) -> tuple[int, int, int]:
     """(height, width, frames) of the video made from a first frame of `first_hw` (H, W) pixels: the
     official sizing within the area of `size`."""

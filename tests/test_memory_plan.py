@@ -384,6 +384,16 @@ def test_the_plan_line_shows_a_small_model_s_bytes():
         assert abs(v - b / GiB) <= 0.005 * b / GiB, (stage, v, b, line)
 
 
+def test_cli_plan_of_a_size_alone_needs_no_prompt_or_frames(tiny_ckpt, capsys):
+    """`--plan --ckpt_dir CKPT` asked for a prompt, then for both frames, to print plans that need neither."""
+    from helpers import run
+    for size, grid in ((None, "64x64"), ("96*64", "96x64")):
+        args = ["--ckpt_dir", str(tiny_ckpt), "--plan", "--gpu_memory", "24"] + (["--size", size] if size else [])
+        assert run(args) == 0, size
+        said = capsys.readouterr().out
+        assert f"memory plans for tiny at {grid}, 9 frames" in said and "* chosen: resident" in said, said
+
+
 def test_cli_plan_is_printed_by_rank_0_only(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
     """Under torchrun every process printed the whole table."""
     from helpers import _args, run
