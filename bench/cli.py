@@ -80,7 +80,8 @@ def parser(name: str) -> argparse.ArgumentParser:
     """The one parser: the flags every mode shares, then the mode's own."""
     ap = argparse.ArgumentParser(prog=f"flf2v-bench {name}".strip(), description=MODES[name].__doc__ if name
                                  else __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown (and PNG)")
+    ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown (and PNG) (default: "
+                                                           "bench/results)")
     work = WORK.get(name, "")
     ap.add_argument("--work", default=work or None, required=work is None,
                     help="checkpoints, engines and scratch files, kept between runs " + (

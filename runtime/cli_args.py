@@ -138,7 +138,7 @@ def _backend_flags(a, p) -> None:
     a("--quant", default="none", choices=("none", "fp8"),
       help="fp8: the DiT's block linears in FP8 e4m3 (torch._scaled_mm on --backend torch; engines built with "
            "flf2v-build --quant fp8); everything else stays in the run's precision. README \"8-bit\"")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     a("--gpu_memory", type=float, default=None, metavar="GIB",
       help="plan memory for a card of this many GiB (default on CUDA: the GPU's free memory); README \"Memory "
            "plans\"")
