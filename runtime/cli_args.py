@@ -284,16 +284,20 @@ def check_model(args, preset) -> None:
                          f"attention heads")
 
 
-def check_device(name: str | None) -> torch.device:
+def check_device(name: str | None, flag: str = "--device") -> torch.device:
+    """The device `name` names (None: cuda where usable, else cpu), or InputError in terms of `flag` (the API
+    says device="cpu", not --device cpu)."""
+    cli = flag.startswith("--")
+    given, fix = (f"{flag} {name}", f"{flag} cpu") if cli else (f"{flag}={name!r}", f'{flag}="cpu"')
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise InputError(f"--device {name} is not a device; use cuda, cuda:N or cpu") from None
+        raise InputError(f"{given} is not a device; use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda}); use --device cpu")
+        raise InputError(f"{given}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use {fix}")
     if device.type not in ("cuda", "cpu"):
-        raise InputError(f"--device {name}: only cuda and cpu are supported")
+        raise InputError(f"{given}: only cuda and cpu are supported")
     return device
 
 

@@ -114,7 +114,7 @@ class Pipeline:
         from .cli_args import check_device
         if dtype not in (torch.float32, torch.bfloat16):
             raise InputError(f"dtype {dtype!r}: use torch.float32 (the CPU's, the reference) or torch.bfloat16 (CUDA)")
-        device = check_device(str(device) if device is not None else None)
+        device = check_device(str(device) if device is not None else None, flag="device")
         preset = ck.preset_for(ckpt_dir)
         tokenizer = ck.load_tokenizer(ckpt_dir, preset)  # its errors before any weight loads
         backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(loras, ckpt_dir), **kw)
