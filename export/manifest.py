@@ -198,8 +198,9 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     try:
         engines, hint = m["engines"], hint_for(m, ckpt_dir, folder)  # hint_for reads m["shape"]
         _check_types(m)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise EngineError(f"{path}: unreadable manifest ({e!r}); {rebuild_hint(ckpt_dir, folder)}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # load() gives {} for what is not a JSON object
+        why = repr(e) if m else "not a JSON object: damaged"
+        raise EngineError(f"{path}: unreadable manifest ({why}); {rebuild_hint(ckpt_dir, folder)}") from None
     if m.get("schema") != SCHEMA:
         raise EngineError(f"{folder} was built by an older flf2v (manifest schema {m.get('schema')}, "
                           f"need {SCHEMA}); {hint}")

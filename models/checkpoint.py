@@ -123,7 +123,8 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r}); the file is damaged: "
+                                  f"download it again") from None
     elif (ckpt_dir / DIT_SINGLE).exists():
         weight_map = None
     else:

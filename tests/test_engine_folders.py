@@ -116,7 +116,9 @@ def test_a_manifest_that_is_not_an_object_is_one_line(root, tiny_ckpt):
     """`[]` as manifest.json: AttributeError ('list' object has no attribute 'get') under --backend auto."""
     (root / "tiny" / M.MANIFEST).write_text("[]")
     assert M.load(root / "tiny") == {}
-    with pytest.raises(M.EngineError, match=r"unreadable manifest .*; run `flf2v-build --ckpt_dir "):
+    # was "(KeyError('engines'))", naming a key instead of the damage
+    with pytest.raises(M.EngineError, match=r"unreadable manifest \(not a JSON object: damaged\); run `flf2v-build "
+                                            r"--ckpt_dir "):
         choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(root / "tiny")), ck.preset_for(tiny_ckpt), (64, 64),
                        torch.device("cpu"))
 
