@@ -155,7 +155,8 @@ class Job:
         # its warnings are the run's own request's too, said there (each was said twice)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            req = make_request(preset, args.prompt or "--plan", hw, last is not None if first else
+            prompt = "--plan" if args.prompt is None else args.prompt  # None only with --plan (check_args)
+            req = make_request(preset, prompt, hw, last is not None if first else
                                preset.dit.model_type == "flf2v", ckpt_dir=args.ckpt_dir,
                                cfg_parallel=args.cfg_parallel, **options)
         shape = (req.height, req.width, req.frame_num)

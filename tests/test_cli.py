@@ -110,7 +110,8 @@ def _no_weights(monkeypatch):
 @pytest.mark.parametrize("extra,match", [(["--size", "1920*1080"], "not supported"),
                                          (["--frame_num", "0"], "4n+1"),
                                          (["--cache", "magcache"], "no step-cache calibration"),
-                                         (["--engines", "/no/such/folder"], "no such folder")])
+                                         (["--engines", "/no/such/folder"], "no such folder"),
+                                         (["--prompt", ""], "--prompt is empty")])
 def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
                                                  extra, match):
     _no_weights(monkeypatch)
