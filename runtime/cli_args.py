@@ -213,6 +213,9 @@ def check_args(args) -> None:
         what = "is a file, not a folder" if Path(args.engines).exists() else "no such folder"
         raise InputError(f"--engines {args.engines}: {what}; give a folder flf2v-build built, or drop "
                          f"--engines to use engines/<this machine>/")
+    if args.engines and _is_checkpoint(args.engines):  # the fix was a build into the checkpoint's own folder
+        raise InputError(f"--engines {args.engines} is a checkpoint folder, not an engine folder; give the folder "
+                         f"flf2v-build wrote (its --out), or drop --engines to use engines/<this machine>/")
     from .media import check_folder, check_output
     if args.save_file:
         check_output("--save_file", args.save_file)  # first: a folder given was told to "end in .mp4"
@@ -282,6 +285,19 @@ def check_model(args, preset) -> None:
     if preset.dit.num_heads % args.ulysses_size:
         raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
                          f"attention heads")
+
+
+def _is_checkpoint(folder) -> bool:
+    """A checkpoint folder holding no engines (flf2v-build writes none into one unless told to)."""
+    from flf2v.export import manifest as M
+    from flf2v.models.layouts import CheckpointError, detect
+    if M.folders_under(folder):
+        return False
+    try:
+        detect(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def check_device(name: str | None, flag: str = "--device") -> torch.device:

@@ -99,6 +99,15 @@ def test_output_engines_and_frame_paths_said_for_what_they_are(tiny_ckpt, demo_f
                   f"permissions", err
 
 
+def test_a_checkpoint_folder_as_engines_is_said_so(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """The fix was to build engines into the checkpoint's own folder (--out CKPT/dynamic)."""
+    _no_weights(monkeypatch)
+    assert run(_args(tiny_ckpt, demo_frames, tmp_path / "v.mp4") + ["--engines", str(tiny_ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flf2v-run: error: --engines {tiny_ckpt} is a checkpoint folder, not an engine folder; give the " \
+                  f"folder flf2v-build wrote (its --out), or drop --engines to use engines/<this machine>/", err
+
+
 def _no_weights(monkeypatch):
     def loads(*a, **k):
         raise AssertionError("a backend started loading weights before the request was checked")
