@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     only = [s.strip() for s in args.graphs.split(",") if s.strip()] if args.graphs is not None else None
+    t0 = time.time()  # engines written after it were built by this command (the summary said the same either way)
     try:
         # -v: log lines above the progress bar, not inside it; SIGTERM as Ctrl-C here too (bench runs this main)
         with logging_redirect_tqdm([log.logger]), log.sigterm_as_ctrl_c():
@@ -412,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return log.stopped("flf2v-build", stop, "; the engines finished are kept, the same command "  # --force: all
                            f"{'without --force ' if args.force else ''}builds the rest")
-    n = len(M.load(folder).get('engines', {}))
-    print(f"{folder}: {n} engine{'s' * (n != 1)} current")
+    engines = M.load(folder).get("engines", {})
+    built = sum(max((folder / f).stat().st_mtime for f in e["files"]) >= t0 for e in engines.values())
+    print(f"{folder}: {len(engines)} engine{'s' * (len(engines) != 1)} current, {built} built now")
     return 0
 
 

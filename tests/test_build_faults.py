@@ -124,11 +124,14 @@ def test_verbose_build_logs_its_steps_and_an_interrupted_force_build_says_to_dro
     out = tmp_path / "e"
     args = ["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(out), "--graphs", "t5", "-v"]
     assert B.main(args) == 0
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
+    assert said.out == f"{out}: 1 engine current, 1 built now\n", said.out  # "current" alone, built or not
     assert "flf2v-build: t5: exporting\n" in err, err
     assert re.search(r"flf2v-build: t5: done in [\d.]+ s, [\d.]+ MB\n", err), err
     assert B.main(args) == 0
-    assert "flf2v-build: t5: current, kept\n" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "flf2v-build: t5: current, kept\n" in said.err and said.out == f"{out}: 1 engine current, 0 built now\n"
     monkeypatch.setattr(B.Plan, "build_one", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     for extra, says in (([], "the same command builds the rest"),
                         (["--force"], "the same command without --force builds the rest")):
