@@ -84,11 +84,16 @@ def ctrl_c(e: BaseException) -> KeyboardInterrupt | None:
     return e
 
 
+def stop_said(e: KeyboardInterrupt | None) -> tuple[str, int]:
+    """(what to say, exit code) of a Ctrl-C (130) or a SIGTERM (`Terminated`, 143)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 def stopped(prog: str, e: KeyboardInterrupt | None, what: str = "") -> int:
-    """A command's one line for a Ctrl-C (exit 130) or a SIGTERM (exit 143), `what` after it."""
-    term = isinstance(e, Terminated)
-    print(f"{prog}: error: {'terminated (SIGTERM)' if term else 'interrupted'}{what}", file=sys.stderr, flush=True)
-    return 143 if term else 130
+    """A command's one line for a Ctrl-C or a SIGTERM (`stop_said`), `what` after it; its exit code."""
+    said, code = stop_said(e)
+    print(f"{prog}: error: {said}{what}", file=sys.stderr, flush=True)
+    return code
 
 
 _lost: list = []

@@ -49,10 +49,9 @@ def _say_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def _stopped(e: KeyboardInterrupt) -> int:
-    """Ctrl-C (exit 130) or SIGTERM (log.Terminated, exit 143): said once, by rank 0."""
-    term = isinstance(e, log.Terminated)
-    return _fail(f"{'terminated (SIGTERM)' if term else 'interrupted'}; no video was written", 143 if term else 130,
-                 every_rank=False)
+    """Ctrl-C or SIGTERM (log.stop_said): said once, by rank 0."""
+    said, code = log.stop_said(e)
+    return _fail(f"{said}; no video was written", code, every_rank=False)
 
 
 def _collective_failure(e: RuntimeError) -> bool:
