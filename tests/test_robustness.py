@@ -122,6 +122,25 @@ def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(command, tmp_pa
     assert (p.returncode, p.stderr.strip()) == (130, f"{command}: error: interrupted"), p.stderr[-2000:]
 
 
+_CTRL_C_IN_EXEC = """
+import sys
+from flf2v import log
+try:
+    exec("raise KeyboardInterrupt")  # as in dataclasses' generated methods, while a lazy import runs
+except KeyboardInterrupt as e:
+    sys.exit(log.stopped("flf2v-build", e))
+"""
+
+
+def test_ctrl_c_answered_after_an_exec_exits_130_not_by_sigint(tmp_path):
+    """`python -m flf2v.export.build` interrupted mid-export printed its line, then died of SIGINT (-2, ~1 in 20):
+    CPython had marked the Ctrl-C unhandled when it left an exec() of a string."""
+    (tmp_path / "stop_in_exec.py").write_text(_CTRL_C_IN_EXEC)
+    p = subprocess.run([sys.executable, "-m", "stop_in_exec"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert (p.returncode, p.stderr.strip()) == (130, "flf2v-build: error: interrupted"), (p.returncode, p.stderr)
+
+
 def test_sigterm_to_a_command_is_one_line_and_exit_143(monkeypatch, capsys):
     """kill / docker stop / a scheduler: the default action ended a command where it stood, silent, its temporary
     files left; now it runs a Ctrl-C's clean-up and says so."""
