@@ -38,6 +38,8 @@ FORMAT = "flf2v-step-cache/1"
 # (MagCache "E024K6R02"; TeaCache 0.2, their slower, higher-quality setting, no cap on skips)
 DEFAULTS = {"magcache": (0.24, 6), "teacache": (0.2, None)}
 MAGCACHE_RETENTION = 0.2  # the first 20 % of DiT calls always computed (the authors' retention_ratio)
+# the shortest run calibrated, and cached: at 4 steps MagCache computed 1 (20 % of the calls kept, then the skips)
+MIN_STEPS = 8
 
 # MagCache mag_ratios (MagCache4Wan2.1/magcache_generate.py lines 1002, 1004 @df81cb1, Apache-2.0):
 # 40 steps x (cond, uncond) interleaved, the first pair padding; calibrated with SDPA attention.
@@ -75,6 +77,7 @@ class Calibration:
     mag_ratios: tuple[float, ...]  # (cond, uncond) per step, interleaved as the authors' arrays
     coefficients: tuple[float, ...]  # TeaCache polynomial: rel-L1 change of e -> of the DiT output
     source: str  # where it comes from (a file, or the published one)
+    cfg: bool = True  # recorded with CFG (a CFG-free calibration's uncond ratios repeat the cond ones)
 
     def ratios(self, steps: int) -> np.ndarray:
         """[steps, 2] (cond, uncond) resampled to `steps` by nearest index, as the authors' nearest_interp."""
@@ -209,7 +212,8 @@ def read_calibration(path, fingerprint: str | None = None, chosen: bool = False)
         if d.get("format") != FORMAT:
             raise ValueError(f"format {d.get('format')!r}, not {FORMAT!r}")
         cal = Calibration(tuple(float(v) for v in d["magcache"]["mag_ratios"]),
-                          tuple(float(v) for v in d["teacache"]["coefficients"]), str(path))
+                          tuple(float(v) for v in d["teacache"]["coefficients"]), str(path),
+                          cfg=d.get("run", {}).get("cfg") != "off")
         if len(cal.mag_ratios) < 4 or len(cal.mag_ratios) % 2 or len(cal.coefficients) != 5:
             raise ValueError("mag_ratios must hold (cond, uncond) pairs and coefficients 5 values")
     except FileNotFoundError:

@@ -30,8 +30,7 @@ from flf2v import log
 from . import cache as C
 from .torch_backend import TorchBackend
 
-
-MIN_STEPS = 8
+MIN_STEPS = C.MIN_STEPS
 
 
 class Recorder(TorchBackend):

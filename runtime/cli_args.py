@@ -280,8 +280,9 @@ def check_model(args, preset) -> None:
     want = "flf2v" if args.task.startswith("flf2v") else "i2v"
     if preset.dit.model_type != want:
         article = "an" if want == "i2v" else "a"
-        raise InputError(f"--task {args.task} needs {article} {want} checkpoint, but {args.ckpt_dir} holds a "
-                         f"{preset.dit.model_type} model; pass the matching --task")
+        raise InputError(f"--task {args.task} needs {article} {want} checkpoint, but {args.ckpt_dir} holds "
+                         f"{'an' if preset.dit.model_type == 'i2v' else 'a'} {preset.dit.model_type} model; pass the "
+                         f"matching --task")
     if preset.dit.num_heads % args.ulysses_size:
         raise InputError(f"--ulysses_size {args.ulysses_size} must divide {preset.name}'s {preset.dit.num_heads} "
                          f"attention heads")
@@ -323,7 +324,10 @@ def request_options(args) -> dict:
     """The `Request` options (runtime/request.py) the flags give; unset ones stay None (the defaults)."""
     timesteps = None
     if args.sample_timesteps is not None:  # "1000,750": ints where they are, the rest refused by the request
-        parts = [v.strip() for v in args.sample_timesteps.split(",") if v.strip()]
+        parts = [v.strip() for v in args.sample_timesteps.split(",")]
+        if "" in parts:  # "1000,,500" lost a value: it ran the 2 steps left, without a word
+            raise InputError(f"--sample_timesteps {args.sample_timesteps!r} has an empty item; give descending "
+                             f"integers separated by single commas, e.g. 1000,750,500,250")
         timesteps = [int(v) if re.fullmatch(r"[+-]?\d+", v) else v for v in parts]
     return dict(size=args.size, frame_num=args.frame_num, sample_solver=args.sample_solver,
                 sample_steps=args.sample_steps, sample_shift=args.sample_shift, guide_scale=args.sample_guide_scale,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from flf2v.models.clip import preprocess as clip_preprocess
 from flf2v.models.config import Preset
+from flf2v.models.dit import ATTENTION_KINDS
 
 from flf2v.log import logger
 
@@ -33,8 +34,11 @@ from . import cache as step_cache
 from .backend import Backend
 from .denoise import DenoiseLoop, NumericalError
 from .media import InputError, as_image, image_to_tensor, warn_if_stretched, warn_if_upscaled
-from .request import Request, make_request
+from .request import Request, check_names, make_request, run_options
 from .scheduler import make_sampler
+
+# TorchBackend's options that from_checkpoint passes on (its other arguments are from_checkpoint's own)
+TORCH_OPTIONS = ("attention", "offload_model", "parallel", "dit_fsdp", "t5_fsdp", "quant", "plan")
 
 
 def cuda_device_used(device: torch.device) -> int:
@@ -115,6 +119,9 @@ class Pipeline:
         if dtype not in (torch.float32, torch.bfloat16):
             raise InputError(f"dtype {dtype!r}: use torch.float32 (the CPU's, the reference) or torch.bfloat16 (CUDA)")
         device = check_device(str(device) if device is not None else None, flag="device")
+        check_names("from_checkpoint()", kw, TORCH_OPTIONS)
+        if kw.get("attention", "sdpa") not in ATTENTION_KINDS:  # was dit.py's ValueError, after the tokenizer
+            raise InputError(f"attention={kw['attention']!r}: use one of {', '.join(map(repr, ATTENTION_KINDS))}")
         preset = ck.preset_for(ckpt_dir)
         tokenizer = ck.load_tokenizer(ckpt_dir, preset)  # its errors before any weight loads
         backend = TorchBackend(ckpt_dir, preset, dtype, device, loras=load_loras(loras, ckpt_dir), **kw)
@@ -145,6 +152,9 @@ class Pipeline:
             what = "not an engine folder" if Path(folder).is_dir() else "no such folder"
             raise M.EngineError(f"{folder}: {what} (no readable {M.MANIFEST}); build one: "
                                 f"{M.rebuild_hint(ckpt_dir or 'CKPT', folder)}") from None
+        if device is not None:  # "gpu" was torch's RuntimeError listing every device type it knows
+            from .cli_args import check_device
+            device = check_device(str(device), flag="device")
         if kind == "aoti":  # the device the packages were compiled for
             built = torch.device(next(iter(m["engines"].values()), {}).get("builder", {}).get("device", "cpu"))
         device = torch.device(device or ("cuda" if kind == "trt" else built.type if kind == "aoti" else "cpu"))
@@ -159,6 +169,7 @@ class Pipeline:
     def request(self, prompt: str, first_frame, last_frame=None, **options) -> Request:
         """The run `generate` makes with these options (see `generate`): validated, every default resolved
         (the task's official ones; the engines' grid and frame count when the backend has fixed shapes)."""
+        check_names("generate()", options, run_options())
         first_frame = as_image(first_frame)
         cfg_parallel = self.parallel is not None and self.parallel.cfg_parallel
         return make_request(self.preset, prompt, (first_frame.height, first_frame.width), last_frame is not None,

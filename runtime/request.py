@@ -8,8 +8,11 @@ calls it again with the backend that runs, whose engines may fix the shape (its 
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import numbers
+import os
 import random
 import warnings
 from dataclasses import asdict, dataclass
@@ -58,6 +61,26 @@ class Request:
         return d
 
 
+# other libraries' and the CLI's names of generate()'s options (a TypeError named make_request, not the one meant)
+ALIASES = {"guidance_scale": "guide_scale", "sample_guide_scale": "guide_scale", "num_inference_steps": "sample_steps",
+           "base_seed": "seed", "num_frames": "frame_num", "shift": "sample_shift", "flow_shift": "sample_shift"}
+
+
+def run_options() -> tuple[str, ...]:
+    """The options of a run (`make_request`'s keywords from `size` on): what Pipeline.generate takes."""
+    names = list(inspect.signature(make_request).parameters)
+    return tuple(names[names.index("size"):])
+
+
+def check_names(where: str, given: dict, known) -> None:
+    """TypeError for a keyword of `given` not in `known`, naming the one meant where it can be told."""
+    for name in given:
+        if name not in known:
+            meant = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, known, 1)), None)
+            raise TypeError(f"{where} got an unknown option {name!r}; " + (
+                f"did you mean {meant}=?" if meant else f"the options are {', '.join(known)}"))
+
+
 def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_frame: bool, backend=None, *,
                  ckpt_dir=None, cfg_parallel: bool = False, said: set | None = None,
                  size: str | None = None, frame_num: int | None = None, sample_solver: str | None = None,
@@ -78,6 +101,10 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
         ("cache_max_skips", cache_max_skips)))
     sample_shift, guide_scale, cache_threshold = (_typed(k, v, numbers.Real) for k, v in (
         ("sample_shift", sample_shift), ("guide_scale", guide_scale), ("cache_threshold", cache_threshold)))
+    if cache_calibration is not None and not isinstance(cache_calibration, (str, os.PathLike)):
+        raise InputError(f"cache_calibration {cache_calibration!r} must be the path of a flf2v-calibrate-cache file")
+    if hasattr(sample_timesteps, "tolist"):  # a tensor's items are 0-d tensors, not integers
+        sample_timesteps = sample_timesteps.tolist()
     if isinstance(sample_timesteps, str):
         raise InputError(f"sample_timesteps must be a list of integers like [1000, 750, 500, 250], got the "
                          f"string {sample_timesteps!r}")
@@ -92,7 +119,7 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
         raise InputError(f"--base_seed {seed} is out of range; use -1 or 0..2^63-1")
     if seed >= 2**32:  # torch's CPU generator (the noise's, on every device) seeds from the low 32 bits only
         warnings.warn(f"--base_seed {seed}: the noise generator keeps its low 32 bits, so this is the video of seed "
-                      f"{seed % 2**32}; seeds 0..{2**32 - 1} are distinct", stacklevel=2)
+                      f"{seed % 2**32}; seeds 0..{2**32 - 1} are distinct", stacklevel=4)
     size, frame_num = default_shape(preset, size, frame_num, backend.video_shape if backend is not None else None)
     h, w, frame_num = output_shape(preset, first_hw, size, frame_num)
     if backend is not None:  # engines: EngineError naming the build that serves it
@@ -102,7 +129,8 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
     cfg = guide != 1.0
     cfg_batch = dit_batch(cfg, cfg_batch, backend, cfg_parallel, said if said is not None else set())
     cache_threshold, cache_max_skips, calibration = cache_settings(
-        preset, backend, ckpt_dir, size, cache, cache_threshold, cache_max_skips, cache_calibration)
+        preset, backend, ckpt_dir, size, cache, cache_threshold, cache_max_skips, cache_calibration, steps,
+        sample_timesteps is not None, cfg)
     return Request(prompt=prompt, negative_prompt=(negative_prompt or preset.sample_neg_prompt) if cfg else None,
                    height=h, width=w, frame_num=frame_num, sample_solver=sample_solver, sample_steps=steps,
                    sample_shift=shift, guide_scale=guide,
@@ -243,16 +271,17 @@ def dit_batch(cfg: bool, asked: int | None, backend, cfg_parallel: bool, said: s
                "halves that work")
         if msg not in said:
             said.add(msg)
-            warnings.warn(msg, stacklevel=4)
+            warnings.warn(msg, stacklevel=5)  # dit_batch < make_request < request < generate
     elif asked is not None and asked != batch:
         warnings.warn(f"cfg_batch {asked}: these engines hold only the batch-{batch} DiT, so the DiT runs "
-                      f"as batch {batch}", stacklevel=4)
+                      f"as batch {batch}", stacklevel=5)
     return batch
 
 
-def cache_settings(preset: Preset, backend, ckpt_dir, size: str, method: str, threshold, max_skips,
-                   calibration) -> tuple[float, int | None, step_cache.Calibration | None]:
-    """(threshold, max_skips, Calibration or None) of a run's step cache; InputError when it cannot run."""
+def cache_settings(preset: Preset, backend, ckpt_dir, size: str, method: str, threshold, max_skips, calibration,
+                   steps: int, few_step: bool, cfg: bool) -> tuple[float, int | None, step_cache.Calibration | None]:
+    """(threshold, max_skips, Calibration or None) of a run's step cache of `steps` steps (`few_step`: an explicit
+    --sample_timesteps list; `cfg`: with CFG); InputError when it cannot run."""
     if method == "off" and (threshold is not None or max_skips is not None or calibration):
         raise InputError("--cache_threshold, --cache_max_skips and --cache_calibration apply to a step cache; "
                          "add --cache magcache or --cache teacache")
@@ -263,7 +292,17 @@ def cache_settings(preset: Preset, backend, ckpt_dir, size: str, method: str, th
         if backend is not None and not backend.steps_cache:
             raise InputError(f"--cache {method}: the engines in {backend.folder} were built without the step "
                              f"cache's DiT graphs (dit_cached_b*); {backend.hint}, or use --backend torch")
+        # before the calibration's lookup, whose fix (a calibration run) would not make this run work
+        if steps < step_cache.MIN_STEPS and threshold > 0:  # it skipped 3 of a 4-step distilled run, silently
+            raise InputError(f"--cache {method} needs a run of at least {step_cache.MIN_STEPS} steps (its curves "
+                             f"are calibrated on such runs; a shorter one loses most of its few DiT calls); this "
+                             f"{'few-step --sample_timesteps ' if few_step else ''}run has {steps}: drop --cache")
         ckpt_dir = backend.ckpt_dir if backend is not None else ckpt_dir
-        return threshold, max_skips, step_cache.find_calibration(preset, ckpt_dir, size, calibration)
+        found = step_cache.find_calibration(preset, ckpt_dir, size, calibration)
+        if cfg and not found.cfg:  # its uncond "curve" is the cond one, taken for the uncond branch silently
+            warnings.warn(f"step-cache calibration {found.source} was recorded without CFG (guide scale 1), this "
+                          f"run has CFG: its uncond curve stands in for the cond one; run flf2v-calibrate-cache "
+                          f"at this guide scale for both", stacklevel=5)
+        return threshold, max_skips, found
     except step_cache.CacheError as e:
         raise InputError(str(e)) from None

@@ -66,7 +66,8 @@ def run_cases(args) -> None:
             out[case] = dit_case(args.ckpt, case)
             continue
         c = parse_case(case)
-        kw = dict(KW, cache=c["cache"], **({"cache_threshold": 0.5, "cache_calibration": args.calibration}
+        kw = dict(KW, cache=c["cache"], **({"cache_threshold": 0.5, "cache_calibration": args.calibration,
+                                            "sample_steps": 8}  # the step cache's shortest run
                                            if c["cache"] != "off" else {}))
         key = (c["attention"], c["cache"])
         if key not in want:  # the single-process video, made in this process without any group

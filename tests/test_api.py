@@ -155,3 +155,60 @@ def test_cfg_layout_the_engines_lack_is_said():
     assert pipe.last_request is None and pipe.seed is None  # no run yet (was an AttributeError)
     with pytest.raises(InputError, match="^the first frame: a 400x20 frame is too elongated"):  # which one
         pipe.request("x", Image.new("RGB", (400, 20)), image)
+
+
+@pytest.mark.parametrize("name, says", [("guidance_scale", "did you mean guide_scale=?"),  # diffusers' name
+                                        ("sample_guide_scale", "did you mean guide_scale=?"),  # the CLI's
+                                        ("frame_nums", "did you mean frame_num=?"),
+                                        ("colour", "the options are size, frame_num, ")])
+def test_an_unknown_option_names_the_one_meant(name, says):
+    """Was "make_request() got an unexpected keyword argument", an internal function, and no hint."""
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(TypeError, match=rf"^generate\(\) got an unknown option '{name}'; {re.escape(says)}"):
+        Pipeline(StubBackend(), None, get_preset("tiny")).request("x", image, image, **{name: 3})
+
+
+def test_option_values_torch_gives_are_read():
+    image = Image.new("RGB", (64, 64))
+    pipe = Pipeline(StubBackend(), None, get_preset("tiny"))
+    req = pipe.request("x", image, image, sample_timesteps=torch.tensor([1000, 500]))  # was "not integers"
+    assert req.sample_timesteps == (1000, 500)
+    with pytest.raises(InputError, match=r"^cache_calibration 123 must be the path of a flf2v-calibrate-cache file"):
+        pipe.request("x", image, image, cache="magcache", cache_calibration=123)  # was pathlib's TypeError
+
+
+@pytest.mark.parametrize("kw, error, says", [
+    (dict(attention="flash"), InputError, "attention='flash': use one of 'sdpa', 'triton', 'sage'"),
+    (dict(offload=True), TypeError, "from_checkpoint() got an unknown option 'offload'; did you mean offload_model=?"),
+    (dict(loras=5), None, 'loras=5: give "PATH[:SCALE]" or (path, scale)'),  # was "'int' object is not iterable"
+])
+def test_from_checkpoint_options_are_checked_before_any_weight_loads(tiny_ckpt, monkeypatch, kw, error, says):
+    from flf2v.models.lora import LoRAError
+
+    def loads(*a, **k):
+        raise AssertionError("weights loaded before the arguments were checked")
+    monkeypatch.setattr("flf2v.runtime.torch_backend.TorchBackend.__init__", loads)
+    with pytest.raises(error or LoRAError, match="^" + re.escape(says)):
+        Pipeline.from_checkpoint(tiny_ckpt, **kw)
+
+
+def test_from_checkpoint_passes_on_every_torch_backend_option():
+    import inspect
+
+    from flf2v.runtime.pipeline import TORCH_OPTIONS
+    from flf2v.runtime.torch_backend import TorchBackend
+    own = ("self", "ckpt_dir", "preset", "dtype", "device", "loras")
+    assert set(TORCH_OPTIONS) == set(inspect.signature(TorchBackend.__init__).parameters) - set(own)
+
+
+def test_from_engines_checks_the_device(tiny_engines):
+    with pytest.raises(InputError, match=r"^device='gpu' is not a device; use cuda, cuda:N or cpu"):
+        Pipeline.from_engines(tiny_engines, device="gpu")  # was torch's RuntimeError listing 20 device types
+
+
+def test_a_warning_points_at_the_callers_line():
+    pipe = Pipeline(StubBackend(cfg_batches=(2,)), None, get_preset("tiny"))
+    image = Image.new("RGB", (64, 64))
+    with pytest.warns(UserWarning, match="guide scale 1") as said, pytest.raises(Exception):  # noqa: B017
+        pipe.generate("x", image, image, guide_scale=1.0, progress=False)  # the stub runs no network
+    assert [w.filename for w in said if "guide scale 1" in str(w.message)] == [__file__]  # was pipeline.py

@@ -394,11 +394,12 @@ def test_cli_says_another_checkpoints_calibration_once(tiny_ckpt, demo_frames, c
     (["--cache_threshold", "0.2"], "add --cache magcache"),
     (["--cache", "magcache", "--cache_threshold", "-1"], "must be a finite number >= 0"),
     (["--cache", "teacache", "--cache_max_skips", "-2"], "must be an integer >= 0"),
-    (["--cache", "magcache"], "run flf2v-calibrate-cache --ckpt_dir"),
+    (["--cache", "magcache", "--sample_steps", "8"], "run flf2v-calibrate-cache --ckpt_dir"),
     # a mistyped path, or the wrong file, was told to run flf2v-calibrate-cache again
-    (["--cache", "magcache", "--cache_calibration", "/nonexistent.json"], "/nonexistent.json: no such file; check "
-                                                                          "the path"),
-    (["--cache", "magcache", "--cache_calibration", "{frame}"], "is not a flf2v-calibrate-cache file"),
+    (["--cache", "magcache", "--sample_steps", "8", "--cache_calibration", "/nonexistent.json"],
+     "/nonexistent.json: no such file; check the path"),
+    (["--cache", "magcache", "--sample_steps", "8", "--cache_calibration", "{frame}"],
+     "is not a flf2v-calibrate-cache file"),
 ])
 def test_cli_cache_mistakes_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, extra, msg):
     out = tmp_path / "v.mp4"
@@ -407,6 +408,35 @@ def test_cli_cache_mistakes_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, ext
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,says", [(["--sample_steps", "4"], "this run has 4"),
+                                        (["--sample_timesteps", "1000,750,500,250"], "--sample_timesteps run has 4")])
+def test_cli_cache_refuses_a_run_too_short_for_it(tiny_ckpt, demo_frames, calibration, tmp_path, capsys, extra, says):
+    """A 4-step distilled run with --cache magcache computed 1 of its 4 steps, without a word."""
+    out = tmp_path / "v.mp4"
+    args = _args(tiny_ckpt, demo_frames, out, "--cache", "magcache", "--cache_calibration", str(calibration))
+    del args[args.index("--sample_steps"):args.index("--sample_steps") + 2]
+    assert run([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a run of at least 8 steps" in err and says in err and "\n" not in err, err
+    assert not out.exists()
+    assert run([*args, *extra, "--cache_threshold", "0"]) == 0  # threshold 0 skips nothing: allowed
+
+
+def test_a_cfg_free_calibration_in_a_cfg_run_is_said(pipe, frames, calibration, tmp_path):
+    """Its uncond ratios repeat the cond ones; a CFG run used them as the uncond curve without a word."""
+    import warnings
+    d = json.loads(calibration.read_text())
+    free = tmp_path / "free.json"
+    free.write_text(json.dumps({**d, "run": {**d["run"], "cfg": "off"}}))
+    kw = dict(cache="magcache", size="64*64", frame_num=5, sample_steps=8)
+    with pytest.warns(UserWarning, match=r"free\.json was recorded without CFG .* this run has CFG"):
+        pipe.request("x", *frames, cache_calibration=free, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.request("x", *frames, cache_calibration=calibration, **kw)
+        pipe.request("x", *frames, cache_calibration=free, guide_scale=1.0, **kw)
 
 
 def test_engines_without_the_cached_graph_are_refused(tiny_engines, tmp_path, frames, calibration):

@@ -118,7 +118,8 @@ def _no_weights(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "ort", "aoti", "auto"])
 @pytest.mark.parametrize("extra,match", [(["--size", "1920*1080"], "not supported"),
                                          (["--frame_num", "0"], "4n+1"),
-                                         (["--cache", "magcache"], "no step-cache calibration"),
+                                         (["--cache", "magcache", "--sample_steps", "8"],
+                                          "no step-cache calibration"),
                                          (["--engines", "/no/such/folder"], "no such folder"),
                                          (["--prompt", ""], "--prompt is empty")])
 def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
@@ -292,6 +293,8 @@ def test_task_is_the_checkpoints(demo_frames, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
     assert out.exists() and "Wan2.1-I2V-14B-720P" in said, said
+    assert main([*args, "--task", "flf2v-14B", "--last_frame", str(demo_frames[1])]) == 2
+    assert f"but {ckpt} holds an i2v model; pass the matching --task" in capsys.readouterr().err  # was "a i2v"
 
 
 def test_step_cache_hint_works_as_printed(demo_frames, tmp_path, capsys):
@@ -302,7 +305,7 @@ def test_step_cache_hint_works_as_printed(demo_frames, tmp_path, capsys):
     from flf2v.models.make_tiny import write_tiny_checkpoint
     from flf2v.runtime.calibrate_cache import main as calibrate
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
-    args = _args(ckpt, demo_frames, tmp_path / "v.mp4", "--cache", "magcache")
+    args = _args(ckpt, demo_frames, tmp_path / "v.mp4", "--cache", "magcache", "--sample_steps", "8")
     assert run(args) == 2
     err = capsys.readouterr().err
     hint = re.search(r"run (flf2v-calibrate-cache .*?) once", err)

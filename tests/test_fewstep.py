@@ -217,6 +217,8 @@ def few_step_args(ckpt, frames, out):
     ("750,1000", [], "not strictly descending"), ("1000,1000", [], "not strictly descending"),
     ("1001,500", [], "outside 1..1000"), ("0", [], "outside 1..1000"), ("-5", [], "outside 1..1000"),
     ("", [], "empty"), ("1000,abc", [], "not integers"), ("1000,7.5", [], "not integers"),
+    # a lost value ran the steps left without a word
+    ("1000,,500", [], "has an empty item"), ("1000,750,", [], "has an empty item"),
     ("1000,500", ["--sample_solver", "dpm++"], "drop one of them"),
     ("1000,500", ["--sample_solver", "unipc"], "--sample_solver unipc does not apply"),
 ])
