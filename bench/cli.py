@@ -51,7 +51,8 @@ class Session:
     def __init__(self, args):
         self.args, self.load = args, None
         self._tmp = None if args.work else tempfile.TemporaryDirectory(prefix=f"flf2v-bench-{args.mode or 'run'}-")
-        self.work = Path(args.work or self._tmp.name)
+        # absolute: a mode's symlinks into it (load-layouts) resolved a relative target against the link's folder
+        self.work = Path(args.work or self._tmp.name).absolute()
         self._made = [f for f in (self.work, *self.work.parents) if not f.exists()]  # deepest first
         self.work.mkdir(parents=True, exist_ok=True)
         self.machine = machine_info()
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if report and report.failed:  # the report says why; a failed backend exited 0 before
+        print(f"flf2v-bench: error: backend(s) {', '.join(report.failed)} failed; see {paths['md']}", file=sys.stderr)
+        return 1
     return 0
 
 

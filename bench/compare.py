@@ -55,6 +55,8 @@ PEER_NOTES = [
 
 def parse_backends(text: str) -> list[str]:
     names = [s for s in text.split(",") if s]
+    if not names:  # an empty list ran the whole default set (minutes of engine builds)
+        raise argparse.ArgumentTypeError(f"name at least one backend (choose from {', '.join(BACKENDS)})")
     for n in names:
         if n not in BACKENDS:  # argparse says it in one line, exit 2
             raise argparse.ArgumentTypeError(f"unknown backend {n!r}; choose from {', '.join(BACKENDS)}")
@@ -216,6 +218,20 @@ def targets(backends: dict, roof: dict) -> list[str]:
 
 # ---- the mode ------------------------------------------------------------------------------------------
 
+def check_checkpoint(args, preset) -> None:
+    """--ckpt_dir must hold the bench preset's model: another task's failed every row after the builds and the
+    wait; another model of the same task (tiny-4h for tiny) ran its weights with the preset's config, or failed
+    every row (tiny for small), and exited 0 either way."""
+    from flf2v.models import checkpoint as ck
+    theirs = ck.preset_for(args.ckpt_dir)
+    if theirs.name != preset.name:
+        make = f" (`flf2v-make-tiny --preset {preset.name} DIR` writes one)" if preset.t5.vocab < 100_000 else ""
+        raise BadInput(f"--ckpt_dir {args.ckpt_dir}: --preset {args.preset} runs model preset {preset.name} "
+                       f"({preset.dit.model_type}), this checkpoint holds another ({theirs.name}, "
+                       f"{theirs.dit.model_type}); give a {preset.name} checkpoint{make} or drop --ckpt_dir")
+    ck.check_files(args.ckpt_dir, theirs)
+
+
 def run(s) -> Report | None:
     args, bp = s.args, BENCH_PRESETS[s.args.preset]
     steps, repeats = args.steps or bp.steps, args.repeats or bp.repeats
@@ -224,19 +240,14 @@ def run(s) -> Report | None:
         print(f"{args.preset}: {bp.model}, {w}x{h}, {bp.frames} frames, {steps} steps, CFG batch 2\n")
         print("\n".join(cost_lines(cost.cost_table(preset, w, h, bp.frames, steps))))
         return None
-    from flf2v.models import checkpoint as ck
     from flf2v.runtime.cli_args import check_device
     from flf2v.runtime.media import InputError
     try:
         device = check_device(args.device)
     except InputError as e:
         raise BadInput(str(e)) from None
-    if args.ckpt_dir:  # each backend's row said "failed" for a wrong folder, after the builds and the wait
-        theirs = ck.preset_for(args.ckpt_dir)
-        if theirs.dit.model_type != preset.dit.model_type:
-            raise BadInput(f"--ckpt_dir {args.ckpt_dir}: --preset {args.preset} runs a {preset.dit.model_type} "
-                           f"model, this checkpoint holds another; give a {preset.dit.model_type} checkpoint")
-        ck.check_files(args.ckpt_dir, theirs)
+    if args.ckpt_dir:
+        check_checkpoint(args, preset)
     asked = args.backends or default_backends()
     if device.type != "cuda" and all(n in GPU_ONLY for n in asked):  # else a report of "unavailable" rows, exit 0
         raise BadInput(f"--backends {','.join(asked)}: none of them runs without a CUDA GPU; add torch or ort")
@@ -265,10 +276,13 @@ def run(s) -> Report | None:
                 "frames": bp.frames, "steps": steps, "shift": job.shift, "guide": job.guide, "seed": job.seed,
                 "prompt": job.prompt, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                 "repeats": repeats, "warmup_steps": bp.warmup_steps or steps, "cfg_batch_ours": 2,
-                "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential"}
+                "negative_prompt": job.negative_prompt, "order": "interleaved" if interleave else "sequential",
+                "ckpt_dir": str(args.ckpt_dir) if args.ckpt_dir else None}  # None: random weights
     result = {"job": job_json, "costs_note": cost.__doc__.strip(), "cost": costs, "gemm_roof": roof,
               "backends": backends, "notes": PEER_NOTES, "targets": targets(backends, roof)}
-    return Report("benchmark", result, markdown(result, s.machine), chart=True)
+    status = {n: b["status"] for n, b in backends.items()}  # no chart without a bar: matplotlib drew an empty one
+    return Report("benchmark", result, markdown(result, s.machine), chart="ok" in status.values(),
+                  failed=[n for n, st in status.items() if st.startswith("failed")])
 
 
 # ---- Markdown ------------------------------------------------------------------------------------------
@@ -302,7 +316,8 @@ def markdown(r: dict, m: dict) -> list[str]:
     gib = lambda b: num(b if b is None else b / GiB, "{:.2f}")  # noqa: E731
     lines = [f"Job: {job['task']}, {job['width']}x{job['height']}, {job['frames']} frames, {job['steps']} UniPC steps "
              f"(shift {job['shift']}), CFG {job['guide']}, {job['dtype']} on {job['device']}, seed {job['seed']}; "
-             f"random weights in the official layout (model preset `{job['model_preset']}`). One warm-up run "
+             + (f"weights of `{job['ckpt_dir']}`" if job.get("ckpt_dir") else "random weights in the official layout")
+             + f" (model preset `{job['model_preset']}`). One warm-up run "
              f"({job['warmup_steps']} steps, excluded), then {job['repeats']} timed runs per backend in this process, "
              + ("in rounds of one run per backend with all backends loaded (peak memory: from the warm-up run, one "
                 "backend loaded at a time)" if job["order"] == "interleaved" else "one backend after another")

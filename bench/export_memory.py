@@ -130,8 +130,18 @@ def measure(work: Path, source: str = "lazy", shape: str = "720p", batch: int = 
                      "parameters": sum(math.prod(s) for s in shapes.values())}
 
 
+def check_shape(name: str) -> None:
+    """--shape, before the disk check and the load wait: a wrong one was a traceback once the export began."""
+    from flf2v.export import contracts as C
+    try:
+        C.get_shape(get_preset("flf2v-14B"), name)
+    except ValueError as e:
+        raise BadInput(f"--shape: {e}") from None
+
+
 def run(s) -> Report:
     a = s.args
+    check_shape(a.shape)
     free, scale = shutil.disk_usage(s.work).free, (a.layers or 40) / 40
     need = scale * (33 + (33 if a.ckpt_dtype == "bf16" else 66) * (a.source == "ckpt")) * 10**9
     if free < need * 1.05:

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import signal
 import sys
@@ -187,7 +188,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help=f"results folder (default: {DEFAULT_OUT})")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; 480p kernels without the fuse_k=True row")
-    ap.add_argument("--budget", type=float, default=None, help=f"global time budget in seconds (default {BUDGET_S:.0f})")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"global time budget in seconds (default {BUDGET_S:.0f})")
     ap.add_argument("--parts", default=",".join(PART_FUNCS),
                     help="comma-separated parts to run (default: all): " + ", ".join(PART_FUNCS))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
@@ -197,6 +199,11 @@ def parse_args(argv):
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     if unknown := [s for s in args.parts if s not in PART_FUNCS]:
         ap.exit(2, f"gpu-check: error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PART_FUNCS)}\n")
+    if not args.parts:  # ran nothing and exited 0, as if every part had passed
+        ap.exit(2, f"gpu-check: error: --parts names no part; choose from {', '.join(PART_FUNCS)}\n")
+    if args.budget is not None and not 0 < args.budget < math.inf:  # 0 or less skipped every part, exit 0
+        ap.exit(2, f"gpu-check: error: --budget {args.budget:g} must be a positive number of seconds "
+                   f"(default {BUDGET_S:.0f})\n")
     if (args.device == "cpu") != args.smoke:
         ap.exit(2, "gpu-check: error: --smoke runs on --device cpu, and --device cpu is only for the --smoke test "
                    "of this tool\n")
@@ -241,8 +248,12 @@ def _start(args) -> Run | None:
         torch.cuda.init()
         from flf2v.export.manifest import short_gpu_name  # box-safe: torch and safetensors only
         tag = short_gpu_name(run.results["machine"].setdefault("gpu", torch.cuda.get_device_name(0)))
-    stem = f"gpu-check-{tag}-{datetime.date.today().isoformat()}"
-    run.paths = (out / f"{stem}.json", out / f"{stem}.md")
+    stem, n = f"gpu-check-{tag}-{datetime.date.today().isoformat()}", 1
+    base = stem
+    while (out / f"{base}.json").exists():  # as flf2v-bench: an earlier run of the day is kept (-2, -3, ...)
+        n += 1
+        base = f"{stem}-{n}"
+    run.paths = (out / f"{base}.json", out / f"{base}.md")
     log(f"{'smoke run on the CPU' if args.smoke else run.results['machine']['gpu']}; budget {args.budget:.0f} s; "
         f"results -> {run.paths[0]} and .md")
     return run

@@ -114,10 +114,24 @@ class Report:
     body: list[str] = field(default_factory=list)
     chart: bool = False
     preset: str | None = None  # in the file name and heading instead of --preset's (quant --ckpt_dir's model)
+    failed: list[str] = field(default_factory=list)  # backends that failed: written, then exit 1
+
+
+def finite(x):
+    """x with every NaN and infinity (in dicts, lists and tuples) replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def write(report: Report, mode: str, preset: str | None, machine: dict, load: dict | None, out) -> dict:
-    """<out>/[<mode>-][<preset>-]<machine>-<date>[-N].{json,md[,png]} -> {"json": path, "md": path[, "png": path]}."""
+    """<out>/[<mode>-][<preset>-]<machine>-<date>[-N].{json,md[,png]} -> {"json": path, "md": path[, "png": path]}.
+    The JSON is standard JSON: a NaN or infinity (PSNR of identical videos) is null there, since strict parsers
+    reject Python's `Infinity`; the Markdown keeps `inf`."""
     r = {"mode": mode or "stages", "preset": preset, "machine": machine, "load": load, **report.result}
     v = machine["versions"]
     md = [f"# flf2v {report.title}" + (f": `{preset}`" if preset else "") + f" on {machine['description']}", "",
@@ -132,7 +146,8 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
         n += 1
         base = out / f"{stem}-{n}"
     from flf2v.runtime.media import replacing  # a run stopped while writing leaves no truncated table
-    writers = {"json": lambda tmp: tmp.write_text(json.dumps(r, indent=2, default=str) + "\n"),
+    text = json.dumps(finite(r), indent=2, default=str, allow_nan=False) + "\n"
+    writers = {"json": lambda tmp: tmp.write_text(text),
                "md": lambda tmp: tmp.write_text("\n".join(md).rstrip("\n") + "\n"),
                **({"png": lambda tmp: chart(r, tmp)} if report.chart else {})}
     paths = {}

@@ -288,6 +288,12 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     (["--preset", "tiny", "--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
     (["--preset", "tiny", "--ckpt_dir", "{tmp}/none"], "{tmp}/none: not a directory"),
     (["--preset", "tiny", "--ckpt_dir", "{i2v}"], "this checkpoint holds another"),
+    # another model of the same task ran with tiny's config (exit 0), or failed every row (small)
+    (["--preset", "tiny", "--ckpt_dir", "{4h}"], "--preset tiny runs model preset tiny (flf2v), this checkpoint "
+                                                 "holds another (tiny-4h, flf2v); give a tiny checkpoint "
+                                                 "(`flf2v-make-tiny --preset tiny DIR` writes one) or drop --ckpt_dir"),
+    (["--preset", "small", "--ckpt_dir", "{tiny}"], "holds another (tiny, flf2v); give a small checkpoint"),
+    (["export-memory", "--shape", "foo"], "--shape: unknown shape 'foo' for flf2v-14B; choose one of "),
     (["--preset", "tiny", "--backends", "trt,trt-dynamic"], "none of them runs without a CUDA GPU"),
 ])
 def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
@@ -300,10 +306,12 @@ def test_bench_bad_input_is_refused_before_any_work(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "wait_for_idle", lambda *a: pytest.fail("work began"))
     monkeypatch.setattr(cli.Session, "checkpoint", lambda *a: pytest.fail("work began"))
     (tmp_path / "f").write_text("x")
-    fill = {"file": str(tmp_path / "f"), "tmp": str(tmp_path), "i2v": str(tmp_path / "i2v")}
-    if "{i2v}" in argv:
-        from flf2v.models.make_tiny import write_tiny_checkpoint
-        write_tiny_checkpoint(tmp_path / "i2v", "tiny-i2v")
+    fill = {"file": str(tmp_path / "f"), "tmp": str(tmp_path)}
+    for name, model in (("i2v", "tiny-i2v"), ("4h", "tiny-4h"), ("tiny", "tiny")):
+        fill[name] = str(tmp_path / name)
+        if f"{{{name}}}" in argv:
+            from flf2v.models.make_tiny import write_tiny_checkpoint
+            write_tiny_checkpoint(tmp_path / name, model)
     argv = [a.format(**fill) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -397,6 +405,65 @@ def test_a_full_disk_at_out_is_one_line_and_no_report(tmp_path, monkeypatch, cap
     assert err.startswith("flf2v-bench: error: No space left on device (") and err.endswith(
         "); free space or choose another --out or --work; no report was written") and "\n" not in err, err
     assert not list(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_a_failed_backend_is_reported_and_exits_1_without_an_empty_chart(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """Every backend failed: the report said so, yet the exit code was 0, an empty chart was drawn, and the Job
+    line said "random weights" of a run on --ckpt_dir's."""
+    from flf2v.bench import cli, compare
+
+    from flf2v.bench.runners import Unavailable
+
+    class Broken:  # fails at its load, as a backend that cannot run this checkpoint; trt: unavailable, no failure
+        build_seconds = folder = None
+
+        def __init__(self, name, *a):
+            self.name = name
+
+        def load(self):
+            raise Unavailable("no GPU") if self.name == "trt" else RuntimeError("deliberate")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(compare, "OursRunner", Broken)
+    monkeypatch.setattr(compare, "gemm_roof", lambda *a: {"flops_per_s": 1e9, "n": 8, "dtype": "float32",
+                                                          "threads": 1})
+    out = tmp_path / "out"
+    rc = cli.main(["--preset", "tiny", "--backends", "torch,trt", "--ckpt_dir", str(tiny_ckpt), "--steps", "1",
+                   "--out", str(out), "--work", str(tmp_path / "w"), "--idle_wait", "0", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1, err
+    files = {f.suffix: f for f in out.iterdir()}
+    assert set(files) == {".json", ".md"}, files  # no chart without a bar to draw
+    assert err[-1] == f"flf2v-bench: error: backend(s) torch failed; see {files['.md']}", err  # trt: unavailable
+    res = json.loads(files[".json"].read_text())
+    assert res["job"]["ckpt_dir"] == str(tiny_ckpt) and res["backends"]["torch"]["status"].startswith("failed: ")
+    assert f"weights of `{tiny_ckpt}` (model preset `tiny`)" in files[".md"].read_text()
+
+
+def test_the_json_report_is_standard_json(tmp_path):
+    """The cache mode's identical videos wrote `"psnr_db": Infinity`, which strict JSON parsers reject."""
+    from flf2v.bench.report import Report, machine_info, write
+
+    def strict(text):
+        raise ValueError(f"not JSON: {text}")
+    paths = write(Report("t", {"psnr_db": float("inf"), "runs": [{"x": float("nan"), "y": 1.5}, (float("-inf"),)]},
+                         ["PSNR inf dB"]), "cache", "tiny", machine_info(), None, tmp_path)
+    res = json.loads(paths["json"].read_text(), parse_constant=strict)
+    assert res["psnr_db"] is None and res["runs"] == [{"x": None, "y": 1.5}, [None]], res
+    assert "PSNR inf dB" in paths["md"].read_text()
+
+
+@pytest.mark.parametrize("backends", ["", ","])
+def test_no_backend_named_is_refused(capsys, monkeypatch, backends):
+    """An empty --backends ran the whole default set (minutes of engine builds)."""
+    from flf2v.bench import cli
+    monkeypatch.setattr(cli, "Session", lambda *a: pytest.fail("work began"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--preset", "tiny", "--backends", backends])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("flf2v-bench: error: argument --backends: name at least one "
+                                                    "backend (choose from torch, torch-triton, "), err
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -557,16 +624,18 @@ def test_ssim_equals_a_per_window_computation():
     assert 0.2 < want < 0.95  # a real difference: the comparison means something
 
 
-def test_load_layouts_loads_the_same_weights_from_every_layout(tmp_path):
+def test_load_layouts_loads_the_same_weights_from_every_layout(tmp_path, monkeypatch):
     """`flf2v-bench load-layouts` on the tiny DiT: every layout's load gives the bf16 weights of the values
     written (fp8: of their e4m3fn rounding), each in its own process with its RSS measured. One block of the
-    preset's two: the cut DiT matches no preset, so every layout must load under the preset it is given."""
+    preset's two: the cut DiT matches no preset, so every layout must load under the preset it is given.
+    A relative --work: its links' targets were resolved against the links' folder (dangling, exit 1)."""
     from flf2v.bench.cli import main
     from flf2v.bench.export_memory import dit_shapes, lazy_source
     from flf2v.bench.load_layouts import cut_preset
 
-    assert main(["load-layouts", "--model", "tiny", "--layers", "1", "--out", str(tmp_path), "--idle_wait", "0",
-                 "-q"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["load-layouts", "--model", "tiny", "--layers", "1", "--out", str(tmp_path), "--work", "w",
+                 "--idle_wait", "0", "-q"]) == 0
     (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("load-layouts-*.json")]
     got = res["layouts"]
     assert list(got) == ["official", "diffusers", "comfyui-bf16", "comfyui-fp8"]

@@ -387,3 +387,39 @@ def test_report_renders_each_part_and_a_rendering_bug_loses_only_that_part(monke
     md = R.render_md(res)
     assert "(could not render this part: ZeroDivisionError" in md and "| triton fused | 1.25 |" in md, md
     assert "## 8. 8-bit: ok" in md, md
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--budget", "0"], "--budget 0 must be a positive number of seconds"),
+    (["--budget", "-5"], "--budget -5 must be a positive number of seconds"),
+    (["--budget", "nan"], "--budget nan must be a positive number of seconds"),
+    (["--parts", ","], "--parts names no part; choose from environment, "),
+])
+def test_a_budget_or_parts_that_can_run_nothing_is_refused(tmp_path, args, says):
+    """Each skipped every part (or selected none) and exited 0, as if the GPU had passed."""
+    out = tmp_path / "results"
+    r = run_check(["--device", "cpu", "--smoke", "--parts", "environment", "--out", str(out), *args], tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("gpu-check: error: ") and says in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_a_second_run_of_the_day_keeps_the_first_results(tmp_path, monkeypatch):
+    """The second run of a day overwrote gpu-check-<tag>-<date>.{json,md}; now -2, -3, ... as flf2v-bench."""
+    import torch
+
+    from flf2v.bench import gpu_check as G
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # _start sets it
+    threads = torch.get_num_threads()
+    try:
+        names = []
+        for _ in range(3):
+            run = G._start(G.parse_args(["--device", "cpu", "--smoke", "--parts", "environment", "--out",
+                                         str(tmp_path)]))
+            run.save()
+            names.append([p.name for p in run.paths])
+    finally:
+        torch.set_num_threads(threads)
+    stem = names[0][0].removesuffix(".json")
+    assert names == [[f"{s}.json", f"{s}.md"] for s in (stem, f"{stem}-2", f"{stem}-3")], names
+    assert len(list(tmp_path.iterdir())) == 6
