@@ -301,7 +301,7 @@ def cache_settings(preset: Preset, backend, ckpt_dir, size: str, method: str, th
         found = step_cache.find_calibration(preset, ckpt_dir, size, calibration)
         if cfg and not found.cfg:  # its uncond "curve" is the cond one, taken for the uncond branch silently
             warnings.warn(f"step-cache calibration {found.source} was recorded without CFG (guide scale 1), this "
-                          f"run has CFG: its uncond curve stands in for the cond one; run flf2v-calibrate-cache "
+                          f"run has CFG: its cond curve stands in for the uncond one; run flf2v-calibrate-cache "
                           f"at this guide scale for both", stacklevel=5)
         return threshold, max_skips, found
     except step_cache.CacheError as e:
