@@ -23,7 +23,7 @@ import torch
 from flf2v.models import checkpoint as ck
 from flf2v.models.config import get_preset
 
-from .measure import BadInput, timed
+from .measure import BadInput, status_bytes, timed
 from .report import Report, table
 
 
@@ -39,11 +39,9 @@ def add_args(ap) -> None:
 
 def rss_anon_bytes() -> int:
     """Anonymous resident memory of this process (RssAnon), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("RssAnon missing from /proc/self/status (Linux 4.5+ needed)")
+    if (n := status_bytes("RssAnon")) is None:
+        raise RuntimeError("RssAnon missing from /proc/self/status (Linux 4.5+ needed)")
+    return n
 
 
 class PeakRssAnon:

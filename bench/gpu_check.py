@@ -27,6 +27,7 @@ from flf2v.bench.gpu_parts import missing_prerequisites, part_cuda_graph, part_e
 from flf2v.bench.gpu_parts_dit import part_dit_slice, part_offload, part_quant
 from flf2v.bench.gpu_parts_engines import part_aoti, part_trt_tiny
 from flf2v.bench.gpu_report import num, render_md
+from flf2v.bench.report import free_stem
 
 T_START = time.monotonic()  # the budget counts from here: torch's import is part of the 8 minutes
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -248,11 +249,7 @@ def _start(args) -> Run | None:
         torch.cuda.init()
         from flf2v.export.manifest import short_gpu_name  # box-safe: torch and safetensors only
         tag = short_gpu_name(run.results["machine"].setdefault("gpu", torch.cuda.get_device_name(0)))
-    stem, n = f"gpu-check-{tag}-{datetime.date.today().isoformat()}", 1
-    base = stem
-    while (out / f"{base}.json").exists():  # as flf2v-bench: an earlier run of the day is kept (-2, -3, ...)
-        n += 1
-        base = f"{stem}-{n}"
+    base = free_stem(out, f"gpu-check-{tag}-{datetime.date.today().isoformat()}")  # as flf2v-bench's reports
     run.paths = (out / f"{base}.json", out / f"{base}.md")
     log(f"{'smoke run on the CPU' if args.smoke else run.results['machine']['gpu']}; budget {args.budget:.0f} s; "
         f"results -> {run.paths[0]} and .md")

@@ -31,7 +31,7 @@ class BadInput(ValueError):
     """A flag or file the user gave cannot run here: flf2v-bench says so in one line and exits 2."""
 
 
-def _status_bytes(field_name: str) -> int | None:
+def status_bytes(field_name: str) -> int | None:
     """A field of /proc/self/status, in bytes; None where there is none (not Linux)."""
     with contextlib.suppress(OSError), open("/proc/self/status") as f:
         return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field_name + ":")), None)
@@ -39,12 +39,12 @@ def _status_bytes(field_name: str) -> int | None:
 
 
 def rss_bytes() -> int:
-    return _status_bytes("VmRSS") or -1
+    return status_bytes("VmRSS") or -1
 
 
 def host_peak_bytes() -> int:
     import resource  # ru_maxrss (KiB on Linux): the process-wide peak, where VmHWM cannot be read
-    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def timed(fn):

@@ -223,9 +223,6 @@ def checkpoint_run(s) -> Report:
 
 def run(s) -> Report:
     a = s.args
-    for flag, v in (("--layers", a.layers), ("--tokens", a.tokens)):
-        if v < 1:
-            raise BadInput(f"{flag} {v}: give a positive number")
     if a.ckpt_dir:
         return checkpoint_run(s)
     preset, latent = get_preset(a.preset), latent_for(a.tokens)

@@ -128,6 +128,15 @@ def finite(x):
     return x
 
 
+def free_stem(out: Path, stem: str) -> str:
+    """`stem`, else `stem`-2, -3, ...: the first without a .json in `out` (an earlier run of the day is kept)."""
+    name, n = stem, 1
+    while (out / f"{name}.json").exists():
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
 def write(report: Report, mode: str, preset: str | None, machine: dict, load: dict | None, out) -> dict:
     """<out>/[<mode>-][<preset>-]<machine>-<date>[-N].{json,md[,png]} -> {"json": path, "md": path[, "png": path]}.
     The JSON is standard JSON: a NaN or infinity (PSNR of identical videos) is null there, since strict parsers
@@ -141,10 +150,7 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "-".join(s for s in (mode, preset, machine["slug"], machine["date"]) if s)
-    base, n = out / stem, 1
-    while base.with_suffix(".json").exists():  # an earlier run of the day is kept: -2, -3, ...
-        n += 1
-        base = out / f"{stem}-{n}"
+    base = out / free_stem(out, stem)
     from flf2v.runtime.media import replacing  # a run stopped while writing leaves no truncated table
     text = json.dumps(finite(r), indent=2, default=str, allow_nan=False) + "\n"
     writers = {"json": lambda tmp: tmp.write_text(text),
@@ -153,9 +159,9 @@ def write(report: Report, mode: str, preset: str | None, machine: dict, load: di
     paths = {}
     try:  # all or none: a full disk at the chart left the JSON and the table of a report without it
         for kind, write_to in writers.items():
-            with replacing(base.with_suffix(f".{kind}")) as tmp:
+            with replacing(base.parent / f"{base.name}.{kind}") as tmp:
                 write_to(tmp)
-            paths[kind] = base.with_suffix(f".{kind}")
+            paths[kind] = base.parent / f"{base.name}.{kind}"
     except BaseException:
         for path in paths.values():
             path.unlink(missing_ok=True)
