@@ -203,7 +203,7 @@ def parse_args(argv):
     if not args.parts:  # ran nothing and exited 0, as if every part had passed
         ap.exit(2, f"gpu-check: error: --parts names no part; choose from {', '.join(PART_FUNCS)}\n")
     if args.budget is not None and not 0 < args.budget < math.inf:  # 0 or less skipped every part, exit 0
-        ap.exit(2, f"gpu-check: error: --budget {args.budget:g} must be a positive number of seconds "
+        ap.exit(2, f"gpu-check: error: --budget {args.budget:g} must be a positive, finite number of seconds "
                    f"(default {BUDGET_S:.0f})\n")
     if (args.device == "cpu") != args.smoke:
         ap.exit(2, "gpu-check: error: --smoke runs on --device cpu, and --device cpu is only for the --smoke test "

@@ -312,9 +312,10 @@ def load_loras(specs, ckpt_dir) -> list[tuple[LoRA, float]]:
         return []
     if isinstance(specs, (str, os.PathLike)) or _is_pair(specs, number=True):  # one LoRA, not a list of them
         specs = [specs]
-    if not isinstance(specs, (list, tuple)):  # loras=5 was "'int' object is not iterable"
-        raise LoRAError(f"loras={specs!r}: give \"PATH[:SCALE]\" or (path, scale), in a list for several")
-    specs = list(specs)
+    try:
+        specs = list(specs)  # a generator or a set of them too
+    except TypeError:  # loras=5 was "'int' object is not iterable"
+        raise LoRAError(f"loras={specs!r}: give \"PATH[:SCALE]\" or (path, scale), in a list for several") from None
     if bad := [s for s in specs if not isinstance(s, (str, os.PathLike)) and not _is_pair(s)]:
         raise LoRAError(f"LoRA {bad[0]!r}: give \"PATH[:SCALE]\" or (path, scale), in a list for several")
     pairs = [parse_lora_arg(s) if isinstance(s, (str, os.PathLike)) else (s[0], _finite(s[1], str(s[0])))

@@ -213,7 +213,7 @@ def read_calibration(path, fingerprint: str | None = None, chosen: bool = False)
             raise ValueError(f"format {d.get('format')!r}, not {FORMAT!r}")
         cal = Calibration(tuple(float(v) for v in d["magcache"]["mag_ratios"]),
                           tuple(float(v) for v in d["teacache"]["coefficients"]), str(path),
-                          cfg=d.get("run", {}).get("cfg") != "off")
+                          cfg=not (isinstance(d.get("run"), dict) and d["run"].get("cfg") == "off"))
         if len(cal.mag_ratios) < 4 or len(cal.mag_ratios) % 2 or len(cal.coefficients) != 5:
             raise ValueError("mag_ratios must hold (cond, uncond) pairs and coefficients 5 values")
     except FileNotFoundError:

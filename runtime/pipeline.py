@@ -169,6 +169,8 @@ class Pipeline:
     def request(self, prompt: str, first_frame, last_frame=None, **options) -> Request:
         """The run `generate` makes with these options (see `generate`): validated, every default resolved
         (the task's official ones; the engines' grid and frame count when the backend has fixed shapes)."""
+        if own := [k for k in ("latents", "output", "progress") if k in options]:
+            raise TypeError(f"request() takes no {own[0]!r}: it is an option of generate() alone")
         check_names("generate()", options, run_options())
         first_frame = as_image(first_frame)
         cfg_parallel = self.parallel is not None and self.parallel.cfg_parallel

@@ -105,9 +105,9 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
         raise InputError(f"cache_calibration {cache_calibration!r} must be the path of a flf2v-calibrate-cache file")
     if hasattr(sample_timesteps, "tolist"):  # a tensor's items are 0-d tensors, not integers
         sample_timesteps = sample_timesteps.tolist()
-    if isinstance(sample_timesteps, str):
+    if isinstance(sample_timesteps, (str, numbers.Number)):  # a 0-d tensor's tolist() is one number
         raise InputError(f"sample_timesteps must be a list of integers like [1000, 750, 500, 250], got the "
-                         f"string {sample_timesteps!r}")
+                         f"{'string' if isinstance(sample_timesteps, str) else 'number'} {sample_timesteps!r}")
     flf2v = preset.dit.model_type == "flf2v"
     if not prompt.strip():
         raise InputError("--prompt is empty; describe the video to generate")
@@ -296,10 +296,12 @@ def cache_settings(preset: Preset, backend, ckpt_dir, size: str, method: str, th
         if steps < step_cache.MIN_STEPS and threshold > 0:  # it skipped 3 of a 4-step distilled run, silently
             raise InputError(f"--cache {method} needs a run of at least {step_cache.MIN_STEPS} steps (its curves "
                              f"are calibrated on such runs; a shorter one loses most of its few DiT calls); this "
-                             f"{'few-step --sample_timesteps ' if few_step else ''}run has {steps}: drop --cache")
+                             + (f"few-step --sample_timesteps run has {steps}: drop --cache" if few_step else
+                                f"run has {steps}: give --sample_steps {step_cache.MIN_STEPS} or more, or drop "
+                                f"--cache"))
         ckpt_dir = backend.ckpt_dir if backend is not None else ckpt_dir
         found = step_cache.find_calibration(preset, ckpt_dir, size, calibration)
-        if cfg and not found.cfg:  # its uncond "curve" is the cond one, taken for the uncond branch silently
+        if method == "magcache" and cfg and not found.cfg:  # its uncond ratios repeat the cond ones, silently
             warnings.warn(f"step-cache calibration {found.source} was recorded without CFG (guide scale 1), this "
                           f"run has CFG: its cond curve stands in for the uncond one; run flf2v-calibrate-cache "
                           f"at this guide scale for both", stacklevel=5)

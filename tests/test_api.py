@@ -173,6 +173,10 @@ def test_option_values_torch_gives_are_read():
     pipe = Pipeline(StubBackend(), None, get_preset("tiny"))
     req = pipe.request("x", image, image, sample_timesteps=torch.tensor([1000, 500]))  # was "not integers"
     assert req.sample_timesteps == (1000, 500)
+    with pytest.raises(InputError, match=r"^sample_timesteps must be a list .* got the number 1000$"):
+        pipe.request("x", image, image, sample_timesteps=torch.tensor(1000))
+    with pytest.raises(TypeError, match=r"^request\(\) takes no 'progress': it is an option of generate\(\) alone"):
+        pipe.request("x", image, image, progress=False)
     with pytest.raises(InputError, match=r"^cache_calibration 123 must be the path of a flf2v-calibrate-cache file"):
         pipe.request("x", image, image, cache="magcache", cache_calibration=123)  # was pathlib's TypeError
 
@@ -212,3 +216,17 @@ def test_a_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="guide scale 1") as said, pytest.raises(Exception):  # noqa: B017
         pipe.generate("x", image, image, guide_scale=1.0, progress=False)  # the stub runs no network
     assert [w.filename for w in said if "guide scale 1" in str(w.message)] == [__file__]  # was pipeline.py
+
+
+def test_loras_given_as_any_iterable_are_read(tiny_ckpt, tmp_path):
+    """A generator or a set of LoRAs was read before loras=5 was refused; it still is."""
+    from safetensors.torch import save_file
+
+    from flf2v.models import checkpoint as ck
+    from flf2v.models.lora import load_loras
+    cfg = ck.read_dit_config(tiny_ckpt)
+    path = tmp_path / "l.safetensors"
+    save_file({"blocks.0.ffn.0.lora_A.weight": torch.zeros(2, cfg.dim),
+               "blocks.0.ffn.0.lora_B.weight": torch.zeros(cfg.ffn_dim, 2)}, str(path))
+    for given in ([f"{path}:0.5"], (f"{path}:0.5" for _ in range(1)), {f"{path}:0.5"}):  # a generator, a set
+        assert [s for _, s in load_loras(given, tiny_ckpt)] == [0.5]

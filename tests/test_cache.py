@@ -410,7 +410,7 @@ def test_cli_cache_mistakes_exit_2(tiny_ckpt, demo_frames, tmp_path, capsys, ext
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra,says", [(["--sample_steps", "4"], "this run has 4"),
+@pytest.mark.parametrize("extra,says", [(["--sample_steps", "4"], "this run has 4: give --sample_steps 8 or more, "),
                                         (["--sample_timesteps", "1000,750,500,250"], "--sample_timesteps run has 4")])
 def test_cli_cache_refuses_a_run_too_short_for_it(tiny_ckpt, demo_frames, calibration, tmp_path, capsys, extra, says):
     """A 4-step distilled run with --cache magcache computed 1 of its 4 steps, without a word."""
@@ -437,6 +437,10 @@ def test_a_cfg_free_calibration_in_a_cfg_run_is_said(pipe, frames, calibration, 
         warnings.simplefilter("error")
         pipe.request("x", *frames, cache_calibration=calibration, **kw)
         pipe.request("x", *frames, cache_calibration=free, guide_scale=1.0, **kw)
+        pipe.request("x", *frames, cache_calibration=free, **dict(kw, cache="teacache"))  # one curve, no branches
+    for record in (None, "x"):  # not a run's record: read as made with CFG (was an AttributeError)
+        free.write_text(json.dumps({**d, "run": record}))
+        pipe.request("x", *frames, cache_calibration=free, **kw)
 
 
 def test_engines_without_the_cached_graph_are_refused(tiny_engines, tmp_path, frames, calibration):

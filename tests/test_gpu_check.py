@@ -390,9 +390,10 @@ def test_report_renders_each_part_and_a_rendering_bug_loses_only_that_part(monke
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--budget", "0"], "--budget 0 must be a positive number of seconds"),
-    (["--budget", "-5"], "--budget -5 must be a positive number of seconds"),
-    (["--budget", "nan"], "--budget nan must be a positive number of seconds"),
+    (["--budget", "0"], "--budget 0 must be a positive, finite number of seconds"),
+    (["--budget", "-5"], "--budget -5 must be a positive, finite number of seconds"),
+    (["--budget", "nan"], "--budget nan must be a positive, finite number of seconds"),
+    (["--budget", "inf"], "--budget inf must be a positive, finite number of seconds"),
     (["--parts", ","], "--parts names no part; choose from environment, "),
 ])
 def test_a_budget_or_parts_that_can_run_nothing_is_refused(tmp_path, args, says):
