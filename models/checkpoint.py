@@ -122,9 +122,13 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            listed = set(weight_map.values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r}); the file is damaged: "
                                   f"download it again") from None
+        if (ckpt_dir / DIT_SINGLE).exists() and DIT_SINGLE not in listed:  # which one is current?
+            raise CheckpointError(f"{ckpt_dir}: holds two DiTs, {DIT_SINGLE} and the shards of {DIT_INDEX}; keep "
+                                  f"one (move the other out of the folder)")
     elif (ckpt_dir / DIT_SINGLE).exists():
         weight_map = None
     else:
@@ -133,7 +137,7 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
     shards = sorted(set(weight_map.values())) if weight_map else [DIT_SINGLE]
     for name in shards:
         if weight_map is not None and not (ckpt_dir / name).exists():
-            raise CheckpointError(f"{index}: shard {name} is listed but missing from {ckpt_dir}")
+            raise CheckpointError(f"{index}: shard {name} is listed but missing from {ckpt_dir}; re-download it")
     source = safetensors_source([ckpt_dir / n for n in shards])
     for key, name in (weight_map or {}).items():
         if key not in source or source[key].file != ckpt_dir / name:

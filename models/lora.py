@@ -237,9 +237,14 @@ def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> LoRA:
         entries = _entries(path, f, shapes, _peft_alpha(path, f.metadata()))
         for name in f.keys():  # read once already for the fingerprint; a NaN would surface only as NaN latents
             try:
-                finite = bool(torch.isfinite(f.get_tensor(name)).all())
+                t = f.get_tensor(name)
             except (SafetensorError, OSError) as e:
                 raise LoRAError(f"{path}: cannot read {name!r} ({_line(e)}); the file is damaged") from None
+            if not (t.is_floating_point() or name.endswith(".alpha")):  # kohya may store alpha as an int
+                raise LoRAError(f"{path}: {name!r} is stored as {t.dtype}, not as floating point; the file is not a "
+                                f"LoRA, or is damaged")
+            # fp8 LoRAs (shared for ComfyUI) are upcast as their deltas are: torch has no isfinite for float8
+            finite = bool(torch.isfinite(t.float()).all())
             if not finite:
                 raise LoRAError(f"{path}: {name!r} holds NaN or Inf values; the file is damaged, re-download it")
     _check(path, entries, shapes)

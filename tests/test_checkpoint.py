@@ -155,7 +155,7 @@ def _shard(ckpt, i=1):
 
 @pytest.mark.parametrize("case", ["missing_t5", "missing_config", "missing_shard", "truncated_shard",
                                   "wrong_shape", "missing_key", "unexpected_key", "truncated_pth",
-                                  "no_tokenizer"])
+                                  "no_tokenizer", "two_dits"])
 def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
     c = copy_ckpt(tiny_ckpt, tmp_path / "c")
     load = ck.load_dit
@@ -164,7 +164,7 @@ def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
     elif case == "missing_config":
         os.remove(c / ck.DIT_CONFIG); match = "config.json"
     elif case == "missing_shard":
-        os.remove(_shard(c, 2)); match = "shard .*00002-of-00003.safetensors is listed but missing"
+        os.remove(_shard(c, 2)); match = "shard .*00002-of-00003.safetensors is listed but missing from .*; re-download it"
     elif case == "truncated_shard":
         data = _shard(c).read_bytes(); _shard(c).write_bytes(data[: len(data) // 2])
         match = "00001-of-00003.safetensors"
@@ -186,6 +186,8 @@ def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
         load, match = ck.load_vae, ck.VAE_FILE
     elif case == "no_tokenizer":
         shutil.rmtree(c / ck.T5_TOKENIZER); load, match = ck.load_tokenizer, "umt5-xxl"
+    elif case == "two_dits":  # a merged copy beside the shards (a half-done re-download?) was ignored silently
+        shutil.copy(_shard(c), c / ck.DIT_SINGLE); match = "holds two DiTs, diffusion_pytorch_model.safetensors and"
     with pytest.raises(ck.CheckpointError, match=match) as e:
         load(c)
     assert "\n" not in str(e.value)

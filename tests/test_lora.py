@@ -270,7 +270,28 @@ def _bad_files(tmp, shapes):
     save_file({"blocks.0.self_attn.q.lora_down.weight": nan, "blocks.0.self_attn.q.lora_up.weight": up},
               str(tmp / "nan.safetensors"))
     yield "nan", tmp / "nan.safetensors", None, "'blocks.0.self_attn.q.lora_down.weight' holds NaN or Inf"
+    save_file({"blocks.0.self_attn.q.lora_down.weight": down.to(torch.int32), "blocks.0.self_attn.q.lora_up.weight": up},
+              str(tmp / "int.safetensors"))
+    yield "int", tmp / "int.safetensors", None, "'blocks.0.self_attn.q.lora_down.weight' is stored as torch.int32, not"
     yield "scale", tmp / "unknown.safetensors", "oops", "not a finite number"
+
+
+def test_fp8_lora_reads_as_its_values_upcast_and_an_int_alpha_reads(tiny_ckpt, shapes, tmp_path):
+    """fp8 LoRAs (shared for ComfyUI) raised NotImplementedError from torch.isfinite, a traceback; kohya may
+    store alpha as an int64 scalar."""
+    f8 = torch.float8_e4m3fn
+    down, up = torch.randn(R, 64).to(f8), torch.randn(64, R).to(f8)
+    name = "blocks.0.self_attn.q"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(R // 2)},
+              str(tmp_path / "fp8.safetensors"))
+    save_file({f"{name}.lora_down.weight": down.float(), f"{name}.lora_up.weight": up.float(),
+               f"{name}.alpha": torch.tensor(R / 2)}, str(tmp_path / "fp32.safetensors"))
+    got = lr.read_lora(tmp_path / "fp8.safetensors", shapes).delta(name + ".weight")
+    want = up.float() @ down.float() * (R // 2) / R
+    assert got.dtype == torch.float32 and torch.equal(got, lr.read_lora(tmp_path / "fp32.safetensors",
+                                                                         shapes).delta(name + ".weight"))
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), f"max abs err {err:.3g}"
 
 
 def test_lightx2v_prefixes_read_as_the_bare_names(tiny_ckpt, shapes, tmp_path):
@@ -331,4 +352,4 @@ def test_bad_inputs_fail_in_one_line(tiny_ckpt, shapes, tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and (path.name in msg or what == "scale"), f"{what}: {msg}"
         seen.append(what)
-    assert len(seen) == 14
+    assert len(seen) == 15
