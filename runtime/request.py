@@ -169,9 +169,13 @@ def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int)
         raise FrameError(f"the first frame: {e}") from None  # the last one is resized to its shape
 
 
-def check_frame_num(frame_num: int, max_latent_frames: int) -> int:
+def check_frame_num(frame_num: int, preset: Preset) -> int:
+    max_latent_frames = preset.dit.rope_max_pos
     if not isinstance(frame_num, int) or frame_num < 5 or (frame_num - 1) % 4:
-        raise InputError(f"--frame_num {frame_num} is not of the form 4n+1 with n >= 1; use e.g. 81")
+        near = (f"{(frame_num - 1) // 4 * 4 + 1} or {(frame_num - 1) // 4 * 4 + 5}" if isinstance(frame_num, int)
+                and frame_num > 5 else "5 or more")  # "e.g. 81" was past what a small model's engines serve
+        raise InputError(f"--frame_num {frame_num} is not of the form 4n+1 with n >= 1; use {near} ({preset.name}'s "
+                         f"default: {preset.frame_num})")
     if (frame_num - 1) // 4 + 1 > max_latent_frames:
         raise InputError(f"--frame_num {frame_num} is over the model's {4 * (max_latent_frames - 1) + 1} "
                          f"frame limit")
@@ -182,7 +186,10 @@ def default_shape(preset: Preset, size: str | None, frame_num: int | None,
                   fixed: tuple[int, int, int] | None = None) -> tuple[str, int]:
     """(size, frame_num) of a run: those given, else a static engine folder's own (`fixed`, its (H, W,
     frames)), else the model's."""
-    size = size or (f"{fixed[1]}*{fixed[0]}" if fixed else preset.default_size)
+    own = f"{fixed[1]}*{fixed[0]}" if fixed else None
+    # an odd static folder (flf2v-run's hint for a photo out of every dynamic range) was sized at the model's
+    # default area: its own W*H, no official size, was refused as the run's --size and the hint looped
+    size = size or (own if own in preset.sizes else preset.default_size)
     frame_num = frame_num if frame_num is not None else fixed[2] if fixed else preset.frame_num
     return size, frame_num
 
@@ -196,7 +203,7 @@ def size_hw(preset: Preset, size: str | None) -> tuple[int, int]:
 def output_shape(preset: Preset, first_hw: tuple[int, int], size: str, frame_num: int) -> tuple[int, int, int]:
     """(height, width, frames) of the video made from a first frame of `first_hw` (H, W) pixels: the
     official sizing within the area of `size`."""
-    frame_num = check_frame_num(frame_num, preset.dit.rope_max_pos)
+    frame_num = check_frame_num(frame_num, preset)
     w_max, h_max = parse_size(size, preset)
     lat_h, lat_w = latent_grid(first_hw, w_max * h_max, preset.vae.stride[1], preset.dit.patch_size[1])
     return lat_h * preset.vae.stride[1], lat_w * preset.vae.stride[2], frame_num

@@ -93,6 +93,21 @@ def test_unservable_engines_name_the_build_that_serves(root, tiny_ckpt):
     assert choose_engines(args, preset, (64, 96), torch.device("cpu"))[:2] == ("ort", root / "tiny-wide")
 
 
+def test_the_static_build_hinted_for_an_odd_photo_serves_it(root, tiny_ckpt):
+    """A photo out of every dynamic range gets the hint of a static build, sized at the model's default area;
+    that folder's own W*H (no official size) then became the run's --size and was refused: the hint looped."""
+    preset, cpu = ck.preset_for(tiny_ckpt), torch.device("cpu")
+    args = _args(ckpt_dir=tiny_ckpt, engines=str(root))
+    with pytest.raises(M.EngineError) as e:
+        choose_engines(args, preset, (100, 1000), cpu)
+    name = re.search(r"--preset (\S+) --out", str(e.value))[1]
+    w, h, f = map(int, name.split("x"))
+    assert f"{w}*{h}" not in preset.sizes and w > 8 * h, name
+    shutil.copytree(root / "tiny", root / name)
+    _shape(root / name, name, w, h, f)
+    assert choose_engines(args, preset, (100, 1000), cpu)[:2] == ("ort", root / name)
+
+
 @pytest.mark.parametrize("damage", [b"\0", b"\x08\x07\xff"])
 def test_a_damaged_graph_of_the_right_size_is_one_line_and_passed_over_when_another_serves(root, tiny_ckpt, damage,
                                                                                           capsys, demo_frames):

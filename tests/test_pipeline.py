@@ -53,10 +53,12 @@ def test_mask_equals_official_at_81_and_generalises():
     assert i2v[:, 0].min() == 1 and i2v[:, 1:].max() == 0
 
 
-@pytest.mark.parametrize("frame_num", [0, 4, 8, 80, -3])
-def test_bad_frame_num(frame_num):
-    with pytest.raises(InputError, match="4n\\+1"):
-        rq.check_frame_num(frame_num, 1024)
+@pytest.mark.parametrize("frame_num,near", [(0, "5 or more"), (4, "5 or more"), (8, "5 or 9"), (80, "77 or 81"),
+                                            (-3, "5 or more"), (6.0, "5 or more")])
+def test_bad_frame_num(frame_num, near):
+    with pytest.raises(InputError, match=rf"^--frame_num {frame_num} is not of the form 4n\+1 with n >= 1; use {near} "
+                                         rf"\(tiny's default: 9\)$"):
+        rq.check_frame_num(frame_num, get_preset("tiny"))
 
 
 def test_size_must_be_supported():
