@@ -45,7 +45,7 @@ from pathlib import Path
 from flf2v.log import logger
 from flf2v.models import checkpoint as ck
 from flf2v.models.fingerprint import describe
-from flf2v.models.layouts import ckpt_dir_of
+from flf2v.models.layouts import ckpt_dir_of, is_checkpoint
 from flf2v.models.quant import QUANTS
 
 from . import contracts as C
@@ -343,6 +343,9 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
+    if folder.is_dir() and is_checkpoint(folder):  # the engines' files were mixed with the weights
+        raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
+                         f"--out (ENGINES=) or give another folder")
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
@@ -370,11 +373,13 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
 def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:
     """Build the graphs of `todo` the manifest lacks, rewriting it after each (a killed build keeps them)."""
     from tqdm.auto import tqdm
-    bar = tqdm(todo, desc="engines", unit="graph", disable=not progress)
-    for g in bar:
+    for g in todo:
         if g.name in manifest["engines"]:
             logger.info("%s: current, kept", g.name)
-            continue
+    missing = [g for g in todo if g.name not in manifest["engines"]]
+    # over the graphs to build alone: the kept ones' instant steps read as "172960.99graph/s"
+    bar = tqdm(missing, desc="engines", unit="graph", disable=not progress or not missing)
+    for g in bar:
         bar.set_postfix_str(g.name)
         logger.info("%s: %s", g.name, "compiling" if plan.backend == "aoti" else "exporting"
                     + (" and building" if plan.backend == "trt" else ""))

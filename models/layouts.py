@@ -87,6 +87,15 @@ def role_of(keys) -> tuple[str | None, str]:
     return None, ""
 
 
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a checkpoint of a layout flf2v reads (no place for engines)."""
+    try:
+        detect(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
 def detect(ckpt_dir: str | os.PathLike) -> Layout:
     """The layout of `ckpt_dir`; CheckpointError naming what is wrong and the fix."""
     d = Path(ckpt_dir)

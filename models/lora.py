@@ -102,7 +102,7 @@ def _open(path: Path):
     if path.is_dir():
         raise LoRAError(f"{path}: a folder, not a LoRA file; pass the .safetensors file in it")
     if not path.is_file():
-        raise LoRAError(f"{path}: no such LoRA file")
+        raise LoRAError(f"{path}: no such LoRA file; give the path of an existing .safetensors LoRA as PATH[:SCALE]")
     if path.suffix.lower() in PICKLES:
         raise LoRAError(f"{path}: refused: {path.suffix} files are pickles that can run code; "
                         f"use the .safetensors version of this LoRA")

@@ -291,14 +291,8 @@ def check_model(args, preset) -> None:
 def _is_checkpoint(folder) -> bool:
     """A checkpoint folder holding no engines (flf2v-build writes none into one unless told to)."""
     from flf2v.export import manifest as M
-    from flf2v.models.layouts import CheckpointError, detect
-    if M.folders_under(folder):
-        return False
-    try:
-        detect(folder)
-    except CheckpointError:
-        return False
-    return True
+    from flf2v.models.layouts import is_checkpoint
+    return not M.folders_under(folder) and is_checkpoint(folder)
 
 
 def check_device(name: str | None, flag: str = "--device") -> torch.device:

@@ -149,9 +149,7 @@ class Pipeline:
         try:
             kind, ckpt_dir = m["backend"], ckpt_dir or m["checkpoint"]["dir"]
         except (KeyError, TypeError):
-            what = "not an engine folder" if Path(folder).is_dir() else "no such folder"
-            raise M.EngineError(f"{folder}: {what} (no readable {M.MANIFEST}); build one: "
-                                f"{M.rebuild_hint(ckpt_dir or 'CKPT', folder)}") from None
+            raise M.EngineError(_not_engines(folder, ckpt_dir)) from None
         if device is not None:  # "gpu" was torch's RuntimeError listing every device type it knows
             from .cli_args import check_device
             device = check_device(str(device), flag="device")
@@ -345,3 +343,19 @@ def _run_of(req: Request, first_frame: Image.Image, last_frame: Image.Image | No
     noise = hashlib.sha256(latents.cpu().numpy().tobytes()).hexdigest() if latents is not None else None
     return {**{k: v for k, v in req.to_json().items() if k != "seed"}, "frames": pixels.hexdigest(),
             "latents": noise}
+
+
+def _not_engines(folder, ckpt_dir) -> str:
+    """Why `folder` (no readable manifest) is no engine folder, and the fix (a build into a checkpoint's own
+    folder, or into a root of engine folders, was the fix it gave)."""
+    from flf2v.export import manifest as M
+    from flf2v.models.layouts import is_checkpoint
+    if not Path(folder).is_dir():
+        return f"{folder}: no such folder; build one: {M.rebuild_hint(ckpt_dir or 'CKPT', folder)}"
+    if is_checkpoint(folder):
+        return (f"{folder} is a checkpoint folder, not an engine folder; give the folder flf2v-build wrote (its "
+                f"--out), or use Pipeline.from_checkpoint for the PyTorch reference")
+    if under := M.folders_under(folder):
+        return f"{folder} holds engine folders, one per shape; give one of them, e.g. {under[0]}"
+    return (f"{folder}: not an engine folder (no readable {M.MANIFEST}); build one: "
+            f"{M.rebuild_hint(ckpt_dir or 'CKPT', folder)}")

@@ -78,13 +78,22 @@ def test_from_checkpoint_checks_dtype_and_device_before_any_weight_loads(tiny_ck
         Pipeline.from_checkpoint(tiny_ckpt, **kw)
 
 
-@pytest.mark.parametrize("where", ["missing", "checkpoint"])
-def test_from_engines_on_a_folder_without_engines_names_the_build(tiny_ckpt, tmp_path, where):
+@pytest.mark.parametrize("where", ["missing", "empty", "checkpoint", "root"])
+def test_from_engines_on_a_folder_without_engines_names_the_fix(tiny_ckpt, tmp_path, where):
+    """A checkpoint folder, or a root of engine folders, was told to build into itself (`--out` it)."""
     from flf2v.export.manifest import EngineError
-    folder = tmp_path / "nope" if where == "missing" else tiny_ckpt
-    what = "no such folder" if where == "missing" else "not an engine folder"
-    with pytest.raises(EngineError, match=rf"^{re.escape(str(folder))}: {what} \(no readable manifest.json\); build "
-                                          rf"one: run `flf2v-build --ckpt_dir CKPT --out {re.escape(str(folder))}`$"):
+    folder = {"missing": tmp_path / "nope", "empty": tmp_path, "checkpoint": tiny_ckpt, "root": tmp_path}[where]
+    if where == "root":
+        (tmp_path / "cpu" / "a").mkdir(parents=True)
+        (tmp_path / "cpu" / "a" / "manifest.json").write_text("{}")
+    f = re.escape(str(folder))
+    said = {"missing": rf"{f}: no such folder; build one: run `flf2v-build --ckpt_dir CKPT --out {f}`",
+            "empty": rf"{f}: not an engine folder \(no readable manifest.json\); build one: run `flf2v-build "
+                     rf"--ckpt_dir CKPT --out {f}`",
+            "checkpoint": rf"{f} is a checkpoint folder, not an engine folder; give the folder flf2v-build wrote "
+                          rf"\(its --out\), or use Pipeline.from_checkpoint for the PyTorch reference",
+            "root": rf"{f} holds engine folders, one per shape; give one of them, e.g. {f}/cpu/a"}[where]
+    with pytest.raises(EngineError, match=rf"^{said}$"):
         Pipeline.from_engines(folder)
 
 

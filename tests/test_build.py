@@ -54,11 +54,13 @@ def test_folder_and_manifest(folder, tiny_ckpt):
     assert M.default_folder("ort", "tiny", key=key).parts[-4:] == ("engines", f"cpu-ort{ort.__version__}", key, "tiny")
 
 
-def test_second_run_skips_current_engines(folder, tiny_ckpt):
+def test_second_run_skips_current_engines(folder, tiny_ckpt, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
     t0 = time.perf_counter()
-    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(folder), "--quiet"]) == 0
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(folder)]) == 0
     assert time.perf_counter() - t0 < 10
+    out, err = capsys.readouterr()  # no progress bar over nothing to build ("8/8 ... 172960.99graph/s")
+    assert "engines current, 0 built now" in out and "graph" not in err, (out, err)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")} == before
 
 
@@ -131,6 +133,17 @@ def test_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, args, mess
     assert B.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_a_checkpoint_folder_is_no_out(tiny_ckpt, tmp_path, capsys):
+    """`--out CKPT` mixed a manifest and .onnx files with the weights (the API's own hint named that build)."""
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "c")
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert B.main(["--ckpt_dir", str(ckpt), "--out", str(ckpt), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"flf2v-build: error: --out {ckpt} is a checkpoint folder; engines go in a folder of their own: " \
+                  f"leave out --out (ENGINES=) or give another folder\n", err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
 @pytest.mark.skipif(M.trt_available(), reason="TensorRT is available here")

@@ -255,7 +255,7 @@ def _bad_files(tmp, shapes):
     yield "junk", tmp / "junk.safetensors", None, "damaged"
     save_file({"diffusion_model.blocks.0.self_attn.q.hada_w1_a": torch.zeros(2, 2)}, str(tmp / "loha.safetensors"))
     yield "loha", tmp / "loha.safetensors", None, "does not read"
-    yield "missing", tmp / "nope.safetensors", None, "no such LoRA file"
+    yield "missing", tmp / "nope.safetensors", None, "no such LoRA file; give the path of an existing .safetensors"
     down, up, _ = good[0]["blocks.0.self_attn.q"]
     save_file({"blocks.0.self_attn.q.lora_down.weight": down}, str(tmp / "half.safetensors"))
     yield "half pair", tmp / "half.safetensors", None, "no matching lora_up"
