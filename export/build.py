@@ -365,7 +365,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
                 logger.debug("%s: not current, its files removed: %s", name, ", ".join(entry.get("files", {})))
                 for f in entry.get("files", {}):
                     (folder / f).unlink(missing_ok=True)
-        M.write(folder, manifest)
+        if json.loads(json.dumps(manifest)) != prior:  # a current folder is left untouched: runs, copies read it
+            M.write(folder, manifest)
         _build_missing(plan, folder, manifest, todo, progress)
     return folder
 
