@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     if report and report.failed:  # the report says why; a failed backend exited 0 before
-        print(f"flf2v-bench: error: backend(s) {', '.join(report.failed)} failed; see {paths['md']}", file=sys.stderr)
+        print(f"flf2v-bench: error: {', '.join(report.failed)} failed; see {paths['md']}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,12 +12,15 @@ paper and on this machine (README "Several GPUs").
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from .report import Report, table
+
+log = logging.getLogger("flf2v.bench")
 
 NVLINK, PCIE = 450e9, 64e9  # bytes/s per direction: H100 SXM NVLink 4 (900 GB/s both ways), PCIe Gen5 x16
 OFFICIAL_8X = {"seconds": 238.8, "steps": 40, "task": "i2v-14B", "size": (1280, 720), "frames": 81}
@@ -121,8 +124,11 @@ def run_layouts(ckpt: Path, frames: Path, work: Path, steps: int) -> list[dict]:
         cmd = [sys.executable, *launch, "-m", "flf2v.bench.parallel", job]
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                            timeout=1800)
-        if r.returncode != 0:
-            raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+        if r.returncode != 0:  # a row of the report, which is written (exit 1), not a traceback losing the rest
+            log.error("%s: %s failed (exit %s):\n%s", name, " ".join(cmd), r.returncode, r.stderr[-3000:])
+            why = next((ln for ln in r.stderr.splitlines() if "terminate called" in ln or "Error" in ln), "")
+            rows.append({"layout": name, "failed": f"exit {r.returncode}" + (f": {why.strip()[:200]}" if why else "")})
+            continue
         rows.append({"layout": name, **json.loads(result.read_text())})
     return rows
 
@@ -161,7 +167,9 @@ def run(s):
                 "outside, % of step"],
                [[m["layout"], m["processes"], f"{m['step_s'] * 1e3:.1f} ms", f"{m['dit_s'] * 1e3:.1f} ms",
                  f"{m['other_s'] * 1e3:.2f} ms", f"{m.get('gather_s', 0) * 1e3:.2f} ms",
-                 f"{100 * m['other_s'] / m['step_s']:.1f} %"] for m in r["measured"]])])
+                 f"{100 * m['other_s'] / m['step_s']:.1f} %"] if "failed" not in m else
+                [m["layout"], f"failed ({m['failed']}; the log has its stderr)", "", "", "", "", ""]
+                for m in r["measured"]])], failed=[m["layout"] for m in r["measured"] if "failed" in m])
 
 
 if __name__ == "__main__":

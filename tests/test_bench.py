@@ -435,10 +435,44 @@ def test_a_failed_backend_is_reported_and_exits_1_without_an_empty_chart(tmp_pat
     assert rc == 1, err
     files = {f.suffix: f for f in out.iterdir()}
     assert set(files) == {".json", ".md"}, files  # no chart without a bar to draw
-    assert err[-1] == f"flf2v-bench: error: backend(s) torch failed; see {files['.md']}", err  # trt: unavailable
+    assert err[-1] == f"flf2v-bench: error: torch failed; see {files['.md']}", err  # trt: unavailable
     res = json.loads(files[".json"].read_text())
     assert res["job"]["ckpt_dir"] == str(tiny_ckpt) and res["backends"]["torch"]["status"].startswith("failed: ")
     assert f"weights of `{tiny_ckpt}` (model preset `tiny`)" in files[".md"].read_text()
+
+
+def test_a_failed_parallel_layout_is_a_row_and_exit_1(tmp_path, capsys, monkeypatch):
+    """A launch whose rank aborted (gloo's "terminate called without an active exception", seen under load) was
+    a RuntimeError traceback, and the layouts measured before it were lost with the report."""
+    import subprocess
+
+    from flf2v.bench import cli, parallel
+
+    real = subprocess.run
+
+    def launch(cmd, **kw):
+        if "flf2v.bench.parallel" not in cmd:  # the machine's description (lscpu, ...)
+            return real(cmd, **kw)
+        job = json.loads(cmd[-1])
+        if job["flags"] == ["ulysses"]:
+            return subprocess.CompletedProcess(cmd, -6, "", "W warn\nterminate called without an active exception\n")
+        Path(job["result"]).write_text(json.dumps({"step_s": 2.0, "dit_s": 1.5, "other_s": 0.5, "gather_s": 0.25,
+                                                   "processes": 2 if job["flags"] else 1}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(parallel.subprocess, "run", launch)
+    out = tmp_path / "out"
+    rc = cli.main(["parallel", "--steps", "1", "--out", str(out), "--work", str(tmp_path / "w"), "--idle_wait", "0",
+                   "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    files = {f.suffix: f for f in out.iterdir()}
+    assert rc == 1 and err[-1] == f"flf2v-bench: error: Ulysses 2 failed; see {files['.md']}", err
+    rows = {r["layout"]: r for r in json.loads(files[".json"].read_text())["measured"]}
+    assert rows["Ulysses 2"] == {"layout": "Ulysses 2", "failed": "exit -6: terminate called without an active "
+                                                                  "exception"}, rows
+    assert rows["CFG-parallel 2"]["step_s"] == 2.0 and len(rows) == len(parallel.MEASURED), rows
+    md = files[".md"].read_text()
+    assert "| Ulysses 2 | failed (exit -6: terminate called without an active exception; the log has its " in md, md
+    assert "| CFG-parallel 2 | 2 | 2000.0 ms | 1500.0 ms | 500.00 ms | 250.00 ms | 25.0 % |" in md, md
 
 
 def test_the_json_report_is_standard_json(tmp_path):
