@@ -421,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"{'without --force ' if args.force else ''}builds the rest")
     engines = M.load(folder).get("engines", {})
     built = sum(max((folder / f).stat().st_mtime for f in e["files"]) >= t0 for e in engines.values())
-    print(f"{folder}: {len(engines)} engine{'s' * (len(engines) != 1)} current, {built} built now")
+    # "8 engines current, 8 built now" read as 16 engines
+    print(f"{folder}: {len(engines)} engine{'s' * (len(engines) != 1)} current: {built} built now, "
+          f"{len(engines) - built} kept")
     return 0
 
 

@@ -44,6 +44,8 @@ class Backend(Protocol):
     """Whether `denoise_full` and `denoise_cached` (the step cache's two DiT forms) can run."""
     quant: str
     """The DiT's block linears: "none" (the run's precision) or "fp8" (models/quant.py)."""
+    loras: list
+    """[(models.lora.LoRA, scale)] applied to the DiT (merged, built in or swapped in); [] for none."""
 
     def check_video(self, height: int, width: int, frame_num: int) -> int | None:
         """EngineError naming the build that serves it unless this backend runs that video shape; else the

@@ -86,6 +86,7 @@ class StubBackend:
     capturable = False
     steps_cache = True
     quant = "none"
+    loras: list = []
 
     def __init__(self, **members):
         self.__dict__.update(members)

@@ -126,12 +126,12 @@ def test_verbose_build_logs_its_steps_and_an_interrupted_force_build_says_to_dro
     assert B.main(args) == 0
     said = capsys.readouterr()
     err = said.err
-    assert said.out == f"{out}: 1 engine current, 1 built now\n", said.out  # "current" alone, built or not
+    assert said.out == f"{out}: 1 engine current: 1 built now, 0 kept\n", said.out  # "current" alone, built or not
     assert "flf2v-build: t5: exporting\n" in err, err
     assert re.search(r"flf2v-build: t5: done in [\d.]+ s, [\d.]+ MB\n", err), err
     assert B.main(args) == 0
     said = capsys.readouterr()
-    assert "flf2v-build: t5: current, kept\n" in said.err and said.out == f"{out}: 1 engine current, 0 built now\n"
+    assert "flf2v-build: t5: current, kept\n" in said.err and said.out == f"{out}: 1 engine current: 0 built now, 1 kept\n"
     monkeypatch.setattr(B.Plan, "build_one", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     for extra, says in (([], "the same command builds the rest"),
                         (["--force"], "the same command without --force builds the rest")):

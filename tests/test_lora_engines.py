@@ -122,6 +122,22 @@ def test_bad_lora_exits_2_with_one_line(tiny_ckpt, lora_file, demo_frames, tmp_p
     assert message in err and err.count("\n") == 1 and not (tmp_path / "e" / M.MANIFEST).exists(), err
 
 
+def test_metrics_record_the_loras(tiny_ckpt, lora_file, demo_frames, tmp_path):
+    """--metrics said every value of the run but its LoRAs (only the raw --lora strings, under "args")."""
+    import hashlib
+    import json
+
+    from flf2v.runtime.cli import main as run_main
+    metrics = tmp_path / "m.json"
+    assert run_main(["--ckpt_dir", str(tiny_ckpt), "--first_frame", str(demo_frames[0]), "--last_frame",
+                     str(demo_frames[1]), "--prompt", "x", "--backend", "torch", "--lora", f"{lora_file}:0.5",
+                     "--frame_num", "5", "--sample_steps", "1", "--save_file", str(tmp_path / "v.mp4"),
+                     "--metrics", str(metrics), "--quiet"]) == 0
+    sha = hashlib.sha256(lora_file.read_bytes()).hexdigest()
+    assert json.loads(metrics.read_text())["loras"] == [{"path": str(lora_file), "fingerprint": sha[:32],
+                                                         "scale": 0.5}]
+
+
 def test_lora_for_another_model_exits_2(tiny_ckpt, demo_frames, tmp_path, capsys):
     from flf2v.runtime.cli import main as run_main
     bad = tmp_path / "wide.safetensors"
