@@ -171,14 +171,15 @@ def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int)
 
 def check_frame_num(frame_num: int, preset: Preset) -> int:
     max_latent_frames = preset.dit.rope_max_pos
+    most = 4 * (max_latent_frames - 1) + 1
     if not isinstance(frame_num, int) or frame_num < 5 or (frame_num - 1) % 4:
-        near = (f"{(frame_num - 1) // 4 * 4 + 1} or {(frame_num - 1) // 4 * 4 + 5}" if isinstance(frame_num, int)
-                and frame_num > 5 else "5 or more")  # "e.g. 81" was past what a small model's engines serve
+        low = (frame_num - 1) // 4 * 4 + 1 if isinstance(frame_num, int) and frame_num > 5 else None
+        # "e.g. 81" was past what a small model's engines serve
+        near = "5 or more" if low is None else f"{most} or fewer" if low >= most else f"{low} or {low + 4}"
         raise InputError(f"--frame_num {frame_num} is not of the form 4n+1 with n >= 1; use {near} ({preset.name}'s "
                          f"default: {preset.frame_num})")
-    if (frame_num - 1) // 4 + 1 > max_latent_frames:
-        raise InputError(f"--frame_num {frame_num} is over the model's {4 * (max_latent_frames - 1) + 1} "
-                         f"frame limit")
+    if frame_num > most:
+        raise InputError(f"--frame_num {frame_num} is over the model's {most} frame limit")
     return frame_num
 
 

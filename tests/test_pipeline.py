@@ -54,11 +54,19 @@ def test_mask_equals_official_at_81_and_generalises():
 
 
 @pytest.mark.parametrize("frame_num,near", [(0, "5 or more"), (4, "5 or more"), (8, "5 or 9"), (80, "77 or 81"),
-                                            (-3, "5 or more"), (6.0, "5 or more")])
+                                            (-3, "5 or more"), (6.0, "5 or more"),
+                                            (10**6, "4093 or fewer")])
 def test_bad_frame_num(frame_num, near):
     with pytest.raises(InputError, match=rf"^--frame_num {frame_num} is not of the form 4n\+1 with n >= 1; use {near} "
                                          rf"\(tiny's default: 9\)$"):
         rq.check_frame_num(frame_num, get_preset("tiny"))
+
+
+def test_frame_num_limit_is_the_models_rope_length():
+    tiny = get_preset("tiny")  # 1024 latent frames of RoPE: 4 * 1023 + 1 video frames
+    assert rq.check_frame_num(4093, tiny) == 4093
+    with pytest.raises(InputError, match=r"^--frame_num 4097 is over the model's 4093 frame limit$"):
+        rq.check_frame_num(4097, tiny)
 
 
 def test_size_must_be_supported():
