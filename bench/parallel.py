@@ -122,15 +122,31 @@ def run_layouts(ckpt: Path, frames: Path, work: Path, steps: int) -> list[dict]:
                           "flags": flags})
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
         cmd = [sys.executable, *launch, "-m", "flf2v.bench.parallel", job]
+        result.unlink(missing_ok=True)  # a kept --work's result of an earlier run was read as this one's
+        rows.append({"layout": name, **_launch(name, cmd, result)})
+    return rows
+
+
+def _launch(name: str, cmd: list[str], result: Path) -> dict:
+    """The layout's measurement; a launch that fails, hangs or writes no result is a row saying so (the report is
+    written, exit 1), not a traceback losing the layouts measured before it. A rank that aborts after rank 0
+    wrote the result (gloo's teardown, seen under load: "terminate called without an active exception") keeps
+    its measurement, the exit noted."""
+    try:
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                            timeout=1800)
-        if r.returncode != 0:  # a row of the report, which is written (exit 1), not a traceback losing the rest
-            log.error("%s: %s failed (exit %s):\n%s", name, " ".join(cmd), r.returncode, r.stderr[-3000:])
-            why = next((ln for ln in r.stderr.splitlines() if "terminate called" in ln or "Error" in ln), "")
-            rows.append({"layout": name, "failed": f"exit {r.returncode}" + (f": {why.strip()[:200]}" if why else "")})
-            continue
-        rows.append({"layout": name, **json.loads(result.read_text())})
-    return rows
+        rc, err = r.returncode, r.stderr
+    except subprocess.TimeoutExpired as e:  # a hung collective
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        rc = f"timeout ({e.timeout:g} s)"
+    if rc == 0 and result.is_file():
+        return json.loads(result.read_text())
+    why = next((ln.strip()[:200] for ln in err.splitlines() if "terminate called" in ln or "Error" in ln), "")
+    said = f"exit {rc}" + (f": {why}" if why else "") if rc != 0 else "exit 0 but no result written"
+    log.error("%s: %s: %s\n%s", name, " ".join(cmd), said, err[-3000:])
+    if result.is_file():
+        return {**json.loads(result.read_text()), "teardown": said, "stderr": err[-2000:]}
+    return {"failed": said, "stderr": err[-2000:]}
 
 
 def run(s):
@@ -168,8 +184,10 @@ def run(s):
                [[m["layout"], m["processes"], f"{m['step_s'] * 1e3:.1f} ms", f"{m['dit_s'] * 1e3:.1f} ms",
                  f"{m['other_s'] * 1e3:.2f} ms", f"{m.get('gather_s', 0) * 1e3:.2f} ms",
                  f"{100 * m['other_s'] / m['step_s']:.1f} %"] if "failed" not in m else
-                [m["layout"], f"failed ({m['failed']}; the log has its stderr)", "", "", "", "", ""]
-                for m in r["measured"]])], failed=[m["layout"] for m in r["measured"] if "failed" in m])
+                [m["layout"], f"failed ({m['failed']}; its stderr is in the JSON)", "", "", "", "", ""]
+                for m in r["measured"]]),
+        *[f"\n{m['layout']}: measured, then a process ended with {m['teardown']} (stderr in the JSON)."
+          for m in r["measured"] if "teardown" in m]], failed=[m["layout"] for m in r["measured"] if "failed" in m])
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ def dit_tensor_source(ckpt_dir: str | os.PathLike) -> dict[str, Callable[[], tor
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             listed = set(weight_map.values())
+            if not listed or not all(isinstance(n, str) for n in listed):
+                raise TypeError("no shard file names")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r}); the file is damaged: "
                                   f"download it again") from None

@@ -88,12 +88,13 @@ def role_of(keys) -> tuple[str | None, str]:
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a checkpoint of a layout flf2v reads (no place for engines)."""
+    """Whether `folder` holds a checkpoint of a layout flf2v reads (no place for engines): weights too, not
+    a config.json alone."""
     try:
         detect(folder)
     except CheckpointError:
         return False
-    return True
+    return any(next(Path(folder).glob(f"*.{ext}"), None) for ext in ("safetensors", "pth"))
 
 
 def detect(ckpt_dir: str | os.PathLike) -> Layout:

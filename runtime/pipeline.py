@@ -352,6 +352,9 @@ def _not_engines(folder, ckpt_dir) -> str:
     from flf2v.models.layouts import is_checkpoint
     if not Path(folder).is_dir():
         return f"{folder}: no such folder; build one: {M.rebuild_hint(ckpt_dir or 'CKPT', folder)}"
+    if (Path(folder) / M.MANIFEST).is_file():
+        return (f"{folder}: its {M.MANIFEST} is damaged or incomplete (no backend or checkpoint); rebuild it: "
+                f"{M.rebuild_hint(ckpt_dir or 'CKPT', folder)}")
     if is_checkpoint(folder):
         return (f"{folder} is a checkpoint folder, not an engine folder; give the folder flf2v-build wrote (its "
                 f"--out), or use Pipeline.from_checkpoint for the PyTorch reference")

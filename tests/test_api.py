@@ -78,11 +78,14 @@ def test_from_checkpoint_checks_dtype_and_device_before_any_weight_loads(tiny_ck
         Pipeline.from_checkpoint(tiny_ckpt, **kw)
 
 
-@pytest.mark.parametrize("where", ["missing", "empty", "checkpoint", "root"])
+@pytest.mark.parametrize("where", ["missing", "empty", "checkpoint", "root", "damaged"])
 def test_from_engines_on_a_folder_without_engines_names_the_fix(tiny_ckpt, tmp_path, where):
     """A checkpoint folder, or a root of engine folders, was told to build into itself (`--out` it)."""
     from flf2v.export.manifest import EngineError
-    folder = {"missing": tmp_path / "nope", "empty": tmp_path, "checkpoint": tiny_ckpt, "root": tmp_path}[where]
+    folder = {"missing": tmp_path / "nope", "empty": tmp_path, "checkpoint": tiny_ckpt, "root": tmp_path,
+              "damaged": tmp_path}[where]
+    if where == "damaged":  # was "holds engine folders ... give one of them, e.g. <itself>"
+        (tmp_path / "manifest.json").write_text('{"trunc')
     if where == "root":
         (tmp_path / "cpu" / "a").mkdir(parents=True)
         (tmp_path / "cpu" / "a" / "manifest.json").write_text("{}")
@@ -92,7 +95,9 @@ def test_from_engines_on_a_folder_without_engines_names_the_fix(tiny_ckpt, tmp_p
                      rf"--ckpt_dir CKPT --out {f}`",
             "checkpoint": rf"{f} is a checkpoint folder, not an engine folder; give the folder flf2v-build wrote "
                           rf"\(its --out\), or use Pipeline.from_checkpoint for the PyTorch reference",
-            "root": rf"{f} holds engine folders, one per shape; give one of them, e.g. {f}/cpu/a"}[where]
+            "root": rf"{f} holds engine folders, one per shape; give one of them, e.g. {f}/cpu/a",
+            "damaged": rf"{f}: its manifest.json is damaged or incomplete \(no backend or checkpoint\); rebuild "
+                       rf"it: run `flf2v-build --ckpt_dir CKPT --out {f}`"}[where]
     with pytest.raises(EngineError, match=rf"^{said}$"):
         Pipeline.from_engines(folder)
 

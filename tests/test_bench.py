@@ -442,37 +442,44 @@ def test_a_failed_backend_is_reported_and_exits_1_without_an_empty_chart(tmp_pat
 
 
 def test_a_failed_parallel_layout_is_a_row_and_exit_1(tmp_path, capsys, monkeypatch):
-    """A launch whose rank aborted (gloo's "terminate called without an active exception", seen under load) was
-    a RuntimeError traceback, and the layouts measured before it were lost with the report."""
+    """A launch whose rank aborted (gloo's "terminate called without an active exception", seen under load) or
+    that hung was a traceback, and the layouts measured before it were lost with the report; an abort after the
+    result was written keeps the measurement; a kept --work's old result is never read as a new one."""
     import subprocess
 
     from flf2v.bench import cli, parallel
-
-    real = subprocess.run
+    real, abort = subprocess.run, "terminate called without an active exception"
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "parallel-2-cfg_parallel.json").write_text('{"step_s": 9.0}')  # a stale result: the launch hangs
 
     def launch(cmd, **kw):
         if "flf2v.bench.parallel" not in cmd:  # the machine's description (lscpu, ...)
             return real(cmd, **kw)
         job = json.loads(cmd[-1])
-        if job["flags"] == ["ulysses"]:
-            return subprocess.CompletedProcess(cmd, -6, "", "W warn\nterminate called without an active exception\n")
-        Path(job["result"]).write_text(json.dumps({"step_s": 2.0, "dit_s": 1.5, "other_s": 0.5, "gather_s": 0.25,
-                                                   "processes": 2 if job["flags"] else 1}))
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+        if job["flags"] == ["cfg_parallel"]:
+            raise subprocess.TimeoutExpired(cmd, 1800, stderr=b"hung\n")
+        if job["flags"] != ["ulysses"]:
+            Path(job["result"]).write_text(json.dumps({"step_s": 2.0, "dit_s": 1.5, "other_s": 0.5,
+                                                       "gather_s": 0.25, "processes": 2}))
+        rc = -6 if "ulysses" in job["flags"] else 0
+        return subprocess.CompletedProcess(cmd, rc, "", f"W warn\n{abort}\n" if rc else "")
     monkeypatch.setattr(parallel.subprocess, "run", launch)
     out = tmp_path / "out"
-    rc = cli.main(["parallel", "--steps", "1", "--out", str(out), "--work", str(tmp_path / "w"), "--idle_wait", "0",
-                   "-q"])
+    rc = cli.main(["parallel", "--steps", "1", "--out", str(out), "--work", str(work), "--idle_wait", "0", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     files = {f.suffix: f for f in out.iterdir()}
-    assert rc == 1 and err[-1] == f"flf2v-bench: error: Ulysses 2 failed; see {files['.md']}", err
-    rows = {r["layout"]: r for r in json.loads(files[".json"].read_text())["measured"]}
-    assert rows["Ulysses 2"] == {"layout": "Ulysses 2", "failed": "exit -6: terminate called without an active "
-                                                                  "exception"}, rows
-    assert rows["CFG-parallel 2"]["step_s"] == 2.0 and len(rows) == len(parallel.MEASURED), rows
+    assert rc == 1 and err[-1] == f"flf2v-bench: error: CFG-parallel 2, Ulysses 2 failed; see {files['.md']}", err
+    rows = {r.pop("layout"): r for r in json.loads(files[".json"].read_text())["measured"]}
+    assert rows["CFG-parallel 2"] == {"failed": "exit timeout (1800 s)", "stderr": "hung\n"}, rows
+    assert rows["Ulysses 2"] == {"failed": f"exit -6: {abort}", "stderr": f"W warn\n{abort}\n"}, rows
+    fsdp = rows["Ulysses 2, DiT FSDP"]
+    assert fsdp["step_s"] == 2.0 and fsdp["teardown"] == f"exit -6: {abort}", fsdp
+    assert rows["1 process"]["step_s"] == 2.0 and "teardown" not in rows["1 process"], rows
     md = files[".md"].read_text()
-    assert "| Ulysses 2 | failed (exit -6: terminate called without an active exception; the log has its " in md, md
-    assert "| CFG-parallel 2 | 2 | 2000.0 ms | 1500.0 ms | 500.00 ms | 250.00 ms | 25.0 % |" in md, md
+    assert f"| Ulysses 2 | failed (exit -6: {abort}; its stderr is in the JSON) |" in md, md
+    assert "| Ulysses 2, DiT FSDP | 2 | 2000.0 ms | 1500.0 ms | 500.00 ms | 250.00 ms | 25.0 % |" in md, md
+    assert f"Ulysses 2, DiT FSDP: measured, then a process ended with exit -6: {abort} (stderr in the JSON)." in md
 
 
 def test_the_json_report_is_standard_json(tmp_path):

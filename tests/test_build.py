@@ -61,7 +61,8 @@ def test_second_run_skips_current_engines(folder, tiny_ckpt, capsys):
     assert B.main(["--ckpt_dir", str(tiny_ckpt), "--preset", "tiny", "--out", str(folder)]) == 0
     assert time.perf_counter() - t0 < 10
     out, err = capsys.readouterr()  # no progress bar over nothing to build ("8/8 ... 172960.99graph/s")
-    assert re.fullmatch(rf"{folder}: (\d+) engines current: 0 built now, \1 kept\n", out) and "graph" not in err, (out, err)
+    said = re.fullmatch(rf"{folder}: (\d+) engines current: 0 built now, \1 kept\n", out)
+    assert said and "graph" not in err, (out, err)
     assert {p.name: p.stat().st_mtime_ns for p in [*folder.glob("*.onnx"), folder / M.MANIFEST]} == before
 
 

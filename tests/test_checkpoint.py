@@ -155,7 +155,7 @@ def _shard(ckpt, i=1):
 
 @pytest.mark.parametrize("case", ["missing_t5", "missing_config", "missing_shard", "truncated_shard",
                                   "wrong_shape", "missing_key", "unexpected_key", "truncated_pth",
-                                  "no_tokenizer", "two_dits"])
+                                  "no_tokenizer", "two_dits", "empty_index"])
 def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
     c = copy_ckpt(tiny_ckpt, tmp_path / "c")
     load = ck.load_dit
@@ -188,6 +188,8 @@ def test_damaged_checkpoint(tiny_ckpt, tmp_path, case):
         shutil.rmtree(c / ck.T5_TOKENIZER); load, match = ck.load_tokenizer, "umt5-xxl"
     elif case == "two_dits":  # a merged copy beside the shards (a half-done re-download?) was ignored silently
         shutil.copy(_shard(c), c / ck.DIT_SINGLE); match = "holds two DiTs, diffusion_pytorch_model.safetensors and"
+    elif case == "empty_index":  # beside a single file it was "two DiTs"; alone, "shard ... is listed but missing"
+        (c / ck.DIT_INDEX).write_text('{"weight_map": {}}'); match = "not a safetensors index with a weight_map"
     with pytest.raises(ck.CheckpointError, match=match) as e:
         load(c)
     assert "\n" not in str(e.value)

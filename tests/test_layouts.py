@@ -409,3 +409,11 @@ def test_quant_gate_on_a_checkpoint_reads_every_layout(layouts, tmp_path):
     # a weight read wrong moves these far more
     want = {run: {k: pytest.approx(v, rel=1e-5) for k, v in figures.items()} for run, figures in got["official"].items()}
     assert got["diffusers"] == want and got["comfyui"] == want, got
+
+
+def test_a_config_json_alone_is_no_checkpoint(tiny_ckpt, tmp_path):
+    """flf2v-build refuses to write engines into a checkpoint folder; a folder holding only a config.json was
+    taken for one (detect names the official layout by any of its file names)."""
+    from flf2v.models.layouts import is_checkpoint
+    (tmp_path / "config.json").write_text("{}")
+    assert is_checkpoint(tiny_ckpt) and not is_checkpoint(tmp_path)
