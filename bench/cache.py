@@ -103,7 +103,7 @@ def run(s) -> Report:
     import onnxruntime
 
     from flf2v.models.make_tiny import write_demo_frames
-    from flf2v.runtime.calibrate_cache import MIN_STEPS
+    from flf2v.runtime.cache import MIN_STEPS
     steps, folder = s.args.steps, s.work / "cache-engines"
     if steps < MIN_STEPS:  # the calibration's, found in its child process after the engine build
         raise BadInput(f"--steps {steps}: the step cache's calibration needs at least {MIN_STEPS} steps")

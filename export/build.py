@@ -343,7 +343,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
-    if folder.is_dir() and is_checkpoint(folder):  # the engines' files were mixed with the weights
+    if is_checkpoint(folder):  # the engines' files were mixed with the weights
         raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
                          f"--out (ENGINES=) or give another folder")
     folder.mkdir(parents=True, exist_ok=True)

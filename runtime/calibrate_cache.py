@@ -30,8 +30,6 @@ from flf2v import log
 from . import cache as C
 from .torch_backend import TorchBackend
 
-MIN_STEPS = C.MIN_STEPS
-
 
 class Recorder(TorchBackend):
     """The torch backend whose every DiT call runs in full and records, per batch row, the residual's per-token
@@ -58,8 +56,8 @@ def branches(calls) -> list[list[tuple]]:
 def calibration(calls, cfg: bool, ckpt_dir, preset) -> dict:
     per_branch = branches(calls)
     steps = len(per_branch[0])
-    if steps < MIN_STEPS:
-        raise ValueError(f"calibration needs at least {MIN_STEPS} steps, got {steps}")
+    if steps < C.MIN_STEPS:
+        raise ValueError(f"calibration needs at least {C.MIN_STEPS} steps, got {steps}")
     ratios = [[1.0] * len(per_branch)]
     for i in range(1, steps):
         ratios.append([round(float((br[i][0] / br[i - 1][0]).mean()), 5) for br in per_branch])
@@ -90,7 +88,7 @@ def run(ckpt_dir, first, last, prompt: str, out=None, device=None, dtype=None, p
     preset = ck.preset_for(ckpt_dir)
     out = Path(out) if out else Path(ckpt_dir) / C.CALIBRATION_FILE
     if options.get("sample_steps") is None:  # a curve to resample needs points (the test presets run 4 steps)
-        options["sample_steps"] = max(preset.sample_steps, MIN_STEPS)
+        options["sample_steps"] = max(preset.sample_steps, C.MIN_STEPS)
     ck.check_files(ckpt_dir, preset)  # the files and the run's settings, before any weight loads
     make_request(preset, prompt, (first.height, first.width), last is not None, ckpt_dir=ckpt_dir, **options)
     rec = Recorder(ckpt_dir, preset, dtype, device, offload_model=device.type == "cuda")
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--prompt", default=NEUTRAL_PROMPT, help=f"text prompt of the calibration video (default: {NEUTRAL_PROMPT!r})")
     a("--size", default=None, help="max output area W*H (default: the model's)")
     a("--frame_num", type=int, default=None, help="frames, 4n+1 (default: the model's)")
-    a("--sample_steps", type=int, default=None, help=f"steps (default: the model's, at least {MIN_STEPS}; runs "
+    a("--sample_steps", type=int, default=None, help=f"steps (default: the model's, at least {C.MIN_STEPS}; runs "
                                                        f"with other step counts resample the curve)")
     a("--sample_shift", type=float, default=None)
     a("--sample_guide_scale", type=float, default=None)
@@ -146,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     log.setup(-1 if args.quiet else args.verbose, "flf2v-calibrate-cache")
     try:
-        if args.sample_steps is not None and args.sample_steps < MIN_STEPS:
-            raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {MIN_STEPS} steps")
+        if args.sample_steps is not None and args.sample_steps < C.MIN_STEPS:
+            raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {C.MIN_STEPS} steps")
         check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
         if args.last_frame and not args.first_frame:
             raise InputError("--last_frame needs --first_frame (without both, the built-in pair is used)")

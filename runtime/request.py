@@ -170,8 +170,7 @@ def latent_grid(img_hw: tuple[int, int], max_area: int, stride: int, patch: int)
 
 
 def check_frame_num(frame_num: int, preset: Preset) -> int:
-    max_latent_frames = preset.dit.rope_max_pos
-    most = 4 * (max_latent_frames - 1) + 1
+    most = 4 * (preset.dit.rope_max_pos - 1) + 1  # RoPE positions are latent frames: 1 + (frames - 1) / 4
     if not isinstance(frame_num, int) or frame_num < 5 or (frame_num - 1) % 4:
         low = (frame_num - 1) // 4 * 4 + 1 if isinstance(frame_num, int) and frame_num > 5 else None
         # "e.g. 81" was past what a small model's engines serve
