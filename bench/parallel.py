@@ -111,7 +111,8 @@ def measure(job: dict) -> None:
         Path(job["result"]).write_text(json.dumps({
             "step_s": step, "dit_s": dit, "other_s": step - dit, "gather_s": meter.calls.get("gather", 0.0) / n,
             "processes": 1 if par is None else par.world}))
-    P.shutdown()
+    del pipe  # FSDP's networks hold the process group (runtime/parallel.py shutdown)
+    P.shutdown(par)
 
 
 def run_layouts(ckpt: Path, frames: Path, work: Path, steps: int) -> list[dict]:

@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             job.run()
         if args.plan:
             return 0 if job.plan_fits else 2
+        return job.report()
     except InputError as e:
         return _fail(str(e), every_rank=job.local or isinstance(e, FrameError))
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
@@ -267,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions: the video was not written
         return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
     finally:
-        if job.par is not None:
-            P.shutdown()
-    return job.report()
+        if job.par is not None:  # the networks first: FSDP's hold the process group (runtime/parallel.py shutdown)
+            job.pipe = None
+            P.shutdown(job.par)
 
 
 if __name__ == "__main__":

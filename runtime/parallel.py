@@ -18,6 +18,7 @@ GPUs, `--cuda_graph false` keeps the timeout in force (UNVERIFIED: no GPU here).
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,6 +109,10 @@ def init(ulysses_size: int = 1, cfg_parallel: bool = False, device: torch.device
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo (which loading the DiT imports) keeps the default group alive past destroy_process_group
+        # if first imported after it exists (measured: its gloo worker threads then live until interpreter
+        # exit, see shutdown)
+        from torch import _dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return groups(ulysses_size, cfg_parallel, device, timeout_s)
@@ -136,6 +141,19 @@ def groups(ulysses_size: int, cfg_parallel: bool, device: torch.device, timeout_
     return par
 
 
-def shutdown() -> None:
+def shutdown(par: Parallel | None = None) -> None:
+    """Destroy the process groups and join their worker threads now. A gloo worker still alive at interpreter
+    exit that frees the tensors of a collective just finished needs the GIL there and aborts the process
+    ("terminate called without an active exception", SIGABRT; 1 in ~20 runs on a loaded 2-core machine, after
+    the video was written). The groups die with their last reference: `par`'s are dropped here."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if par is not None:
+        if par.sp is not None:
+            par.sp.group = None
+        if par.cfg is not None:
+            par.cfg.group = None
+        if par.mesh is not None:  # torch 2.13's mesh holds its groups, and FSDP's DTensors (cached by torch) it
+            getattr(par.mesh, "_pg_registry", {}).clear()
+        par.mesh = None
+    gc.collect()  # a group held in a reference cycle

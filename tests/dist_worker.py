@@ -126,7 +126,12 @@ def run_cli(args) -> int:
             finally:
                 Path(f"{args.record}.{os.environ['RANK']}").write_text(str(self.last_request.seed))
         Pipeline.generate = recording
-    return cli.main(rest)
+    code = cli.main(rest)
+    if args.record:  # gloo threads still alive once main returned abort a rank at exit now and then
+        tasks = Path("/proc/self/task")
+        alive = sum((t / "comm").read_text().startswith(("pt_gloo", "gloo_")) for t in tasks.iterdir())
+        Path(f"{args.record}.threads.{os.environ['RANK']}").write_text(str(alive))
+    return code
 
 
 def main() -> int:

@@ -116,6 +116,8 @@ def test_cli_under_torchrun_writes_one_video(ckpt4, demo_frames, tmp_path):
     assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "v.mp4"]
     ran = [int(Path(f"{seeds}.{rank}").read_text()) for rank in (0, 1)]
     assert ran[0] == ran[1] == json.loads(metrics.read_text())["run"]["seed"], ran
+    alive = [int(Path(f"{seeds}.threads.{rank}").read_text()) for rank in (0, 1)]
+    assert alive == [0, 0], f"gloo threads alive after flf2v-run's main returned, per rank: {alive}"
     assert r.stdout.count("wrote ") == 1 and r.stdout.count("flf2v-run: backend torch") == 1, r.stdout
     assert "flf2v-run: rank 1: peak memory: host_peak_rss_gib" in r.stdout, r.stdout
     m = json.loads(metrics.read_text())
