@@ -29,6 +29,15 @@ def test_mp4_round_trip(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["v.mp4"], "temporary file left behind"
 
 
+def test_mp4_quality_is_the_official_one(tmp_path):
+    """The official cache_video writes with imageio quality=8, which imageio-ffmpeg maps to x264's CRF as
+    int((1 - quality / 10) * 51); x264 records its settings in the stream."""
+    official = int((1 - 8 / 10.0) * 51)
+    data = save_video(smooth_video(), tmp_path / "v.mp4").read_bytes()
+    got = data[data.index(b" crf=") + 5:].split(b" ")[0]
+    assert float(got) == official, f"x264 crf {got!r}, the official quality=8 is crf {official}"
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="even"):
         save_video(smooth_video(h=47), tmp_path / "v.mp4")
