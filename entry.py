@@ -3,7 +3,9 @@ the networks) takes a second or more, and a Ctrl-C landing in it, anywhere a com
 own, or in a __del__ (log.keep_ctrl_c), is one line and exit 130 like an interrupted run, not a traceback."""
 from __future__ import annotations
 
+import atexit
 import importlib
+import signal
 
 from flf2v import log
 
@@ -19,6 +21,9 @@ def _command(prog: str, target: str, argv: list[str] | None) -> int:
                 raise
             code = None
         lost = log.ctrl_c_lost()
+    # From here all is written (or not): a Ctrl-C in the interpreter's exit was a traceback from torch's atexit
+    # finalizers, with exit 0. The last handler registered runs first.
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
     if code is None or code == 0 and lost:  # what it wrote, it wrote whole (atomic writes)
         return log.stopped(prog, stop)
     return code

@@ -144,8 +144,8 @@ def run(s) -> Report:
     need = scale * (33 + (33 if a.ckpt_dtype == "bf16" else 66) * (a.source == "ckpt")) * 10**9
     if free < need * 1.05:
         raise BadInput(f"{free / 1e9:.0f} GB free at {s.work}, {need / 1e9:.0f} GB needed; give --work a larger disk")
+    s.settle()  # before the scratch folder: a Ctrl-C while waiting left it behind
     work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=s.work))
-    s.settle()
     try:
         r = measure(work, a.source, a.shape, a.batch, torch.bfloat16 if a.ckpt_dtype == "bf16" else torch.float32,
                     a.layers)

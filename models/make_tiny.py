@@ -99,6 +99,7 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
     gen = torch.Generator().manual_seed(seed)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         write_dit(tmp, randomize_(WanDiT(p.dit), gen), p.dit.to_json_dict())
         t5 = randomize_(UMT5Encoder(p.t5), gen)
@@ -114,15 +115,20 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
         # mkdtemp makes 0700 and safetensors 0600: give everything the mode any new file or folder gets
         for f in (tmp, *tmp.rglob("*")):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if dest.exists():
-            for f in dest.iterdir():  # the user's own files (a step-cache calibration, notes) stay
-                if not (tmp / f.name).exists():
-                    os.replace(f, tmp / f.name)
-            shutil.rmtree(dest)
+        if dest.exists():  # renames only, so that a Ctrl-C anywhere loses none of the user's files
+            os.replace(dest, old)
         os.replace(tmp, dest)
     except BaseException:
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old.exists() and dest.exists():  # the user's own files (a step-cache calibration, notes) stay
+            for f in old.iterdir():
+                if not (dest / f.name).exists():
+                    os.replace(f, dest / f.name)
+            shutil.rmtree(old)
     return dest
 
 

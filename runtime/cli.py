@@ -48,10 +48,14 @@ def _say_warning(message, category, filename, lineno, file=None, line=None) -> N
         print(f"flf2v-run: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _stopped(e: KeyboardInterrupt) -> int:
-    """Ctrl-C or SIGTERM (log.stop_said): said once, by rank 0."""
+def _stopped(e: KeyboardInterrupt, job: "Job") -> int:
+    """Ctrl-C or SIGTERM (log.stop_said): said once, by rank 0, with what was written (it said "no video was
+    written" of one stopped right after the video was)."""
     said, code = log.stop_said(e)
-    return _fail(f"{said}; no video was written", code, every_rank=False)
+    if not job.written:
+        return _fail(f"{said}; no video was written", code, every_rank=False)
+    unwritten = f"; --metrics {job.args.metrics} was not written" if job.args.metrics and len(job.written) < 2 else ""
+    return _fail(f"{said} after writing {job.written[0]}{unwritten}", code, every_rank=False)
 
 
 def _collective_failure(e: RuntimeError) -> bool:
@@ -119,6 +123,7 @@ class Job:
     pipe: object = None
     video: torch.Tensor | None = None
     save: Path | None = None
+    written: list = field(default_factory=list)  # the video, then the metrics, once each is on disk
     t_load: float = 0.0
     checkpoint: dict = field(default_factory=dict)  # layout and stored dtypes (models/fingerprint.describe)
     local: bool = False  # checking what a torchrun job's ranks may not share (files): every rank says its error
@@ -183,6 +188,7 @@ class Job:
                 args.task, f"{v.shape[3]}*{v.shape[2]}", args.prompt)
             with self.pipe.times("save"):
                 save_video(v, self.save, fps=args.fps)
+            self.written.append(self.save)
 
     def report(self) -> int:
         """The metrics file and the "wrote ..." line (every rank its own memory)."""
@@ -196,6 +202,7 @@ class Job:
         if args.metrics:
             try:
                 write_metrics(args.metrics, self.metrics(total, mem))
+                self.written.append(args.metrics)
             except OSError as e:  # checked before the run; the disk may still fill
                 return _fail(f"{e.strerror or e} ({args.metrics}); the video is {self.save}, the metrics were not "
                              "written")
@@ -253,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NumericalError, EngineError, LoRAError) as e:  # may be one rank's (its shard)
         return _fail(str(e))
     except KeyboardInterrupt as e:  # the video is written atomically: nothing half-written is left
-        return _stopped(e)
+        return _stopped(e, job)
     except Stopped:
         return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
                      "written", 1)
     except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
         if stop := log.ctrl_c(e):  # a Ctrl-C inside a torch context manager surfaces as its cleanup's RuntimeError
-            return _stopped(stop)
+            return _stopped(stop, job)
         if job.par is None or not _collective_failure(e):
             raise
         msg = str(e).strip().splitlines()[0][:200]

@@ -549,6 +549,17 @@ def test_busy_warning_is_in_the_chart_too(tmp_path):
     assert (tmp_path / "idle.png").read_bytes() != (tmp_path / "busy.png").read_bytes()
 
 
+def test_export_memory_stopped_while_waiting_for_an_idle_machine_leaves_no_scratch_folder(tmp_path, monkeypatch):
+    from flf2v.bench import cli
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.Session, "settle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["export-memory", "--work", str(tmp_path), "--layers", "1", "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == [], f"left in --work: {sorted(p.name for p in tmp_path.iterdir())}"
+
+
 def test_export_memory_subcommand_is_wired(capsys):
     from flf2v.bench.cli import main
 

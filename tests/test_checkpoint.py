@@ -147,6 +147,33 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("at", range(1, 6))
+def test_a_ctrl_c_while_rewriting_a_checkpoint_loses_none_of_the_users_files(tmp_path, monkeypatch, at):
+    """Ctrl-C at the `at`-th rename of a rewrite: the user's files are all still there (they were moved into the
+    temporary folder one by one, and that folder deleted on the way out)."""
+    import os
+
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    dest = write_tiny_checkpoint(tmp_path / "ckpt", seed=1)
+    notes = {f"note{i}.txt": f"mine {i}" for i in range(3)}
+    for name, text in notes.items():
+        (dest / name).write_text(text)
+    replace, calls = os.replace, []
+
+    def interrupted(*a):
+        calls.append(a)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return replace(*a)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_tiny_checkpoint(dest, seed=1)
+    monkeypatch.setattr(os, "replace", replace)
+    kept = {p.name: p.read_text() for p in tmp_path.rglob("note*.txt")}
+    assert kept == notes, f"Ctrl-C at rename {at}: the user's files left are {sorted(kept)}"
+    assert (dest / "flf2v_tiny.json").exists(), f"Ctrl-C at rename {at}: {dest} holds no checkpoint"
+
+
 # -- damaged checkpoints: one clear error naming the file (and key) ------------------------------------
 
 def _shard(ckpt, i=1):

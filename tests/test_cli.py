@@ -232,6 +232,36 @@ def test_ctrl_c_says_one_line_and_exits_130(tiny_ckpt, demo_frames, tmp_path, ca
     assert not out.exists() and not list(tmp_path.glob("*.part*"))
 
 
+def test_ctrl_c_after_the_video_is_written_says_so(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    """Stopped while the metrics are written: the video is there, and the message said there was none."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("flf2v.runtime.cli.write_metrics", interrupted)
+    out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
+    assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics))) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"flf2v-run: error: interrupted after writing {out}; --metrics {metrics} was not written", err
+    assert out.exists() and not metrics.exists()
+
+
+def test_ctrl_c_in_the_exit_after_a_command_is_no_traceback(tmp_path):
+    """A Ctrl-C after the command returned lands in the atexit finalizers (torch registers some): it printed
+    "Exception ignored in atexit callback" and a traceback. A finalizer sending it stands in for the user."""
+    import signal
+    import subprocess
+    import sys
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "from flf2v import entry\n"
+        "def cmd(argv):\n"
+        "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2), print('exited')))\n"
+        "    return 0\n"
+        "sys.exit(entry._command('flf2v-x', '__main__:cmd', []))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "exited", ""), (r.returncode, r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("sig,code,says", [
     ("SIGINT", 130, "interrupted; no video was written"),
     # kill, docker stop, a batch scheduler: was killed silently (exit -15), a partial mp4 left if in the save
