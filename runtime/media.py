@@ -218,11 +218,11 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # a short name of its own: one made from the target's name can pass the file system's limit where it does not
     fd, tmp = tempfile.mkstemp(prefix=".flf2v-", suffix=".part" + path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask)
-    try:
+    try:  # from the file's creation on: a Ctrl-C in the chmod left an empty .part file
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask)
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -263,6 +263,15 @@ def test_replacing_a_file_keeps_its_mode_and_writes_through_a_link(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mp4", "old.mp4"]
 
 
+def test_a_ctrl_c_as_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "chmod", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_video(smooth_video(f=1), tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("fps", [0, -5, float("nan")])
 def test_save_video_refuses_what_it_cannot_write(tmp_path, fps):
     with pytest.raises(ValueError, match="fps must be a positive number"):  # 0 was written as 24 fps
