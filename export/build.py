@@ -328,6 +328,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     `weight_streaming`: a DiT whose weights the runtime streams from host memory as its memory plan sets
     (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
     ckpt_dir = Path(ckpt_dir)
+    if out:  # before the checkpoint's fingerprint (seconds): a wrong --out was refused 8-13 s in
+        _check_out(Path(out))
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
     if weight_streaming and backend not in ("trt", "aoti"):
@@ -341,11 +343,6 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}") + (
         "-stream" if weight_streaming else ""), plan.fingerprint, plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
-    if folder.exists() and not folder.is_dir():
-        raise BuildError(f"--out {folder} is a file; give a folder")
-    if is_checkpoint(folder):  # the engines' files were mixed with the weights
-        raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
-                         f"--out (ENGINES=) or give another folder")
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
@@ -369,6 +366,14 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             M.write(folder, manifest)
         _build_missing(plan, folder, manifest, todo, progress)
     return folder
+
+
+def _check_out(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BuildError(f"--out {folder} is a file; give a folder")
+    if is_checkpoint(folder):  # the engines' files were mixed with the weights
+        raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
+                         f"--out (ENGINES=) or give another folder")
 
 
 def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:

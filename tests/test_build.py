@@ -148,6 +148,19 @@ def test_a_checkpoint_folder_is_no_out(tiny_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
+@pytest.mark.parametrize("out", ["file", "checkpoint"])
+def test_a_wrong_out_is_refused_before_the_checkpoint_is_read(tiny_ckpt, tmp_path, capsys, monkeypatch, out):
+    """The checkpoint's settings and fingerprint take seconds (8-13 s on a small one under load)."""
+    def read(*a, **k):
+        raise AssertionError("the checkpoint was read before --out was checked")
+    monkeypatch.setattr(B, "_settings", read)
+    (tmp_path / "file").write_text("x")
+    where = tmp_path / "file" if out == "file" else tiny_ckpt
+    assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(where), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flf2v-build: error: --out {where} is a ") and err.count("\n") == 1, err
+
+
 @pytest.mark.skipif(M.trt_available(), reason="TensorRT is available here")
 def test_trt_backend_without_tensorrt_exits_2(tiny_ckpt, tmp_path, capsys):
     assert B.main(["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path), "--backend", "trt"]) == 2
