@@ -190,7 +190,8 @@ def _entries(path: Path, f, shapes: dict, peft_alpha: float | None):
                 raise LoRAError(f"{path}: {down!r} {tuple(a)} and {up!r} {tuple(b)} are not a LoRA pair; "
                                 f"the file is damaged")
             alpha = f.get_tensor(kinds["alpha"]) if "alpha" in kinds else peft_alpha
-            if isinstance(alpha, torch.Tensor) and (alpha.numel() != 1 or not math.isfinite(alpha := alpha.item())):
+            if isinstance(alpha, torch.Tensor) and (alpha.numel() != 1 or alpha.dtype == torch.bool
+                                                    or alpha.is_complex() or not math.isfinite(alpha := alpha.item())):
                 raise LoRAError(f"{path}: {kinds['alpha']!r} is not one finite number; the file is damaged")
             mult = 1.0 if alpha is None else alpha / a[0]  # no alpha: B @ A as it is
             out.append((up, weight, ((down, up), mult), (b[0], math.prod(a[1:]))))

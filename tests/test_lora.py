@@ -262,6 +262,10 @@ def _bad_files(tmp, shapes):
     save_file({"blocks.0.self_attn.q.lora_down.weight": down, "blocks.0.self_attn.q.lora_up.weight": up,
                "blocks.0.self_attn.q.alpha": torch.ones(2)}, str(tmp / "alpha.safetensors"))
     yield "vector alpha", tmp / "alpha.safetensors", None, "not one finite number"
+    for kind, value in (("bool", torch.tensor(True)), ("complex", torch.tensor(1 + 2j))):  # True merged as 1
+        save_file({"blocks.0.self_attn.q.lora_down.weight": down, "blocks.0.self_attn.q.lora_up.weight": up,
+                   "blocks.0.self_attn.q.alpha": value}, str(tmp / f"{kind}.safetensors"))
+        yield f"{kind} alpha", tmp / f"{kind}.safetensors", None, "not one finite number"
     save_file({"blocks.0.self_attn.q.diff_b": down[0, :1].clone(), "transformer.blocks.0.attn1.to_q.lora_A.weight": down,
                "blocks.0.self_attn.q.lora_down.weight": down.clone()}, str(tmp / "twice.safetensors"))
     yield "twice", tmp / "twice.safetensors", None, "are the same LoRA tensor"
@@ -352,4 +356,4 @@ def test_bad_inputs_fail_in_one_line(tiny_ckpt, shapes, tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and (path.name in msg or what == "scale"), f"{what}: {msg}"
         seen.append(what)
-    assert len(seen) == 15
+    assert len(seen) == 17
