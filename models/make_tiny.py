@@ -95,11 +95,10 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
     p = get_preset(preset)
     if p.t5.vocab > 100_000:
         raise ValueError(f"preset {preset!r} is full size; flf2v-make-tiny writes small test checkpoints only")
-    dest = Path(ckpt_dir)
+    dest = Path(os.path.realpath(ckpt_dir))  # a link to a folder: that folder rewritten, the link kept
     gen = torch.Generator().manual_seed(seed)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = tmp.with_name(tmp.name + ".old")
     try:
         write_dit(tmp, randomize_(WanDiT(p.dit), gen), p.dit.to_json_dict())
         t5 = randomize_(UMT5Encoder(p.t5), gen)
@@ -115,21 +114,41 @@ def write_tiny_checkpoint(ckpt_dir: str | os.PathLike, preset: str = "tiny", see
         # mkdtemp makes 0700 and safetensors 0600: give everything the mode any new file or folder gets
         for f in (tmp, *tmp.rglob("*")):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if dest.exists():  # renames only, so that a Ctrl-C anywhere loses none of the user's files
-            os.replace(dest, old)
-        os.replace(tmp, dest)
+        _swap_in(tmp, dest)
     except BaseException:
-        if old.exists() and not dest.exists():
-            os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if old.exists() and dest.exists():  # the user's own files (a step-cache calibration, notes) stay
-            for f in old.iterdir():
-                if not (dest / f.name).exists():
-                    os.replace(f, dest / f.name)
-            shutil.rmtree(old)
-    return dest
+    return Path(ckpt_dir)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """The folder `tmp` in place of `dest`, with the user's own files of `dest` (a step-cache calibration,
+    notes): hard-linked into `tmp` first (copied where links fail), so that a Ctrl-C anywhere leaves them in
+    `dest` (moved into `tmp` one by one, they went with its removal)."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    for f in dest.iterdir():
+        if not (tmp / f.name).exists():
+            if f.is_dir() and not f.is_symlink():
+                shutil.copytree(f, tmp / f.name, symlinks=True, copy_function=_link)
+            else:
+                _link(f, tmp / f.name)
+    old = tmp.with_name(tmp.name + ".old")
+    os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old)
+
+
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def demo_frames(size: tuple[int, int] = (128, 128)):

@@ -49,13 +49,18 @@ def _say_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def _stopped(e: KeyboardInterrupt, job: "Job") -> int:
-    """Ctrl-C or SIGTERM (log.stop_said): said once, by rank 0, with what was written (it said "no video was
-    written" of one stopped right after the video was)."""
+    """Ctrl-C or SIGTERM (log.stop_said): said once, by rank 0."""
     said, code = log.stop_said(e)
+    return _fail(f"{said}; {_outcome(job)}", code, every_rank=False)
+
+
+def _outcome(job: "Job") -> str:
+    """What a run that failed or was stopped left: it said "no video was written" of one stopped (or whose
+    "wrote" line met a closed pipe) right after the video was."""
     if not job.written:
-        return _fail(f"{said}; no video was written", code, every_rank=False)
+        return "no video was written"
     unwritten = f"; --metrics {job.args.metrics} was not written" if job.args.metrics and len(job.written) < 2 else ""
-    return _fail(f"{said} after writing {job.written[0]}{unwritten}", code, every_rank=False)
+    return f"{job.written[0]} was written{unwritten}"
 
 
 def _collective_failure(e: RuntimeError) -> bool:
@@ -262,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # the video is written atomically: nothing half-written is left
         return _stopped(e, job)
     except Stopped:
-        return _fail("stopped: another process of this torchrun job failed (see its line above); no video was "
-                     "written", 1)
+        return _fail(f"stopped: another process of this torchrun job failed (see its line above); {_outcome(job)}",
+                     1)
     except RuntimeError as e:  # a peer died (connection reset) or hung past --dist_timeout; else a bug
         if stop := log.ctrl_c(e):  # a Ctrl-C inside a torch context manager surfaces as its cleanup's RuntimeError
             return _stopped(stop, job)
@@ -271,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e).strip().splitlines()[0][:200]
         return _fail(f"a collective with the other processes failed ({msg}); another process died or hung "
-                     f"(--dist_timeout {args.dist_timeout:g} s); no video was written", 1)
-    except OSError as e:  # disk full, permissions: the video was not written
-        return _fail(f"{e.strerror or e} ({e.filename or 'output'}); no video was written")
+                     f"(--dist_timeout {args.dist_timeout:g} s); {_outcome(job)}", 1)
+    except OSError as e:  # disk full, permissions; a closed pipe under the "wrote" line
+        return _fail(f"{e.strerror or e} ({e.filename or 'output'}); {_outcome(job)}")
     finally:
         if job.par is not None:  # the networks first: FSDP's hold the process group (runtime/parallel.py shutdown)
             job.pipe = None

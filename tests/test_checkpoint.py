@@ -149,8 +149,8 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
 
 @pytest.mark.parametrize("at", range(1, 6))
 def test_a_ctrl_c_while_rewriting_a_checkpoint_loses_none_of_the_users_files(tmp_path, monkeypatch, at):
-    """Ctrl-C at the `at`-th rename of a rewrite: the user's files are all still there (they were moved into the
-    temporary folder one by one, and that folder deleted on the way out)."""
+    """Ctrl-C at the `at`-th rename or link of a rewrite: the user's files are all still in the folder (they were
+    moved into the temporary folder one by one, and that folder deleted on the way out)."""
     import os
 
     from flf2v.models.make_tiny import write_tiny_checkpoint
@@ -158,20 +158,35 @@ def test_a_ctrl_c_while_rewriting_a_checkpoint_loses_none_of_the_users_files(tmp
     notes = {f"note{i}.txt": f"mine {i}" for i in range(3)}
     for name, text in notes.items():
         (dest / name).write_text(text)
-    replace, calls = os.replace, []
+    calls = []
 
-    def interrupted(*a):
-        calls.append(a)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return replace(*a)
-    monkeypatch.setattr(os, "replace", interrupted)
+    def interrupting(real):
+        def call(*a, **k):
+            calls.append(a)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return call
+    for name in ("replace", "link"):
+        monkeypatch.setattr(os, name, interrupting(getattr(os, name)))
     with pytest.raises(KeyboardInterrupt):
         write_tiny_checkpoint(dest, seed=1)
-    monkeypatch.setattr(os, "replace", replace)
-    kept = {p.name: p.read_text() for p in tmp_path.rglob("note*.txt")}
-    assert kept == notes, f"Ctrl-C at rename {at}: the user's files left are {sorted(kept)}"
-    assert (dest / "flf2v_tiny.json").exists(), f"Ctrl-C at rename {at}: {dest} holds no checkpoint"
+    monkeypatch.undo()
+    kept = {p.name: p.read_text() for p in dest.glob("note*.txt")}
+    assert kept == notes, f"Ctrl-C at rename or link {at}: the user's files left in {dest}: {sorted(kept)}"
+    assert (dest / "flf2v_tiny.json").exists(), f"Ctrl-C at rename or link {at}: {dest} holds no checkpoint"
+
+
+def test_rewriting_a_linked_checkpoint_rewrites_its_folder(tmp_path):
+    """A link to a checkpoint folder was replaced by a folder, and the rewrite refused after it had happened."""
+    from flf2v.models.make_tiny import write_tiny_checkpoint
+    real = write_tiny_checkpoint(tmp_path / "real", seed=1)
+    (real / "calibration.json").write_text("mine")
+    (tmp_path / "ckpt").symlink_to("real")
+    write_tiny_checkpoint(tmp_path / "ckpt", seed=2)
+    assert (tmp_path / "ckpt").is_symlink() and (real / "calibration.json").read_text() == "mine"
+    assert json.loads((real / "flf2v_tiny.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "real"], "temporary folders left"
 
 
 # -- damaged checkpoints: one clear error naming the file (and key) ------------------------------------

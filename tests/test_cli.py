@@ -240,7 +240,7 @@ def test_ctrl_c_after_the_video_is_written_says_so(tiny_ckpt, demo_frames, tmp_p
     out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
     assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics))) == 130
     err = capsys.readouterr().err.strip()
-    assert err == f"flf2v-run: error: interrupted after writing {out}; --metrics {metrics} was not written", err
+    assert err == f"flf2v-run: error: interrupted; {out} was written; --metrics {metrics} was not written", err
     assert out.exists() and not metrics.exists()
 
 
@@ -260,6 +260,25 @@ def test_ctrl_c_in_the_exit_after_a_command_is_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "exited", ""), (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_closed_pipe_under_the_wrote_line_does_not_say_no_video(tiny_ckpt, demo_frames, tmp_path, capsys,
+                                                                   monkeypatch):
+    """`flf2v-run ... | head -n 2`: the video and metrics are on disk when the "wrote" line meets the closed pipe."""
+    import builtins
+
+    from flf2v.runtime import cli
+
+    def closed(*a, **k):
+        if a and str(a[0]).startswith("wrote "):
+            raise BrokenPipeError(32, "Broken pipe")
+        builtins.print(*a, **k)
+    monkeypatch.setattr(cli, "print", closed, raising=False)
+    out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
+    assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flf2v-run: error: Broken pipe (output); {out} was written", err
+    assert out.exists() and metrics.exists()
 
 
 @pytest.mark.parametrize("sig,code,says", [
