@@ -180,3 +180,22 @@ def test_onnx_export_matches_eager(tmp_path):
     err, rel = (out - ref).abs().max().item(), ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-5, f"ORT vs eager: max abs {err:.3e} rel {rel:.3e}"
     print(f"CLIP ONNX/ORT: max abs {err:.3e}, max rel {rel:.3e}")
+
+
+def test_a_bf16_run_computes_clip_in_fp16_as_the_official(tiny_ckpt):
+    """The official runs CLIP in fp16 (wan_i2v_14B.clip_dtype) also when the DiT runs in bf16, whose 3 fewer
+    mantissa bits give about 8x the error; the features feed every cross-attention of every step."""
+    from conftest import rel_err
+
+    from flf2v.models import checkpoint as ck
+    from flf2v.runtime.torch_backend import TorchBackend
+    preset = ck.preset_for(tiny_ckpt)
+    size = preset.clip.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        want = ck.load_clip(tiny_ckpt, torch.float32, preset)(pixels)
+        bf16 = ck.load_clip(tiny_ckpt, torch.bfloat16, preset)(pixels.bfloat16())
+        got = TorchBackend(tiny_ckpt, preset, torch.bfloat16, torch.device("cpu")).encode_image(pixels)
+    (abs_got, rel_got), (abs_bf16, rel_bf16) = rel_err(got, want), rel_err(bf16, want)
+    assert got.dtype == torch.float16 and rel_got * 4 < rel_bf16, \
+        f"{got.dtype} CLIP of a bf16 run: max abs {abs_got:.3g}, rel {rel_got:.3g}; bf16: {abs_bf16:.3g}, {rel_bf16:.3g}"
