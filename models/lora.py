@@ -70,7 +70,8 @@ def _line(e: BaseException) -> str:
 
 def _finite(scale, where: str) -> float:
     try:
-        if math.isfinite(value := float(scale)):
+        # within float32: the merge multiplies fp32 deltas by it (1e39 was a traceback after the DiT loaded)
+        if math.isfinite(value := float(scale)) and abs(value) <= torch.finfo(torch.float32).max:
             return value
     except (TypeError, ValueError):
         pass
@@ -114,6 +115,9 @@ def _open(path: Path):
         if magic.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a")):  # torch.save: zip, or legacy pickle
             raise LoRAError(f"{path}: refused: the file is a pickle (torch.save), which can run code; "
                             f"use the .safetensors version of this LoRA") from None
+        if path.suffix.lower() != ".safetensors":  # a photo given as the LoRA was told to download it again
+            raise LoRAError(f"{path}: not a safetensors file ({_line(e)}); --lora takes a LoRA's .safetensors "
+                            f"file") from None
         raise LoRAError(f"{path}: unreadable safetensors file ({_line(e)}); the file is damaged: "
                         f"download it again") from None
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import rel_err
@@ -253,6 +254,9 @@ def _bad_files(tmp, shapes):
     yield "truncated", tmp / "cut.safetensors", None, "damaged"
     (tmp / "junk.safetensors").write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     yield "junk", tmp / "junk.safetensors", None, "damaged"
+    Image.new("RGB", (8, 8)).save(tmp / "first.png")  # was told to download it again
+    yield "photo", tmp / "first.png", None, "not a safetensors file"
+    yield "huge scale", tmp / "unknown.safetensors", "1e39", "not a finite number"  # a traceback in the merge
     save_file({"diffusion_model.blocks.0.self_attn.q.hada_w1_a": torch.zeros(2, 2)}, str(tmp / "loha.safetensors"))
     yield "loha", tmp / "loha.safetensors", None, "does not read"
     yield "missing", tmp / "nope.safetensors", None, "no such LoRA file; give the path of an existing .safetensors"
@@ -356,4 +360,4 @@ def test_bad_inputs_fail_in_one_line(tiny_ckpt, shapes, tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and (path.name in msg or what == "scale"), f"{what}: {msg}"
         seen.append(what)
-    assert len(seen) == 17
+    assert len(seen) == 19
