@@ -80,7 +80,8 @@ class Session:
 def parser(name: str) -> argparse.ArgumentParser:
     """The one parser: the flags every mode shares, then the mode's own."""
     ap = argparse.ArgumentParser(prog=f"flf2v-bench {name}".strip(), description=MODES[name].__doc__ if name
-                                 else __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 else __doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 usage=argparse.SUPPRESS)  # errors: one line, as the other commands'
     ap.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown (and PNG) (default: "
                                                            "bench/results)")
     work = WORK.get(name, "")

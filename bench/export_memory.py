@@ -143,7 +143,9 @@ def run(s) -> Report:
     free, scale = shutil.disk_usage(s.work).free, (a.layers or 40) / 40
     need = scale * (33 + (33 if a.ckpt_dtype == "bf16" else 66) * (a.source == "ckpt")) * 10**9
     if free < need * 1.05:
-        raise BadInput(f"{free / 1e9:.0f} GB free at {s.work}, {need / 1e9:.0f} GB needed; give --work a larger disk")
+        # free rounded down, need up: "33 GB free, 33 GB needed" was a refusal
+        raise BadInput(f"{math.floor(free / 1e8) / 10:.1f} GB free at {s.work}, {math.ceil(need * 1.05 / 1e8) / 10:.1f} "
+                       f"GB needed; give --work a larger disk")
     s.settle()  # before the scratch folder: a Ctrl-C while waiting left it behind
     work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=s.work))
     try:

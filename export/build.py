@@ -328,8 +328,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     `weight_streaming`: a DiT whose weights the runtime streams from host memory as its memory plan sets
     (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
     ckpt_dir = Path(ckpt_dir)
-    if out:  # before the checkpoint's fingerprint (seconds): a wrong --out was refused 8-13 s in
-        _check_out(Path(out))
+    if out is not None:  # before the checkpoint's fingerprint (seconds): a wrong --out was refused 8-13 s in
+        _check_out(out, ckpt_dir)
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
     if weight_streaming and backend not in ("trt", "aoti"):
@@ -368,7 +368,13 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     return folder
 
 
-def _check_out(folder: Path) -> None:
+def _check_out(out, ckpt_dir: Path) -> None:
+    if str(out) == "":  # an unset shell variable: the default folder was built unasked
+        raise BuildError("--out is empty; give a folder or drop the flag")
+    folder = Path(out)
+    if ckpt_dir.resolve() in folder.resolve().parents:  # the weights' folder is the user's download, not ours
+        raise BuildError(f"--out {folder} is inside the checkpoint folder {ckpt_dir}; engines go in a folder of "
+                         f"their own: leave out --out (ENGINES=) or give another folder")
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
     if is_checkpoint(folder):  # the engines' files were mixed with the weights

@@ -177,6 +177,22 @@ def write_demo_frames(folder: str | os.PathLike, size: tuple[int, int] = (128, 1
     return paths
 
 
+def _refusal(args) -> str | None:
+    """Why these flags cannot run, before anything is written."""
+    dest, frames = Path(args.ckpt_dir), args.frames
+    if "" in (args.ckpt_dir, frames):  # an unset shell variable: '' wrote into the current folder
+        return f"{'--frames' if args.ckpt_dir else 'the directory'} is empty; give a directory"
+    if not 0 <= args.seed < 2**63:  # past 64 bits: a traceback from the generator
+        return f"--seed {args.seed} is out of range; use 0..2^63-1"
+    if dest.exists() and not dest.is_dir():
+        return f"{dest} is a file; give a directory to write the checkpoint into"
+    if dest.exists() and not (dest / "flf2v_tiny.json").exists() and any(dest.iterdir()):
+        return f"{dest} exists and is not a tiny checkpoint written by this tool; choose an empty or new directory"
+    if frames and Path(frames).exists() and not Path(frames).is_dir():
+        return f"--frames {frames} is a file; give a directory for the two frames"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flf2v-make-tiny", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt_dir", help="directory to write (an earlier tiny checkpoint there is replaced; other "
@@ -186,17 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", default=None, help="also write two sample frames first.png/last.png here")
     args = ap.parse_args(argv)
     dest = Path(args.ckpt_dir)
-    if dest.exists() and not dest.is_dir():
-        print(f"flf2v-make-tiny: error: {dest} is a file; give a directory to write the checkpoint into",
-              file=sys.stderr)
-        return 2
-    if dest.exists() and not (dest / "flf2v_tiny.json").exists() and any(dest.iterdir()):
-        print(f"flf2v-make-tiny: error: {dest} exists and is not a tiny checkpoint written by this tool; "
-              f"choose an empty or new directory", file=sys.stderr)
-        return 2
-    if args.frames and Path(args.frames).exists() and not Path(args.frames).is_dir():
-        print(f"flf2v-make-tiny: error: --frames {args.frames} is a file; give a directory for the two frames",
-              file=sys.stderr)
+    if why := _refusal(args):
+        print(f"flf2v-make-tiny: error: {why}", file=sys.stderr)
         return 2
     try:
         write_tiny_checkpoint(dest, args.preset, args.seed)

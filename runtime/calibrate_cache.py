@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sample_steps is not None and args.sample_steps < C.MIN_STEPS:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {C.MIN_STEPS} steps")
+        if args.out == "":  # an unset shell variable: the default file was written unasked
+            raise InputError("--out is empty; give a file or drop the flag")
         check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
         if args.last_frame and not args.first_frame:
             raise InputError("--last_frame needs --first_frame (without both, the built-in pair is used)")

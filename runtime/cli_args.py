@@ -186,7 +186,7 @@ def check_args(args) -> None:
     parallel flags that fit the processes."""
     from flf2v.models.layouts import CheckpointError, ckpt_dir_of
     for flag in ("ckpt_dir", "dit", "t5", "clip", "vae", "tokenizer", "first_frame", "last_frame", "image", "size",
-                 "save_file", "metrics", "engines", "cache_calibration"):
+                 "save_file", "metrics", "engines", "cache_calibration", "device"):
         if getattr(args, flag, None) == "":  # an unset shell variable: the default would run unasked
             raise InputError(f"--{flag} is empty; give a value or drop the flag")
     try:

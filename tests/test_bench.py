@@ -270,10 +270,11 @@ def test_bench_help_lists_modes_and_bad_flags_exit_2(capsys):
     assert e.value.code == 0 and all(f"flf2v-bench {m}" in out for m in ("export-memory", "fewstep", "cache",
                                                                           "parallel")), out
     assert str(DEFAULT_WORK) in " ".join(out.split()) and DEFAULT_WORK.is_absolute()  # engines kept between runs
-    with pytest.raises(SystemExit) as e:
-        main(["--preset", "tiny", "--backends", "foo"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "unknown backend 'foo'" in err[-1], err
+    for argv in (["--preset", "tiny", "--backends", "foo"], ["fewstep", "--preset", "720p"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()  # one line, as the other commands' (usage came first)
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("flf2v-bench"), err
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -558,6 +559,20 @@ def test_export_memory_stopped_while_waiting_for_an_idle_machine_leaves_no_scrat
     with pytest.raises(KeyboardInterrupt):
         cli.main(["export-memory", "--work", str(tmp_path), "--layers", "1", "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == [], f"left in --work: {sorted(p.name for p in tmp_path.iterdir())}"
+
+
+def test_export_memory_on_a_small_disk_says_numbers_that_differ(tmp_path, monkeypatch, capsys):
+    """33.2 GB free against 33 GB (+5%) needed read "33 GB free ..., 33 GB needed"."""
+    import re
+    import shutil
+    from types import SimpleNamespace
+
+    from flf2v.bench import cli
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=int(33.2e9)))
+    assert cli.main(["export-memory", "--work", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    free, need = (float(v) for v in re.findall(r"([\d.]+) GB", err))
+    assert free < need and len(err.splitlines()) == 1, err
 
 
 def test_export_memory_subcommand_is_wired(capsys):

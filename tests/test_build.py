@@ -129,12 +129,15 @@ def test_a_write_error_names_its_own_fix(tiny_ckpt, tmp_path, capsys, monkeypatc
     (["--precision", "bf16", "--backend", "ort"], "fp32 graphs only"),
     (["--graphs", "t5,unet"], "unknown graph 'unet'"),
     (["--graphs", ""], "unknown graph ''"),  # not "build them all"
+    (["--out", ""], "--out is empty; give a folder or drop the flag"),  # built into the default folder
+    (["--out", "{ckpt}/engines"], "--out {ckpt}/engines is inside the checkpoint folder {ckpt}"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, args, message):
     argv = ["--ckpt_dir", str(tiny_ckpt), "--out", str(tmp_path / "e"), "--quiet", *args]
-    assert B.main(argv) == 2
+    assert B.main([a.replace("{ckpt}", str(tiny_ckpt)) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    assert message.replace("{ckpt}", str(tiny_ckpt)) in err and err.count("\n") == 1, err
+    assert not (tiny_ckpt / "engines").exists()
 
 
 def test_a_checkpoint_folder_is_no_out(tiny_ckpt, tmp_path, capsys):

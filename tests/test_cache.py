@@ -320,6 +320,7 @@ def test_calibrate_cli(tiny_ckpt, demo_frames, tmp_path, capsys):
 @pytest.mark.parametrize("flags, says", [(["--frame_num", "10"], "--frame_num 10"),
                                          (["--sample_shift", "nan"], "--sample_shift"),
                                          (["--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
+                                         (["--out", ""], "--out is empty"),  # wrote the checkpoint's own file
                                          ([], "--last_frame needs --first_frame")])
 def test_calibrate_cli_refuses_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                        flags, says):

@@ -119,7 +119,7 @@ def test_make_tiny_is_deterministic(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
 
 
-def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys):
+def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys, monkeypatch):
     import os
     import stat
 
@@ -145,6 +145,13 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "--frames" in err and "photo.jpg is a file" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "new").exists()
+    monkeypatch.chdir(tmp_path)  # '' wrote into the current folder; --frames '' was dropped; a 2^64 seed was a traceback
+    for argv, says in (([""], "the directory is empty"), (["new", "--frames", ""], "--frames is empty"),
+                       (["new", "--seed", str(2**64)], f"--seed {2**64} is out of range")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"flf2v-make-tiny: error: {says}") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "photo.jpg"]
 
 
 @pytest.mark.parametrize("at", range(1, 6))

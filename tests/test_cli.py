@@ -199,7 +199,7 @@ def test_a_bad_task_or_a_flag_without_its_value_is_one_line(capsys, argv, said):
     assert e.value.code == 2 and capsys.readouterr().err == f"flf2v-run: error: {said}\n"
 
 
-@pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame"])
+@pytest.mark.parametrize("flag", ["--size", "--save_file", "--engines", "--metrics", "--last_frame", "--device"])
 def test_an_empty_value_is_refused_not_taken_for_the_default(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                              flag):
     """`--size "$SIZE"` with SIZE unset must not quietly run the default size (or write the default file)."""
