@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--sample_steps {args.sample_steps}: calibration needs at least {C.MIN_STEPS} steps")
         if args.out == "":  # an unset shell variable: the default file was written unasked
             raise InputError("--out is empty; give a file or drop the flag")
+        if args.out and not args.out.lower().endswith(".json"):  # as --metrics: a calibration is JSON
+            raise InputError(f"--out {args.out} must end in .json")
         check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
         if args.last_frame and not args.first_frame:
             raise InputError("--last_frame needs --first_frame (without both, the built-in pair is used)")

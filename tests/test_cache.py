@@ -321,6 +321,7 @@ def test_calibrate_cli(tiny_ckpt, demo_frames, tmp_path, capsys):
                                          (["--sample_shift", "nan"], "--sample_shift"),
                                          (["--device", "cuda:0"], "--device cuda:0: no CUDA GPU"),
                                          (["--out", ""], "--out is empty"),  # wrote the checkpoint's own file
+                                         (["--out", "c.txt"], "--out c.txt must end in .json"),
                                          ([], "--last_frame needs --first_frame")])
 def test_calibrate_cli_refuses_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch,
                                                        flags, says):
