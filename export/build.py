@@ -37,6 +37,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -343,6 +344,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}") + (
         "-stream" if weight_streaming else ""), plan.fingerprint, plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
+    _check_inside(folder, ckpt_dir)  # the default folder too: relative, it lies in the checkpoint run from there
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
@@ -372,14 +374,20 @@ def _check_out(out, ckpt_dir: Path) -> None:
     if str(out) == "":  # an unset shell variable: the default folder was built unasked
         raise BuildError("--out is empty; give a folder or drop the flag")
     folder = Path(out)
-    if ckpt_dir.resolve() in folder.resolve().parents:  # the weights' folder is the user's download, not ours
-        raise BuildError(f"--out {folder} is inside the checkpoint folder {ckpt_dir}; engines go in a folder of "
-                         f"their own: leave out --out (ENGINES=) or give another folder")
+    _check_inside(folder, ckpt_dir)
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
     if is_checkpoint(folder):  # the engines' files were mixed with the weights
         raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
                          f"--out (ENGINES=) or give another folder")
+
+
+def _check_inside(folder: Path, ckpt_dir: Path) -> None:
+    # the weights' folders are the user's downloads: also those of the files a view of --dit, --t5, ... links to
+    homes = {ckpt_dir.resolve(), *(Path(os.path.realpath(f)).parent for f in ckpt_dir.glob("*"))}
+    if (inside := next((h for h in homes if h in folder.resolve().parents), None)) is not None:
+        raise BuildError(f"--out {folder} is inside the checkpoint folder {inside}; engines go in a folder of their "
+                         f"own: give another --out (ENGINES=)")
 
 
 def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:

@@ -75,8 +75,8 @@ def _finite(scale, where: str) -> float:
             return value
     except (TypeError, ValueError):
         pass
-    raise LoRAError(f"LoRA scale {scale!r} in {where!r} is not a finite number; write PATH[:SCALE], "
-                    f"e.g. style.safetensors:0.8")
+    raise LoRAError(f"LoRA scale {scale!r} in {where!r} is not a finite number within float32's range; write "
+                    f"PATH[:SCALE], e.g. style.safetensors:0.8")
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -278,6 +278,9 @@ def merged_source(source: dict[str, Callable[[], torch.Tensor]],
             w = get().to(torch.float32, copy=True)  # a copy: an eager source hands out its own tensor
             for lora, scale in terms[key]:
                 w.add_(lora.delta(key), alpha=scale)
+            if not torch.isfinite(w).all():  # found as a NaN video after the whole run, or in a build's engines
+                given = ", ".join(f"{lora.path.name}:{scale:g}" for lora, scale in terms[key])
+                raise LoRAError(f"{key!r} overflows with the LoRAs merged ({given}); lower their scales")
             return w
         return merged
 

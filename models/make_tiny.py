@@ -135,13 +135,14 @@ def _swap_in(tmp: Path, dest: Path) -> None:
             else:
                 _link(f, tmp / f.name)
     old = tmp.with_name(tmp.name + ".old")
-    os.replace(dest, old)
     try:
+        os.replace(dest, old)
         os.replace(tmp, dest)
     except BaseException:
-        os.replace(old, dest)
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)  # the old checkpoint's files: the swap is done
 
 
 def _link(src, dst) -> None:
@@ -182,7 +183,7 @@ def _refusal(args) -> str | None:
     dest, frames = Path(args.ckpt_dir), args.frames
     if "" in (args.ckpt_dir, frames):  # an unset shell variable: '' wrote into the current folder
         return f"{'--frames' if args.ckpt_dir else 'the directory'} is empty; give a directory"
-    if not 0 <= args.seed < 2**63:  # past 64 bits: a traceback from the generator
+    if not 0 <= args.seed < 2**63:  # as flf2v-run's --base_seed (past 64 bits: a traceback from the generator)
         return f"--seed {args.seed} is out of range; use 0..2^63-1"
     if dest.exists() and not dest.is_dir():
         return f"{dest} is a file; give a directory to write the checkpoint into"

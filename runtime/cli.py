@@ -216,7 +216,7 @@ class Job:
             c = pipe.last_cache.to_json()
             cached = f", {c['method']} computed {c['steps_computed']} of {len(pipe.last_cache.compute)} steps"
         print(f"wrote {self.save} ({video.shape[1]} frames {video.shape[3]}x{video.shape[2]}, seed {pipe.seed}"
-              f"{cached}) in {total:.1f} s; peak memory{' (rank 0)' if par else ''}: {mem_s}")
+              f"{cached}) in {total:.1f} s; peak memory{' (rank 0)' if par else ''}: {mem_s}", flush=True)
         if pipe.preset.name.startswith("tiny") or pipe.preset.name == "small":
             real = "Wan2.1-FLF2V-14B-720P" if pipe.preset.dit.model_type == "flf2v" else "Wan2.1-I2V-14B-720P"
             print(f"note: {args.ckpt_dir} is a {pipe.preset.name} test checkpoint with random weights, so the video "

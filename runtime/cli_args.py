@@ -186,7 +186,7 @@ def check_args(args) -> None:
     parallel flags that fit the processes."""
     from flf2v.models.layouts import CheckpointError, ckpt_dir_of
     for flag in ("ckpt_dir", "dit", "t5", "clip", "vae", "tokenizer", "first_frame", "last_frame", "image", "size",
-                 "save_file", "metrics", "engines", "cache_calibration", "device"):
+                 "save_file", "metrics", "engines", "cache_calibration"):
         if getattr(args, flag, None) == "":  # an unset shell variable: the default would run unasked
             raise InputError(f"--{flag} is empty; give a value or drop the flag")
     try:
@@ -300,6 +300,9 @@ def check_device(name: str | None, flag: str = "--device") -> torch.device:
     says device="cpu", not --device cpu)."""
     cli = flag.startswith("--")
     given, fix = (f"{flag} {name}", f"{flag} cpu") if cli else (f"{flag}={name!r}", f'{flag}="cpu"')
+    if name == "":  # an unset shell variable: the default device ran unasked
+        raise InputError(f"{flag} is empty; give a value or drop the flag" if cli else
+                         f"{flag}='' is empty; give a device or leave it out")
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:

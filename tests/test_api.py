@@ -64,6 +64,7 @@ def test_latents_that_are_not_finite_tensors_are_refused_before_the_loop(pipe, f
                                       (dict(dtype="bf16"), r"^dtype 'bf16': use torch.float32 "),
                                       # in the API's terms (was "--device gpu", "use --device cpu")
                                       (dict(device="gpu"), r"^device='gpu' is not a device; use cuda, cuda:N or cpu"),
+                                      (dict(device=""), r"^device='' is empty"),  # ran on the default device
                                       (dict(device="cuda"), r"^device='cuda': no CUDA GPU is usable here .*; "
                                                             r'use device="cpu"$')])
 def test_from_checkpoint_checks_dtype_and_device_before_any_weight_loads(tiny_ckpt, monkeypatch, kw, said):

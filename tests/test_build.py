@@ -151,6 +151,18 @@ def test_a_checkpoint_folder_is_no_out(tiny_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
+def test_the_default_folder_inside_the_checkpoint_is_refused(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """`cd CKPT && flf2v-build --ckpt_dir .`: the default engines/... folder is relative, so it lay among the
+    weights."""
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "c")
+    monkeypatch.chdir(ckpt)
+    monkeypatch.setattr(B.Plan, "build_one", lambda *a: pytest.fail("an engine was built"))
+    assert B.main(["--ckpt_dir", ".", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"is inside the checkpoint folder {ckpt}" in err and err.count("\n") == 1, err
+    assert not (ckpt / "engines").exists()
+
+
 @pytest.mark.parametrize("out", ["file", "checkpoint"])
 def test_a_wrong_out_is_refused_before_the_checkpoint_is_read(tiny_ckpt, tmp_path, capsys, monkeypatch, out):
     """The checkpoint's settings and fingerprint take seconds (8-13 s on a small one under load)."""

@@ -218,6 +218,16 @@ def test_scale_zero_is_no_lora_and_backend_keeps_loras(tiny_ckpt, shapes, inputs
     assert len(lora.fingerprint) == 32 and lora.fingerprint == lr.read_lora(lora.path, shapes).fingerprint
 
 
+def test_a_scale_that_overflows_a_weight_is_refused_as_it_merges(tiny_ckpt, shapes, tmp_path):
+    """Within float32's range, 3e38 still makes inf weights: a NaN video after the whole run before."""
+    low, full = make_lora(shapes, PAIRS)
+    low = {m: (down, up * 100, alpha) for m, (down, up, alpha) in low.items()}  # deltas well over 1
+    lora = lr.read_lora(write(tmp_path / "big.safetensors", low, full, "official"), shapes)
+    with pytest.raises(lr.LoRAError, match=r"overflows with the LoRAs merged \(big.safetensors:3e\+38\)") as e:
+        lr.load_dit(tiny_ckpt, loras=[(lora, 3e38)])
+    assert "\n" not in str(e.value)
+
+
 # ---- arguments and refusals ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,want", [
