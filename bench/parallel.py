@@ -131,8 +131,8 @@ def run_layouts(ckpt: Path, frames: Path, work: Path, steps: int) -> list[dict]:
 def _launch(name: str, cmd: list[str], result: Path) -> dict:
     """The layout's measurement; a launch that fails, hangs or writes no result is a row saying so (the report is
     written, exit 1), not a traceback losing the layouts measured before it. A rank that aborts after rank 0
-    wrote the result (gloo's teardown, seen under load: "terminate called without an active exception") keeps
-    its measurement, the exit noted."""
+    wrote the result keeps its measurement, the exit noted (gloo's teardown did, under load, until
+    runtime/parallel.py shutdown joined its threads)."""
     try:
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                            timeout=1800)

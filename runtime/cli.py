@@ -209,8 +209,7 @@ class Job:
                 write_metrics(args.metrics, self.metrics(total, mem))
                 self.written.append(args.metrics)
             except OSError as e:  # checked before the run; the disk may still fill
-                return _fail(f"{e.strerror or e} ({args.metrics}); the video is {self.save}, the metrics were not "
-                             "written")
+                return _fail(f"{e.strerror or e} ({args.metrics}); {_outcome(self)}")
         cached = ""
         if pipe.last_cache:
             c = pipe.last_cache.to_json()

@@ -144,7 +144,7 @@ def groups(ulysses_size: int, cfg_parallel: bool, device: torch.device, timeout_
 def shutdown(par: Parallel | None = None) -> None:
     """Destroy the process groups and join their worker threads now. A gloo worker still alive at interpreter
     exit that frees the tensors of a collective just finished needs the GIL there and aborts the process
-    ("terminate called without an active exception", SIGABRT; 1 in ~20 runs on a loaded 2-core machine, after
+    ("terminate called without an active exception", SIGABRT; 1 or 2 in 40 runs on a loaded 2-core machine, after
     the video was written). The groups die with their last reference: `par`'s are dropped here."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -262,6 +262,18 @@ def test_ctrl_c_in_the_exit_after_a_command_is_no_traceback(tmp_path):
     assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "exited", ""), (r.returncode, r.stdout, r.stderr)
 
 
+def test_a_full_disk_at_the_metrics_names_the_video_written(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("flf2v.runtime.cli.write_metrics", full)
+    out, metrics = tmp_path / "v.mp4", tmp_path / "m.json"
+    assert main(_args(tiny_ckpt, demo_frames, out, "--metrics", str(metrics))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flf2v-run: error: No space left on device ({metrics}); {out} was written; --metrics {metrics} " \
+                  f"was not written", err
+    assert out.exists() and not metrics.exists()
+
+
 def test_a_closed_pipe_under_the_wrote_line_does_not_say_no_video(tiny_ckpt, demo_frames, tmp_path, capsys,
                                                                    monkeypatch):
     """`flf2v-run ... | head -n 2`: the video and metrics are on disk when the "wrote" line meets the closed pipe."""
