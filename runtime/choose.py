@@ -152,13 +152,7 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
     loras = load_loras(args.lora, args.ckpt_dir)  # checked before anything loads
     check_quant(args, device)
     check_attention(args, device)
-    torch_only = args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp
-    if torch_only and args.backend not in ("auto", "torch"):
-        raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
-                         f"sequences and weights; README \"Several GPUs\"); use --backend torch, or --cfg_parallel "
-                         f"alone with {args.backend} engines")
-    kind, folder, note = ("torch", None, None) if torch_only else choose_engines(args, preset, first_hw, device,
-                                                                                 loras)
+    kind, folder, note = run_backend(args, preset, first_hw, device, loras)
     args.backend = kind
     plan, options = None, {}
     manifest = M.load(folder) if kind in ("trt", "aoti") else {}
@@ -169,9 +163,7 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
         if plan is not None:  # TensorRT's streaming budget, or the blocks the aoti backend keeps on the device
             options = {"weight_budget": plan.dit_budget} if kind == "trt" else {"resident_blocks": plan.blocks}
     elif args.offload is not None or args.t5_cpu:
-        raise InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to trt or aoti engines built "
-                         f"with flf2v-build --weight_streaming), but {kind} engines run this job; add --backend "
-                         f"torch or drop them")
+        raise _loads_whole(kind)
     if kind == "torch":
         backend, says = _torch_backend(args, preset, device, loras, parallel, plan)
         says += f"; {note}" if note else ""
@@ -193,6 +185,23 @@ def make_pipeline(args, preset, device: torch.device, first_hw: tuple[int, int],
                     parallel=parallel)
     pipe.memory_plan = plan
     return pipe
+
+
+def run_backend(args, preset, first_hw: tuple[int, int], device: torch.device, loras):
+    """(backend kind, engine folder or None, note) of the run: the torch reference for the torch-only layouts."""
+    if args.ulysses_size > 1 or args.dit_fsdp or args.t5_fsdp:
+        if args.backend not in ("auto", "torch"):
+            raise InputError(f"--ulysses_size / --dit_fsdp / --t5_fsdp run on --backend torch (engines hold whole "
+                             f"sequences and weights; README \"Several GPUs\"); use --backend torch, or "
+                             f"--cfg_parallel alone with {args.backend} engines")
+        return "torch", None, None
+    return choose_engines(args, preset, first_hw, device, loras)
+
+
+def _loads_whole(kind: str) -> InputError:
+    return InputError(f"--offload / --t5_cpu apply to --backend torch (--offload also to trt or aoti engines built "
+                      f"with flf2v-build --weight_streaming), but {kind} engines run this job; add --backend torch "
+                      f"or drop them")
 
 
 def check_quant(args, device: torch.device) -> None:
@@ -225,18 +234,29 @@ def check_attention(args, device: torch.device) -> None:
     args.backend = "torch"
 
 
-def plan_table(args, preset, height: int, width: int, frames: int, device: torch.device) -> bool:
+def plan_table(args, preset, first_hw: tuple[int, int], height: int, width: int, frames: int,
+               device: torch.device) -> bool:
     """`flf2v-run --plan`: the memory plans of the run printed, the one the run would take marked (the planning
-    flags narrow them as they narrow the run's); nothing loaded. False where no plan fits."""
+    flags, and the engines the run would take, narrow them as they narrow the run's); nothing loaded. False where
+    no plan fits."""
+    from flf2v.export import manifest as manifests
     from flf2v.models.lora import load_loras
 
     from . import memory_plan as M
-    load_loras(args.lora, args.ckpt_dir)  # what the run would refuse, the table refuses
+    loras = load_loras(args.lora, args.ckpt_dir)  # what the run would refuse, the table refuses
     check_quant(args, device)
     check_attention(args, device)
-    allowed, what = _plan_filter(args, preset)
-    text, chosen = M.table(_video(args, preset, height, width, frames, device), _gpu_bytes(args, device),
+    kind, folder, _ = run_backend(args, preset, first_hw, device, loras)  # the table was the torch one's
+    engines = manifests.load(folder) if folder else None
+    streams = bool(engines and engines.get("weight_streaming"))
+    if engines and not streams and (args.offload is not None or args.t5_cpu):
+        raise _loads_whole(kind)
+    allowed, what = _plan_filter(args, preset, engines)
+    text, chosen = M.table(_video(args, preset, height, width, frames, device, engines), _gpu_bytes(args, device),
                            allowed=allowed, what=what)
+    if engines:
+        print(f"for the {kind} engines in {folder}" + ("" if streams else " (they load whole: only the offload "
+                                                                           "plans run them)"))
     print(text)
     if device.type != "cuda" and args.gpu_memory is None:
         print("(no GPU here: planned for a card of this host's memory; --gpu_memory GiB plans for your card)")
@@ -270,7 +290,8 @@ def _plan_filter(args, preset, engines=None):
     layouts = {int(g[len("dit_b"):]) for g in (engines or {}).get("engines", {}) if g.startswith("dit_b")}
 
     def allowed(p) -> bool:
-        engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts)
+        engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts
+                                    and (engines.get("weight_streaming") or p.blocks is None))
         return ((not args.t5_cpu or p.t5_cpu) and (args.offload_model is None or p.offload_model == args.offload_model)
                 and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks)
                 and engine_ok)
@@ -278,9 +299,9 @@ def _plan_filter(args, preset, engines=None):
                              (f"--offload_model {args.offload_model}", args.offload_model is not None)) if on]
     what = " with " + " ".join(flags) if flags else ""
     if engines is not None and 1 not in layouts:
-        aoti = " --backend aoti" if engines.get("backend") == "aoti" else ""
-        what += (f" for these engines (DiT batch 2 only; flf2v-build{aoti} --cfg_batch 1 --weight_streaming adds "
-                 f"batch 1)")
+        backend = f" --backend {engines['backend']}" if engines.get("backend") in ("aoti", "ort") else ""
+        stream = " --weight_streaming" if engines.get("weight_streaming") else ""
+        what += f" for these engines (DiT batch 2 only; flf2v-build{backend} --cfg_batch 1{stream} adds batch 1)"
     return allowed, what
 
 

@@ -172,7 +172,7 @@ class Job:
         if args.plan:  # the table, then nothing loads; under torchrun once, by rank 0
             from .choose import plan_table
             # exit 2 where none fits, as the run would be refused: `--plan` answers "will it fit?" in scripts too
-            self.plan_fits = _rank() != 0 or plan_table(args, preset, *shape, self.device)
+            self.plan_fits = _rank() != 0 or plan_table(args, preset, hw, *shape, self.device)
             return
         t_load = time.perf_counter()
         if P.world_from_env()[1] > 1:

@@ -388,7 +388,8 @@ def test_cli_plan_of_a_size_alone_needs_no_prompt_or_frames(tiny_ckpt, capsys):
     """`--plan --ckpt_dir CKPT` asked for a prompt, then for both frames, to print plans that need neither."""
     from helpers import run
     for size, grid in ((None, "64x64"), ("96*64", "96x64")):
-        args = ["--ckpt_dir", str(tiny_ckpt), "--plan", "--gpu_memory", "24"] + (["--size", size] if size else [])
+        args = ["--ckpt_dir", str(tiny_ckpt), "--plan", "--gpu_memory", "24", "--backend", "torch"] + (
+            ["--size", size] if size else [])  # auto: engines/ of this machine may hold engines that serve it
         assert run(args) == 0, size
         said = capsys.readouterr().out
         assert f"memory plans for tiny at {grid}, 9 frames" in said and "* chosen: resident" in said, said
@@ -425,4 +426,24 @@ def test_weight_streaming_build_needs_tensorrt(tiny_ckpt, tmp_path, capsys):
     assert main(["--ckpt_dir", str(tiny_ckpt), "--out", str(out), "--weight_streaming", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "STREAM=1" in err[0] and "this build is ort" in err[0], err
+    assert not out.exists()
+
+
+def test_cli_plan_is_made_for_the_engines_the_run_takes(tiny_ckpt, tiny_engines, demo_frames, tmp_path, capsys):
+    """`--plan` planned for the torch backend whatever engines the run would take: it chose "resident" and
+    "resident + blocks:1" for ORT engines, which load whole, and which the run refuses to stream."""
+    from helpers import _args, run
+    out, on = tmp_path / "v.mp4", ["--engines", str(tiny_engines), "--backend", "auto", "--frame_num", "9"]
+    assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *on)) == 0
+    said = capsys.readouterr().out
+    assert f"for the ort engines in {tiny_engines} (they load whole" in said and "* chosen: offload\n" in said, said
+    for flags in (["--offload", "blocks:1"], ["--t5_cpu"]):  # the run's own refusal, before it loads
+        assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *on, *flags)) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "but ort engines run this job" in err[0], (flags, err)
+        assert run(_args(tiny_ckpt, demo_frames, out, *on, *flags)) == 2, flags
+        assert "but ort engines run this job" in capsys.readouterr().err, flags
+    assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", "--backend", "torch")) == 0
+    said = capsys.readouterr().out
+    assert "for the " not in said and "* chosen: resident\n" in said, said
     assert not out.exists()
