@@ -12,6 +12,7 @@ A run's settings are checked and resolved by runtime/request.py (`Request`).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -97,6 +98,9 @@ class Pipeline:
         self.last_request: Request | None = None  # the last run's settings, its seed the one it ran
         self.seed: int | None = None
         self.memory_plan = None  # runtime/memory_plan.py Plan the torch backend was opened with (flf2v-run)
+        # one run at a time: the kept loops, the backends' bound buffers and the last_* records are the runs'
+        # shared state (two threads' runs mixed each other's latents, silently)
+        self.lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", cuda_graph: bool = True,
@@ -195,6 +199,7 @@ class Pipeline:
         latents   initial noise [1, 16, T_lat, h, w] fp32 instead of the seed's (to reproduce or compare a run)
         output    "video": [3, frames, H, W] in [-1, 1] (decoded); "latent": the final latents
                   [1, 16, T_lat, h, w] fp32, not decoded
+        Calls from several threads run one after another.
         """
         if output not in ("video", "latent"):
             raise ValueError(f"output must be 'video' or 'latent', got {output!r}")
@@ -207,31 +212,33 @@ class Pipeline:
         for name, frame in (("first", first_frame), ("last", last_frame)):
             if frame is not None:
                 warn_if_upscaled(name, frame, req.height, req.width)
-        if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
-            req = replace(req, seed=self.parallel.agree(_run_of(req, first_frame, last_frame, latents), req.seed))
-        if latents is not None:  # no seed drew this noise: a random one recorded would not reproduce the run
-            req = replace(req, seed=None)
-        self.last_request = req
-        logger.info("run: %s", {k: v for k, v in req.to_json().items() if k != "negative_prompt"})
-        self.seed = req.seed
-        self.times.seconds.clear()
-        self.times.device_used.clear()
-        self.backend.set_video(req.height, req.width, req.frame_num)
-        with self.times("preprocess"):
-            inputs = self.prepare(req, first_frame, last_frame, latents)
-        latent = self.denoise_video(req, inputs, progress)
-        if output == "latent":
-            return latent
-        if self.parallel is not None and not self.parallel.is_main:
-            return None  # rank 0 decodes and writes
-        with self.times("vae_decode", self.device):
-            bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
-            video = self.backend.vae_decode(latent, bar)[0]
-            # clamped to the mp4's range, NaN wrote a broken video, exit 0; a sum, not a video-sized mask (720p: GBs)
-            if not torch.isfinite(video.sum(dtype=torch.float32)):
-                raise NumericalError("the VAE decoded the latents to NaN/Inf; check the checkpoint's VAE "
-                                     "(Wan2.1_VAE.pth), or try --dtype fp32")
-            return video
+        with self.lock:  # one run at a time (see __init__)
+            if self.parallel is not None:  # every rank runs rank 0's seed, and the same run (else InputError)
+                run = _run_of(req, first_frame, last_frame, latents)
+                req = replace(req, seed=self.parallel.agree(run, req.seed))
+            if latents is not None:  # no seed drew this noise: a random one recorded would not reproduce it
+                req = replace(req, seed=None)
+            self.last_request = req
+            logger.info("run: %s", {k: v for k, v in req.to_json().items() if k != "negative_prompt"})
+            self.seed = req.seed
+            self.times.seconds.clear()
+            self.times.device_used.clear()
+            self.backend.set_video(req.height, req.width, req.frame_num)
+            with self.times("preprocess"):
+                inputs = self.prepare(req, first_frame, last_frame, latents)
+            latent = self.denoise_video(req, inputs, progress)
+            if output == "latent":
+                return latent
+            if self.parallel is not None and not self.parallel.is_main:
+                return None  # rank 0 decodes and writes
+            with self.times("vae_decode", self.device):
+                bar = partial(tqdm, desc="decoding", unit="latent frame", disable=not progress, leave=False)
+                video = self.backend.vae_decode(latent, bar)[0]
+                # NaN, clamped to the mp4's range, wrote a broken video, exit 0; a sum: a mask is GBs at 720p
+                if not torch.isfinite(video.sum(dtype=torch.float32)):
+                    raise NumericalError("the VAE decoded the latents to NaN/Inf; check the checkpoint's VAE "
+                                         "(Wan2.1_VAE.pth), or try --dtype fp32")
+                return video
 
     def prepare(self, req: Request, first_frame: Image.Image, last_frame: Image.Image | None,
                 latents: torch.Tensor | None = None) -> dict:

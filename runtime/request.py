@@ -109,8 +109,9 @@ def make_request(preset: Preset, prompt: str, first_hw: tuple[int, int], last_fr
         raise InputError(f"sample_timesteps must be a list of integers like [1000, 750, 500, 250], got the "
                          f"{'string' if isinstance(sample_timesteps, str) else 'number'} {sample_timesteps!r}")
     flf2v = preset.dit.model_type == "flf2v"
-    if not prompt.strip():
-        raise InputError("--prompt is empty; describe the video to generate")
+    if not prompt.strip():  # as the official code, which encodes it ("" is </s> alone): refused before
+        warnings.warn("the prompt is empty: the video follows the frames alone, as the official code runs it",
+                      stacklevel=4)
     if flf2v and not last_frame:
         raise InputError(f"{preset.name} needs a last frame; pass --last_frame")
     if not flf2v and last_frame:

@@ -245,3 +245,35 @@ def test_loras_given_as_any_iterable_are_read(tiny_ckpt, tmp_path):
                "blocks.0.ffn.0.lora_B.weight": torch.zeros(cfg.ffn_dim, 2)}, str(path))
     for given in ([f"{path}:0.5"], (f"{path}:0.5" for _ in range(1)), {f"{path}:0.5"}):  # a generator, a set
         assert [s for _, s in load_loras(given, tiny_ckpt)] == [0.5]
+
+
+def test_calls_from_two_threads_each_get_their_own_video(pipe, frames):
+    """Two threads' runs on one Pipeline shared its kept denoising loop and mixed each other's latents (max abs
+    difference up to 2 from their own runs, no error)."""
+    import threading
+    kw = {**KW, "sample_steps": 3, "output": "latent"}
+    alone = {s: pipe.generate("a red ball", *frames, seed=s, **kw) for s in (1, 2)}
+    got, start = {}, threading.Barrier(2)
+
+    def one(seed):
+        start.wait()
+        got[seed] = pipe.generate("a red ball", *frames, seed=seed, **kw)
+    threads = [threading.Thread(target=one, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in (1, 2):
+        err = rel_err(got[s], alone[s])
+        assert err[0] == 0.0, f"seed {s} in a thread vs alone: max abs {err[0]:.3g}, relative {err[1]:.3g}"
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_an_empty_prompt_runs_as_the_official_code_runs_it(pipe, frames, prompt):
+    """The official code encodes an empty prompt (its tokenizer gives </s> alone, mask length 1); it was refused."""
+    with pytest.warns(UserWarning, match="the prompt is empty"):
+        z = pipe.generate(prompt, *frames, seed=5, output="latent", **{**KW, "sample_steps": 1})
+    assert z.shape == (1, 16, 2, 8, 8) and torch.isfinite(z).all()
+    ids, mask = pipe.tokenizer([prompt])
+    eos = pipe.tokenizer.tokenizer.eos_token_id
+    assert int(mask.sum()) == 1 and int(ids[0, 0]) == eos, (ids[0, :4], mask.sum(), eos)

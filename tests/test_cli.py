@@ -57,7 +57,6 @@ def test_help_shows_the_checkpoints_defaults(tiny_ckpt, capsys):
     (["--size", "1920*1080"], "not supported"),
     (["--sample_steps", "0"], "--sample_steps 0"),
     (["--sample_guide_scale", "nan"], "finite"),
-    (["--prompt", "  "], "--prompt is empty"),
     (["--backend", "tpu"], "invalid choice"),
     (["--task", "i2v-14B"], "needs an i2v checkpoint"),
     (["--base_seed", str(2**64)], "out of range"),
@@ -120,8 +119,7 @@ def _no_weights(monkeypatch):
                                          (["--frame_num", "0"], "4n+1"),
                                          (["--cache", "magcache", "--sample_steps", "8"],
                                           "no step-cache calibration"),
-                                         (["--engines", "/no/such/folder"], "no such folder"),
-                                         (["--prompt", ""], "--prompt is empty")])
+                                         (["--engines", "/no/such/folder"], "no such folder")])
 def test_request_checked_before_any_weight_loads(tiny_ckpt, demo_frames, tmp_path, capsys, monkeypatch, backend,
                                                  extra, match):
     _no_weights(monkeypatch)
