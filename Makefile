@@ -98,15 +98,16 @@ demo: setup
 #              (default PRESET: dynamic, every size and aspect ratio; LORA: merged into the DiT;
 #               BACKEND: TensorRT on a GPU with TensorRT, else ONNX Runtime; aoti: AOTInductor .pt2 packages;
 #               default ENGINES: engines/<target>/<model>-<precision>-<checkpoint>[-lora<set>]/<PRESET>;
-#               FORCE=1: replace another checkpoint's engines in ENGINES; CFG_BATCH=1|2|both: the DiT
-#               layouts, both for torchrun --cfg_parallel; STREAM=1: a DiT that streams its weights
-#               from host memory as flf2v-run's memory plan sets, for 24-48 GB cards: TensorRT weight
-#               streaming, or with BACKEND=aoti embed/block/head packages fed each block's weights)
+#               FORCE=1: replace another checkpoint's engines in ENGINES (FORCE and STREAM: 0, false or
+#               no is off, as unset); CFG_BATCH=1|2|both: the DiT layouts, both for torchrun
+#               --cfg_parallel; STREAM=1: a DiT that streams its weights from host memory as flf2v-run's
+#               memory plan sets, for 24-48 GB cards: TensorRT weight streaming, or with BACKEND=aoti
+#               embed/block/head packages fed each block's weights)
 engines: setup
 	$(VENV)/bin/flf2v-build --ckpt_dir $(CKPT) $(if $(PRESET),--preset $(PRESET)) \
 	  $(if $(PRECISION),--precision $(PRECISION)) $(if $(ENGINES),--out $(ENGINES)) \
-	  $(if $(ATTENTION),--attention $(ATTENTION)) $(if $(QUANT),--quant $(QUANT)) $(if $(STREAM),--weight_streaming) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
-	  $(if $(CFG_BATCH),--cfg_batch $(CFG_BATCH)) $(if $(FORCE),--force)
+	  $(if $(ATTENTION),--attention $(ATTENTION)) $(if $(QUANT),--quant $(QUANT)) $(if $(filter-out 0 false no,$(STREAM)),--weight_streaming) $(foreach l,$(LORA),--lora $(l)) $(if $(BACKEND),--backend $(BACKEND)) \
+	  $(if $(CFG_BATCH),--cfg_batch $(CFG_BATCH)) $(if $(filter-out 0 false no,$(FORCE)),--force)
 
 bench: setup
 	$(VENV)/bin/flf2v-bench --preset tiny --out bench/results

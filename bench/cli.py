@@ -91,7 +91,7 @@ def parser(name: str) -> argparse.ArgumentParser:
                         else "(default: a temporary folder)"))
     ap.add_argument("--idle_wait", type=float, default=120.0,
                     help=f"seconds to wait, before timing, for the 1-minute load average to drop below "
-                         f"{BUSY_PER_CPU:g} per CPU (0: do not wait); the load is reported either way")
+                         f"{BUSY_PER_CPU:g} per CPU (0: do not wait; default: 120); the load is reported either way")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="progress lines (-vv: debug ones too)")
     ap.add_argument("-q", "--quiet", action="count", default=0, help="errors only, and no Markdown on stdout")
     MODES[name].add_args(ap)
@@ -104,8 +104,11 @@ def check_args(args) -> None:
     from flf2v.runtime.media import InputError, check_folder
     for flag in ("out", "work"):
         if getattr(args, flag):
+            # the default --work is $XDG_CACHE_HOME's: a file there was blamed on a flag never given
+            said = f"--{flag}" + (" (its default, under $XDG_CACHE_HOME)" if flag == "work" and args.work ==
+                                  str(DEFAULT_WORK) and os.environ.get("XDG_CACHE_HOME") else "")
             try:
-                check_folder(f"--{flag}", getattr(args, flag), Path(getattr(args, flag)))
+                check_folder(said, getattr(args, flag), Path(getattr(args, flag)))
             except InputError as e:
                 raise BadInput(str(e)) from None
     if not 0 <= args.idle_wait < math.inf:  # inf waited for ever on a busy machine

@@ -24,10 +24,10 @@ kernels/trt_plugin.py) or, with `--backend aoti`, compiled into the package (ker
 under `engines/<target>-plugin/<key>/<shape>/`; `--attention sage` the same with the 8-bit self-attention
 (TensorRT: export/sage_graph.py's quantization ops and the sage plugin), under `engines/<target>-sage/`.
 `--quant fp8`: FP8 block linears (models/quant.py, export/qdq.py), key `<model>-<precision>-fp8-<checkpoint>`;
-`--weight_streaming`: DiT blocks streamed (`-stream`; TensorRT or export/aoti_stream.py).
-Folder layout, manifest schema, fingerprints: export/manifest.py. An engine whose entry's `key` (contract, precision,
-checkpoint and code fingerprints, tool versions, builder options, GPU, attention, kernels' code) matches and whose
-files have the recorded sizes is current and skipped. Files are written under temporary names and renamed; the
+`--weight_streaming`: DiT blocks streamed (`-stream`; TensorRT or export/aoti_stream.py). Folder layout, manifest
+schema, fingerprints: export/manifest.py. An engine whose entry's `key` (contract, precision, checkpoint and code
+fingerprints, tool versions, builder options, GPU, attention, kernels' code) matches and whose files have the
+recorded sizes is current and skipped. Files are written under temporary names and renamed; the
 manifest is rewritten atomically per engine: a killed or interrupted (Ctrl-C: exit 130) build keeps what it finished
 and redoes the rest. Two builds into one folder serialise on `.lock`."""
 from __future__ import annotations
@@ -37,7 +37,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -46,12 +45,12 @@ from pathlib import Path
 from flf2v.log import logger
 from flf2v.models import checkpoint as ck
 from flf2v.models.fingerprint import describe
-from flf2v.models.layouts import ckpt_dir_of, is_checkpoint
+from flf2v.models.layouts import ckpt_dir_of
 from flf2v.models.quant import QUANTS
 
 from . import contracts as C
 from . import manifest as M
-from .build_args import build_parser
+from .build_args import BuildError, build_parser, check_inside, check_out
 from .plugins import ATTENTION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +60,6 @@ CODE_FILES = ("models/config.py", "models/checkpoint.py", "models/dit.py", "mode
 # baked into plugin engines: their DiT keys hash these too
 KERNEL_FILES = ("export/plugins.py", "export/sage_graph.py", "kernels/common.py", "kernels/attention.py",
                 "kernels/cross_attention.py", "kernels/trt_plugin.py", "kernels/sage_attention.py")
-
-
-class BuildError(RuntimeError):
-    """A user mistake (bad checkpoint, preset, backend or precision): one line, exit code 2."""
 
 
 def code_fingerprint(files=CODE_FILES) -> str:
@@ -330,7 +325,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
     ckpt_dir = Path(ckpt_dir)
     if out is not None:  # before the checkpoint's fingerprint (seconds): a wrong --out was refused 8-13 s in
-        _check_out(out, ckpt_dir)
+        check_out(out, ckpt_dir)
     preset, eshape, backend, precision, loras = _settings(ckpt_dir, shape, precision, backend, attention, loras,
                                                           quant)
     if weight_streaming and backend not in ("trt", "aoti"):
@@ -344,7 +339,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     key = M.build_key(preset.name, precision + ("" if quant == "none" else f"-{quant}") + (
         "-stream" if weight_streaming else ""), plan.fingerprint, plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
-    _check_inside(folder, ckpt_dir)  # the default folder too: relative, it lies in the checkpoint run from there
+    check_inside(folder, ckpt_dir)  # the default folder too: relative, it lies in the checkpoint run from there
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
@@ -368,26 +363,6 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             M.write(folder, manifest)
         _build_missing(plan, folder, manifest, todo, progress)
     return folder
-
-
-def _check_out(out, ckpt_dir: Path) -> None:
-    if str(out) == "":  # an unset shell variable: the default folder was built unasked
-        raise BuildError("--out is empty; give a folder or drop the flag")
-    folder = Path(out)
-    _check_inside(folder, ckpt_dir)
-    if folder.exists() and not folder.is_dir():
-        raise BuildError(f"--out {folder} is a file; give a folder")
-    if is_checkpoint(folder):  # the engines' files were mixed with the weights
-        raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
-                         f"--out (ENGINES=) or give another folder")
-
-
-def _check_inside(folder: Path, ckpt_dir: Path) -> None:
-    # the weights' folders are the user's downloads: also those of the files a view of --dit, --t5, ... links to
-    homes = {ckpt_dir.resolve(), *(Path(os.path.realpath(f)).parent for f in ckpt_dir.glob("*"))}
-    if (inside := next((h for h in homes if h in folder.resolve().parents), None)) is not None:
-        raise BuildError(f"--out {folder} is inside the checkpoint folder {inside}; engines go in a folder of their "
-                         f"own: give another --out (ENGINES=)")
 
 
 def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:

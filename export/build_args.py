@@ -1,13 +1,19 @@
-"""`flf2v-build`'s flags (export/build.py builds; this file only names the flags)."""
+"""`flf2v-build`'s flags and the checks of --out (export/build.py builds)."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from flf2v.models.layouts import add_checkpoint_flags
+from flf2v.models.layouts import add_checkpoint_flags, is_checkpoint
 from flf2v.models.quant import QUANTS
 
 from . import contracts as C
 from .plugins import ATTENTION
+
+
+class BuildError(RuntimeError):
+    """A user mistake (bad checkpoint, preset, backend or precision): one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "1:2.4..2.4:1, 5..81 frames), dynamic-480p (the 480p area only), or a static shape: "
                          "720p, 720p-portrait, 480p, 480p-portrait, 1024-square or <W>x<H>x<frames>")
     ap.add_argument("--precision", default=None, choices=C.PRECISIONS,
-                    help="graph precision (default: bf16 for TensorRT, fp32 for ONNX Runtime)")
+                    help="graph precision (default: bf16 for TensorRT and AOTInductor on a GPU, fp32 for ONNX "
+                         "Runtime and AOTInductor on a CPU)")
     ap.add_argument("--out", default=None, help="engine folder (default: engines/<target tag>/<build key>/<shape>, "
                                                 "e.g. engines/h100-sm90-trt11.4/flf2v-14B-bf16-3f9a2c1b/dynamic)")
     ap.add_argument("--backend", default="auto", choices=("auto", "ort", "trt", "aoti"),
                     help="auto: TensorRT where it imports with a GPU, else ONNX Runtime; aoti: PyTorch's "
                          "AOTInductor packages (.pt2), on a GPU or a CPU")
-    ap.add_argument("--opt_level", type=int, default=3, choices=range(6), help="TensorRT builder optimization level")
+    ap.add_argument("--opt_level", type=int, default=3, choices=range(6),
+                    help="TensorRT builder optimization level (default: 3)")
     ap.add_argument("--cfg_batch", default="2", choices=("1", "2", "both"),
                     help="DiT engines to build: batch 2 (CFG as one batch, the default layout), batch 1 (two "
                          "forwards per step), or both (for the 14B each DiT engine costs ~33 GB of disk for "
@@ -49,7 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="rebuild the graphs asked for even when current (a "
                     "damaged file of the right size), and replace another build's engines (model, checkpoint, "
                     "precision, attention, shape, LoRAs) in --out")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, and of the log only errors")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar, and of the log only errors (warnings about the build are still said)")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="log what runs to stderr: -v the steps, -vv debug detail too")
     return ap
+
+
+def check_out(out, ckpt_dir: Path) -> None:
+    """--out can take this build's engines, checked before the checkpoint's fingerprint (seconds)."""
+    if str(out) == "":  # an unset shell variable: the default folder was built unasked
+        raise BuildError("--out is empty; give a folder or drop the flag")
+    folder = Path(out)
+    check_inside(folder, ckpt_dir)
+    if folder.parts[0].startswith("~") and not Path(folder.parts[0]).exists():  # quoted: a folder '~' was made here
+        raise BuildError(f"--out {out}: '~' is not expanded here (the path was quoted); write "
+                         f"{os.path.expanduser(out)}")
+    if folder.exists() and not folder.is_dir():
+        raise BuildError(f"--out {folder} is a file; give a folder")
+    if is_checkpoint(folder):  # the engines' files were mixed with the weights
+        raise BuildError(f"--out {folder} is a checkpoint folder; engines go in a folder of their own: leave out "
+                         f"--out (ENGINES=) or give another folder")
+
+
+def check_inside(folder: Path, ckpt_dir: Path) -> None:
+    # the weights' folders are the user's downloads: also those of the files a view of --dit, --t5, ... links to
+    homes = {ckpt_dir.resolve(), *(Path(os.path.realpath(f)).parent for f in ckpt_dir.glob("*"))}
+    if (inside := next((h for h in homes if h in folder.resolve().parents), None)) is not None:
+        raise BuildError(f"--out {folder} is inside the checkpoint folder {inside}; engines go in a folder of their "
+                         f"own: give another --out (ENGINES=)")

@@ -182,7 +182,9 @@ def _refusal(args) -> str | None:
     """Why these flags cannot run, before anything is written."""
     dest, frames = Path(args.ckpt_dir), args.frames
     if "" in (args.ckpt_dir, frames):  # an unset shell variable: '' wrote into the current folder
-        return f"{'--frames' if args.ckpt_dir else 'the directory'} is empty; give a directory"
+        return f"{'--frames' if args.ckpt_dir else 'the directory argument'} is an empty string; give a directory"
+    if dest.parts[0].startswith("~") and not Path(dest.parts[0]).exists():  # quoted: a folder '~' was made here
+        return f"{dest}: '~' is not expanded here (the path was quoted); write {os.path.expanduser(dest)}"
     if not 0 <= args.seed < 2**63:  # as flf2v-run's --base_seed (past 64 bits: a traceback from the generator)
         return f"--seed {args.seed} is out of range; use 0..2^63-1"
     if dest.exists() and not dest.is_dir():
@@ -198,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flf2v-make-tiny", description=__doc__.split("\n")[0])
     ap.add_argument("ckpt_dir", help="directory to write (an earlier tiny checkpoint there is replaced; other "
                                      "files in it are kept)")
-    ap.add_argument("--preset", default="tiny", choices=[k for k, v in PRESETS.items() if v.t5.vocab < 100_000])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="tiny", choices=[k for k, v in PRESETS.items() if v.t5.vocab < 100_000],
+                    help="model preset (default: tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     ap.add_argument("--frames", default=None, help="also write two sample frames first.png/last.png here")
     args = ap.parse_args(argv)
     dest = Path(args.ckpt_dir)

@@ -135,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        f"with other step counts resample the curve)")
     a("--sample_shift", type=float, default=None)
     a("--sample_guide_scale", type=float, default=None)
-    a("--base_seed", type=int, default=0)
+    a("--base_seed", type=int, default=0, help="seed of the calibration run (default: 0)")
     a("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a("--out", default=None, help=f"calibration file (default: <ckpt_dir>/{C.CALIBRATION_FILE}, which runs "
                                   f"pick up themselves)")
-    a("-q", "--quiet", action="store_true", help="no progress bars, and of the log only errors")
+    a("-q", "--quiet", action="store_true",
+      help="no progress bars, and of the log only errors (warnings about the run are still said)")
     a("-v", "--verbose", action="count", default=0, help="log what runs: -v the stages, -vv debug detail too")
     args = ap.parse_args(argv)
     log.setup(-1 if args.quiet else args.verbose, "flf2v-calibrate-cache")
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--out is empty; give a file or drop the flag")
         if args.out and not args.out.lower().endswith(".json"):  # as --metrics: a calibration is JSON
             raise InputError(f"--out {args.out} must end in .json")
+        if args.out is None:  # the default file goes into --ckpt_dir: a file given there was blamed on --out
+            from flf2v.models.checkpoint import preset_for
+            preset_for(args.ckpt_dir)
         check_output("--out", args.out or str(Path(args.ckpt_dir) / C.CALIBRATION_FILE))  # before the run
         if args.last_frame and not args.first_frame:
             raise InputError("--last_frame needs --first_frame (without both, the built-in pair is used)")

@@ -117,7 +117,8 @@ def _output_flags(a, p) -> None:
     a("--save_file", default=None, help="output mp4 (default: a new name in the current directory)")
     a("--fps", type=float, default=16, help="frame rate of the mp4, e.g. 24 or 29.97 (default 16, the official rate)")
     a("--metrics", default=None, help="write per-stage seconds, memory, the values used and versions as JSON")
-    a("-q", "--quiet", action="store_true", help="no progress bars, and of the log only errors")
+    a("-q", "--quiet", action="store_true",
+      help="no progress bars, and of the log only errors (warnings about the run are still said)")
     a("-v", "--verbose", action="count", default=0,
       help="log what runs to stderr: -v the choices and stages, -vv debug detail too")
 

@@ -831,3 +831,16 @@ def test_memory_mode_plans_and_measured_runs(tmp_path):
     decode = [t["gib"] for t in r["vae_tiles"]["decode_720p"]]  # whole frames, then tiles largest first
     assert decode == sorted(decode, reverse=True) and decode[-1] < decode[0] / 5, decode
     assert all(20 < t["psnr_db"] < 80 and t["max_abs"] > 0 for t in r["vae_tiles"]["seams"]), r["vae_tiles"]
+
+
+def test_a_file_as_the_default_work_folder_names_xdg_cache_home(tmp_path, capsys, monkeypatch):
+    """--work's default lies under $XDG_CACHE_HOME: a file there was said as "--work ...", a flag never given."""
+    from flf2v.bench import cli
+    (tmp_path / "f").write_text("x")
+    work = tmp_path / "f" / "flf2v" / "bench"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "f"))
+    monkeypatch.setattr(cli, "DEFAULT_WORK", work)
+    monkeypatch.setitem(cli.WORK, "", str(work))
+    assert cli.main(["--preset", "tiny", "--cost_only", "--idle_wait", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--work (its default, under $XDG_CACHE_HOME)" in err[0], err

@@ -455,3 +455,13 @@ def test_engines_without_the_cached_graph_are_refused(tiny_engines, tmp_path, fr
     with pytest.raises(InputError, match="built without the step cache.*flf2v-build"):
         p.generate("a red ball", *frames, cache="magcache", cache_calibration=calibration, **KW)
     p.generate("a red ball", *frames, **dict(KW, sample_steps=2))  # uncached runs are unaffected
+
+
+def test_calibrate_cli_a_file_as_checkpoint_is_blamed_on_ckpt_dir(tmp_path, capsys):
+    """The default --out goes into --ckpt_dir: a file given as the checkpoint was said as "--out FILE/...: FILE is
+    a file", a flag the user never gave."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert K.main(["--ckpt_dir", str(afile), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ckpt_dir" in err[0] and "--out" not in err[0], err

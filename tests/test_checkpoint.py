@@ -146,7 +146,8 @@ def test_make_tiny_writes_modes_of_the_umask_and_refuses_a_file(tmp_path, capsys
     assert "--frames" in err and "photo.jpg is a file" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "new").exists()
     monkeypatch.chdir(tmp_path)  # '' wrote into the current folder; --frames '' was dropped; a 2^64 seed was a traceback
-    for argv, says in (([""], "the directory is empty"), (["new", "--frames", ""], "--frames is empty"),
+    for argv, says in (([""], "the directory argument is an empty string"),
+                       (["new", "--frames", ""], "--frames is an empty string"),
                        (["new", "--seed", str(2**64)], f"--seed {2**64} is out of range")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -2,6 +2,8 @@
 with one of the project's commands is one that command accepts, every `make` target exists."""
 import argparse
 import re
+import shutil
+import subprocess
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -116,3 +118,17 @@ def test_flags_and_targets_exist(doc, monkeypatch):
     assert not bad, f"{doc.name} shows flags or targets that do not exist: {sorted(set(bad))}"
     if doc.name == "README.md" and doc.parent == ROOT:
         assert checked > 50, f"only {checked} flags found: the README parser lost the commands"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_make_engines_reads_0_as_off():
+    """`make engines FORCE=0` passed --force (any value was on): it replaced another checkpoint's engines."""
+    def build_line(*flags):
+        out = subprocess.run(["make", "-s", "-n", "-o", "setup", "-C", str(ROOT), "engines", "CKPT=x",
+                              "VENV=/no-venv", *flags], capture_output=True, text=True, check=True).stdout
+        return " ".join(out.replace("\\\n", " ").split())
+    for value in ("0", "false", "no", ""):
+        line = build_line(f"FORCE={value}", f"STREAM={value}")
+        assert "--force" not in line and "--weight_streaming" not in line, (value, line)
+    line = build_line("FORCE=1", "STREAM=1")
+    assert "--force" in line and "--weight_streaming" in line, line

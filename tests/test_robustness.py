@@ -161,3 +161,23 @@ def test_sigterm_to_a_command_is_one_line_and_exit_143(monkeypatch, capsys):
     assert entry.make_tiny([]) == 143
     assert capsys.readouterr().err.strip() == "flf2v-make-tiny: error: terminated (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
+
+
+def test_a_quoted_tilde_is_refused_not_made_a_folder(tiny_ckpt, demo_frames, tmp_path, monkeypatch, capsys):
+    """A quoted `~/out.mp4` made a folder named `~` in the current one and said "wrote ~/out.mp4" (flf2v-run,
+    flf2v-make-tiny and flf2v-build alike)."""
+    from helpers import _args, run
+
+    from flf2v.export.build import main as build_main
+    from flf2v.models.make_tiny import main as make_tiny_main
+    monkeypatch.chdir(tmp_path)
+    home = os.path.expanduser("~")
+    for main, argv, prog in ((run, _args(tiny_ckpt, demo_frames, "~/v.mp4"), "flf2v-run"),
+                             (run, _args(tiny_ckpt, demo_frames, "v.mp4", "--metrics", "~/m.json"), "flf2v-run"),
+                             (make_tiny_main, ["~/ckpt"], "flf2v-make-tiny"),
+                             (build_main, ["--ckpt_dir", str(tiny_ckpt), "--out", "~/engines", "-q"], "flf2v-build")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and "'~' is not expanded here" in err[0] \
+            and f"write {home}/" in err[0], (argv, err)
+    assert list(tmp_path.iterdir()) == []
