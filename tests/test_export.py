@@ -116,11 +116,30 @@ def test_bf16_graph_structure(bf16_files):
         # matmul / conv / embedding weights (the fixed fp32 tables and small folded casts aside)
         weights = [t for t in model.graph.initializer if t.name.startswith(C.WEIGHT_PREFIX) and len(t.dims) >= 2
                    and t.name.endswith(".weight")]
-        assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights), \
-            f"{name}: weights not bf16: {[t.name for t in weights if t.data_type != onnx.TensorProto.BFLOAT16][:3]}"
+        # CLIP in fp16, as the official clip_dtype (and the torch backend's bf16 runs)
+        want = onnx.TensorProto.FLOAT16 if g.component == "clip" else onnx.TensorProto.BFLOAT16
+        assert weights and all(t.data_type == want for t in weights), \
+            f"{name}: weights not {onnx.TensorProto.DataType.Name(want)}: " \
+            f"{[t.name for t in weights if t.data_type != want][:3]}"
         if g.component == "vae":  # caches stay in the compute dtype, frames and latents fp32
             assert all(s.dtype == "bfloat16" for s in g.inputs[1:] + g.outputs[1:])
             assert g.inputs[0].dtype == g.outputs[0].dtype == "float32"
+
+
+def test_bf16_builds_run_clip_in_fp16(bf16_files, tiny_ckpt):
+    """A bf16 build's CLIP computed in bf16, where the official code (clip_dtype) and the torch backend's bf16 runs
+    use fp16: bf16's 3 fewer mantissa bits cost ~10x the error over the tower. ONNX Runtime's CPU provider runs
+    fp16 (not bf16) graphs, so the graph itself is run here against the fp32 reference."""
+    g, path = bf16_files["clip"]
+    x = torch.rand(g.inputs[0].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    got = torch.from_numpy(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {g.inputs[0].name: x.numpy()})[0]).float()
+    with torch.no_grad():
+        ref = load_component(tiny_ckpt, "clip", torch.float32, PRESET)(x)
+        bf16 = load_component(tiny_ckpt, "clip", torch.bfloat16, PRESET)(x.bfloat16()).float()
+    err, base = ((got - ref).norm() / ref.norm()).item(), ((bf16 - ref).norm() / ref.norm()).item()
+    assert err < base / 4, (f"CLIP of a bf16 build: relative L2 {err:.2e} to fp32 (max abs "
+                            f"{rel_err(got, ref)[0]:.2e}), not under a quarter of bf16's {base:.2e}")
 
 
 def test_fp32_graphs_pass_the_checks(folder):
