@@ -70,7 +70,7 @@ def check_out(out, ckpt_dir: Path) -> None:
         raise BuildError("--out is empty; give a folder or drop the flag")
     folder = Path(out)
     check_inside(folder, ckpt_dir)
-    if folder.parts[0].startswith("~") and not Path(folder.parts[0]).exists():  # quoted: a folder '~' was made here
+    if str(out).startswith("~") and not Path(folder.parts[0]).exists():  # quoted: a folder '~' was made here
         raise BuildError(f"--out {out}: '~' is not expanded here (the path was quoted); write "
                          f"{os.path.expanduser(out)}")
     if folder.exists() and not folder.is_dir():

@@ -128,6 +128,9 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(tmp, dest)
         return
+    if Path.cwd().is_relative_to(dest):  # `make-tiny .`: a swapped folder left the shell in a deleted one
+        _move_into(tmp, dest)
+        return
     for f in dest.iterdir():
         if not (tmp / f.name).exists():
             if f.is_dir() and not f.is_symlink():
@@ -143,6 +146,16 @@ def _swap_in(tmp: Path, dest: Path) -> None:
             os.replace(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)  # the old checkpoint's files: the swap is done
+
+
+def _move_into(tmp: Path, dest: Path) -> None:
+    """tmp's entries moved into dest one by one over its old ones, the checkpoint's marker last (an interrupted
+    move leaves a folder the next run replaces); dest's other files stay."""
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "flf2v_tiny.json"):
+        if (dest / f.name).is_dir() and not (dest / f.name).is_symlink():
+            shutil.rmtree(dest / f.name)
+        os.replace(f, dest / f.name)
+    tmp.rmdir()
 
 
 def _link(src, dst) -> None:
@@ -183,7 +196,7 @@ def _refusal(args) -> str | None:
     dest, frames = Path(args.ckpt_dir), args.frames
     if "" in (args.ckpt_dir, frames):  # an unset shell variable: '' wrote into the current folder
         return f"{'--frames' if args.ckpt_dir else 'the directory argument'} is an empty string; give a directory"
-    if dest.parts[0].startswith("~") and not Path(dest.parts[0]).exists():  # quoted: a folder '~' was made here
+    if args.ckpt_dir.startswith("~") and not Path(dest.parts[0]).exists():  # quoted: a folder '~' was made here
         return f"{dest}: '~' is not expanded here (the path was quoted); write {os.path.expanduser(dest)}"
     if not 0 <= args.seed < 2**63:  # as flf2v-run's --base_seed (past 64 bits: a traceback from the generator)
         return f"--seed {args.seed} is out of range; use 0..2^63-1"

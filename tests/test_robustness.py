@@ -181,3 +181,21 @@ def test_a_quoted_tilde_is_refused_not_made_a_folder(tiny_ckpt, demo_frames, tmp
         assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and "'~' is not expanded here" in err[0] \
             and f"write {home}/" in err[0], (argv, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_make_tiny_into_the_current_folder_keeps_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """`flf2v-make-tiny .` swapped the folder out from under its own (and the shell's) working directory, which
+    was then a deleted one: `ls` found nothing, the next command "No such file or directory (.)"."""
+    from flf2v.export.build import main as build_main
+    from flf2v.models.make_tiny import main as make_tiny_main
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for i in range(2):  # new, then over the earlier checkpoint beside a file of the user's
+        assert make_tiny_main(["."]) == 0, i
+        assert os.path.samefile(os.getcwd(), here) and (here / "flf2v_tiny.json").is_file(), i
+        assert not [p for p in tmp_path.iterdir() if p != here], i  # no temporary folder left
+        (here / "notes.txt").write_text("mine")
+    assert (here / "notes.txt").read_text() == "mine"
+    assert build_main(["--ckpt_dir", str(tiny_ckpt), "--out", ".", "-q"]) == 2  # the '~' check indexed no parts
+    assert "--out . is a checkpoint folder" in capsys.readouterr().err
