@@ -142,6 +142,19 @@ def test_bf16_builds_run_clip_in_fp16(bf16_files, tiny_ckpt):
                             f"{rel_err(got, ref)[0]:.2e}), not under a quarter of bf16's {base:.2e}")
 
 
+def test_the_dit_contract_admits_every_timestep_the_samplers_give():
+    """The `t` input's range drives the sample inputs every engine is tested with: one short of t = 1000 (where
+    dpm++ starts, the official get_sampling_sigmas' sigma 1) left the time table's last row untested."""
+    from flf2v.runtime.scheduler import DISTILL, make_sampler
+    given = [make_sampler(s, 50, shift).timesteps for s in ("unipc", "dpm++") for shift in (1.0, 5.0, 16.0)]
+    given.append(make_sampler(DISTILL, 4, 5.0, [1000, 750, 500, 250]).timesteps)
+    lo, hi = min(int(t.min()) for t in given), max(int(t.max()) for t in given)
+    assert hi == 1000, hi
+    for g in (g for g in GRAPHS.values() if g.component == "dit"):
+        t = next(s for s in g.inputs if s.name == "t")
+        assert 0 <= lo and hi < t.high, (g.name, lo, hi, t.high)
+
+
 def test_fp32_graphs_pass_the_checks(folder):
     for name, g in GRAPHS.items():
         assert P.check_graph(folder / f"{name}.onnx", g) == [], name

@@ -138,6 +138,10 @@ FORMATS = {  # format -> (pairs, full deltas, metadata)
     "peft": (PAIRS + [("patch_embedding", None)], BIASES, None),
     "peft-alpha-metadata": (PAIRS, [], {"lora_adapter_metadata": json.dumps(
         {"transformer.r": R, "transformer.lora_alpha": 8, "transformer.target_modules": ["to_q"]})}),
+    # lora_B's bias takes the pair's alpha / r too (PEFT's lora_bias); the case above has no biases, "peft" no alpha
+    "peft-alpha-bias": (PAIRS, BIASES, {"lora_adapter_metadata": json.dumps(
+        {"transformer.r": R, "transformer.lora_alpha": 8, "transformer.lora_bias": True,
+         "transformer.target_modules": ["to_q"]})}),
     "official": (PAIRS, BIASES, None),
     "official-AB": ([(m, None) for m, _ in PAIRS], BIASES[:2], None),
     "kohya": ([(m, 4.0 - i % 3) for i, m in enumerate(BLOCK_LINEARS)], [], None),
@@ -161,8 +165,9 @@ def test_parity_with_diffusers(fmt, tiny_ckpt, shapes, official, inputs, tmp_pat
     abs_err, rel = rel_err(got, want)
     change = rel_err(ours(tiny_ckpt, None, inputs, table), want)[1]
     # measured (fp32, max abs / max |out|): peft 1.9e-6 / 5.2e-7, peft-alpha-metadata 2.1e-6 / 4.7e-7,
-    # official 1.9e-6 / 5.0e-7, official-AB 1.4e-6 / 3.2e-7, kohya 9.5e-7 / 2.7e-7 (diffusers runs the LoRA
-    # unmerged: x W^T + (x A^T) B^T); the LoRA itself changes the output by 0.24..0.67 of its size
+    # peft-alpha-bias 1.9e-6 / 4.1e-7, official 1.9e-6 / 5.0e-7, official-AB 1.4e-6 / 3.2e-7, kohya 9.5e-7 /
+    # 2.7e-7 (diffusers runs the LoRA unmerged: x W^T + (x A^T) B^T); the LoRA itself changes the output by
+    # 0.24..0.74 of its size
     assert rel < 2e-6 and change > 0.05, f"{fmt}: max abs {abs_err:.3g}, max rel {rel:.3g} (LoRA effect {change:.3g})"
 
 

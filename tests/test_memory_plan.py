@@ -319,6 +319,31 @@ def test_tiled_decode_seams_of_a_local_decoder_are_only_near_tile_edges():
     assert err.max() > 1e-3, "the seam band differs (else this test could not see misplaced tiles)"
 
 
+@pytest.mark.parametrize("axis, size, tile, overlap", [(-1, 60, 36, 12), (-2, 60, 36, 12), (-1, 50, 36, 12)])
+def test_tiled_decode_cross_fades_linearly_over_each_overlap(monkeypatch, axis, size, tile, overlap):
+    """Tiles of constants (0 for the first along `axis`, 1 for the second) decode to the textbook linear
+    cross-fade over the pixels the two share, 0 and 1 outside: weights on a tile's low side missing, or an
+    overlap in latent rather than pixel units, passed the seam tests above (their PSNR and far-field checks)."""
+    from flf2v.models import vae as V
+    vae = WanVAE(get_preset("tiny").vae)
+    s = vae.cfg.stride[1]
+    shape = [1, 16, 2, 8, 8]
+    shape[axis] = size
+    z = torch.zeros(shape)
+    z.select(1, 0).copy_(torch.arange(size, dtype=torch.float32).view([-1] + [1] * (-1 - axis)))
+
+    def constant_tile(chunk, part, caches):  # 1 where the tile does not start at the frame's edge
+        out = [part.shape[0], 3, 1 + vae.cfg.stride[0] * (part.shape[2] - 1), part.shape[3] * s, part.shape[4] * s]
+        return torch.full(out, float(part[0, 0].amin() > 0))
+    monkeypatch.setattr(V, "decode_chunks", constant_tile)
+    line = V.decode_tiled(vae, z, tile, overlap).movedim(axis, -1)[0, 0, 0, 0]  # along `axis`
+    second = size - tile  # the last tile ends at the edge
+    lo, hi = second * s, tile * s  # pixels both tiles cover
+    x = torch.arange(size * s, dtype=torch.float64)
+    want = ((x + 0.5 - lo) / (hi - lo)).clamp(0, 1)
+    assert torch.allclose(line.double(), want, atol=1e-6), (axis, size, (line.double() - want).abs().max().item())
+
+
 def test_tiled_decode_of_tiles_not_dividing_the_frame_stays_close():
     """Random weights: the mid-block attention mixes each tile globally, so the seams are large; the bound
     (measured 21-25 dB, stated 20 dB PSNR vs untiled) guards the blending of uneven tiles, not image quality."""
