@@ -277,3 +277,29 @@ def test_an_empty_prompt_runs_as_the_official_code_runs_it(pipe, frames, prompt)
     ids, mask = pipe.tokenizer([prompt])
     eos = pipe.tokenizer.tokenizer.eos_token_id
     assert int(mask.sum()) == 1 and int(ids[0, 0]) == eos, (ids[0, :4], mask.sum(), eos)
+
+
+def test_the_dit_is_given_the_official_mask_before_the_condition_latents(pipe, frames, monkeypatch):
+    """The official `y = torch.concat([msk, y])`: the channel order of y was checked by nothing but the
+    parity of whole runs with a y built the same way."""
+    from flf2v.runtime.pipeline import condition_mask
+    given, denoise = [], pipe.backend.denoise
+    monkeypatch.setattr(pipe.backend, "denoise", lambda x, t, c, clip, y, *a, **k: (
+        given.append(y.clone()), denoise(x, t, c, clip, y, *a, **k))[1])
+    fresh = Pipeline(pipe.backend, pipe.tokenizer, pipe.preset)  # its own loops: they call the spy
+    fresh.generate("a red ball", *frames, seed=5, output="latent", **{**KW, "sample_steps": 1})
+    y = given[0][0]
+    assert y.shape[0] == 4 + 16 and torch.equal(y[:4], condition_mask(5, 8, 8, True)), y[:4, :, 0, 0]
+    assert not torch.equal(y[4:], y[4:].round().clamp(0, 1)), "the latents are not a second mask"
+
+
+def test_a_kept_loop_runs_the_guide_scale_asked_and_seed_0_is_seed_0(pipe, frames):
+    """The kept denoising loop is keyed by the run's settings: one kept from guide 5 must not run guide 3. Seed 0
+    is a seed (the official generate.py draws a random one for negative seeds only)."""
+    kw = {**KW, "sample_steps": 2, "output": "latent", "seed": 0}
+    fresh = Pipeline(pipe.backend, pipe.tokenizer, pipe.preset)
+    pipe.generate("a red ball", *frames, guide_scale=5.0, **kw)
+    again = pipe.generate("a red ball", *frames, guide_scale=3.0, **kw)
+    assert pipe.last_request.seed == 0
+    err = rel_err(again, fresh.generate("a red ball", *frames, guide_scale=3.0, **kw))
+    assert err[0] == 0.0, f"guide 3 after guide 5 vs a new pipeline: max abs {err[0]:.3g}, relative {err[1]:.3g}"

@@ -25,13 +25,16 @@ KW = dict(size="64*64", frame_num=9, seed=5, sample_steps=STEPS, output="latent"
 
 # ---- the authors' decisions, per DiT call (cond then uncond), re-typed from their files -------------
 
+def nearest_interp(src, n):
+    """MagCache4Wan2.1/magcache_generate.py @df81cb1 lines 27-34."""
+    if n == 1:
+        return np.array([src[-1]])
+    return src[np.round(np.arange(n) * ((len(src) - 1) / (n - 1))).astype(int)]
+
+
 def authors_magcache(mag_ratios, steps, thresh, K, retention=0.2):
-    """MagCache4Wan2.1/magcache_generate.py @df81cb1: nearest_interp (lines 27-34, 1005-1010) and
-    magcache_forward's decision (lines 277-311). [steps][branch] compute flags."""
-    def nearest_interp(src, n):
-        if n == 1:
-            return np.array([src[-1]])
-        return src[np.round(np.arange(n) * ((len(src) - 1) / (n - 1))).astype(int)]
+    """MagCache4Wan2.1/magcache_generate.py @df81cb1: nearest_interp (lines 1005-1010) and magcache_forward's
+    decision (lines 277-311). [steps][branch] compute flags."""
     r = np.asarray(mag_ratios)
     if len(r) != 2 * steps:
         r = np.concatenate([nearest_interp(r[0::2], steps).reshape(-1, 1),
@@ -80,6 +83,22 @@ def test_magcache_schedule_equals_the_authors(steps, thresh, k, area):
     assert all(a == b for a, b in ref), "the published cond and uncond curves disagree here: pick other settings"
     ours = C.magcache_schedule(C.Calibration(ratios, (), "").ratios(steps), thresh, k)
     assert list(ours) == [a for a, _ in ref]
+
+
+def test_resampled_ratios_are_the_authors_nearest_interp():
+    """The schedule test compares only skip flags, which ratios near 1 keep through an index off by one."""
+    r = np.asarray(C.PUBLISHED["720P"][0])
+    for steps in (50, 40, 30, 25, 10, 3, 2, 1):
+        want = np.stack([nearest_interp(r[0::2], steps), nearest_interp(r[1::2], steps)], axis=1)
+        assert np.array_equal(C.Calibration(r, (), "").ratios(steps), want), steps
+
+
+def test_embedding_change_is_teacaches_distance():
+    """TeaCache4Wan2.1/teacache_generate.py @7c10efc: ((e - prev).abs().mean() / prev.abs().mean()), the
+    previous step's embedding in the denominator."""
+    e = torch.randn(6, 3, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 2, 6)[:, None, None]
+    want = [0.0] + [((e[i] - e[i - 1]).abs().mean() / e[i - 1].abs().mean()).item() for i in range(1, len(e))]
+    assert np.allclose(C.embedding_change(e), want, rtol=1e-6, atol=0), (C.embedding_change(e), want)
 
 
 @pytest.mark.parametrize("steps,cfg", [(1, True), (2, True), (3, False)])

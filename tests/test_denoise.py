@@ -90,6 +90,26 @@ def test_nonfinite_latents_are_reported_with_the_step(setup):
         loop.run()
 
 
+def test_a_loop_reset_after_a_nonfinite_run_runs_as_a_new_one(setup):
+    """The pipeline keeps its loops after a NumericalError; a reset that left a history term behind (unused, so
+    multiplied by 0 on a first step: 0 * NaN) failed the next, finite run at its step 1."""
+    dit, x, context, clip, y = setup
+    poison = [True]
+
+    def denoise(xx, t, *args):
+        v = dit(xx, t, *args)
+        return v * float("nan") if poison[0] and int(t[0]) < 900 else v
+    loop = DenoiseLoop(denoise, make_sampler("unipc", STEPS, SHIFT), x, context, clip, y, GUIDE)
+    with pytest.raises(NumericalError):
+        loop.run()
+    poison[0] = False
+    loop.reset(x, context, clip, y)
+    got = loop.run().clone()
+    want = DenoiseLoop(denoise, make_sampler("unipc", STEPS, SHIFT), x, context, clip, y, GUIDE).run()
+    err = rel_err(got, want)
+    assert err[0] == 0.0, f"reset loop vs a new one: max abs {err[0]:.3g}, relative {err[1]:.3g}"
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(setup):
     # a copy on the GPU: `setup` is shared by the module's other tests, and Module.cuda() works in place

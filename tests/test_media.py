@@ -295,3 +295,15 @@ def test_bad_images(tmp_path):
     (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot be read"):
         load_image(tmp_path / "trunc.png")
+
+
+def test_video_pixels_round_to_the_nearest_level_and_16_bit_samples_scale_by_65535():
+    """Both half-level choices were unguarded: the output's rounding (README, Differences from the official
+    code: the official truncates) and 16-bit samples over 65535 (the test values sat on exact 8-bit levels)."""
+    from flf2v.runtime.media import video_to_uint8
+    levels = torch.tensor([0.0, 127.5, 255.0, 10.4, 10.6, 200.49])  # (x + 1) * 127.5 of the pixels below
+    video = (levels / 127.5 - 1).view(1, 1, 1, -1).expand(3, 1, 1, -1)
+    got = video_to_uint8(video)[0, 0, :, 0].tolist()
+    assert got == [0, 128, 255, 10, 11, 200], got  # 127.5 rounds to even, 128
+    sixteen = as_image(np.full((4, 4), 51529, np.uint16))  # 51529 * 255 / 65535 = 200.502
+    assert set(np.asarray(sixteen).ravel().tolist()) == {201}, np.unique(np.asarray(sixteen))
