@@ -314,7 +314,7 @@ def _graphs_to_build(all_graphs, only: list[str] | None, cfg_batch) -> list:
 def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=None, backend: str = "auto",
           opt_level: int = 3, cfg_batch=(2,), only: list[str] | None = None, progress: bool = True,
           attention: str = "onnx", loras=(), force: bool = False, quant: str = "none",
-          weight_streaming: bool = False) -> Path:
+          weight_streaming: bool = False, built: list | None = None) -> Path:
     """Build (or find current) every engine of one folder; returns the folder. `attention` ("onnx",
     "plugin" or "sage"; the last two on a CUDA GPU) picks the DiT's attention: the backend's own, the flf2v
     Triton kernels, or the 8-bit self-attention.
@@ -322,7 +322,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     holding the engines of another build (backend, model, checkpoint, precision, attention, shape, LoRA set)
     is refused unless `force`. `quant` "fp8": the DiT's block linears in FP8 (models/quant.py).
     `weight_streaming`: a DiT whose weights the runtime streams from host memory as its memory plan sets
-    (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py)."""
+    (runtime/memory_plan.py): TensorRT's weight streaming, or AOTInductor block packages (export/aoti_stream.py).
+    `built`: a list the names of the graphs built now are appended to."""
     ckpt_dir = Path(ckpt_dir)
     if out is not None:  # before the checkpoint's fingerprint (seconds): a wrong --out was refused 8-13 s in
         check_out(out, ckpt_dir)
@@ -340,6 +341,12 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
         "-stream" if weight_streaming else ""), plan.fingerprint, plan.loras_json())
     folder = Path(out) if out else M.default_folder(backend, eshape.name, attention, key)
     check_inside(folder, ckpt_dir)  # the default folder too: relative, it lies in the checkpoint run from there
+    if not force and folder.is_dir():  # all current: nothing written, no lock (a read-only share of engines)
+        prior = M.load(folder)
+        manifest = _kept(plan, prior, all_graphs, todo, folder, force)
+        if all(g.name in manifest["engines"] for g in todo) and json.loads(json.dumps(manifest)) == prior:
+            _build_missing(plan, folder, manifest, todo, progress, built)
+            return folder
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         _remove_leftovers(folder)
@@ -349,9 +356,8 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             raise BuildError(f"{folder} holds the engines of another build ({other}); this build would replace "
                              f"them: leave out --out (ENGINES=) for a folder of its own, or add --force (FORCE=1) "
                              f"to replace them")
-        old = prior.get("engines", {})  # current is judged by key and file sizes: --force rebuilds the graphs asked
-        manifest = plan.manifest({g.name: old[g.name] for g in all_graphs if not (force and g in todo)
-                                  and is_current(old.get(g.name), plan.key(g), folder)})
+        old = prior.get("engines", {})
+        manifest = _kept(plan, prior, all_graphs, todo, folder, force)
         logger.info("%s: %s %s engines of %s (%s), key %s", folder, backend, precision, preset.name, eshape.name,
                     key)
         for name, entry in old.items():  # engines of another checkpoint, shape or precision: gone
@@ -361,11 +367,18 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
                     (folder / f).unlink(missing_ok=True)
         if json.loads(json.dumps(manifest)) != prior:  # a current folder is left untouched: runs, copies read it
             M.write(folder, manifest)
-        _build_missing(plan, folder, manifest, todo, progress)
+        _build_missing(plan, folder, manifest, todo, progress, built)
     return folder
 
 
-def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool) -> None:
+def _kept(plan: Plan, prior: dict, all_graphs, todo, folder: Path, force: bool) -> dict:
+    """The manifest of the engines of `prior` to keep: current by key and file sizes (`force`: none of `todo`)."""
+    old = prior.get("engines", {})
+    return plan.manifest({g.name: old[g.name] for g in all_graphs if not (force and g in todo)
+                          and is_current(old.get(g.name), plan.key(g), folder)})
+
+
+def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progress: bool, built=None) -> None:
     """Build the graphs of `todo` the manifest lacks, rewriting it after each (a killed build keeps them)."""
     from tqdm.auto import tqdm
     for g in todo:
@@ -379,6 +392,8 @@ def _build_missing(plan: Plan, folder: Path, manifest: dict, todo: list, progres
         logger.info("%s: %s", g.name, "compiling" if plan.backend == "aoti" else "exporting"
                     + (" and building" if plan.backend == "trt" else ""))
         entry = manifest["engines"][g.name] = plan.build_one(g, folder)
+        if built is not None:
+            built.append(g.name)
         logger.info("%s: done in %.1f s, %.3g MB", g.name, entry["seconds"], sum(entry["files"].values()) / 1e6)
         M.write(folder, manifest)
 
@@ -392,14 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     from flf2v import log
     log.setup(-1 if args.quiet else args.verbose, "flf2v-build")
     only = [s.strip() for s in args.graphs.split(",") if s.strip()] if args.graphs is not None else None
-    t0 = time.time()  # engines written after it were built by this command (the summary said the same either way)
+    built: list[str] = []  # by this command (mtimes counted those another build wrote while this one waited)
     try:
         # -v: log lines above the progress bar, not inside it; SIGTERM as Ctrl-C here too (bench runs this main)
         with logging_redirect_tqdm([log.logger]), log.sigterm_as_ctrl_c():
             folder = build(ckpt_dir_of(args), args.preset, args.precision, args.out, args.backend, args.opt_level,
                            (1, 2) if args.cfg_batch == "both" else (int(args.cfg_batch),), only,
                            progress=not args.quiet, attention=args.attention, loras=args.lora, force=args.force,
-                           quant=args.quant, weight_streaming=args.weight_streaming)
+                           quant=args.quant, weight_streaming=args.weight_streaming, built=built)
     except (BuildError, ck.CheckpointError, M.EngineError) as e:
         print(f"flf2v-build: error: {e}", file=sys.stderr)
         return 2
@@ -414,10 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         return log.stopped("flf2v-build", stop, "; the engines finished are kept, the same command "  # --force: all
                            f"{'without --force ' if args.force else ''}builds the rest")
     engines = M.load(folder).get("engines", {})
-    built = sum(max((folder / f).stat().st_mtime for f in e["files"]) >= t0 for e in engines.values())
     # "8 engines current, 8 built now" read as 16 engines
-    print(f"{folder}: {len(engines)} engine{'s' * (len(engines) != 1)} current: {built} built now, "
-          f"{len(engines) - built} kept")
+    print(f"{folder}: {len(engines)} engine{'s' * (len(engines) != 1)} current: {len(built)} built now, "
+          f"{len(engines) - len(built)} kept")
     return 0
 
 

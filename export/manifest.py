@@ -26,6 +26,7 @@ would take minutes.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -217,6 +218,8 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
         raise EngineError(f"{folder} was built from another checkpoint ({m.get('checkpoint', {}).get('dir')}); {own}")
     if kind in ("trt", "aoti") and m.get("target") != target_tag(kind):
         raise EngineError(f"{folder} was built for {m.get('target')}, this machine is {target_tag(kind)}; {hint}")
+    if building(folder):  # its files come and go: "run flf2v-build ..." would only wait for it
+        hint = "a flf2v-build into this folder is running now: run again once it has ended"
     for name, e in engines.items():
         for f, size in e.get("files", {}).items():
             p = folder / f
@@ -227,6 +230,18 @@ def validate(folder, ckpt_dir, preset: Preset, kind: str, fingerprint: str | Non
     if missing:
         raise EngineError(f"{folder}: incomplete build (missing {', '.join(missing)}); {hint}")
     return m
+
+
+def building(folder: Path) -> bool:
+    """Whether a flf2v-build holds the folder's lock (export/build.py folder_lock) now."""
+    try:
+        with open(folder / ".lock") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no build ever ran here, or a copy without it
+        return False
+    return False
 
 
 def shape_of(m: dict):

@@ -216,8 +216,13 @@ def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path
     key = hashlib.sha256(repr(sorted((k, str(v)) for k, v in links.items())).encode()).hexdigest()[:16]
     folder = Path(cache) / key
     if not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+        except OSError as e:  # a read-only HOME: "Read-only file system (~/.cache)" named no fix
+            raise CheckpointError(f"files given one by one are read through a folder of links in {folder.parent}, "
+                                  f"which cannot be written ({e.strerror}); set XDG_CACHE_HOME to a writable "
+                                  f"folder, or put the files in one folder and pass --ckpt_dir") from None
         for name, target in links.items():
             (tmp / name).symlink_to(target)
         try:

@@ -61,6 +61,7 @@ class AotiBackend(EngineBackend):
         if key not in self.models:
             path = self.folder / (self.specs[graph]["parts"][part] if part else self.specs[graph]["file"])
             logger.debug("loading %s", path)
+            self.unchanged(graph)
             try:
                 # run_single_threaded: by the audit of torch 2.13's AOTI runtime (unverified on a GPU), the
                 # default container queries CUDA events on each run, illegal inside a CUDA-graph capture

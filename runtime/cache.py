@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,9 +241,12 @@ def find_calibration(preset, ckpt_dir, size: str, path=None) -> Calibration:
         return read_calibration(own, checkpoint_fingerprint(ckpt_dir))
     cal = published(preset, size)
     if cal is None:
+        # a read-only checkpoint cannot take its own calibration: the file goes elsewhere, then is named
+        run = (f"run flf2v-calibrate-cache --ckpt_dir {ckpt_dir} once" if os.access(ckpt_dir, os.W_OK) else
+               f"the checkpoint is read-only: run flf2v-calibrate-cache --ckpt_dir {ckpt_dir} --out FILE.json once "
+               f"and pass --cache_calibration FILE.json")
         raise CacheError(f"no step-cache calibration for {preset.name} (the authors published Wan2.1 I2V-14B "
-                         f"ones only): run flf2v-calibrate-cache --ckpt_dir {ckpt_dir} once, or pass "
-                         f"--cache_calibration FILE")
+                         f"ones only): {run}, or pass --cache_calibration FILE")
     return cal
 
 

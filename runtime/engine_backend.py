@@ -27,6 +27,15 @@ ENCODER_GRAPHS = ("t5", "clip", "vae_encode_first", "vae_encode_chunk")
 DECODER_GRAPHS = ("vae_decode_first", "vae_decode_chunk")
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file: a build writes each anew and renames it into place."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class EngineBackend:
     """Shared logic; subclasses provide `_run(graph, inputs) -> outputs` (lists of tensors). A backend with
     `static_caches` keeps the VAE caches in two sets per direction (`cache_sets`), swapped each chunk."""
@@ -48,11 +57,21 @@ class EngineBackend:
                            M.hint_for(self.manifest, ckpt_dir, None, loras=L.lora_arg(self.loras)))
         self.video_shape = engine_video_shape(self.manifest)  # None: dynamic, any shape of its profiles
         self.specs = {g: e for g, e in self.manifest["engines"].items()}
+        self.stamps = {f: _stamp(self.folder / f) for e in self.specs.values() for f in e.get("files", {})}
         self.cfg_batches = tuple(int(g[-1]) for g in self.specs if g.startswith("dit_b"))
         self.cache_sets: dict = {}  # "encode"/"decode" -> ([set A], [set B]), with static_caches
         self.dims: dict[str, int] | None = None if self.shape.dynamic else {}  # root dims of the current shape
         self.profile = 0  # the optimization profile serving them
         self._io: dict = {}
+
+    def unchanged(self, graph: str) -> None:
+        """Before a graph's files are opened (lazily, mid-run): EngineError unless they are those the folder held
+        when the run began. A flf2v-build rewriting the folder (--force, another checkpoint) mixed two builds'
+        engines in one video, exit 0, or failed with ONNX Runtime's traceback."""
+        for f in self.specs[graph].get("files", {}):
+            if _stamp(self.folder / f) != self.stamps[f]:
+                raise EngineError(f"{self.folder}: {f} changed while this run used the folder (a flf2v-build into "
+                                  f"it?); run again once the build has ended")
 
     # -- video shape ---------------------------------------------------------------------------------
     def check_video(self, height: int, width: int, frame_num: int) -> int:

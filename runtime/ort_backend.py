@@ -97,6 +97,7 @@ class OrtBackend(EngineBackend):
                     cuda["enable_cuda_graph"] = "1"
                 providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
             logger.debug("loading %s (ONNX Runtime, %s)", graph, self.folder)
+            self.unchanged(graph)
             self.sessions[graph] = self._ort.InferenceSession(self._model(graph), self.opts, providers=providers)
         return self.sessions[graph]
 

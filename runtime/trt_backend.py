@@ -76,6 +76,7 @@ class TrtBackend(EngineBackend):
     def _deserialize(self, graph: str):
         path = self.folder / self.specs[graph]["file"]
         logger.debug("loading %s", path)
+        self.unchanged(graph)
         # A memory map, not read_bytes(): a 14B DiT plan is ~33 GB that would otherwise be copied to host RAM.
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
             engine = self.runtime.deserialize_cuda_engine(plan)

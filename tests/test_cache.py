@@ -476,6 +476,18 @@ def test_engines_without_the_cached_graph_are_refused(tiny_engines, tmp_path, fr
     p.generate("a red ball", *frames, **dict(KW, sample_steps=2))  # uncached runs are unaffected
 
 
+def test_a_read_only_checkpoint_is_told_to_calibrate_into_another_file(tiny_ckpt, monkeypatch):
+    """The fix for a missing calibration wrote into the checkpoint, which a read-only share refuses."""
+    from flf2v.models.config import get_preset
+    with pytest.raises(C.CacheError) as e:
+        C.find_calibration(get_preset("tiny"), tiny_ckpt, "64*64")
+    assert "--out" not in str(e.value), e.value
+    monkeypatch.setattr(C.os, "access", lambda path, mode: False)  # as a read-only mount answers
+    with pytest.raises(C.CacheError, match=f"read-only: run flf2v-calibrate-cache --ckpt_dir {tiny_ckpt} --out "
+                                           f"FILE.json once and pass --cache_calibration FILE.json"):
+        C.find_calibration(get_preset("tiny"), tiny_ckpt, "64*64")
+
+
 def test_calibrate_cli_a_file_as_checkpoint_is_blamed_on_ckpt_dir(tmp_path, capsys):
     """The default --out goes into --ckpt_dir: a file given as the checkpoint was said as "--out FILE/...: FILE is
     a file", a flag the user never gave."""

@@ -401,3 +401,44 @@ def test_several_folders_the_choice_and_the_fix(tiny_engines, tiny_ckpt, tmp_pat
     with pytest.raises(M.EngineError) as e:
         choose_engines(_args(ckpt_dir=tiny_ckpt, engines=str(fp8)), preset, (64, 64), cpu)
     assert f"{beside} serves it: run with --engines {beside}," in str(e.value) and "flf2v-build" not in str(e.value)
+
+
+# ---- a folder shared while builds write it ---------------------------------------------------------------------
+
+def test_a_run_refuses_engine_files_rewritten_after_it_began(tiny_ckpt, tiny_engines, tmp_path):
+    """A run opens graphs lazily (the VAE decoder after the loop): a flf2v-build --force into its folder meanwhile
+    gave a video of two builds' engines, exit 0, or ONNX Runtime's traceback for a file being rebuilt."""
+    from flf2v.runtime.backends import open_backend
+    folder = shutil.copytree(tiny_engines, tmp_path / "engines")
+    backend = open_backend("ort", folder, tiny_ckpt, ck.preset_for(tiny_ckpt), "cpu")
+    backend.session("t5")  # files as they were: loaded
+    decoder = folder / backend.specs["vae_decode_first"]["file"]
+    shutil.copy(decoder, tmp_path / "new.onnx")  # the same bytes, written anew and renamed in, as a build does
+    os.replace(tmp_path / "new.onnx", decoder)
+    encoder = folder / backend.specs["vae_encode_first"]["file"]
+    encoder.unlink()  # removed by a build that has just taken the folder
+    for graph, name in (("vae_decode_first", decoder.name), ("vae_encode_first", encoder.name)):
+        with pytest.raises(M.EngineError, match=f"{name} changed while this run used the folder"):
+            backend.session(graph)
+
+
+def test_a_current_folder_is_only_read_and_a_build_in_progress_is_named(tiny_ckpt, tiny_engines, tmp_path,
+                                                                         monkeypatch):
+    """A build into a current folder took its lock (a write) first: a read-only share of engines failed; a run
+    meeting a folder mid-build was told to run the build it would only wait for."""
+    import fcntl
+
+    from flf2v.export import build as B
+    folder = shutil.copytree(tiny_engines, tmp_path / "engines")
+    monkeypatch.setattr(B, "folder_lock", lambda f: pytest.fail("a current folder was locked (written)"))
+    built = []
+    assert B.build(tiny_ckpt, "tiny", "fp32", out=folder, backend="ort", cfg_batch=(1, 2), progress=False,
+                   built=built) == folder and built == []
+    first = next(iter(M.load(folder)["engines"].values()))["files"]
+    (folder / next(iter(first))).unlink()
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as folder_lock holds it while building
+        with pytest.raises(M.EngineError, match="a flf2v-build into this folder is running now"):
+            M.validate(folder, tiny_ckpt, ck.preset_for(tiny_ckpt), "ort")
+    with pytest.raises(M.EngineError, match="missing or damaged engine file .*; .*flf2v-build"):
+        M.validate(folder, tiny_ckpt, ck.preset_for(tiny_ckpt), "ort")

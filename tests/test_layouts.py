@@ -258,6 +258,15 @@ def test_files_given_one_by_one_make_one_folder(layouts, tmp_path):
     assert "--vae missing" in _error(file_view, {**files, "vae": None}, None, tmp_path / "views")
 
 
+def test_files_given_one_by_one_with_an_unwritable_cache_name_the_fix(layouts, tmp_path):
+    """The folder of links lives in $XDG_CACHE_HOME (~/.cache): a read-only HOME said only "Read-only file system
+    (~/.cache)"."""
+    from flf2v.models.layouts import file_view
+    (tmp_path / "afile").write_text("x")  # a cache that cannot hold a folder, as a read-only one cannot
+    msg = _error(file_view, _files(layouts["comfyui"]), None, tmp_path / "afile" / "checkpoints")
+    assert "set XDG_CACHE_HOME to a writable folder" in msg and "--ckpt_dir" in msg, msg
+
+
 # ---- the command line: flf2v-run and flf2v-build with each layout ----------------------------------
 
 def _file_flags(c, tokenizer=True):
