@@ -104,9 +104,12 @@ def is_current(entry: dict | None, key: str, folder: Path) -> bool:
 def folder_lock(folder: Path):
     """Exclusive use of `folder`; a second build waits for the first, then finds its engines current."""
     with open(folder / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(6):  # a run's look (manifest.building) holds it for an instant: not a build
+            time.sleep(0.05 * attempt)
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+        else:
             print(f"flf2v-build: waiting for another build into {folder} to finish", file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -344,7 +347,7 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
     if not force and folder.is_dir():  # all current: nothing written, no lock (a read-only share of engines)
         prior = M.load(folder)
         manifest = _kept(plan, prior, all_graphs, todo, folder, force)
-        if all(g.name in manifest["engines"] for g in todo) and json.loads(json.dumps(manifest)) == prior:
+        if all(g.name in manifest["engines"] for g in todo) and _same(manifest, prior):
             _build_missing(plan, folder, manifest, todo, progress, built)
             return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -369,6 +372,14 @@ def build(ckpt_dir, shape: str | None = None, precision: str | None = None, out=
             M.write(folder, manifest)
         _build_missing(plan, folder, manifest, todo, progress, built)
     return folder
+
+
+def _same(manifest: dict, prior: dict) -> bool:
+    """The manifest as written but for the checkpoint's path and layout (a copy of it reads the same engines)."""
+    def bare(m):
+        c = m.get("checkpoint")
+        return {**m, "checkpoint": c.get("fingerprint") if isinstance(c, dict) else c}
+    return bare(json.loads(json.dumps(manifest))) == bare(prior)
 
 
 def _kept(plan: Plan, prior: dict, all_graphs, todo, folder: Path, force: bool) -> dict:

@@ -292,7 +292,9 @@ def _plan_filter(args, preset, engines=None):
     def allowed(p) -> bool:
         engine_ok = not engines or (p.offload_model and not p.t5_cpu and p.cfg_batch in layouts
                                     and (engines.get("weight_streaming") or p.blocks is None))
-        return ((not args.t5_cpu or p.t5_cpu) and (args.offload_model is None or p.offload_model == args.offload_model)
+        # engines release the encoders before the DiT loads whatever --offload_model says (the run ignores it)
+        return ((not args.t5_cpu or p.t5_cpu) and (engines is not None or args.offload_model is None
+                                                   or p.offload_model == args.offload_model)
                 and (args.offload is None or p.blocks is not None) and (blocks is None or p.blocks == blocks)
                 and engine_ok)
     flags = [f for f, on in (("--t5_cpu", args.t5_cpu), (f"--offload {args.offload}", args.offload is not None),

@@ -53,7 +53,7 @@ def check_folder(flag: str, path: str, folder: Path) -> None:
         if folder.is_symlink():  # the file's folders would be made through it: mkdir says only "File exists"
             raise InputError(f"{flag} {path}: {folder} is a link to {os.readlink(folder)}, which does not "
                              f"exist; choose another path")
-        if folder.parent == Path(".") and folder.name.startswith("~"):  # made as a folder '~' in the current one
+        if folder.parent == Path(".") and str(path).startswith("~"):  # made as a folder '~' in the current one
             raise InputError(f"{flag} {path}: '~' is not expanded here (the path was quoted); write "
                              f"{os.path.expanduser(path)}")
         folder = folder.parent

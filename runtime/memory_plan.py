@@ -170,6 +170,8 @@ def choose(video: Video, gpu_bytes: int, allowed=None, host_bytes: int | None = 
     budget, host_bytes = gpu_bytes - RESERVE, host_bytes or host_memory()
     fp8 = "" if video.quant == "fp8" else ", or add --quant fp8"  # what is left to halve the DiT's weights
     plans = candidates(video, allowed)
+    if not plans:  # min() of nothing was a traceback
+        raise InputError(f"no memory plan is left{what}: the flags exclude each other; drop one")
     fit = [p for p in (finish(video, p, budget) for p in plans) if p.peak <= budget]
     for tiled in (False, True):  # a tiled decode (seams) only when no plan fits decoding whole frames
         for p in fit:

@@ -432,8 +432,9 @@ def test_a_current_folder_is_only_read_and_a_build_in_progress_is_named(tiny_ckp
     folder = shutil.copytree(tiny_engines, tmp_path / "engines")
     monkeypatch.setattr(B, "folder_lock", lambda f: pytest.fail("a current folder was locked (written)"))
     built = []
-    assert B.build(tiny_ckpt, "tiny", "fp32", out=folder, backend="ort", cfg_batch=(1, 2), progress=False,
-                   built=built) == folder and built == []
+    for ckpt in (tiny_ckpt, shutil.copytree(tiny_ckpt, tmp_path / "copy")):  # a copy: the manifest names the other
+        assert B.build(ckpt, "tiny", "fp32", out=folder, backend="ort", cfg_batch=(1, 2), progress=False,
+                       built=built) == folder and built == []
     first = next(iter(M.load(folder)["engines"].values()))["files"]
     (folder / next(iter(first))).unlink()
     with open(folder / ".lock", "w") as lock:

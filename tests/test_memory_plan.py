@@ -468,6 +468,12 @@ def test_cli_plan_is_made_for_the_engines_the_run_takes(tiny_ckpt, tiny_engines,
         assert len(err) == 1 and "but ort engines run this job" in err[0], (flags, err)
         assert run(_args(tiny_ckpt, demo_frames, out, *on, *flags)) == 2, flags
         assert "but ort engines run this job" in capsys.readouterr().err, flags
+    # engines release the encoders whatever --offload_model says (the run ignores it): a min() of no plans was a
+    # traceback; flags that leave no plan are said in one line
+    assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", *on, "--offload_model", "false")) == 0
+    assert "* chosen: offload\n" in capsys.readouterr().out
+    with pytest.raises(M.InputError, match="no memory plan is left with --t5_cpu: the flags exclude each other"):
+        M.choose(M.Video(get_preset("tiny"), 64, 64, 9), 24 * GiB, allowed=lambda p: False, what=" with --t5_cpu")
     assert run(_args(tiny_ckpt, demo_frames, out, "--plan", "--gpu_memory", "24", "--backend", "torch")) == 0
     said = capsys.readouterr().out
     assert "for the " not in said and "* chosen: resident\n" in said, said

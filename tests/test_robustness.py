@@ -181,6 +181,8 @@ def test_a_quoted_tilde_is_refused_not_made_a_folder(tiny_ckpt, demo_frames, tmp
         assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and "'~' is not expanded here" in err[0] \
             and f"write {home}/" in err[0], (argv, err)
     assert list(tmp_path.iterdir()) == []
+    from flf2v.runtime.media import check_output
+    check_output("--save_file", "./~/v.mp4")  # a folder '~' asked for as such
 
 
 def test_make_tiny_into_the_current_folder_keeps_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
