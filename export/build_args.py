@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from flf2v.models.layouts import add_checkpoint_flags, is_checkpoint
+from flf2v.models.layouts import add_checkpoint_flags, is_checkpoint, quoted_home
 from flf2v.models.quant import QUANTS
 
 from . import contracts as C
@@ -70,9 +70,8 @@ def check_out(out, ckpt_dir: Path) -> None:
         raise BuildError("--out is empty; give a folder or drop the flag")
     folder = Path(out)
     check_inside(folder, ckpt_dir)
-    if str(out).startswith("~") and not Path(folder.parts[0]).exists():  # quoted: a folder '~' was made here
-        raise BuildError(f"--out {out}: '~' is not expanded here (the path was quoted); write "
-                         f"{os.path.expanduser(out)}")
+    if why := quoted_home(out):
+        raise BuildError(f"--out {out}: {why}")
     if folder.exists() and not folder.is_dir():
         raise BuildError(f"--out {folder} is a file; give a folder")
     if is_checkpoint(folder):  # the engines' files were mixed with the weights

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flf2v.models.clip import run_dtype as clip_run_dtype
 from flf2v.models.config import Preset, latent_grid
 
 OPSET = 23  # ONNX Attention and RMSNormalization (TensorRT parses both from 10.15)
@@ -108,9 +109,8 @@ class Graph:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        if self.component == "clip" and self.precision == "bf16":  # fp16, as the official clip_dtype and the
-            return torch.float16  # torch backend: bf16's 3 fewer mantissa bits gave 8x the error
-        return COMPUTE_DTYPE[self.precision]
+        dtype = COMPUTE_DTYPE[self.precision]
+        return clip_run_dtype(dtype) if self.component == "clip" else dtype  # fp16 in bf16 builds
 
     @property
     def dynamic(self) -> bool:

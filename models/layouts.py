@@ -234,6 +234,15 @@ def file_view(files: dict[str, str | os.PathLike | None], tokenizer, cache: Path
     return folder
 
 
+def quoted_home(path) -> str | None:
+    """Why an output path is refused: a '~' no shell expanded (it was quoted) would make a folder named '~'
+    here, and "wrote ~/out.mp4" read as the home folder. None for any other path, or a folder '~' that exists."""
+    text = str(path)
+    if text.startswith("~") and not Path(Path(text).parts[0]).exists():
+        return f"'~' is not expanded here (the path was quoted); write {os.path.expanduser(text)}"
+    return None
+
+
 # ---- the checkpoint flags of flf2v-run and flf2v-build ---------------------------------------------
 
 def add_checkpoint_flags(add) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from . import checkpoint as ck
 from .config import PRESETS, get_preset
+from .layouts import quoted_home
 
 
 def randomize_(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
@@ -196,8 +197,8 @@ def _refusal(args) -> str | None:
     dest, frames = Path(args.ckpt_dir), args.frames
     if "" in (args.ckpt_dir, frames):  # an unset shell variable: '' wrote into the current folder
         return f"{'--frames' if args.ckpt_dir else 'the directory argument'} is an empty string; give a directory"
-    if args.ckpt_dir.startswith("~") and not Path(dest.parts[0]).exists():  # quoted: a folder '~' was made here
-        return f"{dest}: '~' is not expanded here (the path was quoted); write {os.path.expanduser(dest)}"
+    if why := quoted_home(args.ckpt_dir):
+        return f"{dest}: {why}"
     if not 0 <= args.seed < 2**63:  # as flf2v-run's --base_seed (past 64 bits: a traceback from the generator)
         return f"--seed {args.seed} is out of range; use 0..2^63-1"
     if dest.exists() and not dest.is_dir():

@@ -49,13 +49,13 @@ def check_output(flag: str, path: str) -> None:
 
 def check_folder(flag: str, path: str, folder: Path) -> None:
     """`folder` (or its nearest existing parent, when it is yet to be made) can take a new file."""
+    from flf2v.models.layouts import quoted_home
+    if why := quoted_home(path):
+        raise InputError(f"{flag} {path}: {why}")
     while not folder.exists():
         if folder.is_symlink():  # the file's folders would be made through it: mkdir says only "File exists"
             raise InputError(f"{flag} {path}: {folder} is a link to {os.readlink(folder)}, which does not "
                              f"exist; choose another path")
-        if folder.parent == Path(".") and str(path).startswith("~"):  # made as a folder '~' in the current one
-            raise InputError(f"{flag} {path}: '~' is not expanded here (the path was quoted); write "
-                             f"{os.path.expanduser(path)}")
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: {folder} is a file, not a folder; choose another path")

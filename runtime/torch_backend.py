@@ -9,6 +9,7 @@ import torch
 
 from flf2v.log import logger
 from flf2v.models import checkpoint as ck
+from flf2v.models.clip import run_dtype as clip_run_dtype
 from flf2v.models.lora import load_dit
 from flf2v.models.config import Preset
 
@@ -103,9 +104,7 @@ class TorchBackend:
         return torch.device("cpu") if self.plan is not None and self.plan.t5_cpu else self.device
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        # fp16 in a bf16 run, as the official (wan_i2v_14B.clip_dtype): bf16's 3 fewer mantissa bits gave 8x the
-        # error over the 32 blocks (1.3e-2 vs 1.7e-3 relative to fp32, a random full-size tower on the CPU)
-        dtype = torch.float16 if self.dtype == torch.bfloat16 else self.dtype
+        dtype = clip_run_dtype(self.dtype)
         if self._clip is None:
             logger.debug("loading CLIP from %s", self.ckpt_dir)
             self._clip = ck.load_clip(self.ckpt_dir, dtype, self.preset).to(self.device)
