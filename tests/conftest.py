@@ -13,8 +13,22 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# one thread per pytest-xdist worker (`make test` runs two), else up to two
+# one thread per pytest-xdist worker (`make test` runs three), else up to two
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+
+
+def pytest_configure(config):
+    """Inductor's and Triton's caches in a folder of the run's own, removed when it ends (the workers and the
+    commands the tests start inherit it): in /tmp and ~ they grew by about 200 MB a run on a machine that keeps
+    them (each new build of the code compiles anew; a warm cache did not shorten a run)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    import shutil
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="flf2v-test-caches-")
+    config.add_cleanup(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(var, os.path.join(scratch, name))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
