@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 # one thread per pytest-xdist worker (`make test` runs three), else up to two
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 def pytest_configure(config):
@@ -29,7 +30,6 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(scratch, ignore_errors=True))
     for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
         os.environ.setdefault(var, os.path.join(scratch, name))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 def shared_dir(tmp_path_factory) -> "os.PathLike":
